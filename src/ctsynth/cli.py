@@ -1,0 +1,95 @@
+"""The ``ctsynth`` command.
+
+    ctsynth phantom --out data/my_phantom --cases 4 --seed 1
+    ctsynth generate --model models/generator.pt --mask mask.nii.gz --out synth.nii.gz
+    ctsynth check-params [--params params/paper.yaml]
+    ctsynth bench [--quick]
+
+Pipeline stages are run by DVC (``dvc repro``), not from here; see README.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .runner import guarded, setup_logging
+
+
+def _phantom(args) -> int:
+    from .phantom import write_dataset
+
+    ids = write_dataset(args.out, cases=args.cases, seed=args.seed, shape=tuple(args.shape),
+                        spacing=tuple(args.spacing))
+    print(f"wrote {len(ids)} phantom cases to {args.out}")
+    return 0
+
+
+def _generate(args) -> int:
+    from .generate import synthesize_volume
+
+    stats = synthesize_volume(args.model, args.mask, args.out, structures=args.structures,
+                              label_map=args.label_map)
+    print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+    return 0
+
+
+def _check_params(args) -> int:
+    from .config import load_params
+
+    load_params(args.params, args.set)
+    print(f"{args.params}: ok")
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(quick=args.quick, out=args.out, device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctsynth", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write a procedural thoracic CT phantom (MM-WHS layout)")
+    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--cases", type=int, default=10, help="number of cases (default 10)")
+    p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    p.add_argument("--shape", type=int, nargs=3, default=[128, 128, 40], metavar=("X", "Y", "Z"))
+    p.add_argument("--spacing", type=float, nargs=3, default=[2.6, 2.6, 4.0], metavar=("SX", "SY", "SZ"))
+    p.set_defaults(func=_phantom)
+
+    p = sub.add_parser("generate", help="turn a label NIfTI into a synthetic CT NIfTI")
+    p.add_argument("--model", default="models/generator.pt", help="trained generator file")
+    p.add_argument("--mask", required=True, help="label NIfTI (any orientation)")
+    p.add_argument("--out", required=True, help="output CT NIfTI (HU, same grid as the mask)")
+    p.add_argument("--structures", nargs="+", default=None,
+                   help="structures to condition on (default: those the model was trained with)")
+    p.add_argument("--label-map", default=None,
+                   help='mask value -> structure, inline JSON (\'{"1": "LV"}\') or a JSON/YAML file '
+                        "(default: the model's training map)")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("check-params", help="validate a params file and exit")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_check_params)
+
+    p = sub.add_parser("bench", help="measure training/generation/loader speed and memory")
+    p.add_argument("--quick", action="store_true", help="only the 256² batch-4 pair and generation")
+    p.add_argument("--out", default="reports/bench.json")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.debug)
+    sys.exit(guarded(args.command, lambda: args.func(args), args.debug))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Slices for training and evaluation, read from the memory-mapped processed store.
+
+The store (written by :mod:`ctsynth.preprocess`) is two ``.npy`` arrays opened with
+``mmap_mode="r"``: nothing is decoded per step, the OS page cache does the work.
+
+    store = ProcessedStore("data/processed")
+    ds = SliceDataset(store, store.rows_for_cases(split["train"]), encoding="onehot")
+    cond, image = ds[0]          # (C, S, S) float32 in [0, 1], (1, S, S) float32 in [-1, 1]
+"""
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from .errors import InputError
+from .labels import encode_condition
+
+
+class ProcessedStore:
+    """Read-only view of ``data/processed`` (images.npy, masks.npy, slices.csv, meta.json)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        missing = [n for n in ("images.npy", "masks.npy", "slices.csv", "meta.json")
+                   if not (self.root / n).exists()]
+        if missing:
+            raise InputError(f"{self.root}: processed store incomplete, missing {missing} "
+                             f"(run `dvc repro preprocess`)")
+        self.meta = json.loads((self.root / "meta.json").read_text())
+        self.slices = pd.read_csv(self.root / "slices.csv", dtype={"case": str})
+
+    @cached_property
+    def images(self) -> np.ndarray:   # (N, S, S) float16 in [-1, 1]
+        return np.load(self.root / "images.npy", mmap_mode="r")
+
+    @cached_property
+    def masks(self) -> np.ndarray:    # (N, S, S) uint8 structure indices
+        return np.load(self.root / "masks.npy", mmap_mode="r")
+
+    @property
+    def structures(self) -> list[str]:
+        return list(self.meta["structures"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    def rows_for_cases(self, cases) -> np.ndarray:
+        """Row indices (int64, sorted) of every slice belonging to ``cases``."""
+        return np.flatnonzero(self.slices["case"].isin(list(cases)).to_numpy()).astype(np.int64)
+
+
+class SliceDataset(Dataset):
+    """(condition, image) pairs for a subset of rows of a :class:`ProcessedStore`."""
+
+    def __init__(self, store: ProcessedStore, rows: np.ndarray, encoding: str = "onehot"):
+        self.store, self.rows, self.encoding = store, np.asarray(rows), encoding
+        self.structures = store.structures
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        image = np.asarray(self.store.images[row], dtype=np.float32)[None]           # (1, S, S)
+        cond = encode_condition(self.store.masks[row], self.structures, self.encoding)  # (C, S, S)
+        return torch.from_numpy(cond), torch.from_numpy(image)
+
+
+def condition_batch(masks: np.ndarray, structures: list[str], encoding: str) -> torch.Tensor:
+    """Structure-index masks (B, S, S) -> condition tensor (B, C, S, S) float32."""
+    return torch.from_numpy(encode_condition(np.asarray(masks), structures, encoding))

@@ -1,0 +1,24 @@
+"""phantom stage: write the procedural thoracic CT phantom (MM-WHS layout) when
+``data.source: phantom``; with ``data.source: nifti`` it writes only a note, and ingest reads
+``data.raw_dir`` instead.
+
+    python stages/phantom.py --out data/phantom
+"""
+from ctsynth.runner import stage_main
+
+
+def main(args, params):
+    from ctsynth import phantom
+    from ctsynth.io import atomic_dir
+
+    if params.data.source != "phantom":
+        with atomic_dir(args.out) as tmp:
+            (tmp / "NOT_USED.txt").write_text("data.source is not 'phantom'; ingest reads data.raw_dir\n")
+        return 0
+    phantom.write_dataset(args.out, cases=params.phantom.cases, seed=params.seed,
+                          shape=tuple(params.phantom.shape), spacing=tuple(params.phantom.spacing))
+    return 0
+
+
+if __name__ == "__main__":
+    stage_main("phantom", main, __doc__, add_args=lambda p: p.add_argument("--out", default="data/phantom"))

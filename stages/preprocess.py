@@ -1,0 +1,22 @@
+"""preprocess stage: canonical volumes -> resized, HU-windowed axial slices and structure
+masks in memory-mapped arrays (``data/processed``).
+
+    python stages/preprocess.py --interim data/interim --out data/processed
+"""
+from ctsynth.runner import stage_main
+
+
+def main(args, params):
+    from ctsynth import preprocess
+
+    preprocess.run(params, interim_dir=args.interim, out_dir=args.out)
+    return 0
+
+
+def add_args(p):
+    p.add_argument("--interim", default="data/interim")
+    p.add_argument("--out", default="data/processed")
+
+
+if __name__ == "__main__":
+    stage_main("preprocess", main, __doc__, add_args=add_args)

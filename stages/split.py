@@ -1,0 +1,21 @@
+"""split stage: patient-level train/val/test split -> ``data/split.json``.
+
+    python stages/split.py --processed data/processed --out data/split.json
+"""
+from ctsynth.runner import stage_main
+
+
+def main(args, params):
+    from ctsynth import split
+
+    split.run(params, processed_dir=args.processed, out_path=args.out)
+    return 0
+
+
+def add_args(p):
+    p.add_argument("--processed", default="data/processed")
+    p.add_argument("--out", default="data/split.json")
+
+
+if __name__ == "__main__":
+    stage_main("split", main, __doc__, add_args=add_args)

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny processed stores and tiny params, so unit tests stay fast."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ctsynth.config import params_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REAL_CT = SHARED / "data" / "real-aorta-crop"
+
+
+def make_store(root: Path, cases=("c1", "c2", "c3", "c4"), slices_per_case: int = 6,
+               size: int = 32, seed: int = 0) -> Path:
+    """Write a small processed store of blob-shaped 'anatomy' (contract: docs/contracts.md)."""
+    rng = np.random.default_rng(seed)
+    n = len(cases) * slices_per_case
+    yy, xx = np.mgrid[:size, :size] / size
+    images = np.empty((n, size, size), np.float16)
+    masks = np.zeros((n, size, size), np.uint8)
+    rows = []
+    for i in range(n):
+        img = -0.8 + 0.05 * rng.standard_normal((size, size))
+        for idx in range(1, 8):
+            cy, cx, r = rng.uniform(0.25, 0.75), rng.uniform(0.25, 0.75), rng.uniform(0.06, 0.14)
+            blob = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
+            masks[i][blob] = idx
+            img[blob] = 0.1 * idx
+        images[i] = np.clip(img, -1, 1)
+        rows.append({"case": cases[i // slices_per_case], "z": i % slices_per_case})
+    root.mkdir(parents=True, exist_ok=True)
+    np.save(root / "images.npy", images)
+    np.save(root / "masks.npy", masks)
+    pd.DataFrame(rows).to_csv(root / "slices.csv", index=False)
+    affine = np.diag([2.0, 2.0, 3.0, 1.0]).tolist()
+    meta = {"image_size": size, "hu_window": [-1000.0, 1000.0],
+            "structures": ["Myo", "LA", "LV", "RA", "RV", "Ao", "PA"],
+            "label_map": {"205": "Myo", "420": "LA", "500": "LV", "550": "RA", "600": "RV",
+                          "820": "Ao", "850": "PA"},
+            "cases": {c: {"shape": [size, size, slices_per_case], "affine": affine,
+                          "orig_affine": affine, "orig_shape": [size, size, slices_per_case],
+                          "z": list(range(slices_per_case))} for c in cases}}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture
+def tiny_store(tmp_path) -> Path:
+    return make_store(tmp_path / "processed")
+
+
+def tiny_params(**sections):
+    """Params for a tiny, fast model (32², depth 5, 8 filters); override sections by kwargs."""
+    raw = {"preprocess": {"image_size": 32},
+           "model": {"gen_depth": 5, "ngf": 8, "ndf": 8, "disc_layers": 2},
+           "train": {"iterations": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
+           "segmenter": {"iterations": 5, "batch_size": 4, "width": 4}}
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return params_from_dict(raw)
