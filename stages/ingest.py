@@ -19,5 +19,9 @@ def add_args(p):
     p.add_argument("--out", default="data/interim")
 
 
+def cli(argv=None):
+    stage_main("ingest", main, __doc__, add_args=add_args, argv=argv)
+
+
 if __name__ == "__main__":
-    stage_main("ingest", main, __doc__, add_args=add_args)
+    cli()

@@ -20,5 +20,10 @@ def main(args, params):
     return 0
 
 
+def cli(argv=None):
+    stage_main("phantom", main, __doc__, argv=argv,
+               add_args=lambda p: p.add_argument("--out", default="data/phantom"))
+
+
 if __name__ == "__main__":
-    stage_main("phantom", main, __doc__, add_args=lambda p: p.add_argument("--out", default="data/phantom"))
+    cli()

@@ -18,5 +18,9 @@ def add_args(p):
     p.add_argument("--out", default="data/processed")
 
 
+def cli(argv=None):
+    stage_main("preprocess", main, __doc__, add_args=add_args, argv=argv)
+
+
 if __name__ == "__main__":
-    stage_main("preprocess", main, __doc__, add_args=add_args)
+    cli()

@@ -17,5 +17,9 @@ def add_args(p):
     p.add_argument("--out", default="data/split.json")
 
 
+def cli(argv=None):
+    stage_main("split", main, __doc__, add_args=add_args, argv=argv)
+
+
 if __name__ == "__main__":
-    stage_main("split", main, __doc__, add_args=add_args)
+    cli()

@@ -63,3 +63,13 @@ def tiny_params(**sections):
     for key, value in sections.items():
         raw.setdefault(key, {}).update(value)
     return params_from_dict(raw)
+
+
+def load_stage(name: str):
+    """Import ``stages/<name>.py`` as a module (stages are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -120,6 +120,7 @@ class EvaluateCfg:
 class PrivacyCfg:
     max_similarity: float = 0.95                     # SSIM to nearest training slice above which a slice is withheld
     downsample: int = 32                             # nearest-neighbour search resolution
+    candidates: int = 5                              # low-res L2 neighbours re-ranked by full-res SSIM
 
 
 @dataclass
@@ -127,6 +128,7 @@ class TrackingCfg:
     uri: Optional[str] = None                        # default: sqlite:///<repo>/mlflow.db
     experiment: str = "ctsynth"
     log_model: bool = True
+    enabled: bool = True                             # false: no MLflow at all (offline, fast tests)
 
 
 @dataclass
@@ -324,7 +326,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v):
+        if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v

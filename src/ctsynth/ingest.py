@@ -47,7 +47,7 @@ def find_pairs(raw_dir: Path, image_suffix: str, label_suffix: str) -> tuple[lis
     if not raw_dir.is_dir():
         raise InputError(f"{raw_dir}: data.raw_dir is not a directory")
     images = sorted(p for p in raw_dir.rglob(f"*{image_suffix}") if p.is_file())
-    labels = sorted(p for p in raw_dir.rglob(f"*{label_suffix}") if p.is_file())
+    labels = sorted(raw_dir.rglob(f"*{label_suffix}"))
     if not images and not labels:
         raise InputError(f"{raw_dir}: no cases found (expected files named <case>{image_suffix} "
                          f"with partners <case>{label_suffix})")
@@ -59,7 +59,7 @@ def find_pairs(raw_dir: Path, image_suffix: str, label_suffix: str) -> tuple[lis
             continue
         seen[case] = img
         label = img.with_name(case + label_suffix)
-        if not label.exists():
+        if not label.exists() and not label.is_symlink():
             problems.append(f"{img}: missing partner label file {label.name}")
             pairs.append(Pair(case, img, None))
         else:

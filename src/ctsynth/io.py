@@ -93,6 +93,8 @@ def load_nifti(path: str | os.PathLike, role: str = "image") -> nib.Nifti1Image:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found")
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file")
     if not os.access(path, os.R_OK):
         raise InputError(f"{path}: not readable (permission denied)")
     if path.stat().st_size == 0:

@@ -1,0 +1,102 @@
+"""params validation: every problem reported at once, with the key path and allowed values."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO
+from ctsynth.config import flatten, load_params, params_from_dict, to_dict
+from ctsynth.errors import ConfigError
+from ctsynth.labels import encode_condition
+
+
+def problems_of(raw) -> str:
+    with pytest.raises(ConfigError) as e:
+        params_from_dict(raw)
+    return "\n".join(e.value.problems)
+
+
+def test_repo_params_and_paper_preset_are_valid():
+    default = load_params(REPO / "params.yaml")
+    paper = load_params(REPO / "params" / "paper.yaml")
+    assert default.preprocess.image_size % 2 ** default.model.gen_depth == 0
+    assert (paper.preprocess.image_size, paper.train.batch_size, paper.train.iterations) == (256, 8, 100000)
+    assert (paper.train.lr_g, paper.train.lr_d, paper.train.lambda_l1) == (1.3e-4, 1.5e-4, 100.0)
+    assert (paper.model.gen_depth, paper.model.ngf, paper.model.disc_layers) == (7, 64, 4)
+    assert paper.model.skip_connections is False and paper.model.encoding == "index"
+
+
+def test_all_problems_at_once():
+    text = problems_of({"train": {"lr_g": -1, "batch_size": "8", "bogus": 1},
+                        "preprocess": {"image_size": 100, "structures": ["LV", "Heart"]},
+                        "split": {"test": 0.0, "train": 0.8, "val": 0.2},
+                        "model": {"encoding": "rgb"}, "nonsense": {}})
+    for fragment in ("train.bogus: unknown key", "train.batch_size: got '8'; expected an integer",
+                     "model.encoding: got 'rgb'; expected one of 'onehot', 'index'", "nonsense: unknown key"):
+        assert fragment in text, fragment
+
+
+def test_range_problems_at_once():
+    text = problems_of({"train": {"lr_g": -1.0}, "preprocess": {"image_size": 100, "structures": ["LV", "Heart"]},
+                        "split": {"test": 0.0, "train": 0.8, "val": 0.2}})
+    assert "train.lr_g: must be > 0" in text
+    assert "preprocess.image_size: 100 must be >= 16 and divisible by 2^model.gen_depth" in text
+    assert "preprocess.structures" in text and "Heart" in text
+    assert "split: train/val/test fractions" in text
+
+
+def test_structures_must_exist_in_label_map():
+    text = problems_of({"data": {"label_map": {1: "Ao"}}, "preprocess": {"structures": ["Ao", "LV"]}})
+    assert "['LV'] not in data.label_map" in text
+
+
+def test_label_map_validation():
+    text = problems_of({"data": {"label_map": {"x": "Ao", 0: "LV", 3: "Liver"}}})
+    assert "'x' is not an integer" in text and "value 0 is background" in text and "'Liver'" in text
+
+
+def test_paths_cannot_escape_repo_unless_absolute(tmp_path):
+    assert "escapes the repository" in problems_of({"data": {"raw_dir": "../../etc"}})
+    params_from_dict({"data": {"raw_dir": str(tmp_path)}})   # absolute: deliberate, allowed
+
+
+def test_overrides_and_flatten(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump({"train": {"iterations": 3}}))
+    p = load_params(f, ["train.lr_g=0.001", "model.skip_connections=false"])
+    assert p.train.iterations == 3 and p.train.lr_g == 0.001 and p.model.skip_connections is False
+    flat = flatten(to_dict(p))
+    assert flat["train.lr_g"] == 0.001 and "data.label_map.205" in flat
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(f)
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_cli_check_params_reports_cleanly(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump({"train": {"lr_d": -2}, "model": {"ngf": 0}}))
+    out = subprocess.run([sys.executable, "-m", "ctsynth.cli", "check-params", "--params", str(f)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "train.lr_d: must be > 0" in out.stderr and "model.ngf/model.ndf" in out.stderr
+
+
+def test_condition_encodings():
+    import numpy as np
+
+    mask = np.array([[0, 3], [6, 1]], np.uint8)          # LV=3, Ao=6, Myo=1
+    onehot = encode_condition(mask, ["LV", "Ao"], "onehot")
+    assert onehot.shape == (2, 2, 2) and onehot[0, 0, 1] == 1 and onehot[1, 1, 0] == 1 and onehot.sum() == 2
+    index = encode_condition(mask, ["LV", "Ao", "Myo"], "index")
+    np.testing.assert_allclose(index[0], [[0, 3 / 7], [6 / 7, 1 / 7]])
+    wh = encode_condition(mask, ["WH"], "onehot")
+    np.testing.assert_array_equal(wh[0], [[0, 1], [1, 1]])

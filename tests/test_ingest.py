@@ -1,0 +1,162 @@
+"""ingest: pairing, validation (the bad-input corpus), canonical orientation, resampling."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REAL_CT, REPO, load_stage
+from corpus import AFFINE, BAD_INPUTS, volumes, write_case
+from ctsynth import ingest
+from ctsynth.config import params_from_dict
+from ctsynth.errors import InputError
+from ctsynth.labels import structure_index
+
+
+def params_for(raw, **data):
+    return params_from_dict({"data": {"source": "nifti", "raw_dir": str(raw), **data}})
+
+
+def run_stage(tmp_path, raw, out, capsys, **data) -> tuple[int, str]:
+    """Run the real stage entry point in-process; return (exit code, stderr)."""
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump({"data": {"source": "nifti", "raw_dir": str(raw), **data}}))
+    with pytest.raises(SystemExit) as exit_info:
+        load_stage("ingest").cli(["--params", str(pfile), "--out", str(out)])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_good_pair_is_canonical_and_mapped(tmp_path):
+    raw = tmp_path / "raw"
+    write_case(raw, "p1")
+    write_case(raw, "p2", seed=1)
+    manifest = ingest.run(params_for(raw), tmp_path / "interim")
+    assert list(manifest.case) == ["p1", "p2"]
+    img = nib.load(str(tmp_path / "interim" / "p1_image.nii"))
+    lab = nib.load(str(tmp_path / "interim" / "p1_label.nii"))
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    assert img.get_data_dtype() == np.int16 and lab.get_data_dtype() == np.uint8
+    # LPS -> RAS flips x and y: the raw voxel [0, 0, z] lands at [-1, -1, z].
+    _, raw_label = volumes()
+    mapped = np.asanyarray(lab.dataobj)
+    assert mapped[-3, -3, 4] == structure_index("Ao") and raw_label[2, 2, 4] == 820
+    assert set(np.unique(mapped)) == {0, structure_index("LV"), structure_index("Ao")}
+    row = manifest.iloc[0]
+    assert (row.spacing_x, row.spacing_z) == (1.5, 2.5)
+    assert row.vox_LV == int((raw_label == 500).sum()) and row.vox_Myo == 0
+    assert row.orig_axcodes == "LPS"
+
+
+def test_label_on_other_grid_is_resampled(tmp_path):
+    raw = tmp_path / "raw"
+    image, label = volumes()
+    # Label at half resolution in-plane covering the same physical box.
+    coarse = label[::2, ::2, :]
+    coarse_affine = AFFINE.copy()
+    coarse_affine[0, 0], coarse_affine[1, 1] = -3.0, -3.0
+    coarse_affine[:3, 3] = [-0.75, -0.75, 0.0]   # voxel centres of the 2x2 blocks
+    write_case(raw, "p1", image=image, label=coarse, label_affine=coarse_affine)
+    manifest = ingest.run(params_for(raw), tmp_path / "interim")
+    lab = np.asanyarray(nib.load(str(tmp_path / "interim" / "p1_label.nii")).dataobj)
+    assert lab.shape == image.shape
+    agreement = ((lab == structure_index("LV")) == (label[::-1, ::-1] == 500)).mean()
+    assert agreement > 0.95 and manifest.vox_LV[0] > 0
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
+def test_bad_input_clear_message_and_outputs_untouched(kind, tmp_path, capsys):
+    raw, out = tmp_path / "raw", tmp_path / "interim"
+    write_case(raw, "good")
+    assert run_stage(tmp_path, raw, out, capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    fname, reason = BAD_INPUTS[kind](raw)
+    code, err = run_stage(tmp_path, raw, out, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("ctsynth ingest:")]
+    assert any(fname in ln and reason in ln for ln in lines), err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # previous output intact
+    assert not list(tmp_path.glob(".interim.*")), "temporary folder left behind"
+
+
+def test_all_problems_reported_together(tmp_path):
+    raw = tmp_path / "raw"
+    write_case(raw, "good")
+    BAD_INPUTS["empty_label"](raw)
+    img, lab = volumes()
+    write_case(raw, "bad2", image=np.full_like(img, 7))
+    with pytest.raises(InputError) as e:
+        ingest.run(params_for(raw), tmp_path / "interim")
+    text = "\n".join(e.value.problems)
+    assert "bad_label.nii.gz" in text and "bad2_image.nii.gz" in text
+
+
+def test_on_error_skip_keeps_good_cases(tmp_path):
+    raw = tmp_path / "raw"
+    write_case(raw, "good")
+    BAD_INPUTS["nan_voxels"](raw)
+    manifest = ingest.run(params_for(raw, on_error="skip"), tmp_path / "interim")
+    assert list(manifest.case) == ["good"]
+
+
+def test_skip_fails_when_nothing_left(tmp_path):
+    raw = tmp_path / "raw"
+    BAD_INPUTS["constant_image"](raw)
+    with pytest.raises(InputError, match="no usable case left"):
+        ingest.run(params_for(raw, on_error="skip"), tmp_path / "interim")
+
+
+def test_unknown_labels_to_background(tmp_path):
+    raw = tmp_path / "raw"
+    BAD_INPUTS["unknown_labels"](raw)
+    ingest.run(params_for(raw, unknown_labels="background"), tmp_path / "interim")
+    lab = np.asanyarray(nib.load(str(tmp_path / "interim" / "bad_label.nii")).dataobj)
+    assert set(np.unique(lab)) == {0, structure_index("LV"), structure_index("Ao")}
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(InputError, match="no cases found"):
+        ingest.run(params_for(tmp_path / "raw"), tmp_path / "interim")
+
+
+def test_stage_subprocess_exit_code_and_debug_traceback(tmp_path):
+    raw = tmp_path / "raw"
+    BAD_INPUTS["zero_bytes"](raw)
+    pfile = tmp_path / "p.yaml"
+    pfile.write_text(yaml.safe_dump({"data": {"source": "nifti", "raw_dir": str(raw)}}))
+    cmd = [sys.executable, str(REPO / "stages" / "ingest.py"), "--params", str(pfile),
+           "--out", str(tmp_path / "interim")]
+    quiet = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
+    assert "bad_image.nii.gz: empty file" in quiet.stderr
+    loud = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, cwd=tmp_path)
+    assert loud.returncode != 0 and "Traceback" in loud.stderr
+
+
+def test_real_scan_fixture_with_custom_label_map(tmp_path):
+    """A real contrast CT (LPS, int16 HU) with an aorta mask labelled 1."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "real_image.nii.gz").symlink_to(REAL_CT / "ct.nii.gz")
+    (raw / "real_label.nii.gz").symlink_to(REAL_CT / "aorta_label.nii.gz")
+    params = params_from_dict({"data": {"source": "nifti", "raw_dir": str(raw), "label_map": {1: "Ao"}},
+                               "preprocess": {"structures": ["Ao"], "image_size": 64}})
+    manifest = ingest.run(params, tmp_path / "interim")
+    row = manifest.iloc[0]
+    assert row.orig_axcodes == "LPS"
+    assert (row.shape_x, row.shape_y, row.shape_z) == (120, 126, 164)
+    assert row.hu_min < -1000 and row.hu_max > 3000
+    assert row.vox_Ao > 1000 and row.vox_LV == 0
+    img = nib.load(str(tmp_path / "interim" / "real_image.nii"))
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    lab = np.asanyarray(nib.load(str(tmp_path / "interim" / "real_label.nii")).dataobj)
+    hu = np.asanyarray(img.dataobj)
+    assert 200 < np.median(hu[lab == structure_index("Ao")]) < 500   # contrast-filled aorta
+    pd.testing.assert_series_equal(manifest.case, pd.Series(["real"], name="case"))

@@ -1,0 +1,49 @@
+"""split: patient-level, seeded, explicit lists, no test slice in training."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_store
+from ctsynth import split
+from ctsynth.config import params_from_dict
+from ctsynth.errors import ConfigError, InputError
+
+CASES = [f"c{i}" for i in range(10)]
+
+
+def test_fractions_partition_cases_and_seeded(tmp_path):
+    store = make_store(tmp_path / "p", cases=CASES, slices_per_case=2)
+    a = split.run(params_from_dict({"seed": 1}), store, tmp_path / "a.json")
+    b = split.run(params_from_dict({"seed": 1}), store, tmp_path / "b.json")
+    c = split.run(params_from_dict({"seed": 2}), store, tmp_path / "c.json")
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert a["test"] != c["test"] or a["val"] != c["val"]
+    assert (len(a["train"]), len(a["val"]), len(a["test"])) == (6, 2, 2)
+    assert sorted(a["train"] + a["val"] + a["test"]) == sorted(CASES)
+    assert a["slices"] == {"train": 12, "val": 4, "test": 4}
+    assert json.loads((tmp_path / "a.json").read_text())["seed"] == 1
+
+
+def test_explicit_lists(tmp_path):
+    store = make_store(tmp_path / "p", cases=CASES[:4], slices_per_case=2)
+    params = params_from_dict({"split": {"cases": {"train": ["c0", "c1"], "val": [], "test": ["c3"]}}})
+    out = split.run(params, store, tmp_path / "s.json")
+    assert out["train"] == ["c0", "c1"] and out["test"] == ["c3"] and out["slices"]["test"] == 2
+
+
+def test_explicit_lists_rejected(tmp_path):
+    store = make_store(tmp_path / "p", cases=CASES[:4], slices_per_case=2)
+    params = params_from_dict({"split": {"cases": {"train": ["c0", "zz"], "test": ["c0"]}}})
+    with pytest.raises(ConfigError) as e:
+        split.run(params, store, tmp_path / "s.json")
+    text = "\n".join(e.value.problems)
+    assert "zz" in text and "both train and test" in text
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_too_few_cases(tmp_path):
+    store = make_store(tmp_path / "p", cases=["a", "b"], slices_per_case=2)
+    with pytest.raises(InputError, match="at least one training case"):
+        split.run(params_from_dict({}), store, tmp_path / "s.json")
