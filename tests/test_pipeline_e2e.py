@@ -1,0 +1,162 @@
+"""End to end: the real `dvc repro` on a tiny config, in a scratch copy of the repository.
+
+Checks the whole chain phantom -> ... -> report, the MLflow run, DVC's caching behaviour
+(no-op second repro, param edits rerun only dependent stages), metrics/plots/experiments
+commands, atomicity under SIGKILL and bit-for-bit repeatability of metrics.json on CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "phantom": {"cases": 5, "shape": [48, 48, 14], "spacing": [6.0, 6.0, 8.0]},
+    "preprocess": {"image_size": 32, "margin": 1},
+    "model": {"gen_depth": 5, "ngf": 8, "ndf": 8, "disc_layers": 2},
+    "train": {"iterations": 6, "batch_size": 4, "checkpoint_every": 3, "log_every": 2, "snapshot_count": 2},
+    "segmenter": {"iterations": 6, "batch_size": 4, "width": 4},
+    "generate": {"batch_size": 8, "grid_slices": 3},
+    "evaluate": {"batch_size": 8, "kid_subset_size": 4},
+    "privacy": {"downsample": 16},
+}
+
+
+def _env(root: Path) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("MLFLOW_TRACKING_URI", None)      # the default store in the repo root is under test
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["CI"] = "1"
+    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "ctsynth-test"
+    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@example.invalid"
+    return env
+
+
+def sh(root: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=root, env=_env(root), capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+    return out
+
+
+def make_repo(dest: Path) -> Path:
+    """A scratch git+DVC repo holding the project's tracked and untracked-but-not-ignored files."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        src = REPO / rel
+        if src.is_file() and not rel.startswith("dvc.lock"):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(dest, "git", "init", "-q")
+    if not (dest / ".dvc").exists():
+        sh(dest, sys.executable, "-m", "dvc", "init", "-q")
+    sh(dest, "git", "add", "-A")
+    sh(dest, "git", "commit", "-qm", "scratch")
+    return dest
+
+
+def stages_run(output: str) -> list[str]:
+    return [ln.split("'")[1] for ln in output.splitlines() if ln.startswith("Running stage '")]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = make_repo(tmp_path_factory.mktemp("e2e"))
+    out = sh(root, "dvc", "repro")
+    assert stages_run(out.stdout) == ["phantom", "ingest", "preprocess", "split", "train", "segmenter",
+                                      "generate", "evaluate", "report"], out.stdout
+    return root
+
+
+def test_outputs_and_metrics(repo):
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    for key in ("mse", "psnr", "ssim", "mae_hu", "fd_seg", "kid_seg"):
+        assert isinstance(metrics[key], (int, float)), key
+    assert 0 <= metrics["ssim"] <= 1 and metrics["mse"] >= 0
+    assert metrics.get("fid_inception") is None          # no local weights: missing, never estimated
+    html = (repo / "reports" / "report.html").read_text()
+    assert "data:image/png;base64," in html and 'src="http' not in html
+    assert (repo / "models" / "generator.pt").stat().st_size > 0
+    split = json.loads((repo / "data" / "split.json").read_text())
+    synth = sorted(p.name for p in (repo / "data" / "generated").glob("*_synth.nii.gz"))
+    assert synth == sorted(f"{c}_synth.nii.gz" for c in split["test"])
+
+
+def test_mlflow_run_has_params_metrics_and_model(repo):
+    import mlflow
+
+    run_info = json.loads((repo / "models" / "mlflow_run.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    run = client.get_run(run_info["run_id"])
+    assert run.data.params["train.iterations"] == "6"
+    assert "ssim" in run.data.metrics and "g_l1" in run.data.metrics
+    assert len(run.data.tags.get("git_commit", "")) == 40
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert any(m.source_run_id == run.info.run_id for m in models)
+
+
+def test_second_repro_is_noop_and_param_edit_reruns_dependents(repo):
+    out = sh(repo, "dvc", "repro")
+    assert stages_run(out.stdout) == [], out.stdout
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["preprocess"]["image_size"] = 64
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = json.loads(sh(repo, "dvc", "status", "--json").stdout)
+    assert "preprocess" in status and "ingest" not in status and "phantom" not in status
+    sh(repo, "git", "checkout", "params.yaml")
+    assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
+
+
+def test_dvc_metrics_and_plots_commands(repo):
+    shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
+    assert "ssim" in json.dumps(shown)
+    sh(repo, "dvc", "metrics", "diff")
+    sh(repo, "dvc", "plots", "show", "-o", str(repo / "plots_html"))
+    assert (repo / "plots_html" / "index.html").exists()
+
+
+def test_sigkill_mid_stage_leaves_previous_outputs(repo):
+    """Kill preprocess half-way: the old data/processed stays byte-identical and valid for DVC."""
+    before = {p.name: p.read_bytes() for p in (repo / "data" / "processed").iterdir()}
+    proc = subprocess.Popen([sys.executable, "stages/preprocess.py", "--set", "preprocess.image_size=512",
+                             "--set", "preprocess.slices=all"], cwd=repo, env=_env(repo),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((repo / "data").glob(".processed.*.tmp/images.npy")):
+        time.sleep(0.05)
+    assert list((repo / "data").glob(".processed.*.tmp")), "stage never started writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    after = {p.name: p.read_bytes() for p in (repo / "data" / "processed").iterdir()}
+    assert after == before
+    assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
+
+
+def test_repeatable_metrics_and_experiments(repo, tmp_path):
+    """A second clean copy gives byte-identical metrics; `dvc exp run -S` compares two runs."""
+    other = make_repo(tmp_path)
+    sh(other, "dvc", "repro")
+    assert (other / "reports" / "metrics.json").read_bytes() == (repo / "reports" / "metrics.json").read_bytes()
+    sh(other, "git", "add", "-A")
+    sh(other, "git", "commit", "-qm", "baseline run")
+    sh(other, "dvc", "exp", "run", "-S", "train.lambda_l1=50")
+    table = sh(other, "dvc", "exp", "show", "--json").stdout
+    assert "lambda_l1" in table and "50" in table
