@@ -31,7 +31,8 @@ from tqdm import tqdm
 from .data import ProcessedStore, condition_batch
 from .errors import ConfigError, InputError, ModelFileError
 from .io import atomic_dir, load_nifti, save_nifti
-from .labels import STRUCTURES, WH, parse_label_map, structure_index, validate_structures
+from .labels import (STRUCTURES, WH, condition_channels, parse_label_map, structure_index,
+                     validate_structures)
 from .preprocess import kept_indices, restore_slice, to_display
 from .runner import quiet
 
@@ -48,18 +49,26 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_model(model_path: str | Path, device: str = "auto"):
-    """``(generator in eval mode, preprocess meta)``; ModelFileError for a missing/corrupt file."""
+def load_model(model_path: str | Path, device: str = "auto") -> tuple[torch.nn.Module, dict]:
+    """``(generator in eval mode, preprocessing meta)`` from a file written by
+    :func:`ctsynth.models.save_generator`; ModelFileError for a missing/corrupt file.
+
+    The meta is flat: image_size, hu_window, structures, label_map, encoding (as the model was
+    trained) plus in_channels and model_cfg."""
     from .models import load_generator
 
     path = Path(model_path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: model file not found (train one with `dvc repro train`)")
-    model, meta = load_generator(path, device=str(pick_device(device)))
+    model, blob = load_generator(path, device=pick_device(device))
+    meta = {**dict(blob.get("preprocess") or {}), "in_channels": blob.get("in_channels"),
+            "model_cfg": blob.get("model_cfg")}
     missing = [k for k in ("image_size", "hu_window", "structures", "encoding") if k not in meta]
     if missing:
         raise ModelFileError(f"{path}: model file lacks preprocessing info {missing}; "
                              f"retrain with this version of ctsynth")
+    expected = condition_channels(list(meta["structures"]), meta["encoding"])
+    if meta["in_channels"] != expected:
+        raise ModelFileError(f"{path}: model takes {meta['in_channels']} condition channels but its "
+                             f"structures {meta['structures']} ({meta['encoding']}) need {expected}")
     return model.eval(), meta
 
 
@@ -90,7 +99,8 @@ class Synthesizer:
         out = np.empty(masks.shape, np.float32)
         start = time.perf_counter()
         for i in range(0, len(masks), self.batch_size):
-            chunk = np.where(np.isin(masks[i:i + self.batch_size], self.keep), masks[i:i + self.batch_size], 0)
+            chunk = masks[i:i + self.batch_size]
+            chunk = np.where(np.isin(chunk, self.keep), chunk, 0)                    # (B, S, S)
             cond = condition_batch(chunk, self.model_structures, self.encoding)      # (B, C, S, S)
             cond = cond.to(self.device).contiguous(memory_format=torch.channels_last)
             fake = self.model(cond)                                                 # (B, 1, S, S)
@@ -140,23 +150,21 @@ def from_canonical(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ grids
 
-# Background black, then one colour per structure (Myo, LA, LV, RA, RV, Ao, PA).
-STRUCTURE_COLORS = ["#000000", "#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231",
-                    "#911eb4", "#42d4f4"]
+# Background black, then Myo, LA, LV, RA, RV, Ao, PA: the colour-blind-safe Okabe-Ito palette,
+# the same colours as the training snapshots (ctsynth.train).
+STRUCTURE_RGB = np.array([[0, 0, 0], [230, 159, 0], [86, 180, 233], [0, 158, 115], [240, 228, 66],
+                          [0, 114, 178], [213, 94, 0], [204, 121, 167]], np.float32) / 255.0
 
 
 def mask_rgb(mask: np.ndarray) -> np.ndarray:
     """Structure-index mask (H, W) -> RGB (H, W, 3) float in [0, 1]."""
-    from matplotlib.colors import to_rgb
-
-    table = np.array([to_rgb(c) for c in STRUCTURE_COLORS])
-    return table[np.clip(mask, 0, len(STRUCTURES))]
+    return STRUCTURE_RGB[np.clip(mask, 0, len(STRUCTURES))]
 
 
 def legend_handles(present) -> list:
     from matplotlib.patches import Patch
 
-    return [Patch(color=STRUCTURE_COLORS[structure_index(s)], label=s) for s in STRUCTURES
+    return [Patch(color=STRUCTURE_RGB[structure_index(s)], label=s) for s in STRUCTURES
             if structure_index(s) in set(int(v) for v in present)]
 
 
@@ -184,11 +192,11 @@ def save_case_grid(path: Path, case: str, masks, reals, fakes, zs, window) -> No
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
                 ax.set_title(titles[c], fontsize=9)
-        axes[r, 0].set_ylabel(f"z = {zs[r]}", fontsize=9)
+        axes[r, 0].set_ylabel(f"z = {zs[r]}", fontsize=10)
     handles = legend_handles(np.unique(masks))
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.suptitle(f"{case}", fontsize=10)
+    fig.suptitle(f"test case {case}", fontsize=11)
     fig.tight_layout(rect=(0, 0.05 if handles else 0, 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -231,12 +239,15 @@ def _label_path(interim_dir: Path, case: str) -> Path:
 def generate_test_set(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> dict:
     """Run the generator on the test cases; write fake.npy, index.npy, grids/, <case>_synth.nii.gz.
 
-    Returns ``{"slices", "cases", "slices_per_s"}``."""
+    Returns ``{"slices", "cases", "slices_per_s", "slices_per_s_end_to_end"}``."""
     store = ProcessedStore(processed_dir)
     split_path, interim_dir = Path(split_path), Path(interim_dir)
-    if not split_path.exists():
-        raise InputError(f"{split_path}: split file not found (run the split stage)")
-    split = json.loads(split_path.read_text())
+    try:
+        split = json.loads(split_path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{split_path}: split file not found (run the split stage)") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{split_path}: not valid JSON ({e})") from None
     test = [c for c in split.get("test", []) if c in store.meta["cases"]]
     leak = set(test) & set(split.get("train", []))
     if leak:
@@ -252,13 +263,14 @@ def generate_test_set(params, model_path, processed_dir, split_path, interim_dir
 
     with atomic_dir(out_dir) as tmp:
         (tmp / "grids").mkdir()
-        fake = open_memmap(tmp / "fake.npy", mode="w+", dtype=np.float16, shape=(len(rows),) + store.images.shape[1:])
-        bs = synth.batch_size
+        fake = open_memmap(tmp / "fake.npy", mode="w+", dtype=np.float16,
+                           shape=(len(rows),) + store.images.shape[1:])              # (N, S, S)
+        bs, start = synth.batch_size, time.perf_counter()
         for i in tqdm(range(0, len(rows), bs), desc="generate slices", unit="batch", disable=quiet()):
             fake[i:i + bs] = synth.unit(np.asarray(store.masks[rows[i:i + bs]]))  # (B, S, S)
         fake.flush()
         np.save(tmp / "index.npy", rows.astype(np.int64))
-        slices_rate = synth.throughput()
+        slices_rate, wall_rate = synth.throughput(), len(rows) / (time.perf_counter() - start)
         for case in test:
             pos = np.flatnonzero(store.slices.case.to_numpy()[rows] == case)          # positions in fake
             pick = pos[evenly_spaced(len(pos), params.generate.grid_slices)]
@@ -279,9 +291,11 @@ def generate_test_set(params, model_path, processed_dir, split_path, interim_dir
                 raise InputError(f"{case}: reoriented volume {vol.shape} != original {info['orig_shape']}")
             save_nifti(tmp / f"{case}_synth.nii.gz", vol, orig_affine, dtype=np.int16)
         del fake
-    log.info("generate: %d slices at %.1f slices/s (batch %d); %d volumes -> %s",
-             len(rows), slices_rate, synth.batch_size, len(test), out_dir)
-    return {"slices": int(len(rows)), "cases": test, "slices_per_s": float(slices_rate)}
+    log.info("generate: %d test slices at %.1f slices/s (generator; %.1f slices/s with data loading), "
+             "batch %d; %d volumes, %d grids -> %s", len(rows), slices_rate, wall_rate,
+             synth.batch_size, len(test), len(test), out_dir)
+    return {"slices": int(len(rows)), "cases": test, "slices_per_s": float(slices_rate),
+            "slices_per_s_end_to_end": float(wall_rate)}
 
 
 # ------------------------------------------------------------------------------ the CLI core
@@ -338,6 +352,9 @@ def _index_volume(path: Path, data: np.ndarray, label_map: dict[int, str],
     values = [int(v) for v in np.unique(data) if v != 0]
     selected = set(STRUCTURES) if WH in structures else set(structures)
     expected = {v: n for v, n in label_map.items() if n in selected}
+    if not expected:
+        raise ConfigError(f"label map {label_map} names none of the selected structures "
+                          f"{sorted(selected)}; check --label-map / --structures")
     if not set(values) & set(expected):
         raise InputError(f"{path}: mask has none of the expected label values "
                          f"{ {v: expected[v] for v in sorted(expected)} }; it contains values "
@@ -363,7 +380,8 @@ def synthesize_volume(model_path, mask_path, out_path, structures=None, label_ma
     ``label_map``: dict, inline JSON or JSON/YAML file (default: the model's); ``structures``:
     subset of the model's structures to draw (default: all of them). Returns statistics."""
     model, meta = load_model(model_path, device)
-    lmap = parse_label_map_arg(label_map) or parse_label_map(meta.get("label_map") or {}, where=f"{model_path} label_map")
+    lmap = (parse_label_map_arg(label_map)
+            or parse_label_map(meta.get("label_map") or {}, where=f"{model_path} label_map"))
     chosen = _structures_arg(structures, meta["structures"])
     mask_path = Path(mask_path)
     img = load_nifti(mask_path, role="mask")
@@ -373,7 +391,7 @@ def synthesize_volume(model_path, mask_path, out_path, structures=None, label_ma
     vol = from_canonical(canon, img.affine)                                          # input grid
     save_nifti(out_path, vol, img.affine, dtype=np.int16)
     stats = {"mask": str(mask_path), "out": str(out_path), "shape": list(vol.shape),
-             "slices": int(vol.shape[2]), "structures": chosen, "slices_per_s": synth.throughput(),
+             "slices": int(vol.shape[2]), "structures": chosen, "slices_per_s": round(synth.throughput(), 1),
              "hu_min": int(vol.min()), "hu_max": int(vol.max()), **info}
     log.info("generate: %s -> %s, %d slices at %.1f slices/s, HU %d..%d", mask_path, out_path,
              stats["slices"], stats["slices_per_s"], stats["hu_min"], stats["hu_max"])

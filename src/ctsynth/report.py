@@ -1,0 +1,446 @@
+"""report: one self-contained HTML page (``reports/report.html``) plus its figures as PNG files.
+
+Everything is embedded (PNG as base64 ``data:`` URIs, inline CSS, no JavaScript, no external
+links), so the file can be mailed or opened offline. Every input except the params is optional:
+a missing file turns its section into a short "not available" note instead of an error.
+
+    files = build_report(params, "reports", "data/generated", "data/processed", "reports/train",
+                         "reports/report.html", "reports/figures")   # -> files to log to MLflow
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import flatten, to_dict
+from .data import ProcessedStore
+from .errors import InputError
+from .io import atomic_dir, write_text
+from .labels import WH
+
+log = logging.getLogger("ctsynth.report")
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
+color:#222;line-height:1.4;padding:0 1em}
+h1{border-bottom:2px solid #444}h2{border-bottom:1px solid #ccc;margin-top:2em}
+table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.note{color:#777;font-style:italic}.muted{color:#777}
+figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
+figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.85em;color:#555}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(320px,1fr));gap:0 1.5em}
+h4{margin:.8em 0 .2em}nav a{margin-right:1em}.scroll{overflow-x:auto;max-width:100%}
+"""
+
+
+# ------------------------------------------------------------------------------ small helpers
+
+def _esc(value) -> str:
+    return html.escape(str(value))
+
+
+def fmt(value) -> str:
+    """Numbers to 4 significant digits; None/NaN as an em dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def table(frame: pd.DataFrame, max_rows: int = 200) -> str:
+    """DataFrame -> HTML table (escaped, numbers right-aligned)."""
+    head = "".join(f"<th>{_esc(c)}</th>" for c in frame.columns)
+    body = []
+    for row in frame.head(max_rows).itertuples(index=False):
+        cells = []
+        for v in row:
+            num = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+            cells.append(f"<td class='num'>{_esc(fmt(v))}</td>" if num else f"<td>{_esc(fmt(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    more = f"<p class='note'>{len(frame) - max_rows} more rows not shown</p>" if len(frame) > max_rows else ""
+    return f"<div class='scroll'><table><tr>{head}</tr>{''.join(body)}</table></div>{more}"
+
+
+def img_tag(path: Path, caption: str = "", width: int | None = None) -> str:
+    """A PNG embedded as a base64 data URI inside a captioned figure."""
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    style = f" style='width:{width}px'" if width else ""
+    cap = f"<figcaption>{_esc(caption)}</figcaption>" if caption else ""
+    return f"<figure><img{style} alt='{_esc(caption)}' src='data:image/png;base64,{data}'>{cap}</figure>"
+
+
+def missing(what: str, path) -> str:
+    return f"<p class='note'>{_esc(what)} not available — {_esc(path)} not found.</p>"
+
+
+def _read_json(path: Path):
+    """Parsed JSON, None when the file is absent; InputError naming the file when corrupt."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+
+
+def _read_csv(path: Path):
+    """DataFrame, None when the file is absent; InputError naming the file when unreadable."""
+    if not path.exists():
+        return None
+    try:
+        return pd.read_csv(path, dtype={"case": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a readable CSV table ({e})") from None
+
+
+# ------------------------------------------------------------------------------ figures
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path, dpi: int = 90) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+    return path
+
+
+def fig_losses(losses: pd.DataFrame, path: Path) -> Path:
+    """Paper Fig. 2: generator and discriminator losses over generator steps."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for col, label in (("g_adv", "G adversarial"), ("d_real", "D real"), ("d_fake", "D fake")):
+        if col in losses:
+            a.plot(losses.step, losses[col], label=label, lw=1)
+    a.set(title="adversarial losses (least squares)", xlabel="generator step", ylabel="loss")
+    a.legend(fontsize=8)
+    if "g_l1" in losses:
+        b.plot(losses.step, losses.g_l1, color="C3", lw=1)
+    b.set(title="generator L1 (model space)", xlabel="generator step", ylabel="L1")
+    a.grid(alpha=.3), b.grid(alpha=.3)
+    return _save(fig, path)
+
+
+def fig_d_accuracy(losses: pd.DataFrame, path: Path) -> Path:
+    """Paper Fig. 3: discriminator patch accuracy on real and fake images."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for col, label in (("d_acc_real", "D accuracy on real"), ("d_acc_fake", "D accuracy on fake")):
+        if col in losses:
+            ax.plot(losses.step, losses[col], label=label, lw=1)
+    ax.axhline(0.5, color="gray", ls=":", lw=1)
+    ax.set(title="discriminator accuracy (threshold 0.5 per patch)", xlabel="generator step",
+           ylabel="accuracy", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=.3)
+    return _save(fig, path)
+
+
+def fig_privacy(generated: np.ndarray, real: np.ndarray | None, threshold: float, path: Path) -> Path:
+    """Histogram of nearest-training-slice similarity: generated vs real test slices."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    values = [generated] + ([real] if real is not None and len(real) else [])
+    lo = min(float(np.min(v)) for v in values)
+    bins = np.linspace(min(lo, threshold) - 0.01, 1.0, 40)
+    ax.hist(generated, bins=bins, alpha=.6, label=f"generated (n={len(generated)})", color="C1")
+    if real is not None and len(real):
+        ax.hist(real, bins=bins, alpha=.5, label=f"real test (n={len(real)})", color="C0")
+    ax.axvline(threshold, color="red", ls="--", lw=1.2, label=f"max_similarity = {threshold:g}")
+    ax.set(title="similarity to the nearest training slice", xlabel="similarity", ylabel="slices")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def fig_condition_subsets(model_path, processed_dir, split_path, out_png,
+                          n_slices: int = 2) -> list[list[str]]:
+    """PNG: a few test slices generated from the full condition set and from each single structure.
+
+    Rows = condition subset (first row: the real slice), columns = mask | image per slice; the
+    richest slice of each of the first ``n_slices`` test cases. Single structures absent from
+    those slices are left out. Returns the subsets drawn."""
+    from .generate import Synthesizer, kept_indices, load_model, mask_rgb
+
+    plt = _plt()
+    store = ProcessedStore(processed_dir)
+    test = json.loads(Path(split_path).read_text()).get("test", [])
+    rows = store.rows_for_cases(test)
+    if not len(rows):
+        raise InputError(f"{split_path}: no test slices in {processed_dir}")
+    cases = store.slices.case.to_numpy()[rows]
+    picks = []                                        # the richest slice of each of the first cases
+    for case in list(dict.fromkeys(cases))[: max(1, n_slices)]:
+        own = rows[cases == case]
+        picks.append(own[np.argmax([len(np.unique(store.masks[r])) for r in own])])
+    picks = np.array(picks)
+    model, meta = load_model(model_path)
+    full = list(meta["structures"])
+    masks = np.asarray(store.masks[picks])                                          # (K, S, S)
+    present = [s for s in full if s != WH and np.isin(masks, kept_indices([s])).any()]
+    subsets = [full] + ([[s] for s in present] if len(full) > 1 else [])
+    fig, axes = plt.subplots(len(subsets) + 1, 2 * len(picks), squeeze=False,
+                             figsize=(2.0 * 2 * len(picks), 2.0 * (len(subsets) + 1)))
+    grid = [("real", masks, np.asarray(store.images[picks], np.float32))]
+    for subset in subsets:
+        synth = Synthesizer(model, meta, batch_size=len(picks), structures=subset)
+        kept = np.where(np.isin(masks, synth.keep), masks, 0)
+        grid.append(("+".join(subset) if subset != full else f"all ({len(full)})", kept, synth.unit(masks)))
+    for r, (name, m, images) in enumerate(grid):
+        for k in range(len(picks)):
+            axes[r, 2 * k].imshow(mask_rgb(m[k]), interpolation="nearest")
+            axes[r, 2 * k + 1].imshow(images[k], cmap="gray", vmin=-1, vmax=1)
+        axes[r, 0].set_ylabel(name, fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([]), ax.set_yticks([])
+    for k, row in enumerate(picks):
+        case, z = store.slices.case.iloc[row], store.slices.z.iloc[row]
+        axes[0, 2 * k].set_title(f"{case} z={z}: mask", fontsize=9)
+        axes[0, 2 * k + 1].set_title("real / generated", fontsize=9)
+    _save(fig, out_png, dpi=70)
+    return subsets
+
+
+# ------------------------------------------------------------------------------ sections
+
+def section_config(params) -> str:
+    """Every param, one small table per params.yaml section."""
+    groups: dict[str, list] = {}
+    for key, value in flatten(to_dict(params)).items():
+        section, _, rest = key.partition(".")
+        shown = json.dumps(value) if isinstance(value, (list, dict)) else value
+        groups.setdefault(section if rest else "(top level)", []).append({"param": rest or key,
+                                                                          "value": shown})
+    cells = "".join(f"<div><h4>{_esc(name)}</h4>{table(pd.DataFrame(rows))}</div>"
+                    for name, rows in groups.items())
+    return ("<p class='muted'>params.yaml as validated for this report.</p><div class='grid'>"
+            + cells + "</div>")
+
+
+def section_data(processed_dir: Path, split_path: Path, manifest_path: Path) -> str:
+    meta, split = _read_json(processed_dir / "meta.json"), _read_json(split_path)
+    manifest = _read_csv(manifest_path)
+    out = []
+    if meta is None:
+        out.append(missing("Processed data summary", processed_dir / "meta.json"))
+    else:
+        summary = {"image size": f"{meta['image_size']}²", "HU window": meta.get("hu_window"),
+                   "structures (condition)": ", ".join(meta.get("structures", [])),
+                   "slice selection": f"{meta.get('slices', '?')} (margin {meta.get('margin', '?')})",
+                   "label map": ", ".join(f"{k}→{v}" for k, v in meta.get("label_map", {}).items()),
+                   "cases preprocessed": len(meta.get("cases", {}))}
+        if split:
+            for part in ("train", "val", "test"):
+                n_slices = split.get("slices", {}).get(part, "?")
+                summary[f"{part}"] = f"{len(split.get(part, []))} cases, {n_slices} slices"
+        out.append(table(pd.DataFrame({"": list(summary), "value": [str(v) for v in summary.values()]})))
+    if split is None:
+        out.append(missing("Split", split_path))
+    if manifest is not None:
+        if split:
+            where = {c: part for part in ("train", "val", "test") for c in split.get(part, [])}
+            manifest.insert(1, "split", manifest.case.map(where).fillna("—"))
+        out.append("<h3>Cases</h3>" + table(_compact_manifest(manifest)))
+    else:
+        out.append(missing("Case manifest", manifest_path))
+    return "".join(out)
+
+
+def _compact_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
+    """One short row per case: split, original orientation, grid, spacing, HU range, voxels."""
+    m = manifest
+    out = pd.DataFrame({"case": m.case})
+    if "split" in m:
+        out["split"] = m.split
+    if "orig_axcodes" in m:
+        out["orientation"] = m.orig_axcodes
+    for prefix, label, unit in (("shape", "canonical grid", ""), ("spacing", "spacing", " mm")):
+        cols = [f"{prefix}_{a}" for a in "xyz"]
+        if all(c in m for c in cols):
+            out[label] = [" × ".join(f"{v:g}" for v in row) + unit for row in m[cols].to_numpy(float)]
+    if {"hu_min", "hu_max"} <= set(m.columns):
+        out["HU range"] = [f"{a:g} … {b:g}" for a, b in zip(m.hu_min, m.hu_max)]
+    vox = [c for c in m.columns if c.startswith("vox_")]
+    if vox:
+        out["structures present"] = [", ".join(c[4:] for c in vox if row[c] > 0) for _, row in m.iterrows()]
+    return out
+
+
+def _metric_notes(reports_dir: Path, metrics: dict) -> tuple[dict, dict, dict]:
+    """(reasons for null metrics, definitions, other notes) from ``metrics_notes.json``."""
+    notes = _read_json(reports_dir / "metrics_notes.json") or {}
+    reasons = dict(notes.get("null_metrics") or {})
+    definitions = dict(notes.get("definitions") or {})
+    other = {k: v for k, v in notes.items() if k not in ("null_metrics", "definitions", "feature_dims")
+             and isinstance(v, str) and k not in metrics}
+    return reasons, definitions, other
+
+
+def _definition(key: str, fallback: dict) -> str:
+    """One-line definition: ctsynth.metrics first, then the definitions saved by evaluate."""
+    from .metrics import definition
+
+    return definition(key) or fallback.get(key, "")
+
+
+def section_metrics(reports_dir: Path) -> str:
+    metrics = _read_json(reports_dir / "metrics.json")
+    if metrics is None:
+        return missing("Metrics", reports_dir / "metrics.json")
+    reasons, definitions, other = _metric_notes(reports_dir, metrics)
+    rows = []
+    for key, value in metrics.items():
+        if value is None:
+            shown = "not computed — " + reasons.get(key, "no reason recorded")
+        elif isinstance(value, (list, dict)):
+            shown = json.dumps(value)[:120]
+        else:
+            shown = fmt(value)
+        cls = "note" if value is None else "num"
+        rows.append(f"<tr><td><code>{_esc(key)}</code></td><td class='{cls}'>{_esc(shown)}</td>"
+                    f"<td>{_esc(_definition(key, definitions))}</td></tr>")
+    foot = "".join(f"<li><b>{_esc(k)}</b>: {_esc(v)}</li>" for k, v in other.items())
+    return ("<table><tr><th>metric</th><th>value</th><th>definition</th></tr>" + "".join(rows)
+            + "</table>" + (f"<ul class='muted'>{foot}</ul>" if foot else ""))
+
+
+def _csv_section(path: Path, what: str) -> str:
+    frame = _read_csv(path)
+    return missing(what, path) if frame is None else table(frame)
+
+
+def section_samples(generated_dir: Path, figures: Path, structures: list[str], n_cases: int = 4) -> str:
+    grids = sorted((generated_dir / "grids").glob("*.png"))
+    if not grids:
+        return missing("Sample grids", generated_dir / "grids")
+    picks = [grids[i] for i in np.unique(np.linspace(0, len(grids) - 1, n_cases).round().astype(int))]
+    parts = [f"<p>Condition subset used: <b>{_esc(', '.join(structures) or '?')}</b>. Columns: the "
+             f"structure mask fed to the generator, the real slice, the generated slice and their "
+             f"absolute difference in HU. {len(grids)} test cases; {len(picks)} shown.</p>"]
+    for grid in picks:
+        shutil.copyfile(grid, figures / f"sample_{grid.name}")
+        parts.append(img_tag(grid, f"test case {grid.stem}", width=500))
+    return "".join(parts)
+
+
+def section_subsets(model_path, processed_dir: Path, split_path: Path, figures: Path,
+                    structures: list[str]) -> str:
+    """Which condition subset the model uses, and test slices generated from each single one."""
+    intro = (f"<p>Condition subset used for training and for every generated test slice: "
+             f"<b>{_esc(', '.join(structures))}</b>.</p>")
+    if not model_path or not Path(model_path).exists():
+        return intro + missing("Per-subset generation", model_path or "the generator (--model)")
+    out = figures / "condition_subsets.png"
+    subsets = fig_condition_subsets(model_path, processed_dir, split_path, out)
+    return (intro + f"<p>The same test slices generated from the full set and from each single "
+            f"structure alone ({len(subsets) - 1} present on these slices), the other condition "
+            f"channels left empty — what <code>ctsynth generate --structures</code> does.</p>"
+            + img_tag(out, "rows: condition subset (top: the real slice); columns: mask | image"))
+
+
+def section_training(train_dir: Path, figures: Path, iterations: int) -> str:
+    """Figs. 2-3 from losses.csv and the evolution snapshots (Fig. 5)."""
+    losses = _read_csv(train_dir / "losses.csv")
+    if losses is not None and not losses.empty and "step" in losses:
+        iterations = int(losses.step.max())   # the run's own length (params may have been overridden)
+    parts = []
+    if losses is None or losses.empty:
+        parts.append(missing("Training curves", train_dir / "losses.csv"))
+    else:
+        parts.append(img_tag(fig_losses(losses, figures / "losses.png"), "Fig. 2 — losses"))
+        parts.append(img_tag(fig_d_accuracy(losses, figures / "d_accuracy.png"), "Fig. 3 — D accuracy"))
+    snaps = sorted((train_dir / "snapshots").glob("*.png"))
+    parts.append("<h3>Evolution during training (Fig. 5)</h3>")
+    if not snaps:
+        parts.append(missing("Evolution snapshots", train_dir / "snapshots"))
+    for snap in snaps:
+        digits = "".join(ch for ch in snap.stem if ch.isdigit())
+        step = int(digits) if digits else None
+        cap = (snap.stem if step is None
+               else f"step {step} ({100 * step / max(iterations, 1):.0f} % of training)")
+        shutil.copyfile(snap, figures / f"evolution_{snap.name}")
+        parts.append(img_tag(snap, cap))
+    return "".join(parts)
+
+
+def section_privacy(reports_dir: Path, figures: Path, threshold: float) -> str:
+    """Histogram of nearest-training SSIM for generated slices vs the real-test baseline."""
+    privacy = _read_csv(reports_dir / "privacy.csv")
+    if privacy is None or privacy.empty or "similarity" not in privacy:
+        return missing("Privacy check", reports_dir / "privacy.csv")
+    gen = privacy.similarity.to_numpy(float)
+    real = privacy.real_similarity.to_numpy(float) if "real_similarity" in privacy else None
+    out = img_tag(fig_privacy(gen, real, threshold, figures / "privacy_hist.png"),
+                  "nearest-training-slice similarity; red line: privacy.max_similarity")
+    text = (f"<p>Each generated slice is compared with its nearest <i>training</i> slice; a generator "
+            f"that memorised its training data would pile up near 1. {len(gen)} generated slices, "
+            f"{(gen > threshold).mean():.1%} above <code>privacy.max_similarity</code> = {threshold:g}")
+    if real is not None:
+        text += f" (real test slices, the baseline: {(real > threshold).mean():.1%})"
+        gap = float(np.mean(gen) - np.mean(real))
+        verdict = ("closer to the training set than unseen real patients are — memorisation or "
+                   "averaging towards typical training anatomy" if gap > 0.05 else
+                   "about as close to the training set as unseen real patients are")
+        text += (f". Mean similarity {np.mean(gen):.3f} generated vs {np.mean(real):.3f} real: "
+                 f"generated slices are {verdict}")
+    if "shareable" in privacy:
+        text += f"; {int(privacy.shareable.astype(bool).sum())} generated slices are shareable"
+    worst = privacy.sort_values("similarity", ascending=False).head(8)
+    return text + ".</p>" + out + "<h3>Generated slices most similar to training</h3>" + table(worst)
+
+
+# ------------------------------------------------------------------------------ the report
+
+def build_report(params, reports_dir, generated_dir, processed_dir, train_reports_dir, out_html,
+                 figures_dir, split_path="data/split.json", manifest_path="data/interim/manifest.csv",
+                 model_path=None) -> list[Path]:
+    """Write ``out_html`` and ``figures_dir``; return the files written (for MLflow logging)."""
+    reports_dir, generated_dir, processed_dir = Path(reports_dir), Path(generated_dir), Path(processed_dir)
+    train_dir, out_html, figures_dir = Path(train_reports_dir), Path(out_html), Path(figures_dir)
+    meta = _read_json(processed_dir / "meta.json") or {}
+    structures = list(meta.get("structures", params.preprocess.structures))
+    with atomic_dir(figures_dir) as figs:
+        sections = [
+            ("config", "Run configuration", section_config(params)),
+            ("data", "Data", section_data(processed_dir, Path(split_path), Path(manifest_path))),
+            ("metrics", "Metrics (test set)", section_metrics(reports_dir)),
+            ("structures", "Per structure",
+             _csv_section(reports_dir / "per_structure.csv", "Per-structure metrics")),
+            ("cases", "Per case", _csv_section(reports_dir / "per_case.csv", "Per-case metrics")),
+            ("samples", "Sample test cases", section_samples(generated_dir, figs, structures)),
+            ("subsets", "Condition subsets", section_subsets(model_path, processed_dir, Path(split_path),
+                                                             figs, structures)),
+            ("training", "Training (Figs. 2–3)",
+             section_training(train_dir, figs, params.train.iterations)),
+            ("privacy", "Privacy / memorization",
+             section_privacy(reports_dir, figs, params.privacy.max_similarity)),
+        ]
+        nav = "".join(f"<a href='#{key}'>{_esc(title)}</a>" for key, title, _ in sections)
+        body = "".join(f"<h2 id='{key}'>{_esc(title)}</h2>{content}" for key, title, content in sections)
+        page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ctsynth report</title>"
+                f"<style>{CSS}</style></head><body><h1>ctsynth — mask-conditioned CT synthesis report</h1>"
+                f"<nav>{nav}</nav>{body}</body></html>")
+        written = sorted(p.name for p in figs.glob("*.png"))
+    write_text(out_html, page)
+    log.info("report: %s (%.0f kB) and %d figures in %s", out_html, out_html.stat().st_size / 1024,
+             len(written), figures_dir)
+    return [out_html] + [figures_dir / name for name in written]

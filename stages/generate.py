@@ -1,0 +1,30 @@
+"""generate stage: the trained generator on every selected slice of every *test* case.
+
+Writes ``data/generated/``: ``fake.npy`` + ``index.npy`` (aligned with the processed store),
+``grids/<case>.png`` (mask | real | generated | |difference|) and ``<case>_synth.nii.gz``
+(synthetic CT in HU on the case's original grid and affine). The folder is replaced atomically.
+
+    python stages/generate.py --model models/generator.pt --processed data/processed \\
+        --split data/split.json --interim data/interim --out data/generated
+"""
+from ctsynth.runner import stage_main
+
+
+def main(args, params):
+    from ctsynth.generate import generate_test_set
+
+    generate_test_set(params, model_path=args.model, processed_dir=args.processed,
+                      split_path=args.split, interim_dir=args.interim, out_dir=args.out)
+    return 0
+
+
+def add_args(p):
+    p.add_argument("--model", default="models/generator.pt", help="trained generator file")
+    p.add_argument("--processed", default="data/processed", help="processed slice store")
+    p.add_argument("--split", default="data/split.json", help="patient-level split (test cases used)")
+    p.add_argument("--interim", default="data/interim", help="canonical label volumes (all z)")
+    p.add_argument("--out", default="data/generated", help="output folder (replaced atomically)")
+
+
+if __name__ == "__main__":
+    stage_main("generate", main, __doc__, add_args=add_args)

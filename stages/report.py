@@ -1,0 +1,63 @@
+"""report stage: one self-contained HTML report plus its figures as PNG files.
+
+Reads (all optional except params): reports/metrics.json, metrics_notes.json, per_case.csv,
+per_structure.csv, privacy.csv; data/generated/grids; data/processed/meta.json; data/split.json;
+data/interim/manifest.csv; reports/train/losses.csv and snapshots; models/generator.pt (for the
+condition-subset grid). Writes reports/report.html and reports/figures/*.png atomically, then
+logs them with all metrics into the training run named in --run-file (if tracking is on).
+
+    python stages/report.py --out reports/report.html --figures reports/figures \\
+        [--run-file models/mlflow_run.json]
+"""
+import json
+import logging
+from pathlib import Path
+
+from ctsynth.runner import stage_main
+
+log = logging.getLogger("ctsynth.report")
+
+
+def log_to_run(run_file, files: list, metrics_path: Path) -> None:
+    """Log the report, its figures and every numeric metric into the training's MLflow run."""
+    if run_file is None or not Path(run_file).exists():
+        log.info("no MLflow run file (%s): report not logged to MLflow", run_file)
+        return
+    from ctsynth import tracking
+
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    with tracking.resume_run(run_file) as run:
+        tracking.log_metrics({k: v for k, v in metrics.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        for f in files:
+            tracking.log_artifact(f, "report" if Path(f).suffix == ".html" else "report/figures")
+        if run.active:
+            log.info("report and %d metrics logged to MLflow run %s", len(metrics), run.run_id)
+
+
+def main(args, params):
+    from ctsynth.report import build_report
+
+    files = build_report(params, reports_dir=args.reports, generated_dir=args.generated,
+                         processed_dir=args.processed, train_reports_dir=args.train_reports,
+                         out_html=args.out, figures_dir=args.figures, split_path=args.split,
+                         manifest_path=args.manifest, model_path=args.model)
+    log_to_run(args.run_file, files, Path(args.reports) / "metrics.json")
+    return 0
+
+
+def add_args(p):
+    p.add_argument("--reports", default="reports", help="evaluate outputs (metrics.json, csv files)")
+    p.add_argument("--generated", default="data/generated", help="generate stage output")
+    p.add_argument("--processed", default="data/processed")
+    p.add_argument("--split", default="data/split.json")
+    p.add_argument("--manifest", default="data/interim/manifest.csv")
+    p.add_argument("--train-reports", default="reports/train", help="losses.csv and snapshots/")
+    p.add_argument("--model", default="models/generator.pt", help="for the condition-subset grid")
+    p.add_argument("--out", default="reports/report.html")
+    p.add_argument("--figures", default="reports/figures")
+    p.add_argument("--run-file", default=None, help="MLflow run file written by train (optional)")
+
+
+if __name__ == "__main__":
+    stage_main("report", main, __doc__, add_args=add_args)

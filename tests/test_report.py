@@ -1,0 +1,142 @@
+"""report: a self-contained HTML page from small fake inputs, and from almost nothing."""
+from __future__ import annotations
+
+import json
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import tiny_params
+from ctsynth.errors import InputError
+from ctsynth.generate import generate_test_set
+from ctsynth.labels import STRUCTURES
+from ctsynth.report import build_report, fig_condition_subsets
+from test_generate import make_world
+
+SECTIONS = ("config", "data", "metrics", "structures", "cases", "samples", "subsets", "training", "privacy")
+
+
+def _png(path: Path, shade: int) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((24, 48), shade, np.uint8)).save(path)
+    return path
+
+
+def fake_inputs(root: Path) -> dict:
+    """What the earlier stages leave behind, small: a world, generated/, reports/, reports/train/."""
+    w = make_world(root)
+    generate_test_set(tiny_params(generate={"grid_slices": 2}), w["model"], w["processed"], w["split"],
+                      w["interim"], w["out"])
+    reports, train = root / "reports", root / "reports" / "train"
+    train.mkdir(parents=True)
+    (reports / "metrics.json").write_text(json.dumps({
+        "n_test_slices": 10, "mse": 0.0123, "psnr": 24.5, "ssim": 0.81, "mae_hu": 61.2, "mae_hu_Ao": 40.5,
+        "fid_inception": None, "kid_inception": None, "fd_seg": 3.25, "dice_generated_Ao": 0.7, "extra_score": 1.5}))
+    (reports / "metrics_notes.json").write_text(json.dumps({
+        "data_range": "PSNR/SSIM on images mapped to [0,1]",
+        "null_metrics": {"fid_inception": "no local InceptionV3 weights (evaluate.inception_weights unset)",
+                         "kid_inception": "no local InceptionV3 weights"},
+        "definitions": {"extra_score": "a score defined only in the notes"}}))
+    pd.DataFrame({"structure": ["background", "Ao"], "label": [0, 6], "n_pixels": [900, 100],
+                  "mae_hu": [70.0, 40.5]}).to_csv(reports / "per_structure.csv", index=False)
+    pd.DataFrame({"case": ["p1", "p2"], "n_slices": [5, 5], "ssim": [0.8, 0.82]}).to_csv(
+        reports / "per_case.csv", index=False)
+    rng = np.random.default_rng(0)
+    sims = rng.uniform(0.3, 0.9, 10)
+    pd.DataFrame({"case": ["p1"] * 10, "z": range(10), "nn_case": ["p3"] * 10, "nn_z": range(10),
+                  "similarity": sims, "real_similarity": sims * 0.9, "shareable": sims <= 0.95}).to_csv(
+        reports / "privacy.csv", index=False)
+    steps = np.arange(0, 100, 5)
+    pd.DataFrame({"step": steps, "g_adv": 1 / (1 + steps), "g_l1": 0.5 - steps / 400, "d_real": 0.25,
+                  "d_fake": 0.2, "d_acc_real": np.linspace(0.5, 0.9, len(steps)),
+                  "d_acc_fake": np.linspace(0.5, 0.7, len(steps))}).to_csv(train / "losses.csv", index=False)
+    for step in (0, 50, 100):
+        _png(train / "snapshots" / f"step_{step:07d}.png", 40 + step)
+    return {**w, "reports": reports, "train": train}
+
+
+def build(inp: dict, root: Path, **kw) -> tuple[list[Path], str]:
+    out = root / "reports" / "report.html"
+    files = build_report(tiny_params(train={"iterations": 100}), inp["reports"], inp["out"], inp["processed"],
+                         inp["train"], out, root / "reports" / "figures", split_path=inp["split"],
+                         manifest_path=inp["interim"] / "manifest.csv", **kw)
+    return files, out.read_text()
+
+
+def test_full_report(tmp_path):
+    inp = fake_inputs(tmp_path)
+    files, page = build(inp, tmp_path, model_path=inp["model"])
+    for key in SECTIONS:
+        assert f"id='{key}'" in page
+    images = re.findall(r"src='data:image/png;base64,", page)
+    # 2 sample grids + subsets + losses + D accuracy + 3 snapshots + privacy histogram
+    assert len(images) == 9
+    assert not re.search(r"(src|href)\s*=\s*['\"]?(https?:|//)", page)
+    assert "<script" not in page and "<link" not in page
+    assert "not computed — no local InceptionV3 weights" in page
+    assert "a score defined only in the notes" in page                       # definition from notes
+    assert "Dice of the segmenter&#x27;s prediction on generated slices" in page  # from ctsynth.metrics
+    assert "p1" in page and "test" in page and "32²" in page                  # data summary
+    names = sorted(p.name for p in files[1:])
+    assert files[0].name == "report.html"
+    assert {"losses.png", "d_accuracy.png", "privacy_hist.png", "condition_subsets.png",
+            "sample_p1.png", "evolution_step_0000050.png"} <= set(names)
+    assert all(p.exists() for p in files)
+
+
+def test_report_without_optional_inputs(tmp_path):
+    empty = {"reports": tmp_path / "r", "out": tmp_path / "g", "processed": tmp_path / "p",
+             "train": tmp_path / "t", "split": tmp_path / "split.json", "interim": tmp_path / "i"}
+    files, page = build(empty, tmp_path, model_path=tmp_path / "nope.pt")
+    for key in SECTIONS:
+        assert f"id='{key}'" in page
+    assert page.count("not available") >= 8
+    assert files == [tmp_path / "reports" / "report.html"]
+    assert "lambda_l1" in page                                               # the config table
+
+
+def test_report_keeps_previous_output_on_corrupt_input(tmp_path):
+    inp = fake_inputs(tmp_path)
+    build(inp, tmp_path)
+    before = (tmp_path / "reports" / "report.html").read_bytes()
+    (inp["reports"] / "metrics.json").write_text("{not json")
+    with pytest.raises(InputError, match="metrics.json"):
+        build(inp, tmp_path)
+    assert (tmp_path / "reports" / "report.html").read_bytes() == before
+    assert (tmp_path / "reports" / "figures" / "losses.png").exists()
+
+
+def test_condition_subsets_figure(tmp_path):
+    w = make_world(tmp_path)
+    out = tmp_path / "subsets.png"
+    subsets = fig_condition_subsets(w["model"], w["processed"], w["split"], out)
+    assert subsets[0] == list(STRUCTURES)
+    assert subsets[1:] == [["Myo"], ["LV"], ["Ao"]]                           # the structures present
+    assert out.stat().st_size > 1000
+
+
+def test_report_stage_script(tmp_path, monkeypatch):
+    inp = fake_inputs(tmp_path)
+    (tmp_path / "params.yaml").write_text("preprocess: {image_size: 32}\n"
+                                          "model: {gen_depth: 5, ngf: 8, ndf: 8, disc_layers: 2}\n")
+    run_file = tmp_path / "run.json"
+    run_file.write_text(json.dumps({"run_id": None, "tracking_uri": None, "experiment": None}))
+    monkeypatch.chdir(tmp_path)
+    script = Path(__file__).resolve().parents[1] / "stages" / "report.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--reports", str(inp["reports"]),
+                                      "--generated", str(inp["out"]), "--processed", str(inp["processed"]),
+                                      "--split", str(inp["split"]), "--train-reports", str(inp["train"]),
+                                      "--manifest", str(inp["interim"] / "manifest.csv"),
+                                      "--model", str(inp["model"]), "--run-file", str(run_file),
+                                      "--out", "out/report.html", "--figures", "out/figures"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(script), run_name="__main__")
+    assert e.value.code == 0
+    assert (tmp_path / "out" / "report.html").stat().st_size > 10_000
