@@ -23,7 +23,7 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 TINY = {
-    "phantom": {"cases": 5, "shape": [48, 48, 14], "spacing": [6.0, 6.0, 8.0]},
+    "phantom": {"cases": 5, "shape": [48, 48, 16], "spacing": [6.0, 6.0, 7.0]},
     "preprocess": {"image_size": 32, "margin": 1},
     "model": {"gen_depth": 5, "ngf": 8, "ndf": 8, "disc_layers": 2},
     "train": {"iterations": 6, "batch_size": 4, "checkpoint_every": 3, "log_every": 2, "snapshot_count": 2},
