@@ -99,7 +99,7 @@ class TrainCfg:
 class SegmenterCfg:
     iterations: int = 300
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 3e-3
     width: int = 16
 
 
@@ -273,6 +273,7 @@ def _check_ranges(p: Params, problems: list[str]) -> None:
     need(p.evaluate.kid_subset_size >= 2, "evaluate.kid_subset_size: must be >= 2")
     need(0 < p.privacy.max_similarity <= 1, "privacy.max_similarity: must be in (0, 1]")
     need(p.privacy.downsample >= 8, "privacy.downsample: must be >= 8")
+    need(p.privacy.candidates >= 1, "privacy.candidates: must be >= 1")
     for key, value in (("data.raw_dir", p.data.raw_dir), ("evaluate.inception_weights", p.evaluate.inception_weights)):
         if value is not None and not os.path.isabs(value):
             root = Path.cwd().resolve()

@@ -1,0 +1,360 @@
+"""Feature extractors for Fréchet distance / KID, and the segmentation-consistency segmenter.
+
+Two feature spaces (``design.md``, "FID without internet"):
+
+* :class:`SegUNet` — a small 3-level UNet trained by :func:`train_segmenter` on REAL *training*
+  slices to predict the structure-index mask (classes 0..7). It always exists offline. Its
+  encoder features (global-average-pooled level-3 and bottleneck activations, ``12·width``
+  numbers per slice) give ``fd_seg`` / ``kid_seg``; its predictions give the Dice of
+  segmentation consistency. :func:`load_segmenter` returns a :class:`SegFeatures`.
+* :class:`InceptionFeatures` — torchvision InceptionV3 pool3 (2048-d), built with
+  ``weights=None`` and loaded from a LOCAL file (``evaluate.inception_weights``): a torchvision
+  ``inception_v3`` state_dict, or the TF-ported FID Inception (``pt_inception-2015-12-05``, as
+  used by pytorch-fid / piq). Without a file it raises :class:`MetricUnavailable`; nothing is
+  downloaded and nothing is estimated.
+
+    python stages/segmenter.py --processed data/processed --split data/split.json --out models/segmenter.pt
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .config import Params, resolve_path
+from .data import ProcessedStore
+from .errors import InputError, MetricUnavailable, ModelFileError
+from .io import atomic_file
+from .labels import STRUCTURES
+from .runner import quiet
+
+log = logging.getLogger("ctsynth.features")
+
+N_CLASSES = len(STRUCTURES) + 1          # background + 7 structures (structure-index masks)
+SEGMENTER_FORMAT = "ctsynth-segmenter"
+SEGMENTER_VERSION = 1
+INCEPTION_REASON = "evaluate.inception_weights not set — fid_inception not computed; see README"
+
+
+# ------------------------------------------------------------------------------ segmenter
+
+class _Block(nn.Sequential):
+    """(conv3x3 → BatchNorm → ReLU) × 2; spatial size unchanged."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class _Up(nn.Module):
+    """Decoder step with an additive skip: 1×1 project the coarse map, upsample, add the skip,
+    then conv3x3 → BN → ReLU. Cheaper than concat + double conv (the decoder would otherwise
+    cost ~2/3 of the network's FLOPs), which keeps the segmenter stage fast on CPU."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.proj = nn.Conv2d(cin, cout, 1, bias=False)
+        self.conv = nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                                  nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(self.proj(x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return self.conv(x + skip)
+
+
+class SegUNet(nn.Module):
+    """Small UNet, 3 downsamplings, additive skips::
+
+        x (B,1,S,S) ─enc1 (w,S)──────────────────────────────── dec1 (w,S) ─head─▶ logits (B,8,S,S)
+                      └pool─enc2 (2w,S/2)──────────── dec2 (2w,S/2) ┘
+                              └pool─enc3 (4w,S/4)── dec3 (4w,S/4) ┘
+                                      └pool─bott (8w,S/8) ┘
+
+    Features = concat(GAP(enc3), GAP(bott)) → (B, 12w). Any S works (the decoder upsamples to
+    the skip's size).
+    """
+
+    def __init__(self, width: int = 16, n_classes: int = N_CLASSES, in_channels: int = 1):
+        super().__init__()
+        w = width
+        self.width, self.n_classes, self.in_channels = width, n_classes, in_channels
+        self.enc1, self.enc2 = _Block(in_channels, w), _Block(w, 2 * w)
+        self.enc3, self.bott = _Block(2 * w, 4 * w), _Block(4 * w, 8 * w)
+        self.dec3, self.dec2, self.dec1 = _Up(8 * w, 4 * w), _Up(4 * w, 2 * w), _Up(2 * w, w)
+        self.head = nn.Conv2d(w, n_classes, 1)
+
+    @property
+    def feature_dim(self) -> int:
+        return 12 * self.width
+
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        """x (B,1,S,S) in [-1,1] → logits (B,8,S,S) [, features (B,12w)]."""
+        e1 = self.enc1(x)                                   # (B, w, S, S)
+        e2 = self.enc2(F.max_pool2d(e1, 2))                 # (B, 2w, S/2, S/2)
+        e3 = self.enc3(F.max_pool2d(e2, 2))                 # (B, 4w, S/4, S/4)
+        b = self.bott(F.max_pool2d(e3, 2))                  # (B, 8w, S/8, S/8)
+        d = self.dec1(self.dec2(self.dec3(b, e3), e2), e1)  # (B, w, S, S)
+        logits = self.head(d)                               # (B, 8, S, S)
+        if not with_features:
+            return logits
+        feats = torch.cat([e3.mean((2, 3)), b.mean((2, 3))], 1)  # (B, 12w)
+        return logits, feats
+
+
+def _as_batch(x) -> torch.Tensor:
+    """(B,S,S) or (B,1,S,S), numpy or torch, any float dtype → float32 (B,1,S,S)."""
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"expected images (B,S,S) or (B,1,S,S), got {tuple(x.shape)}")
+    return x
+
+
+class SegFeatures:
+    """A trained :class:`SegUNet` in eval mode: features, predictions, or both in one pass."""
+
+    def __init__(self, model: SegUNet, config: dict | None = None, train: dict | None = None):
+        self.model = model.eval()
+        self.config = dict(config or {})    # width, image_size, structures, hu_window, ...
+        self.train = dict(train or {})      # training summary (train_cases, iterations, ...)
+
+    @property
+    def dim(self) -> int:
+        return self.model.feature_dim
+
+    @torch.inference_mode()
+    def run(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B,S,S) in [-1,1] → (predicted index mask (B,S,S) int64, features (B,D))."""
+        logits, feats = self.model(_as_batch(x), with_features=True)
+        return logits.argmax(1), feats
+
+    def features(self, x) -> torch.Tensor:
+        """Images (B,S,S) in [-1,1] → (B, D) float32."""
+        return self.run(x)[1]
+
+    def predict(self, x) -> torch.Tensor:
+        """Images (B,S,S) in [-1,1] → structure-index masks (B,S,S) int64."""
+        return self.run(x)[0]
+
+
+def _soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 − mean soft Dice over the foreground classes present in the batch (target (B,S,S))."""
+    prob = logits.softmax(1)                                              # (B, K, S, S)
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
+    inter = (prob * onehot).sum((0, 2, 3))[1:]                            # (K-1,)
+    denom = (prob + onehot).sum((0, 2, 3))[1:]
+    present = onehot.sum((0, 2, 3))[1:] > 0
+    if not present.any():
+        return logits.new_zeros(())
+    return 1.0 - (2 * inter[present] / denom[present].clamp_min(1e-6)).mean()
+
+
+def _load_batch(store: ProcessedStore, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = np.sort(rows)   # sorted fancy indexing reads the memmap sequentially
+    images = torch.from_numpy(np.asarray(store.images[rows], dtype=np.float32))   # (B, S, S)
+    masks = torch.from_numpy(np.asarray(store.masks[rows]).astype(np.int64))      # (B, S, S)
+    return images, masks
+
+
+def _read_split(split_path: str | Path) -> dict:
+    path = Path(split_path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: split file not found (run `dvc repro split`)") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+
+
+def _validation_dice(model: SegUNet, store: ProcessedStore, cases: list[str], batch: int = 64) -> dict:
+    """Pooled Dice per selected structure on the validation cases ({} when there are none)."""
+    from .metrics import DiceAccumulator, reported_structures
+
+    rows = store.rows_for_cases(cases)
+    if rows.size == 0:
+        return {}
+    acc = DiceAccumulator(reported_structures(store.structures))
+    seg = SegFeatures(model)
+    for s in range(0, rows.size, batch):
+        images, masks = _load_batch(store, rows[s:s + batch])
+        acc.update(seg.predict(images), masks, ["val"] * len(masks))
+    dice = acc.summary()
+    log.info("segmenter: validation Dice %s (mean %.3f)",
+             " ".join(f"{k} {v:.3f}" for k, v in dice.items()), float(np.mean(list(dice.values()))))
+    return dice
+
+
+def train_segmenter(params: Params, processed_dir: str | Path, split_path: str | Path,
+                    out_path: str | Path) -> dict:
+    """Train :class:`SegUNet` on the real training slices; save it atomically to ``out_path``.
+
+    Cross-entropy + soft Dice, Adam, ``segmenter.iterations`` steps of ``segmenter.batch_size``
+    slices drawn (seeded by ``params.seed``) from the training cases only. Deterministic on CPU.
+    Returns the training summary stored in the file.
+    """
+    cfg = params.segmenter
+    store = ProcessedStore(processed_dir)
+    split = _read_split(split_path)
+    train_rows = store.rows_for_cases(split.get("train", []))
+    if train_rows.size == 0:
+        raise InputError(f"{split_path}: no training slices in {processed_dir} for the train cases")
+    leak = set(split.get("train", [])) & set(split.get("test", []))
+    assert not leak, f"case leak between train and test: {sorted(leak)}"
+
+    torch.manual_seed(params.seed)
+    rng = np.random.default_rng(params.seed)
+    model = SegUNet(width=cfg.width)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model.train()
+    log.info("segmenter: %d training slices from %d cases, %d iterations, batch %d, width %d",
+             train_rows.size, len(split["train"]), cfg.iterations, cfg.batch_size, cfg.width)
+    loss_ema = None
+    bar = tqdm(range(cfg.iterations), desc="segmenter", disable=quiet(), unit="step")
+    for step in bar:
+        images, masks = _load_batch(store, rng.choice(train_rows, cfg.batch_size,
+                                                      replace=train_rows.size < cfg.batch_size))
+        logits = model(images[:, None])
+        loss = F.cross_entropy(logits, masks) + _soft_dice_loss(logits, masks)
+        if not torch.isfinite(loss):
+            raise InputError(f"segmenter: non-finite loss at step {step}; check the processed store")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_ema = float(loss.detach()) if loss_ema is None else 0.9 * loss_ema + 0.1 * float(loss.detach())
+        if step % 25 == 0 or step == cfg.iterations - 1:
+            bar.set_postfix(loss=f"{loss_ema:.3f}")
+            log.debug("segmenter step %d loss %.4f", step, loss_ema)
+    log.info("segmenter: final loss (EMA) %.4f", loss_ema)
+    val_dice = _validation_dice(model, store, split.get("val", []))
+
+
+    config = {"width": cfg.width, "n_classes": N_CLASSES, "in_channels": 1,
+              "image_size": store.image_size, "structures": store.structures,
+              "hu_window": [float(v) for v in store.meta["hu_window"]]}
+    summary = {"iterations": cfg.iterations, "batch_size": cfg.batch_size, "lr": cfg.lr,
+               "seed": params.seed, "final_loss": float(loss_ema),
+               "train_cases": list(split["train"]), "n_train_slices": int(train_rows.size),
+               "val_dice": val_dice}
+    save_segmenter(model, config, summary, out_path)
+    return summary
+
+
+def save_segmenter(model: SegUNet, config: dict, summary: dict, out_path: str | Path) -> None:
+    """Write weights + config + training summary (tensors and plain types only) atomically."""
+    payload = {"format": SEGMENTER_FORMAT, "version": SEGMENTER_VERSION, "config": config,
+               "train": summary, "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    with atomic_file(out_path) as tmp:
+        torch.save(payload, tmp)
+    log.info("segmenter written to %s", out_path)
+
+
+def load_segmenter(path: str | Path) -> SegFeatures:
+    """Load a file written by :func:`train_segmenter` (``weights_only=True``)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"{path}: segmenter not found (run `dvc repro segmenter`)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for non-torch / truncated files
+        raise ModelFileError(f"{path}: not a readable segmenter file ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != SEGMENTER_FORMAT:
+        raise ModelFileError(f"{path}: not a ctsynth segmenter (no '{SEGMENTER_FORMAT}' header)")
+    config = payload.get("config", {})
+    model = SegUNet(width=int(config.get("width", 16)), n_classes=int(config.get("n_classes", N_CLASSES)),
+                    in_channels=int(config.get("in_channels", 1)))
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except (RuntimeError, KeyError) as e:
+        raise ModelFileError(f"{path}: segmenter weights do not match its config ({e})") from None
+    return SegFeatures(model, config, payload.get("train"))
+
+
+# ------------------------------------------------------------------------------ Inception
+
+_IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+_IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def inception_module(flavour: str, num_classes: int = 1000, aux_logits: bool = True) -> nn.Module:
+    """An uninitialised InceptionV3 of the given flavour ("torchvision" or "pt_inception")."""
+    from torchvision.models import inception_v3
+
+    if flavour == "pt_inception":   # TF-ported FID Inception (pytorch-fid / piq): patched blocks
+        from piq.feature_extractors.fid_inception import (FIDInceptionA, FIDInceptionC,
+                                                          FIDInceptionE1, FIDInceptionE2)
+        net = inception_v3(weights=None, num_classes=1008, aux_logits=False, init_weights=False,
+                           transform_input=False)
+        net.Mixed_5b, net.Mixed_5c = FIDInceptionA(192, 32), FIDInceptionA(256, 64)
+        net.Mixed_5d = FIDInceptionA(288, 64)
+        net.Mixed_6b, net.Mixed_6c = FIDInceptionC(768, 128), FIDInceptionC(768, 160)
+        net.Mixed_6d, net.Mixed_6e = FIDInceptionC(768, 160), FIDInceptionC(768, 192)
+        net.Mixed_7b, net.Mixed_7c = FIDInceptionE1(1280), FIDInceptionE2(2048)
+        return net
+    # torchvision inception_v3, configured as it is when torchvision loads IMAGENET1K_V1
+    return inception_v3(weights=None, num_classes=num_classes, aux_logits=aux_logits, init_weights=False,
+                        transform_input=True)
+
+
+def _build_inception(state_dict: dict) -> tuple[nn.Module, str]:
+    """Return (InceptionV3 with ``fc = Identity``, flavour) for a torchvision or FID state_dict."""
+    fc = state_dict.get("fc.weight")
+    if fc is None:
+        raise KeyError("no 'fc.weight' entry: not an InceptionV3 state_dict")
+    aux = any(k.startswith("AuxLogits.") for k in state_dict)
+    flavour = "pt_inception" if int(fc.shape[0]) == 1008 and not aux else "torchvision"
+    net = inception_module(flavour, int(fc.shape[0]), aux)
+    net.load_state_dict(state_dict)
+    net.fc = nn.Identity()
+    return net.eval(), flavour
+
+
+class InceptionFeatures:
+    """InceptionV3 pool3 features (2048-d) from a local weights file.
+
+    Preprocessing: [-1,1] grayscale → [0,1] → 3 channels → bilinear resize to 299² →
+    ImageNet mean/std (torchvision weights, with torchvision's ``transform_input``) or [-1,1]
+    (FID ``pt_inception`` weights, as pytorch-fid does).
+    """
+
+    dim = 2048
+
+    def __init__(self, weights: str | Path | None):
+        if not weights:
+            raise MetricUnavailable(INCEPTION_REASON)
+        path = resolve_path(weights)
+        if not path.exists():
+            raise MetricUnavailable(f"evaluate.inception_weights: {path} not found — fid_inception "
+                                    f"not computed; see README")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for non-torch / truncated files
+            raise ModelFileError(f"{path}: evaluate.inception_weights is not a readable torch file "
+                                 f"({type(e).__name__}: {e})") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ModelFileError(f"{path}: evaluate.inception_weights must hold an InceptionV3 state_dict")
+        try:
+            self.model, self.flavour = _build_inception(state)
+        except (RuntimeError, KeyError) as e:
+            raise ModelFileError(f"{path}: not InceptionV3 weights (torchvision or pt_inception): "
+                                 f"{str(e).splitlines()[0]}") from None
+        self.path = path
+        log.info("InceptionV3 (%s) loaded from %s", self.flavour, path)
+
+    @torch.inference_mode()
+    def features(self, x) -> torch.Tensor:
+        """Images (B,S,S) in [-1,1] → pool3 features (B, 2048) float32."""
+        x = ((_as_batch(x) + 1) / 2).clamp(0, 1).expand(-1, 3, -1, -1)       # (B, 3, S, S) in [0,1]
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False, antialias=True)
+        x = (x - _IMAGENET_MEAN) / _IMAGENET_STD if self.flavour == "torchvision" else 2 * x - 1
+        return self.model(x).flatten(1)                                      # (B, 2048)

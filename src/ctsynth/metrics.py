@@ -1,0 +1,309 @@
+"""Image-quality, distribution and segmentation metrics, streaming where they are paired.
+
+Conventions
+-----------
+* Images are model-space tensors in [-1, 1] (the HU window mapped linearly, see
+  :func:`ctsynth.preprocess.unit_to_hu`). **MSE** is computed in that [-1, 1] space.
+* **PSNR and SSIM** use piq on images mapped to [0, 1] (``(x + 1) / 2``), i.e.
+  ``data_range = 1.0`` = the full HU window (e.g. 2000 HU for [-1000, 1000]). piq's PSNR adds
+  ε = 1e-8 to the MSE, so identical images give 80 dB, not infinity.
+* **MAE in HU** converts both images with ``unit_to_hu`` (the one inverse mapping).
+* **Per-structure MAE**: mean |generated − real| in HU over the pixels of each structure's
+  mask (structure index 1..7) and of the background (index 0), pooled over all slices.
+* **Fréchet distance / KID** on precomputed features via piq's ``FID().compute_metric`` and
+  ``KID().compute_metric``. KID subsets are drawn from *disjoint* slice indices for the two
+  sets (a paired generated/real set would otherwise put near-duplicate pairs on the K_XY
+  diagonal and bias the unbiased MMD² estimate negative); seeded, so repeatable. piq's FD uses a
+  Newton–Schulz matrix square root: with fewer slices than feature dimensions its error on small
+  eigenvalues leaves a positive floor of ~1e-3 of the total feature variance (identical sets of
+  16 slices × 96-d: 0.005 against a trace of 1.5) — negligible next to real differences, but
+  compare FD values only at equal N.
+* **Dice** is pooled over the whole set: 2·Σ|P∩T| / (Σ|P| + Σ|T|) per structure; 1.0 when the
+  structure is absent from both prediction and reference.
+
+Streaming: :class:`PairedAccumulator` and :class:`DiceAccumulator` hold running sums per case
+and per structure only, so their memory does not grow with the number of slices.
+:class:`FeatureBank` stores the features themselves (N × D float32: 60 kB for 100 slices of
+the 192-d segmenter features at width 16, 8 MB for 1000 Inception slices) because piq's
+estimators need the samples.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import piq
+import torch
+
+from .errors import MetricUnavailable
+from .labels import STRUCTURES, WH, structure_index
+from .preprocess import unit_to_hu
+
+log = logging.getLogger("ctsynth.metrics")
+
+DATA_RANGE = 1.0            # PSNR/SSIM data range: images mapped from [-1, 1] to [0, 1]
+N_LABELS = len(STRUCTURES) + 1
+BACKGROUND = "background"
+
+METRIC_DEFINITIONS: dict[str, str] = {
+    "n_test_slices": "number of generated test slices evaluated (each paired with its real slice)",
+    "n_test_cases": "number of test patients the evaluated slices come from",
+    "mse": "mean squared error between generated and real slices in model space [-1, 1] (lower is better)",
+    "psnr": "peak signal-to-noise ratio in dB, piq, data_range 1.0 = the HU window mapped to [0, 1], mean over slices (higher is better)",
+    "ssim": "structural similarity, piq (11-px Gaussian window), data_range 1.0 = the HU window mapped to [0, 1], mean over slices (1 = identical)",
+    "mae_hu": "mean absolute error in Hounsfield units over all pixels of all slices (lower is better)",
+    "mae_hu_background": "mean absolute HU error over background pixels (outside every selected structure)",
+    "mae_hu_<S>": "mean absolute HU error over the pixels of structure <S>'s mask",
+    "fid_inception": "Fréchet distance between real and generated test slices in InceptionV3 pool3 features (piq FID); null when no local weights",
+    "kid_inception": "kernel inception distance (piq KID, cubic polynomial kernel) in InceptionV3 pool3 features; null when no local weights",
+    "fd_seg": "Fréchet distance (piq FID math) between real and generated test slices in the segmenter's encoder features (lower is better; solver floor in metrics_notes.json)",
+    "kid_seg": "kernel distance (piq KID, unbiased MMD², disjoint subsets) in the segmenter's encoder features; ≈ 0 for matching distributions",
+    "dice_generated_<S>": "Dice of the segmenter's prediction on generated slices vs the mask they were generated from, structure <S>",
+    "dice_real_<S>": "Dice of the segmenter on the real test slices vs their masks (the ceiling for dice_generated_<S>)",
+    "dice_generated_mean": "mean of dice_generated_<S> over the selected structures",
+    "dice_real_mean": "mean of dice_real_<S> over the selected structures",
+    "privacy_threshold": "privacy.max_similarity: SSIM to the nearest training slice above which a generated slice is withheld",
+    "privacy_generated_similarity_mean": "mean over generated slices of the SSIM to their nearest training slice",
+    "privacy_generated_similarity_max": "largest SSIM of any generated slice to its nearest training slice",
+    "privacy_generated_share_above": "share of generated slices whose nearest-training-slice SSIM exceeds the threshold (withheld)",
+    "privacy_real_similarity_mean": "baseline: mean SSIM of real test slices to their nearest training slice",
+    "privacy_real_similarity_max": "baseline: largest SSIM of any real test slice to its nearest training slice",
+    "privacy_real_share_above": "baseline: share of real test slices above the threshold",
+    "privacy_n_shareable": "number of generated slices at or below the threshold (listed in reports/shareable.json)",
+}
+
+
+def definition(key: str) -> str:
+    """One-line definition of a metrics.json key (structure keys use their ``<S>`` template)."""
+    if key in METRIC_DEFINITIONS:
+        return METRIC_DEFINITIONS[key]
+    for template in METRIC_DEFINITIONS:
+        if "<S>" in template:
+            prefix = template.split("<S>")[0]
+            name = key[len(prefix):]
+            if key.startswith(prefix) and name in STRUCTURES:
+                return METRIC_DEFINITIONS[template].replace("<S>", name)
+    return ""
+
+
+def reported_structures(structures: Sequence[str]) -> dict[int, str]:
+    """{structure index: name} kept in the store for a selection (all seven when WH is selected)."""
+    names = STRUCTURES if WH in structures else [s for s in STRUCTURES if s in structures]
+    return {structure_index(s): s for s in names}
+
+
+def _bchw(x: torch.Tensor) -> torch.Tensor:
+    """(B,S,S) or (B,1,S,S) → float32 (B,1,S,S)."""
+    x = torch.as_tensor(x).float()
+    return x[:, None] if x.ndim == 3 else x
+
+
+def to_unit_interval(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] → [0, 1], clamped (the range piq's PSNR/SSIM expect with data_range 1.0)."""
+    return ((_bchw(x) + 1) / 2).clamp(0, 1)
+
+
+def per_slice_metrics(fake: torch.Tensor, real: torch.Tensor, window) -> dict[str, torch.Tensor]:
+    """Paired metrics per slice. fake, real (B,S,S) in [-1,1] → {mse, psnr, ssim, mae_hu}: (B,)."""
+    f01, r01 = to_unit_interval(fake), to_unit_interval(real)           # (B, 1, S, S)
+    f, r = 2 * f01 - 1, 2 * r01 - 1
+    return {
+        "mse": ((f - r) ** 2).mean((1, 2, 3)),
+        "psnr": piq.psnr(f01, r01, data_range=DATA_RANGE, reduction="none"),
+        "ssim": piq.ssim(f01, r01, data_range=DATA_RANGE, reduction="none"),
+        "mae_hu": (unit_to_hu(f, window) - unit_to_hu(r, window)).abs().mean((1, 2, 3)),
+    }
+
+
+def _label_sums(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum ``values`` (B,S,S) per slice and label (B,S,S ints 0..7) → (B, 8) float64."""
+    b = values.shape[0]
+    keys = (torch.arange(b)[:, None] * N_LABELS + labels.reshape(b, -1).long()).reshape(-1)
+    return torch.bincount(keys, weights=values.reshape(-1).double(), minlength=b * N_LABELS).view(b, N_LABELS)
+
+
+class PairedAccumulator:
+    """Running sums of paired metrics per case and per (case, label); memory O(cases × 8).
+
+    ``update`` returns the per-slice values as a DataFrame so a caller can stream them to disk.
+    """
+
+    SLICE_KEYS = ("mse", "psnr", "ssim", "mae_hu")
+    PIXEL_KEYS = ("n_pixels", "abs_err_hu", "err_hu", "real_hu", "fake_hu")
+
+    def __init__(self, window, structures: Sequence[str]):
+        self.window = [float(v) for v in window]
+        self.labels = {0: BACKGROUND, **reported_structures(structures)}   # label index → name
+        self.slice_sums: dict[str, np.ndarray] = {}   # case → [n, Σmse, Σpsnr, Σssim, Σmae]
+        self.pixel_sums: dict[str, np.ndarray] = {}   # case → (5, 8): PIXEL_KEYS × label
+
+    def update(self, fake, real, masks, cases: Sequence[str], zs: Sequence[int]) -> pd.DataFrame:
+        """fake, real (B,S,S) in [-1,1]; masks (B,S,S) structure indices; one case/z per slice."""
+        fake, real = _bchw(fake)[:, 0].clamp(-1, 1), _bchw(real)[:, 0].clamp(-1, 1)  # (B, S, S)
+        masks = torch.as_tensor(np.asarray(masks)).long()
+        per = per_slice_metrics(fake, real, self.window)
+        fake_hu, real_hu = unit_to_hu(fake.double(), self.window), unit_to_hu(real.double(), self.window)
+        err = fake_hu - real_hu
+        pix = torch.stack([_label_sums(torch.ones_like(err), masks), _label_sums(err.abs(), masks),
+                           _label_sums(err, masks), _label_sums(real_hu, masks),
+                           _label_sums(fake_hu, masks)], 1).numpy()            # (B, 5, 8)
+        vals = torch.stack([per[k].double() for k in self.SLICE_KEYS], 1).numpy()  # (B, 4)
+        for i, case in enumerate(cases):
+            s = self.slice_sums.setdefault(case, np.zeros(1 + len(self.SLICE_KEYS)))
+            s[0] += 1
+            s[1:] += vals[i]
+            p = self.pixel_sums.setdefault(case, np.zeros((len(self.PIXEL_KEYS), N_LABELS)))
+            p += pix[i]
+        frame = pd.DataFrame({"case": list(cases), "z": [int(z) for z in zs]})
+        for j, k in enumerate(self.SLICE_KEYS):
+            frame[k] = vals[:, j]
+        return frame
+
+    @property
+    def n_slices(self) -> int:
+        return int(sum(s[0] for s in self.slice_sums.values()))
+
+    def _pixel_metrics(self, p: np.ndarray) -> dict[str, float]:
+        out = {"mae_hu": float(p[1].sum() / max(p[0].sum(), 1))}
+        for idx, name in self.labels.items():
+            out[f"mae_hu_{name}"] = float(p[1, idx] / p[0, idx]) if p[0, idx] > 0 else float("nan")
+        return out
+
+    def summary(self) -> dict[str, float]:
+        """{mse, psnr, ssim: mean over slices; mae_hu, mae_hu_<label>: pooled over pixels}."""
+        if not self.slice_sums:
+            raise MetricUnavailable("no slices were evaluated")
+        s = sum(self.slice_sums.values())
+        out = {k: float(s[1 + j] / s[0]) for j, k in enumerate(self.SLICE_KEYS)}
+        out.update(self._pixel_metrics(sum(self.pixel_sums.values())))
+        return out
+
+    def per_case(self) -> pd.DataFrame:
+        """One row per case: n_slices, mse, psnr, ssim (slice means), mae_hu and per-label MAE."""
+        rows = []
+        for case in sorted(self.slice_sums):
+            s = self.slice_sums[case]
+            row = {"case": case, "n_slices": int(s[0])}
+            row.update({k: s[1 + j] / s[0] for j, k in enumerate(self.SLICE_KEYS)})
+            row.update(self._pixel_metrics(self.pixel_sums[case]))
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def per_structure(self) -> pd.DataFrame:
+        """One row per label: n_pixels, mae_hu, bias_hu (mean generated − real), mean HU of each."""
+        p = sum(self.pixel_sums.values())
+        rows = []
+        for idx, name in self.labels.items():
+            n = p[0, idx]
+            safe = n if n > 0 else np.nan
+            rows.append({"structure": name, "label": idx, "n_pixels": int(n), "mae_hu": p[1, idx] / safe,
+                         "bias_hu": p[2, idx] / safe, "real_hu_mean": p[3, idx] / safe,
+                         "generated_hu_mean": p[4, idx] / safe})
+        return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------ Dice
+
+def _dice(inter: np.ndarray, pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    denom = pred + target
+    return np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)
+
+
+def dice_scores(pred, target, labels: Iterable[int]) -> dict[int, float]:
+    """All-at-once pooled Dice per label. pred, target: (..., H, W) integer label maps."""
+    pred, target = torch.as_tensor(np.asarray(pred)).long(), torch.as_tensor(np.asarray(target)).long()
+    out = {}
+    for k in labels:
+        p, t = pred == k, target == k
+        out[k] = float(_dice(np.array((p & t).sum().item()), np.array(p.sum().item()),
+                             np.array(t.sum().item())))
+    return out
+
+
+class DiceAccumulator:
+    """Pooled Dice per label (overall and per case) from running pixel counts; memory O(cases × 8)."""
+
+    def __init__(self, labels: dict[int, str]):
+        self.labels = dict(labels)
+        self.counts: dict[str, np.ndarray] = {}    # case → (3, 8): Σ|P∩T|, Σ|P|, Σ|T| per label
+
+    def update(self, pred, target, cases: Sequence[str]) -> None:
+        """pred, target (B,H,W) label maps; one case name per slice."""
+        pred, target = torch.as_tensor(np.asarray(pred)).long(), torch.as_tensor(np.asarray(target)).long()
+        ones = torch.ones(pred.shape, dtype=torch.float64)
+        inter = _label_sums(torch.where(pred == target, ones, 0 * ones), target)   # (B, 8)
+        c = torch.stack([inter, _label_sums(ones, pred), _label_sums(ones, target)], 1).numpy()
+        for i, case in enumerate(cases):
+            self.counts.setdefault(case, np.zeros((3, N_LABELS)))
+            self.counts[case] += c[i]
+
+    def _scores(self, c: np.ndarray) -> dict[str, float]:
+        d = _dice(c[0], c[1], c[2])
+        return {name: float(d[idx]) for idx, name in self.labels.items()}
+
+    def summary(self) -> dict[str, float]:
+        """{structure name: pooled Dice over all slices}."""
+        if not self.counts:
+            raise MetricUnavailable("no slices were segmented")
+        return self._scores(sum(self.counts.values()))
+
+    def per_case(self) -> dict[str, dict[str, float]]:
+        return {case: self._scores(self.counts[case]) for case in sorted(self.counts)}
+
+
+# ------------------------------------------------------------------------------ feature distances
+
+class FeatureBank:
+    """Collects (B, D) feature batches; stores N × D float32 (piq's estimators need the samples)."""
+
+    def __init__(self):
+        self._chunks: list[torch.Tensor] = []
+
+    def add(self, feats: torch.Tensor) -> None:
+        self._chunks.append(torch.as_tensor(feats).detach().float().cpu())
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._chunks)
+
+    def tensor(self) -> torch.Tensor:
+        """(N, D) float32."""
+        if not self._chunks:
+            return torch.zeros(0, 0)
+        return torch.cat(self._chunks)
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between feature sets a (N_a, D) and b (N_b, D), via piq.FID (float64)."""
+    if min(len(a), len(b)) < 2:
+        raise MetricUnavailable(f"Fréchet distance needs >= 2 samples per set, got {len(a)} and {len(b)}")
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink):   # piq prints a note when it regularises a singular product
+        value = float(piq.FID().compute_metric(a.double(), b.double()))
+    if sink.getvalue().strip():
+        log.debug("piq FID: %s", sink.getvalue().strip())
+    return max(value, 0.0) if value > -1e-6 else value
+
+
+def kernel_distance(a: torch.Tensor, b: torch.Tensor, subset_size: int = 50, n_subsets: int = 50,
+                    seed: int = 0) -> float:
+    """KID (piq, cubic polynomial kernel, unbiased MMD²) averaged over ``n_subsets`` subsets.
+
+    Each repeat draws one permutation p of the slice indices and compares a[p[:m]] with
+    b[p[m:2m]], m = min(subset_size, N // 2): the subsets never hold the same slice, so paired
+    sets (generated i ↔ real i) are compared like independent samples. Seeded; no global RNG.
+    """
+    n = min(len(a), len(b))
+    m = min(subset_size, n // 2)
+    if m < 2:
+        raise MetricUnavailable(f"KID needs >= 4 samples per set, got {len(a)} and {len(b)}")
+    gen = torch.Generator().manual_seed(seed)
+    kid = piq.KID()
+    values = []
+    for _ in range(n_subsets):
+        p = torch.randperm(n, generator=gen)
+        values.append(float(kid.compute_metric(a[p[:m]].double(), b[p[m:2 * m]].double())))
+    return float(np.mean(values))

@@ -1,0 +1,34 @@
+"""evaluate stage: metrics of the generated test set -> ``reports/``.
+
+Writes ``metrics.json`` (dvc metrics), ``metrics_notes.json`` (definitions, reasons for null
+metrics), ``per_case.csv``, ``per_structure.csv``, ``privacy.csv``, ``shareable.json`` and
+``plots/*.csv`` (see ``ctsynth.evaluate``).
+
+    python stages/evaluate.py --processed data/processed --split data/split.json \\
+        --generated data/generated --segmenter models/segmenter.pt --out reports
+
+The metrics reach MLflow through the report stage, which logs them with the report into the
+training run.
+"""
+from ctsynth.runner import stage_main
+
+
+def main(args, params):
+    from ctsynth import evaluate
+
+    evaluate.run(params, processed_dir=args.processed, split_path=args.split,
+                           generated_dir=args.generated, segmenter_path=args.segmenter,
+                           out_dir=args.out)
+    return 0
+
+
+def add_args(p):
+    p.add_argument("--processed", default="data/processed")
+    p.add_argument("--split", default="data/split.json")
+    p.add_argument("--generated", default="data/generated")
+    p.add_argument("--segmenter", default="models/segmenter.pt")
+    p.add_argument("--out", default="reports")
+
+
+if __name__ == "__main__":
+    stage_main("evaluate", main, __doc__, add_args=add_args)

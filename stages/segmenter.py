@@ -1,0 +1,26 @@
+"""segmenter stage: a small UNet trained on REAL training slices -> ``models/segmenter.pt``.
+
+Its encoder features give ``fd_seg``/``kid_seg`` and its predictions the segmentation-consistency
+Dice in the evaluate stage (see ``ctsynth.features``).
+
+    python stages/segmenter.py --processed data/processed --split data/split.json --out models/segmenter.pt
+"""
+from ctsynth.runner import stage_main
+
+
+def main(args, params):
+    from ctsynth import features
+
+    features.train_segmenter(params, processed_dir=args.processed, split_path=args.split,
+                             out_path=args.out)
+    return 0
+
+
+def add_args(p):
+    p.add_argument("--processed", default="data/processed")
+    p.add_argument("--split", default="data/split.json")
+    p.add_argument("--out", default="models/segmenter.pt")
+
+
+if __name__ == "__main__":
+    stage_main("segmenter", main, __doc__, add_args=add_args)

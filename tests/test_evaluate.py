@@ -1,0 +1,170 @@
+"""evaluate stage end to end on a tiny store with a fake ``data/generated`` folder."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, make_store, tiny_params
+from ctsynth import evaluate
+from ctsynth.data import ProcessedStore
+from ctsynth.errors import InputError, ModelFileError
+from ctsynth.features import train_segmenter
+
+SPLIT = {"seed": 0, "train": ["c1", "c2", "c3"], "val": ["c4"], "test": ["c5", "c6"]}
+RAW = {"preprocess": {"image_size": 32}, "model": {"gen_depth": 5, "disc_layers": 2},
+       "segmenter": {"iterations": 8, "batch_size": 4, "width": 4},
+       "evaluate": {"batch_size": 5, "kid_subset_size": 4}}
+OUTPUTS = ("metrics.json", "metrics_notes.json", "per_case.csv", "per_structure.csv", "privacy.csv",
+           "shareable.json", "plots/per_slice.csv", "plots/privacy_hist.csv", "plots/dice.csv")
+
+
+def _params(**sections):
+    raw = json.loads(json.dumps(RAW))
+    for k, v in sections.items():
+        raw.setdefault(k, {}).update(v)
+    return tiny_params(**raw)
+
+
+def write_generated(root, store_dir, noise: float, seed: int = 0, cases=("c5", "c6")):
+    store = ProcessedStore(store_dir)
+    index = store.rows_for_cases(cases)
+    real = np.asarray(store.images[index], np.float32)
+    fake = np.clip(real + noise * np.random.default_rng(seed).standard_normal(real.shape), -1, 1)
+    root.mkdir(parents=True, exist_ok=True)
+    np.save(root / "fake.npy", fake.astype(np.float16))
+    np.save(root / "index.npy", index.astype(np.int64))
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    store = make_store(root / "processed", cases=("c1", "c2", "c3", "c4", "c5", "c6"), slices_per_case=6)
+    (root / "split.json").write_text(json.dumps(SPLIT))
+    train_segmenter(_params(), store, root / "split.json", root / "segmenter.pt")
+    write_generated(root / "generated", store, noise=0.1)
+    return root
+
+
+def _run(root, out, generated="generated", **sections):
+    return evaluate.run(_params(**sections), root / "processed", root / "split.json", root / generated,
+                        root / "segmenter.pt", out)
+
+
+def test_stage_writes_every_output_without_nan(setup, tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(RAW))
+    out = tmp_path / "reports"
+    cmd = [sys.executable, str(REPO / "stages" / "evaluate.py"), "--params", str(tmp_path / "params.yaml"),
+           "--processed", str(setup / "processed"), "--split", str(setup / "split.json"),
+           "--generated", str(setup / "generated"), "--segmenter", str(setup / "segmenter.pt"),
+           "--out", str(out), "--run-file", str(tmp_path / "no_run.json")]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    notes = json.loads((out / "metrics_notes.json").read_text())
+    for key in ("mse", "psnr", "ssim", "mae_hu", "mae_hu_background", "mae_hu_LV", "fd_seg", "kid_seg",
+                "dice_generated_LV", "dice_real_LV", "dice_generated_mean", "dice_real_mean",
+                "privacy_generated_share_above", "privacy_real_share_above", "privacy_n_shareable",
+                "n_test_slices", "fid_inception", "kid_inception"):
+        assert key in metrics, key
+    assert metrics["n_test_slices"] == 12 and metrics["n_test_cases"] == 2
+    for key, value in metrics.items():
+        if key in ("fid_inception", "kid_inception"):
+            assert value is None and "inception_weights" in notes["null_metrics"][key]
+        else:
+            assert isinstance(value, (int, float)) and math.isfinite(value), key
+        assert notes["definitions"][key], key
+    assert "not computed" in notes["fid_inception"]
+    assert 0 <= notes["fd_seg_numerical_floor"] < metrics["fd_seg"]
+    assert 0 < metrics["ssim"] < 1 and metrics["mse"] > 0 and metrics["fd_seg"] > 0
+
+    per_case = pd.read_csv(out / "per_case.csv", dtype={"case": str})
+    assert sorted(per_case["case"]) == ["c5", "c6"] and (per_case["n_slices"] == 6).all()
+    per_struct = pd.read_csv(out / "per_structure.csv")
+    assert list(per_struct["structure"]) == ["background", "Myo", "LA", "LV", "RA", "RV", "Ao", "PA"]
+    privacy = pd.read_csv(out / "privacy.csv", dtype={"case": str, "nn_case": str})
+    assert len(privacy) == 12 and set(privacy["nn_case"]) <= set(SPLIT["train"])
+    assert list(privacy.columns) == ["case", "z", "nn_case", "nn_z", "similarity", "real_similarity", "shareable"]
+    shareable = json.loads((out / "shareable.json").read_text())
+    assert shareable["n_shareable"] == len(shareable["slices"]) == privacy["shareable"].sum()
+    assert len(pd.read_csv(out / "plots" / "per_slice.csv")) == 12
+
+
+def test_bad_input_fails_cleanly_and_keeps_previous_outputs(setup, tmp_path):
+    out = tmp_path / "reports"
+    _run(setup, out)
+    before = {n: (out / n).read_bytes() for n in OUTPUTS}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(RAW))
+    cmd = [sys.executable, str(REPO / "stages" / "evaluate.py"), "--params", str(tmp_path / "params.yaml"),
+           "--processed", str(setup / "processed"), "--split", str(setup / "split.json"),
+           "--generated", str(tmp_path / "nothing"), "--segmenter", str(setup / "segmenter.pt"),
+           "--out", str(out)]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "ctsynth evaluate: input error" in done.stderr and "fake.npy" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert {n: (out / n).read_bytes() for n in OUTPUTS} == before
+    assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_metrics_are_repeatable_and_batch_size_invariant(setup, tmp_path):
+    a = _run(setup, tmp_path / "a")
+    _run(setup, tmp_path / "b")
+    assert (tmp_path / "a" / "metrics.json").read_bytes() == (tmp_path / "b" / "metrics.json").read_bytes()
+    c = _run(setup, tmp_path / "c", evaluate={"batch_size": 64})
+    assert a.keys() == c.keys()
+    for k in a:
+        if a[k] is not None:
+            assert c[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+
+
+def test_perfect_generator_scores_perfectly(setup, tmp_path):
+    write_generated(tmp_path / "perfect", setup / "processed", noise=0.0)
+    m = evaluate.run(_params(), setup / "processed", setup / "split.json", tmp_path / "perfect",
+                     setup / "segmenter.pt", tmp_path / "out")
+    assert m["mse"] == 0 and m["mae_hu"] == 0 and m["ssim"] == pytest.approx(1.0, abs=1e-5)
+    assert m["fd_seg"] < 1e-3 and abs(m["kid_seg"]) < 0.05
+    structures = ["Myo", "LA", "LV", "RA", "RV", "Ao", "PA"]
+    assert all(m[f"dice_generated_{s}"] == m[f"dice_real_{s}"] for s in structures)
+
+
+def test_worse_generator_scores_worse(setup, tmp_path):
+    runs = []
+    for noise in (0.05, 0.3):
+        write_generated(tmp_path / f"g{noise}", setup / "processed", noise=noise)
+        runs.append(evaluate.run(_params(), setup / "processed", setup / "split.json", tmp_path / f"g{noise}",
+                                 setup / "segmenter.pt", tmp_path / f"o{noise}"))
+    good, bad = runs
+    assert bad["mse"] > good["mse"] and bad["mae_hu"] > good["mae_hu"]
+    assert bad["psnr"] < good["psnr"] and bad["ssim"] < good["ssim"]
+    assert bad["fd_seg"] > good["fd_seg"]
+
+
+def test_generated_inputs_are_validated(setup, tmp_path):
+    store = ProcessedStore(setup / "processed")
+    gen = write_generated(tmp_path / "train_rows", setup / "processed", 0.1, cases=("c1",))
+    with pytest.raises(InputError, match="non-test case"):
+        evaluate.load_generated(gen, store, SPLIT["test"])
+    gen = write_generated(tmp_path / "short", setup / "processed", 0.1)
+    np.save(gen / "index.npy", np.load(gen / "index.npy")[:-1])
+    with pytest.raises(InputError, match="index.npy has 11 rows"):
+        evaluate.load_generated(gen, store, SPLIT["test"])
+    gen = write_generated(tmp_path / "nan", setup / "processed", 0.1)
+    fake = np.load(gen / "fake.npy")
+    fake[3, 0, 0] = np.nan
+    np.save(gen / "fake.npy", fake)
+    with pytest.raises(InputError, match="NaN"):
+        evaluate.run(_params(), setup / "processed", setup / "split.json", gen, setup / "segmenter.pt",
+                     tmp_path / "out")
+    with pytest.raises(ModelFileError):
+        evaluate.run(_params(), setup / "processed", setup / "split.json", setup / "generated",
+                     tmp_path / "missing.pt", tmp_path / "out")
