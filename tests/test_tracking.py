@@ -1,0 +1,107 @@
+"""MLflow tracking: URI resolution, a complete run from training, fail-fast on a bad store."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_store, tiny_params
+from ctsynth import tracking
+from ctsynth.errors import TrainingError
+from ctsynth.models import load_generator
+from ctsynth.train import train
+
+SPLIT = {"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch) -> Path:
+    make_store(tmp_path / "data" / "processed")
+    (tmp_path / "data" / "split.json").write_text(json.dumps(SPLIT))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def _train(ws: Path, p, **kw):
+    return train(p, ws / "data/processed", ws / "data/split.json", ws / "models/generator.pt",
+                 ws / "models/checkpoints", ws / "reports/train", ws / "models/mlflow_run.json", **kw)
+
+
+def test_tracking_uri_precedence(ws, monkeypatch):
+    p = tiny_params()
+    assert tracking.tracking_uri(p) == f"sqlite:///{ws.resolve()}/mlflow.db"
+    p.tracking.uri = "sqlite:////somewhere/else.db"
+    assert tracking.tracking_uri(p) == "sqlite:////somewhere/else.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////from/env.db")
+    assert tracking.tracking_uri(p) == "sqlite:////from/env.db"
+
+
+def test_data_version_reads_dvc_lock(ws):
+    assert tracking.data_version() == {}
+    (ws / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  preprocess:\n    cmd: x\n    outs:\n    - path: data/processed\n"
+        "      md5: abc.dir\n  split:\n    cmd: y\n    outs:\n    - path: data/split.json\n      md5: def\n")
+    assert tracking.data_version() == {"data.processed_md5": "abc.dir", "data.split_md5": "def"}
+
+
+def test_training_run_has_params_metrics_tags_images_and_a_loadable_model(ws):
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+
+    (ws / "dvc.lock").write_text("stages:\n  preprocess:\n    outs:\n    - path: data/processed\n"
+                                 "      md5: 0123.dir\n")
+    p = tiny_params(train={"iterations": 4, "log_every": 2, "snapshot_at": [0, 1]})
+    assert _train(ws, p).exit_code == 0
+    info = json.loads((ws / "models/mlflow_run.json").read_text())
+    assert info["tracking_uri"] == f"sqlite:///{ws.resolve()}/mlflow.db" and info["experiment"] == "ctsynth"
+    client = MlflowClient(info["tracking_uri"])
+    run = client.get_run(info["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr_g"] == "0.0002" and run.data.params["model.gen_depth"] == "5"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "g_l1")] == [2, 4]
+    assert {"d_acc_real", "d_acc_fake", "g_adv", "d_real", "d_fake"} <= set(run.data.metrics)
+    assert run.data.tags["data.processed_md5"] == "0123.dir" and "data.split_sha256" in run.data.tags
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "snapshots")}
+    assert artifacts == {"snapshots/step_0000000.png", "snapshots/step_0000004.png"}
+
+    # the MLflow model computes what the model file computes, for any batch size
+    logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/generator")
+    ours, _ = load_generator(ws / "models/generator.pt")
+    x = (torch.rand(3, 7, 32, 32) > 0.7).float()
+    with torch.no_grad():
+        assert torch.allclose(logged(x), ours(x), atol=1e-6)
+
+    # later stages log into the same run
+    with tracking.resume_run(ws / "models/mlflow_run.json") as r:
+        assert r.run_id == run.info.run_id
+        tracking.log_metrics({"ssim": 0.5})
+        tracking.log_dict({"a": 1}, "metrics.json")
+    assert client.get_run(run.info.run_id).data.metrics["ssim"] == 0.5
+    tracking.log_metrics({"ignored": 1.0})             # outside resume_run: a no-op
+
+
+def test_unopenable_store_fails_before_training(ws, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws}/no/such/folder/mlflow.db")
+    with pytest.raises(TrainingError, match="does not exist"):
+        _train(ws, tiny_params())
+    assert not (ws / "models/checkpoints").exists() and not (ws / "reports/train").exists()
+    (ws / "not_a_db").write_text("this is not sqlite")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws}/not_a_db")
+    with pytest.raises(TrainingError, match="cannot be opened"):
+        _train(ws, tiny_params())
+
+
+def test_disabled_tracking_is_a_no_op(ws):
+    p = tiny_params(tracking={"enabled": False})
+    tracker = tracking.open_run(p, ws / "run.json")
+    assert not tracker.active
+    tracker.log_metrics({"x": 1.0}, 1)
+    with tracking.resume_run(ws / "run.json") as r:
+        assert not r.active
+        tracking.log_metrics({"x": 1.0})
+    with pytest.raises(TrainingError, match="not found"):
+        with tracking.resume_run(ws / "missing.json"):
+            pass

@@ -1,0 +1,229 @@
+"""Training loop: learning, determinism, resume, interruption, NaN guard, DDP, fast path."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, make_store, tiny_params
+from ctsynth.config import to_dict
+from ctsynth.errors import ConfigError, InputError, TrainingError
+from ctsynth.models import build_discriminator, build_generator, load_generator
+from ctsynth.train import LOSS_NAMES, _lr_factor, gan_step, make_optimizer, train
+
+SPLIT = {"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}
+
+
+@pytest.fixture
+def ws(tmp_path) -> Path:
+    """Workspace with a tiny processed store and split."""
+    make_store(tmp_path / "processed")
+    (tmp_path / "split.json").write_text(json.dumps(SPLIT))
+    return tmp_path
+
+
+def params(**train):
+    return tiny_params(train=train, tracking={"enabled": False})
+
+
+def run(ws: Path, p, name: str = "run", **kw):
+    out = ws / name
+    result = train(p, ws / "processed", ws / "split.json", out / "generator.pt", out / "ckpt",
+                   out / "reports", out / "mlflow_run.json", **kw)
+    return result, out
+
+
+def state(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_steps_on_a_fixed_batch_lower_l1():
+    p = params()
+    g, d = build_generator(p.model, 7), build_discriminator(p.model, 7)
+    opt_g = make_optimizer(g.parameters(), 2e-3, (0.5, 0.999), torch.device("cpu"))
+    opt_d = make_optimizer(d.parameters(), 2e-4, (0.5, 0.999), torch.device("cpu"))
+    torch.manual_seed(0)
+    cond = (torch.rand(4, 7, 32, 32) > 0.8).float()
+    real = cond.sum(1, keepdim=True).clamp(max=1) * 1.4 - 0.7            # target depends on the mask
+    amp = torch.autocast("cpu", enabled=False)
+    first = gan_step(g, d, d, opt_g, opt_d, cond, real, 100.0, amp)
+    for _ in range(15):
+        last = gan_step(g, d, d, opt_g, opt_d, cond, real, 100.0, amp)
+    assert first.shape == (len(LOSS_NAMES),)
+    assert last[1] < 0.7 * first[1]                                      # g_l1
+    assert torch.isfinite(last).all()
+
+
+def test_train_writes_model_losses_snapshots_checkpoints(ws):
+    result, out = run(ws, params(iterations=6, checkpoint_every=2, log_every=2, snapshot_at=[0, 0.5, 1]))
+    assert result.step == 6 and result.exit_code == 0
+    model, meta = load_generator(out / "generator.pt")
+    assert meta["preprocess"]["image_size"] == 32 and meta["in_channels"] == 7
+    assert meta["extra"]["step"] == 6 and meta["extra"]["receptive_field"] == 22
+    with torch.no_grad():
+        assert model(torch.rand(2, 7, 32, 32)).shape == (2, 1, 32, 32)
+    losses = pd.read_csv(out / "reports" / "losses.csv")
+    assert list(losses.columns[:7]) == ["step", *LOSS_NAMES]
+    assert losses["step"].tolist() == [2, 4, 6]
+    assert losses[["d_acc_real", "d_acc_fake"]].stack().between(0, 1).all()
+    snaps = sorted(p.name for p in (out / "reports" / "snapshots").iterdir())
+    assert snaps == ["step_0000000.png", "step_0000003.png", "step_0000006.png"]
+    assert sorted(p.name for p in (out / "ckpt").glob("*.pt")) == ["step_0000004.pt", "step_0000006.pt"]
+    assert json.loads((out / "mlflow_run.json").read_text())["run_id"] is None
+    ck = torch.load(out / "ckpt" / "step_0000006.pt", weights_only=True)   # loads without pickle
+    assert ck["step"] == 6
+
+
+def test_same_seed_same_weights_other_seed_differs(ws):
+    _, a = run(ws, params(iterations=4), "a")
+    _, b = run(ws, params(iterations=4), "b")
+    assert_same(state(a / "generator.pt"), state(b / "generator.pt"))
+    assert (a / "reports/losses.csv").read_bytes() == (b / "reports/losses.csv").read_bytes()
+    p = params(iterations=4)
+    p.seed = 7
+    _, c = run(ws, p, "c")
+    assert not torch.equal(state(a / "generator.pt")["down.0.0.weight"], state(c / "generator.pt")["down.0.0.weight"])
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(ws):
+    p = params(iterations=7, checkpoint_every=3, log_every=2)
+    _, full = run(ws, p, "full")
+    first, part = run(ws, p, "part", stop_after=4)          # same path as SIGTERM at step 4
+    assert first.step == 4 and first.exit_code == 128 + signal.SIGTERM
+    assert not (part / "generator.pt").exists()
+    assert (part / "ckpt" / "step_0000004.pt").exists()
+    second, _ = run(ws, p, "part")
+    assert second.step == 7 and second.exit_code == 0
+    assert_same(state(full / "generator.pt"), state(part / "generator.pt"))
+    assert (full / "reports/losses.csv").read_bytes() == (part / "reports/losses.csv").read_bytes()
+    # a finished run resumed again does not train further; longer runs continue from it
+    again, _ = run(ws, p, "part")
+    assert again.step == 7
+
+
+def test_checkpoints_of_another_configuration_are_not_resumed(ws):
+    run(ws, params(iterations=4), "x", stop_after=2)
+    result, out = run(ws, params(iterations=4, lr_g=1e-4), "x")
+    assert result.step == 4
+    _, ref = run(ws, params(iterations=4, lr_g=1e-4), "ref")
+    assert_same(state(out / "generator.pt"), state(ref / "generator.pt"))
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(ws, monkeypatch):
+    import torch.nn.functional as F
+    calls = {"n": 0}
+    real_l1 = F.l1_loss
+
+    def flaky_l1(*a, **kw):
+        calls["n"] += 1
+        out = real_l1(*a, **kw)
+        return out * float("nan") if calls["n"] >= 3 else out
+
+    monkeypatch.setattr(F, "l1_loss", flaky_l1)
+    with pytest.raises(TrainingError, match="non-finite g_l1 loss at step 3"):
+        run(ws, params(iterations=6, checkpoint_every=2, log_every=1))
+    ckpts = sorted((ws / "run" / "ckpt").glob("*.pt"))
+    assert [c.name for c in ckpts] == ["step_0000002.pt"]
+    ck = torch.load(ckpts[0], weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ck["G"].values() if v.is_floating_point())
+    assert not (ws / "run" / "generator.pt").exists()
+
+
+def test_bad_inputs_fail_clearly(ws):
+    with pytest.raises(InputError, match="fewer than one batch"):
+        run(ws, params(batch_size=64))
+    (ws / "split.json").write_text(json.dumps({"train": ["c1", "c4"], "val": [], "test": ["c4"]}))
+    with pytest.raises(InputError, match="both train and test"):
+        run(ws, params())
+    (ws / "split.json").write_text(json.dumps(SPLIT))
+    with pytest.raises(ConfigError, match="1x1 bottleneck"):
+        run(ws, tiny_params(train={"batch_size": 1}, model={"gen_depth": 5}, tracking={"enabled": False}))
+
+
+def test_linear_lr_decay():
+    p = params(iterations=100, lr_decay_start=0.5)
+    assert _lr_factor(0, p.train) == 1.0 and _lr_factor(50, p.train) == 1.0
+    assert _lr_factor(75, p.train) == pytest.approx(0.5) and _lr_factor(100, p.train) == 0.0
+    assert _lr_factor(99, params(lr_decay_start=None).train) == 1.0
+
+
+def test_bf16_channels_last_losses_stay_close_to_fp32(ws):
+    """The fast path's loss curve follows fp32's over the first steps (bf16 has ~3 significant
+    digits, GAN training amplifies differences; 'close' = within 0.05 + 10 % per logged mean)."""
+    kw = dict(iterations=20, log_every=5, checkpoint_every=100, snapshot_at=[])
+    run(ws, params(precision="fp32", channels_last=False, **kw), "fp32")
+    run(ws, params(precision="bf16", channels_last=True, **kw), "bf16")
+    a = pd.read_csv(ws / "fp32/reports/losses.csv")
+    b = pd.read_csv(ws / "bf16/reports/losses.csv")
+    for name in ("g_l1", "g_adv", "d_real", "d_fake"):
+        assert ((a[name] - b[name]).abs() <= 0.05 + 0.1 * a[name].abs()).all(), (name, a[name], b[name])
+
+
+def _write_params(path: Path, p) -> Path:
+    path.write_text(yaml.safe_dump(to_dict(p)))
+    return path
+
+
+def _stage_cmd(ws: Path, launcher: list[str], params_file: Path, name: str) -> list[str]:
+    out = ws / name
+    return [*launcher, str(REPO / "stages" / "train.py"), "--params", str(params_file),
+            "--processed", str(ws / "processed"), "--split", str(ws / "split.json"),
+            "--model", str(out / "generator.pt"), "--checkpoints", str(out / "ckpt"),
+            "--reports", str(out / "reports"), "--run-file", str(out / "mlflow_run.json")]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CI": "1"}
+
+
+def test_ddp_two_cpu_processes_end_with_identical_weights(ws):
+    pf = _write_params(ws / "params.yaml", params(iterations=4, log_every=2, checkpoint_every=2))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.run(_stage_cmd(ws, launcher, pf, "ddp"), cwd=ws, env=_env(), capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, meta = load_generator(ws / "ddp" / "generator.pt")
+    hashes = meta["extra"]["rank_weight_hashes"]
+    assert meta["extra"]["world_size"] == 2 and len(hashes) == 2 and hashes[0] == hashes[1]
+    assert "weights identical on all 2 ranks" in proc.stderr
+
+
+def test_sigterm_saves_checkpoint_and_rerun_resumes_to_same_weights(ws):
+    p = params(iterations=30, log_every=3, checkpoint_every=3, snapshot_at=[0, 1])
+    pf = _write_params(ws / "params.yaml", p)
+    cmd = _stage_cmd(ws, [sys.executable], pf, "sig")
+    env = _env()                                       # one thread, like the reference below
+    proc = subprocess.Popen(cmd, cwd=ws, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((ws / "sig" / "ckpt").glob("*.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "checkpoint saved" in err and "rerun to resume" in err
+    assert not (ws / "sig" / "generator.pt").exists()
+    rerun = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resumed from" in rerun.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                           # CPU results are bit-exact per thread count
+    try:
+        _, ref = run(ws, p, "ref")
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(state(ws / "sig" / "generator.pt"), state(ref / "generator.pt"))
