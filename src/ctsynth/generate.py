@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .data import ProcessedStore, condition_batch
 from .errors import ConfigError, InputError, ModelFileError
 from .io import atomic_dir, load_nifti, save_nifti
-from .labels import (STRUCTURES, WH, condition_channels, parse_label_map, structure_index,
+from .labels import (STRUCTURE_COLOURS, STRUCTURES, WH, condition_channels, parse_label_map, structure_index,
                      validate_structures)
 from .preprocess import kept_indices, restore_slice, to_display
 from .runner import quiet
@@ -152,8 +152,7 @@ def from_canonical(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 # Background black, then Myo, LA, LV, RA, RV, Ao, PA: the colour-blind-safe Okabe-Ito palette,
 # the same colours as the training snapshots (ctsynth.train).
-STRUCTURE_RGB = np.array([[0, 0, 0], [230, 159, 0], [86, 180, 233], [0, 158, 115], [240, 228, 66],
-                          [0, 114, 178], [213, 94, 0], [204, 121, 167]], np.float32) / 255.0
+STRUCTURE_RGB = STRUCTURE_COLOURS.astype(np.float32) / 255.0      # (8, 3) in [0, 1]
 
 
 def mask_rgb(mask: np.ndarray) -> np.ndarray:

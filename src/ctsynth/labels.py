@@ -27,6 +27,9 @@ FULL_NAMES = {
 MMWHS_LABEL_MAP: dict[int, str] = {205: "Myo", 420: "LA", 500: "LV", 550: "RA", 600: "RV",
                                    820: "Ao", 850: "PA"}
 ENCODINGS = ("onehot", "index")
+# Colour-blind-safe (Okabe-Ito) colours, uint8 RGB, indexed by structure index (0 = background).
+STRUCTURE_COLOURS = np.array([[0, 0, 0], [230, 159, 0], [86, 180, 233], [0, 158, 115], [240, 228, 66],
+                              [0, 114, 178], [213, 94, 0], [204, 121, 167]], np.uint8)
 
 
 def structure_index(name: str) -> int:

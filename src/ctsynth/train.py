@@ -42,7 +42,7 @@ from .config import Params, to_dict
 from .data import ProcessedStore, SliceDataset, condition_batch
 from .errors import ConfigError, InputError, TrainingError
 from .io import atomic_file, write_csv
-from .labels import condition_channels
+from .labels import STRUCTURE_COLOURS, condition_channels
 from .models import build_discriminator, build_generator, count_parameters, receptive_field, save_generator
 
 log = logging.getLogger(__name__)
@@ -252,8 +252,6 @@ def write_losses(path: Path, history: list, names: tuple[str, ...]) -> None:
 
 # ----------------------------------------------------------------------------------- snapshots
 
-_PALETTE = np.array([[0, 0, 0], [230, 159, 0], [86, 180, 233], [0, 158, 115], [240, 228, 66],
-                     [0, 114, 178], [213, 94, 0], [204, 121, 167]], np.uint8)  # background, Myo..PA
 
 
 def snapshot_rows(store: ProcessedStore, split: dict, count: int) -> np.ndarray:
@@ -286,7 +284,7 @@ def render_snapshot(path: Path, store: ProcessedStore, rows: np.ndarray, generat
     """PNG grid, one column per slice; rows: mask colours | real | generated at ``step``."""
     from PIL import Image, ImageDraw
 
-    masks = _PALETTE[np.asarray(store.masks[rows])]                                     # (K, S, S, 3)
+    masks = STRUCTURE_COLOURS[np.asarray(store.masks[rows])]                                     # (K, S, S, 3)
     real = ((np.asarray(store.images[rows], np.float32).clip(-1, 1) + 1) * 127.5).round().astype(np.uint8)
     gray = lambda a: np.repeat(a[..., None], 3, axis=-1)                               # noqa: E731
     k, s = len(rows), store.image_size
