@@ -64,7 +64,7 @@ def test_stage_writes_every_output_without_nan(setup, tmp_path):
     cmd = [sys.executable, str(REPO / "stages" / "evaluate.py"), "--params", str(tmp_path / "params.yaml"),
            "--processed", str(setup / "processed"), "--split", str(setup / "split.json"),
            "--generated", str(setup / "generated"), "--segmenter", str(setup / "segmenter.pt"),
-           "--out", str(out), "--run-file", str(tmp_path / "no_run.json")]
+           "--out", str(out)]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     for name in OUTPUTS:
