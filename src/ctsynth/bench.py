@@ -1,0 +1,443 @@
+"""``ctsynth bench`` / ``python -m ctsynth.bench``: training, generation and loader speed, peak memory.
+
+    ctsynth bench                # train 256² b1, 256² b4, 128² b8; generation; loader; memory
+    ctsynth bench --quick        # the 256² batch-4 training pair and generation only
+    python -m ctsynth.bench --compile --paths nchw_fused,bf16_cl   # extra paths beside the pair
+
+Model: the paper architecture (7/7 UNet with skips, ngf 64; PatchGAN 4+1, ndf 64; LSGAN + λ·L1,
+index condition, paper learning rates). Training runs the real :func:`ctsynth.train.gan_step` on a
+fixed synthetic batch (the loader is measured on its own):
+
+* ``baseline``: fp32, NCHW, eager, single-tensor Adam (``foreach=False, fused=False``), losses
+  read on the host every step;
+* ``default``: what the train stage does with ``params.yaml``'s TrainCfg: its precision,
+  channels_last and compile, :func:`ctsynth.train.make_optimizer`, no per-step host sync, and
+  deterministic algorithms (``stage_main`` enables them).
+
+Paths are timed interleaved (A B B A ...) so load from other processes biases none of them; the
+median of the repeats is reported (warm-up and compilation excluded), with this process's CPU time
+per step beside it (``cpu_ms_per_step``: robust to a busy machine). Writes ``{"machine",
+"records"}`` atomically to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Params, TrackingCfg, load_params
+from .io import write_json
+
+PAPER_MODEL = {"encoding": "index", "gen_depth": 7, "ngf": 64, "ndf": 64, "disc_layers": 4,
+               "skip_connections": True, "upsample": "transpose", "dropout": 0.0, "output": "tanh"}
+PAPER_HP = {"lr_g": 1.3e-4, "lr_d": 1.5e-4, "betas": (0.5, 0.999), "lambda_l1": 100.0}
+STRUCTURES = ["Myo", "LA", "LV", "RA", "RV", "Ao", "PA"]
+FULL_SIZES, QUICK_SIZES = [(256, 1), (256, 4), (128, 8)], [(256, 4)]
+FULL_MEMORY = {"size": 256, "batch": 8, "steps": 3, "n_slices": 192, "n_test": [32, 96]}
+
+
+@dataclass(frozen=True)
+class TrainPath:
+    name: str
+    channels_last: bool = False
+    precision: str = "fp32"
+    compile: bool = False
+    adam: str = "plain"            # plain | foreach | fused | default (train.make_optimizer)
+    sync: bool = True              # host reads the losses every step
+    deterministic: bool = False    # torch.use_deterministic_algorithms
+    mkldnn: bool = True            # torch.backends.mkldnn.enabled (False: im2col + MKL GEMM)
+
+
+BASELINE = TrainPath("baseline")
+_FAST = {"adam": "fused", "sync": False}
+EXTRA_PATHS = {                    # --paths NAME,...: variants timed beside baseline/default
+    "fp32_cl": TrainPath("fp32_cl", channels_last=True),
+    "nchw_fused": TrainPath("nchw_fused", **_FAST),
+    "nchw_foreach": TrainPath("nchw_foreach", adam="foreach", sync=False),
+    "cl_fused": TrainPath("cl_fused", channels_last=True, **_FAST),
+    "cl_foreach": TrainPath("cl_foreach", channels_last=True, adam="foreach", sync=False),
+    "nchw_nomkldnn": TrainPath("nchw_nomkldnn", mkldnn=False, **_FAST),
+    "cl_nomkldnn": TrainPath("cl_nomkldnn", channels_last=True, mkldnn=False, **_FAST),
+    "nchw_compile": TrainPath("nchw_compile", compile=True, **_FAST),
+    "bf16_cl": TrainPath("bf16_cl", channels_last=True, precision="bf16", **_FAST),
+    "bf16_nchw": TrainPath("bf16_nchw", precision="bf16", **_FAST),
+    "nondet": None,                # the default path without deterministic algorithms
+    "compile": None,               # the default path + torch.compile (also --compile)
+}
+
+
+def default_path(params: Params) -> TrainPath:
+    c = params.train
+    return TrainPath("default", c.channels_last, c.precision, c.compile, "default", False, True)
+
+
+def extra_path(name: str, default: TrainPath) -> TrainPath:
+    if name not in EXTRA_PATHS:
+        raise SystemExit(f"bench: unknown path {name!r}; choose from {', '.join(EXTRA_PATHS)}")
+    if name == "compile":
+        return dataclasses.replace(default, name="default+compile", compile=True)
+    if name == "nondet":
+        return dataclasses.replace(default, name="default-nondet", deterministic=False)
+    return EXTRA_PATHS[name]
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _clock(fn, device: torch.device, n: int = 1, cpu: list | None = None) -> float:
+    """Wall seconds per call over ``n`` calls (device synchronised); CPU seconds appended to ``cpu``."""
+    _sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        fn()
+    _sync(device)
+    if cpu is not None:
+        cpu.append((time.process_time() - c0) / n)
+    return (time.perf_counter() - t0) / n
+
+
+def synthetic_slices(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(images float16 (n,S,S) in [-1,1], masks uint8 (n,S,S)): 7 disc 'structures' per slice."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32) / size
+    images, masks = np.empty((n, size, size), np.float16), np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        img = -0.8 + 0.05 * rng.standard_normal((size, size), dtype=np.float32)
+        for idx in range(1, 8):
+            cy, cx, r = rng.uniform(0.25, 0.75), rng.uniform(0.25, 0.75), rng.uniform(0.06, 0.14)
+            blob = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+            masks[i][blob], img[blob] = idx, 0.1 * idx
+        images[i] = img.clip(-1, 1)
+    return images, masks
+
+
+def write_store(root: Path, n: int, size: int, cases: int = 8) -> Path:
+    """A processed store in preprocess's format (images/masks .npy, slices.csv, meta.json)."""
+    import pandas as pd
+
+    root.mkdir(parents=True, exist_ok=True)
+    images, masks = synthetic_slices(n, size)
+    np.save(root / "images.npy", images)
+    np.save(root / "masks.npy", masks)
+    per = -(-n // cases)
+    names = [f"b{i // per:03d}" for i in range(n)]
+    pd.DataFrame({"case": names, "z": [i % per for i in range(n)]}).to_csv(root / "slices.csv", index=False)
+    aff = np.diag([1.0, 1.0, 2.0, 1.0]).tolist()
+    meta = {"image_size": size, "hu_window": [-1000.0, 1000.0], "structures": STRUCTURES,
+            "label_map": {"205": "Myo", "420": "LA", "500": "LV", "550": "RA", "600": "RV", "820": "Ao", "850": "PA"},
+            "cases": {c: {"shape": [size, size, per], "affine": aff, "orig_affine": aff,
+                          "orig_shape": [size, size, per], "z": list(range(per))} for c in sorted(set(names))}}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu": cpu or platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "isa": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "loadavg_start": list(os.getloadavg())}
+
+
+# ------------------------------------------------------------------------------ measurements
+
+def make_trainer(path: TrainPath, size: int, batch: int, device: torch.device, model: dict, hp: dict):
+    """A closure running one real ``gan_step`` of the paper GAN on ``path``."""
+    from .data import condition_batch
+    from .labels import condition_channels
+    from .models import build_discriminator, build_generator
+    from .train import gan_step, make_optimizer
+
+    torch.manual_seed(0)
+    in_ch = condition_channels(STRUCTURES, model["encoding"])
+    mem = torch.channels_last if path.channels_last else torch.contiguous_format
+    G = build_generator(model, in_ch).to(device, memory_format=mem)
+    D = build_discriminator(model, in_ch).to(device, memory_format=mem)
+
+    def adam(m, lr):
+        if path.adam == "default":
+            return make_optimizer(m.parameters(), lr, hp["betas"], device)
+        return torch.optim.Adam(m.parameters(), lr=lr, betas=hp["betas"], foreach=path.adam == "foreach",
+                                fused=path.adam == "fused")
+
+    opt_g, opt_d = adam(G, hp["lr_g"]), adam(D, hp["lr_d"])
+    Gm, Dm, Dg = (torch.compile(G), torch.compile(D), torch.compile(D)) if path.compile else (G, D, D)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=path.precision == "bf16")
+    images, masks = synthetic_slices(batch, size, seed=1)
+    cond = condition_batch(masks, STRUCTURES, model["encoding"]).to(device).contiguous(memory_format=mem)
+    real = torch.from_numpy(images.astype(np.float32))[:, None].to(device).contiguous(memory_format=mem)
+
+    def step() -> None:
+        torch.use_deterministic_algorithms(path.deterministic, warn_only=True)
+        torch.backends.mkldnn.enabled = path.mkldnn
+        losses = gan_step(Gm, Dm, Dg, opt_g, opt_d, cond, real, hp["lambda_l1"], amp)
+        if path.sync:
+            losses.tolist()
+    return step
+
+
+def bench_train(paths: list[TrainPath], size: int, batch: int, repeats: int, device, model, hp,
+                block_s: float = 1.5) -> list[dict]:
+    """Time ``paths`` side by side (interleaved repeats of ~``block_s`` s); one record per path."""
+    was_det = torch.are_deterministic_algorithms_enabled()
+    trainers, first, steps = {}, {}, {}
+    times = {p.name: [] for p in paths}
+    cpu = {p.name: [] for p in paths}
+    try:
+        for p in paths:
+            trainers[p.name] = make_trainer(p, size, batch, device, model, hp)
+            first[p.name] = _clock(trainers[p.name], device)               # includes compilation
+            steps[p.name] = max(1, round(block_s / _clock(trainers[p.name], device)))
+        for r in range(repeats):
+            for p in paths if r % 2 == 0 else paths[::-1]:
+                times[p.name].append(_clock(trainers[p.name], device, steps[p.name], cpu[p.name]))
+    finally:
+        torch.use_deterministic_algorithms(was_det, warn_only=True)
+        torch.backends.mkldnn.enabled = True
+    out = []
+    for p in paths:
+        med = statistics.median(times[p.name])
+        rec = {"case": "train", "path": p.name, "size": size, "batch": batch, "img_per_s": batch / med,
+               "ms_per_step": 1000 * med, "cpu_ms_per_step": 1000 * statistics.median(cpu[p.name]),
+               "spread_ms": [1000 * min(times[p.name]), 1000 * max(times[p.name])], "repeats": repeats,
+               "steps_per_repeat": steps[p.name], "settings": dataclasses.asdict(p)}
+        if p.compile:
+            rec["compile_s"] = first[p.name] - med
+        out.append(rec)
+    return out
+
+
+def bench_generate(size: int, batch: int, repeats: int, device, model, n_batches: int = 2) -> dict:
+    """Slices/s through :class:`ctsynth.generate.Synthesizer` (inference_mode, channels_last)."""
+    from .generate import Synthesizer
+    from .labels import condition_channels
+    from .models import build_generator
+
+    torch.manual_seed(0)
+    G = build_generator(model, condition_channels(STRUCTURES, model["encoding"])).to(device).eval()
+    synth = Synthesizer(G, {"image_size": size, "hu_window": [-1000.0, 1000.0], "structures": STRUCTURES,
+                            "encoding": model["encoding"]}, batch_size=batch)
+    _, masks = synthetic_slices(batch * n_batches, size, seed=2)
+    synth.unit(masks[:batch])                                              # warm-up
+    med = statistics.median(_clock(lambda: synth.unit(masks), device) / len(masks) for _ in range(repeats))
+    return {"case": "generate", "size": size, "batch": batch, "img_per_s": 1 / med,
+            "ms_per_batch": 1000 * med * batch, "repeats": repeats}
+
+
+def bench_loader(store_dir: Path, batch: int, repeats: int, params: Params, device, n_batches: int = 16) -> dict:
+    """Slices/s of the training input path: SliceDataset + the train stage's DataLoader."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from . import train as train_mod
+    from .data import ProcessedStore, SliceDataset
+
+    store = ProcessedStore(store_dir)
+    ds = SliceDataset(store, np.arange(len(store.slices)), PAPER_MODEL["encoding"])
+    sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
+    kw = {"num_workers": params.train.num_workers, "pin_memory": device.type == "cuda"}
+    batches = (train_mod._batches(ds, sampler, batch, 0, **kw) if hasattr(train_mod, "_batches")
+               else iter(DataLoader(ds, batch, sampler=sampler, drop_last=True, **kw)))
+    next(batches)
+
+    def pull():
+        for _ in range(n_batches):
+            for t in next(batches):
+                t.to(device, non_blocking=True)
+    med = statistics.median(_clock(pull, device) for _ in range(repeats))
+    return {"case": "loader", "size": store.image_size, "batch": batch, "img_per_s": batch * n_batches / med,
+            "num_workers": params.train.num_workers, "repeats": repeats}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process: VmHWM (ru_maxrss also counts the parent's at fork)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(spec: dict) -> None:
+    """Subprocess body of a peak-memory run; prints one JSON line (peak RSS in MB)."""
+    device = torch.device(spec["device"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    extra = {"import_rss_mb": peak_rss_mb()}
+    params = load_params(spec["params"]) if spec.get("params") else Params()
+    if spec["what"] == "train":                       # the default path's step loop, paper batch
+        step = make_trainer(default_path(params), spec["size"], spec["batch"], device, spec["model"], PAPER_HP)
+        for _ in range(spec["steps"]):
+            step()
+        _sync(device)
+    else:                                             # the evaluate stage on a synthetic test set
+        import pandas as pd
+
+        from . import evaluate
+        from .data import ProcessedStore
+        from .features import SegUNet, save_segmenter
+        root, w = Path(spec["root"]), params.segmenter.width
+        cases = sorted(pd.read_csv(root / "processed" / "slices.csv", dtype={"case": str})["case"].unique())
+        split = {"train": cases[: len(cases) // 2], "val": [], "test": cases[len(cases) // 2:]}
+        (root / "split.json").write_text(json.dumps(split))
+        store = ProcessedStore(root / "processed")
+        rows = store.rows_for_cases(split["test"])[: spec["n_test"]]
+        gen = root / "generated"
+        gen.mkdir(exist_ok=True)
+        noise = np.random.default_rng(0).normal(0, 0.05, (len(rows),) + store.images.shape[1:])
+        np.save(gen / "fake.npy", np.clip(store.images[rows] + noise, -1, 1).astype(np.float16))
+        np.save(gen / "index.npy", rows.astype(np.int64))
+        torch.manual_seed(0)
+        save_segmenter(SegUNet(width=w), {"width": w, "image_size": store.image_size},
+                       {"train_cases": split["train"]}, root / "segmenter.pt")
+        params = dataclasses.replace(params, tracking=TrackingCfg(enabled=False))
+        evaluate.run(params, root / "processed", root / "split.json", gen, root / "segmenter.pt", root / "reports")
+        extra["n_test_slices"] = int(len(rows))
+    if device.type == "cuda":
+        extra["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    print(json.dumps({"peak_rss_mb": peak_rss_mb(), **extra}))
+
+
+def bench_memory(what: str, spec: dict) -> dict:
+    """Run :func:`_child` in a fresh interpreter; a memory record."""
+    spec = {"what": what, **spec}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ctsynth.bench", "--child", json.dumps(spec)],
+                          capture_output=True, text=True, env={**os.environ, "CI": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench: memory run of {what} failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    keep = {k: spec[k] for k in ("size", "batch", "steps") if k in spec}
+    return {"case": "memory", "what": what, **keep, **res, "wall_s": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------ driver
+
+def _fmt(r: dict) -> str:
+    what, size = r.get("path") or r.get("what", ""), f"{r['size']}²"
+    if r["case"] == "ratio":
+        return f"{'ratio':9}{r['what']:22}{size:>6}{r['batch']:>6}{r['ratio']:>10.2f}x"
+    if r["case"] == "memory":
+        n = f", {r['n_test_slices']} test slices" if "n_test_slices" in r else ""
+        return f"{'memory':9}{what:22}{size:>6}{r.get('batch', ''):>6}{r['peak_rss_mb']:>10.0f} MB peak RSS{n}"
+    tail = f"{r['ms_per_step']:>10.0f}{r['cpu_ms_per_step']:>10.0f}" if "ms_per_step" in r else ""
+    note = f"  compile {r['compile_s']:.0f} s" if "compile_s" in r else ""
+    note += f"  ({r['x_train']:.0f}x default training)" if "x_train" in r else ""
+    return f"{r['case']:9}{what:22}{size:>6}{r['batch']:>6}{r['img_per_s']:>10.2f}{tail}{note}"
+
+
+def run_bench(sizes=None, repeats: int = 5, quick: bool = False, out: str | Path = "reports/bench.json",
+              device: str = "auto", paths: tuple[str, ...] = (), model: dict | None = None,
+              gen_size: int = 256, gen_batch: int = 16, loader: tuple[int, int] | None = (512, 256),
+              memory: dict | None = None, params_file: str | None = "params.yaml", block_s: float = 1.5,
+              threads: int | None = None, echo=print) -> dict:
+    """Run the benchmark; write and return ``{"machine", "records"}``. Every knob shrinks for tests:
+    ``loader=(slices, size)`` or None, ``memory={"size", "batch", "steps", "n_slices", "n_test": [..]}``."""
+    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, pfile = dict(model or PAPER_MODEL), params_file if params_file and Path(params_file).exists() else None
+    params = load_params(pfile) if pfile else Params()
+    default = default_path(params)
+    plist = [BASELINE, default] + [extra_path(n, default) for n in paths]
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    machine = {**machine_info(dev), "params_file": pfile, "default_path": dataclasses.asdict(default), "model": model}
+    echo(f"ctsynth bench: {machine['cpu']}, {machine['cpu_count']} cores, {machine['torch_threads']} torch threads, "
+         f"torch {machine['torch']}, device {machine['device']}, load average {machine['loadavg_start'][0]:.1f}")
+    echo(f"{'case':9}{'path / what':22}{'size':>6}{'batch':>6}{'img/s':>10}{'ms/step':>10}{'cpu ms':>10}")
+    records: list[dict] = []
+
+    def add(rec: dict) -> None:
+        records.append(rec)
+        echo(_fmt(rec))
+    try:
+        for size, batch in sizes or (QUICK_SIZES if quick else FULL_SIZES):
+            recs = bench_train(plist, size, batch, repeats, dev, model, PAPER_HP, block_s)
+            for rec in recs:
+                add(rec)
+            for rec in recs[1:]:
+                add({"case": "ratio", "what": f"{rec['path']}/baseline", "size": size, "batch": batch,
+                     "ratio": rec["img_per_s"] / recs[0]["img_per_s"],
+                     "cpu_ratio": recs[0]["cpu_ms_per_step"] / rec["cpu_ms_per_step"]})
+        add(bench_generate(gen_size, gen_batch, repeats, dev, model))
+        with tempfile.TemporaryDirectory(prefix="ctsynth-bench-") as tmp:
+            if loader and not quick:
+                rec = bench_loader(write_store(Path(tmp) / "loader", *loader), 8, repeats, params, dev)
+                train = [r["img_per_s"] for r in records if r["case"] == "train" and r["path"] == "default"
+                         and r["size"] == rec["size"]]
+                if train:
+                    rec["x_train"] = rec["img_per_s"] / max(train)
+                add(rec)
+            if memory and not quick:
+                common = {"device": str(dev), "params": pfile, "model": model, "threads": threads}
+                add(bench_memory("train", {**common, **{k: memory[k] for k in ("size", "batch", "steps")}}))
+                write_store(Path(tmp) / "eval" / "processed", memory["n_slices"], memory["size"])
+                for n in memory["n_test"]:
+                    add(bench_memory("evaluate", {**common, "root": str(Path(tmp) / "eval"),
+                                                  "size": memory["size"], "n_test": n}))
+    finally:
+        torch.set_num_threads(old_threads)
+    machine["loadavg_end"] = list(os.getloadavg())
+    result = json.loads(json.dumps({"machine": machine, "records": records}))
+    write_json(out, result)
+    echo(f"wrote {out}")
+    return result
+
+
+def main(quick: bool = False, out: str = "reports/bench.json", device: str = "auto",
+         paths: tuple[str, ...] = (), repeats: int | None = None, threads: int | None = None) -> int:
+    run_bench(repeats=repeats or (3 if quick else 5), quick=quick, out=out, device=device, paths=paths,
+              memory=FULL_MEMORY, threads=threads)
+    return 0
+
+
+def _cli(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ctsynth.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="only the 256² batch-4 pair and generation")
+    p.add_argument("--out", default="reports/bench.json")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--compile", action="store_true", help="also time the default path with torch.compile")
+    p.add_argument("--paths", default="", help=f"extra training paths: {','.join(EXTRA_PATHS)}")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        _child(json.loads(a.child))
+        return 0
+    paths = tuple(n for n in a.paths.split(",") if n) + (("compile",) if a.compile else ())
+    return main(quick=a.quick, out=a.out, device=a.device, paths=paths, repeats=a.repeats, threads=a.threads)
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())

@@ -1,0 +1,72 @@
+"""`ctsynth bench`: functional test on a tiny model (structure of bench.json only, no timings)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from ctsynth import bench
+
+TINY = {"encoding": "index", "gen_depth": 5, "ngf": 8, "ndf": 8, "disc_layers": 2,
+        "skip_connections": True, "upsample": "transpose", "dropout": 0.0, "output": "tanh"}
+
+
+def _numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+def test_bench_writes_structured_json(tmp_path):
+    out = tmp_path / "reports" / "bench.json"
+    lines = []
+    result = bench.run_bench(sizes=[(32, 2)], repeats=1, out=out, device="cpu", model=TINY,
+                             paths=("fp32_cl",), gen_size=32, gen_batch=4, loader=(32, 32),
+                             memory={"size": 32, "batch": 2, "steps": 1, "n_slices": 32, "n_test": [8]},
+                             params_file=None, block_s=0.0, threads=1, echo=lines.append)
+    on_disk = json.loads(out.read_text())
+    assert on_disk == result
+    machine, records = on_disk["machine"], on_disk["records"]
+    for key in ("cpu", "cpu_count", "torch_threads", "torch", "device", "default_path"):
+        assert key in machine, key
+    assert machine["device"] == "cpu"
+
+    train = {r["path"]: r for r in records if r["case"] == "train"}
+    assert set(train) == {"baseline", "default", "fp32_cl"}
+    assert train["baseline"]["settings"]["adam"] == "plain"
+    assert train["default"]["settings"]["adam"] == "default"
+    for r in train.values():
+        assert (r["size"], r["batch"]) == (32, 2)
+        assert r["img_per_s"] > 0 and r["ms_per_step"] > 0
+    ratios = [r for r in records if r["case"] == "ratio"]
+    assert {r["what"] for r in ratios} == {"default/baseline", "fp32_cl/baseline"}
+    assert all(r["ratio"] > 0 for r in ratios)
+    (gen,) = [r for r in records if r["case"] == "generate"]
+    assert gen["size"] == 32 and gen["batch"] == 4 and gen["img_per_s"] > 0
+    (loader,) = [r for r in records if r["case"] == "loader"]
+    assert loader["img_per_s"] > 0 and loader["x_train"] > 0
+    mem = {r["what"]: r for r in records if r["case"] == "memory"}
+    assert set(mem) == {"train", "evaluate"}
+    assert all(r["peak_rss_mb"] > 0 for r in mem.values())
+    assert all(math.isfinite(x) for x in _numbers(on_disk))
+    assert any("default/baseline" in line for line in lines)       # the printed table
+
+
+def test_quick_skips_loader_and_memory(tmp_path):
+    result = bench.run_bench(sizes=[(32, 2)], repeats=1, quick=True, out=tmp_path / "b.json", device="cpu",
+                             model=TINY, gen_size=32, gen_batch=2, params_file=None, block_s=0.0, threads=1,
+                             memory={"size": 32, "batch": 2, "steps": 1, "n_slices": 32, "n_test": [8]},
+                             echo=lambda _: None)
+    cases = {r["case"] for r in result["records"]}
+    assert cases == {"train", "ratio", "generate"}
+
+
+def test_unknown_path_is_rejected():
+    with pytest.raises(SystemExit, match="unknown path"):
+        bench.extra_path("nope", bench.BASELINE)
