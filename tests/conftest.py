@@ -73,3 +73,13 @@ def load_stage(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def real_raw(tmp_path) -> Path:
+    """A raw folder holding the real-scan fixture as one case ('real', label 1 = aorta)."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "real_image.nii.gz").symlink_to(REAL_CT / "ct.nii.gz")
+    (raw / "real_label.nii.gz").symlink_to(REAL_CT / "aorta_label.nii.gz")
+    return raw

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REAL_CT, REPO, load_stage
+from conftest import REPO, load_stage
 from corpus import AFFINE, BAD_INPUTS, volumes, write_case
 from ctsynth import ingest
 from ctsynth.config import params_from_dict
@@ -140,12 +140,9 @@ def test_stage_subprocess_exit_code_and_debug_traceback(tmp_path):
     assert loud.returncode != 0 and "Traceback" in loud.stderr
 
 
-def test_real_scan_fixture_with_custom_label_map(tmp_path):
+def test_real_scan_fixture_with_custom_label_map(tmp_path, real_raw):
     """A real contrast CT (LPS, int16 HU) with an aorta mask labelled 1."""
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    (raw / "real_image.nii.gz").symlink_to(REAL_CT / "ct.nii.gz")
-    (raw / "real_label.nii.gz").symlink_to(REAL_CT / "aorta_label.nii.gz")
+    raw = real_raw
     params = params_from_dict({"data": {"source": "nifti", "raw_dir": str(raw), "label_map": {1: "Ao"}},
                                "preprocess": {"structures": ["Ao"], "image_size": 64}})
     manifest = ingest.run(params, tmp_path / "interim")

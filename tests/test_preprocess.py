@@ -7,7 +7,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import REAL_CT
 from corpus import write_case
 from ctsynth import ingest, preprocess
 from ctsynth.config import params_from_dict
@@ -102,11 +101,8 @@ def test_restore_slice_roundtrip():
     assert np.abs(back - hu).mean() < 60      # resize 20->24->20 blurs the noise only
 
 
-def test_real_scan_fixture(tmp_path):
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    (raw / "real_image.nii.gz").symlink_to(REAL_CT / "ct.nii.gz")
-    (raw / "real_label.nii.gz").symlink_to(REAL_CT / "aorta_label.nii.gz")
+def test_real_scan_fixture(tmp_path, real_raw):
+    raw = real_raw
     params = params_from_dict({"data": {"source": "nifti", "raw_dir": str(raw), "label_map": {1: "Ao"}},
                                "preprocess": {"structures": ["Ao"], "image_size": 64, "margin": 0}})
     ingest.run(params, tmp_path / "interim")
