@@ -164,7 +164,8 @@ def machine_info(device: torch.device) -> dict:
             "python": platform.python_version(), "platform": platform.platform(),
             "isa": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "loadavg_start": list(os.getloadavg())}
+            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+                    if k in os.environ}, "loadavg_start": list(os.getloadavg())}
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -373,6 +374,8 @@ def run_bench(sizes=None, repeats: int = 5, quick: bool = False, out: str | Path
     machine = {**machine_info(dev), "params_file": pfile, "default_path": dataclasses.asdict(default), "model": model}
     echo(f"ctsynth bench: {machine['cpu']}, {machine['cpu_count']} cores, {machine['torch_threads']} torch threads, "
          f"torch {machine['torch']}, device {machine['device']}, load average {machine['loadavg_start'][0]:.1f}")
+    if machine["loadavg_start"][0] > 0.5 * (os.cpu_count() or 1) and dev.type == "cpu":
+        echo("note: the machine is busy (load average above); wall times are pessimistic, compare 'cpu ms'")
     echo(f"{'case':9}{'path / what':22}{'size':>6}{'batch':>6}{'img/s':>10}{'ms/step':>10}{'cpu ms':>10}")
     records: list[dict] = []
 
