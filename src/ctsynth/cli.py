@@ -1,11 +1,11 @@
-"""The ``ctsynth`` command.
+"""The `ctsynth` command.
 
     ctsynth phantom --out data/my_phantom --cases 4 --seed 1
     ctsynth generate --model models/generator.pt --mask mask.nii.gz --out synth.nii.gz
     ctsynth check-params [--params params/paper.yaml]
     ctsynth bench [--quick]
 
-Pipeline stages are run by DVC (``dvc repro``), not from here; see README.
+Pipeline stages are run by DVC (`dvc repro`), not from here; see README.
 """
 from __future__ import annotations
 
