@@ -54,6 +54,16 @@ def test_bench_writes_structured_json(tmp_path):
     mem = {r["what"]: r for r in records if r["case"] == "memory"}
     assert set(mem) == {"train", "evaluate"}
     assert all(r["peak_rss_mb"] > 0 for r in mem.values())
+    gemm = {r["precision"]: r["gflop_s"] for r in records if r["case"] == "gemm"}
+    assert set(gemm) == {"fp32", "bf16"} and all(g > 0 for g in gemm.values())
+    (flops,) = [r for r in records if r["case"] == "flops"]            # train and generate size 32
+    assert flops["size"] == 32
+    assert flops["train_gflop_per_img"] > 3 * flops["generate_gflop_per_img"] > 0   # fwd+bwd of G and D
+    assert flops["generate_ceiling_img_s"] == pytest.approx(max(gemm.values()) / flops["generate_gflop_per_img"])
+    for r in train.values():
+        assert r["of_ceiling"] == pytest.approx(r["img_per_s"] / flops["train_ceiling_img_s"])
+    assert all(r["ceiling_ratio"] == pytest.approx(flops["train_ceiling_img_s"] / train["baseline"]["img_per_s"])
+               for r in ratios)
     assert all(math.isfinite(x) for x in _numbers(on_disk))
     assert any("default/baseline" in line for line in lines)       # the printed table
 
@@ -64,7 +74,15 @@ def test_quick_skips_loader_and_memory(tmp_path):
                              memory={"size": 32, "batch": 2, "steps": 1, "n_slices": 32, "n_test": [8]},
                              echo=lambda _: None)
     cases = {r["case"] for r in result["records"]}
-    assert cases == {"train", "ratio", "generate"}
+    assert cases == {"gemm", "flops", "train", "ratio", "generate"}
+
+
+def test_flops_scale_with_image_area():
+    """Known answer: every generator layer halves or doubles the grid exactly, so 4x the pixels is
+    4x the work; a training step costs more than G's forward and backward (3x its forward)."""
+    small, large = (bench.flops_per_image(s, bench.torch.device("cpu"), TINY) for s in (32, 64))
+    assert large["generate"] == 4 * small["generate"]
+    assert large["train"] > 3 * large["generate"]
 
 
 def test_unknown_path_is_rejected():

@@ -174,6 +174,24 @@ def test_bf16_channels_last_losses_stay_close_to_fp32(ws):
         assert ((a[name] - b[name]).abs() <= 0.05 + 0.1 * a[name].abs()).all(), (name, a[name], b[name])
 
 
+def test_auto_precision_follows_the_hardware(ws, monkeypatch):
+    """precision: auto trains in fp32 on a CPU without native bf16 and in bf16 on one with AMX;
+    the resolved precision is recorded and the auto run equals the explicit one bit for bit."""
+    from ctsynth import accel
+
+    kw = dict(iterations=4, log_every=2, checkpoint_every=100, snapshot_at=[])
+    ran = {}
+    for name, isa, explicit in (("avx2", {"avx2"}, "fp32"), ("amx", {"avx2", "amx_bf16"}, "bf16")):
+        monkeypatch.setattr(accel, "cpu_info", lambda isa=isa: ("test cpu", frozenset(isa)))
+        _, out = run(ws, params(precision="auto", **kw), f"auto-{name}")
+        _, ref = run(ws, params(precision=explicit, **kw), f"{explicit}-{name}")
+        blob = torch.load(out / "generator.pt", weights_only=True)
+        assert blob["extra"]["precision"] == explicit
+        assert_same(state(out / "generator.pt"), state(ref / "generator.pt"))
+        ran[name] = state(out / "generator.pt")
+    assert any(not torch.equal(ran["avx2"][k], ran["amx"][k]) for k in ran["avx2"])
+
+
 def _write_params(path: Path, p) -> Path:
     path.write_text(yaml.safe_dump(to_dict(p)))
     return path

@@ -16,7 +16,9 @@ fixed synthetic batch (the loader is measured on its own):
 
 Paths are timed interleaved (A B B A ...) so load from other processes biases none of them; the
 median of the repeats is reported (warm-up and compilation excluded), with this process's CPU time
-per step beside it (``cpu_ms_per_step``: robust to a busy machine). Writes ``{"machine",
+per step beside it (``cpu_ms_per_step``; with ``--threads 1`` it stays close to the idle wall time
+on a busy machine, with more OpenMP threads it includes their spin-waiting). Other processes' CPU
+use just before the start is recorded (``machine.cpu_busy_start``). Writes ``{"machine",
 "records"}`` atomically to ``--out``.
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .accel import autocast, cpu_info, gemm_gflops, pick_device, resolve_precision
 from .config import Params, TrackingCfg, load_params
 from .io import write_json
 
@@ -68,20 +71,19 @@ EXTRA_PATHS = {                    # --paths NAME,...: variants timed beside bas
     "nchw_fused": TrainPath("nchw_fused", **_FAST),
     "nchw_foreach": TrainPath("nchw_foreach", adam="foreach", sync=False),
     "cl_fused": TrainPath("cl_fused", channels_last=True, **_FAST),
-    "cl_foreach": TrainPath("cl_foreach", channels_last=True, adam="foreach", sync=False),
     "nchw_nomkldnn": TrainPath("nchw_nomkldnn", mkldnn=False, **_FAST),
     "cl_nomkldnn": TrainPath("cl_nomkldnn", channels_last=True, mkldnn=False, **_FAST),
     "nchw_compile": TrainPath("nchw_compile", compile=True, **_FAST),
     "bf16_cl": TrainPath("bf16_cl", channels_last=True, precision="bf16", **_FAST),
-    "bf16_nchw": TrainPath("bf16_nchw", precision="bf16", **_FAST),
     "nondet": None,                # the default path without deterministic algorithms
     "compile": None,               # the default path + torch.compile (also --compile)
 }
 
 
-def default_path(params: Params) -> TrainPath:
+def default_path(params: Params, device: torch.device) -> TrainPath:
     c = params.train
-    return TrainPath("default", c.channels_last, c.precision, c.compile, "default", False, True)
+    return TrainPath("default", c.channels_last, resolve_precision(c.precision, device), c.compile, "default",
+                     False, True)
 
 
 def extra_path(name: str, default: TrainPath) -> TrainPath:
@@ -148,24 +150,27 @@ def write_store(root: Path, n: int, size: int, cases: int = 8) -> Path:
     return root
 
 
-def machine_info(device: torch.device) -> dict:
-    cpu, flags = platform.processor(), set()
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Share of all CPUs' time spent busy over ``seconds`` (/proc/stat): others' load before we start."""
+    def sample():
+        vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(vals), vals[3] + vals[4]                   # total, idle + iowait
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                cpu = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"cpu": cpu or platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        (t0, i0), _, (t1, i1) = sample(), time.sleep(seconds), sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu, flags = cpu_info()
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "isa": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-                    if k in os.environ}, "loadavg_start": list(os.getloadavg())}
+                    if k in os.environ}, "loadavg_start": list(os.getloadavg()), "cpu_busy_start": cpu_busy()}
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -191,7 +196,7 @@ def make_trainer(path: TrainPath, size: int, batch: int, device: torch.device, m
 
     opt_g, opt_d = adam(G, hp["lr_g"]), adam(D, hp["lr_d"])
     Gm, Dm, Dg = (torch.compile(G), torch.compile(D), torch.compile(D)) if path.compile else (G, D, D)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=path.precision == "bf16")
+    amp = autocast(path.precision, device)
     images, masks = synthetic_slices(batch, size, seed=1)
     cond = condition_batch(masks, STRUCTURES, model["encoding"]).to(device).contiguous(memory_format=mem)
     real = torch.from_numpy(images.astype(np.float32))[:, None].to(device).contiguous(memory_format=mem)
@@ -203,6 +208,42 @@ def make_trainer(path: TrainPath, size: int, batch: int, device: torch.device, m
         if path.sync:
             losses.tolist()
     return step
+
+
+def flops_per_image(size: int, device: torch.device, model: dict) -> dict:
+    """Floating-point operations per image (convolutions and matrix products, torch's FlopCounterMode)
+    of one training step (G and D forward and backward) and of one generator forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .labels import condition_channels
+    from .models import build_generator
+
+    batch, out = 2, {}
+    step = make_trainer(BASELINE, size, batch, device, model, PAPER_HP)
+    with FlopCounterMode(display=False) as fc:
+        step()
+    out["train"] = fc.get_total_flops() / batch
+    in_ch = condition_channels(STRUCTURES, model["encoding"])
+    G = build_generator(model, in_ch).to(device).eval()
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        G(torch.zeros(batch, in_ch, size, size, device=device))
+    out["generate"] = fc.get_total_flops() / batch
+    return out
+
+
+def roofline(sizes: list[int], device: torch.device, model: dict) -> list[dict]:
+    """Measured fp32 and bf16 GEMM rates, and per image size the work per image and the
+    throughput ceiling it implies (work / fastest GEMM rate): what no code path can exceed."""
+    peaks = {p: gemm_gflops(device, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[p]))
+             for p in ("fp32", "bf16")}
+    recs = [{"case": "gemm", "precision": p, "gflop_s": g} for p, g in peaks.items()]
+    for size in sizes:
+        f = flops_per_image(size, device, model)
+        recs.append({"case": "flops", "size": size, "train_gflop_per_img": f["train"] / 1e9,
+                     "generate_gflop_per_img": f["generate"] / 1e9,
+                     "train_ceiling_img_s": max(peaks.values()) * 1e9 / f["train"],
+                     "generate_ceiling_img_s": max(peaks.values()) * 1e9 / f["generate"]})
+    return recs
 
 
 def bench_train(paths: list[TrainPath], size: int, batch: int, repeats: int, device, model, hp,
@@ -296,7 +337,7 @@ def _child(spec: dict) -> None:
     extra = {"import_rss_mb": peak_rss_mb()}
     params = load_params(spec["params"]) if spec.get("params") else Params()
     if spec["what"] == "train":                       # the default path's step loop, paper batch
-        step = make_trainer(default_path(params), spec["size"], spec["batch"], device, spec["model"], PAPER_HP)
+        step = make_trainer(default_path(params, device), spec["size"], spec["batch"], device, spec["model"], PAPER_HP)
         for _ in range(spec["steps"]):
             step()
         _sync(device)
@@ -344,14 +385,22 @@ def bench_memory(what: str, spec: dict) -> dict:
 # ------------------------------------------------------------------------------ driver
 
 def _fmt(r: dict) -> str:
+    if r["case"] == "gemm":
+        return f"{'gemm':9}{r['precision'] + ' matrix product':40}{r['gflop_s']:>8.1f} GFLOP/s"
     what, size = r.get("path") or r.get("what", ""), f"{r['size']}²"
+    if r["case"] == "flops":
+        return (f"{'flops':9}{'train step / generator':22}{size:>6}{'':6}{r['train_gflop_per_img']:>8.1f} / "
+                f"{r['generate_gflop_per_img']:.1f} GFLOP per image; ceiling {r['train_ceiling_img_s']:.2f} / "
+                f"{r['generate_ceiling_img_s']:.1f} img/s")
     if r["case"] == "ratio":
-        return f"{'ratio':9}{r['what']:22}{size:>6}{r['batch']:>6}{r['ratio']:>10.2f}x"
+        ceiling = f"  (ceiling {r['ceiling_ratio']:.2f}x)" if "ceiling_ratio" in r else ""
+        return f"{'ratio':9}{r['what']:22}{size:>6}{r['batch']:>6}{r['ratio']:>10.2f}x{ceiling}"
     if r["case"] == "memory":
         n = f", {r['n_test_slices']} test slices" if "n_test_slices" in r else ""
         return f"{'memory':9}{what:22}{size:>6}{r.get('batch', ''):>6}{r['peak_rss_mb']:>10.0f} MB peak RSS{n}"
     tail = f"{r['ms_per_step']:>10.0f}{r['cpu_ms_per_step']:>10.0f}" if "ms_per_step" in r else ""
-    note = f"  compile {r['compile_s']:.0f} s" if "compile_s" in r else ""
+    note = f"  {100 * r['of_ceiling']:.0f}% of ceiling" if "of_ceiling" in r else ""
+    note += f"  compile {r['compile_s']:.0f} s" if "compile_s" in r else ""
     note += f"  ({r['x_train']:.0f}x default training)" if "x_train" in r else ""
     return f"{r['case']:9}{what:22}{size:>6}{r['batch']:>6}{r['img_per_s']:>10.2f}{tail}{note}"
 
@@ -360,13 +409,13 @@ def run_bench(sizes=None, repeats: int = 5, quick: bool = False, out: str | Path
               device: str = "auto", paths: tuple[str, ...] = (), model: dict | None = None,
               gen_size: int = 256, gen_batch: int = 16, loader: tuple[int, int] | None = (512, 256),
               memory: dict | None = None, params_file: str | None = "params.yaml", block_s: float = 1.5,
-              threads: int | None = None, echo=print) -> dict:
+              threads: int | None = None, with_roofline: bool = True, echo=print) -> dict:
     """Run the benchmark; write and return ``{"machine", "records"}``. Every knob shrinks for tests:
     ``loader=(slices, size)`` or None, ``memory={"size", "batch", "steps", "n_slices", "n_test": [..]}``."""
-    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = pick_device(device)
     model, pfile = dict(model or PAPER_MODEL), params_file if params_file and Path(params_file).exists() else None
     params = load_params(pfile) if pfile else Params()
-    default = default_path(params)
+    default = default_path(params, dev)
     plist = [BASELINE, default] + [extra_path(n, default) for n in paths]
     old_threads = torch.get_num_threads()
     if threads:
@@ -374,24 +423,41 @@ def run_bench(sizes=None, repeats: int = 5, quick: bool = False, out: str | Path
     machine = {**machine_info(dev), "params_file": pfile, "default_path": dataclasses.asdict(default), "model": model}
     echo(f"ctsynth bench: {machine['cpu']}, {machine['cpu_count']} cores, {machine['torch_threads']} torch threads, "
          f"torch {machine['torch']}, device {machine['device']}, load average {machine['loadavg_start'][0]:.1f}")
-    if machine["loadavg_start"][0] > 0.5 * (os.cpu_count() or 1) and dev.type == "cpu":
-        echo("note: the machine is busy (load average above); wall times are pessimistic, compare 'cpu ms'")
+    if (machine["cpu_busy_start"] or 0) > 0.25 and dev.type == "cpu":
+        echo(f"note: other processes kept the CPUs {100 * machine['cpu_busy_start']:.0f}% busy before the start; "
+             "wall times are pessimistic (with 2 OpenMP threads a busy core slows torch several-fold)")
     echo(f"{'case':9}{'path / what':22}{'size':>6}{'batch':>6}{'img/s':>10}{'ms/step':>10}{'cpu ms':>10}")
     records: list[dict] = []
 
     def add(rec: dict) -> None:
         records.append(rec)
         echo(_fmt(rec))
+    train_sizes = sizes or (QUICK_SIZES if quick else FULL_SIZES)
     try:
-        for size, batch in sizes or (QUICK_SIZES if quick else FULL_SIZES):
+        ceiling = {}                                  # size -> the flops record (throughput ceilings)
+        if with_roofline:
+            for rec in roofline(sorted({s for s, _ in train_sizes} | {gen_size}), dev, model):
+                add(rec)
+                if rec["case"] == "flops":
+                    ceiling[rec["size"]] = rec
+        for size, batch in train_sizes:
             recs = bench_train(plist, size, batch, repeats, dev, model, PAPER_HP, block_s)
             for rec in recs:
+                if size in ceiling:
+                    rec["gflop_s"] = rec["img_per_s"] * ceiling[size]["train_gflop_per_img"]
+                    rec["of_ceiling"] = rec["img_per_s"] / ceiling[size]["train_ceiling_img_s"]
                 add(rec)
             for rec in recs[1:]:
-                add({"case": "ratio", "what": f"{rec['path']}/baseline", "size": size, "batch": batch,
-                     "ratio": rec["img_per_s"] / recs[0]["img_per_s"],
-                     "cpu_ratio": recs[0]["cpu_ms_per_step"] / rec["cpu_ms_per_step"]})
-        add(bench_generate(gen_size, gen_batch, repeats, dev, model))
+                ratio = {"case": "ratio", "what": f"{rec['path']}/baseline", "size": size, "batch": batch,
+                         "ratio": rec["img_per_s"] / recs[0]["img_per_s"],
+                         "cpu_ratio": recs[0]["cpu_ms_per_step"] / rec["cpu_ms_per_step"]}
+                if size in ceiling:                   # the most any path could gain over the baseline
+                    ratio["ceiling_ratio"] = ceiling[size]["train_ceiling_img_s"] / recs[0]["img_per_s"]
+                add(ratio)
+        rec = bench_generate(gen_size, gen_batch, repeats, dev, model)
+        if gen_size in ceiling:
+            rec["of_ceiling"] = rec["img_per_s"] / ceiling[gen_size]["generate_ceiling_img_s"]
+        add(rec)
         with tempfile.TemporaryDirectory(prefix="ctsynth-bench-") as tmp:
             if loader and not quick:
                 rec = bench_loader(write_store(Path(tmp) / "loader", *loader), 8, repeats, params, dev)

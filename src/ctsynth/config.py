@@ -75,7 +75,7 @@ class ModelCfg:
 class TrainCfg:
     nproc: int = 1                                   # processes for torchrun
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 where native (CUDA, AMX CPUs)
     channels_last: bool = True
     compile: bool = False
     iterations: int = 1500                           # generator steps (paper: 100000)

@@ -28,6 +28,7 @@ from numpy.lib.format import open_memmap
 from skimage.transform import resize
 from tqdm import tqdm
 
+from .accel import pick_device
 from .data import ProcessedStore, condition_batch
 from .errors import ConfigError, InputError, ModelFileError
 from .io import atomic_dir, load_nifti, save_nifti
@@ -42,12 +43,6 @@ RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
 
 
 # ------------------------------------------------------------------------------ the engine
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
 
 def load_model(model_path: str | Path, device: str = "auto") -> tuple[torch.nn.Module, dict]:
     """``(generator in eval mode, preprocessing meta)`` from a file written by

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from .accel import autocast, resolve_precision
 from .config import Params, to_dict
 from .data import ProcessedStore, SliceDataset, condition_batch
 from .errors import ConfigError, InputError, TrainingError
@@ -132,13 +133,13 @@ def _data_fingerprint(store: ProcessedStore, train_cases: list[str]) -> str:
     return h.hexdigest()
 
 
-def _fingerprint(params: Params, data_fp: str, world: int, device: torch.device) -> str:
+def _fingerprint(params: Params, data_fp: str, world: int, device: torch.device, precision: str) -> str:
     """Hash of everything that shapes the trained weights: resume only into the same run."""
     tr = {k: v for k, v in to_dict(params.train).items() if k not in _NOT_TRAJECTORY}
     if params.train.lr_decay_start is None:
         tr.pop("iterations")                 # no decay: more iterations = the same run, longer
     blob = {"seed": params.seed, "model": to_dict(params.model), "train": tr, "data": data_fp,
-            "world": world, "device": device.type}
+            "world": world, "device": device.type, "precision": precision}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -401,7 +402,8 @@ def _train(params, cfg, mcfg, ddp, rank, world, device, is_main, processed_dir, 
         raise ConfigError("train.sync_bn: SyncBatchNorm needs CUDA; set it false for CPU training")
     ds = SliceDataset(store, rows, mcfg.encoding)
     in_ch = condition_channels(store.structures, mcfg.encoding)
-    fp = _fingerprint(params, _data_fingerprint(store, split["train"]), world, device)
+    precision = resolve_precision(cfg.precision, device)          # auto: bf16 only where it is native
+    fp = _fingerprint(params, _data_fingerprint(store, split["train"]), world, device, precision)
 
     # -- models and optimizers (same seed on every rank, DDP then keeps them in step) ---------------
     torch.manual_seed(params.seed)
@@ -420,7 +422,7 @@ def _train(params, cfg, mcfg, ddp, rank, world, device, is_main, processed_dir, 
                  mcfg.skip_connections, receptive_field(mcfg, "generator"), f"{count_parameters(D):,}",
                  (size // 2 ** mcfg.disc_layers) ** 2, rf)
         log.info("%d training slices, batch %d (%d per process x %d), %s %s%s%s", len(rows),
-                 cfg.batch_size, batch, world, device, cfg.precision,
+                 cfg.batch_size, batch, world, device, precision,
                  " channels_last" if cfg.channels_last else "", " compile" if cfg.compile else "")
 
     # -- resume ---------------------------------------------------------------------------------
@@ -449,7 +451,7 @@ def _train(params, cfg, mcfg, ddp, rank, world, device, is_main, processed_dir, 
                 for row in history:
                     tracker.log_metrics(dict(zip(LOSS_NAMES, row[1:1 + len(LOSS_NAMES)])), int(row[0]))
             tracker.set_tags({"ctsynth.world_size": world, "ctsynth.device": str(device),
-                              "ctsynth.fingerprint": fp, "ctsynth.receptive_field_px": receptive_field(mcfg)})
+                              "ctsynth.precision": precision, "ctsynth.fingerprint": fp, "ctsynth.receptive_field_px": receptive_field(mcfg)})
         except TrainingError as e:
             problem = e
     ok = _reduce(torch.tensor([0.0 if problem else 1.0], device=device), ddp, dist.ReduceOp.MIN if ddp else None)
@@ -468,7 +470,7 @@ def _train(params, cfg, mcfg, ddp, rank, world, device, is_main, processed_dir, 
     Dg = raw_D
     if cfg.compile:
         Gm, Dm, Dg = torch.compile(Gm), torch.compile(Dm), torch.compile(raw_D)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    amp = autocast(precision, device)
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=params.seed,
                                  drop_last=True)
     on_cuda = device.type == "cuda"
@@ -583,7 +585,7 @@ def _train(params, cfg, mcfg, ddp, rank, world, device, is_main, processed_dir, 
         if world > 1:
             log.info("weights identical on all %d ranks (sha256 %s)", world, digest[:16])
         extra = {"step": step, "iterations": cfg.iterations, "world_size": world, "device": device.type,
-                 "precision": cfg.precision, "seed": params.seed, "rank_weight_hashes": digests,
+                 "precision": precision, "seed": params.seed, "rank_weight_hashes": digests,
                  "receptive_field": rf, "fingerprint": fp, "mlflow_run_id": tracker.run_id,
                  "losses": dict(zip(["step", *LOSS_NAMES], history[-1][:1 + len(LOSS_NAMES)])) if history else {}}
         save_generator(out_model, raw_G, to_dict(mcfg), in_ch, meta, extra)

@@ -1,0 +1,89 @@
+"""Hardware facts the fast paths depend on: device choice, CPU features, which precision pays.
+
+``precision: auto`` (the default) trains in bf16 autocast only where the hardware multiplies bf16
+natively and faster than fp32: CUDA devices that support bf16, and CPUs with AMX (``amx_bf16``).
+Everywhere else (e.g. AVX2-only CPUs, where bf16 convolutions are emulated and run 5-50x slower
+than fp32) it resolves to fp32. ``ctsynth bench`` measures both GEMM rates on the machine at hand.
+"""
+from __future__ import annotations
+
+import platform
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+BF16_CPU_FLAGS = {"amx_bf16"}          # native bf16 matrix units; avx512_bf16 alone is not enough
+
+
+@lru_cache(maxsize=1)
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """(CPU model name, ISA flags) from /proc/cpuinfo; ``(platform name, {})`` where unavailable."""
+    model, flags = "", frozenset()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = frozenset(value.split())
+    except OSError:
+        pass
+    return model or platform.processor() or platform.machine(), flags
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: the first CUDA device if there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matrix products natively (so bf16 autocast can pay)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(BF16_CPU_FLAGS & cpu_info()[1])
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``fp32`` / ``bf16`` as given; ``auto``: bf16 where :func:`native_bf16`, else fp32."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The autocast context for a resolved precision (disabled for fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, budget_s: float = 2.0,
+                min_s: float = 0.05) -> float:
+    """Measured rate of a dense n x n matrix product (GFLOP/s, the best of products repeated for
+    ``budget_s`` after a warm-up): the practical ceiling that convolution-heavy work on ``device``
+    can approach in ``dtype``. ``n`` doubles from 256 until one product takes ``min_s`` (up to 2048
+    on CPU, 8192 on CUDA), so an emulated dtype (bf16 without hardware support: ~100x slower than
+    fp32) is measured in about a second."""
+    import time
+
+    def clock(a, b) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    n, n_max, gen = 256, 8192 if device.type == "cuda" else 2048, torch.Generator().manual_seed(0)
+    while True:
+        a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
+        clock(a, b)                                            # warm-up (kernel choice, caches)
+        if n >= n_max or clock(a, b) >= min_s:
+            break
+        n *= 2
+    times, end = [], time.perf_counter() + budget_s            # threads and clocks ramp up first
+    while len(times) < 3 or time.perf_counter() < end:
+        times.append(clock(a, b))
+    return 2 * n ** 3 / min(times) / 1e9

@@ -1,0 +1,60 @@
+"""ctsynth.accel: device choice, native-bf16 detection, precision resolution, GEMM rate."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctsynth import accel
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def flags(monkeypatch):
+    def set_flags(*names):
+        monkeypatch.setattr(accel, "cpu_info", lambda: ("test cpu", frozenset(names)))
+    return set_flags
+
+
+def test_auto_is_bf16_only_on_cpus_with_amx(flags):
+    flags("avx2", "fma")
+    assert not accel.native_bf16(CPU)
+    assert accel.resolve_precision("auto", CPU) == "fp32"
+    flags("avx2", "avx512f", "avx512_bf16")                 # bf16 dot products alone: not enough
+    assert accel.resolve_precision("auto", CPU) == "fp32"
+    flags("avx2", "avx512f", "amx_tile", "amx_bf16")
+    assert accel.native_bf16(CPU)
+    assert accel.resolve_precision("auto", CPU) == "bf16"
+
+
+@pytest.mark.parametrize("given", ["fp32", "bf16"])
+def test_explicit_precision_is_kept(flags, given):
+    flags("amx_bf16")
+    assert accel.resolve_precision(given, CPU) == given
+    flags()
+    assert accel.resolve_precision(given, CPU) == given
+
+
+def test_autocast_matches_precision():
+    x = torch.randn(4, 8)
+    w = torch.randn(8, 8)
+    with accel.autocast("bf16", CPU):
+        assert (x @ w).dtype == torch.bfloat16
+    with accel.autocast("fp32", CPU):
+        assert (x @ w).dtype == torch.float32
+
+
+def test_cpu_info_reads_this_machine():
+    model, isa = accel.cpu_info()
+    assert isinstance(model, str) and model
+    assert isinstance(isa, frozenset)
+
+
+def test_pick_device():
+    assert accel.pick_device("cpu") == CPU
+    assert accel.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_gemm_rate_is_a_positive_finite_rate():
+    rate = accel.gemm_gflops(CPU, torch.float32, budget_s=0.0, min_s=0.0)     # n = 256, 3 products
+    assert 0 < rate < 1e6
