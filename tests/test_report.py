@@ -13,9 +13,10 @@ import pytest
 
 from conftest import tiny_params
 from ctsynth.errors import InputError
+from ctsynth.figures import fig_condition_subsets
 from ctsynth.generate import generate_test_set
 from ctsynth.labels import STRUCTURES
-from ctsynth.report import build_report, fig_condition_subsets
+from ctsynth.report import build_report
 from test_generate import make_world
 
 SECTIONS = ("config", "data", "metrics", "structures", "cases", "samples", "subsets", "training", "privacy")

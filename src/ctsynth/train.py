@@ -22,16 +22,12 @@ import hashlib
 import json
 import logging
 import os
-import pickle
-import random
 import signal
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -39,12 +35,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from .accel import autocast, resolve_precision
+from .checkpoint import ckpt_files, load_latest_checkpoint, save_checkpoint, set_rng_state
 from .config import Params, to_dict
-from .data import ProcessedStore, SliceDataset, condition_batch
+from .data import ProcessedStore, SliceDataset
 from .errors import ConfigError, InputError, TrainingError
-from .io import atomic_file, write_csv
-from .labels import STRUCTURE_COLOURS, condition_channels
+from .io import write_csv
+from .labels import condition_channels
 from .models import build_discriminator, build_generator, count_parameters, receptive_field, save_generator
+from .snapshots import render_snapshot, snapshot_images, snapshot_rows
 
 log = logging.getLogger(__name__)
 
@@ -171,137 +169,13 @@ def make_optimizer(params, lr: float, betas: tuple[float, float], device: torch.
     return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused or None)
 
 
-# --------------------------------------------------------------------------------- checkpoints
-
-CKPT_FORMAT = "ctsynth-checkpoint"
-KEEP_CHECKPOINTS = 2
-
-
-def _rng_state() -> dict:
-    """python/numpy/torch RNG states as tensors and plain values (``weights_only`` loadable)."""
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(s: dict) -> None:
-    version, mt, gauss = s["python"]
-    random.setstate((version, tuple(mt.tolist()), gauss))
-    name, keys, pos, has_gauss, cached = s["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def _ckpt_files(ckpt_dir: Path) -> list[Path]:
-    """Checkpoint files, newest (highest step) first."""
-    return sorted(ckpt_dir.glob("step_*.pt"), reverse=True) if ckpt_dir.is_dir() else []
-
-
-def save_checkpoint(ckpt_dir: Path, *, step: int, fingerprint: str, G, D, opt_g, opt_d,
-                    history: list, acc: torch.Tensor, acc_n: int, snapshots: dict,
-                    run_id: str | None) -> Path:
-    """Atomically write ``step_XXXXXXX.pt`` (never with non-finite weights); keep the newest 2."""
-    finite = torch.stack([torch.isfinite(p).all() for m in (G, D) for p in m.parameters()]).all()
-    if not finite:
-        raise TrainingError(f"non-finite weights at step {step}; checkpoint not written, the last good "
-                            f"one is kept")
-    blob = {"format": CKPT_FORMAT, "step": step, "fingerprint": fingerprint,
-            "G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-            "rng": _rng_state(), "history": torch.tensor(history, dtype=torch.float64),
-            "acc": acc.detach().cpu(), "acc_n": acc_n, "snapshots": {str(k): v for k, v in snapshots.items()},
-            "mlflow_run_id": run_id}
-    path = ckpt_dir / f"step_{step:07d}.pt"
-    with atomic_file(path) as tmp:
-        torch.save(blob, tmp)
-    for old in _ckpt_files(ckpt_dir)[KEEP_CHECKPOINTS:]:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def load_latest_checkpoint(ckpt_dir: Path, fingerprint: str, iterations: int) -> dict | None:
-    """Newest loadable checkpoint of *this* run (same fingerprint, step <= iterations), else None."""
-    for path in _ckpt_files(ckpt_dir):
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, OSError, EOFError, ValueError) as e:
-            log.warning("%s: unreadable checkpoint (%s); trying an older one", path, e)
-            continue
-        if not isinstance(blob, dict) or blob.get("format") != CKPT_FORMAT:
-            log.warning("%s: not a ctsynth checkpoint; ignored", path)
-            continue
-        if blob["fingerprint"] != fingerprint or blob["step"] > iterations:
-            log.info("%s: from a different configuration; training starts fresh", path)
-            return None
-        blob["path"] = str(path)
-        blob["history"] = blob["history"].tolist()
-        blob["snapshots"] = {int(k): v for k, v in blob["snapshots"].items()}
-        return blob
-    return None
-
+# --------------------------------------------------------------------------------- losses
 
 def write_losses(path: Path, history: list, names: tuple[str, ...]) -> None:
     import pandas as pd
     frame = pd.DataFrame(history, columns=["step", *names, "lr_g", "lr_d"])
     frame["step"] = frame["step"].astype(int)
     write_csv(path, frame)
-
-
-# ----------------------------------------------------------------------------------- snapshots
-
-
-
-def snapshot_rows(store: ProcessedStore, split: dict, count: int) -> np.ndarray:
-    """``count`` validation slices (train if there is no validation case), evenly spaced over
-    the slices whose structures cover at least the median area -- the same every run."""
-    rows = store.rows_for_cases(split.get("val") or [])
-    if len(rows) == 0:
-        log.info("no validation cases: evolution snapshots use training slices")
-        rows = store.rows_for_cases(split["train"])
-    area = (np.asarray(store.masks[rows]).reshape(len(rows), -1) > 0).sum(1)
-    if area.any():
-        rows = rows[area >= np.median(area[area > 0])]
-    return rows[np.unique(np.linspace(0, len(rows) - 1, min(count, len(rows))).round().astype(int))]
-
-
-@torch.no_grad()
-def snapshot_images(G, store: ProcessedStore, rows: np.ndarray, encoding: str,
-                    device: torch.device) -> torch.Tensor:
-    """Generator output (eval mode, fp32) for ``rows`` as uint8 (K, S, S)."""
-    was_training = G.training
-    G.eval()
-    cond = condition_batch(store.masks[rows], store.structures, encoding).to(device)   # (K, C, S, S)
-    fake = G(cond).float()[:, 0]                                                        # (K, S, S)
-    G.train(was_training)
-    return ((fake.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
-def render_snapshot(path: Path, store: ProcessedStore, rows: np.ndarray, generated: torch.Tensor,
-                    step: int, iterations: int) -> Path:
-    """PNG grid, one column per slice; rows: mask colours | real | generated at ``step``."""
-    from PIL import Image, ImageDraw
-
-    masks = STRUCTURE_COLOURS[np.asarray(store.masks[rows])]                                     # (K, S, S, 3)
-    real = ((np.asarray(store.images[rows], np.float32).clip(-1, 1) + 1) * 127.5).round().astype(np.uint8)
-    gray = lambda a: np.repeat(a[..., None], 3, axis=-1)                               # noqa: E731
-    k, s = len(rows), store.image_size
-    zoom, gap, head = max(1, 128 // s), 2, 14
-    tiles = [masks, gray(real), gray(generated.numpy())]
-    grid = np.full((head + 3 * (s * zoom + gap), k * (s * zoom + gap), 3), 255, np.uint8)
-    for r, tile_row in enumerate(tiles):
-        for c in range(k):
-            tile = tile_row[c].repeat(zoom, 0).repeat(zoom, 1)
-            y, x = head + r * (s * zoom + gap), c * (s * zoom + gap)
-            grid[y:y + s * zoom, x:x + s * zoom] = tile
-    img = Image.fromarray(grid)
-    ImageDraw.Draw(img).text((2, 1), f"step {step} / {iterations}  (mask | real | generated)", fill=(0, 0, 0))
-    with atomic_file(path) as tmp:
-        img.save(tmp, format="PNG")
-    return path
 
 
 # ---------------------------------------------------------------------------------------- step
@@ -434,7 +308,7 @@ def _train(params, cfg, mcfg, ddp, rank, world, device, is_main, processed_dir, 
         D.load_state_dict(state["D"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         step, history, snaps = state["step"], state["history"], state["snapshots"]
         acc, acc_n, run_id = state["acc"].to(device), state["acc_n"], state["mlflow_run_id"]
         if is_main:
@@ -461,7 +335,7 @@ def _train(params, cfg, mcfg, ddp, rank, world, device, is_main, processed_dir, 
     if not ok.item():
         raise TrainingError("rank 0 could not open the MLflow tracking store")
     if state is None and is_main:                              # stale checkpoints of another run
-        for old in _ckpt_files(ckpt_dir):
+        for old in ckpt_files(ckpt_dir):
             old.unlink()
 
     Gm = DDP(G, device_ids=[device.index] if device.type == "cuda" else None) if ddp else G
