@@ -54,6 +54,8 @@ def test_bench_writes_structured_json(tmp_path):
     mem = {r["what"]: r for r in records if r["case"] == "memory"}
     assert set(mem) == {"train", "evaluate"}
     assert all(r["peak_rss_mb"] > 0 for r in mem.values())
+    assert mem["evaluate"]["peak_reset"] is True                         # set-up not charged (Linux)
+    assert mem["evaluate"]["setup_peak_rss_mb"] > 0
     gemm = {r["precision"]: r["gflop_s"] for r in records if r["case"] == "gemm"}
     assert set(gemm) == {"fp32", "bf16"} and all(g > 0 for g in gemm.values())
     (flops,) = [r for r in records if r["case"] == "flops"]            # train and generate size 32

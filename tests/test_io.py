@@ -1,7 +1,6 @@
 """io: atomic writes and NIfTI helpers."""
 from __future__ import annotations
 
-import nibabel as nib
 import numpy as np
 import pytest
 

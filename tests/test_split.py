@@ -17,6 +17,7 @@ def test_fractions_partition_cases_and_seeded(tmp_path):
     store = make_store(tmp_path / "p", cases=CASES, slices_per_case=2)
     a = split.run(params_from_dict({"seed": 1}), store, tmp_path / "a.json")
     b = split.run(params_from_dict({"seed": 1}), store, tmp_path / "b.json")
+    assert a == b
     c = split.run(params_from_dict({"seed": 2}), store, tmp_path / "c.json")
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     assert a["test"] != c["test"] or a["val"] != c["val"]

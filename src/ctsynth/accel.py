@@ -7,7 +7,9 @@ than fp32) it resolves to fp32. ``ctsynth bench`` measures both GEMM rates on th
 """
 from __future__ import annotations
 
+import os
 import platform
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -65,8 +67,6 @@ def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, budget
     can approach in ``dtype``. ``n`` doubles from 256 until one product takes ``min_s`` (up to 2048
     on CPU, 8192 on CUDA), so an emulated dtype (bf16 without hardware support: ~100x slower than
     fp32) is measured in about a second."""
-    import time
-
     def clock(a, b) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -87,3 +87,26 @@ def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, budget
     while len(times) < 3 or time.perf_counter() < end:
         times.append(clock(a, b))
     return 2 * n ** 3 / min(times) / 1e9
+
+
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Share of all CPUs' time spent busy over ``seconds`` (/proc/stat): others' load before we start."""
+    def sample():
+        vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(vals), vals[3] + vals[4]                   # total, idle + iowait
+    try:
+        (t0, i0), _, (t1, i1) = sample(), time.sleep(seconds), sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu, flags = cpu_info()
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "isa": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+                    if k in os.environ}, "loadavg_start": list(os.getloadavg()), "cpu_busy_start": cpu_busy()}

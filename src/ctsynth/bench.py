@@ -27,10 +27,7 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .accel import autocast, cpu_info, gemm_gflops, pick_device, resolve_precision
-from .config import Params, TrackingCfg, load_params
+from .accel import autocast, gemm_gflops, machine_info, pick_device, resolve_precision
+from .bench_memory import bench_memory
+from .config import Params, load_params
 from .io import write_json
 
 PAPER_MODEL = {"encoding": "index", "gen_depth": 7, "ngf": 64, "ndf": 64, "disc_layers": 4,
@@ -49,7 +47,7 @@ PAPER_MODEL = {"encoding": "index", "gen_depth": 7, "ngf": 64, "ndf": 64, "disc_
 PAPER_HP = {"lr_g": 1.3e-4, "lr_d": 1.5e-4, "betas": (0.5, 0.999), "lambda_l1": 100.0}
 STRUCTURES = ["Myo", "LA", "LV", "RA", "RV", "Ao", "PA"]
 FULL_SIZES, QUICK_SIZES = [(256, 1), (256, 4), (128, 8)], [(256, 4)]
-FULL_MEMORY = {"size": 256, "batch": 8, "steps": 3, "n_slices": 192, "n_test": [32, 96]}
+FULL_MEMORY = {"size": 256, "batch": 8, "steps": 3, "n_slices": 400, "n_test": [50, 200]}
 
 
 @dataclass(frozen=True)
@@ -148,29 +146,6 @@ def write_store(root: Path, n: int, size: int, cases: int = 8) -> Path:
                           "orig_shape": [size, size, per], "z": list(range(per))} for c in sorted(set(names))}}
     (root / "meta.json").write_text(json.dumps(meta))
     return root
-
-
-def cpu_busy(seconds: float = 1.0) -> float | None:
-    """Share of all CPUs' time spent busy over ``seconds`` (/proc/stat): others' load before we start."""
-    def sample():
-        vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(vals), vals[3] + vals[4]                   # total, idle + iowait
-    try:
-        (t0, i0), _, (t1, i1) = sample(), time.sleep(seconds), sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return 1.0 - (i1 - i0) / max(1, t1 - t0)
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu, flags = cpu_info()
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch_interop_threads": torch.get_num_interop_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "isa": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-                    if k in os.environ}, "loadavg_start": list(os.getloadavg()), "cpu_busy_start": cpu_busy()}
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -318,70 +293,6 @@ def bench_loader(store_dir: Path, batch: int, repeats: int, params: Params, devi
             "num_workers": params.train.num_workers, "repeats": repeats}
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process: VmHWM (ru_maxrss also counts the parent's at fork)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _child(spec: dict) -> None:
-    """Subprocess body of a peak-memory run; prints one JSON line (peak RSS in MB)."""
-    device = torch.device(spec["device"])
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    extra = {"import_rss_mb": peak_rss_mb()}
-    params = load_params(spec["params"]) if spec.get("params") else Params()
-    if spec["what"] == "train":                       # the default path's step loop, paper batch
-        step = make_trainer(default_path(params, device), spec["size"], spec["batch"], device, spec["model"], PAPER_HP)
-        for _ in range(spec["steps"]):
-            step()
-        _sync(device)
-    else:                                             # the evaluate stage on a synthetic test set
-        import pandas as pd
-
-        from . import evaluate
-        from .data import ProcessedStore
-        from .features import SegUNet, save_segmenter
-        root, w = Path(spec["root"]), params.segmenter.width
-        cases = sorted(pd.read_csv(root / "processed" / "slices.csv", dtype={"case": str})["case"].unique())
-        split = {"train": cases[: len(cases) // 2], "val": [], "test": cases[len(cases) // 2:]}
-        (root / "split.json").write_text(json.dumps(split))
-        store = ProcessedStore(root / "processed")
-        rows = store.rows_for_cases(split["test"])[: spec["n_test"]]
-        gen = root / "generated"
-        gen.mkdir(exist_ok=True)
-        noise = np.random.default_rng(0).normal(0, 0.05, (len(rows),) + store.images.shape[1:])
-        np.save(gen / "fake.npy", np.clip(store.images[rows] + noise, -1, 1).astype(np.float16))
-        np.save(gen / "index.npy", rows.astype(np.int64))
-        torch.manual_seed(0)
-        save_segmenter(SegUNet(width=w), {"width": w, "image_size": store.image_size},
-                       {"train_cases": split["train"]}, root / "segmenter.pt")
-        params = dataclasses.replace(params, tracking=TrackingCfg(enabled=False))
-        evaluate.run(params, root / "processed", root / "split.json", gen, root / "segmenter.pt", root / "reports")
-        extra["n_test_slices"] = int(len(rows))
-    if device.type == "cuda":
-        extra["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    print(json.dumps({"peak_rss_mb": peak_rss_mb(), **extra}))
-
-
-def bench_memory(what: str, spec: dict) -> dict:
-    """Run :func:`_child` in a fresh interpreter; a memory record."""
-    spec = {"what": what, **spec}
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "ctsynth.bench", "--child", json.dumps(spec)],
-                          capture_output=True, text=True, env={**os.environ, "CI": "1"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench: memory run of {what} failed:\n{proc.stderr[-3000:]}")
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    keep = {k: spec[k] for k in ("size", "batch", "steps") if k in spec}
-    return {"case": "memory", "what": what, **keep, **res, "wall_s": time.perf_counter() - t0}
-
-
 # ------------------------------------------------------------------------------ driver
 
 def _fmt(r: dict) -> str:
@@ -397,6 +308,7 @@ def _fmt(r: dict) -> str:
         return f"{'ratio':9}{r['what']:22}{size:>6}{r['batch']:>6}{r['ratio']:>10.2f}x{ceiling}"
     if r["case"] == "memory":
         n = f", {r['n_test_slices']} test slices" if "n_test_slices" in r else ""
+        n += f" (at the end {r['anon_rss_mb_end']:.0f} MB anonymous)" if "anon_rss_mb_end" in r else ""
         return f"{'memory':9}{what:22}{size:>6}{r.get('batch', ''):>6}{r['peak_rss_mb']:>10.0f} MB peak RSS{n}"
     tail = f"{r['ms_per_step']:>10.0f}{r['cpu_ms_per_step']:>10.0f}" if "ms_per_step" in r else ""
     note = f"  {100 * r['of_ceiling']:.0f}% of ceiling" if "of_ceiling" in r else ""
@@ -499,11 +411,7 @@ def _cli(argv=None) -> int:
     p.add_argument("--paths", default="", help=f"extra training paths: {','.join(EXTRA_PATHS)}")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 3)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.child:
-        _child(json.loads(a.child))
-        return 0
     paths = tuple(n for n in a.paths.split(",") if n) + (("compile",) if a.compile else ())
     return main(quick=a.quick, out=a.out, device=a.device, paths=paths, repeats=a.repeats, threads=a.threads)
 
