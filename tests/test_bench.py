@@ -7,6 +7,8 @@ import math
 import pytest
 
 from ctsynth import bench
+from ctsynth.cli import BENCH_PATHS
+from ctsynth.errors import ConfigError
 
 TINY = {"encoding": "index", "gen_depth": 5, "ngf": 8, "ndf": 8, "disc_layers": 2,
         "skip_connections": True, "upsample": "transpose", "dropout": 0.0, "output": "tanh"}
@@ -88,5 +90,16 @@ def test_flops_scale_with_image_area():
 
 
 def test_unknown_path_is_rejected():
-    with pytest.raises(SystemExit, match="unknown path"):
+    with pytest.raises(ConfigError, match="unknown path 'nope'"):
         bench.extra_path("nope", bench.BASELINE)
+
+
+def test_cli_help_names_every_path(capsys):
+    """`ctsynth bench --help` (and `python -m ctsynth.bench --help`) list every --paths name."""
+    assert set(BENCH_PATHS) == set(bench.EXTRA_PATHS)
+    with pytest.raises(SystemExit) as exit_info:
+        bench._cli(["--help"])
+    assert exit_info.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "usage: ctsynth bench" in shown and "--quick" in shown and "--threads" in shown
+    assert all(name in shown for name in bench.EXTRA_PATHS)

@@ -23,7 +23,6 @@ use just before the start is recorded (``machine.cpu_busy_start``). Writes ``{"m
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -40,6 +39,7 @@ import torch
 from .accel import autocast, gemm_gflops, machine_info, pick_device, resolve_precision
 from .bench_memory import bench_memory
 from .config import Params, load_params
+from .errors import ConfigError
 from .io import write_json
 
 PAPER_MODEL = {"encoding": "index", "gen_depth": 7, "ngf": 64, "ndf": 64, "disc_layers": 4,
@@ -86,7 +86,7 @@ def default_path(params: Params, device: torch.device) -> TrainPath:
 
 def extra_path(name: str, default: TrainPath) -> TrainPath:
     if name not in EXTRA_PATHS:
-        raise SystemExit(f"bench: unknown path {name!r}; choose from {', '.join(EXTRA_PATHS)}")
+        raise ConfigError(f"bench --paths: unknown path {name!r}; choose from {', '.join(EXTRA_PATHS)}")
     if name == "compile":
         return dataclasses.replace(default, name="default+compile", compile=True)
     if name == "nondet":
@@ -401,20 +401,12 @@ def main(quick: bool = False, out: str = "reports/bench.json", device: str = "au
     return 0
 
 
-def _cli(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ctsynth.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="only the 256² batch-4 pair and generation")
-    p.add_argument("--out", default="reports/bench.json")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--compile", action="store_true", help="also time the default path with torch.compile")
-    p.add_argument("--paths", default="", help=f"extra training paths: {','.join(EXTRA_PATHS)}")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 3)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    a = p.parse_args(argv)
-    paths = tuple(n for n in a.paths.split(",") if n) + (("compile",) if a.compile else ())
-    return main(quick=a.quick, out=a.out, device=a.device, paths=paths, repeats=a.repeats, threads=a.threads)
+def _cli(argv=None) -> None:
+    """``python -m ctsynth.bench ARGS`` = ``ctsynth bench ARGS``."""
+    from .cli import main as cli_main
+
+    cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    sys.exit(_cli())
+    _cli()
