@@ -35,6 +35,13 @@ def test_explicit_precision_is_kept(flags, given):
     assert accel.resolve_precision(given, CPU) == given
 
 
+def test_channels_last_auto_follows_the_device():
+    assert accel.resolve_channels_last("auto", CPU) is False
+    assert accel.resolve_channels_last("auto", torch.device("cuda")) is True
+    assert accel.resolve_channels_last(True, CPU) is True
+    assert accel.resolve_channels_last(False, torch.device("cuda")) is False
+
+
 def test_autocast_matches_precision():
     x = torch.randn(4, 8)
     w = torch.randn(8, 8)

@@ -30,12 +30,15 @@ def test_repo_params_and_paper_preset_are_valid():
 
 
 def test_all_problems_at_once():
-    text = problems_of({"train": {"lr_g": -1, "batch_size": "8", "bogus": 1},
+    text = problems_of({"train": {"lr_g": -1, "batch_size": "8", "bogus": 1, "precision": "fp16",
+                                  "channels_last": "yes"},
                         "preprocess": {"image_size": 100, "structures": ["LV", "Heart"]},
                         "split": {"test": 0.0, "train": 0.8, "val": 0.2},
                         "model": {"encoding": "rgb"}, "nonsense": {}})
     for fragment in ("train.bogus: unknown key", "train.batch_size: got '8'; expected an integer",
-                     "model.encoding: got 'rgb'; expected one of 'onehot', 'index'", "nonsense: unknown key"):
+                     "model.encoding: got 'rgb'; expected one of 'onehot', 'index'", "nonsense: unknown key",
+                     "train.precision: got 'fp16'; expected one of 'auto', 'fp32', 'bf16'",
+                     "train.channels_last: got 'yes'; expected one of 'auto', True, False"):
         assert fragment in text, fragment
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .accel import autocast, gemm_gflops, machine_info, pick_device, resolve_precision
+from .accel import autocast, gemm_gflops, machine_info, pick_device, resolve_channels_last, resolve_precision
 from .bench_memory import bench_memory
 from .config import Params, load_params
 from .errors import ConfigError
@@ -80,8 +80,8 @@ EXTRA_PATHS = {                    # --paths NAME,...: variants timed beside bas
 
 def default_path(params: Params, device: torch.device) -> TrainPath:
     c = params.train
-    return TrainPath("default", c.channels_last, resolve_precision(c.precision, device), c.compile, "default",
-                     False, True)
+    return TrainPath("default", resolve_channels_last(c.channels_last, device),
+                     resolve_precision(c.precision, device), c.compile, "default", False, True)
 
 
 def extra_path(name: str, default: TrainPath) -> TrainPath:

@@ -76,7 +76,7 @@ class TrainCfg:
     nproc: int = 1                                   # processes for torchrun
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 where native (CUDA, AMX CPUs)
-    channels_last: bool = True
+    channels_last: Literal["auto", True, False] = "auto"   # auto: NHWC on CUDA, NCHW on CPU
     compile: bool = False
     iterations: int = 1500                           # generator steps (paper: 100000)
     batch_size: int = 8

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .accel import autocast, resolve_precision
+from .accel import autocast, resolve_channels_last, resolve_precision
 from .checkpoint import ckpt_files, load_latest_checkpoint, save_checkpoint, set_rng_state
 from .config import Params, to_dict
 from .data import ProcessedStore, SliceDataset
@@ -277,11 +277,12 @@ def _train(params, cfg, mcfg, ddp, rank, world, device, is_main, processed_dir, 
     ds = SliceDataset(store, rows, mcfg.encoding)
     in_ch = condition_channels(store.structures, mcfg.encoding)
     precision = resolve_precision(cfg.precision, device)          # auto: bf16 only where it is native
+    channels_last = resolve_channels_last(cfg.channels_last, device)
     fp = _fingerprint(params, _data_fingerprint(store, split["train"]), world, device, precision)
 
     # -- models and optimizers (same seed on every rank, DDP then keeps them in step) ---------------
     torch.manual_seed(params.seed)
-    mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    mem = torch.channels_last if channels_last else torch.contiguous_format
     G = build_generator(mcfg, in_ch).to(device, memory_format=mem)
     D = build_discriminator(mcfg, in_ch).to(device, memory_format=mem)
     if ddp and cfg.sync_bn:
@@ -297,7 +298,7 @@ def _train(params, cfg, mcfg, ddp, rank, world, device, is_main, processed_dir, 
                  (size // 2 ** mcfg.disc_layers) ** 2, rf)
         log.info("%d training slices, batch %d (%d per process x %d), %s %s%s%s", len(rows),
                  cfg.batch_size, batch, world, device, precision,
-                 " channels_last" if cfg.channels_last else "", " compile" if cfg.compile else "")
+                 " channels_last" if channels_last else "", " compile" if cfg.compile else "")
 
     # -- resume ---------------------------------------------------------------------------------
     state = load_latest_checkpoint(ckpt_dir, fp, cfg.iterations) if cfg.resume == "auto" else None
@@ -325,7 +326,8 @@ def _train(params, cfg, mcfg, ddp, rank, world, device, is_main, processed_dir, 
                 for row in history:
                     tracker.log_metrics(dict(zip(LOSS_NAMES, row[1:1 + len(LOSS_NAMES)])), int(row[0]))
             tracker.set_tags({"ctsynth.world_size": world, "ctsynth.device": str(device),
-                              "ctsynth.precision": precision, "ctsynth.fingerprint": fp, "ctsynth.receptive_field_px": receptive_field(mcfg)})
+                              "ctsynth.precision": precision, "ctsynth.channels_last": channels_last,
+                              "ctsynth.fingerprint": fp, "ctsynth.receptive_field_px": receptive_field(mcfg)})
         except TrainingError as e:
             problem = e
     ok = _reduce(torch.tensor([0.0 if problem else 1.0], device=device), ddp, dist.ReduceOp.MIN if ddp else None)
@@ -459,7 +461,7 @@ def _train(params, cfg, mcfg, ddp, rank, world, device, is_main, processed_dir, 
         if world > 1:
             log.info("weights identical on all %d ranks (sha256 %s)", world, digest[:16])
         extra = {"step": step, "iterations": cfg.iterations, "world_size": world, "device": device.type,
-                 "precision": precision, "seed": params.seed, "rank_weight_hashes": digests,
+                 "precision": precision, "channels_last": channels_last, "seed": params.seed, "rank_weight_hashes": digests,
                  "receptive_field": rf, "fingerprint": fp, "mlflow_run_id": tracker.run_id,
                  "losses": dict(zip(["step", *LOSS_NAMES], history[-1][:1 + len(LOSS_NAMES)])) if history else {}}
         save_generator(out_model, raw_G, to_dict(mcfg), in_ch, meta, extra)
