@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -48,3 +49,25 @@ def test_too_few_cases(tmp_path):
     store = make_store(tmp_path / "p", cases=["a", "b"], slices_per_case=2)
     with pytest.raises(InputError, match="at least one training case"):
         split.run(params_from_dict({}), store, tmp_path / "s.json")
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "split file not found"),
+    ("{not json", "not a readable split file"),
+    ("[1, 2]", "not a split file"),
+    ('{"train": [], "test": ["c1"]}', "needs non-empty 'train' case lists"),
+    ('{"train": ["c1", "c2"], "test": ["c2"]}', "cases ['c2'] are in both train and test"),
+])
+def test_load_split_names_the_file_and_the_problem(tmp_path, content, message):
+    path = tmp_path / "split.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(InputError, match=re.escape(message)) as err:
+        split.load_split(path, need=("train",))
+    assert str(path) in str(err.value)
+
+
+def test_load_split_reads_what_run_writes(tmp_path):
+    store = make_store(tmp_path / "p", cases=CASES, slices_per_case=2)
+    written = split.run(params_from_dict({"seed": 3}), store, tmp_path / "s.json")
+    assert split.load_split(tmp_path / "s.json", need=("train", "val", "test")) == written

@@ -20,7 +20,6 @@ only numbers (or null), reasons and definitions go to ``metrics_notes.json``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -40,6 +39,7 @@ from .metrics import (DATA_RANGE, DiceAccumulator, FeatureBank, PairedAccumulato
                       frechet_distance, kernel_distance, reported_structures)
 from .privacy import NearestTrainingSearch, PrivacyAccumulator
 from .runner import quiet
+from .split import load_split
 
 log = logging.getLogger("ctsynth.evaluate")
 
@@ -127,12 +127,7 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
     t0 = time.time()
     _pin_malloc_mmap_threshold()
     store = ProcessedStore(processed_dir)
-    try:
-        split = json.loads(Path(split_path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as e:
-        raise InputError(f"{split_path}: split file unreadable ({e})") from None
-    if not (isinstance(split, dict) and split.get("train") and split.get("test")):
-        raise InputError(f"{split_path}: needs non-empty 'train' and 'test' case lists (run `dvc repro split`)")
+    split = load_split(split_path, need=("train", "test"))
     fake, index = load_generated(generated_dir, store, split["test"])
     seg = load_segmenter(segmenter_path)
     _check_segmenter(seg, store, split, segmenter_path)

@@ -17,7 +17,6 @@ Two feature spaces (``design.md``, "FID without internet"):
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from .errors import InputError, MetricUnavailable, ModelFileError
 from .io import atomic_file
 from .labels import STRUCTURES
 from .runner import quiet
+from .split import load_split
 
 log = logging.getLogger("ctsynth.features")
 
@@ -165,16 +165,6 @@ def _load_batch(store: ProcessedStore, rows: np.ndarray) -> tuple[torch.Tensor, 
     return images, masks
 
 
-def _read_split(split_path: str | Path) -> dict:
-    path = Path(split_path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: split file not found (run `dvc repro split`)") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-
-
 def _validation_dice(model: SegUNet, store: ProcessedStore, cases: list[str], batch: int = 64) -> dict:
     """Pooled Dice per selected structure on the validation cases ({} when there are none)."""
     from .metrics import DiceAccumulator, reported_structures
@@ -203,12 +193,10 @@ def train_segmenter(params: Params, processed_dir: str | Path, split_path: str |
     """
     cfg = params.segmenter
     store = ProcessedStore(processed_dir)
-    split = _read_split(split_path)
-    train_rows = store.rows_for_cases(split.get("train", []))
+    split = load_split(split_path, need=("train",))
+    train_rows = store.rows_for_cases(split["train"])
     if train_rows.size == 0:
         raise InputError(f"{split_path}: no training slices in {processed_dir} for the train cases")
-    leak = set(split.get("train", [])) & set(split.get("test", []))
-    assert not leak, f"case leak between train and test: {sorted(leak)}"
 
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)

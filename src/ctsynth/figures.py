@@ -2,7 +2,6 @@
 histogram, and test slices generated from each condition subset."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pandas as pd
 from .data import ProcessedStore
 from .errors import InputError
 from .labels import WH
+from .split import load_split
 
 
 def _plt():
@@ -86,7 +86,7 @@ def fig_condition_subsets(model_path, processed_dir, split_path, out_png,
 
     plt = _plt()
     store = ProcessedStore(processed_dir)
-    test = json.loads(Path(split_path).read_text()).get("test", [])
+    test = load_split(split_path).get("test", [])
     rows = store.rows_for_cases(test)
     if not len(rows):
         raise InputError(f"{split_path}: no test slices in {processed_dir}")

@@ -36,6 +36,7 @@ from .labels import (STRUCTURE_COLOURS, STRUCTURES, WH, condition_channels, pars
                      validate_structures)
 from .preprocess import kept_indices, restore_slice, to_display
 from .runner import quiet
+from .split import load_split
 
 log = logging.getLogger("ctsynth.generate")
 
@@ -236,16 +237,8 @@ def generate_test_set(params, model_path, processed_dir, split_path, interim_dir
     Returns ``{"slices", "cases", "slices_per_s", "slices_per_s_end_to_end"}``."""
     store = ProcessedStore(processed_dir)
     split_path, interim_dir = Path(split_path), Path(interim_dir)
-    try:
-        split = json.loads(split_path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{split_path}: split file not found (run the split stage)") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{split_path}: not valid JSON ({e})") from None
+    split = load_split(split_path)
     test = [c for c in split.get("test", []) if c in store.meta["cases"]]
-    leak = set(test) & set(split.get("train", []))
-    if leak:
-        raise InputError(f"{split_path}: cases {sorted(leak)} are in both train and test")
     if not test:
         raise InputError(f"{split_path}: no test case found in the processed store {processed_dir}")
     model, meta = load_model(model_path)

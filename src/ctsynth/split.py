@@ -6,6 +6,7 @@ asserts that no slice of a test (or val) case can reach training.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -47,6 +48,28 @@ def assign(cases: list[str], params: Params) -> dict[str, list[str]]:
     order = np.random.default_rng(params.seed).permutation(sorted(cases))
     test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
     return {"train": sorted(map(str, train)), "val": sorted(map(str, val)), "test": sorted(map(str, test))}
+
+
+def load_split(path: str | Path, need: tuple[str, ...] = ()) -> dict:
+    """Read a split file written by :func:`run`. InputError naming the file when it is missing,
+    not JSON, lacks a non-empty list for a key in ``need``, or puts a case in both train and test."""
+    path = Path(path)
+    try:
+        split = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: split file not found (run `dvc repro split`)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a readable split file ({e})") from None
+    if not isinstance(split, dict):
+        raise InputError(f"{path}: not a split file (expected an object with train/val/test case lists)")
+    empty = [k for k in need if not (isinstance(split.get(k), list) and split[k])]
+    if empty:
+        raise InputError(f"{path}: needs non-empty {' and '.join(repr(k) for k in empty)} case lists "
+                         f"(run `dvc repro split`)")
+    leak = sorted(set(split.get("train") or []) & set(split.get("test") or []))
+    if leak:
+        raise InputError(f"{path}: cases {leak} are in both train and test")
+    return split
 
 
 def run(params: Params, processed_dir: str | Path, out_path: str | Path) -> dict:

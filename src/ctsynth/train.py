@@ -43,6 +43,7 @@ from .io import write_csv
 from .labels import condition_channels
 from .models import build_discriminator, build_generator, count_parameters, receptive_field, save_generator
 from .snapshots import render_snapshot, snapshot_images, snapshot_rows
+from .split import load_split
 
 log = logging.getLogger(__name__)
 
@@ -252,13 +253,7 @@ def _train(params, cfg, mcfg, ddp, rank, world, device, is_main, processed_dir, 
            out_model, ckpt_dir, reports_dir, run_file, stop_after, opened: list) -> TrainResult:
     # -- data: train cases of the split, never a test slice -------------------------------------
     store = ProcessedStore(processed_dir)
-    try:
-        split = json.loads(split_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{split_path}: cannot read split ({e})") from None
-    if set(split.get("train", [])) & set(split.get("test", [])):
-        raise InputError(f"{split_path}: cases in both train and test: "
-                         f"{sorted(set(split['train']) & set(split['test']))}")
+    split = load_split(split_path, need=("train",))
     rows = store.rows_for_cases(split.get("train", []))
     batch = cfg.batch_size // world
     if cfg.batch_size % world:
