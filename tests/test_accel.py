@@ -65,3 +65,18 @@ def test_pick_device():
 def test_gemm_rate_is_a_positive_finite_rate():
     rate = accel.gemm_gflops(CPU, torch.float32, budget_s=0.0, min_s=0.0)     # n = 256, 3 products
     assert 0 < rate < 1e6
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_package_import_sets_passive_omp_waits_unless_set(given, expected):
+    """Importing ctsynth (before torch) makes OpenMP waits passive; an explicit value wins."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    out = subprocess.run([sys.executable, "-c", "import ctsynth.train, os; print(os.environ['OMP_WAIT_POLICY'])"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == expected
