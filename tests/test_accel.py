@@ -1,4 +1,4 @@
-"""ctsynth.accel: device choice, native-bf16 detection, precision resolution, GEMM rate."""
+"""ctsynth.accel: device choice, native-bf16 detection, precision and layout resolution, GEMM rate."""
 from __future__ import annotations
 
 import pytest
@@ -65,6 +65,12 @@ def test_pick_device():
 def test_gemm_rate_is_a_positive_finite_rate():
     rate = accel.gemm_gflops(CPU, torch.float32, budget_s=0.0, min_s=0.0)     # n = 256, 3 products
     assert 0 < rate < 1e6
+
+
+def test_clock_times_calls_and_records_cpu_time():
+    calls, cpu = [], []
+    per_call = accel.clock(lambda: calls.append(sum(range(20000))), CPU, n=4, cpu=cpu)
+    assert len(calls) == 4 and per_call > 0 and len(cpu) == 1 and cpu[0] >= 0
 
 
 @pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])

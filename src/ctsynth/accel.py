@@ -68,6 +68,24 @@ def autocast(precision: str, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU needs no wait)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(fn, device: torch.device, n: int = 1, cpu: list | None = None) -> float:
+    """Wall seconds per call over ``n`` calls (device synchronised); CPU seconds appended to ``cpu``."""
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        fn()
+    sync(device)
+    if cpu is not None:
+        cpu.append((time.process_time() - c0) / n)
+    return (time.perf_counter() - t0) / n
+
+
 def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, budget_s: float = 2.0,
                 min_s: float = 0.05) -> float:
     """Measured rate of a dense n x n matrix product (GFLOP/s, the best of products repeated for
@@ -75,25 +93,19 @@ def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, budget
     can approach in ``dtype``. ``n`` doubles from 256 until one product takes ``min_s`` (up to 2048
     on CPU, 8192 on CUDA), so an emulated dtype (bf16 without hardware support: ~100x slower than
     fp32) is measured in about a second."""
-    def clock(a, b) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+    def product() -> None:
         torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
 
     n, n_max, gen = 256, 8192 if device.type == "cuda" else 2048, torch.Generator().manual_seed(0)
     while True:
         a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
-        clock(a, b)                                            # warm-up (kernel choice, caches)
-        if n >= n_max or clock(a, b) >= min_s:
+        clock(product, device)                                # warm-up (kernel choice, caches)
+        if n >= n_max or clock(product, device) >= min_s:
             break
         n *= 2
     times, end = [], time.perf_counter() + budget_s            # threads and clocks ramp up first
     while len(times) < 3 or time.perf_counter() < end:
-        times.append(clock(a, b))
+        times.append(clock(product, device))
     return 2 * n ** 3 / min(times) / 1e9
 
 

@@ -29,14 +29,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .accel import autocast, gemm_gflops, machine_info, pick_device, resolve_channels_last, resolve_precision
+from .accel import autocast, clock, gemm_gflops, machine_info, pick_device, resolve_channels_last, resolve_precision
 from .bench_memory import bench_memory
 from .config import Params, load_params
 from .errors import ConfigError
@@ -95,23 +94,6 @@ def extra_path(name: str, default: TrainPath) -> TrainPath:
 
 
 # ------------------------------------------------------------------------------ helpers
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _clock(fn, device: torch.device, n: int = 1, cpu: list | None = None) -> float:
-    """Wall seconds per call over ``n`` calls (device synchronised); CPU seconds appended to ``cpu``."""
-    _sync(device)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(n):
-        fn()
-    _sync(device)
-    if cpu is not None:
-        cpu.append((time.process_time() - c0) / n)
-    return (time.perf_counter() - t0) / n
-
 
 def synthetic_slices(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(images float16 (n,S,S) in [-1,1], masks uint8 (n,S,S)): 7 disc 'structures' per slice."""
@@ -209,8 +191,7 @@ def flops_per_image(size: int, device: torch.device, model: dict) -> dict:
 def roofline(sizes: list[int], device: torch.device, model: dict) -> list[dict]:
     """Measured fp32 and bf16 GEMM rates, and per image size the work per image and the
     throughput ceiling it implies (work / fastest GEMM rate): what no code path can exceed."""
-    peaks = {p: gemm_gflops(device, getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[p]))
-             for p in ("fp32", "bf16")}
+    peaks = {p: gemm_gflops(device, dtype) for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     recs = [{"case": "gemm", "precision": p, "gflop_s": g} for p, g in peaks.items()]
     for size in sizes:
         f = flops_per_image(size, device, model)
@@ -231,11 +212,11 @@ def bench_train(paths: list[TrainPath], size: int, batch: int, repeats: int, dev
     try:
         for p in paths:
             trainers[p.name] = make_trainer(p, size, batch, device, model, hp)
-            first[p.name] = _clock(trainers[p.name], device)               # includes compilation
-            steps[p.name] = max(1, round(block_s / _clock(trainers[p.name], device)))
+            first[p.name] = clock(trainers[p.name], device)               # includes compilation
+            steps[p.name] = max(1, round(block_s / clock(trainers[p.name], device)))
         for r in range(repeats):
             for p in paths if r % 2 == 0 else paths[::-1]:
-                times[p.name].append(_clock(trainers[p.name], device, steps[p.name], cpu[p.name]))
+                times[p.name].append(clock(trainers[p.name], device, steps[p.name], cpu[p.name]))
     finally:
         torch.use_deterministic_algorithms(was_det, warn_only=True)
         torch.backends.mkldnn.enabled = True
@@ -264,7 +245,7 @@ def bench_generate(size: int, batch: int, repeats: int, device, model, n_batches
                             "encoding": model["encoding"]}, batch_size=batch)
     _, masks = synthetic_slices(batch * n_batches, size, seed=2)
     synth.unit(masks[:batch])                                              # warm-up
-    med = statistics.median(_clock(lambda: synth.unit(masks), device) / len(masks) for _ in range(repeats))
+    med = statistics.median(clock(lambda: synth.unit(masks), device) / len(masks) for _ in range(repeats))
     return {"case": "generate", "size": size, "batch": batch, "img_per_s": 1 / med,
             "ms_per_batch": 1000 * med * batch, "repeats": repeats}
 
@@ -288,7 +269,7 @@ def bench_loader(store_dir: Path, batch: int, repeats: int, params: Params, devi
         for _ in range(n_batches):
             for t in next(batches):
                 t.to(device, non_blocking=True)
-    med = statistics.median(_clock(pull, device) for _ in range(repeats))
+    med = statistics.median(clock(pull, device) for _ in range(repeats))
     return {"case": "loader", "size": store.image_size, "batch": batch, "img_per_s": batch * n_batches / med,
             "num_workers": params.train.num_workers, "repeats": repeats}
 

@@ -21,29 +21,29 @@ import torch
 from .config import Params, TrackingCfg, load_params
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process: VmHWM (ru_maxrss also counts the parent's at fork)."""
+def _status_mb() -> dict[str, float]:
+    """The kB fields of ``/proc/self/status`` in MB ({} where there is no procfs)."""
+    out = {}
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+            key, _, value = line.partition(":")
+            if value.strip().endswith("kB"):
+                out[key] = int(value.split()[0]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process: VmHWM (ru_maxrss also counts the parent's at fork)."""
+    return _status_mb().get("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def rss_split_mb() -> dict:
     """Current anonymous and file-backed resident memory (MB): memory-mapped inputs read so far
     count as file-backed pages, which the kernel reclaims under pressure."""
-    out = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "RssFile"):
-                out[f"{key[3:].lower()}_rss_mb_end"] = int(value.split()[0]) / 1024
-    except OSError:
-        pass
-    return out
+    status = _status_mb()
+    return {f"{key[3:].lower()}_rss_mb_end": status[key] for key in ("RssAnon", "RssFile") if key in status}
 
 
 def reset_peak_rss() -> bool:
@@ -64,11 +64,12 @@ def child(spec: dict) -> None:
     extra = {"import_rss_mb": peak_rss_mb()}
     params = load_params(spec["params"]) if spec.get("params") else Params()
     if spec["what"] == "train":                       # the default path's step loop, paper batch
-        from .bench import PAPER_HP, _sync, default_path, make_trainer
+        from .accel import sync
+        from .bench import PAPER_HP, default_path, make_trainer
         step = make_trainer(default_path(params, device), spec["size"], spec["batch"], device, spec["model"], PAPER_HP)
         for _ in range(spec["steps"]):
             step()
-        _sync(device)
+        sync(device)
     else:                                             # the evaluate stage on a synthetic test set
         import pandas as pd
 

@@ -254,7 +254,7 @@ def _train(params, cfg, mcfg, ddp, rank, world, device, is_main, processed_dir, 
     # -- data: train cases of the split, never a test slice -------------------------------------
     store = ProcessedStore(processed_dir)
     split = load_split(split_path, need=("train",))
-    rows = store.rows_for_cases(split.get("train", []))
+    rows = store.rows_for_cases(split["train"])
     batch = cfg.batch_size // world
     if cfg.batch_size % world:
         raise ConfigError(f"train.batch_size {cfg.batch_size} must be divisible by the {world} processes")
