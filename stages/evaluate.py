@@ -10,24 +10,20 @@ metrics), ``per_case.csv``, ``per_structure.csv``, ``privacy.csv``, ``shareable.
 The metrics reach MLflow through the report stage, which logs them with the report into the
 training run.
 """
-from ctsynth.runner import stage_main
+from ctsynth.runner import add_inputs, stage_main
 
 
 def main(args, params):
     from ctsynth import evaluate
 
     evaluate.run(params, processed_dir=args.processed, split_path=args.split,
-                           generated_dir=args.generated, segmenter_path=args.segmenter,
-                           out_dir=args.out)
+                 generated_dir=args.generated, segmenter_path=args.segmenter, out_dir=args.out)
     return 0
 
 
 def add_args(p):
-    p.add_argument("--processed", default="data/processed")
-    p.add_argument("--split", default="data/split.json")
-    p.add_argument("--generated", default="data/generated")
-    p.add_argument("--segmenter", default="models/segmenter.pt")
-    p.add_argument("--out", default="reports")
+    add_inputs(p, "processed", "split", "generated", "segmenter")
+    p.add_argument("--out", default="reports", help="metrics and tables; default reports")
 
 
 if __name__ == "__main__":

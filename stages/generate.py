@@ -7,7 +7,7 @@ Writes ``data/generated/``: ``fake.npy`` + ``index.npy`` (aligned with the proce
     python stages/generate.py --model models/generator.pt --processed data/processed \\
         --split data/split.json --interim data/interim --out data/generated
 """
-from ctsynth.runner import stage_main
+from ctsynth.runner import add_inputs, stage_main
 
 
 def main(args, params):
@@ -19,10 +19,7 @@ def main(args, params):
 
 
 def add_args(p):
-    p.add_argument("--model", default="models/generator.pt", help="trained generator file")
-    p.add_argument("--processed", default="data/processed", help="processed slice store")
-    p.add_argument("--split", default="data/split.json", help="patient-level split (test cases used)")
-    p.add_argument("--interim", default="data/interim", help="canonical label volumes (all z)")
+    add_inputs(p, "model", "processed", "split", "interim")
     p.add_argument("--out", default="data/generated", help="output folder (replaced atomically)")
 
 

@@ -3,7 +3,7 @@ masks in memory-mapped arrays (``data/processed``).
 
     python stages/preprocess.py --interim data/interim --out data/processed
 """
-from ctsynth.runner import stage_main
+from ctsynth.runner import add_inputs, stage_main
 
 
 def main(args, params):
@@ -14,7 +14,7 @@ def main(args, params):
 
 
 def add_args(p):
-    p.add_argument("--interim", default="data/interim")
+    add_inputs(p, "interim")
     p.add_argument("--out", default="data/processed")
 
 

@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from ctsynth.runner import stage_main
+from ctsynth.runner import add_inputs, stage_main
 
 log = logging.getLogger("ctsynth.report")
 
@@ -48,12 +48,9 @@ def main(args, params):
 
 def add_args(p):
     p.add_argument("--reports", default="reports", help="evaluate outputs (metrics.json, csv files)")
-    p.add_argument("--generated", default="data/generated", help="generate stage output")
-    p.add_argument("--processed", default="data/processed")
-    p.add_argument("--split", default="data/split.json")
+    add_inputs(p, "generated", "processed", "split", "model")
     p.add_argument("--manifest", default="data/interim/manifest.csv")
     p.add_argument("--train-reports", default="reports/train", help="losses.csv and snapshots/")
-    p.add_argument("--model", default="models/generator.pt", help="for the condition-subset grid")
     p.add_argument("--out", default="reports/report.html")
     p.add_argument("--figures", default="reports/figures")
     p.add_argument("--run-file", default=None, help="MLflow run file written by train (optional)")

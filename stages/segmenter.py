@@ -5,7 +5,7 @@ Dice in the evaluate stage (see ``ctsynth.features``).
 
     python stages/segmenter.py --processed data/processed --split data/split.json --out models/segmenter.pt
 """
-from ctsynth.runner import stage_main
+from ctsynth.runner import add_inputs, stage_main
 
 
 def main(args, params):
@@ -17,9 +17,8 @@ def main(args, params):
 
 
 def add_args(p):
-    p.add_argument("--processed", default="data/processed")
-    p.add_argument("--split", default="data/split.json")
-    p.add_argument("--out", default="models/segmenter.pt")
+    add_inputs(p, "processed", "split")
+    p.add_argument("--out", default="models/segmenter.pt", help="segmenter file; default models/segmenter.pt")
 
 
 if __name__ == "__main__":

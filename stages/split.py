@@ -2,7 +2,7 @@
 
     python stages/split.py --processed data/processed --out data/split.json
 """
-from ctsynth.runner import stage_main
+from ctsynth.runner import add_inputs, stage_main
 
 
 def main(args, params):
@@ -13,7 +13,7 @@ def main(args, params):
 
 
 def add_args(p):
-    p.add_argument("--processed", default="data/processed")
+    add_inputs(p, "processed")
     p.add_argument("--out", default="data/split.json")
 
 

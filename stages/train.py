@@ -10,12 +10,11 @@ exit with 143 / 130; rerunning resumes.
 """
 from __future__ import annotations
 
-from ctsynth.runner import stage_main
+from ctsynth.runner import add_inputs, stage_main
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--processed", default="data/processed", help="processed slice store")
-    parser.add_argument("--split", default="data/split.json", help="patient-level split")
+    add_inputs(parser, "processed", "split")
     parser.add_argument("--model", default="models/generator.pt", help="output generator file")
     parser.add_argument("--checkpoints", default="models/checkpoints", help="checkpoint folder")
     parser.add_argument("--reports", default="reports/train", help="losses.csv and snapshots/")

@@ -72,6 +72,25 @@ def guarded(where: str, fn: Callable[[], int | None], debug: bool) -> int:
         return EXIT_INTERRUPTED
 
 
+# Files one stage writes and later stages read, with the paths dvc.yaml passes: every stage script
+# declares the ones it reads with add_inputs(parser, "processed", "split", ...).
+STAGE_INPUTS = {
+    "interim": ("data/interim", "canonical volumes and manifest.csv (ingest)"),
+    "processed": ("data/processed", "processed slice store (preprocess)"),
+    "split": ("data/split.json", "patient-level train/val/test split (split)"),
+    "model": ("models/generator.pt", "trained generator (train)"),
+    "segmenter": ("models/segmenter.pt", "segmentation network for FD/KID and Dice (segmenter)"),
+    "generated": ("data/generated", "generated test set (generate)"),
+}
+
+
+def add_inputs(parser: argparse.ArgumentParser, *names: str) -> None:
+    """Add ``--<name>`` for each stage input in ``names``, defaulting to its pipeline path."""
+    for name in names:
+        default, what = STAGE_INPUTS[name]
+        parser.add_argument(f"--{name}", default=default, help=f"{what}; default {default}")
+
+
 def stage_main(name: str, main: Callable, doc: str | None = None,
                add_args: Callable[[argparse.ArgumentParser], None] | None = None,
                argv: list[str] | None = None) -> None:
