@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .accel import autocast, resolve_channels_last, resolve_precision
+from .accel import autocast, pick_device, resolve_channels_last, resolve_precision
 from .checkpoint import ckpt_files, load_latest_checkpoint, save_checkpoint, set_rng_state
 from .config import Params, to_dict
 from .data import ProcessedStore, SliceDataset
@@ -102,7 +102,7 @@ def _setup_distributed(cfg) -> tuple[bool, int, int, torch.device]:
     """(ddp, rank, world_size, device). DDP iff launched by torchrun with more than one process;
     ``torchrun --nproc-per-node 1`` runs exactly like plain ``python`` (no process group)."""
     ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    use_cuda = pick_device(cfg.device).type == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError("train.device: cuda requested but no CUDA device is available")
     if not ddp:
