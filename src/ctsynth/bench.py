@@ -147,7 +147,7 @@ def make_trainer(path: TrainPath, size: int, batch: int, device: torch.device, m
 
     def adam(m, lr):
         if path.adam == "default":
-            return make_optimizer(m.parameters(), lr, hp["betas"], device)
+            return make_optimizer(m.parameters(), lr, hp["betas"])
         return torch.optim.Adam(m.parameters(), lr=lr, betas=hp["betas"], foreach=path.adam == "foreach",
                                 fused=path.adam == "fused")
 
@@ -252,17 +252,16 @@ def bench_generate(size: int, batch: int, repeats: int, device, model, n_batches
 
 def bench_loader(store_dir: Path, batch: int, repeats: int, params: Params, device, n_batches: int = 16) -> dict:
     """Slices/s of the training input path: SliceDataset + the train stage's DataLoader."""
-    from torch.utils.data import DataLoader, DistributedSampler
+    from torch.utils.data import DistributedSampler
 
-    from . import train as train_mod
     from .data import ProcessedStore, SliceDataset
+    from .train import train_batches
 
     store = ProcessedStore(store_dir)
     ds = SliceDataset(store, np.arange(len(store.slices)), PAPER_MODEL["encoding"])
     sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
     kw = {"num_workers": params.train.num_workers, "pin_memory": device.type == "cuda"}
-    batches = (train_mod._batches(ds, sampler, batch, 0, **kw) if hasattr(train_mod, "_batches")
-               else iter(DataLoader(ds, batch, sampler=sampler, drop_last=True, **kw)))
+    batches = train_batches(ds, sampler, batch, 0, **kw)
     next(batches)
 
     def pull():

@@ -1,5 +1,8 @@
 """Training checkpoints: atomic ``step_XXXXXXX.pt`` files holding models, optimizers, RNG states,
-loss history and the run fingerprint; resume picks the newest loadable one of the same run.
+the per-step loss record and the run fingerprint; resume picks the newest loadable one of the same
+run. Training keeps one folder per fingerprint (``<checkpoints>/<fingerprint>/``), a working folder
+outside DVC's outputs, so runs of different configurations -- queued experiments too -- never
+touch each other's checkpoints.
 
 Everything is stored as tensors and plain values so it loads with ``torch.load(weights_only=True)``.
 """
@@ -19,7 +22,7 @@ from .io import atomic_file
 
 log = logging.getLogger(__name__)
 
-CKPT_FORMAT = "ctsynth-checkpoint"
+CKPT_FORMAT = "ctsynth-checkpoint-2"     # 2: per-step loss record instead of logged means
 KEEP_CHECKPOINTS = 2
 
 
@@ -49,8 +52,7 @@ def ckpt_files(ckpt_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(ckpt_dir: Path, *, step: int, fingerprint: str, G, D, opt_g, opt_d,
-                    history: list, acc: torch.Tensor, acc_n: int, snapshots: dict,
-                    run_id: str | None) -> Path:
+                    losses: torch.Tensor, snapshots: dict, run_id: str | None) -> Path:
     """Atomically write ``step_XXXXXXX.pt`` (never with non-finite weights); keep the newest 2."""
     finite = torch.stack([torch.isfinite(p).all() for m in (G, D) for p in m.parameters()]).all()
     if not finite:
@@ -58,8 +60,7 @@ def save_checkpoint(ckpt_dir: Path, *, step: int, fingerprint: str, G, D, opt_g,
                             f"one is kept")
     blob = {"format": CKPT_FORMAT, "step": step, "fingerprint": fingerprint,
             "G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-            "rng": rng_state(), "history": torch.tensor(history, dtype=torch.float64),
-            "acc": acc.detach().cpu(), "acc_n": acc_n, "snapshots": {str(k): v for k, v in snapshots.items()},
+            "rng": rng_state(), "losses": losses, "snapshots": {str(k): v for k, v in snapshots.items()},
             "mlflow_run_id": run_id}
     path = ckpt_dir / f"step_{step:07d}.pt"
     with atomic_file(path) as tmp:
@@ -84,7 +85,6 @@ def load_latest_checkpoint(ckpt_dir: Path, fingerprint: str, iterations: int) ->
             log.info("%s: from a different configuration; training starts fresh", path)
             return None
         blob["path"] = str(path)
-        blob["history"] = blob["history"].tolist()
         blob["snapshots"] = {int(k): v for k, v in blob["snapshots"].items()}
         return blob
     return None

@@ -62,3 +62,33 @@ def render_snapshot(path: Path, store: ProcessedStore, rows: np.ndarray, generat
     with atomic_file(path) as tmp:
         img.save(tmp, format="PNG")
     return path
+
+
+class Snapshots:
+    """The evolution figure of one training: fixed validation masks at ``snapshot_at`` fractions
+    of training (rank 0 only). ``taken`` (step -> uint8 images) travels in checkpoints, so a
+    resumed run re-renders the earlier snapshots instead of losing them."""
+
+    def __init__(self, store: ProcessedStore, split: dict, cfg, encoding: str, device: torch.device,
+                 out_dir: Path, tracker, taken: dict | None = None):
+        self.store, self.encoding, self.device, self.out_dir = store, encoding, device, out_dir
+        self.iterations, self.tracker = cfg.iterations, tracker
+        self.steps = sorted({int(round(f * cfg.iterations)) for f in cfg.snapshot_at})
+        self.rows = snapshot_rows(store, split, cfg.snapshot_count)
+        self.taken = dict(taken or {})
+
+    def take(self, G, step: int) -> None:
+        if step not in self.steps or len(self.rows) == 0:
+            return
+        if step not in self.taken:
+            self.taken[step] = snapshot_images(G, self.store, self.rows, self.encoding, self.device)
+        png = render_snapshot(self.out_dir / f"step_{step:07d}.png", self.store, self.rows,
+                              self.taken[step], step, self.iterations)
+        self.tracker.log_artifact(png, "snapshots")
+
+    def start(self, G, step: int) -> None:
+        """Render what a resumed run took before, and step 0 of a fresh one."""
+        for at in sorted(self.taken):
+            self.take(G, at)
+        if step == 0:
+            self.take(G, 0)

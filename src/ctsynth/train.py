@@ -1,12 +1,12 @@
-"""Train the mask-conditioned cGAN (LSGAN + λ·L1) on one CPU, one GPU or many GPUs.
+"""Train the mask-conditioned cGAN (LSGAN + λ·L1) on one CPU, one GPU or many GPUs/nodes.
 
 One process (CPU or one GPU)::
 
     python stages/train.py --processed data/processed --split data/split.json \\
-        --model models/generator.pt --checkpoints models/checkpoints --reports reports/train \\
-        --run-file models/mlflow_run.json
+        --model models/generator.pt --reports reports/train --run-file models/mlflow_run.json
 
-Distributed data parallel (N GPUs with NCCL, or N CPU processes with gloo)::
+``train.nproc`` > 1 or ``train.nnodes`` > 1 make ``stages/train.py`` start itself under torchrun
+(see :mod:`ctsynth.distributed`); by hand::
 
     .venv/bin/torchrun --standalone --nproc-per-node N stages/train.py <same arguments>
 
@@ -21,36 +21,38 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .accel import autocast, pick_device, resolve_channels_last, resolve_precision
+from . import distributed
+from .accel import autocast, resolve_channels_last, resolve_precision
 from .checkpoint import ckpt_files, load_latest_checkpoint, save_checkpoint, set_rng_state
 from .config import Params, to_dict
 from .data import ProcessedStore, SliceDataset
+from .distributed import Dist, StopFlag
 from .errors import ConfigError, InputError, TrainingError
-from .io import write_csv
 from .labels import condition_channels
+from .losses import LOSS_NAMES, LossHistory
 from .models import build_discriminator, build_generator, count_parameters, receptive_field, save_generator
-from .snapshots import render_snapshot, snapshot_images, snapshot_rows
+from .snapshots import Snapshots
 from .split import load_split
+from .tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-LOSS_NAMES = ("g_adv", "g_l1", "d_real", "d_fake", "d_acc_real", "d_acc_fake")
-# train.* keys that do not change the trained weights (everything else must match to resume)
-_NOT_TRAJECTORY = {"nproc", "device", "checkpoint_every", "log_every", "resume", "snapshot_at",
-                   "snapshot_count", "num_workers"}
+# train.* keys that change none of train's outputs (weights, losses.csv, snapshots): they are not
+# params of the train stage in dvc.yaml (tests/test_dvc_deps.py holds dvc.yaml to this).
+RUN_ONLY_KEYS = frozenset({"checkpoint_every", "log_every", "resume", "num_workers", "rdzv_endpoint"})
+# ... and the keys that do not change the weights either (nproc, nnodes and device enter the
+# fingerprint resolved, as world size and device type): everything else must match to resume.
+_NOT_TRAJECTORY = RUN_ONLY_KEYS | {"nproc", "nnodes", "device", "snapshot_at", "snapshot_count"}
 
 
 @dataclass
@@ -63,64 +65,31 @@ class TrainResult:
         return 0 if self.interrupted_by is None else 128 + self.interrupted_by
 
 
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag (the loop stops after the current step). A torchrun worker
-    also stops when its agent disappears (torchrun SIGKILLed): workers, grandchildren of DVC,
-    never train on as orphans. (A plain ``nohup python ...`` run may outlive its shell.)"""
+@dataclass
+class _Job:
+    """Everything one training needs, set up once by :func:`_prepare`."""
+    params: Params
+    d: Dist
+    store: ProcessedStore
+    split: dict
+    ds: SliceDataset
+    in_ch: int
+    batch: int                       # per process
+    precision: str
+    channels_last: bool
+    fingerprint: str                 # of the trajectory (resume key, checkpoint folder)
+    data_hash: str                   # of the processed training data
+    G: torch.nn.Module
+    D: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
 
-    def __init__(self) -> None:
-        self.signum = 0
-        self._ppid = os.getppid() if "RANK" in os.environ else None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        import threading
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame) -> None:
-        if not self.signum:
-            log.warning("received %s: stopping after this step", signal.Signals(signum).name)
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-    def poll(self) -> int:
-        if not self.signum and self._ppid is not None and os.getppid() != self._ppid:
-            log.warning("parent process exited: stopping after this step")
-            self.signum = signal.SIGTERM
-        return self.signum
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        mem = torch.channels_last if self.channels_last else torch.contiguous_format
+        return t.to(self.d.device, non_blocking=self.d.device.type == "cuda").contiguous(memory_format=mem)
 
 
 # --------------------------------------------------------------------------------------- setup
-
-def _setup_distributed(cfg) -> tuple[bool, int, int, torch.device]:
-    """(ddp, rank, world_size, device). DDP iff launched by torchrun with more than one process;
-    ``torchrun --nproc-per-node 1`` runs exactly like plain ``python`` (no process group)."""
-    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    use_cuda = pick_device(cfg.device).type == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda requested but no CUDA device is available")
-    if not ddp:
-        return False, 0, 1, torch.device("cuda" if use_cuda else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    return True, dist.get_rank(), dist.get_world_size(), device
-
-
-def _reduce(t: torch.Tensor, ddp: bool, op: Any = None) -> torch.Tensor:
-    """all_reduce (default SUM) in place under DDP; identity otherwise."""
-    if ddp:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
-
 
 def _data_fingerprint(store: ProcessedStore, train_cases: list[str]) -> str:
     h = hashlib.blake2b(digest_size=16)
@@ -142,7 +111,104 @@ def _fingerprint(params: Params, data_fp: str, world: int, device: torch.device,
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _batches(ds, sampler: DistributedSampler, batch: int, start_step: int,
+def _check_sizes(cfg, mcfg, d: Dist, n_rows: int, size: int, where: Path) -> None:
+    if cfg.batch_size % d.world:
+        raise ConfigError(f"train.batch_size {cfg.batch_size} must be divisible by the {d.world} processes")
+    if n_rows // d.world < cfg.batch_size // d.world:
+        raise InputError(f"{where}: {n_rows} training slices, fewer than one batch "
+                         f"({cfg.batch_size}) over {d.world} process(es)")
+    if size % 2 ** mcfg.gen_depth or size % 2 ** mcfg.disc_layers:
+        raise ConfigError(f"{where}: image size {size} not divisible by 2^gen_depth/2^disc_layers")
+    if cfg.batch_size // d.world == 1 and size == 2 ** mcfg.gen_depth and not cfg.sync_bn:
+        raise ConfigError("train.batch_size: 1 per process with a 1x1 bottleneck breaks BatchNorm; "
+                          "raise batch_size or lower model.gen_depth")
+    if cfg.sync_bn and d.ddp and d.device.type == "cpu":
+        raise ConfigError("train.sync_bn: SyncBatchNorm needs CUDA; set it false for CPU training")
+
+
+def make_optimizer(params, lr: float, betas: tuple[float, float], fused: bool = True) -> torch.optim.Adam:
+    """Adam; ``fused`` (one kernel for all params) is measurably faster on CPU and GPU alike."""
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused or None)
+
+
+def _prepare(params: Params, d: Dist, processed_dir: Path, split_path: Path) -> _Job:
+    """Data of the split's train cases (never a test slice), models and optimizers."""
+    cfg, mcfg = params.train, params.model
+    store = ProcessedStore(processed_dir)
+    split = load_split(split_path, need=("train",))
+    rows = store.rows_for_cases(split["train"])
+    _check_sizes(cfg, mcfg, d, len(rows), store.image_size, split_path)
+    in_ch = condition_channels(store.structures, mcfg.encoding)
+    precision = resolve_precision(cfg.precision, d.device)          # auto: bf16 only where native
+    channels_last = resolve_channels_last(cfg.channels_last, d.device)
+    data_hash = _data_fingerprint(store, split["train"])
+    fp = _fingerprint(params, data_hash, d.world, d.device, precision)
+
+    torch.manual_seed(params.seed)             # same init on every rank; DDP keeps them in step
+    mem = torch.channels_last if channels_last else torch.contiguous_format
+    G = build_generator(mcfg, in_ch).to(d.device, memory_format=mem)
+    D = build_discriminator(mcfg, in_ch).to(d.device, memory_format=mem)
+    if d.ddp and cfg.sync_bn:
+        G, D = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (G, D))
+    opt_g = make_optimizer(G.parameters(), cfg.lr_g, (cfg.beta1, cfg.beta2))
+    opt_d = make_optimizer(D.parameters(), cfg.lr_d, (cfg.beta1, cfg.beta2))
+    if d.is_main:
+        size = store.image_size
+        log.info("generator: %s parameters, depth %d, skips %s, receptive field %d px; discriminator: "
+                 "%s parameters, %d patches of %d px receptive field", f"{count_parameters(G):,}",
+                 mcfg.gen_depth, mcfg.skip_connections, receptive_field(mcfg, "generator"),
+                 f"{count_parameters(D):,}", (size // 2 ** mcfg.disc_layers) ** 2, receptive_field(D))
+        log.info("%d training slices, batch %d (%d per process x %d), %s %s%s%s", len(rows), cfg.batch_size,
+                 cfg.batch_size // d.world, d.world, d.device, precision,
+                 " channels_last" if channels_last else "", " compile" if cfg.compile else "")
+    return _Job(params, d, store, split, SliceDataset(store, rows, mcfg.encoding), in_ch,
+                cfg.batch_size // d.world, precision, channels_last, fp, data_hash, G, D, opt_g, opt_d)
+
+
+def _resume(job: _Job, ckpt_dir: Path) -> dict:
+    """Load the newest checkpoint of this fingerprint into the job; the loop's starting state."""
+    cfg = job.params.train
+    state = load_latest_checkpoint(ckpt_dir, job.fingerprint, cfg.iterations) if cfg.resume == "auto" else None
+    if state is None:
+        if job.d.is_main:                      # e.g. a longer run's checkpoints after lowering iterations
+            for old in ckpt_files(ckpt_dir):
+                old.unlink()
+        return {"step": 0, "losses": None, "snapshots": {}, "mlflow_run_id": None}
+    for name in ("G", "D", "opt_g", "opt_d"):
+        getattr(job, name).load_state_dict(state[name])
+    set_rng_state(state["rng"])
+    if job.d.is_main:
+        log.info("resumed from %s at step %d", state["path"], state["step"])
+    return state
+
+
+def _open_tracking(job: _Job, run_file: Path, split_path: Path, state: dict, hist: LossHistory) -> Tracker:
+    """Rank 0 opens the MLflow run before any training; every rank learns whether it worked."""
+    tracker, problem = Tracker(), None
+    if job.d.is_main:
+        from . import tracking
+        try:
+            tracker = tracking.open_run(job.params, run_file, resume_run_id=state["mlflow_run_id"],
+                                        split_path=split_path, data_hash=job.data_hash)
+            if tracker.active and tracker.run_id != state["mlflow_run_id"]:   # new run: replay losses
+                every = job.params.train.log_every
+                for s in range(every, state["step"] + 1, every):
+                    tracker.log_metrics(hist.mean(s - every, s), s)
+            tracker.set_tags({"ctsynth.world_size": job.d.world, "ctsynth.device": str(job.d.device),
+                              "ctsynth.precision": job.precision, "ctsynth.channels_last": job.channels_last,
+                              "ctsynth.fingerprint": job.fingerprint,
+                              "ctsynth.receptive_field_px": receptive_field(job.params.model)})
+        except TrainingError as e:
+            problem = e
+    ok = job.d.all_ok(problem is None)
+    if problem:
+        raise problem
+    if not ok:
+        raise TrainingError("rank 0 could not open the MLflow tracking store")
+    return tracker
+
+
+def train_batches(ds, sampler: DistributedSampler, batch: int, start_step: int,
              **loader_kw) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (cond, image) batches; batch k of epoch e depends only on (seed, e, k), so a
     resumed run continues exactly where it stopped (the sampler position is the step)."""
@@ -162,21 +228,6 @@ def _lr_factor(step: int, cfg) -> float:
         return 1.0
     start = int(cfg.lr_decay_start * cfg.iterations)
     return 1.0 if step < start else max(0.0, 1.0 - (step - start) / max(1, cfg.iterations - start))
-
-
-def make_optimizer(params, lr: float, betas: tuple[float, float], device: torch.device,
-                   fused: bool = True) -> torch.optim.Adam:
-    """Adam; ``fused`` (one kernel for all params) is measurably faster on CPU and GPU alike."""
-    return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused or None)
-
-
-# --------------------------------------------------------------------------------- losses
-
-def write_losses(path: Path, history: list, names: tuple[str, ...]) -> None:
-    import pandas as pd
-    frame = pd.DataFrame(history, columns=["step", *names, "lr_g", "lr_d"])
-    frame["step"] = frame["step"].astype(int)
-    write_csv(path, frame)
 
 
 # ---------------------------------------------------------------------------------------- step
@@ -213,278 +264,147 @@ def gan_step(G, D, raw_D, opt_g, opt_d, cond: torch.Tensor, real: torch.Tensor,
     return torch.stack([g_adv, g_l1, d_real, d_fake, acc_real, acc_fake]).detach()
 
 
-def _weights_hash(*modules: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for m in modules:
-        for name, t in m.state_dict().items():
-            h.update(name.encode())
-            h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------------------ the loop
 
 def train(params: Params, processed_dir: str | Path, split_path: str | Path, out_model: str | Path,
           ckpt_dir: str | Path, reports_dir: str | Path, run_file: str | Path,
           stop_after: int | None = None) -> TrainResult:
-    """Train and write ``out_model`` (see :func:`ctsynth.models.save_generator`), checkpoints,
-    ``reports_dir/losses.csv`` and ``reports_dir/snapshots/step_XXXXXXX.png``.
+    """Train and write ``out_model`` (see :func:`ctsynth.models.save_generator`),
+    ``reports_dir/losses.csv``, ``reports_dir/snapshots/step_XXXXXXX.png`` and ``run_file``;
+    checkpoints go to ``ckpt_dir/<fingerprint>/``.
 
     ``stop_after`` (tests): behave as if SIGTERM arrived once that many steps are done.
     Returns a :class:`TrainResult`; raises :class:`TrainingError` on a non-finite loss.
     """
-    cfg, mcfg = params.train, params.model
-    ddp, rank, world, device = _setup_distributed(cfg)
-    is_main, opened = rank == 0, []
+    d = distributed.setup(params.train.device)
+    tracker = Tracker()
     try:
-        return _train(params, cfg, mcfg, ddp, rank, world, device, is_main, Path(processed_dir),
-                      Path(split_path), Path(out_model), Path(ckpt_dir), Path(reports_dir),
-                      Path(run_file), stop_after, opened)
+        job = _prepare(params, d, Path(processed_dir), Path(split_path))
+        ckpts = Path(ckpt_dir) / job.fingerprint
+        state = _resume(job, ckpts)
+        hist = LossHistory(params.train.iterations, d, state["losses"])
+        tracker = _open_tracking(job, Path(run_file), Path(split_path), state, hist)
+        snaps = Snapshots(job.store, job.split, params.train, params.model.encoding, d.device,
+                          Path(reports_dir) / "snapshots", tracker, state["snapshots"])
+        result = _loop(job, tracker, hist, snaps, state["step"], ckpts, Path(reports_dir), stop_after)
+        if result.interrupted_by:
+            log.warning("interrupted at step %d; checkpoint saved in %s; rerun to resume", result.step, ckpts)
+            tracker.close("KILLED")
+        else:
+            _finish(job, tracker, hist, Path(out_model), Path(reports_dir))
+            tracker.close("FINISHED")
+        return result
     except BaseException:
-        for tracker in opened:                                  # mark the MLflow run failed
-            tracker.close("FAILED")
+        tracker.close("FAILED")
         raise
     finally:
-        if ddp:
-            dist.destroy_process_group()
+        d.close()
 
 
-def _train(params, cfg, mcfg, ddp, rank, world, device, is_main, processed_dir, split_path,
-           out_model, ckpt_dir, reports_dir, run_file, stop_after, opened: list) -> TrainResult:
-    # -- data: train cases of the split, never a test slice -------------------------------------
-    store = ProcessedStore(processed_dir)
-    split = load_split(split_path, need=("train",))
-    rows = store.rows_for_cases(split["train"])
-    batch = cfg.batch_size // world
-    if cfg.batch_size % world:
-        raise ConfigError(f"train.batch_size {cfg.batch_size} must be divisible by the {world} processes")
-    if len(rows) // world < batch:
-        raise InputError(f"{split_path}: {len(rows)} training slices, fewer than one batch "
-                         f"({cfg.batch_size}) over {world} process(es)")
-    size, depth = store.image_size, mcfg.gen_depth
-    if size % 2 ** depth or size % 2 ** mcfg.disc_layers:
-        raise ConfigError(f"{processed_dir}: image size {size} not divisible by 2^gen_depth/2^disc_layers")
-    if batch == 1 and size == 2 ** depth and not cfg.sync_bn:
-        raise ConfigError("train.batch_size: 1 per process with a 1x1 bottleneck breaks BatchNorm; "
-                          "raise batch_size or lower model.gen_depth")
-    if cfg.sync_bn and ddp and device.type == "cpu":
-        raise ConfigError("train.sync_bn: SyncBatchNorm needs CUDA; set it false for CPU training")
-    ds = SliceDataset(store, rows, mcfg.encoding)
-    in_ch = condition_channels(store.structures, mcfg.encoding)
-    precision = resolve_precision(cfg.precision, device)          # auto: bf16 only where it is native
-    channels_last = resolve_channels_last(cfg.channels_last, device)
-    fp = _fingerprint(params, _data_fingerprint(store, split["train"]), world, device, precision)
-
-    # -- models and optimizers (same seed on every rank, DDP then keeps them in step) ---------------
-    torch.manual_seed(params.seed)
-    mem = torch.channels_last if channels_last else torch.contiguous_format
-    G = build_generator(mcfg, in_ch).to(device, memory_format=mem)
-    D = build_discriminator(mcfg, in_ch).to(device, memory_format=mem)
-    if ddp and cfg.sync_bn:
-        G, D = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (G, D))
-    betas = (cfg.beta1, cfg.beta2)
-    opt_g = make_optimizer(G.parameters(), cfg.lr_g, betas, device)
-    opt_d = make_optimizer(D.parameters(), cfg.lr_d, betas, device)
-    rf = receptive_field(D)
-    if is_main:
-        log.info("generator: %s parameters, depth %d, skips %s, receptive field %d px; discriminator: "
-                 "%s parameters, %d patches of %d px receptive field", f"{count_parameters(G):,}", depth,
-                 mcfg.skip_connections, receptive_field(mcfg, "generator"), f"{count_parameters(D):,}",
-                 (size // 2 ** mcfg.disc_layers) ** 2, rf)
-        log.info("%d training slices, batch %d (%d per process x %d), %s %s%s%s", len(rows),
-                 cfg.batch_size, batch, world, device, precision,
-                 " channels_last" if channels_last else "", " compile" if cfg.compile else "")
-
-    # -- resume ---------------------------------------------------------------------------------
-    state = load_latest_checkpoint(ckpt_dir, fp, cfg.iterations) if cfg.resume == "auto" else None
-    step, history, snaps, run_id = 0, [], {}, None
-    acc, acc_n = torch.zeros(len(LOSS_NAMES), device=device), 0      # loss sums since the last log
-    if state is not None:
-        G.load_state_dict(state["G"])
-        D.load_state_dict(state["D"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        set_rng_state(state["rng"])
-        step, history, snaps = state["step"], state["history"], state["snapshots"]
-        acc, acc_n, run_id = state["acc"].to(device), state["acc_n"], state["mlflow_run_id"]
-        if is_main:
-            log.info("resumed from %s at step %d", state["path"], step)
-
-    # -- tracking: open the store before any training (rank 0; the others learn the outcome) ----
-    tracker, problem = None, None
-    if is_main:
-        from . import tracking
-        try:
-            tracker = tracking.open_run(params, run_file, resume_run_id=run_id, split_path=split_path)
-            opened.append(tracker)
-            if tracker.active and tracker.run_id != run_id:       # a new run: replay earlier losses
-                for row in history:
-                    tracker.log_metrics(dict(zip(LOSS_NAMES, row[1:1 + len(LOSS_NAMES)])), int(row[0]))
-            tracker.set_tags({"ctsynth.world_size": world, "ctsynth.device": str(device),
-                              "ctsynth.precision": precision, "ctsynth.channels_last": channels_last,
-                              "ctsynth.fingerprint": fp, "ctsynth.receptive_field_px": receptive_field(mcfg)})
-        except TrainingError as e:
-            problem = e
-    ok = _reduce(torch.tensor([0.0 if problem else 1.0], device=device), ddp, dist.ReduceOp.MIN if ddp else None)
-
-    if problem:
-        raise problem
-    if not ok.item():
-        raise TrainingError("rank 0 could not open the MLflow tracking store")
-    if state is None and is_main:                              # stale checkpoints of another run
-        for old in ckpt_files(ckpt_dir):
-            old.unlink()
-
-    Gm = DDP(G, device_ids=[device.index] if device.type == "cuda" else None) if ddp else G
-    Dm = DDP(D, device_ids=[device.index] if device.type == "cuda" else None) if ddp else D
-    raw_G, raw_D = G, D
-    Dg = raw_D
+def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step: int, ckpts: Path,
+          reports_dir: Path, stop_after: int | None) -> TrainResult:
+    cfg, d = job.params.train, job.d
+    Gm, Dm, Dg = d.wrap(job.G), d.wrap(job.D), job.D          # Dg: G's step calls D unwrapped
     if cfg.compile:
-        Gm, Dm, Dg = torch.compile(Gm), torch.compile(Dm), torch.compile(raw_D)
-    amp = autocast(precision, device)
-    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=params.seed,
-                                 drop_last=True)
-    on_cuda = device.type == "cuda"
-    batches = _batches(ds, sampler, batch, step, num_workers=cfg.num_workers, pin_memory=on_cuda)
-
-    # -- evolution snapshots: fixed validation masks at fractions of training --------------------
-    snap_steps = sorted({int(round(f * cfg.iterations)) for f in cfg.snapshot_at})
-    snap_rows = snapshot_rows(store, split, cfg.snapshot_count)
-    snap_dir = reports_dir / "snapshots"
-    meta = {"image_size": size, "hu_window": store.meta["hu_window"], "structures": store.structures,
-            "label_map": store.meta["label_map"], "encoding": mcfg.encoding}
-
-    def take_snapshot(at: int) -> None:
-        if len(snap_rows) == 0:
-            return
-        if at not in snaps:
-            snaps[at] = snapshot_images(raw_G, store, snap_rows, mcfg.encoding, device)
-        png = render_snapshot(snap_dir / f"step_{at:07d}.png", store, snap_rows, snaps[at], at, cfg.iterations)
-        tracker.log_artifact(png, "snapshots")
-
-    def dump_losses() -> None:
-        write_losses(reports_dir / "losses.csv", history, LOSS_NAMES)
-
-    if is_main:
-        for at in sorted(snaps):                              # re-render after a resume
-            if at in snap_steps:
-                take_snapshot(at)
-        if 0 in snap_steps and step == 0:
-            take_snapshot(0)
-        dump_losses()
-
-    # -- the loop ---------------------------------------------------------------------------------
-    first_bad = torch.full((len(LOSS_NAMES),), -1, dtype=torch.long, device=device)
-    t_log, t_first = time.perf_counter(), None
-    stop_every = 1 if device.type == "cpu" else cfg.log_every
-    interrupted = 0
-    with _StopFlag() as flag:
+        Gm, Dm, Dg = torch.compile(Gm), torch.compile(Dm), torch.compile(Dg)
+    amp = autocast(job.precision, d.device)
+    sampler = DistributedSampler(job.ds, num_replicas=d.world, rank=d.rank, shuffle=True,
+                                 seed=job.params.seed, drop_last=True)
+    batches = train_batches(job.ds, sampler, job.batch, step, num_workers=cfg.num_workers,
+                       pin_memory=d.device.type == "cuda")
+    if d.is_main:
+        snaps.start(job.G, step)
+        hist.write(reports_dir / "losses.csv", step, cfg.iterations, lambda s: _lrs(s, cfg))
+    first_bad = torch.full((len(LOSS_NAMES),), -1, dtype=torch.long, device=d.device)
+    poll_every = 1 if d.device.type == "cpu" else cfg.log_every     # GPU: no host sync per step
+    last_log, t_log, interrupted = step, time.perf_counter(), 0
+    with StopFlag() as flag:
         while step < cfg.iterations:
-            lr = _lr_factor(step, cfg)
-            for opt, base in ((opt_g, cfg.lr_g), (opt_d, cfg.lr_d)):
+            for opt, base in ((job.opt_g, cfg.lr_g), (job.opt_d, cfg.lr_d)):   # linear decay, if any
                 for group in opt.param_groups:
-                    group["lr"] = base * lr
-            cond, real = next(batches)                        # (B, C, S, S), (B, 1, S, S)
-            cond = cond.to(device, non_blocking=on_cuda).contiguous(memory_format=mem)
-            real = real.to(device, non_blocking=on_cuda).contiguous(memory_format=mem)
-            t0 = time.perf_counter() if t_first is None else None
-            losses = gan_step(Gm, Dm, Dg, opt_g, opt_d, cond, real, cfg.lambda_l1, amp)
+                    group["lr"] = base * _lr_factor(step, cfg)
+            cond, real = next(batches)                                 # (B, C, S, S), (B, 1, S, S)
+            losses = gan_step(Gm, Dm, Dg, job.opt_g, job.opt_d, job.to_device(cond), job.to_device(real),
+                              cfg.lambda_l1, amp)
             step += 1
-            if t0 is not None:
-                t_first = time.perf_counter() - t0
-                if is_main:
-                    log.info("first step took %.2f s%s", t_first, " (includes torch.compile)" if cfg.compile else "")
-            acc += losses
-            acc_n += 1
+            hist.record(step, losses)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses), step, first_bad)
             if stop_after is not None and step >= stop_after and not flag.signum:
                 flag.signum = signal.SIGTERM
             log_now = step % cfg.log_every == 0 or step == cfg.iterations
             ckpt_now = step % cfg.checkpoint_every == 0 or step == cfg.iterations
-            if not ddp:
-                interrupted = flag.poll()
-            elif step % stop_every == 0 or log_now or ckpt_now:   # every rank stops at the same step
-                interrupted = int(_reduce(torch.tensor([flag.poll()], device=device), ddp, dist.ReduceOp.MAX))
-            if not (log_now or ckpt_now or interrupted or step in snap_steps):
+            if step % poll_every == 0 or log_now or ckpt_now:          # every rank stops at one step
+                interrupted = flag.agreed(d)
+            if not (log_now or ckpt_now or interrupted or step in snaps.steps):
                 continue
-            _check_finite(first_bad, ddp)
-            if log_now:
-                means = (_reduce(acc.clone(), ddp) / (max(acc_n, 1) * world)).tolist()
-                history.append([step, *means, cfg.lr_g * lr, cfg.lr_d * lr])
-                acc.zero_()
-                acc_n = 0
-                if is_main:
-                    dt = time.perf_counter() - t_log
-                    n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-                    t_log = time.perf_counter()
-                    log.info("step %d/%d | g_adv %.4f g_l1 %.4f | d_real %.4f d_fake %.4f | acc real "
-                             "%.2f fake %.2f | %.3f s/step %.1f img/s", step, cfg.iterations, *means,
-                             dt / n, n * cfg.batch_size / dt)
-                    dump_losses()
-                    tracker.log_metrics({**dict(zip(LOSS_NAMES, means)), "lr_g": cfg.lr_g * lr,
-                                         "s_per_step": dt / n, "img_per_s": n * cfg.batch_size / dt}, step)
-            if is_main and step in snap_steps:
-                take_snapshot(step)
-            if (ckpt_now or interrupted) and is_main:
-                save_checkpoint(ckpt_dir, step=step, fingerprint=fp, G=raw_G, D=raw_D, opt_g=opt_g, opt_d=opt_d,
-                                history=history, acc=acc, acc_n=acc_n, snapshots=snaps, run_id=tracker.run_id)
+            _check_finite(first_bad, d)
+            hist.sync(step)
+            if d.is_main and log_now:
+                t_log = _log_progress(job, tracker, hist, last_log, step, t_log)
+                last_log = step
+                hist.write(reports_dir / "losses.csv", step, cfg.iterations, lambda s: _lrs(s, cfg))
+            if d.is_main:
+                snaps.take(job.G, step)
+            if d.is_main and (ckpt_now or interrupted):
+                save_checkpoint(ckpts, step=step, fingerprint=job.fingerprint, G=job.G, D=job.D,
+                                opt_g=job.opt_g, opt_d=job.opt_d, losses=hist.done(step),
+                                snapshots=snaps.taken, run_id=tracker.run_id)
             if interrupted:
-                break
-
-    if interrupted:
-        msg = f"interrupted at step {step}; checkpoint saved in {ckpt_dir}; rerun to resume"
-        if is_main:
-            log.warning(msg)
-            tracker.close("KILLED")
-            opened.clear()
-        return TrainResult(step, interrupted)
-
-    # -- finish: identical weights on every rank, then rank 0 writes the model -------------------
-    if ddp:
-        for m in (raw_G, raw_D):
-            for buf in m.buffers():
-                dist.broadcast(buf, 0)        # BN running stats: rank 0's (params are DDP-synced)
-    digest = _weights_hash(raw_G, raw_D)
-    digests = [None] * world
-    if ddp:
-        dist.all_gather_object(digests, digest)
-    else:
-        digests = [digest]
-    if len(set(digests)) != 1:
-        raise TrainingError(f"ranks ended with different weights: {digests}")
-    if is_main:
-        if world > 1:
-            log.info("weights identical on all %d ranks (sha256 %s)", world, digest[:16])
-        extra = {"step": step, "iterations": cfg.iterations, "world_size": world, "device": device.type,
-                 "precision": precision, "channels_last": channels_last, "seed": params.seed, "rank_weight_hashes": digests,
-                 "receptive_field": rf, "fingerprint": fp, "mlflow_run_id": tracker.run_id,
-                 "losses": dict(zip(["step", *LOSS_NAMES], history[-1][:1 + len(LOSS_NAMES)])) if history else {}}
-        save_generator(out_model, raw_G, to_dict(mcfg), in_ch, meta, extra)
-        log.info("wrote %s", out_model)
-        if params.tracking.log_model and tracker.active:
-            t0 = time.perf_counter()
-            cond, _ = ds[0]
-            tracker.log_generator(raw_G, torch.stack([cond, ds[len(ds) - 1][0]]))
-            log.info("logged the generator to MLflow in %.1f s", time.perf_counter() - t0)
-        tracker.log_artifact(reports_dir / "losses.csv")
-        tracker.close("FINISHED")
-        opened.clear()
+                return TrainResult(step, interrupted)
     return TrainResult(step)
 
 
-def _check_finite(first_bad: torch.Tensor, ddp: bool) -> None:
-    """Raise TrainingError naming the first non-finite loss and its step (synced over ranks)."""
-    bad = first_bad.clone()
-    if ddp:
-        bad = torch.where(bad < 0, torch.iinfo(torch.long).max, bad)
-        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-        bad = torch.where(bad == torch.iinfo(torch.long).max, -1, bad)
-    bad = bad.tolist()
-    hits = [(s, n) for s, n in zip(bad, LOSS_NAMES) if s >= 0]
+def _lrs(step: int, cfg) -> tuple[float, float]:
+    return cfg.lr_g * _lr_factor(step, cfg), cfg.lr_d * _lr_factor(step, cfg)
+
+
+def _log_progress(job: _Job, tracker: Tracker, hist: LossHistory, last: int, step: int, t_last: float) -> float:
+    cfg, now = job.params.train, time.perf_counter()
+    means, n = hist.mean(last, step), max(1, step - last)
+    rate = n * cfg.batch_size / max(now - t_last, 1e-9)
+    log.info("step %d/%d | g_adv %.4f g_l1 %.4f | d_real %.4f d_fake %.4f | acc real %.2f fake %.2f | "
+             "%.3f s/step %.1f img/s", step, cfg.iterations, *means.values(), (now - t_last) / n, rate)
+    tracker.log_metrics({**means, "lr_g": _lrs(step - 1, cfg)[0], "s_per_step": (now - t_last) / n,
+                         "img_per_s": rate}, step)
+    return now
+
+
+def _check_finite(first_bad: torch.Tensor, d: Dist) -> None:
+    """Raise TrainingError naming the first non-finite loss and its step (agreed over ranks)."""
+    hits = [(s, n) for s, n in zip(distributed.first_bad_step(first_bad, d), LOSS_NAMES) if s >= 0]
     if hits:
         s, name = min(hits)
         raise TrainingError(f"non-finite {name} loss at step {s}; stopped; the last good checkpoint "
                             f"is kept (lower the learning rates or check the data)")
 
 
-__all__ = ["train", "gan_step", "make_optimizer", "TrainResult", "LOSS_NAMES"]
+def _finish(job: _Job, tracker: Tracker, hist: LossHistory, out_model: Path, reports_dir: Path) -> None:
+    """Identical weights on every rank, then rank 0 writes the model and logs it."""
+    cfg, d = job.params.train, job.d
+    digests = distributed.sync_and_hash(d, job.G, job.D)
+    if len(set(digests)) != 1:
+        raise TrainingError(f"ranks ended with different weights: {digests}")
+    if not d.is_main:
+        return
+    if d.world > 1:
+        log.info("weights identical on all %d ranks (sha256 %s)", d.world, digests[0][:16])
+    step = cfg.iterations
+    meta = {"image_size": job.store.image_size, "hu_window": job.store.meta["hu_window"],
+            "structures": job.store.structures, "label_map": job.store.meta["label_map"],
+            "encoding": job.params.model.encoding}
+    extra = {"step": step, "iterations": cfg.iterations, "world_size": d.world, "device": d.device.type,
+             "precision": job.precision, "channels_last": job.channels_last, "seed": job.params.seed,
+             "rank_weight_hashes": digests, "receptive_field": receptive_field(job.D),
+             "fingerprint": job.fingerprint, "mlflow_run_id": tracker.run_id,
+             "losses": {"step": step, **hist.mean(step - 1, step)}}
+    save_generator(out_model, job.G, to_dict(job.params.model), job.in_ch, meta, extra)
+    log.info("wrote %s", out_model)
+    if job.params.tracking.log_model and tracker.active:
+        t0 = time.perf_counter()
+        example = torch.stack([job.ds[0][0], job.ds[len(job.ds) - 1][0]])
+        tracker.log_generator(job.G, example, registered_model=job.params.tracking.registered_model)
+        log.info("logged the generator to MLflow in %.1f s", time.perf_counter() - t0)
+    tracker.log_artifact(reports_dir / "losses.csv")
+
+
+__all__ = ["train", "gan_step", "make_optimizer", "TrainResult", "LOSS_NAMES", "RUN_ONLY_KEYS", "train_batches"]
