@@ -1,14 +1,21 @@
-"""train stage: the mask-conditioned cGAN (LSGAN + λ·L1), one process or DDP via torchrun.
+"""train stage: the mask-conditioned cGAN (LSGAN + λ·L1), one process or DDP.
 
-    python stages/train.py                                   # one CPU / one GPU
-    .venv/bin/torchrun --standalone --nproc-per-node 2 stages/train.py   # 2 GPUs (or 2 CPU procs)
+    python stages/train.py            # train.nproc x train.nnodes processes (1: no torchrun)
+
+With ``train.nproc`` > 1 (GPUs, or CPU processes with gloo) this script starts itself under
+``torchrun --standalone``; with ``train.nnodes`` > 1 under torchrun's c10d rendezvous at
+``train.rdzv_endpoint`` (run the same command on every node).
 
 Writes the generator (weights + model config + preprocessing, no params.yaml needed to run it),
-checkpoints (persist: resume after an interruption), reports/train/losses.csv and evolution
-snapshots, and the MLflow run id for the later stages. SIGTERM / Ctrl-C save a checkpoint and
-exit with 143 / 130; rerunning resumes.
+reports/train/losses.csv and evolution snapshots, and the MLflow run id for the later stages.
+Checkpoints go to <checkpoints>/<fingerprint>/, a working folder of the repository (not a DVC
+output; under `dvc exp run --queue/--temp` the user's repository, not the temporary copy).
+SIGTERM / Ctrl-C save a checkpoint and exit with 143 / 130; rerunning resumes.
 """
 from __future__ import annotations
+
+import os
+import sys
 
 from ctsynth.runner import add_inputs, stage_main
 
@@ -16,16 +23,27 @@ from ctsynth.runner import add_inputs, stage_main
 def add_args(parser) -> None:
     add_inputs(parser, "processed", "split")
     parser.add_argument("--model", default="models/generator.pt", help="output generator file")
-    parser.add_argument("--checkpoints", default="models/checkpoints", help="checkpoint folder")
+    parser.add_argument("--checkpoints", default="models/checkpoints",
+                        help="checkpoint working folder; relative to the project root ($DVC_ROOT)")
     parser.add_argument("--reports", default="reports/train", help="losses.csv and snapshots/")
     parser.add_argument("--run-file", default="models/mlflow_run.json", help="MLflow run id file")
 
 
 def main(args, params) -> int:
+    from ctsynth.distributed import torchrun_argv
+    from ctsynth.io import project_root
+
+    cfg = params.train
+    argv = torchrun_argv(cfg.nproc, cfg.nnodes, cfg.rdzv_endpoint, __file__, sys.argv[1:])
+    if argv:                                   # become torchrun: signals reach it directly
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(argv[0], argv)
     from ctsynth.train import train
 
+    ckpts = project_root() / args.checkpoints   # an absolute --checkpoints stays as given
     result = train(params, processed_dir=args.processed, split_path=args.split, out_model=args.model,
-                   ckpt_dir=args.checkpoints, reports_dir=args.reports, run_file=args.run_file)
+                   ckpt_dir=ckpts, reports_dir=args.reports, run_file=args.run_file)
     return result.exit_code
 
 

@@ -73,7 +73,9 @@ class ModelCfg:
 
 @dataclass
 class TrainCfg:
-    nproc: int = 1                                   # processes for torchrun
+    nproc: int = 1                                   # processes per node (torchrun)
+    nnodes: int = 1                                  # nodes (torchrun c10d rendezvous when > 1)
+    rdzv_endpoint: Optional[str] = None              # host:port of the rendezvous (nnodes > 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 where native (CUDA, AMX CPUs)
     channels_last: Literal["auto", True, False] = "auto"   # auto: NHWC on CUDA, NCHW on CPU
@@ -128,6 +130,7 @@ class TrackingCfg:
     uri: Optional[str] = None                        # default: sqlite:///<repo>/mlflow.db
     experiment: str = "ctsynth"
     log_model: bool = True
+    registered_model: Optional[str] = None           # register each trained generator under this name
     enabled: bool = True                             # false: no MLflow at all (offline, fast tests)
 
 
@@ -261,7 +264,11 @@ def _check_ranges(p: Params, problems: list[str]) -> None:
     need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2: must be in [0, 1)")
     need(t.iterations >= 1, "train.iterations: must be >= 1")
     need(t.batch_size >= 1, "train.batch_size: must be >= 1")
-    need(t.nproc >= 1, "train.nproc: must be >= 1")
+    need(t.nproc >= 1 and t.nnodes >= 1, "train.nproc/nnodes: must be >= 1")
+    ep = t.rdzv_endpoint
+    need(ep is None or (ep.rpartition(":")[0] and ep.rpartition(":")[2].isdigit()),
+         f"train.rdzv_endpoint: expected host:port, got {ep!r}")
+    need(t.nnodes == 1 or ep is not None, "train.rdzv_endpoint: host:port is required when train.nnodes > 1")
     need(t.checkpoint_every >= 1 and t.log_every >= 1, "train.checkpoint_every/log_every: must be >= 1")
     need(t.lr_decay_start is None or 0 <= t.lr_decay_start < 1, "train.lr_decay_start: must be in [0, 1) or null")
     need(all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in t.snapshot_at),
