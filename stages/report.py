@@ -27,10 +27,10 @@ def log_to_run(run_file, files: list, metrics_path: Path) -> None:
 
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     with tracking.resume_run(run_file) as run:
-        tracking.log_metrics({k: v for k, v in metrics.items()
-                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        run.log_metrics({k: v for k, v in metrics.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
         for f in files:
-            tracking.log_artifact(f, "report" if Path(f).suffix == ".html" else "report/figures")
+            run.log_artifact(f, "report" if Path(f).suffix == ".html" else "report/figures")
         if run.active:
             log.info("report and %d metrics logged to MLflow run %s", len(metrics), run.run_id)
 

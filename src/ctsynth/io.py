@@ -22,6 +22,18 @@ import numpy as np
 from .errors import InputError
 
 
+def project_root() -> Path:
+    """The user's repository: ``$DVC_ROOT`` (DVC sets it for every stage; under ``dvc exp run
+    --queue/--temp`` it names the user's repo, not the temporary copy the stage runs in), else
+    the nearest folder above the working directory holding ``.dvc/``, else the working directory.
+    Shared working state (the MLflow store, training checkpoints) lives here."""
+    env = os.environ.get("DVC_ROOT")
+    if env:
+        return Path(env).resolve()
+    cwd = Path.cwd().resolve()
+    return next((p for p in (cwd, *cwd.parents) if (p / ".dvc").is_dir()), cwd)
+
+
 # ----------------------------------------------------------------------------- atomic writes
 
 @contextlib.contextmanager

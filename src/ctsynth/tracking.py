@@ -12,8 +12,13 @@ Training (rank 0 only) opens a run, the later stages log into the same run::
         run.log_artifact("reports/report.html")
 
 Tracking URI: ``$MLFLOW_TRACKING_URI``, else ``tracking.uri`` from params, else
-``sqlite:///<absolute cwd>/mlflow.db`` (absolute, so ``dvc exp run --temp`` copies still log
-into the repo's store). With ``tracking.enabled: false`` every call is a no-op.
+``sqlite:///<project root>/mlflow.db``, where the project root is ``$DVC_ROOT`` (DVC sets it for
+every stage, and under ``dvc exp run --queue/--temp`` points it at the user's repository, not
+the temporary copy) or the nearest folder above the working directory holding ``.dvc/``. So
+runs from the workspace, from experiments and from the queue all land in the repo's one store.
+Runs are named after the DVC experiment (``$DVC_EXP_NAME``) and tagged with it, its baseline
+revision, the git commit and the hash of the training data. With ``tracking.enabled: false``
+every call is a no-op.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .errors import TrainingError
-from .io import write_json
+from .io import project_root, write_json
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +52,30 @@ def _quiet_mlflow() -> None:
 
 
 def tracking_uri(params: Any) -> str:
-    """``$MLFLOW_TRACKING_URI`` > ``tracking.uri`` > ``sqlite:///<cwd>/mlflow.db``."""
+    """``$MLFLOW_TRACKING_URI`` > ``tracking.uri`` > ``sqlite:///<project root>/mlflow.db``."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
     if params.tracking.uri:
         return params.tracking.uri
-    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    return f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def run_name() -> str:
+    """The DVC experiment's name (``$DVC_EXP_NAME``, set by ``dvc exp run``), else
+    ``train-<commit>-<UTC time>``."""
+    name = os.environ.get("DVC_EXP_NAME")
+    if name:
+        return name
+    commit = (git_commit() or "nogit")[:7]
+    return f"train-{commit}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def experiment_tags() -> dict[str, str]:
+    """``dvc.exp_name`` and ``dvc.baseline_rev`` when running under ``dvc exp run``."""
+    tags = {"dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
+            "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV")}
+    return {k: v for k, v in tags.items() if v}
 
 
 def git_commit(cwd: str | Path = ".") -> str | None:
@@ -132,12 +154,9 @@ class Tracker:
         if self.active:
             self._client().log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_dict(self, obj: Mapping, filename: str) -> None:
-        if self.active:
-            self._client().log_dict(self.run_id, dict(obj), filename)
-
-    def log_generator(self, generator, example) -> None:
-        """Log the generator with ``mlflow.pytorch.log_model`` (pt2 export, batch >= 2 example).
+    def log_generator(self, generator, example, registered_model: str | None = None) -> None:
+        """Log the generator with ``mlflow.pytorch.log_model`` (pt2 export, batch >= 2 example);
+        with ``registered_model``, also as a new version of that model in the Model Registry.
 
         ``generator`` is exported as a CPU fp32 copy in eval mode; ``example`` is a condition
         batch (B >= 2, C, S, S) -- a batch-1 example would specialise the exported batch dim.
@@ -165,7 +184,8 @@ class Tracker:
             with mlflow.start_run(run_id=self.run_id):
                 mlflow.pytorch.log_model(model, name="generator", signature=signature,
                                          input_example=example.numpy(),
-                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                         registered_model_name=registered_model)
         except Exception as e:  # noqa: BLE001 - export/store problems must not lose a finished training
             log.warning("MLflow: logging the generator failed (%s: %s); the model file is complete",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
@@ -208,7 +228,7 @@ def _connect(uri: str, experiment: str):
 
 
 def open_run(params: Any, run_file: str | Path, resume_run_id: str | None = None,
-             run_name: str | None = None, split_path: str | Path = "data/split.json") -> Tracker:
+             split_path: str | Path = "data/split.json", data_hash: str | None = None) -> Tracker:
     """Start (or reopen ``resume_run_id``) a run, log params and tags, write ``run_file``.
 
     Call on rank 0 only, before training. Raises :class:`TrainingError` if the store cannot
@@ -236,13 +256,14 @@ def open_run(params: Any, run_file: str | Path, resume_run_id: str | None = None
         except Exception as e:  # noqa: BLE001 - a vanished run just means a new one
             log.warning("MLflow: cannot continue run %s (%s); starting a new one", resume_run_id, e)
     if run_id is None:
-        run = client.create_run(exp_id, run_name=run_name)
+        run = client.create_run(exp_id, run_name=run_name())
         run_id = run.info.run_id
         if resume_run_id:
             client.set_tag(run_id, "ctsynth.resumed_from_run", resume_run_id)
     tracker = Tracker(run_id, uri, experiment)
     tracker.log_params(flat)
-    tags = {"git_commit": git_commit() or "unknown (no git checkout)", **data_version()}
+    tags = {"git_commit": git_commit() or "unknown (no git checkout)", **data_version(), **experiment_tags(),
+            "ctsynth.data_hash": data_hash}
     split = Path(split_path)
     if split.is_file():
         tags["data.split_sha256"] = hashlib.sha256(split.read_bytes()).hexdigest()[:16]
@@ -265,39 +286,14 @@ def read_run_file(run_file: str | Path) -> dict:
     return info
 
 
-_current: Tracker = Tracker()
-
-
 @contextlib.contextmanager
 def resume_run(run_file: str | Path) -> Iterator[Tracker]:
-    """Reopen the training run named in ``run_file`` for later stages (no-op if tracking was off).
-
-    Inside the block, the module helpers :func:`log_metrics`, :func:`log_artifact` and
-    :func:`log_dict` log into this run.
-    """
-    global _current
+    """Reopen the training run named in ``run_file`` for later stages (a disabled tracker if
+    tracking was off when it trained)."""
     info = read_run_file(run_file)
     if not info.get("run_id"):
-        tracker = Tracker()
-    else:
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or info["tracking_uri"]
-        _connect(uri, info["experiment"])
-        tracker = Tracker(info["run_id"], uri, info["experiment"])
-    previous, _current = _current, tracker
-    try:
-        yield tracker
-    finally:
-        _current = previous
-
-
-def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    """Log metrics into the run opened by :func:`resume_run` (no-op outside one)."""
-    _current.log_metrics(metrics, step)
-
-
-def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    _current.log_artifact(path, artifact_path)
-
-
-def log_dict(obj: Mapping, filename: str) -> None:
-    _current.log_dict(obj, filename)
+        yield Tracker()
+        return
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or info["tracking_uri"]
+    _connect(uri, info["experiment"])
+    yield Tracker(info["run_id"], uri, info["experiment"])
