@@ -1,8 +1,10 @@
 """End to end: the real `dvc repro` on a tiny config, in a scratch copy of the repository.
 
 Checks the whole chain phantom -> ... -> report, the MLflow run, DVC's caching behaviour
-(no-op second repro, param edits rerun only dependent stages), metrics/plots/experiments
-commands, atomicity under SIGKILL and bit-for-bit repeatability of metrics.json on CPU.
+(no-op second repro, param edits rerun only dependent stages), metrics/plots commands,
+atomicity under SIGKILL, bit-for-bit repeatability of metrics.json on CPU, the experiment loop
+(compare, switch back without retraining, queue; every run in the repo's MLflow store) and a
+DVC remote round trip into a fresh clone.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ def make_repo(dest: Path) -> Path:
                            capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
         src = REPO / rel
-        if src.is_file() and not rel.startswith("dvc.lock"):
+        if src.is_file() and not rel.startswith(("dvc.lock", "reports/")):   # results of this checkout
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -109,6 +111,7 @@ def test_mlflow_run_has_params_metrics_and_model(repo):
     assert run.data.params["train.iterations"] == "6"
     assert "ssim" in run.data.metrics and "g_l1" in run.data.metrics
     assert len(run.data.tags.get("git_commit", "")) == 40
+    assert run.info.run_name.startswith("train-") and run.data.tags["ctsynth.data_hash"]
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert any(m.source_run_id == run.info.run_id for m in models)
 
@@ -150,13 +153,89 @@ def test_sigkill_mid_stage_leaves_previous_outputs(repo):
     assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
 
 
-def test_repeatable_metrics_and_experiments(repo, tmp_path):
-    """A second clean copy gives byte-identical metrics; `dvc exp run -S` compares two runs."""
-    other = make_repo(tmp_path)
+def _mlflow_runs(root: Path) -> dict[str, object]:
+    """Runs of the repo's store by name."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ctsynth")
+    return {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+
+
+def _exp_metrics(root: Path) -> dict[str, dict]:
+    """{baseline or experiment name: metrics.json content} from `dvc exp show --json`."""
+    found = {}
+    for rev in json.loads(sh(root, "dvc", "exp", "show", "--json").stdout):
+        revs = [rev] + [r for e in rev.get("experiments") or [] for r in e.get("revs", [])]
+        for r in revs:
+            data = ((r.get("data") or {}).get("metrics") or {}).get("reports/metrics.json", {})
+            found[r.get("name") or r["rev"]] = data.get("data")
+    return found
+
+
+def test_experiment_loop_compare_switch_back_queue(repo, tmp_path):
+    """A second clean copy gives byte-identical metrics; then the user's loop: commit, `dvc exp
+    run -S`, compare (exp show / metrics / params / plots diff), switch back and forth without
+    retraining, run-only params leave train up to date, queued experiments (-j 2) log into the
+    repo's one MLflow store under their experiment names."""
+    other = make_repo(tmp_path / "loop")
     sh(other, "dvc", "repro")
     assert (other / "reports" / "metrics.json").read_bytes() == (repo / "reports" / "metrics.json").read_bytes()
     sh(other, "git", "add", "-A")
     sh(other, "git", "commit", "-qm", "baseline run")
-    sh(other, "dvc", "exp", "run", "-S", "train.lambda_l1=50")
-    table = sh(other, "dvc", "exp", "show", "--json").stdout
-    assert "lambda_l1" in table and "50" in table
+    assert not sh(other, "git", "status", "--porcelain").stdout.strip()      # results are committed
+    base = json.loads((other / "reports" / "metrics.json").read_text())
+
+    out = sh(other, "dvc", "exp", "run", "-S", "train.lambda_l1=50", "-n", "l1-50")
+    assert "train" in stages_run(out.stdout) and "segmenter" not in stages_run(out.stdout)
+    shown = _exp_metrics(other)
+    assert shown["l1-50"]["ssim"] != base["ssim"] and any(v and v["ssim"] == base["ssim"] for v in shown.values())
+    diff = json.loads(sh(other, "dvc", "metrics", "diff", "HEAD", "l1-50", "--json").stdout)
+    assert "ssim" in diff["reports/metrics.json"]
+    assert "train.lambda_l1" in json.loads(sh(other, "dvc", "params", "diff", "HEAD", "l1-50", "--json").stdout)["params.yaml"]
+    plots = json.loads(sh(other, "dvc", "plots", "diff", "HEAD", "l1-50", "--json").stdout)["data"]
+    assert any(set(p.get("revisions", [])) == {"HEAD", "l1-50"} for v in plots.values() for p in v)
+
+    for back in (["git", "checkout", "--", "."], ["dvc", "exp", "apply", "l1-50"], ["git", "checkout", "--", "."]):
+        sh(other, *back)
+        sh(other, "dvc", "checkout")
+        assert json.loads(sh(other, "dvc", "status", "--json").stdout) == {}, back
+        assert stages_run(sh(other, "dvc", "repro").stdout) == [], back
+    assert json.loads((other / "reports" / "metrics.json").read_text()) == base
+
+    params = yaml.safe_load((other / "params.yaml").read_text())
+    params["train"].update(log_every=3, checkpoint_every=5)
+    params["tracking"]["experiment"] = "elsewhere"
+    (other / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert set(json.loads(sh(other, "dvc", "status", "--json").stdout)) == {"report"}   # shows params
+    sh(other, "git", "checkout", "params.yaml")
+
+    sh(other, "dvc", "exp", "run", "--queue", "-S", "train.iterations=8", "-n", "q-long")
+    sh(other, "dvc", "exp", "run", "--queue", "-S", "train.lambda_l1=20", "-n", "q-l1")
+    sh(other, "dvc", "exp", "run", "--run-all", "-j", "2")
+    assert {"q-long", "q-l1"} <= set(_exp_metrics(other))
+    runs = _mlflow_runs(other)
+    for name in ("l1-50", "q-long", "q-l1"):
+        run = runs[name]
+        assert run.info.status == "FINISHED" and run.data.tags["dvc.exp_name"] == name
+        assert run.data.tags["dvc.baseline_rev"] == sh(other, "git", "rev-parse", "HEAD").stdout.strip()
+        assert "ssim" in run.data.metrics and "g_l1" in run.data.metrics       # train, evaluate, report
+    assert runs["q-long"].data.params["train.iterations"] == "8"
+
+
+def test_remote_round_trip_into_a_fresh_clone(repo, tmp_path):
+    """`dvc push` to a remote, then a fresh clone's `dvc pull` restores every result: `dvc
+    status` is clean, `dvc repro` runs nothing and the report is there."""
+    sh(repo, "dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"))
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "results and remote")
+    sh(repo, "dvc", "push")
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    assert not (clone / "models" / "generator.pt").exists()
+    sh(clone, "dvc", "pull")
+    assert json.loads(sh(clone, "dvc", "status", "--json").stdout) == {}
+    assert stages_run(sh(clone, "dvc", "repro").stdout) == []
+    assert (clone / "reports" / "metrics.json").read_bytes() == (repo / "reports" / "metrics.json").read_bytes()
+    assert "data:image/png;base64," in (clone / "reports" / "report.html").read_text()
+    assert (clone / "models" / "generator.pt").read_bytes() == (repo / "models" / "generator.pt").read_bytes()

@@ -110,10 +110,13 @@ def _read_csv(path: Path):
 # ------------------------------------------------------------------------------ sections
 
 def section_config(params) -> str:
-    """Every param, one small table per params.yaml section."""
+    """Every param that shapes the results, one small table per params.yaml section (not
+    ``tracking``: where a run is logged changes no result, and the report does not depend on it)."""
     groups: dict[str, list] = {}
     for key, value in flatten(to_dict(params)).items():
         section, _, rest = key.partition(".")
+        if section == "tracking":
+            continue
         shown = json.dumps(value) if isinstance(value, (list, dict)) else value
         groups.setdefault(section if rest else "(top level)", []).append({"param": rest or key,
                                                                           "value": shown})

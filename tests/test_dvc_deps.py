@@ -1,0 +1,107 @@
+"""dvc.yaml's dependencies are correct by construction: each stage's code deps are exactly the
+``src/ctsynth`` modules its script imports (transitively, function-level imports included), and
+the train stage's params are exactly the keys that change its outputs. A new import without a dep
+would let `dvc status` call a stale result up to date; these tests fail first."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from ctsynth.config import Params, to_dict
+from ctsynth.train import RUN_ONLY_KEYS
+
+PKG = REPO / "src" / "ctsynth"
+
+
+def _imports(path: Path) -> set[str]:
+    """Modules of the ctsynth package that ``path`` imports anywhere (top level or in functions)."""
+    found: set[str] = set()
+    in_pkg = path.parent == PKG
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("ctsynth.")}
+            found |= {"__init__" for a in node.names if a.name == "ctsynth"}
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level and in_pkg:                          # from .x import y / from . import x
+                if mod:
+                    found.add(mod.split(".")[0])
+                else:
+                    found |= {a.name for a in node.names}
+            elif mod == "ctsynth":                             # from ctsynth import x
+                found |= {a.name for a in node.names}
+            elif mod.startswith("ctsynth."):
+                found.add(mod.split(".")[1])
+    return {m for m in found if (PKG / f"{m}.py").is_file()}
+
+
+def _closure(modules) -> set[str]:
+    todo, seen = list(modules), set()
+    while todo:
+        mod = todo.pop()
+        if mod not in seen:
+            seen.add(mod)
+            todo += list(_imports(PKG / f"{mod}.py"))
+    return {f"src/ctsynth/{m}.py" for m in seen}
+
+
+def import_closure(script: Path) -> set[str]:
+    """``src/ctsynth/*.py`` paths that running ``script`` may import (the package ``__init__``
+    always runs first)."""
+    return _closure(_imports(script) | {"__init__"})
+
+
+def _stages() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def _code_deps(stage: dict) -> set[str]:
+    return {d for d in stage.get("deps", []) if isinstance(d, str) and d.startswith("src/ctsynth/")}
+
+
+@pytest.mark.parametrize("name", sorted(_stages()))
+def test_stage_code_deps_equal_its_import_closure(name):
+    stage = _stages()[name]
+    script = REPO / "stages" / f"{name}.py"
+    assert f"stages/{name}.py" in stage["deps"]
+    want, have = import_closure(script), _code_deps(stage)
+    assert have == want, (f"dvc.yaml stage {name!r}: add deps {sorted(want - have)}, "
+                          f"remove deps {sorted(have - want)}")
+
+
+def test_the_closure_sees_function_level_and_relative_imports(tmp_path):
+    """The checker itself: an import added inside a function widens the closure by the imported
+    module and everything it imports (so the test above fails until dvc.yaml lists them)."""
+    base = import_closure(REPO / "stages" / "split.py")
+    assert "src/ctsynth/split.py" in base and "src/ctsynth/__init__.py" in base
+    assert "src/ctsynth/privacy.py" not in base
+    script = tmp_path / "split.py"
+    script.write_text((REPO / "stages" / "split.py").read_text()
+                      + "\n\ndef later():\n    from ctsynth import privacy\n")
+    assert import_closure(script) == base | _closure({"privacy"})
+    assert "src/ctsynth/errors.py" in _closure({"privacy"})           # privacy imports .errors
+
+
+def test_train_params_are_exactly_the_keys_that_change_its_outputs():
+    """Train reruns for seed, model.* and the trajectory keys of train.*; never for the keys
+    that only steer the run (log cadence, checkpoints, resume, workers, rendezvous address) or
+    for tracking.* -- editing those must not retrain."""
+    listed = set(_stages()["train"]["params"])
+    every_train_key = {f"train.{k}" for k in to_dict(Params().train)}
+    want = {"seed", "model"} | every_train_key - {f"train.{k}" for k in RUN_ONLY_KEYS}
+    assert listed == want, (sorted(listed - want), sorted(want - listed))
+
+
+def test_every_params_key_in_dvc_yaml_exists():
+    valid = set()
+    for section, values in to_dict(Params()).items():
+        valid.add(section)
+        if isinstance(values, dict):
+            valid |= {f"{section}.{k}" for k in values}
+    for name, stage in _stages().items():
+        for key in stage.get("params", []):
+            assert key in valid, f"stage {name}: unknown params key {key}"
