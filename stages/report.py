@@ -18,15 +18,16 @@ from ctsynth.runner import add_inputs, stage_main
 log = logging.getLogger("ctsynth.report")
 
 
-def log_to_run(run_file, files: list, metrics_path: Path) -> None:
-    """Log the report, its figures and every numeric metric into the training's MLflow run."""
+def log_to_run(run_file, params, files: list, metrics_path: Path) -> None:
+    """Log the report, its figures and every numeric metric into the training's MLflow run (or,
+    when that training was evaluated before, into a new run tagged with it)."""
     if run_file is None or not Path(run_file).exists():
         log.info("no MLflow run file (%s): report not logged to MLflow", run_file)
         return
     from ctsynth import tracking
 
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    with tracking.resume_run(run_file) as run:
+    with tracking.evaluation_run(run_file, params) as run:
         run.log_metrics({k: v for k, v in metrics.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
         for f in files:
@@ -42,7 +43,7 @@ def main(args, params):
                          processed_dir=args.processed, train_reports_dir=args.train_reports,
                          out_html=args.out, figures_dir=args.figures, split_path=args.split,
                          manifest_path=args.manifest, model_path=args.model)
-    log_to_run(args.run_file, files, Path(args.reports) / "metrics.json")
+    log_to_run(args.run_file, params, files, Path(args.reports) / "metrics.json")
     return 0
 
 

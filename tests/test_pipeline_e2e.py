@@ -212,9 +212,13 @@ def test_experiment_loop_compare_switch_back_queue(repo, tmp_path):
 
     sh(other, "dvc", "exp", "run", "--queue", "-S", "train.iterations=8", "-n", "q-long")
     sh(other, "dvc", "exp", "run", "--queue", "-S", "train.lambda_l1=20", "-n", "q-l1")
+    sh(other, "dvc", "exp", "run", "--queue", "-S", "evaluate.kid_subset_size=3", "-n", "q-eval")
     sh(other, "dvc", "exp", "run", "--run-all", "-j", "2")
-    assert {"q-long", "q-l1"} <= set(_exp_metrics(other))
+    assert {"q-long", "q-l1", "q-eval"} <= set(_exp_metrics(other))
     runs = _mlflow_runs(other)
+    baseline_run = json.loads((other / "models" / "mlflow_run.json").read_text())["run_id"]
+    assert runs["q-eval"].data.tags["ctsynth.train_run_id"] == baseline_run    # cached training,
+    assert "ssim" in runs["q-eval"].data.metrics and "g_l1" not in runs["q-eval"].data.metrics  # own run
     for name in ("l1-50", "q-long", "q-l1"):
         run = runs[name]
         assert run.info.status == "FINISHED" and run.data.tags["dvc.exp_name"] == name

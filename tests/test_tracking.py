@@ -87,6 +87,18 @@ def test_training_run_has_params_metrics_tags_images_and_a_loadable_model(ws):
         r.log_metrics({"ssim": 0.5})
     assert client.get_run(run.info.run_id).data.metrics["ssim"] == 0.5
 
+    # the first evaluation logs into the training run; a re-evaluation of the same (cached)
+    # training gets a run of its own that points back at it, so nothing is overwritten
+    with tracking.evaluation_run(ws / "models/mlflow_run.json", p) as r:
+        assert r.run_id == run.info.run_id
+    with tracking.evaluation_run(ws / "models/mlflow_run.json", p) as r:
+        assert r.run_id != run.info.run_id
+        r.log_metrics({"ssim": 0.25})
+    again = client.get_run(r.run_id)
+    assert again.data.tags["ctsynth.train_run_id"] == run.info.run_id and again.info.status == "FINISHED"
+    assert again.data.params["train.iterations"] == "4" and again.info.run_name.startswith("eval-")
+    assert client.get_run(run.info.run_id).data.metrics["ssim"] == 0.5
+
 
 def test_unopenable_store_fails_before_training(ws, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws}/no/such/folder/mlflow.db")

@@ -61,14 +61,14 @@ def tracking_uri(params: Any) -> str:
     return f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
-def run_name() -> str:
+def run_name(kind: str = "train") -> str:
     """The DVC experiment's name (``$DVC_EXP_NAME``, set by ``dvc exp run``), else
-    ``train-<commit>-<UTC time>``."""
+    ``<kind>-<commit>-<UTC time>``."""
     name = os.environ.get("DVC_EXP_NAME")
     if name:
         return name
     commit = (git_commit() or "nogit")[:7]
-    return f"train-{commit}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    return f"{kind}-{commit}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
 def experiment_tags() -> dict[str, str]:
@@ -227,6 +227,11 @@ def _connect(uri: str, experiment: str):
     return client, exp_id
 
 
+def _flat_params(params: Any) -> dict[str, str]:
+    from .config import flatten, to_dict
+    return {k: _plain(v) for k, v in flatten(to_dict(params)).items()}
+
+
 def open_run(params: Any, run_file: str | Path, resume_run_id: str | None = None,
              split_path: str | Path = "data/split.json", data_hash: str | None = None) -> Tracker:
     """Start (or reopen ``resume_run_id``) a run, log params and tags, write ``run_file``.
@@ -235,15 +240,13 @@ def open_run(params: Any, run_file: str | Path, resume_run_id: str | None = None
     be opened. With ``tracking.enabled: false`` returns a disabled tracker and writes a
     run file with ``run_id: null``.
     """
-    from .config import flatten, to_dict
-
     if not getattr(params.tracking, "enabled", True):
         write_json(run_file, {"run_id": None, "tracking_uri": None, "experiment": None})
         log.info("MLflow tracking disabled (tracking.enabled: false)")
         return Tracker()
     uri, experiment = tracking_uri(params), params.tracking.experiment
     client, exp_id = _connect(uri, experiment)
-    flat = {k: _plain(v) for k, v in flatten(to_dict(params)).items()}
+    flat = _flat_params(params)
     run_id = None
     if resume_run_id:
         try:
@@ -297,3 +300,34 @@ def resume_run(run_file: str | Path) -> Iterator[Tracker]:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or info["tracking_uri"]
     _connect(uri, info["experiment"])
     yield Tracker(info["run_id"], uri, info["experiment"])
+
+
+@contextlib.contextmanager
+def evaluation_run(run_file: str | Path, params: Any) -> Iterator[Tracker]:
+    """The run that the evaluation of ``run_file``'s training logs into: the training run itself
+    the first time; once that training has been evaluated, a new run (named after the DVC
+    experiment, tagged ``ctsynth.train_run_id``) -- e.g. an experiment that changed only
+    evaluation params and reused the cached training -- so no evaluation overwrites another."""
+    with resume_run(run_file) as train_run:
+        if not train_run.active:
+            yield train_run
+            return
+        client = train_run._client()
+        trained = client.get_run(train_run.run_id)
+        if trained.data.tags.get("ctsynth.evaluated") != "true":
+            yield train_run
+            train_run.set_tags({"ctsynth.evaluated": "true"})
+            return
+        new = client.create_run(trained.info.experiment_id, run_name=run_name("eval"))
+        run = Tracker(new.info.run_id, train_run.uri, train_run.experiment)
+        run.log_params(_flat_params(params))
+        run.set_tags({"git_commit": git_commit() or "unknown (no git checkout)", **experiment_tags(),
+                      "ctsynth.train_run_id": train_run.run_id, "ctsynth.evaluated": "true"})
+        log.info("MLflow: training run %s was evaluated before; this evaluation is run %s",
+                 train_run.run_id, run.run_id)
+        try:
+            yield run
+        except BaseException:
+            run.close("FAILED")
+            raise
+        run.close("FINISHED")
