@@ -12,7 +12,7 @@ import yaml
 
 from conftest import REPO
 from ctsynth.config import Params, to_dict
-from ctsynth.train import RUN_ONLY_KEYS
+from ctsynth.checkpoint import RUN_ONLY_KEYS
 
 PKG = REPO / "src" / "ctsynth"
 

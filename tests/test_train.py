@@ -18,7 +18,9 @@ from conftest import REPO, make_store, tiny_params
 from ctsynth.config import to_dict
 from ctsynth.errors import ConfigError, InputError, TrainingError
 from ctsynth.models import build_discriminator, build_generator, load_generator
-from ctsynth.train import LOSS_NAMES, _lr_factor, gan_step, make_optimizer, train
+from ctsynth.gan import gan_step, lr_factor, make_optimizer
+from ctsynth.losses import LOSS_NAMES
+from ctsynth.train import train
 
 SPLIT = {"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}
 
@@ -163,9 +165,9 @@ def test_bad_inputs_fail_clearly(ws):
 
 def test_linear_lr_decay():
     p = params(iterations=100, lr_decay_start=0.5)
-    assert _lr_factor(0, p.train) == 1.0 and _lr_factor(50, p.train) == 1.0
-    assert _lr_factor(75, p.train) == pytest.approx(0.5) and _lr_factor(100, p.train) == 0.0
-    assert _lr_factor(99, params(lr_decay_start=None).train) == 1.0
+    assert lr_factor(0, p.train) == 1.0 and lr_factor(50, p.train) == 1.0
+    assert lr_factor(75, p.train) == pytest.approx(0.5) and lr_factor(100, p.train) == 0.0
+    assert lr_factor(99, params(lr_decay_start=None).train) == 1.0
 
 
 def test_bf16_channels_last_losses_stay_close_to_fp32(ws):

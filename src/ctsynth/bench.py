@@ -11,7 +11,7 @@ fixed synthetic batch (the loader is measured on its own):
 * ``baseline``: fp32, NCHW, eager, single-tensor Adam (``foreach=False, fused=False``), losses
   read on the host every step;
 * ``default``: what the train stage does with ``params.yaml``'s TrainCfg: its precision,
-  channels_last and compile, :func:`ctsynth.train.make_optimizer`, no per-step host sync, and
+  channels_last and compile, :func:`ctsynth.gan.make_optimizer`, no per-step host sync, and
   deterministic algorithms (``stage_main`` enables them).
 
 Paths are timed interleaved (A B B A ...) so load from other processes biases none of them; the
@@ -137,7 +137,7 @@ def make_trainer(path: TrainPath, size: int, batch: int, device: torch.device, m
     from .data import condition_batch
     from .labels import condition_channels
     from .models import build_discriminator, build_generator
-    from .train import gan_step, make_optimizer
+    from .gan import gan_step, make_optimizer
 
     torch.manual_seed(0)
     in_ch = condition_channels(STRUCTURES, model["encoding"])
@@ -255,7 +255,7 @@ def bench_loader(store_dir: Path, batch: int, repeats: int, params: Params, devi
     from torch.utils.data import DistributedSampler
 
     from .data import ProcessedStore, SliceDataset
-    from .train import train_batches
+    from .data import train_batches
 
     store = ProcessedStore(store_dir)
     ds = SliceDataset(store, np.arange(len(store.slices)), PAPER_MODEL["encoding"])

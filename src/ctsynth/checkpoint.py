@@ -8,6 +8,8 @@ Everything is stored as tensors and plain values so it loads with ``torch.load(w
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import pickle
 import random
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import to_dict
 from .errors import TrainingError
 from .io import atomic_file
 
@@ -24,6 +27,23 @@ log = logging.getLogger(__name__)
 
 CKPT_FORMAT = "ctsynth-checkpoint-2"     # 2: per-step loss record instead of logged means
 KEEP_CHECKPOINTS = 2
+
+# train.* keys that change none of train's outputs (weights, losses.csv, snapshots): they are not
+# params of the train stage in dvc.yaml (tests/test_dvc_deps.py holds dvc.yaml to this).
+RUN_ONLY_KEYS = frozenset({"checkpoint_every", "log_every", "resume", "num_workers", "rdzv_endpoint"})
+# ... and the keys that do not change the weights either (nproc, nnodes and device enter the
+# fingerprint resolved, as world size and device type): everything else must match to resume.
+_NOT_TRAJECTORY = RUN_ONLY_KEYS | {"nproc", "nnodes", "device", "snapshot_at", "snapshot_count"}
+
+
+def run_fingerprint(params, data_fp: str, world: int, device: torch.device, precision: str) -> str:
+    """Hash of everything that shapes the trained weights: resume only into the same run."""
+    tr = {k: v for k, v in to_dict(params.train).items() if k not in _NOT_TRAJECTORY}
+    if params.train.lr_decay_start is None:
+        tr.pop("iterations")                 # no decay: more iterations = the same run, longer
+    blob = {"seed": params.seed, "model": to_dict(params.model), "train": tr, "data": data_fp,
+            "world": world, "device": device.type, "precision": precision}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def rng_state() -> dict:

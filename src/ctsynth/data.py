@@ -9,14 +9,16 @@ The store (written by :mod:`ctsynth.preprocess`) is two ``.npy`` arrays opened w
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import cached_property
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .errors import InputError
 from .labels import encode_condition
@@ -34,6 +36,16 @@ class ProcessedStore:
                              f"(run `dvc repro preprocess`)")
         self.meta = json.loads((self.root / "meta.json").read_text())
         self.slices = pd.read_csv(self.root / "slices.csv", dtype={"case": str})
+
+    def fingerprint(self, cases: list[str]) -> str:
+        """Hash of the store's bytes and of ``cases`` (the training data of a run)."""
+        h = hashlib.blake2b(digest_size=16)
+        for name in ("meta.json", "slices.csv", "images.npy", "masks.npy"):
+            with open(self.root / name, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+        h.update(json.dumps(sorted(cases)).encode())
+        return h.hexdigest()
 
     @cached_property
     def images(self) -> np.ndarray:   # (N, S, S) float16 in [-1, 1]
@@ -76,3 +88,17 @@ class SliceDataset(Dataset):
 def condition_batch(masks: np.ndarray, structures: list[str], encoding: str) -> torch.Tensor:
     """Structure-index masks (B, S, S) -> condition tensor (B, C, S, S) float32."""
     return torch.from_numpy(encode_condition(np.asarray(masks), structures, encoding))
+
+
+def train_batches(ds, sampler: DistributedSampler, batch: int, start_step: int,
+                  **loader_kw) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (cond, image) batches; batch k of epoch e depends only on (seed, e, k), so a
+    resumed run continues exactly where it stopped (the sampler position is the step)."""
+    per_epoch = len(sampler) // batch
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        idx = list(sampler)[skip * batch: per_epoch * batch]
+        yield from DataLoader(Subset(ds, idx), batch_size=batch, shuffle=False, drop_last=True,
+                              **loader_kw)
+        epoch, skip = epoch + 1, 0

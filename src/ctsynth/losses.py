@@ -6,7 +6,9 @@ and changing how often the console/MLflow log does not make the trained outputs 
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +16,8 @@ import torch
 
 from .distributed import Dist
 from .io import write_csv
+
+log = logging.getLogger("ctsynth.train")
 
 LOSS_NAMES = ("g_adv", "g_l1", "d_real", "d_fake", "d_acc_real", "d_acc_fake")
 TABLE_ROWS = 200          # losses.csv holds at most this many rows (bins of equal width)
@@ -50,6 +54,17 @@ class LossHistory:
     def mean(self, start: int, stop: int) -> dict[str, float]:
         """Mean of steps (start, stop] (1-based), synced."""
         return dict(zip(LOSS_NAMES, self.buf[start:stop].mean(0).tolist()))
+
+    def log_window(self, last: int, step: int, t_last: float, batch_size: int, iterations: int,
+                   lrs: tuple[float, float], tracker) -> float:
+        """Log the means of steps (last, step] to the console and ``tracker``; returns the time."""
+        now = time.perf_counter()
+        means, n = self.mean(last, step), max(1, step - last)
+        rate = n * batch_size / max(now - t_last, 1e-9)
+        log.info("step %d/%d | g_adv %.4f g_l1 %.4f | d_real %.4f d_fake %.4f | acc real %.2f fake %.2f | "
+                 "%.3f s/step %.1f img/s", step, iterations, *means.values(), (now - t_last) / n, rate)
+        tracker.log_metrics({**means, "lr_g": lrs[0], "s_per_step": (now - t_last) / n, "img_per_s": rate}, step)
+        return now
 
     def done(self, step: int) -> torch.Tensor:
         """The first ``step`` rows on the CPU (for checkpoints)."""

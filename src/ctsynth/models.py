@@ -257,6 +257,14 @@ def receptive_field(module_or_cfg: Any, net: str = "discriminator") -> int:
 
 # ---------------------------------------------------------------------------------- model file
 
+
+def describe(G: nn.Module, D: nn.Module, model_cfg: Any, size: int) -> str:
+    """One line on the two networks (for the training log)."""
+    return (f"generator: {count_parameters(G):,} parameters, depth {model_cfg.gen_depth}, skips "
+            f"{model_cfg.skip_connections}, receptive field {receptive_field(model_cfg, 'generator')} px; "
+            f"discriminator: {count_parameters(D):,} parameters, {(size // 2 ** model_cfg.disc_layers) ** 2} "
+            f"patches of {receptive_field(D)} px receptive field")
+
 def _check_plain(obj: Any, where: str) -> None:
     """Only tensors and plain python values may go into a model file (weights_only loading)."""
     if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):

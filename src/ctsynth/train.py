@@ -1,58 +1,42 @@
-"""Train the mask-conditioned cGAN (LSGAN + λ·L1) on one CPU, one GPU or many GPUs/nodes.
+"""Train the mask-conditioned cGAN (LSGAN + λ·L1) on one CPU, one GPU or many GPUs/nodes::
 
-One process (CPU or one GPU)::
-
-    python stages/train.py --processed data/processed --split data/split.json \\
-        --model models/generator.pt --reports reports/train --run-file models/mlflow_run.json
+    python stages/train.py                      # one process (CPU or one GPU)
+    torchrun --standalone --nproc-per-node N stages/train.py      # N processes (DDP)
 
 ``train.nproc`` > 1 or ``train.nnodes`` > 1 make ``stages/train.py`` start itself under torchrun
-(see :mod:`ctsynth.distributed`); by hand::
-
-    .venv/bin/torchrun --standalone --nproc-per-node N stages/train.py <same arguments>
-
-``train.batch_size`` is the global batch (split evenly over ranks); ``train.iterations`` counts
-generator steps. World size 1 runs the very same code without a process group. Rank 0 alone
-writes files and talks to MLflow. SIGTERM / SIGINT (also when forwarded by torchrun or DVC)
+(:mod:`ctsynth.distributed`). ``train.batch_size`` is the global batch (split evenly over ranks);
+``train.iterations`` counts generator steps. World size 1 runs the very same code without a
+process group. Rank 0 alone writes files and talks to MLflow. SIGTERM / SIGINT (also when forwarded by torchrun or DVC)
 finish the current step, save a checkpoint and exit with 128 + signal; rerunning resumes from
 it (``train.resume: auto``) and ends with the weights an uninterrupted run gets (on CPU).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DistributedSampler
 
 from . import distributed
 from .accel import autocast, resolve_channels_last, resolve_precision
-from .checkpoint import ckpt_files, load_latest_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import ckpt_files, load_latest_checkpoint, run_fingerprint, save_checkpoint, set_rng_state
 from .config import Params, to_dict
-from .data import ProcessedStore, SliceDataset
+from .data import ProcessedStore, SliceDataset, train_batches
 from .distributed import Dist, StopFlag
 from .errors import ConfigError, InputError, TrainingError
+from .gan import gan_step, lr_factor, make_optimizer
 from .labels import condition_channels
 from .losses import LOSS_NAMES, LossHistory
-from .models import build_discriminator, build_generator, count_parameters, receptive_field, save_generator
+from .models import build_discriminator, build_generator, describe, receptive_field, save_generator
 from .snapshots import Snapshots
 from .split import load_split
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-# train.* keys that change none of train's outputs (weights, losses.csv, snapshots): they are not
-# params of the train stage in dvc.yaml (tests/test_dvc_deps.py holds dvc.yaml to this).
-RUN_ONLY_KEYS = frozenset({"checkpoint_every", "log_every", "resume", "num_workers", "rdzv_endpoint"})
-# ... and the keys that do not change the weights either (nproc, nnodes and device enter the
-# fingerprint resolved, as world size and device type): everything else must match to resume.
-_NOT_TRAJECTORY = RUN_ONLY_KEYS | {"nproc", "nnodes", "device", "snapshot_at", "snapshot_count"}
 
 
 @dataclass
@@ -91,26 +75,6 @@ class _Job:
 
 # --------------------------------------------------------------------------------------- setup
 
-def _data_fingerprint(store: ProcessedStore, train_cases: list[str]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for name in ("meta.json", "slices.csv", "images.npy", "masks.npy"):
-        with open(store.root / name, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-    h.update(json.dumps(sorted(train_cases)).encode())
-    return h.hexdigest()
-
-
-def _fingerprint(params: Params, data_fp: str, world: int, device: torch.device, precision: str) -> str:
-    """Hash of everything that shapes the trained weights: resume only into the same run."""
-    tr = {k: v for k, v in to_dict(params.train).items() if k not in _NOT_TRAJECTORY}
-    if params.train.lr_decay_start is None:
-        tr.pop("iterations")                 # no decay: more iterations = the same run, longer
-    blob = {"seed": params.seed, "model": to_dict(params.model), "train": tr, "data": data_fp,
-            "world": world, "device": device.type, "precision": precision}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
 def _check_sizes(cfg, mcfg, d: Dist, n_rows: int, size: int, where: Path) -> None:
     if cfg.batch_size % d.world:
         raise ConfigError(f"train.batch_size {cfg.batch_size} must be divisible by the {d.world} processes")
@@ -126,11 +90,6 @@ def _check_sizes(cfg, mcfg, d: Dist, n_rows: int, size: int, where: Path) -> Non
         raise ConfigError("train.sync_bn: SyncBatchNorm needs CUDA; set it false for CPU training")
 
 
-def make_optimizer(params, lr: float, betas: tuple[float, float], fused: bool = True) -> torch.optim.Adam:
-    """Adam; ``fused`` (one kernel for all params) is measurably faster on CPU and GPU alike."""
-    return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused or None)
-
-
 def _prepare(params: Params, d: Dist, processed_dir: Path, split_path: Path) -> _Job:
     """Data of the split's train cases (never a test slice), models and optimizers."""
     cfg, mcfg = params.train, params.model
@@ -141,8 +100,8 @@ def _prepare(params: Params, d: Dist, processed_dir: Path, split_path: Path) -> 
     in_ch = condition_channels(store.structures, mcfg.encoding)
     precision = resolve_precision(cfg.precision, d.device)          # auto: bf16 only where native
     channels_last = resolve_channels_last(cfg.channels_last, d.device)
-    data_hash = _data_fingerprint(store, split["train"])
-    fp = _fingerprint(params, data_hash, d.world, d.device, precision)
+    data_hash = store.fingerprint(split["train"])
+    fp = run_fingerprint(params, data_hash, d.world, d.device, precision)
 
     torch.manual_seed(params.seed)             # same init on every rank; DDP keeps them in step
     mem = torch.channels_last if channels_last else torch.contiguous_format
@@ -153,11 +112,7 @@ def _prepare(params: Params, d: Dist, processed_dir: Path, split_path: Path) -> 
     opt_g = make_optimizer(G.parameters(), cfg.lr_g, (cfg.beta1, cfg.beta2))
     opt_d = make_optimizer(D.parameters(), cfg.lr_d, (cfg.beta1, cfg.beta2))
     if d.is_main:
-        size = store.image_size
-        log.info("generator: %s parameters, depth %d, skips %s, receptive field %d px; discriminator: "
-                 "%s parameters, %d patches of %d px receptive field", f"{count_parameters(G):,}",
-                 mcfg.gen_depth, mcfg.skip_connections, receptive_field(mcfg, "generator"),
-                 f"{count_parameters(D):,}", (size // 2 ** mcfg.disc_layers) ** 2, receptive_field(D))
+        log.info(describe(G, D, mcfg, store.image_size))
         log.info("%d training slices, batch %d (%d per process x %d), %s %s%s%s", len(rows), cfg.batch_size,
                  cfg.batch_size // d.world, d.world, d.device, precision,
                  " channels_last" if channels_last else "", " compile" if cfg.compile else "")
@@ -208,62 +163,6 @@ def _open_tracking(job: _Job, run_file: Path, split_path: Path, state: dict, his
     return tracker
 
 
-def train_batches(ds, sampler: DistributedSampler, batch: int, start_step: int,
-             **loader_kw) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (cond, image) batches; batch k of epoch e depends only on (seed, e, k), so a
-    resumed run continues exactly where it stopped (the sampler position is the step)."""
-    per_epoch = len(sampler) // batch
-    epoch, skip = divmod(start_step, per_epoch)
-    while True:
-        sampler.set_epoch(epoch)
-        idx = list(sampler)[skip * batch: per_epoch * batch]
-        yield from DataLoader(Subset(ds, idx), batch_size=batch, shuffle=False, drop_last=True,
-                              **loader_kw)
-        epoch, skip = epoch + 1, 0
-
-
-def _lr_factor(step: int, cfg) -> float:
-    """Linear decay to 0 from ``lr_decay_start`` (fraction of iterations); 1 without decay."""
-    if cfg.lr_decay_start is None:
-        return 1.0
-    start = int(cfg.lr_decay_start * cfg.iterations)
-    return 1.0 if step < start else max(0.0, 1.0 - (step - start) / max(1, cfg.iterations - start))
-
-
-# ---------------------------------------------------------------------------------------- step
-
-def gan_step(G, D, raw_D, opt_g, opt_d, cond: torch.Tensor, real: torch.Tensor,
-             lambda_l1: float, amp: torch.autocast) -> torch.Tensor:
-    """One discriminator and one generator update (pix2pix order). Returns detached losses
-    (6,) in ``LOSS_NAMES`` order, on the device (no host sync).
-
-    D: 0.5·[MSE(D(real,c), 1) + MSE(D(fake,c), 0)]  G: MSE(D(fake,c), 1) + λ·|fake - real|₁
-    The G step calls the unwrapped D with its parameters frozen (no DDP sync, no D grads).
-    """
-    with amp:
-        fake = G(cond)                                              # (B, 1, S, S)
-        p_real = D(real, cond).float()                              # (B, 1, P, P)
-        p_fake = D(fake.detach(), cond).float()                     # (B, 1, P, P)
-    d_real = F.mse_loss(p_real, torch.ones_like(p_real))
-    d_fake = F.mse_loss(p_fake, torch.zeros_like(p_fake))
-    opt_d.zero_grad(set_to_none=True)
-    (0.5 * (d_real + d_fake)).backward()
-    opt_d.step()
-
-    raw_D.requires_grad_(False)
-    with amp:
-        p_gen = raw_D(fake, cond).float()                           # (B, 1, P, P)
-    g_adv = F.mse_loss(p_gen, torch.ones_like(p_gen))
-    g_l1 = F.l1_loss(fake.float(), real)
-    opt_g.zero_grad(set_to_none=True)
-    (g_adv + lambda_l1 * g_l1).backward()
-    opt_g.step()
-    raw_D.requires_grad_(True)
-    acc_real = (p_real.detach() > 0.5).float().mean()
-    acc_fake = (p_fake.detach() < 0.5).float().mean()
-    return torch.stack([g_adv, g_l1, d_real, d_fake, acc_real, acc_fake]).detach()
-
-
 # ------------------------------------------------------------------------------------ the loop
 
 def train(params: Params, processed_dir: str | Path, split_path: str | Path, out_model: str | Path,
@@ -311,7 +210,7 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
     sampler = DistributedSampler(job.ds, num_replicas=d.world, rank=d.rank, shuffle=True,
                                  seed=job.params.seed, drop_last=True)
     batches = train_batches(job.ds, sampler, job.batch, step, num_workers=cfg.num_workers,
-                       pin_memory=d.device.type == "cuda")
+                            pin_memory=d.device.type == "cuda")
     if d.is_main:
         snaps.start(job.G, step)
         hist.write(reports_dir / "losses.csv", step, cfg.iterations, lambda s: _lrs(s, cfg))
@@ -322,7 +221,7 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
         while step < cfg.iterations:
             for opt, base in ((job.opt_g, cfg.lr_g), (job.opt_d, cfg.lr_d)):   # linear decay, if any
                 for group in opt.param_groups:
-                    group["lr"] = base * _lr_factor(step, cfg)
+                    group["lr"] = base * lr_factor(step, cfg)
             cond, real = next(batches)                                 # (B, C, S, S), (B, 1, S, S)
             losses = gan_step(Gm, Dm, Dg, job.opt_g, job.opt_d, job.to_device(cond), job.to_device(real),
                               cfg.lambda_l1, amp)
@@ -340,7 +239,8 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
             _check_finite(first_bad, d)
             hist.sync(step)
             if d.is_main and log_now:
-                t_log = _log_progress(job, tracker, hist, last_log, step, t_log)
+                t_log = hist.log_window(last_log, step, t_log, cfg.batch_size, cfg.iterations, _lrs(step - 1, cfg),
+                                        tracker)
                 last_log = step
                 hist.write(reports_dir / "losses.csv", step, cfg.iterations, lambda s: _lrs(s, cfg))
             if d.is_main:
@@ -355,18 +255,7 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
 
 
 def _lrs(step: int, cfg) -> tuple[float, float]:
-    return cfg.lr_g * _lr_factor(step, cfg), cfg.lr_d * _lr_factor(step, cfg)
-
-
-def _log_progress(job: _Job, tracker: Tracker, hist: LossHistory, last: int, step: int, t_last: float) -> float:
-    cfg, now = job.params.train, time.perf_counter()
-    means, n = hist.mean(last, step), max(1, step - last)
-    rate = n * cfg.batch_size / max(now - t_last, 1e-9)
-    log.info("step %d/%d | g_adv %.4f g_l1 %.4f | d_real %.4f d_fake %.4f | acc real %.2f fake %.2f | "
-             "%.3f s/step %.1f img/s", step, cfg.iterations, *means.values(), (now - t_last) / n, rate)
-    tracker.log_metrics({**means, "lr_g": _lrs(step - 1, cfg)[0], "s_per_step": (now - t_last) / n,
-                         "img_per_s": rate}, step)
-    return now
+    return cfg.lr_g * lr_factor(step, cfg), cfg.lr_d * lr_factor(step, cfg)
 
 
 def _check_finite(first_bad: torch.Tensor, d: Dist) -> None:
@@ -407,4 +296,4 @@ def _finish(job: _Job, tracker: Tracker, hist: LossHistory, out_model: Path, rep
     tracker.log_artifact(reports_dir / "losses.csv")
 
 
-__all__ = ["train", "gan_step", "make_optimizer", "TrainResult", "LOSS_NAMES", "RUN_ONLY_KEYS", "train_batches"]
+__all__ = ["train", "TrainResult"]
