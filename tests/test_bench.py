@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from conftest import REPO
 from ctsynth import bench
 from ctsynth.cli import BENCH_PATHS
 from ctsynth.errors import ConfigError
@@ -103,3 +104,14 @@ def test_cli_help_names_every_path(capsys):
     shown = " ".join(capsys.readouterr().out.split())
     assert "usage: ctsynth bench" in shown and "--quick" in shown and "--threads" in shown
     assert all(name in shown for name in bench.EXTRA_PATHS)
+
+
+def test_the_bench_times_the_paper_preset():
+    """One source of truth: the bench's model and optimiser settings are params/paper.yaml's."""
+    from ctsynth.config import load_params, to_dict
+
+    paper = load_params(REPO / "params" / "paper.yaml")
+    model, hp = bench.paper_preset()
+    assert model == to_dict(paper.model) and model["skip_connections"] is False
+    assert hp == {"lr_g": paper.train.lr_g, "lr_d": paper.train.lr_d,
+                  "betas": (paper.train.beta1, paper.train.beta2), "lambda_l1": paper.train.lambda_l1}

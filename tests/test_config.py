@@ -120,3 +120,24 @@ def test_stage_input_defaults_are_the_paths_dvc_yaml_passes():
                     assert value == STAGE_INPUTS[flag[2:]][0], (name, flag, value)
                     seen.add(flag[2:])
     assert seen == set(STAGE_INPUTS)
+
+
+def test_code_defaults_are_params_yaml():
+    """One source of truth: every dataclass default equals params.yaml's value, so code that
+    builds Params() (tests, the CLI's defaults, library callers) runs the documented default."""
+    from ctsynth.config import Params, flatten, load_params, to_dict
+
+    in_file, in_code = flatten(to_dict(load_params(REPO / "params.yaml"))), flatten(to_dict(Params()))
+    differ = {k: (in_file.get(k), in_code.get(k)) for k in in_file.keys() | in_code.keys()
+              if in_file.get(k) != in_code.get(k)}
+    assert not differ, f"params.yaml vs dataclass defaults: {differ}"
+
+
+def test_phantom_cli_defaults_follow_params(capsys):
+    from ctsynth.cli import build_parser
+    from ctsynth.config import load_params
+
+    p = load_params(REPO / "params.yaml")
+    args = build_parser().parse_args(["phantom", "--out", "x"])
+    assert (args.cases, args.shape, args.spacing, args.seed) == (
+        p.phantom.cases, list(p.phantom.shape), list(p.phantom.spacing), p.seed)

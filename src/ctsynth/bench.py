@@ -4,8 +4,9 @@
     ctsynth bench --quick        # the 256² batch-4 training pair and generation only
     python -m ctsynth.bench --compile --paths nchw_fused,bf16_cl   # extra paths beside the pair
 
-Model: the paper architecture (7/7 UNet with skips, ngf 64; PatchGAN 4+1, ndf 64; LSGAN + λ·L1,
-index condition, paper learning rates). Training runs the real :func:`ctsynth.train.gan_step` on a
+Model: the paper preset's architecture, read from ``params/paper.yaml`` (7 down / 7 up without
+skips as in the authors' config, ngf 64; PatchGAN 4+1, ndf 64; LSGAN + λ·L1, index condition,
+paper learning rates). Training runs the real :func:`ctsynth.train.gan_step` on a
 fixed synthetic batch (the loader is measured on its own):
 
 * ``baseline``: fp32, NCHW, eager, single-tensor Adam (``foreach=False, fused=False``), losses
@@ -30,6 +31,7 @@ import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +43,19 @@ from .config import Params, load_params
 from .errors import ConfigError
 from .io import write_json
 
-PAPER_MODEL = {"encoding": "index", "gen_depth": 7, "ngf": 64, "ndf": 64, "disc_layers": 4,
-               "skip_connections": True, "upsample": "transpose", "dropout": 0.0, "output": "tanh"}
-PAPER_HP = {"lr_g": 1.3e-4, "lr_d": 1.5e-4, "betas": (0.5, 0.999), "lambda_l1": 100.0}
+PAPER_PRESET = Path(__file__).resolve().parents[2] / "params" / "paper.yaml"
+
+
+@lru_cache(maxsize=None)
+def paper_preset() -> tuple[dict, dict]:
+    """(model section, optimiser settings) of ``params/paper.yaml``: the bench times exactly the
+    paper preset's architecture, so the two cannot drift apart."""
+    if not PAPER_PRESET.is_file():
+        raise ConfigError(f"{PAPER_PRESET}: the paper preset is missing (run the bench from a checkout)")
+    p = load_params(PAPER_PRESET)
+    hp = {"lr_g": p.train.lr_g, "lr_d": p.train.lr_d, "betas": (p.train.beta1, p.train.beta2),
+          "lambda_l1": p.train.lambda_l1}
+    return dataclasses.asdict(p.model), hp
 STRUCTURES = ["Myo", "LA", "LV", "RA", "RV", "Ao", "PA"]
 FULL_SIZES, QUICK_SIZES = [(256, 1), (256, 4), (128, 8)], [(256, 4)]
 FULL_MEMORY = {"size": 256, "batch": 8, "steps": 3, "n_slices": 400, "n_test": [50, 200]}
@@ -176,7 +188,7 @@ def flops_per_image(size: int, device: torch.device, model: dict) -> dict:
     from .models import build_generator
 
     batch, out = 2, {}
-    step = make_trainer(BASELINE, size, batch, device, model, PAPER_HP)
+    step = make_trainer(BASELINE, size, batch, device, model, paper_preset()[1])
     with FlopCounterMode(display=False) as fc:
         step()
     out["train"] = fc.get_total_flops() / batch
@@ -258,7 +270,7 @@ def bench_loader(store_dir: Path, batch: int, repeats: int, params: Params, devi
     from .data import train_batches
 
     store = ProcessedStore(store_dir)
-    ds = SliceDataset(store, np.arange(len(store.slices)), PAPER_MODEL["encoding"])
+    ds = SliceDataset(store, np.arange(len(store.slices)), paper_preset()[0]["encoding"])
     sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
     kw = {"num_workers": params.train.num_workers, "pin_memory": device.type == "cuda"}
     batches = train_batches(ds, sampler, batch, 0, **kw)
@@ -305,7 +317,7 @@ def run_bench(sizes=None, repeats: int = 5, quick: bool = False, out: str | Path
     """Run the benchmark; write and return ``{"machine", "records"}``. Every knob shrinks for tests:
     ``loader=(slices, size)`` or None, ``memory={"size", "batch", "steps", "n_slices", "n_test": [..]}``."""
     dev = pick_device(device)
-    model, pfile = dict(model or PAPER_MODEL), params_file if params_file and Path(params_file).exists() else None
+    model, pfile = dict(model or paper_preset()[0]), params_file if params_file and Path(params_file).exists() else None
     params = load_params(pfile) if pfile else Params()
     default = default_path(params, dev)
     plist = [BASELINE, default] + [extra_path(n, default) for n in paths]
@@ -333,7 +345,7 @@ def run_bench(sizes=None, repeats: int = 5, quick: bool = False, out: str | Path
                 if rec["case"] == "flops":
                     ceiling[rec["size"]] = rec
         for size, batch in train_sizes:
-            recs = bench_train(plist, size, batch, repeats, dev, model, PAPER_HP, block_s)
+            recs = bench_train(plist, size, batch, repeats, dev, model, paper_preset()[1], block_s)
             for rec in recs:
                 if size in ceiling:
                     rec["gflop_s"] = rec["img_per_s"] * ceiling[size]["train_gflop_per_img"]

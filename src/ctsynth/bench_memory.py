@@ -65,8 +65,9 @@ def child(spec: dict) -> None:
     params = load_params(spec["params"]) if spec.get("params") else Params()
     if spec["what"] == "train":                       # the default path's step loop, paper batch
         from .accel import sync
-        from .bench import PAPER_HP, default_path, make_trainer
-        step = make_trainer(default_path(params, device), spec["size"], spec["batch"], device, spec["model"], PAPER_HP)
+        from .bench import default_path, make_trainer, paper_preset
+        step = make_trainer(default_path(params, device), spec["size"], spec["batch"], device, spec["model"],
+                            paper_preset()[1])
         for _ in range(spec["steps"]):
             step()
         sync(device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import Params, PhantomCfg
 from .runner import guarded, setup_logging
 
 
@@ -68,10 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("phantom", help="write a procedural thoracic CT phantom (MM-WHS layout)")
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
-    p.add_argument("--cases", type=int, default=10, help="number of cases (default 10)")
-    p.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
-    p.add_argument("--shape", type=int, nargs=3, default=[128, 128, 40], metavar=("X", "Y", "Z"))
-    p.add_argument("--spacing", type=float, nargs=3, default=[2.6, 2.6, 4.0], metavar=("SX", "SY", "SZ"))
+    ph, seed = PhantomCfg(), Params().seed              # the defaults of params.yaml
+    p.add_argument("--cases", type=int, default=ph.cases, help=f"number of cases (default {ph.cases})")
+    p.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})")
+    p.add_argument("--shape", type=int, nargs=3, default=list(ph.shape), metavar=("X", "Y", "Z"),
+                   help=f"voxels (default {' '.join(map(str, ph.shape))})")
+    p.add_argument("--spacing", type=float, nargs=3, default=list(ph.spacing), metavar=("SX", "SY", "SZ"),
+                   help=f"mm (default {' '.join(map(str, ph.spacing))})")
     p.set_defaults(func=_phantom)
 
     p = sub.add_parser("generate", help="turn a label NIfTI into a synthetic CT NIfTI")

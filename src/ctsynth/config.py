@@ -62,8 +62,8 @@ class SplitCfg:
 class ModelCfg:
     encoding: Literal["onehot", "index"] = "onehot"
     gen_depth: int = 6                               # stride-2 downsamplings (paper: 7)
-    ngf: int = 32                                    # generator first-layer filters (paper: 64)
-    ndf: int = 32                                    # discriminator first-layer filters (paper: 64)
+    ngf: int = 16                                    # generator first-layer filters (paper: 64)
+    ndf: int = 16                                    # discriminator first-layer filters (paper: 64)
     disc_layers: int = 3                             # stride-2 D blocks before the final conv (paper: 4)
     skip_connections: bool = True
     upsample: Literal["transpose", "resize"] = "transpose"
@@ -80,7 +80,7 @@ class TrainCfg:
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 where native (CUDA, AMX CPUs)
     channels_last: Literal["auto", True, False] = "auto"   # auto: NHWC on CUDA, NCHW on CPU
     compile: bool = False
-    iterations: int = 1500                           # generator steps (paper: 100000)
+    iterations: int = 3000                           # generator steps (paper: 100000)
     batch_size: int = 8
     lr_g: float = 2e-4
     lr_d: float = 2e-4
@@ -89,7 +89,7 @@ class TrainCfg:
     lambda_l1: float = 100.0
     lr_decay_start: Optional[float] = None           # fraction of iterations where linear decay to 0 starts
     sync_bn: bool = False
-    checkpoint_every: int = 250
+    checkpoint_every: int = 500
     log_every: int = 25
     resume: Literal["auto", "never"] = "auto"
     snapshot_at: list = field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
