@@ -20,10 +20,6 @@ from .errors import ConfigError
 STRUCTURES: tuple[str, ...] = ("Myo", "LA", "LV", "RA", "RV", "Ao", "PA")
 WH = "WH"
 ALL_CONDITIONS: tuple[str, ...] = STRUCTURES + (WH,)
-FULL_NAMES = {
-    "Myo": "myocardium", "LA": "left atrium", "LV": "left ventricle", "RA": "right atrium",
-    "RV": "right ventricle", "Ao": "aorta", "PA": "pulmonary artery", "WH": "whole heart",
-}
 MMWHS_LABEL_MAP: dict[int, str] = {205: "Myo", 420: "LA", 500: "LV", 550: "RA", 600: "RV",
                                    820: "Ao", 850: "PA"}
 ENCODINGS = ("onehot", "index")
@@ -98,8 +94,3 @@ def encode_condition(index_mask: np.ndarray, structures: list[str], encoding: st
     return out[..., None, :, :]
 
 
-def selected_mask(index_mask: np.ndarray, structures: list[str]) -> np.ndarray:
-    """Boolean mask of voxels belonging to any selected structure."""
-    if WH in structures:
-        return np.asarray(index_mask) > 0
-    return np.isin(index_mask, [structure_index(s) for s in structures])

@@ -1,6 +1,6 @@
 """The mask-conditioned cGAN: encoder-decoder generator and PatchGAN discriminator.
 
-Paper preset (Habijan et al., authors' config in ``shared/paper/authors-config.md``)::
+Paper preset (Habijan et al.; the authors' published config, as ``params/paper.yaml``)::
 
     Generator:  7 x [Conv 4x4 s2]  ->  7 x [ConvTranspose 4x4 s2]   (ngf 64, filters capped at 512)
     Discriminator on concat(image, condition):
