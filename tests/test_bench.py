@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
 from conftest import REPO
 from ctsynth import bench
 from ctsynth.cli import BENCH_PATHS
+from ctsynth.cli import main as cli_main
 from ctsynth.errors import ConfigError
 
 TINY = {"encoding": "index", "gen_depth": 5, "ngf": 8, "ndf": 8, "disc_layers": 2,
@@ -99,11 +102,14 @@ def test_cli_help_names_every_path(capsys):
     """`ctsynth bench --help` (and `python -m ctsynth.bench --help`) list every --paths name."""
     assert set(BENCH_PATHS) == set(bench.EXTRA_PATHS)
     with pytest.raises(SystemExit) as exit_info:
-        bench._cli(["--help"])
+        cli_main(["bench", "--help"])
     assert exit_info.value.code == 0
     shown = " ".join(capsys.readouterr().out.split())
     assert "usage: ctsynth bench" in shown and "--quick" in shown and "--threads" in shown
     assert all(name in shown for name in bench.EXTRA_PATHS)
+    as_module = subprocess.run([sys.executable, "-m", "ctsynth.bench", "--help"], capture_output=True,
+                               text=True, timeout=120)
+    assert as_module.returncode == 0 and " ".join(as_module.stdout.split()) == shown
 
 
 def test_the_bench_times_the_paper_preset():

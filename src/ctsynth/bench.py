@@ -393,12 +393,7 @@ def main(quick: bool = False, out: str = "reports/bench.json", device: str = "au
     return 0
 
 
-def _cli(argv=None) -> None:
-    """``python -m ctsynth.bench ARGS`` = ``ctsynth bench ARGS``."""
-    from .cli import main as cli_main
+if __name__ == "__main__":                     # python -m ctsynth.bench ARGS = ctsynth bench ARGS
+    from ctsynth.cli import main as cli_main
 
-    cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    _cli()
+    cli_main(["bench", *sys.argv[1:]])

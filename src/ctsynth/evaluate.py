@@ -38,7 +38,7 @@ from .io import atomic_file, write_csv, write_json
 from .metrics import (DATA_RANGE, DiceAccumulator, FeatureBank, PairedAccumulator, definition,
                       frechet_distance, kernel_distance, reported_structures)
 from .privacy import NearestTrainingSearch, PrivacyAccumulator
-from .runner import quiet
+from .progress import quiet
 from .split import load_split
 
 log = logging.getLogger("ctsynth.evaluate")

@@ -31,7 +31,7 @@ from .data import ProcessedStore
 from .errors import InputError, MetricUnavailable, ModelFileError
 from .io import atomic_file
 from .labels import STRUCTURES
-from .runner import quiet
+from .progress import quiet
 from .split import load_split
 
 log = logging.getLogger("ctsynth.features")

@@ -35,7 +35,7 @@ from .io import atomic_dir, load_nifti, save_nifti
 from .labels import (STRUCTURE_COLOURS, STRUCTURES, WH, condition_channels, parse_label_map, structure_index,
                      validate_structures)
 from .preprocess import kept_indices, restore_slice, to_display
-from .runner import quiet
+from .progress import quiet
 from .split import load_split
 
 log = logging.getLogger("ctsynth.generate")

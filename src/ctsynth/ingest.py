@@ -27,7 +27,7 @@ from .config import Params, resolve_path
 from .errors import InputError
 from .io import atomic_dir, canonical, load_nifti, overlap_fraction, resample_nearest, write_csv
 from .labels import STRUCTURES, structure_index
-from .runner import quiet
+from .progress import quiet
 
 log = logging.getLogger("ctsynth.ingest")
 

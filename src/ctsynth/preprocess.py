@@ -29,7 +29,7 @@ from .config import Params
 from .errors import InputError
 from .io import atomic_dir, write_json
 from .labels import STRUCTURES, WH, structure_index
-from .runner import quiet
+from .progress import quiet
 
 log = logging.getLogger("ctsynth.preprocess")
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import ConfigError, InputError, MetricUnavailable
-from .runner import quiet
+from .progress import quiet
 
 log = logging.getLogger("ctsynth.privacy")
 

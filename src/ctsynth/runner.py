@@ -28,11 +28,6 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-def quiet() -> bool:
-    """True under CI or when stderr is not a terminal: progress bars stay off."""
-    return bool(os.environ.get("CI")) or not sys.stderr.isatty()
-
-
 def setup_logging(debug: bool = False) -> None:
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
