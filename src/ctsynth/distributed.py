@@ -48,12 +48,10 @@ def torchrun_argv(nproc: int, nnodes: int, rdzv_endpoint: str | None, script: st
         return None
     argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
             "--nproc-per-node", str(nproc)]
-    if nnodes == 1 and not rdzv_endpoint:
-        argv.append("--standalone")
-    else:
-        if not rdzv_endpoint:
-            raise ConfigError("train.rdzv_endpoint: host:port is required when train.nnodes > 1")
+    if rdzv_endpoint:                     # config validation requires one when nnodes > 1
         argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", RDZV_ID]
+    else:
+        argv.append("--standalone")
     return [*argv, script, *script_args]
 
 

@@ -71,11 +71,11 @@ def run_name(kind: str = "train") -> str:
     return f"{kind}-{commit}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
-def experiment_tags() -> dict[str, str]:
-    """``dvc.exp_name`` and ``dvc.baseline_rev`` when running under ``dvc exp run``."""
+def provenance_tags() -> dict[str, str]:
+    """``git_commit``, plus ``dvc.exp_name`` and ``dvc.baseline_rev`` under ``dvc exp run``."""
     tags = {"dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
             "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV")}
-    return {k: v for k, v in tags.items() if v}
+    return {"git_commit": git_commit() or "unknown (no git checkout)", **{k: v for k, v in tags.items() if v}}
 
 
 def git_commit(cwd: str | Path = ".") -> str | None:
@@ -265,8 +265,7 @@ def open_run(params: Any, run_file: str | Path, resume_run_id: str | None = None
             client.set_tag(run_id, "ctsynth.resumed_from_run", resume_run_id)
     tracker = Tracker(run_id, uri, experiment)
     tracker.log_params(flat)
-    tags = {"git_commit": git_commit() or "unknown (no git checkout)", **data_version(), **experiment_tags(),
-            "ctsynth.data_hash": data_hash}
+    tags = {**provenance_tags(), **data_version(), "ctsynth.data_hash": data_hash}
     split = Path(split_path)
     if split.is_file():
         tags["data.split_sha256"] = hashlib.sha256(split.read_bytes()).hexdigest()[:16]
@@ -321,8 +320,7 @@ def evaluation_run(run_file: str | Path, params: Any) -> Iterator[Tracker]:
         new = client.create_run(trained.info.experiment_id, run_name=run_name("eval"))
         run = Tracker(new.info.run_id, train_run.uri, train_run.experiment)
         run.log_params(_flat_params(params))
-        run.set_tags({"git_commit": git_commit() or "unknown (no git checkout)", **experiment_tags(),
-                      "ctsynth.train_run_id": train_run.run_id, "ctsynth.evaluated": "true"})
+        run.set_tags({**provenance_tags(), "ctsynth.train_run_id": train_run.run_id, "ctsynth.evaluated": "true"})
         log.info("MLflow: training run %s was evaluated before; this evaluation is run %s",
                  train_run.run_id, run.run_id)
         try:

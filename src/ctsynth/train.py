@@ -6,9 +6,10 @@
 ``train.nproc`` > 1 or ``train.nnodes`` > 1 make ``stages/train.py`` start itself under torchrun
 (:mod:`ctsynth.distributed`). ``train.batch_size`` is the global batch (split evenly over ranks);
 ``train.iterations`` counts generator steps. World size 1 runs the very same code without a
-process group. Rank 0 alone writes files and talks to MLflow. SIGTERM / SIGINT (also when forwarded by torchrun or DVC)
-finish the current step, save a checkpoint and exit with 128 + signal; rerunning resumes from
-it (``train.resume: auto``) and ends with the weights an uninterrupted run gets (on CPU).
+process group. Rank 0 alone writes files and talks to MLflow. SIGTERM / SIGINT (also when
+forwarded by torchrun or DVC) finish the current step, save a checkpoint and exit with
+128 + signal; rerunning resumes from it (``train.resume: auto``) and ends with the weights an
+uninterrupted run gets (on CPU).
 """
 from __future__ import annotations
 
