@@ -8,7 +8,7 @@ from piq.kid import _mmd2_and_variance, _polynomial_kernel
 
 from ctsynth.bootstrap import (cluster_weights, dice_replicates, frechet_replicates, kid_replicates,
                                percentile_interval, pooled_ratio, resample_weights, weighted_mean)
-from ctsynth.metrics import DiceAccumulator, frechet_distance, frechet_distance_weighted
+from ctsynth.metrics import DiceAccumulator, frechet_distance, frechet_distance_weighted, kernel_distance
 
 GROUPS = np.array(["a"] * 5 + ["b"] * 3 + ["c"] * 8 + ["d"] * 4)     # 4 patients, 20 slices
 
@@ -83,17 +83,21 @@ def test_frechet_replicates_equal_the_exact_weighted_distance():
     assert frechet_replicates(a, b, np.ones((1, 20)), np.ones((1, 20)))[0] == pytest.approx(frechet_distance(a, b))
 
 
-def test_kid_replicates_with_unit_weights_are_piqs_u_statistics():
+def test_kid_replicates_with_unit_weights_are_the_point_estimate_estimator():
     g = torch.Generator().manual_seed(1)
     x, y = torch.relu(torch.randn(20, 16, generator=g)), torch.relu(torch.randn(20, 16, generator=g)) + 0.3
-    kxx, kyy, kxy = (_polynomial_kernel(p.double(), q.double()) for p, q in ((x, x), (y, y), (x, y)))
     ones = np.ones((1, 20))
-    paired = kid_replicates(x, y, ones, ones, paired=True)[0]
-    unpaired = kid_replicates(x, y, ones, ones, paired=False)[0]
-    assert paired == pytest.approx(float(_mmd2_and_variance(kxx, kxy, kyy, mmd_est="u-statistic")), rel=1e-9)
+    # one subset holding every slice: exactly piq's unbiased MMD² (unpaired) / the u-statistic
+    # that leaves out each slice's own pair (paired, disjoint halves of 10)
+    kxx, kyy, kxy = (_polynomial_kernel(p.double(), q.double()) for p, q in ((x, x), (y, y), (x, y)))
+    unpaired = kid_replicates(x, y, ones, ones, paired=False, subset_size=20, n_subsets=1)[0]
     assert unpaired == pytest.approx(float(_mmd2_and_variance(kxx, kxy, kyy, mmd_est="unbiased")), rel=1e-9)
+    # many subsets: the same distribution of values as kernel_distance's subsets
+    paired = kid_replicates(x, y, ones, ones, paired=True, subset_size=8, n_subsets=400, seed=3)[0]
+    assert paired == pytest.approx(kernel_distance(x, y, subset_size=8, n_subsets=400, seed=4), rel=0.1)
     # a slice drawn twice is not paired with itself: identical sets stay ≈ 0 under resampling
     W = cluster_weights(GROUPS, 50, np.random.default_rng(6))
-    same = kid_replicates(x, x.clone(), W, W, paired=True)
-    far = kid_replicates(x, x + 1.0, W, W, paired=True)
+    same = kid_replicates(x, x.clone(), W, W, paired=True, subset_size=8)
+    far = kid_replicates(x, x + 1.0, W, W, paired=True, subset_size=8)
     assert np.abs(same).max() < 0.05 * far.min()
+    assert np.array_equal(far, kid_replicates(x, x + 1.0, W, W, paired=True, subset_size=8))

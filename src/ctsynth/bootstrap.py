@@ -13,10 +13,10 @@ nothing is re-run through a network B times:
 * Fréchet distances: the exact FD of the feature rows with frequency weights, batched
   (:func:`frechet_replicates`; the same estimator as :func:`ctsynth.metrics.frechet_distance`,
   its trace term through a symmetric eigen-solver: equal to ~1e-8 of the trace);
-* KID: the complete unbiased MMD² U-statistic with frequency weights on kernel matrices
-  computed once (:func:`kid_replicates`). Pairs of a slice with itself (a duplicate drawn twice,
-  or for paired sets a generated slice and its own real slice) are left out, as the point
-  estimate's disjoint subsets leave them out.
+* KID: the point estimate's estimator (unbiased MMD² averaged over random subsets) on the
+  resampled slices, with kernel matrices computed once (:func:`kid_replicates`). Pairs of a slice
+  with itself (a duplicate drawn twice, or for paired sets a generated slice and its own real
+  slice) are left out, as the point estimate's disjoint subsets leave them out.
 
 Intervals are percentile intervals of the B replicates (:func:`percentile_interval`). Fréchet
 distances are biased upward at small N and a resample holds only ~63 % distinct slices, so
@@ -129,20 +129,44 @@ def polynomial_kernel(x, y) -> np.ndarray:
     return (x @ y.T / x.shape[1] + 1.0) ** 3
 
 
-def _pair_mean(K: np.ndarray, Wx: np.ndarray, Wy: np.ndarray, skip_diagonal: bool) -> np.ndarray:
-    """Σ_{i,j} w_i w_j K_ij / Σ w_i w_j per resample, pairs i == j left out when ``skip_diagonal``."""
-    total = np.einsum("bi,ij,bj->b", Wx, K, Wy)
-    norm = Wx.sum(1) * Wy.sum(1)
-    if skip_diagonal:
-        total = total - (Wx * Wy) @ np.diag(K)
-        norm = norm - (Wx * Wy).sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(norm > 0, total / np.where(norm > 0, norm, 1), np.nan)
+def _subset_mean(K: np.ndarray, rows: np.ndarray, cols: np.ndarray, skip_same: bool) -> np.ndarray:
+    """Mean of K over each subset's (row, col) pairs, pairs of the same item left out when
+    ``skip_same``: rows, cols (S, m) item indices → (S,)."""
+    block = K[rows[:, :, None], cols[:, None, :]]                                 # (S, m, m)
+    if not skip_same:
+        return block.mean((1, 2))
+    keep = rows[:, :, None] != cols[:, None, :]
+    n = keep.sum((1, 2))                                      # 0 when a subset holds one slice only
+    return np.where(n > 0, (block * keep).sum((1, 2)) / np.maximum(n, 1), np.nan)
 
 
-def kid_replicates(x, y, Wx: np.ndarray, Wy: np.ndarray, paired: bool) -> np.ndarray:
-    """Unbiased MMD² (piq's KID kernel) of every resample: features x (Nx, D), y (Ny, D), weights
-    (B, Nx), (B, Ny). ``paired``: row i of x and y belong together (never compared with each other)."""
+def kid_replicates(x, y, Wx: np.ndarray, Wy: np.ndarray, paired: bool, subset_size: int = 50,
+                   n_subsets: int = 50, seed: int = 0) -> np.ndarray:
+    """KID of every resample with the point estimate's estimator (:func:`ctsynth.metrics.kernel_distance`):
+    unbiased MMD² (piq's kernel) averaged over ``n_subsets`` random subsets of the resampled slices.
+
+    features x (Nx, D), y (Ny, D); weights (B, Nx), (B, Ny). ``paired``: row i of x and y belong
+    together; both sets are then drawn from one permutation of the resampled positions (disjoint
+    halves) and a slice is never compared with its own pair. Pairs of a slice with itself (drawn
+    twice) are left out everywhere, as the point estimate has no such pairs.
+    """
     kxx, kyy, kxy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
-    return (_pair_mean(kxx, Wx, Wx, True) + _pair_mean(kyy, Wy, Wy, True)
-            - 2 * _pair_mean(kxy, Wx, Wy, paired))
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(Wx))
+    for b, (wx, wy) in enumerate(zip(np.asarray(Wx, np.int64), np.asarray(Wy, np.int64))):
+        px, py = np.repeat(np.arange(len(wx)), wx), np.repeat(np.arange(len(wy)), wy)   # resampled items
+        if paired:
+            m = min(subset_size, len(px) // 2)
+            perm = rng.random((n_subsets, len(px))).argsort(1)
+            a, c = px[perm[:, :m]], px[perm[:, m:2 * m]]                                 # (S, m) each
+        else:
+            m = min(subset_size, len(px), len(py))
+            a = px[rng.random((n_subsets, len(px))).argsort(1)[:, :m]]
+            c = py[rng.random((n_subsets, len(py))).argsort(1)[:, :m]]
+        if m < 2:
+            out[b] = np.nan
+            continue
+        values = (_subset_mean(kxx, a, a, True) + _subset_mean(kyy, c, c, True)
+                  - 2 * _subset_mean(kxy, a, c, paired))
+        out[b] = np.nanmean(values) if np.isfinite(values).any() else np.nan
+    return out
