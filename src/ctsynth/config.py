@@ -114,6 +114,7 @@ class EvaluateCfg:
     inception_weights: Optional[str] = None          # local torchvision InceptionV3 weights file
     batch_size: int = 32
     kid_subset_size: int = 50
+    bootstrap: int = 1000                            # patient-level bootstrap resamples for the 95 % intervals (0: none)
 
 
 @dataclass
@@ -271,6 +272,7 @@ def _check_ranges(p: Params, problems: list[str]) -> None:
          "segmenter: iterations, batch_size must be >= 1 and lr > 0")
     need(p.generate.batch_size >= 1 and p.evaluate.batch_size >= 1, "generate/evaluate.batch_size: must be >= 1")
     need(p.evaluate.kid_subset_size >= 2, "evaluate.kid_subset_size: must be >= 2")
+    need(p.evaluate.bootstrap >= 0, "evaluate.bootstrap: must be >= 0 (0: no intervals)")
     need(0 < p.privacy.max_similarity <= 1, "privacy.max_similarity: must be in (0, 1]")
     need(p.privacy.downsample >= 8, "privacy.downsample: must be >= 8")
     need(p.privacy.candidates >= 1, "privacy.candidates: must be >= 1")

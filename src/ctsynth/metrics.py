@@ -155,6 +155,7 @@ class PairedAccumulator:
         self.labels = {0: BACKGROUND, **reported_structures(structures)}   # label index → name
         self.slice_sums: dict[str, np.ndarray] = {}   # case → [n, Σmse, Σpsnr, Σssim, Σmae]
         self.pixel_sums: dict[str, np.ndarray] = {}   # case → (5, 8): PIXEL_KEYS × label
+        self._slices: list[tuple] = []                # per batch: (cases, (B, 4) values, (B, 2, 8) n/|err|)
 
     def update(self, fake, real, masks, cases: Sequence[str], zs: Sequence[int]) -> pd.DataFrame:
         """fake, real (B,S,S) in [-1,1]; masks (B,S,S) structure indices; one case/z per slice."""
@@ -173,6 +174,7 @@ class PairedAccumulator:
             s[1:] += vals[i]
             p = self.pixel_sums.setdefault(case, np.zeros((len(self.PIXEL_KEYS), N_LABELS)))
             p += pix[i]
+        self._slices.append((list(cases), vals, pix[:, :2].copy()))
         frame = pd.DataFrame({"case": list(cases), "z": [int(z) for z in zs]})
         for j, k in enumerate(self.SLICE_KEYS):
             frame[k] = vals[:, j]
@@ -181,6 +183,16 @@ class PairedAccumulator:
     @property
     def n_slices(self) -> int:
         return int(sum(s[0] for s in self.slice_sums.values()))
+
+    def per_slice(self) -> dict[str, np.ndarray]:
+        """Per-slice statistics in update order (for the bootstrap): case (N,), values (N, 4) in
+        SLICE_KEYS order, n_pixels and abs_err_hu (N, 8) per label; memory O(N × 20)."""
+        if not self._slices:
+            raise MetricUnavailable("no slices were evaluated")
+        pix = np.concatenate([p for _, _, p in self._slices])
+        return {"case": np.array([c for cases, _, _ in self._slices for c in cases]),
+                "values": np.concatenate([v for _, v, _ in self._slices]),
+                "n_pixels": pix[:, 0], "abs_err_hu": pix[:, 1]}
 
     def _pixel_metrics(self, p: np.ndarray) -> dict[str, float]:
         out = {"mae_hu": float(p[1].sum() / max(p[0].sum(), 1))}
@@ -245,6 +257,7 @@ class DiceAccumulator:
     def __init__(self, labels: dict[int, str]):
         self.labels = dict(labels)
         self.counts: dict[str, np.ndarray] = {}    # case → (3, 8): Σ|P∩T|, Σ|P|, Σ|T| per label
+        self._slices: list[np.ndarray] = []          # per batch (B, 3, 8), for the bootstrap
 
     def update(self, pred, target, cases: Sequence[str]) -> None:
         """pred, target (B,H,W) label maps; one case name per slice."""
@@ -252,6 +265,7 @@ class DiceAccumulator:
         ones = torch.ones(pred.shape, dtype=torch.float64)
         inter = _label_sums(torch.where(pred == target, ones, 0 * ones), target)   # (B, 8)
         c = torch.stack([inter, _label_sums(ones, pred), _label_sums(ones, target)], 1).numpy()
+        self._slices.append(c)
         for i, case in enumerate(cases):
             self.counts.setdefault(case, np.zeros((3, N_LABELS)))
             self.counts[case] += c[i]
@@ -268,6 +282,12 @@ class DiceAccumulator:
 
     def per_case(self) -> dict[str, dict[str, float]]:
         return {case: self._scores(self.counts[case]) for case in sorted(self.counts)}
+
+    def per_slice(self) -> np.ndarray:
+        """(N, 3, 8) counts |P∩T|, |P|, |T| per slice and label, in update order."""
+        if not self._slices:
+            raise MetricUnavailable("no slices were segmented")
+        return np.concatenate(self._slices)
 
 
 # ------------------------------------------------------------------------------ feature distances
