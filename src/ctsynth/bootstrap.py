@@ -131,13 +131,17 @@ def polynomial_kernel(x, y) -> np.ndarray:
 
 def _subset_mean(K: np.ndarray, rows: np.ndarray, cols: np.ndarray, skip_same: bool) -> np.ndarray:
     """Mean of K over each subset's (row, col) pairs, pairs of the same item left out when
-    ``skip_same``: rows, cols (S, m) item indices → (S,)."""
-    block = K[rows[:, :, None], cols[:, None, :]]                                 # (S, m, m)
-    if not skip_same:
-        return block.mean((1, 2))
-    keep = rows[:, :, None] != cols[:, None, :]
-    n = keep.sum((1, 2))                                      # 0 when a subset holds one slice only
-    return np.where(n > 0, (block * keep).sum((1, 2)) / np.maximum(n, 1), np.nan)
+    ``skip_same``: rows, cols (S, m) item indices → (S,) (NaN when no pair is left).
+
+    Through item counts (S, N) instead of (S, m, m) gathers: Σ K[r_i, c_j] = c_rᵀ K c_c, and the
+    same-item pairs add Σ_k c_r[k] c_c[k] K[k, k]."""
+    cr, cc = _counts(rows, K.shape[0]), _counts(cols, K.shape[1])                 # (S, N)
+    total = ((cr @ K) * cc).sum(1)
+    n = cr.sum(1) * cc.sum(1)
+    if skip_same:
+        both = cr * cc
+        total, n = total - both @ np.diag(K), n - both.sum(1)
+    return np.where(n > 0, total / np.maximum(n, 1), np.nan)
 
 
 def kid_replicates(x, y, Wx: np.ndarray, Wy: np.ndarray, paired: bool, subset_size: int = 50,
