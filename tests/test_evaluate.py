@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, make_store, tiny_params
+from conftest import REPO, make_store, standin_inception_weights, tiny_params
 from ctsynth import evaluate
 from ctsynth.data import ProcessedStore
 from ctsynth.errors import InputError, ModelFileError
@@ -222,3 +222,44 @@ def test_floors_are_null_with_a_reason_without_validation_cases(setup, tmp_path)
     assert "n_val_slices" not in m and m["fd_seg"] > 0
     ci = json.loads((tmp_path / "out" / "metrics_ci.json").read_text())
     assert "fd_seg_ci95" in ci and "fd_seg_floor_ci95" not in ci
+
+
+INCEPTION_KEYS = ("fid_inception", "kid_inception", "fid_inception_floor", "kid_inception_floor",
+                  "fid_inception_vs_val", "kid_inception_vs_val")
+
+
+def test_fid_inception_is_a_number_with_a_local_stand_in_weights_file(setup, tmp_path):
+    weights = standin_inception_weights(tmp_path / "inception.pth")
+    m = _run(setup, tmp_path / "out", evaluate={"inception_weights": str(weights), "bootstrap": 100})
+    notes = json.loads((tmp_path / "out" / "metrics_notes.json").read_text())
+    ci = json.loads((tmp_path / "out" / "metrics_ci.json").read_text())
+    for key in INCEPTION_KEYS:
+        assert isinstance(m[key], float) and math.isfinite(m[key]), key
+        assert notes["definitions"][key], key
+    assert m["fid_inception"] > 0 and "fid_inception" not in notes["null_metrics"]
+    assert "local file" in notes["fid_inception"] and str(weights) in notes["fid_inception"]
+    assert ci["fid_inception_ci95"]["lo"] <= m["fid_inception"] <= ci["fid_inception_ci95"]["hi"]
+    assert notes["feature_dims"]["inception"] == 2048
+
+
+def test_auto_fid_inception_from_the_hub_cache_and_null_when_the_download_fails(setup, tmp_path, monkeypatch):
+    from piq.feature_extractors import fid_inception
+
+    from ctsynth.inception import standard_weights_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "online"))
+    standin_inception_weights(standard_weights_path())
+    m = _run(setup, tmp_path / "cached", evaluate={"inception_weights": "auto", "bootstrap": 20})
+    assert isinstance(m["fid_inception"], float) and m["fid_inception"] > 0
+    notes = json.loads((tmp_path / "cached" / "metrics_notes.json").read_text())
+    assert "standard FID weights, torch hub" in notes["fid_inception"]
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "offline"))          # empty cache, download forced to fail
+    monkeypatch.delenv("CTSYNTH_OFFLINE")
+    monkeypatch.setattr(fid_inception, "FID_WEIGHTS_URL", "http://127.0.0.1:9/pt_inception-2015-12-05-6726825d.pth")
+    m = _run(setup, tmp_path / "failed", evaluate={"inception_weights": "auto", "bootstrap": 20})
+    notes = json.loads((tmp_path / "failed" / "metrics_notes.json").read_text())
+    assert m["fid_inception"] is None and m["kid_inception"] is None
+    assert "fid_inception_floor" not in m                                  # no null floors for a missing space
+    assert "download failed" in notes["null_metrics"]["fid_inception"]
+    assert json.loads((tmp_path / "failed" / "metrics.json").read_text())["ssim"] == m["ssim"]   # the run went on

@@ -111,7 +111,7 @@ class GenerateCfg:
 
 @dataclass
 class EvaluateCfg:
-    inception_weights: Optional[str] = None          # local torchvision InceptionV3 weights file
+    inception_weights: Optional[str] = "auto"        # auto: standard FID weights (torch hub cache / download) | file | null
     batch_size: int = 32
     kid_subset_size: int = 50
     bootstrap: int = 1000                            # patient-level bootstrap resamples for the 95 % intervals (0: none)
@@ -276,7 +276,9 @@ def _check_ranges(p: Params, problems: list[str]) -> None:
     need(0 < p.privacy.max_similarity <= 1, "privacy.max_similarity: must be in (0, 1]")
     need(p.privacy.downsample >= 8, "privacy.downsample: must be >= 8")
     need(p.privacy.candidates >= 1, "privacy.candidates: must be >= 1")
-    for key, value in (("data.raw_dir", p.data.raw_dir), ("evaluate.inception_weights", p.evaluate.inception_weights)):
+    weights = p.evaluate.inception_weights
+    for key, value in (("data.raw_dir", p.data.raw_dir),
+                       ("evaluate.inception_weights", None if weights == "auto" else weights)):
         if value is not None and not os.path.isabs(value):
             root = Path.cwd().resolve()
             resolved = (root / value).resolve()

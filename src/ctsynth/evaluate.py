@@ -40,7 +40,8 @@ from tqdm import tqdm
 from .config import Params
 from .data import ProcessedStore
 from .errors import InputError, MetricUnavailable, ModelFileError
-from .features import InceptionFeatures, load_segmenter
+from .features import load_segmenter
+from .inception import InceptionFeatures
 from .intervals import PER_CASE_KEYS, SUFFIX, FeatureSpace, describe, metric_intervals, per_case_intervals
 from .io import atomic_file, write_csv, write_json
 from .metrics import (DATA_RANGE, DiceAccumulator, FeatureBank, PairedAccumulator, definition,
@@ -134,7 +135,8 @@ def _open_inception(setting, notes: dict):
     """InceptionFeatures for ``evaluate.inception_weights``, or None with the reason in ``notes``."""
     try:
         inception = InceptionFeatures(setting)
-        notes["fid_inception"] = f"InceptionV3 ({inception.flavour}) from {inception.path}"
+        kind = "standard FID weights, torch hub" if inception.standard else "local file"
+        notes["fid_inception"] = f"InceptionV3 ({inception.flavour}, {kind}) from {inception.path}"
         return inception
     except MetricUnavailable as e:
         notes["fid_inception"] = str(e)
