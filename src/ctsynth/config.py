@@ -36,7 +36,7 @@ class DataCfg:
 
 @dataclass
 class PhantomCfg:
-    cases: int = 12                                  # number of synthetic patients
+    cases: int = 20                                  # synthetic patients (12 / 4 / 4 with the default split)
     shape: list = field(default_factory=lambda: [128, 128, 40])  # voxels (x, y, z)
     spacing: list = field(default_factory=lambda: [2.6, 2.6, 4.0])  # mm, anisotropic like CT
 
