@@ -19,13 +19,15 @@ log = logging.getLogger("ctsynth.report")
 
 
 def log_to_run(run_file, files: list, metrics_path: Path) -> None:
-    """Log the report, its figures and every numeric metric into the training's MLflow run."""
+    """Log the report, its figures and every numeric metric (with the 95 % intervals of
+    metrics_ci.json beside metrics_path) into the training's MLflow run."""
     if run_file is None or not Path(run_file).exists():
         log.info("no MLflow run file (%s): report not logged to MLflow", run_file)
         return
     from ctsynth import tracking
+    from ctsynth.report import logged_numbers
 
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics = logged_numbers(metrics_path)    # metrics.json + its intervals as <metric>_ci95_lo/_hi
     with tracking.resume_run(run_file) as run:
         tracking.log_metrics({k: v for k, v in metrics.items()
                               if isinstance(v, (int, float)) and not isinstance(v, bool)})
