@@ -182,8 +182,10 @@ def test_floor_reading_and_weakest_structure():
     from ctsynth.summary import floor_reading, weakest_structure
 
     overlapping = dict(RICH_CI, fd_seg_vs_val_ci95={"lo": 0.45, "hi": 0.9})
-    assert "within the noise floor" in floor_reading(dict(RICH, fd_seg_vs_val=0.6), overlapping)
-    assert "× the noise floor: distinguishable" in floor_reading(RICH, RICH_CI)
+    assert ("1.5× the noise floor, but the intervals overlap: with 4 test and ? validation patients"
+            in floor_reading(dict(RICH, fd_seg_vs_val=0.6), overlapping))
+    assert "2.8× the noise floor: distinguishable" in floor_reading(RICH, RICH_CI)
+    assert "at or below the noise floor" in floor_reading(dict(RICH, fd_seg_vs_val=0.39), RICH_CI)
     assert "no noise floor was computed" in floor_reading({"fd_seg": 0.5}, {})
     assert weakest_structure({"dice_generated_Ao": 0.2, "dice_real_Ao": 0.9, "dice_generated_LV": 0.5,
                               "dice_real_LV": 0.6}).startswith("The weakest structure is <b>Ao</b>")

@@ -43,8 +43,8 @@ h4{margin:.8em 0 .2em}nav a{margin-right:1em}.scroll{overflow-x:auto;max-width:1
 h1{margin:.2em 0 .3em}#summary{margin-top:.6em}
 .summary{display:grid;grid-template-columns:minmax(0,1fr) 430px;gap:1.5em;align-items:start}
 .summary figure{margin:0}.summary figure img{width:430px}
-.reading{font-size:1.02em;margin:.3em 0 .6em}.privacy{margin:.6em 0 0}
-table.headline td,table.headline th{padding:2px 8px}
+.reading{font-size:1.02em;margin:.3em 0 .5em}.privacy{margin:.3em 0 .6em}
+table.headline td,table.headline th{padding:2px 8px}td.ci{white-space:nowrap}
 """
 
 
@@ -231,7 +231,7 @@ def section_metrics(reports_dir: Path) -> str:
             shown = fmt(value)
         cls = "note" if value is None else "num"
         rows.append(f"<tr><td><code>{_esc(key)}</code></td><td class='{cls}'>{_esc(shown)}</td>"
-                    f"<td class='num'>{_esc(_interval_cell(ci, key))}</td>"
+                    f"<td class='num ci'>{_esc(_interval_cell(ci, key))}</td>"
                     f"<td>{_esc(_definition(key, definitions))}</td></tr>")
     foot = "".join(f"<li><b>{_esc(k)}</b>: {_esc(v)}</li>" for k, v in other.items())
     return ("<table><tr><th>metric</th><th>value</th><th>95 % interval</th><th>definition</th></tr>"

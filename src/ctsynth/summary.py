@@ -65,10 +65,14 @@ def floor_reading(metrics: dict, ci: dict) -> str:
         return (f"In the segmenter's features generated slices lie at FD {with_interval(metrics, ci, 'fd_seg')} "
                 f"from their real counterparts; no noise floor was computed (it needs validation patients).")
     ratio = vs_val / floor
-    overlap = _overlap(ci, "fd_seg_vs_val", "fd_seg_floor")
-    verdict = ("within the noise floor: as far from unseen patients as real slices are"
-               if overlap or ratio <= 1 else
-               f"{ratio:.1f}× the noise floor: distinguishable from real slices at this sample size")
+    if ratio <= 1:
+        verdict = "at or below the noise floor: as far from unseen patients as real slices are"
+    elif _overlap(ci, "fd_seg_vs_val", "fd_seg_floor"):
+        verdict = (f"{ratio:.1f}× the noise floor, but the intervals overlap: with "
+                   f"{metrics.get('n_test_cases', '?')} test and {metrics.get('n_val_cases', '?')} validation "
+                   f"patients the difference from real slices is not resolved")
+    else:
+        verdict = f"{ratio:.1f}× the noise floor: distinguishable from real slices"
     return (f"Measured against unseen real patients (the validation set) in the segmenter's features, "
             f"generated test slices lie at FD {with_interval(metrics, ci, 'fd_seg_vs_val')}, real test "
             f"slices at {with_interval(metrics, ci, 'fd_seg_floor')} (the noise floor) — {verdict}. "
@@ -106,7 +110,7 @@ def privacy_sentence(metrics: dict) -> str:
     if share is None or gen is None or real is None:
         return "Privacy check not available."
     n = metrics.get("n_test_slices")
-    return (f"Privacy: {share:.0%} of {n} generated slices exceed the similarity threshold "
+    return (f"<b>Privacy</b>: {share:.0%} of {n} generated slices exceed the similarity threshold "
             f"{metrics.get('privacy_threshold', '?')} to their nearest training slice (real test slices: "
             f"{real_share:.0%}); mean similarity {gen:.3f} against {real:.3f} — generated slices are "
             f"{privacy_verdict(gen, real)}.")
@@ -135,13 +139,19 @@ def _esc_keep_b(text: str) -> str:
     return _esc(text).replace("&lt;b&gt;", "<b>").replace("&lt;/b&gt;", "</b>")
 
 
+def _short(reason: str, limit: int = 110) -> str:
+    return reason if len(reason) <= limit else reason[:limit].rsplit(" ", 1)[0] + " …"
+
+
 def headline_table(metrics: dict, ci: dict, reasons: dict) -> str:
     rows = []
     for label, key, better, floor_key, floor_what in HEADLINE:
         if key not in metrics:
             continue
         if metrics[key] is None:
-            value = f"<td class='note' colspan='3'>not computed — {_esc(reasons.get(key, 'no reason recorded'))}</td>"
+            reason = reasons.get(key, "no reason recorded")
+            value = (f"<td class='note' colspan='3' title='{_esc(reason)}'>not computed — "
+                     f"{_esc(_short(reason))} (full reason under Metrics)</td>")
         else:
             floor = (f"{_esc(with_interval(metrics, ci, floor_key))}<br><span class='muted'>{_esc(floor_what)}</span>"
                      if floor_key and metrics.get(floor_key) is not None else "—")
@@ -157,8 +167,9 @@ def section_summary(metrics: dict | None, ci: dict, reasons: dict, grid_html: st
     if metrics is None:
         return "<p class='note'>Summary not available — reports/metrics.json not found.</p>" + grid_html
     reading = plain_reading(metrics, ci)
-    return (f"<div class='summary'><div><p class='reading'>{reading}</p>{headline_table(metrics, ci, reasons)}"
-            f"<p class='privacy'>{_esc(privacy_sentence(metrics))}</p></div><div>{grid_html}</div></div>")
+    return (f"<div class='summary'><div><p class='reading'>{reading}</p>"
+            f"<p class='privacy'>{_esc_keep_b(privacy_sentence(metrics))}</p>"
+            f"{headline_table(metrics, ci, reasons)}</div><div>{grid_html}</div></div>")
 
 
 def first_grid(generated_dir: Path) -> Path | None:
