@@ -199,3 +199,13 @@ def test_mlflow_numbers_hold_the_intervals(tmp_path):
     (tmp_path / "metrics_ci.json").write_text(json.dumps({"ssim_ci95": {"lo": 0.7, "hi": 0.9}}))
     assert logged_numbers(tmp_path / "metrics.json") == {"ssim": 0.8, "fid_inception": None,
                                                          "ssim_ci95_lo": 0.7, "ssim_ci95_hi": 0.9}
+
+
+def test_headline_text_for_the_log():
+    from ctsynth.summary import headline_text
+
+    text = headline_text(RICH, RICH_CI, {"fid_inception": "offline: the download failed"})
+    lines = {ln.split()[0]: ln for ln in text.splitlines()}
+    assert "0.81" in lines["ssim"] and "[0.79, 0.83]" in lines["ssim"]
+    assert "0.69" in lines["fd_seg"] and "[0.55, 0.83]" in lines["fd_seg"] and "0.4 [0.3, 0.5]" in lines["fd_seg"]
+    assert "null" in lines["fid_inception"] and "download failed" in lines["fid_inception"]

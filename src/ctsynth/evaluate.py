@@ -49,6 +49,7 @@ from .metrics import (DATA_RANGE, DiceAccumulator, FeatureBank, PairedAccumulato
 from .privacy import NearestTrainingSearch, PrivacyAccumulator
 from .runner import quiet
 from .split import load_split
+from .summary import headline_text
 
 log = logging.getLogger("ctsynth.evaluate")
 
@@ -269,9 +270,9 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
     write_json(out / "metrics_notes.json", notes)
     write_json(out / "metrics_ci.json", {k: {"lo": _clean(lo), "hi": _clean(hi)} for k, (lo, hi) in ci.items()})
     write_json(out / "metrics.json", metrics)
-    log.info("evaluate: %d slices in %.1f s — ssim %.4f, mae_hu %.1f, fd_seg %s (floor %s), "
-             "dice_generated_mean %.3f", len(index), time.time() - t0, metrics["ssim"], metrics["mae_hu"],
-             metrics["fd_seg"], metrics.get("fd_seg_floor"), metrics["dice_generated_mean"])
+    log.info("evaluate: %d slices of %d test patients in %.1f s; headline (95 %% patient-level intervals; "
+             "floor = real validation vs real test slices):\n%s", len(index), metrics["n_test_cases"],
+             time.time() - t0, headline_text(metrics, {k: {"lo": a, "hi": b} for k, (a, b) in ci.items()}, nulls))
     return metrics
 
 

@@ -162,6 +162,24 @@ def headline_table(metrics: dict, ci: dict, reasons: dict) -> str:
             "<th>as good as real gets</th><th>better</th></tr>" + "".join(rows) + "</table>")
 
 
+def headline_text(metrics: dict, ci: dict, reasons: dict | None = None) -> str:
+    """The headline table as plain text (for the log of the evaluate stage)."""
+    def iv(key):
+        i = ci.get(f"{key}_ci95")
+        return f"[{_num(i['lo'])}, {_num(i['hi'])}]" if i and i.get("lo") is not None else ""
+
+    lines = [f"{'metric':<21} {'value':>9}  {'95 % interval':<22} as good as real gets [95 % interval]"]
+    for _, key, _, floor_key, _ in HEADLINE:
+        if key not in metrics:
+            continue
+        if metrics[key] is None:
+            lines.append(f"{key:<21} {'null':>9}  {_short((reasons or {}).get(key, ''), 90)}")
+            continue
+        floor = f"{_num(metrics[floor_key])} {iv(floor_key)}" if metrics.get(floor_key) is not None else ""
+        lines.append(f"{key:<21} {_num(metrics[key]):>9}  {iv(key):<22} {floor}".rstrip())
+    return "\n".join(lines)
+
+
 def section_summary(metrics: dict | None, ci: dict, reasons: dict, grid_html: str) -> str:
     """The first screen: reading + headline table (left), one sample grid (right)."""
     if metrics is None:
