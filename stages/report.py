@@ -9,7 +9,6 @@ logs them with all metrics into the training run named in --run-file (if trackin
     python stages/report.py --out reports/report.html --figures reports/figures \\
         [--run-file models/mlflow_run.json]
 """
-import json
 import logging
 from pathlib import Path
 
@@ -19,14 +18,16 @@ log = logging.getLogger("ctsynth.report")
 
 
 def log_to_run(run_file, params, files: list, metrics_path: Path) -> None:
-    """Log the report, its figures and every numeric metric into the training's MLflow run (or,
-    when that training was evaluated before, into a new run tagged with it)."""
+    """Log the report, its figures and every numeric metric (with the 95 % intervals of
+    metrics_ci.json beside metrics_path) into the training's MLflow run (or, when that training
+    was evaluated before, into a new run tagged with it)."""
     if run_file is None or not Path(run_file).exists():
         log.info("no MLflow run file (%s): report not logged to MLflow", run_file)
         return
     from ctsynth import tracking
+    from ctsynth.report import logged_numbers
 
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics = logged_numbers(metrics_path)    # metrics.json + its intervals as <metric>_ci95_lo/_hi
     with tracking.evaluation_run(run_file, params) as run:
         run.log_metrics({k: v for k, v in metrics.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)})

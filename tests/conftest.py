@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,13 @@ import pandas as pd
 import pytest
 
 from ctsynth.config import params_from_dict
+
+# Hermetic tests: evaluate.inception_weights defaults to auto (standard FID weights from the
+# torch hub cache, downloaded if online). The suite, its stage subprocesses and `dvc repro` in
+# the end-to-end test must neither download 91 MB nor pick up weights a developer has cached:
+# an empty torch home and no download. Tests of the auto path set their own cache.
+os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="ctsynth-test-torch-")
+os.environ["CTSYNTH_OFFLINE"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -83,3 +92,30 @@ def real_raw(tmp_path) -> Path:
     (raw / "real_image.nii.gz").symlink_to(REAL_CT / "ct.nii.gz")
     (raw / "real_label.nii.gz").symlink_to(REAL_CT / "aorta_label.nii.gz")
     return raw
+
+
+def standin_inception_weights(path: Path, seed: int = 0) -> Path:
+    """A small stand-in for the FID Inception weights (pt_inception layout, ~0.5 MB, not 91 MB):
+    random conv kernels shared across input channels (stored once, expanded with stride 0),
+    BatchNorm as identity. Real weights are not available offline; this exercises every code
+    path that loads and runs them, and gives distinct, finite features for distinct images."""
+    import torch
+
+    from ctsynth.inception import inception_module
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in inception_module("pt_inception").state_dict().items():
+        if value.ndim == 4:        # (out, in, kh, kw): scaled so activations neither vanish nor explode
+            out, cin, kh, kw = value.shape
+            base = torch.randn(out, 1, kh, kw, generator=g) * 2.0 / (cin * (kh * kw) ** 0.5)
+            state[key] = base.expand(value.shape)
+        elif value.dtype == torch.long:
+            state[key] = value
+        elif key.endswith(("running_var", ".weight")):
+            state[key] = torch.ones(1).expand(value.shape)
+        else:
+            state[key] = torch.zeros(1).expand(value.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path

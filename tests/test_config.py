@@ -156,3 +156,18 @@ def test_library_modules_never_import_the_stage_glue():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module in ("runner", "ctsynth.runner", "cli", "ctsynth.cli"):
                 raise AssertionError(f"{path.name} imports {node.module}")
+
+
+def test_default_run_has_at_least_four_test_patients_and_defaults_match_params_yaml():
+    import dataclasses
+
+    from ctsynth.config import Params
+    from ctsynth.split import assign
+
+    params = load_params(REPO / "params.yaml")
+    cases = [f"ct_train_{1001 + i}" for i in range(params.phantom.cases)]
+    parts = assign(cases, params)
+    assert len(parts["test"]) >= 4 and len(parts["val"]) >= 2 and len(parts["train"]) >= 8
+    defaults = Params()
+    for section in ("phantom", "split", "evaluate"):
+        assert dataclasses.asdict(getattr(defaults, section)) == dataclasses.asdict(getattr(params, section)), section

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, make_store, tiny_params
+from conftest import REPO, make_store, standin_inception_weights, tiny_params
 from ctsynth import evaluate
 from ctsynth.data import ProcessedStore
 from ctsynth.errors import InputError, ModelFileError
@@ -21,7 +21,7 @@ SPLIT = {"seed": 0, "train": ["c1", "c2", "c3"], "val": ["c4"], "test": ["c5", "
 RAW = {"preprocess": {"image_size": 32}, "model": {"gen_depth": 5, "disc_layers": 2},
        "segmenter": {"iterations": 8, "batch_size": 4, "width": 4},
        "evaluate": {"batch_size": 5, "kid_subset_size": 4}}
-OUTPUTS = ("metrics.json", "metrics_notes.json", "per_case.csv", "per_structure.csv", "privacy.csv",
+OUTPUTS = ("metrics.json", "metrics_ci.json", "metrics_notes.json", "per_case.csv", "per_structure.csv", "privacy.csv",
            "shareable.json", "plots/per_slice.csv", "plots/privacy_hist.csv", "plots/dice.csv")
 
 
@@ -168,3 +168,98 @@ def test_generated_inputs_are_validated(setup, tmp_path):
     with pytest.raises(ModelFileError):
         evaluate.run(_params(), setup / "processed", setup / "split.json", setup / "generated",
                      tmp_path / "missing.pt", tmp_path / "out")
+
+
+HEADLINE = ("mse", "psnr", "ssim", "mae_hu", "mae_hu_LV", "mae_hu_background", "fd_seg", "kid_seg",
+            "dice_generated_mean", "dice_generated_Ao", "fd_seg_floor", "kid_seg_floor", "fd_seg_vs_val")
+
+
+def test_intervals_contain_the_point_estimates(setup, tmp_path):
+    m = _run(setup, tmp_path / "out", evaluate={"bootstrap": 300})
+    ci = json.loads((tmp_path / "out" / "metrics_ci.json").read_text())
+    assert set(f"{k}_ci95" for k in HEADLINE) <= set(ci)
+    for key, iv in ci.items():
+        assert iv["lo"] <= m[key[:-5]] <= iv["hi"], (key, m[key[:-5]], iv)
+    for key in ("mse", "ssim", "mae_hu", "fd_seg", "fd_seg_floor"):
+        assert ci[f"{key}_ci95"]["hi"] > ci[f"{key}_ci95"]["lo"], key          # a real spread
+    assert m["n_val_cases"] == 1 and m["n_val_slices"] == 6
+    notes = json.loads((tmp_path / "out" / "metrics_notes.json").read_text())
+    assert "300 patient-level bootstrap resamples" in notes["intervals"]
+    per_case = pd.read_csv(tmp_path / "out" / "per_case.csv", dtype={"case": str})
+    cols = list(per_case.columns)
+    assert cols[cols.index("ssim") + 1:cols.index("ssim") + 3] == ["ssim_ci95_lo", "ssim_ci95_hi"]
+    for key in ("mse", "psnr", "ssim", "mae_hu"):
+        assert ((per_case[f"{key}_ci95_lo"] <= per_case[key]) & (per_case[key] <= per_case[f"{key}_ci95_hi"])).all()
+    # seeded: a second run writes the same intervals byte for byte
+    _run(setup, tmp_path / "again", evaluate={"bootstrap": 300})
+    assert (tmp_path / "again" / "metrics_ci.json").read_bytes() == (tmp_path / "out" / "metrics_ci.json").read_bytes()
+
+
+def test_identical_sets_give_a_zero_width_fd_interval_and_the_floor(setup, tmp_path):
+    write_generated(tmp_path / "perfect", setup / "processed", noise=0.0)
+    m = _run(setup, tmp_path / "out", generated=tmp_path / "perfect", evaluate={"bootstrap": 200})
+    ci = json.loads((tmp_path / "out" / "metrics_ci.json").read_text())
+    floor = m["fd_seg_floor"]
+    assert floor > 0
+    lo, hi = ci["fd_seg_ci95"]["lo"], ci["fd_seg_ci95"]["hi"]
+    assert 0 <= lo <= hi < 1e-6 * floor                       # zero width, at the arithmetic's floor
+    notes = json.loads((tmp_path / "out" / "metrics_notes.json").read_text())
+    assert notes["fd_seg_numerical_floor"] < 1e-6 * floor
+    # generated == real: the generated slices sit exactly at the noise floor, interval included
+    assert m["fd_seg_vs_val"] == floor and m["kid_seg_vs_val"] == m["kid_seg_floor"]
+    assert ci["fd_seg_vs_val_ci95"] == ci["fd_seg_floor_ci95"]
+    assert ci["mse_ci95"] == {"lo": 0, "hi": 0} and ci["ssim_ci95"]["lo"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_floors_are_null_with_a_reason_without_validation_cases(setup, tmp_path):
+    split = dict(SPLIT, val=[])
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    m = evaluate.run(_params(evaluate={"bootstrap": 50}), setup / "processed", tmp_path / "split.json",
+                     setup / "generated", setup / "segmenter.pt", tmp_path / "out")
+    notes = json.loads((tmp_path / "out" / "metrics_notes.json").read_text())
+    for key in ("fd_seg_floor", "kid_seg_floor", "fd_seg_vs_val", "kid_seg_vs_val"):
+        assert m[key] is None and "split.val is empty" in notes["null_metrics"][key]
+    assert "n_val_slices" not in m and m["fd_seg"] > 0
+    ci = json.loads((tmp_path / "out" / "metrics_ci.json").read_text())
+    assert "fd_seg_ci95" in ci and "fd_seg_floor_ci95" not in ci
+
+
+INCEPTION_KEYS = ("fid_inception", "kid_inception", "fid_inception_floor", "kid_inception_floor",
+                  "fid_inception_vs_val", "kid_inception_vs_val")
+
+
+def test_fid_inception_is_a_number_with_a_local_stand_in_weights_file(setup, tmp_path):
+    weights = standin_inception_weights(tmp_path / "inception.pth")
+    m = _run(setup, tmp_path / "out", evaluate={"inception_weights": str(weights), "bootstrap": 100})
+    notes = json.loads((tmp_path / "out" / "metrics_notes.json").read_text())
+    ci = json.loads((tmp_path / "out" / "metrics_ci.json").read_text())
+    for key in INCEPTION_KEYS:
+        assert isinstance(m[key], float) and math.isfinite(m[key]), key
+        assert notes["definitions"][key], key
+    assert m["fid_inception"] > 0 and "fid_inception" not in notes["null_metrics"]
+    assert "local file" in notes["fid_inception"] and str(weights) in notes["fid_inception"]
+    assert ci["fid_inception_ci95"]["lo"] <= m["fid_inception"] <= ci["fid_inception_ci95"]["hi"]
+    assert notes["feature_dims"]["inception"] == 2048
+
+
+def test_auto_fid_inception_from_the_hub_cache_and_null_when_the_download_fails(setup, tmp_path, monkeypatch):
+    from piq.feature_extractors import fid_inception
+
+    from ctsynth.inception import standard_weights_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "online"))
+    standin_inception_weights(standard_weights_path())
+    m = _run(setup, tmp_path / "cached", evaluate={"inception_weights": "auto", "bootstrap": 20})
+    assert isinstance(m["fid_inception"], float) and m["fid_inception"] > 0
+    notes = json.loads((tmp_path / "cached" / "metrics_notes.json").read_text())
+    assert "standard FID weights, torch hub" in notes["fid_inception"]
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "offline"))          # empty cache, download forced to fail
+    monkeypatch.delenv("CTSYNTH_OFFLINE")
+    monkeypatch.setattr(fid_inception, "FID_WEIGHTS_URL", "http://127.0.0.1:9/pt_inception-2015-12-05-6726825d.pth")
+    m = _run(setup, tmp_path / "failed", evaluate={"inception_weights": "auto", "bootstrap": 20})
+    notes = json.loads((tmp_path / "failed" / "metrics_notes.json").read_text())
+    assert m["fid_inception"] is None and m["kid_inception"] is None
+    assert "fid_inception_floor" not in m                                  # no null floors for a missing space
+    assert "download failed" in notes["null_metrics"]["fid_inception"]
+    assert json.loads((tmp_path / "failed" / "metrics.json").read_text())["ssim"] == m["ssim"]   # the run went on

@@ -14,8 +14,8 @@ import yaml
 from conftest import REPO, make_store, tiny_params
 from ctsynth.data import ProcessedStore
 from ctsynth.errors import MetricUnavailable, ModelFileError
-from ctsynth.features import (INCEPTION_REASON, InceptionFeatures, SegFeatures, SegUNet,
-                              inception_module, load_segmenter, train_segmenter)
+from ctsynth.features import SegFeatures, SegUNet, load_segmenter, train_segmenter
+from ctsynth.inception import INCEPTION_REASON, InceptionFeatures, inception_module
 from ctsynth.metrics import dice_scores, frechet_distance
 
 SPLIT = {"seed": 0, "train": ["c1", "c2", "c3"], "val": ["c4"], "test": ["c5"]}

@@ -157,3 +157,55 @@ def test_real_scan_fixture_with_custom_label_map(tmp_path, real_raw):
     hu = np.asanyarray(img.dataobj)
     assert 200 < np.median(hu[lab == structure_index("Ao")]) < 500   # contrast-filled aorta
     pd.testing.assert_series_equal(manifest.case, pd.Series(["real"], name="case"))
+
+
+def _crop_affine(start):
+    """Affine of a label grid whose voxel 0 sits at image voxel ``start`` (same spacing)."""
+    affine = AFFINE.copy()
+    affine[:3, 3] = AFFINE[:3, :3] @ np.asarray(start, float) + AFFINE[:3, 3]
+    return affine
+
+
+def test_label_cropped_to_a_region_is_accepted_with_background_outside(tmp_path, caplog):
+    raw = tmp_path / "raw"
+    image, label = volumes()                                     # 24 × 24 × 8
+    crop = label[4:20, 4:20, 2:6]                                # a box around the heart: 22 % of the image
+    write_case(raw, "p1", image=image, label=crop, label_affine=_crop_affine([4, 4, 2]))
+    with caplog.at_level("INFO", logger="ctsynth.ingest"):
+        manifest = ingest.run(params_for(raw), tmp_path / "interim")
+    lab = np.asanyarray(nib.load(str(tmp_path / "interim" / "p1_label.nii")).dataobj)
+    expected = np.zeros_like(label)
+    expected[4:20, 4:20, 2:6] = crop
+    expected = expected[::-1, ::-1]                               # LPS -> RAS
+    assert lab.shape == image.shape
+    assert np.array_equal(lab == structure_index("LV"), expected == 500)
+    assert np.array_equal(lab == structure_index("Ao"), expected == 820)
+    assert manifest.vox_LV[0] == int((crop == 500).sum())
+    lines = [r.getMessage() for r in caplog.records if "label on another grid" in r.getMessage()]
+    assert len(lines) == 1 and "covers 22% of the image" in lines[0] and "100% of the label grid inside" in lines[0]
+
+
+def test_label_grid_mostly_outside_the_image_is_an_error_naming_the_fraction(tmp_path):
+    raw = tmp_path / "raw"
+    image, label = volumes()
+    # same size, shifted by half the image in x and y: 3/4 of the label grid lies outside
+    write_case(raw, "p1", image=image, label=label, label_affine=_crop_affine([12, 12, 0]))
+    with pytest.raises(InputError) as err:
+        ingest.run(params_for(raw), tmp_path / "interim")
+    text = "\n".join(err.value.problems)
+    assert "p1_label.nii.gz: label grid does not overlap the image: 75% of the label grid lies outside" in text
+    assert "covers 25% of the image" in text
+    assert not (tmp_path / "interim").exists()
+
+
+def test_label_grid_partly_outside_warns_about_dropped_labels(tmp_path, caplog):
+    raw = tmp_path / "raw"
+    image, label = volumes()
+    write_case(raw, "p1", image=image, label=label, label_affine=_crop_affine([-3, 0, 0]))   # 1/8 outside
+    with caplog.at_level("INFO", logger="ctsynth.ingest"):
+        ingest.run(params_for(raw), tmp_path / "interim")
+    messages = " | ".join(r.getMessage() for r in caplog.records)
+    assert "88% of the label grid inside" in messages
+    ao = (label == 820)
+    share = ao[:3].sum() / (label > 0).sum()                       # Ao voxels at x < 3 fall off the image
+    assert f"{100 * share:.1f}% of the labelled voxels lie outside the image" in messages

@@ -10,8 +10,8 @@ import torch
 from ctsynth.data import ProcessedStore
 from ctsynth.errors import MetricUnavailable
 from ctsynth.metrics import (METRIC_DEFINITIONS, DiceAccumulator, FeatureBank, PairedAccumulator,
-                             definition, dice_scores, frechet_distance, kernel_distance,
-                             per_slice_metrics, reported_structures)
+                             definition, dice_scores, frechet_distance, frechet_distance_weighted,
+                             kernel_distance, per_slice_metrics, reported_structures)
 
 WINDOW = [-1000.0, 1000.0]
 STRUCTS = ["Myo", "LA", "LV", "RA", "RV", "Ao", "PA"]
@@ -152,6 +152,49 @@ def test_frechet_distance_known_answers():
     assert fds[0] < fds[1] < fds[2]
     with pytest.raises(MetricUnavailable):
         frechet_distance(a[:1], a[:1])
+
+
+def _scipy_fd(a, b):
+    """Reference FD as pytorch-fid computes it (scipy.linalg.sqrtm of Σ_a Σ_b)."""
+    import scipy.linalg
+
+    a, b = a.double().numpy(), b.double().numpy()
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@pytest.mark.parametrize("n_a, n_b, dim", [(300, 300, 16), (60, 60, 96), (40, 70, 96)])
+def test_frechet_distance_matches_scipy_sqrtm_also_with_fewer_slices_than_dims(n_a, n_b, dim):
+    g = torch.Generator().manual_seed(n_a + dim)
+    mix = torch.randn(6, dim, generator=g)
+    a = torch.randn(n_a, 6, generator=g) @ mix + 0.3 * torch.randn(n_a, dim, generator=g)
+    b = torch.randn(n_b, 6, generator=g) @ mix * 1.2 + 0.3 * torch.randn(n_b, dim, generator=g) + 0.1
+    assert frechet_distance(a, b) == pytest.approx(_scipy_fd(a, b), rel=1e-4)
+    # identical sets: 0 up to float64 rounding even when N < D (piq's Newton–Schulz gave ~1e-3 × trace)
+    assert 0 <= frechet_distance(a, a.clone()) < 1e-9 * float(torch.cov(a.T.double()).trace())
+
+
+def test_weighted_frechet_distance_equals_repeated_rows():
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(30, 12, generator=g), torch.randn(30, 12, generator=g) + 0.2
+    w = torch.from_numpy(np.random.default_rng(0).multinomial(30, [1 / 30] * 30)).double()
+    rows = torch.repeat_interleave(torch.arange(30), w.long())
+    assert frechet_distance_weighted(a, b, w, w) == pytest.approx(frechet_distance(a[rows], b[rows]), rel=1e-9)
+    assert frechet_distance_weighted(a, b) == frechet_distance(a, b)
+
+
+def test_unpaired_kernel_distance_uses_both_whole_sets():
+    g = torch.Generator().manual_seed(2)
+    a, same = torch.relu(torch.randn(40, 16, generator=g)), torch.relu(torch.randn(80, 16, generator=g))
+    b = torch.cat([same[:40], same[40:] + 2.0])             # rows 40.. are far away
+    # paired subsets would only ever draw rows < min(len) = 40 of b, which match a's distribution
+    far = kernel_distance(a, b, subset_size=20, n_subsets=20, paired=False)
+    near = kernel_distance(a, same, subset_size=20, n_subsets=20, paired=False)
+    assert far > 10 * abs(near) and abs(near) < 5e-2
+    assert kernel_distance(a, b, 20, 5, seed=1, paired=False) == kernel_distance(a, b, 20, 5, seed=1, paired=False)
+    with pytest.raises(ValueError, match="equal size"):
+        kernel_distance(a, b)
 
 
 def test_kernel_distance_is_zero_for_identical_sets_and_seeded():

@@ -93,7 +93,12 @@ def test_outputs_and_metrics(repo):
     for key in ("mse", "psnr", "ssim", "mae_hu", "fd_seg", "kid_seg"):
         assert isinstance(metrics[key], (int, float)), key
     assert 0 <= metrics["ssim"] <= 1 and metrics["mse"] >= 0
-    assert metrics.get("fid_inception") is None          # no local weights: missing, never estimated
+    assert metrics.get("fid_inception") is None          # offline, empty torch hub: missing, never estimated
+    notes = json.loads((repo / "reports" / "metrics_notes.json").read_text())
+    assert "fid_inception" in json.dumps(notes)           # ... with the reason
+    intervals = json.loads((repo / "reports" / "metrics_ci.json").read_text())
+    lo, hi = intervals["ssim_ci95"]["lo"], intervals["ssim_ci95"]["hi"]
+    assert lo <= metrics["ssim"] <= hi and "fd_seg_floor" in metrics
     html = (repo / "reports" / "report.html").read_text()
     assert "data:image/png;base64," in html and 'src="http' not in html
     assert (repo / "models" / "generator.pt").stat().st_size > 0

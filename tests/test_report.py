@@ -19,7 +19,8 @@ from ctsynth.labels import STRUCTURES
 from ctsynth.report import build_report
 from test_generate import make_world
 
-SECTIONS = ("config", "data", "metrics", "structures", "cases", "samples", "subsets", "training", "privacy")
+SECTIONS = ("summary", "metrics", "structures", "cases", "samples", "subsets", "training", "privacy", "data",
+            "config")
 
 
 def _png(path: Path, shade: int) -> Path:
@@ -141,3 +142,70 @@ def test_report_stage_script(tmp_path, monkeypatch):
         runpy.run_path(str(script), run_name="__main__")
     assert e.value.code == 0
     assert (tmp_path / "out" / "report.html").stat().st_size > 10_000
+
+
+RICH = {"n_test_slices": 160, "n_test_cases": 4, "mse": 0.0123, "psnr": 24.5, "ssim": 0.81, "mae_hu": 61.2,
+        "mae_hu_LV": 80.0, "mae_hu_Ao": 40.5, "fid_inception": None, "kid_inception": None,
+        "fd_seg": 0.69, "kid_seg": 0.01, "fd_seg_floor": 0.40, "kid_seg_floor": 0.004, "fd_seg_vs_val": 1.10,
+        "kid_seg_vs_val": 0.02, "dice_generated_LV": 0.60, "dice_real_LV": 0.90, "dice_generated_Ao": 0.80,
+        "dice_real_Ao": 0.85, "dice_generated_mean": 0.70, "dice_real_mean": 0.875, "privacy_threshold": 0.95,
+        "privacy_generated_similarity_mean": 0.71, "privacy_real_similarity_mean": 0.70,
+        "privacy_generated_share_above": 0.0, "privacy_real_share_above": 0.0}
+RICH_CI = {"ssim_ci95": {"lo": 0.79, "hi": 0.83}, "mae_hu_ci95": {"lo": 55.0, "hi": 68.0},
+           "fd_seg_ci95": {"lo": 0.55, "hi": 0.83}, "fd_seg_floor_ci95": {"lo": 0.30, "hi": 0.50},
+           "fd_seg_vs_val_ci95": {"lo": 0.90, "hi": 1.30}, "mae_hu_LV_ci95": {"lo": 70.0, "hi": 90.0},
+           "dice_generated_LV_ci95": {"lo": 0.5, "hi": 0.7}, "mae_hu_Ao_ci95": {"lo": 35.0, "hi": 46.0}}
+
+
+def test_report_leads_with_the_answer_and_ends_with_the_configuration(tmp_path):
+    inp = fake_inputs(tmp_path)
+    (inp["reports"] / "metrics.json").write_text(json.dumps(RICH))
+    (inp["reports"] / "metrics_ci.json").write_text(json.dumps(RICH_CI))
+    pd.DataFrame({"case": ["p1"], "n_slices": [5], "ssim": [0.8], "ssim_ci95_lo": [0.78], "ssim_ci95_hi": [0.82]}
+                 ).to_csv(inp["reports"] / "per_case.csv", index=False)
+    _, page = build(inp, tmp_path, model_path=inp["model"])
+    order = re.findall(r"<h2 id='(\w+)'>", page)
+    assert order[0] == "summary" and order[-2:] == ["data", "config"]
+    summary = page[page.index("id='summary'"):page.index("id='metrics'")]
+    assert "SSIM 0.81 [0.79, 0.83]" in summary and "61.2 [55, 68] HU" in summary
+    assert "2.8× the noise floor" in summary                       # 1.10 / 0.40, intervals apart
+    assert "0.4 [0.3, 0.5]" in summary and "real validation vs real test" in summary
+    assert "weakest structure is <b>LV</b>" in summary               # 0.60 / 0.90 < 0.80 / 0.85
+    assert "about as close to the training set as unseen real patients" in summary
+    assert summary.count("data:image/png;base64,") == 1              # one sample grid
+    assert "not computed — no local InceptionV3 weights" in summary
+    assert "0.8 [0.78, 0.82]" in page[page.index("id='cases'"):]     # per-case row with its interval
+    assert "40.5 [35, 46]" in page[page.index("id='structures'"):page.index("id='cases'")]   # per structure
+
+
+def test_floor_reading_and_weakest_structure():
+    from ctsynth.summary import floor_reading, weakest_structure
+
+    overlapping = dict(RICH_CI, fd_seg_vs_val_ci95={"lo": 0.45, "hi": 0.9})
+    assert ("1.5× the noise floor, but the intervals overlap: with 4 test and ? validation patients"
+            in floor_reading(dict(RICH, fd_seg_vs_val=0.6), overlapping))
+    assert "2.8× the noise floor: distinguishable" in floor_reading(RICH, RICH_CI)
+    assert "at or below the noise floor" in floor_reading(dict(RICH, fd_seg_vs_val=0.39), RICH_CI)
+    assert "no noise floor was computed" in floor_reading({"fd_seg": 0.5}, {})
+    assert weakest_structure({"dice_generated_Ao": 0.2, "dice_real_Ao": 0.9, "dice_generated_LV": 0.5,
+                              "dice_real_LV": 0.6}).startswith("The weakest structure is <b>Ao</b>")
+    assert weakest_structure({"dice_generated_LV": 0.5}) is None
+
+
+def test_mlflow_numbers_hold_the_intervals(tmp_path):
+    from ctsynth.report import logged_numbers
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"ssim": 0.8, "fid_inception": None}))
+    (tmp_path / "metrics_ci.json").write_text(json.dumps({"ssim_ci95": {"lo": 0.7, "hi": 0.9}}))
+    assert logged_numbers(tmp_path / "metrics.json") == {"ssim": 0.8, "fid_inception": None,
+                                                         "ssim_ci95_lo": 0.7, "ssim_ci95_hi": 0.9}
+
+
+def test_headline_text_for_the_log():
+    from ctsynth.summary import headline_text
+
+    text = headline_text(RICH, RICH_CI, {"fid_inception": "offline: the download failed"})
+    lines = {ln.split()[0]: ln for ln in text.splitlines()}
+    assert "0.81" in lines["ssim"] and "[0.79, 0.83]" in lines["ssim"]
+    assert "0.69" in lines["fd_seg"] and "[0.55, 0.83]" in lines["fd_seg"] and "0.4 [0.3, 0.5]" in lines["fd_seg"]
+    assert "null" in lines["fid_inception"] and "download failed" in lines["fid_inception"]

@@ -36,7 +36,7 @@ class DataCfg:
 
 @dataclass
 class PhantomCfg:
-    cases: int = 12                                  # number of synthetic patients
+    cases: int = 20                                  # synthetic patients (12 / 4 / 4 with the default split)
     shape: list = field(default_factory=lambda: [128, 128, 40])  # voxels (x, y, z)
     spacing: list = field(default_factory=lambda: [2.6, 2.6, 4.0])  # mm, anisotropic like CT
 
@@ -113,9 +113,10 @@ class GenerateCfg:
 
 @dataclass
 class EvaluateCfg:
-    inception_weights: Optional[str] = None          # local torchvision InceptionV3 weights file
+    inception_weights: Optional[str] = "auto"        # auto: standard FID weights (torch hub cache / download) | file | null
     batch_size: int = 32
     kid_subset_size: int = 50
+    bootstrap: int = 1000                            # patient-level bootstrap resamples for the 95 % intervals (0: none)
 
 
 @dataclass
@@ -278,10 +279,13 @@ def _check_ranges(p: Params, problems: list[str]) -> None:
          "segmenter: iterations, batch_size must be >= 1 and lr > 0")
     need(p.generate.batch_size >= 1 and p.evaluate.batch_size >= 1, "generate/evaluate.batch_size: must be >= 1")
     need(p.evaluate.kid_subset_size >= 2, "evaluate.kid_subset_size: must be >= 2")
+    need(p.evaluate.bootstrap >= 0, "evaluate.bootstrap: must be >= 0 (0: no intervals)")
     need(0 < p.privacy.max_similarity <= 1, "privacy.max_similarity: must be in (0, 1]")
     need(p.privacy.downsample >= 8, "privacy.downsample: must be >= 8")
     need(p.privacy.candidates >= 1, "privacy.candidates: must be >= 1")
-    for key, value in (("data.raw_dir", p.data.raw_dir), ("evaluate.inception_weights", p.evaluate.inception_weights)):
+    weights = p.evaluate.inception_weights
+    for key, value in (("data.raw_dir", p.data.raw_dir),
+                       ("evaluate.inception_weights", None if weights == "auto" else weights)):
         if value is not None and not os.path.isabs(value):
             root = Path.cwd().resolve()
             resolved = (root / value).resolve()

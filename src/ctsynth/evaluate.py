@@ -1,5 +1,5 @@
-"""evaluate: paired image metrics, feature distances, segmentation consistency and privacy of the
-generated test set, written as DVC metrics/plots.
+"""evaluate: paired image metrics, feature distances with noise floors, segmentation
+consistency and privacy of the generated test set, with 95 % intervals, written as DVC metrics.
 
 Inputs (docs/contracts.md): the processed store, ``data/split.json``, ``data/generated/fake.npy``
 (float16 (N, S, S) in [-1, 1]) with ``index.npy`` (int64 store rows, aligned), and
@@ -10,13 +10,20 @@ Inputs (docs/contracts.md): the processed store, ``data/split.json``, ``data/gen
   (:class:`~ctsynth.metrics.PairedAccumulator`), per-slice values streamed to
   ``reports/plots/per_slice.csv``;
 * segmenter on generated and on real slices → Dice running counts and encoder features
-  (N × D floats kept for piq's FD/KID); InceptionV3 features when local weights are set;
+  (N × D floats kept for FD/KID); InceptionV3 features when weights could be had;
 * nearest training slice of each generated and real slice (:mod:`ctsynth.privacy`) → rows
   streamed to ``reports/privacy.csv``, counts and histogram accumulated.
 
-So memory is flat in the number of test slices except the N × D feature matrices (and the
-list of shareable (case, z) pairs). Every output is written atomically; ``metrics.json`` holds
-only numbers (or null), reasons and definitions go to ``metrics_notes.json``.
+Then one pass over the real *validation* slices gives the noise floors: FD/KID between real
+validation and real test slices (``<key>_floor``, "as good as real") and between real
+validation and generated test slices (``<key>_vs_val``, the same comparison). Finally the
+patient-level bootstrap (:mod:`ctsynth.intervals`) turns the per-slice statistics kept on the
+way (O(N × 44) numbers) into 95 % intervals: ``reports/metrics_ci.json`` and per-case columns.
+
+So memory is flat in the number of test slices except the N × D feature matrices, a few
+numbers per slice and the list of shareable (case, z) pairs. Every output is written
+atomically; ``metrics.json`` holds only numbers (or null), ``metrics_ci.json`` the intervals
+``{"<metric>_ci95": {"lo", "hi"}}``, reasons and definitions go to ``metrics_notes.json``.
 """
 from __future__ import annotations
 
@@ -33,13 +40,16 @@ from tqdm import tqdm
 from .config import Params
 from .data import ProcessedStore
 from .errors import InputError, MetricUnavailable, ModelFileError
-from .features import InceptionFeatures, load_segmenter
+from .features import load_segmenter
+from .inception import InceptionFeatures
+from .intervals import PER_CASE_KEYS, SUFFIX, FeatureSpace, describe, metric_intervals, per_case_intervals
 from .io import atomic_file, write_csv, write_json
 from .metrics import (DATA_RANGE, DiceAccumulator, FeatureBank, PairedAccumulator, definition,
                       frechet_distance, kernel_distance, reported_structures)
 from .privacy import NearestTrainingSearch, PrivacyAccumulator
 from .progress import quiet
 from .split import load_split
+from .summary import headline_text
 
 log = logging.getLogger("ctsynth.evaluate")
 
@@ -122,38 +132,40 @@ def _pin_malloc_mmap_threshold(threshold: int = 128 * 1024) -> None:
         pass
 
 
-def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path, out_dir) -> dict:
-    """Evaluate the generated test set; write every report file; return the metrics dict."""
-    t0 = time.time()
-    _pin_malloc_mmap_threshold()
-    store = ProcessedStore(processed_dir)
-    split = load_split(split_path, need=("train", "test"))
-    fake, index = load_generated(generated_dir, store, split["test"])
-    seg = load_segmenter(segmenter_path)
-    _check_segmenter(seg, store, split, segmenter_path)
-    notes: dict = {"data_range": f"PSNR/SSIM on images mapped to [0,1], data_range={DATA_RANGE} "
-                                 f"= HU window {store.meta['hu_window']}; MSE in [-1,1] space"}
+def _open_inception(setting, notes: dict):
+    """InceptionFeatures for ``evaluate.inception_weights``, or None with the reason in ``notes``."""
     try:
-        inception = InceptionFeatures(params.evaluate.inception_weights)
-        notes["fid_inception"] = f"InceptionV3 ({inception.flavour}) from {inception.path}"
+        inception = InceptionFeatures(setting)
+        kind = "standard FID weights, torch hub" if inception.standard else "local file"
+        notes["fid_inception"] = f"InceptionV3 ({inception.flavour}, {kind}) from {inception.path}"
+        return inception
     except MetricUnavailable as e:
-        inception, notes["fid_inception"] = None, str(e)
+        notes["fid_inception"] = str(e)
         log.warning("%s", e)
+        return None
 
-    window = store.meta["hu_window"]
-    labels = reported_structures(store.structures)
-    paired = PairedAccumulator(window, store.structures)
-    dice = {"generated": DiceAccumulator(labels), "real": DiceAccumulator(labels)}
-    seg_feats = {"generated": FeatureBank(), "real": FeatureBank()}
-    inc_feats = {"generated": FeatureBank(), "real": FeatureBank()}
-    train_rows = store.rows_for_cases(split["train"])
-    search = NearestTrainingSearch(store.images, train_rows, params.privacy.downsample,
-                                   params.privacy.candidates)
-    privacy = PrivacyAccumulator(params.privacy.max_similarity)
-    shareable: list[dict] = []
+
+class _TestPass:
+    """Everything gathered in the one pass over the generated test slices."""
+
+    def __init__(self, params: Params, store: ProcessedStore, split: dict, with_inception: bool):
+        labels = reported_structures(store.structures)
+        self.paired = PairedAccumulator(store.meta["hu_window"], store.structures)
+        self.dice = {"generated": DiceAccumulator(labels), "real": DiceAccumulator(labels)}
+        self.feats = {space: {"generated": FeatureBank(), "real": FeatureBank()}
+                      for space in (("seg", "inception") if with_inception else ("seg",))}
+        self.search = NearestTrainingSearch(store.images, store.rows_for_cases(split["train"]),
+                                            params.privacy.downsample, params.privacy.candidates)
+        self.privacy = PrivacyAccumulator(params.privacy.max_similarity)
+        self.shareable: list[dict] = []
+
+
+def _test_pass(params: Params, store: ProcessedStore, split: dict, fake, index, generated_dir, seg,
+               inception, out: Path) -> _TestPass:
+    """Paired metrics, Dice, features and privacy of every generated test slice, in batches;
+    per_slice.csv and privacy.csv are streamed to disk as they come."""
+    acc = _TestPass(params, store, split, inception is not None)
     case_of, z_of = store.slices["case"].to_numpy(), store.slices["z"].to_numpy()
-
-    out = Path(out_dir)
     bs = params.evaluate.batch_size
     with atomic_file(out / "plots" / "per_slice.csv") as t1, atomic_file(out / "privacy.csv") as t2, \
             open(t1, "w", newline="") as f1, open(t2, "w", newline="") as f2:
@@ -166,81 +178,160 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
             real = torch.from_numpy(np.asarray(store.images[rows], dtype=np.float32))    # (B, S, S)
             masks = torch.from_numpy(np.asarray(store.masks[rows]).astype(np.int64))     # (B, S, S)
             cases, zs = case_of[rows].tolist(), z_of[rows].tolist()
-            per_slice.write(paired.update(gen, real, masks, cases, zs))
+            per_slice.write(acc.paired.update(gen, real, masks, cases, zs))
             for kind, img in (("generated", gen), ("real", real)):
                 pred, feats = seg.run(img)
-                dice[kind].update(pred, masks, cases)
-                seg_feats[kind].add(feats)
+                acc.dice[kind].update(pred, masks, cases)
+                acc.feats["seg"][kind].add(feats)
                 if inception is not None:
-                    inc_feats[kind].add(inception.features(img))
-            nn_rows, sims = search.query(gen)
-            _, real_sims = search.query(real)
-            privacy.update("generated", sims)
-            privacy.update("real", real_sims)
-            ok = privacy.shareable(sims)
+                    acc.feats["inception"][kind].add(inception.features(img))
+            nn_rows, sims = acc.search.query(gen)
+            _, real_sims = acc.search.query(real)
+            acc.privacy.update("generated", sims)
+            acc.privacy.update("real", real_sims)
+            ok = acc.privacy.shareable(sims)
             priv_rows.write(pd.DataFrame({"case": cases, "z": zs, "nn_case": case_of[nn_rows],
                                           "nn_z": z_of[nn_rows], "similarity": sims,
                                           "real_similarity": real_sims, "shareable": ok}))
-            shareable += [{"case": c, "z": int(z)} for c, z, k in zip(cases, zs, ok) if k]
+            acc.shareable += [{"case": c, "z": int(z)} for c, z, k in zip(cases, zs, ok) if k]
+    return acc
 
-        metrics: dict = {"n_test_slices": len(index), "n_test_cases": len(set(case_of[index]))}
-        metrics.update(paired.summary())
-        nulls: dict[str, str] = {}
-        if inception is None:
-            metrics["fid_inception"] = metrics["kid_inception"] = None
-            nulls["fid_inception"] = nulls["kid_inception"] = notes["fid_inception"]
-        else:
-            _feature_distances(metrics, nulls, notes, inc_feats, "fid_inception", "kid_inception", params)
-        _feature_distances(metrics, nulls, notes, seg_feats, "fd_seg", "kid_seg", params)
-        dice_scores = {kind: acc.summary() for kind, acc in dice.items()}
-        for kind in ("generated", "real"):
-            for name, value in dice_scores[kind].items():
-                metrics[f"dice_{kind}_{name}"] = value
-            metrics[f"dice_{kind}_mean"] = float(np.mean(list(dice_scores[kind].values())))
-        metrics.update(privacy.summary())
-        metrics = {k: _clean(v) for k, v in metrics.items()}
-        for k, v in metrics.items():
-            if v is None and k not in nulls:
-                nulls[k] = "undefined on this test set (e.g. structure absent from every test slice)"
-        _write_tables(out, paired, dice, privacy)
-        write_json(out / "shareable.json", {"threshold": privacy.threshold, "distance": search.distance,
-                                            "n_generated": len(index), "n_shareable": len(shareable),
-                                            "slices": shareable})
-        notes.update({"privacy_distance": search.distance, "null_metrics": nulls,
-                      "feature_dims": {"seg": seg.dim, "inception": 2048 if inception else None},
-                      "definitions": {k: definition(k) for k in metrics}})
-        write_json(out / "metrics_notes.json", notes)
-        write_json(out / "metrics.json", metrics)
-    log.info("evaluate: %d slices in %.1f s — ssim %.4f, mae_hu %.1f, fd_seg %s, dice_generated_mean %.3f",
-             len(index), time.time() - t0, metrics["ssim"], metrics["mae_hu"], metrics["fd_seg"],
-             metrics["dice_generated_mean"])
+
+def _validation_features(store: ProcessedStore, split: dict, seg, inception, batch: int):
+    """Features of the real validation slices (the reference set of the noise floors):
+    ({space: (M, D) tensor}, case of each row); ({}, None) without validation cases."""
+    rows = store.rows_for_cases(split.get("val") or [])
+    if rows.size == 0:
+        return {}, None
+    banks = {"seg": FeatureBank(), **({"inception": FeatureBank()} if inception is not None else {})}
+    for s in tqdm(range(0, rows.size, batch), desc="validation", disable=quiet(), unit="batch"):
+        real = torch.from_numpy(np.asarray(store.images[rows[s:s + batch]], dtype=np.float32))  # (B, S, S)
+        banks["seg"].add(seg.features(real))
+        if inception is not None:
+            banks["inception"].add(inception.features(real))
+    return {k: b.tensor() for k, b in banks.items()}, store.slices["case"].to_numpy()[rows]
+
+
+def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path, out_dir) -> dict:
+    """Evaluate the generated test set; write every report file; return the metrics dict."""
+    t0 = time.time()
+    _pin_malloc_mmap_threshold()
+    store = ProcessedStore(processed_dir)
+    split = load_split(split_path, need=("train", "test"))
+    fake, index = load_generated(generated_dir, store, split["test"])
+    seg = load_segmenter(segmenter_path)
+    _check_segmenter(seg, store, split, segmenter_path)
+    notes: dict = {"data_range": f"PSNR/SSIM on images mapped to [0,1], data_range={DATA_RANGE} "
+                                 f"= HU window {store.meta['hu_window']}; MSE in [-1,1] space"}
+    inception = _open_inception(params.evaluate.inception_weights, notes)
+    out = Path(out_dir)
+    acc = _test_pass(params, store, split, fake, index, generated_dir, seg, inception, out)
+    val_feats, val_cases = _validation_features(store, split, seg, inception, params.evaluate.batch_size)
+
+    case_of = store.slices["case"].to_numpy()
+    metrics: dict = {"n_test_slices": len(index), "n_test_cases": len(set(case_of[index]))}
+    if val_cases is not None:
+        metrics.update({"n_val_slices": len(val_cases), "n_val_cases": len(set(val_cases))})
+    metrics.update(acc.paired.summary())
+    nulls: dict[str, str] = {}
+    spaces = []
+    if inception is None:
+        metrics["fid_inception"] = metrics["kid_inception"] = None
+        nulls["fid_inception"] = nulls["kid_inception"] = notes["fid_inception"]
+    else:
+        spaces.append(_feature_distances(metrics, nulls, notes, acc.feats["inception"], val_feats.get("inception"),
+                                         "fid_inception", "kid_inception", params))
+    spaces.append(_feature_distances(metrics, nulls, notes, acc.feats["seg"], val_feats.get("seg"),
+                                     "fd_seg", "kid_seg", params))
+    dice_scores = {kind: d.summary() for kind, d in acc.dice.items()}
+    for kind in ("generated", "real"):
+        for name, value in dice_scores[kind].items():
+            metrics[f"dice_{kind}_{name}"] = value
+        metrics[f"dice_{kind}_mean"] = float(np.mean(list(dice_scores[kind].values())))
+    metrics.update(acc.privacy.summary())
+    metrics = {k: _clean(v) for k, v in metrics.items()}
+    for k, v in metrics.items():
+        if v is None and k not in nulls:
+            nulls[k] = "undefined on this test set (e.g. structure absent from every test slice)"
+
+    n_boot = params.evaluate.bootstrap
+    slices = acc.paired.per_slice()
+    ci = metric_intervals(metrics, slices, {k: d.per_slice() for k, d in acc.dice.items()},
+                          acc.paired.labels, spaces, val_cases, n_boot, params.seed,
+                          params.evaluate.kid_subset_size)
+    _write_tables(out, acc.paired, acc.dice, acc.privacy, per_case_intervals(slices, n_boot, params.seed))
+    write_json(out / "shareable.json", {"threshold": acc.privacy.threshold, "distance": acc.search.distance,
+                                        "n_generated": len(index), "n_shareable": len(acc.shareable),
+                                        "slices": acc.shareable})
+    notes.update({"privacy_distance": acc.search.distance, "intervals": describe(n_boot, params.seed),
+                  "null_metrics": nulls,
+                  "feature_dims": {"seg": seg.dim, "inception": 2048 if inception else None},
+                  "definitions": {k: definition(k) for k in metrics}})
+    write_json(out / "metrics_notes.json", notes)
+    write_json(out / "metrics_ci.json", {k: {"lo": _clean(lo), "hi": _clean(hi)} for k, (lo, hi) in ci.items()})
+    write_json(out / "metrics.json", metrics)
+    log.info("evaluate: %d slices of %d test patients in %.1f s; headline (95 %% patient-level intervals; "
+             "floor = real validation vs real test slices):\n%s", len(index), metrics["n_test_cases"],
+             time.time() - t0, headline_text(metrics, {k: {"lo": a, "hi": b} for k, (a, b) in ci.items()}, nulls))
     return metrics
 
 
-def _feature_distances(metrics: dict, nulls: dict, notes: dict, banks: dict, fd_key: str, kid_key: str,
-                       params: Params) -> None:
-    """Fréchet distance and KID between real and generated feature banks (piq), into ``metrics``.
+_NO_VAL = "no validation slices (split.val is empty): no noise floor"
 
-    ``notes[<fd_key>_numerical_floor]`` records piq's FD of the real set with itself (0 in exact
-    arithmetic; see ctsynth.metrics), so a reader can tell a small FD from the solver's floor.
+
+def _feature_distances(metrics: dict, nulls: dict, notes: dict, banks: dict, val, fd_key: str,
+                       kid_key: str, params: Params) -> FeatureSpace:
+    """Fréchet distance and KID between real and generated test features, and the noise floors
+    beside them: ``<key>_floor`` = real validation vs real test slices (what 'as good as real'
+    gets), ``<key>_vs_val`` = real validation vs generated test slices (the same comparison with
+    the generated slices in their place). Into ``metrics``; returns the space for the intervals.
+
+    ``notes[<fd_key>_numerical_floor]`` records the FD of the real set with itself (0 up to
+    float64 rounding), so a reader can tell a small FD from the arithmetic's floor.
     """
     real, gen = banks["real"].tensor(), banks["generated"].tensor()      # (N, D) each
     try:
         notes[f"{fd_key}_numerical_floor"] = _clean(frechet_distance(real, real.clone()))
     except MetricUnavailable:
         pass
-    for key, compute in ((fd_key, lambda: frechet_distance(real, gen)),
-                         (kid_key, lambda: kernel_distance(real, gen, params.evaluate.kid_subset_size,
-                                                           seed=params.seed))):
+    k, seed = params.evaluate.kid_subset_size, params.seed
+    jobs = [(fd_key, lambda: frechet_distance(real, gen)),
+            (kid_key, lambda: kernel_distance(real, gen, k, seed=seed))]
+    if val is not None:
+        jobs += [(fd_key + "_floor", lambda: frechet_distance(val, real)),
+                 (kid_key + "_floor", lambda: kernel_distance(val, real, k, seed=seed, paired=False)),
+                 (fd_key + "_vs_val", lambda: frechet_distance(val, gen)),
+                 (kid_key + "_vs_val", lambda: kernel_distance(val, gen, k, seed=seed, paired=False))]
+    else:
+        for key in (fd_key, kid_key):
+            metrics[key + "_floor"] = metrics[key + "_vs_val"] = None
+            nulls[key + "_floor"] = nulls[key + "_vs_val"] = _NO_VAL
+    for key, compute in jobs:
         try:
             metrics[key] = compute()
         except MetricUnavailable as e:
             metrics[key], nulls[key] = None, str(e)
+    return FeatureSpace(fd_key, kid_key, gen.numpy(), real.numpy(), None if val is None else val.numpy())
 
 
-def _write_tables(out: Path, paired: PairedAccumulator, dice: dict, privacy: PrivacyAccumulator) -> None:
-    """per_case.csv, per_structure.csv, plots/dice.csv, plots/privacy_hist.csv."""
+def _with_intervals(table: pd.DataFrame, intervals: pd.DataFrame) -> pd.DataFrame:
+    """Insert each ``<key>_ci95_lo/hi`` column pair right after the ``<key>`` column."""
+    table = table.merge(intervals, on="case", how="left")
+    order = [c for c in table.columns if c not in intervals.columns or c == "case"]
+    for key in PER_CASE_KEYS:
+        pair = [c for c in (f"{key}{SUFFIX}_lo", f"{key}{SUFFIX}_hi") if c in table.columns]
+        if key in order and pair:
+            at = order.index(key) + 1
+            order[at:at] = pair
+    return table[order + [c for c in table.columns if c not in order]]
+
+
+def _write_tables(out: Path, paired: PairedAccumulator, dice: dict, privacy: PrivacyAccumulator,
+                  case_intervals: pd.DataFrame) -> None:
+    """per_case.csv (with per-case intervals), per_structure.csv, plots/dice.csv, plots/privacy_hist.csv."""
     per_case = paired.per_case()
+    if not case_intervals.empty:
+        per_case = _with_intervals(per_case, case_intervals)
     for kind, acc in dice.items():
         scores = acc.per_case()
         for name in acc.labels.values():

@@ -7,11 +7,8 @@ Two feature spaces (``design.md``, "FID without internet"):
   encoder features (global-average-pooled level-3 and bottleneck activations, ``12·width``
   numbers per slice) give ``fd_seg`` / ``kid_seg``; its predictions give the Dice of
   segmentation consistency. :func:`load_segmenter` returns a :class:`SegFeatures`.
-* :class:`InceptionFeatures` — torchvision InceptionV3 pool3 (2048-d), built with
-  ``weights=None`` and loaded from a LOCAL file (``evaluate.inception_weights``): a torchvision
-  ``inception_v3`` state_dict, or the TF-ported FID Inception (``pt_inception-2015-12-05``, as
-  used by pytorch-fid / piq). Without a file it raises :class:`MetricUnavailable`; nothing is
-  downloaded and nothing is estimated.
+* InceptionV3 features for the standard FID live in :mod:`ctsynth.inception`
+  (:class:`InceptionFeatures`, re-exported here).
 
     python stages/segmenter.py --processed data/processed --split data/split.json --out models/segmenter.pt
 """
@@ -26,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import Params, resolve_path
+from .config import Params
 from .data import ProcessedStore
-from .errors import InputError, MetricUnavailable, ModelFileError
+from .errors import InputError, ModelFileError
 from .io import atomic_file
 from .labels import STRUCTURES
 from .progress import quiet
@@ -39,7 +36,6 @@ log = logging.getLogger("ctsynth.features")
 N_CLASSES = len(STRUCTURES) + 1          # background + 7 structures (structure-index masks)
 SEGMENTER_FORMAT = "ctsynth-segmenter"
 SEGMENTER_VERSION = 1
-INCEPTION_REASON = "evaluate.inception_weights not set — fid_inception not computed; see README"
 
 
 # ------------------------------------------------------------------------------ segmenter
@@ -264,85 +260,3 @@ def load_segmenter(path: str | Path) -> SegFeatures:
     except (RuntimeError, KeyError) as e:
         raise ModelFileError(f"{path}: segmenter weights do not match its config ({e})") from None
     return SegFeatures(model, config, payload.get("train"))
-
-
-# ------------------------------------------------------------------------------ Inception
-
-_IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-_IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
-
-def inception_module(flavour: str, num_classes: int = 1000, aux_logits: bool = True) -> nn.Module:
-    """An uninitialised InceptionV3 of the given flavour ("torchvision" or "pt_inception")."""
-    from torchvision.models import inception_v3
-
-    if flavour == "pt_inception":   # TF-ported FID Inception (pytorch-fid / piq): patched blocks
-        from piq.feature_extractors.fid_inception import (FIDInceptionA, FIDInceptionC,
-                                                          FIDInceptionE1, FIDInceptionE2)
-        net = inception_v3(weights=None, num_classes=1008, aux_logits=False, init_weights=False,
-                           transform_input=False)
-        net.Mixed_5b, net.Mixed_5c = FIDInceptionA(192, 32), FIDInceptionA(256, 64)
-        net.Mixed_5d = FIDInceptionA(288, 64)
-        net.Mixed_6b, net.Mixed_6c = FIDInceptionC(768, 128), FIDInceptionC(768, 160)
-        net.Mixed_6d, net.Mixed_6e = FIDInceptionC(768, 160), FIDInceptionC(768, 192)
-        net.Mixed_7b, net.Mixed_7c = FIDInceptionE1(1280), FIDInceptionE2(2048)
-        return net
-    # torchvision inception_v3, configured as it is when torchvision loads IMAGENET1K_V1
-    return inception_v3(weights=None, num_classes=num_classes, aux_logits=aux_logits, init_weights=False,
-                        transform_input=True)
-
-
-def _build_inception(state_dict: dict) -> tuple[nn.Module, str]:
-    """Return (InceptionV3 with ``fc = Identity``, flavour) for a torchvision or FID state_dict."""
-    fc = state_dict.get("fc.weight")
-    if fc is None:
-        raise KeyError("no 'fc.weight' entry: not an InceptionV3 state_dict")
-    aux = any(k.startswith("AuxLogits.") for k in state_dict)
-    flavour = "pt_inception" if int(fc.shape[0]) == 1008 and not aux else "torchvision"
-    net = inception_module(flavour, int(fc.shape[0]), aux)
-    net.load_state_dict(state_dict)
-    net.fc = nn.Identity()
-    return net.eval(), flavour
-
-
-class InceptionFeatures:
-    """InceptionV3 pool3 features (2048-d) from a local weights file.
-
-    Preprocessing: [-1,1] grayscale → [0,1] → 3 channels → bilinear resize to 299² →
-    ImageNet mean/std (torchvision weights, with torchvision's ``transform_input``) or [-1,1]
-    (FID ``pt_inception`` weights, as pytorch-fid does).
-    """
-
-    dim = 2048
-
-    def __init__(self, weights: str | Path | None):
-        if not weights:
-            raise MetricUnavailable(INCEPTION_REASON)
-        path = resolve_path(weights)
-        if not path.exists():
-            raise MetricUnavailable(f"evaluate.inception_weights: {path} not found — fid_inception "
-                                    f"not computed; see README")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for non-torch / truncated files
-            raise ModelFileError(f"{path}: evaluate.inception_weights is not a readable torch file "
-                                 f"({type(e).__name__}: {e})") from None
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise ModelFileError(f"{path}: evaluate.inception_weights must hold an InceptionV3 state_dict")
-        try:
-            self.model, self.flavour = _build_inception(state)
-        except (RuntimeError, KeyError) as e:
-            raise ModelFileError(f"{path}: not InceptionV3 weights (torchvision or pt_inception): "
-                                 f"{str(e).splitlines()[0]}") from None
-        self.path = path
-        log.info("InceptionV3 (%s) loaded from %s", self.flavour, path)
-
-    @torch.inference_mode()
-    def features(self, x) -> torch.Tensor:
-        """Images (B,S,S) in [-1,1] → pool3 features (B, 2048) float32."""
-        x = ((_as_batch(x) + 1) / 2).clamp(0, 1).expand(-1, 3, -1, -1)       # (B, 3, S, S) in [0,1]
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False, antialias=True)
-        x = (x - _IMAGENET_MEAN) / _IMAGENET_STD if self.flavour == "torchvision" else 2 * x - 1
-        return self.model(x).flatten(1)                                      # (B, 2048)

@@ -31,7 +31,11 @@ from .progress import quiet
 
 log = logging.getLogger("ctsynth.ingest")
 
-MIN_OVERLAP = 0.5  # label grid must cover at least this share of the image's physical extent
+# A label grid on another grid than its image is accepted when it lies mostly inside the image
+# (a label cropped to a slab or box around the heart) or covers most of the image (a padded
+# grid); everything outside the label grid is background.
+MIN_INSIDE = 0.5   # share of the label grid's physical extent that must lie inside the image
+MIN_OVERLAP = 0.5  # or: share of the image's physical extent the label grid must cover
 
 
 @dataclass
@@ -99,6 +103,39 @@ def map_labels(raw: np.ndarray, label_map: dict[int, str], unknown: str, path: P
     return out
 
 
+def _outside_share(label: np.ndarray, label_affine, shape, affine) -> float:
+    """Share of the labelled (non-zero) voxels whose centres fall outside the image grid."""
+    ijk = np.argwhere(label != 0)
+    if not len(ijk):
+        return 0.0
+    vox = nib.affines.apply_affine(np.linalg.inv(affine) @ label_affine, ijk)   # label voxel -> image voxel
+    inside = np.all((vox >= -0.5) & (vox < np.asarray(shape) - 0.5), axis=1)
+    return float(1 - inside.mean())
+
+
+def _label_on_image_grid(pair: Pair, raw_label: np.ndarray, lab, shape, img, problems: list[str]):
+    """A label on another grid, resampled onto the image grid (nearest neighbour, background
+    outside the label grid); the label unchanged with a problem appended when it cannot be."""
+    if not (_has_affine(img) and _has_affine(lab)):
+        problems.append(f"{pair.label}: shape {raw_label.shape} differs from image {tuple(shape)} "
+                        f"and the files carry no usable affine to resample with")
+        return raw_label
+    cover = overlap_fraction(shape, img.affine, raw_label.shape, lab.affine)     # of the image
+    inside = overlap_fraction(raw_label.shape, lab.affine, shape, img.affine)    # of the label grid
+    if inside < MIN_INSIDE and cover < MIN_OVERLAP:
+        problems.append(f"{pair.label}: label grid does not overlap the image: {1 - inside:.0%} of the "
+                        f"label grid lies outside the image (it covers {cover:.0%} of the image); "
+                        f"check the affines")
+        return raw_label
+    log.info("%s: label on another grid, resampled onto the image grid; it covers %.0f%% of the image "
+             "(%.0f%% of the label grid inside it), background elsewhere", pair.case, 100 * cover, 100 * inside)
+    lost = _outside_share(raw_label, lab.affine, shape, img.affine)
+    if lost > 0:
+        log.warning("%s: %.1f%% of the labelled voxels lie outside the image and are dropped",
+                    pair.case, 100 * lost)
+    return resample_nearest(raw_label, lab.affine, shape, img.affine)
+
+
 def check_pair(pair: Pair, params: Params) -> tuple[dict, np.ndarray, np.ndarray] | list[str]:
     """Validate one pair; return (manifest row, canonical image, canonical label) or problems."""
     problems: list[str] = []
@@ -123,17 +160,7 @@ def check_pair(pair: Pair, params: Params) -> tuple[dict, np.ndarray, np.ndarray
         problems.append(f"{pair.image}: image is constant ({data.min()}); not a CT scan")
     raw_label = np.asanyarray(lab.dataobj)
     if raw_label.shape != data.shape or not np.allclose(lab.affine, img.affine, atol=1e-3):
-        if not (_has_affine(img) and _has_affine(lab)):
-            problems.append(f"{pair.label}: shape {raw_label.shape} differs from image {data.shape} "
-                            f"and the files carry no usable affine to resample with")
-        else:
-            cover = overlap_fraction(data.shape, img.affine, raw_label.shape, lab.affine)
-            if cover < MIN_OVERLAP:
-                problems.append(f"{pair.label}: label grid does not overlap the image "
-                                f"(covers {cover:.0%} of its physical extent; check the affines)")
-            else:
-                log.info("%s: label on a different grid; resampled onto the image grid", pair.case)
-                raw_label = resample_nearest(raw_label, lab.affine, data.shape, img.affine)
+        raw_label = _label_on_image_grid(pair, raw_label, lab, data.shape, img, problems)
     if problems:
         return problems
     mapped = map_labels(raw_label, params.data.label_map, params.data.unknown_labels, pair.label, problems)

@@ -10,14 +10,19 @@ Conventions
 * **MAE in HU** converts both images with ``unit_to_hu`` (the one inverse mapping).
 * **Per-structure MAE**: mean |generated − real| in HU over the pixels of each structure's
   mask (structure index 1..7) and of the background (index 0), pooled over all slices.
-* **Fréchet distance / KID** on precomputed features via piq's ``FID().compute_metric`` and
-  ``KID().compute_metric``. KID subsets are drawn from *disjoint* slice indices for the two
-  sets (a paired generated/real set would otherwise put near-duplicate pairs on the K_XY
-  diagonal and bias the unbiased MMD² estimate negative); seeded, so repeatable. piq's FD uses a
-  Newton–Schulz matrix square root: with fewer slices than feature dimensions its error on small
-  eigenvalues leaves a positive floor of ~1e-3 of the total feature variance (identical sets of
-  16 slices × 96-d: 0.005 against a trace of 1.5) — negligible next to real differences, but
-  compare FD values only at equal N.
+* **Fréchet distance** on precomputed features, computed exactly in float64:
+  ``|μ_a − μ_b|² + tr Σ_a + tr Σ_b − 2 tr (Σ_a Σ_b)^½`` with ``tr (Σ_a Σ_b)^½`` taken as the
+  nuclear norm of ``A_a A_bᵀ`` (``Σ = AᵀA``, A the centred features / √(N−1)), reduced by QR to
+  min(N, D)² — the same value as pytorch-fid's ``scipy.linalg.sqrtm`` (the standard FID), without
+  its square root. piq's Newton–Schulz square root was used before; with fewer slices than
+  feature dimensions it is far off (measured: 5.06 instead of 3.03 on 160 × 192-d sets, 2.15 for
+  two identical sets), so it is no longer used. FD grows as N shrinks: compare values at equal N.
+  Frequency weights (:func:`frechet_distance_weighted`) give the bootstrap the same estimator.
+* **KID** via piq's ``KID().compute_metric`` averaged over random subsets. For paired sets
+  (generated slice i made from the mask of real slice i) the subsets are drawn from *disjoint*
+  slice indices (near-duplicate pairs on the K_XY diagonal would bias the unbiased MMD²
+  estimate negative); unpaired sets (real validation vs real test) are subsampled
+  independently. Seeded, so repeatable.
 * **Dice** is pooled over the whole set: 2·Σ|P∩T| / (Σ|P| + Σ|T|) per structure; 1.0 when the
   structure is absent from both prediction and reference.
 
@@ -58,10 +63,20 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "mae_hu": "mean absolute error in Hounsfield units over all pixels of all slices (lower is better)",
     "mae_hu_background": "mean absolute HU error over background pixels (outside every selected structure)",
     "mae_hu_<S>": "mean absolute HU error over the pixels of structure <S>'s mask",
-    "fid_inception": "Fréchet distance between real and generated test slices in InceptionV3 pool3 features (piq FID); null when no local weights",
-    "kid_inception": "kernel inception distance (piq KID, cubic polynomial kernel) in InceptionV3 pool3 features; null when no local weights",
-    "fd_seg": "Fréchet distance (piq FID math) between real and generated test slices in the segmenter's encoder features (lower is better; solver floor in metrics_notes.json)",
+    "n_val_slices": "number of real validation slices (the reference set of the noise floors)",
+    "n_val_cases": "number of validation patients the noise-floor slices come from",
+    "fid_inception": "FID: Fréchet distance between real and generated test slices in InceptionV3 pool3 features (standard FID Inception weights or a local file); null when no weights could be had",
+    "kid_inception": "kernel inception distance (piq KID, cubic polynomial kernel) in InceptionV3 pool3 features; null when no weights could be had",
+    "fid_inception_floor": "noise floor of fid_inception: the same distance between real validation and real test slices (what 'as good as real' gets)",
+    "kid_inception_floor": "noise floor of kid_inception: KID between real validation and real test slices",
+    "fid_inception_vs_val": "Fréchet distance between generated test slices and real validation slices in InceptionV3 features: the floor's comparison with generated slices in place of the real test slices",
+    "kid_inception_vs_val": "KID between generated test slices and real validation slices in InceptionV3 features (compare with kid_inception_floor)",
+    "fd_seg": "Fréchet distance (exact, float64) between real and generated test slices in the segmenter's encoder features (lower is better; compare with fd_seg_floor)",
     "kid_seg": "kernel distance (piq KID, unbiased MMD², disjoint subsets) in the segmenter's encoder features; ≈ 0 for matching distributions",
+    "fd_seg_floor": "noise floor of fd_seg: Fréchet distance between real validation and real test slices in the same features (what 'as good as real' gets; other patients, so it also holds anatomy differences)",
+    "kid_seg_floor": "noise floor of kid_seg: KID between real validation and real test slices in the same features",
+    "fd_seg_vs_val": "Fréchet distance between generated test slices and real validation slices: the floor's comparison with generated slices in place of the real test slices (same patients, same sizes; ≈ fd_seg_floor = as good as real)",
+    "kid_seg_vs_val": "KID between generated test slices and real validation slices (compare with kid_seg_floor)",
     "dice_generated_<S>": "Dice of the segmenter's prediction on generated slices vs the mask they were generated from, structure <S>",
     "dice_real_<S>": "Dice of the segmenter on the real test slices vs their masks (the ceiling for dice_generated_<S>)",
     "dice_generated_mean": "mean of dice_generated_<S> over the selected structures",
@@ -140,6 +155,7 @@ class PairedAccumulator:
         self.labels = {0: BACKGROUND, **reported_structures(structures)}   # label index → name
         self.slice_sums: dict[str, np.ndarray] = {}   # case → [n, Σmse, Σpsnr, Σssim, Σmae]
         self.pixel_sums: dict[str, np.ndarray] = {}   # case → (5, 8): PIXEL_KEYS × label
+        self._slices: list[tuple] = []                # per batch: (cases, (B, 4) values, (B, 2, 8) n/|err|)
 
     def update(self, fake, real, masks, cases: Sequence[str], zs: Sequence[int]) -> pd.DataFrame:
         """fake, real (B,S,S) in [-1,1]; masks (B,S,S) structure indices; one case/z per slice."""
@@ -158,6 +174,7 @@ class PairedAccumulator:
             s[1:] += vals[i]
             p = self.pixel_sums.setdefault(case, np.zeros((len(self.PIXEL_KEYS), N_LABELS)))
             p += pix[i]
+        self._slices.append((list(cases), vals, pix[:, :2].copy()))
         frame = pd.DataFrame({"case": list(cases), "z": [int(z) for z in zs]})
         for j, k in enumerate(self.SLICE_KEYS):
             frame[k] = vals[:, j]
@@ -166,6 +183,16 @@ class PairedAccumulator:
     @property
     def n_slices(self) -> int:
         return int(sum(s[0] for s in self.slice_sums.values()))
+
+    def per_slice(self) -> dict[str, np.ndarray]:
+        """Per-slice statistics in update order (for the bootstrap): case (N,), values (N, 4) in
+        SLICE_KEYS order, n_pixels and abs_err_hu (N, 8) per label; memory O(N × 20)."""
+        if not self._slices:
+            raise MetricUnavailable("no slices were evaluated")
+        pix = np.concatenate([p for _, _, p in self._slices])
+        return {"case": np.array([c for cases, _, _ in self._slices for c in cases]),
+                "values": np.concatenate([v for _, v, _ in self._slices]),
+                "n_pixels": pix[:, 0], "abs_err_hu": pix[:, 1]}
 
     def _pixel_metrics(self, p: np.ndarray) -> dict[str, float]:
         out = {"mae_hu": float(p[1].sum() / max(p[0].sum(), 1))}
@@ -230,6 +257,7 @@ class DiceAccumulator:
     def __init__(self, labels: dict[int, str]):
         self.labels = dict(labels)
         self.counts: dict[str, np.ndarray] = {}    # case → (3, 8): Σ|P∩T|, Σ|P|, Σ|T| per label
+        self._slices: list[np.ndarray] = []          # per batch (B, 3, 8), for the bootstrap
 
     def update(self, pred, target, cases: Sequence[str]) -> None:
         """pred, target (B,H,W) label maps; one case name per slice."""
@@ -237,6 +265,7 @@ class DiceAccumulator:
         ones = torch.ones(pred.shape, dtype=torch.float64)
         inter = _label_sums(torch.where(pred == target, ones, 0 * ones), target)   # (B, 8)
         c = torch.stack([inter, _label_sums(ones, pred), _label_sums(ones, target)], 1).numpy()
+        self._slices.append(c)
         for i, case in enumerate(cases):
             self.counts.setdefault(case, np.zeros((3, N_LABELS)))
             self.counts[case] += c[i]
@@ -253,6 +282,12 @@ class DiceAccumulator:
 
     def per_case(self) -> dict[str, dict[str, float]]:
         return {case: self._scores(self.counts[case]) for case in sorted(self.counts)}
+
+    def per_slice(self) -> np.ndarray:
+        """(N, 3, 8) counts |P∩T|, |P|, |T| per slice and label, in update order."""
+        if not self._slices:
+            raise MetricUnavailable("no slices were segmented")
+        return np.concatenate(self._slices)
 
 
 # ------------------------------------------------------------------------------ feature distances
@@ -276,34 +311,68 @@ class FeatureBank:
         return torch.cat(self._chunks)
 
 
+def _centred(x: torch.Tensor, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(mean (D,), A (N, D) with AᵀA = the frequency-weighted covariance, total weight)."""
+    x = torch.as_tensor(x).double()
+    w = torch.ones(len(x), dtype=torch.float64) if w is None else torch.as_tensor(w).double()
+    n = float(w.sum())
+    mu = (w[:, None] * x).sum(0) / n
+    return mu, (x - mu) * (w / (n - 1)).sqrt()[:, None], n
+
+
+def frechet_distance_weighted(a: torch.Tensor, b: torch.Tensor, wa=None, wb=None) -> float:
+    """Exact Fréchet distance between feature sets a (N_a, D) and b (N_b, D) with frequency weights.
+
+    Integer weights w give the FD of the set holding row i w_i times (a bootstrap resample);
+    ``None`` = every row once. Float64; tr (Σ_a Σ_b)^½ = ‖A_a A_bᵀ‖_* (see module docstring).
+    """
+    mu_a, A_a, n_a = _centred(a, wa)
+    mu_b, A_b, n_b = _centred(b, wb)
+    if min(n_a, n_b) < 2:
+        raise MetricUnavailable(f"Fréchet distance needs >= 2 samples per set, got {n_a:g} and {n_b:g}")
+    R_a, R_b = torch.linalg.qr(A_a, mode="r").R, torch.linalg.qr(A_b, mode="r").R   # (min(N,D), D)
+    tr_sqrt = float(torch.linalg.svdvals(R_a @ R_b.T).sum())
+    traces = float((A_a * A_a).sum() + (A_b * A_b).sum())
+    value = float((mu_a - mu_b).square().sum()) + traces - 2 * tr_sqrt
+    return max(value, 0.0) if value > -1e-9 * max(traces, 1.0) else value
+
+
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance between feature sets a (N_a, D) and b (N_b, D), via piq.FID (float64)."""
+    """Fréchet distance between feature sets a (N_a, D) and b (N_b, D), exact, float64."""
     if min(len(a), len(b)) < 2:
         raise MetricUnavailable(f"Fréchet distance needs >= 2 samples per set, got {len(a)} and {len(b)}")
-    sink = io.StringIO()
-    with contextlib.redirect_stdout(sink):   # piq prints a note when it regularises a singular product
-        value = float(piq.FID().compute_metric(a.double(), b.double()))
-    if sink.getvalue().strip():
-        log.debug("piq FID: %s", sink.getvalue().strip())
-    return max(value, 0.0) if value > -1e-6 else value
+    return frechet_distance_weighted(a, b)
 
 
 def kernel_distance(a: torch.Tensor, b: torch.Tensor, subset_size: int = 50, n_subsets: int = 50,
-                    seed: int = 0) -> float:
+                    seed: int = 0, paired: bool = True) -> float:
     """KID (piq, cubic polynomial kernel, unbiased MMD²) averaged over ``n_subsets`` subsets.
 
-    Each repeat draws one permutation p of the slice indices and compares a[p[:m]] with
-    b[p[m:2m]], m = min(subset_size, N // 2): the subsets never hold the same slice, so paired
-    sets (generated i ↔ real i) are compared like independent samples. Seeded; no global RNG.
+    Paired sets (row i of a and b belong together, e.g. a real slice and the slice generated
+    from its mask): each repeat draws one permutation p of the slice indices and compares
+    a[p[:m]] with b[p[m:2m]], m = min(subset_size, N // 2), so the subsets never hold the same
+    slice and the pairs are compared like independent samples. Unpaired sets: independent
+    subsets of m = min(subset_size, N_a, N_b) rows each. Seeded; no global RNG.
     """
+    if paired and len(a) != len(b):
+        raise ValueError(f"paired KID needs sets of equal size, got {len(a)} and {len(b)}")
     n = min(len(a), len(b))
-    m = min(subset_size, n // 2)
+    m = min(subset_size, n // 2 if paired else n)
     if m < 2:
         raise MetricUnavailable(f"KID needs >= 4 samples per set, got {len(a)} and {len(b)}")
     gen = torch.Generator().manual_seed(seed)
     kid = piq.KID()
     values = []
-    for _ in range(n_subsets):
-        p = torch.randperm(n, generator=gen)
-        values.append(float(kid.compute_metric(a[p[:m]].double(), b[p[m:2 * m]].double())))
+    # piq shuffles each subset with the global RNG (order only, but it changes float sums):
+    # a forked, seeded global RNG makes the result bit-for-bit repeatable and leaves it untouched
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(n_subsets):
+            if paired:
+                p = torch.randperm(n, generator=gen)
+                x, y = a[p[:m]], b[p[m:2 * m]]
+            else:
+                x = a[torch.randperm(len(a), generator=gen)[:m]]
+                y = b[torch.randperm(len(b), generator=gen)[:m]]
+            values.append(float(kid.compute_metric(x.double(), y.double())))
     return float(np.mean(values))

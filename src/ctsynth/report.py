@@ -24,11 +24,12 @@ from .config import flatten, to_dict
 from .errors import InputError
 from .figures import fig_condition_subsets, fig_d_accuracy, fig_losses, fig_privacy
 from .io import atomic_dir, write_text
+from .summary import first_grid, privacy_verdict, section_summary
 
 log = logging.getLogger("ctsynth.report")
 
 CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1em auto;max-width:1320px;
 color:#222;line-height:1.4;padding:0 1em}
 h1{border-bottom:2px solid #444}h2{border-bottom:1px solid #ccc;margin-top:2em}
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
@@ -39,6 +40,11 @@ figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
 figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.85em;color:#555}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(320px,1fr));gap:0 1.5em}
 h4{margin:.8em 0 .2em}nav a{margin-right:1em}.scroll{overflow-x:auto;max-width:100%}
+h1{margin:.2em 0 .3em}#summary{margin-top:.6em}
+.summary{display:grid;grid-template-columns:minmax(0,1fr) 430px;gap:1.5em;align-items:start}
+.summary figure{margin:0}.summary figure img{width:430px}
+.reading{font-size:1.02em;margin:.3em 0 .5em}.privacy{margin:.3em 0 .6em}
+table.headline td,table.headline th{padding:2px 8px}td.ci{white-space:nowrap}
 """
 
 
@@ -192,11 +198,32 @@ def _definition(key: str, fallback: dict) -> str:
     return definition(key) or fallback.get(key, "")
 
 
+def read_intervals(reports_dir: Path) -> dict:
+    """metrics_ci.json ({"<metric>_ci95": {"lo", "hi"}}), {} when absent."""
+    return _read_json(reports_dir / "metrics_ci.json") or {}
+
+
+def logged_numbers(metrics_path: Path) -> dict:
+    """Every number for MLflow: metrics.json plus the intervals beside it as ``<metric>_ci95_lo/_hi``."""
+    metrics = _read_json(Path(metrics_path)) or {}
+    for key, iv in read_intervals(Path(metrics_path).parent).items():
+        for side in ("lo", "hi"):
+            if isinstance(iv, dict) and isinstance(iv.get(side), (int, float)):
+                metrics[f"{key}_{side}"] = iv[side]
+    return metrics
+
+
+def _interval_cell(ci: dict, key: str) -> str:
+    iv = ci.get(f"{key}_ci95")
+    return f"[{fmt(iv['lo'])}, {fmt(iv['hi'])}]" if iv and iv.get("lo") is not None else ""
+
+
 def section_metrics(reports_dir: Path) -> str:
     metrics = _read_json(reports_dir / "metrics.json")
     if metrics is None:
         return missing("Metrics", reports_dir / "metrics.json")
     reasons, definitions, other = _metric_notes(reports_dir, metrics)
+    ci = read_intervals(reports_dir)
     rows = []
     for key, value in metrics.items():
         if value is None:
@@ -207,28 +234,65 @@ def section_metrics(reports_dir: Path) -> str:
             shown = fmt(value)
         cls = "note" if value is None else "num"
         rows.append(f"<tr><td><code>{_esc(key)}</code></td><td class='{cls}'>{_esc(shown)}</td>"
+                    f"<td class='num ci'>{_esc(_interval_cell(ci, key))}</td>"
                     f"<td>{_esc(_definition(key, definitions))}</td></tr>")
     foot = "".join(f"<li><b>{_esc(k)}</b>: {_esc(v)}</li>" for k, v in other.items())
-    return ("<table><tr><th>metric</th><th>value</th><th>definition</th></tr>" + "".join(rows)
-            + "</table>" + (f"<ul class='muted'>{foot}</ul>" if foot else ""))
+    return ("<table><tr><th>metric</th><th>value</th><th>95 % interval</th><th>definition</th></tr>"
+            + "".join(rows) + "</table>" + (f"<ul class='muted'>{foot}</ul>" if foot else ""))
 
 
-def _csv_section(path: Path, what: str) -> str:
-    frame = _read_csv(path)
-    return missing(what, path) if frame is None else table(frame)
+def merge_intervals(frame: pd.DataFrame) -> pd.DataFrame:
+    """Show ``<col>_ci95_lo/hi`` columns inside ``<col>``'s cells as 'value [lo, hi]'."""
+    frame = frame.copy()
+    for col in list(frame.columns):
+        lo, hi = f"{col}_ci95_lo", f"{col}_ci95_hi"
+        if lo in frame and hi in frame:
+            frame[col] = [fmt(v) if pd.isna(a) else f"{fmt(v)} [{fmt(a)}, {fmt(b)}]"
+                          for v, a, b in zip(frame[col], frame[lo], frame[hi])]
+            frame = frame.drop(columns=[lo, hi])
+    return frame
 
 
-def section_samples(generated_dir: Path, figures: Path, structures: list[str], n_cases: int = 4) -> str:
+def section_per_case(reports_dir: Path) -> str:
+    frame = _read_csv(reports_dir / "per_case.csv")
+    if frame is None:
+        return missing("Per-case metrics", reports_dir / "per_case.csv")
+    return ("<p class='muted'>One row per test patient; brackets: 95 % interval from resampling that "
+            "patient's slices.</p>" + table(merge_intervals(frame)))
+
+
+def section_per_structure(reports_dir: Path) -> str:
+    frame = _read_csv(reports_dir / "per_structure.csv")
+    if frame is None:
+        return missing("Per-structure metrics", reports_dir / "per_structure.csv")
+    ci = read_intervals(reports_dir)
+    for col, key in (("mae_hu", "mae_hu_{}"), ("dice_generated", "dice_generated_{}"), ("dice_real", "dice_real_{}")):
+        if col in frame and "structure" in frame:
+            for side in ("lo", "hi"):
+                frame[f"{col}_ci95_{side}"] = [(ci.get(key.format(s) + "_ci95") or {}).get(side, np.nan)
+                                               for s in frame["structure"]]
+    return ("<p class='muted'>Brackets: 95 % patient-level bootstrap interval.</p>"
+            + table(merge_intervals(frame)))
+
+
+def section_samples(generated_dir: Path, figures: Path, structures: list[str], n_cases: int = 4,
+                    shown_above: Path | None = None) -> str:
+    """Sample grids of up to ``n_cases`` test cases spread over the list; ``shown_above``: the grid
+    already on the first screen, copied as a figure but not embedded twice."""
     grids = sorted((generated_dir / "grids").glob("*.png"))
     if not grids:
         return missing("Sample grids", generated_dir / "grids")
     picks = [grids[i] for i in np.unique(np.linspace(0, len(grids) - 1, n_cases).round().astype(int))]
+    embedded = [g for g in picks if g != shown_above]
+    above = (f" Case {shown_above.stem}'s grid is in the summary at the top."
+             if shown_above is not None and shown_above in picks else "")
     parts = [f"<p>Condition subset used: <b>{_esc(', '.join(structures) or '?')}</b>. Columns: the "
              f"structure mask fed to the generator, the real slice, the generated slice and their "
-             f"absolute difference in HU. {len(grids)} test cases; {len(picks)} shown.</p>"]
+             f"absolute difference in HU. {len(grids)} test cases; {len(picks)} shown.{_esc(above)}</p>"]
     for grid in picks:
         shutil.copyfile(grid, figures / f"sample_{grid.name}")
-        parts.append(img_tag(grid, f"test case {grid.stem}", width=500))
+        if grid in embedded:
+            parts.append(img_tag(grid, f"test case {grid.stem}", width=500))
     return "".join(parts)
 
 
@@ -286,16 +350,23 @@ def section_privacy(reports_dir: Path, figures: Path, threshold: float) -> str:
             f"{(gen > threshold).mean():.1%} above <code>privacy.max_similarity</code> = {threshold:g}")
     if real is not None:
         text += f" (real test slices, the baseline: {(real > threshold).mean():.1%})"
-        gap = float(np.mean(gen) - np.mean(real))
-        verdict = ("closer to the training set than unseen real patients are — memorisation or "
-                   "averaging towards typical training anatomy" if gap > 0.05 else
-                   "about as close to the training set as unseen real patients are")
+        verdict = privacy_verdict(float(np.mean(gen)), float(np.mean(real)))
         text += (f". Mean similarity {np.mean(gen):.3f} generated vs {np.mean(real):.3f} real: "
                  f"generated slices are {verdict}")
     if "shareable" in privacy:
         text += f"; {int(privacy.shareable.astype(bool).sum())} generated slices are shareable"
     worst = privacy.sort_values("similarity", ascending=False).head(8)
     return text + ".</p>" + out + "<h3>Generated slices most similar to training</h3>" + table(worst)
+
+
+def _summary(reports_dir: Path, generated_dir: Path) -> str:
+    """The first screen (:mod:`ctsynth.summary`) from evaluate's files and the first sample grid."""
+    metrics = _read_json(reports_dir / "metrics.json")
+    reasons = _metric_notes(reports_dir, metrics or {})[0]
+    grid = first_grid(generated_dir)
+    grid_html = (img_tag(grid, f"test case {grid.stem}: mask | real | generated | |difference| (HU)")
+                 if grid else missing("Sample grid", generated_dir / "grids"))
+    return section_summary(metrics, read_intervals(reports_dir), reasons, grid_html)
 
 
 # ------------------------------------------------------------------------------ the report
@@ -310,19 +381,20 @@ def build_report(params, reports_dir, generated_dir, processed_dir, train_report
     structures = list(meta.get("structures", params.preprocess.structures))
     with atomic_dir(figures_dir) as figs:
         sections = [
-            ("config", "Run configuration", section_config(params)),
-            ("data", "Data", section_data(processed_dir, Path(split_path), Path(manifest_path))),
+            ("summary", "Summary", _summary(reports_dir, generated_dir)),
             ("metrics", "Metrics (test set)", section_metrics(reports_dir)),
-            ("structures", "Per structure",
-             _csv_section(reports_dir / "per_structure.csv", "Per-structure metrics")),
-            ("cases", "Per case", _csv_section(reports_dir / "per_case.csv", "Per-case metrics")),
-            ("samples", "Sample test cases", section_samples(generated_dir, figs, structures)),
+            ("structures", "Per structure", section_per_structure(reports_dir)),
+            ("cases", "Per case", section_per_case(reports_dir)),
+            ("samples", "Sample test cases", section_samples(generated_dir, figs, structures,
+                                                             shown_above=first_grid(generated_dir))),
             ("subsets", "Condition subsets", section_subsets(model_path, processed_dir, Path(split_path),
                                                              figs, structures)),
             ("training", "Training (Figs. 2–3)",
              section_training(train_dir, figs, params.train.iterations)),
             ("privacy", "Privacy / memorization",
              section_privacy(reports_dir, figs, params.privacy.max_similarity)),
+            ("data", "Data", section_data(processed_dir, Path(split_path), Path(manifest_path))),
+            ("config", "Run configuration", section_config(params)),
         ]
         nav = "".join(f"<a href='#{key}'>{_esc(title)}</a>" for key, title, _ in sections)
         body = "".join(f"<h2 id='{key}'>{_esc(title)}</h2>{content}" for key, title, content in sections)
