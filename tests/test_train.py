@@ -296,3 +296,16 @@ def test_one_process_needs_no_torchrun_and_nodes_need_an_endpoint():
         tiny_params(train={"nnodes": 2})
     with pytest.raises(ConfigError, match="host:port"):
         tiny_params(train={"rdzv_endpoint": "no-port"})
+
+
+def test_model_file_is_bit_for_bit_repeatable_with_tracking_on(ws, monkeypatch):
+    """The model file holds no run-specific value (the MLflow run id lives in mlflow_run.json),
+    so two identical trainings write identical bytes and dvc.lock does not change on a rerun."""
+    monkeypatch.chdir(ws)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    p = tiny_params(train={"iterations": 2, "snapshot_at": []}, tracking={"log_model": False})
+    _, a = run(ws, p, "a")
+    _, b = run(ws, p, "b")
+    ids = [json.loads((o / "mlflow_run.json").read_text())["run_id"] for o in (a, b)]
+    assert ids[0] and ids[0] != ids[1]
+    assert (a / "generator.pt").read_bytes() == (b / "generator.pt").read_bytes()

@@ -21,7 +21,7 @@ import torch
 
 from .config import to_dict
 from .errors import TrainingError
-from .io import atomic_file
+from .io import save_torch
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,7 @@ def save_checkpoint(ckpt_dir: Path, *, step: int, fingerprint: str, G, D, opt_g,
             "rng": rng_state(), "losses": losses, "snapshots": {str(k): v for k, v in snapshots.items()},
             "mlflow_run_id": run_id}
     path = ckpt_dir / f"step_{step:07d}.pt"
-    with atomic_file(path) as tmp:
-        torch.save(blob, tmp)
+    save_torch(path, blob)
     for old in ckpt_files(ckpt_dir)[KEEP_CHECKPOINTS:]:
         old.unlink(missing_ok=True)
     return path

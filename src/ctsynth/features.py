@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .config import Params
 from .data import ProcessedStore
 from .errors import InputError, ModelFileError
-from .io import atomic_file
+from .io import save_torch
 from .labels import STRUCTURES
 from .progress import quiet
 from .split import load_split
@@ -236,8 +236,7 @@ def save_segmenter(model: SegUNet, config: dict, summary: dict, out_path: str | 
     """Write weights + config + training summary (tensors and plain types only) atomically."""
     payload = {"format": SEGMENTER_FORMAT, "version": SEGMENTER_VERSION, "config": config,
                "train": summary, "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-    with atomic_file(out_path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(out_path, payload)
     log.info("segmenter written to %s", out_path)
 
 

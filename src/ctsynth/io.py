@@ -89,6 +89,15 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
+def save_torch(path: str | os.PathLike, obj) -> None:
+    """``torch.save`` atomically and byte-for-byte repeatably: saving through a file handle names
+    the archive's inner folder "archive" (given a path, torch names it after the temporary file)."""
+    import torch
+
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+
+
 def write_csv(path: str | os.PathLike, frame) -> None:
     """Write a pandas DataFrame atomically (no index column)."""
     with atomic_file(path) as tmp:

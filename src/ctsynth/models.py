@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .errors import ModelFileError
-from .io import atomic_file
+from .io import save_torch
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +301,7 @@ def save_generator(path: str | Path, generator: nn.Module, model_cfg_dict: Mappi
             "in_channels": int(in_channels), "preprocess": preprocess, "extra": dict(extra or {}),
             "state_dict": state}
     _check_plain(blob, "model file")
-    with atomic_file(path) as tmp:
-        torch.save(blob, tmp)
+    save_torch(path, blob)
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict]:

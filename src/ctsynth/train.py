@@ -285,7 +285,7 @@ def _finish(job: _Job, tracker: Tracker, hist: LossHistory, out_model: Path, rep
     extra = {"step": step, "iterations": cfg.iterations, "world_size": d.world, "device": d.device.type,
              "precision": job.precision, "channels_last": job.channels_last, "seed": job.params.seed,
              "rank_weight_hashes": digests, "receptive_field": receptive_field(job.D),
-             "fingerprint": job.fingerprint, "mlflow_run_id": tracker.run_id,
+             "fingerprint": job.fingerprint,
              "losses": {"step": step, **hist.mean(step - 1, step)}}
     save_generator(out_model, job.G, to_dict(job.params.model), job.in_ch, meta, extra)
     log.info("wrote %s", out_model)
