@@ -1,7 +1,7 @@
 """segmenter stage: a small UNet trained on REAL training slices -> ``models/segmenter.pt``.
 
 Its encoder features give ``fd_seg``/``kid_seg`` and its predictions the segmentation-consistency
-Dice in the evaluate stage (see ``ctsynth.features``).
+Dice in the evaluate stage (see ``ctsynth.segmenter``).
 
     python stages/segmenter.py --processed data/processed --split data/split.json --out models/segmenter.pt
 """
@@ -9,10 +9,10 @@ from ctsynth.runner import add_inputs, stage_main
 
 
 def main(args, params):
-    from ctsynth import features
+    from ctsynth import segmenter
 
-    features.train_segmenter(params, processed_dir=args.processed, split_path=args.split,
-                             out_path=args.out)
+    segmenter.train_segmenter(params, processed_dir=args.processed, split_path=args.split,
+                              out_path=args.out)
     return 0
 
 

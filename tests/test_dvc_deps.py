@@ -21,7 +21,10 @@ def _imports(path: Path) -> set[str]:
     """Modules of the ctsynth package that ``path`` imports anywhere (top level or in functions)."""
     found: set[str] = set()
     in_pkg = path.parent == PKG
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    tree.body = [n for n in tree.body                       # a `python -m` block is not imported
+                 if not (isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))]
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("ctsynth.")}
             found |= {"__init__" for a in node.names if a.name == "ctsynth"}
@@ -53,6 +56,18 @@ def import_closure(script: Path) -> set[str]:
     """``src/ctsynth/*.py`` paths that running ``script`` may import (the package ``__init__``
     always runs first)."""
     return _closure(_imports(script) | {"__init__"})
+
+
+def test_no_import_circle_in_the_package():
+    graph = {p.stem: _imports(p) - {p.stem} for p in PKG.glob("*.py")}
+    for start in graph:
+        todo, seen = list(graph[start]), set()
+        while todo:
+            mod = todo.pop()
+            assert mod != start, f"import circle through ctsynth.{start}"
+            if mod not in seen:
+                seen.add(mod)
+                todo += list(graph[mod])
 
 
 def _stages() -> dict:

@@ -65,7 +65,7 @@ def child(spec: dict) -> None:
     params = load_params(spec["params"]) if spec.get("params") else Params()
     if spec["what"] == "train":                       # the default path's step loop, paper batch
         from .accel import sync
-        from .bench import default_path, make_trainer, paper_preset
+        from .bench_train import default_path, make_trainer, paper_preset
         step = make_trainer(default_path(params, device), spec["size"], spec["batch"], device, spec["model"],
                             paper_preset()[1])
         for _ in range(spec["steps"]):
@@ -76,7 +76,7 @@ def child(spec: dict) -> None:
 
         from . import evaluate
         from .data import ProcessedStore
-        from .features import SegUNet, save_segmenter
+        from .segmenter import SegUNet, save_segmenter
         root, w = Path(spec["root"]), params.segmenter.width
         cases = sorted(pd.read_csv(root / "processed" / "slices.csv", dtype={"case": str})["case"].unique())
         split = {"train": cases[: len(cases) // 2], "val": [], "test": cases[len(cases) // 2:]}

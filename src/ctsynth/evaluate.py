@@ -40,7 +40,7 @@ from tqdm import tqdm
 from .config import Params
 from .data import ProcessedStore
 from .errors import InputError, MetricUnavailable, ModelFileError
-from .features import load_segmenter
+from .segmenter import load_segmenter
 from .inception import InceptionFeatures
 from .intervals import PER_CASE_KEYS, SUFFIX, FeatureSpace, describe, metric_intervals, per_case_intervals
 from .io import atomic_file, write_csv, write_json

@@ -34,8 +34,6 @@ estimators need the samples.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from typing import Iterable, Sequence
 

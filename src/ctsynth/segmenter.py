@@ -1,14 +1,12 @@
-"""Feature extractors for Fréchet distance / KID, and the segmentation-consistency segmenter.
+"""The segmenter: a small UNet trained on REAL *training* slices (model, training loop, file
+format), and :class:`SegFeatures`, the feature extractor the evaluate stage builds from it.
 
-Two feature spaces (``design.md``, "FID without internet"):
-
-* :class:`SegUNet` — a small 3-level UNet trained by :func:`train_segmenter` on REAL *training*
-  slices to predict the structure-index mask (classes 0..7). It always exists offline. Its
-  encoder features (global-average-pooled level-3 and bottleneck activations, ``12·width``
-  numbers per slice) give ``fd_seg`` / ``kid_seg``; its predictions give the Dice of
-  segmentation consistency. :func:`load_segmenter` returns a :class:`SegFeatures`.
-* InceptionV3 features for the standard FID live in :mod:`ctsynth.inception`
-  (:class:`InceptionFeatures`, re-exported here).
+* :class:`SegUNet` — a 3-level UNet trained by :func:`train_segmenter` to predict the
+  structure-index mask (classes 0..7). It always exists offline. Its encoder features
+  (global-average-pooled level-3 and bottleneck activations, ``12·width`` numbers per slice) give
+  ``fd_seg`` / ``kid_seg``; its predictions give the Dice of segmentation consistency.
+  :func:`load_segmenter` returns a :class:`SegFeatures`.
+* The standard FID's InceptionV3 features live in :mod:`ctsynth.inception`.
 
     python stages/segmenter.py --processed data/processed --split data/split.json --out models/segmenter.pt
 """
@@ -31,7 +29,7 @@ from .labels import STRUCTURES
 from .progress import quiet
 from .split import load_split
 
-log = logging.getLogger("ctsynth.features")
+log = logging.getLogger("ctsynth.segmenter")
 
 N_CLASSES = len(STRUCTURES) + 1          # background + 7 structures (structure-index masks)
 SEGMENTER_FORMAT = "ctsynth-segmenter"
