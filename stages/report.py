@@ -17,26 +17,6 @@ from ctsynth.runner import add_inputs, stage_main
 log = logging.getLogger("ctsynth.report")
 
 
-def log_to_run(run_file, params, files: list, metrics_path: Path) -> None:
-    """Log the report, its figures and every numeric metric (with the 95 % intervals of
-    metrics_ci.json beside metrics_path) into the training's MLflow run (or, when that training
-    was evaluated before, into a new run tagged with it)."""
-    if run_file is None or not Path(run_file).exists():
-        log.info("no MLflow run file (%s): report not logged to MLflow", run_file)
-        return
-    from ctsynth import tracking
-    from ctsynth.report import logged_numbers
-
-    metrics = logged_numbers(metrics_path)    # metrics.json + its intervals as <metric>_ci95_lo/_hi
-    with tracking.evaluation_run(run_file, params) as run:
-        run.log_metrics({k: v for k, v in metrics.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        for f in files:
-            run.log_artifact(f, "report" if Path(f).suffix == ".html" else "report/figures")
-        if run.active:
-            log.info("report and %d metrics logged to MLflow run %s", len(metrics), run.run_id)
-
-
 def main(args, params):
     from ctsynth.report import build_report
 
@@ -44,7 +24,14 @@ def main(args, params):
                          processed_dir=args.processed, train_reports_dir=args.train_reports,
                          out_html=args.out, figures_dir=args.figures, split_path=args.split,
                          manifest_path=args.manifest, model_path=args.model)
-    log_to_run(args.run_file, params, files, Path(args.reports) / "metrics.json")
+    if args.run_file is None or not Path(args.run_file).exists():
+        log.info("no MLflow run file (%s): report not logged to MLflow", args.run_file)
+        return 0
+    from ctsynth.report import logged_numbers
+    from ctsynth.tracking import log_evaluation
+
+    # metrics.json + its intervals as <metric>_ci95_lo/_hi, the report and its figures
+    log_evaluation(args.run_file, params, logged_numbers(Path(args.reports) / "metrics.json"), files)
     return 0
 
 

@@ -329,3 +329,15 @@ def evaluation_run(run_file: str | Path, params: Any) -> Iterator[Tracker]:
             run.close("FAILED")
             raise
         run.close("FINISHED")
+
+
+def log_evaluation(run_file: str | Path, params: Any, metrics: Mapping[str, Any], files: list) -> None:
+    """Log every numeric metric, the report (``.html``) and its figures into the evaluation run
+    of ``run_file``'s training (:func:`evaluation_run`)."""
+    with evaluation_run(run_file, params) as run:
+        run.log_metrics({k: v for k, v in metrics.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        for f in files:
+            run.log_artifact(f, "report" if Path(f).suffix == ".html" else "report/figures")
+        if run.active:
+            log.info("report and %d metrics logged to MLflow run %s", len(metrics), run.run_id)
