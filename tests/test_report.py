@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_params
 from ctsynth.errors import InputError
 from ctsynth.figures import fig_condition_subsets
-from ctsynth.generate import generate_test_set
+from ctsynth.generate import condition_subset_panels, generate_test_set
 from ctsynth.labels import STRUCTURES
 from ctsynth.report import build_report
 from test_generate import make_world
@@ -118,7 +118,8 @@ def test_report_keeps_previous_output_on_corrupt_input(tmp_path):
 def test_condition_subsets_figure(tmp_path):
     w = make_world(tmp_path)
     out = tmp_path / "subsets.png"
-    subsets = fig_condition_subsets(w["model"], w["processed"], w["split"], out)
+    subsets, panels, titles = condition_subset_panels(w["model"], w["processed"], w["split"])
+    assert fig_condition_subsets(panels, titles, out) == out and len(panels) == len(subsets) + 1
     assert subsets[0] == list(STRUCTURES)
     assert subsets[1:] == [["Myo"], ["LV"], ["Ao"]]                           # the structures present
     assert out.stat().st_size > 1000

@@ -1,5 +1,10 @@
-"""The report's figures (matplotlib, Agg backend): loss and D-accuracy curves, the privacy
-histogram, and test slices generated from each condition subset."""
+"""Every figure the pipeline renders (matplotlib with the Agg backend, or PIL): loss and
+D-accuracy curves, the privacy histogram, the condition-subset grid, the per-case test grids
+(mask | real | generated | |difference|). Rendering only: the images come in as arrays.
+
+The training's evolution snapshots are drawn in :mod:`ctsynth.snapshots` on purpose: they are an
+output of the train stage, whose code deps are its import closure, so drawing them here would
+retrain the GAN whenever a report figure changes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import ProcessedStore
-from .errors import InputError
-from .labels import WH
-from .split import load_split
+from .labels import STRUCTURE_COLOURS, STRUCTURES, structure_index
 
 
 def _plt():
@@ -75,49 +77,74 @@ def fig_privacy(generated: np.ndarray, real: np.ndarray | None, threshold: float
     return _save(fig, path)
 
 
-def fig_condition_subsets(model_path, processed_dir, split_path, out_png,
-                          n_slices: int = 2) -> list[list[str]]:
-    """PNG: a few test slices generated from the full condition set and from each single structure.
-
-    Rows = condition subset (first row: the real slice), columns = mask | image per slice; the
-    richest slice of each of the first ``n_slices`` test cases. Single structures absent from
-    those slices are left out. Returns the subsets drawn."""
-    from .generate import Synthesizer, kept_indices, load_model, mask_rgb
-
+def fig_condition_subsets(panels, titles, out_png) -> Path:
+    """PNG of :func:`ctsynth.generate.condition_subset_panels`: rows = condition subset (first
+    row: the real slice), columns = mask | image per slice."""
     plt = _plt()
-    store = ProcessedStore(processed_dir)
-    test = load_split(split_path).get("test", [])
-    rows = store.rows_for_cases(test)
-    if not len(rows):
-        raise InputError(f"{split_path}: no test slices in {processed_dir}")
-    cases = store.slices.case.to_numpy()[rows]
-    picks = []                                        # the richest slice of each of the first cases
-    for case in list(dict.fromkeys(cases))[: max(1, n_slices)]:
-        own = rows[cases == case]
-        picks.append(own[np.argmax([len(np.unique(store.masks[r])) for r in own])])
-    picks = np.array(picks)
-    model, meta = load_model(model_path)
-    full = list(meta["structures"])
-    masks = np.asarray(store.masks[picks])                                          # (K, S, S)
-    present = [s for s in full if s != WH and np.isin(masks, kept_indices([s])).any()]
-    subsets = [full] + ([[s] for s in present] if len(full) > 1 else [])
-    fig, axes = plt.subplots(len(subsets) + 1, 2 * len(picks), squeeze=False,
-                             figsize=(2.0 * 2 * len(picks), 2.0 * (len(subsets) + 1)))
-    grid = [("real", masks, np.asarray(store.images[picks], np.float32))]
-    for subset in subsets:
-        synth = Synthesizer(model, meta, batch_size=len(picks), structures=subset)
-        kept = np.where(np.isin(masks, synth.keep), masks, 0)
-        grid.append(("+".join(subset) if subset != full else f"all ({len(full)})", kept, synth.unit(masks)))
-    for r, (name, m, images) in enumerate(grid):
-        for k in range(len(picks)):
+    k_slices = len(titles)
+    fig, axes = plt.subplots(len(panels), 2 * k_slices, squeeze=False,
+                             figsize=(2.0 * 2 * k_slices, 2.0 * len(panels)))
+    for r, (name, m, images) in enumerate(panels):
+        for k in range(k_slices):
             axes[r, 2 * k].imshow(mask_rgb(m[k]), interpolation="nearest")
             axes[r, 2 * k + 1].imshow(images[k], cmap="gray", vmin=-1, vmax=1)
         axes[r, 0].set_ylabel(name, fontsize=9)
     for ax in axes.ravel():
         ax.set_xticks([]), ax.set_yticks([])
-    for k, row in enumerate(picks):
-        case, z = store.slices.case.iloc[row], store.slices.z.iloc[row]
+    for k, (case, z) in enumerate(titles):
         axes[0, 2 * k].set_title(f"{case} z={z}: mask", fontsize=9)
         axes[0, 2 * k + 1].set_title("real / generated", fontsize=9)
-    _save(fig, out_png, dpi=70)
-    return subsets
+    return _save(fig, out_png, dpi=70)
+
+
+# ------------------------------------------------------------------------------ test-case grids
+
+# Background black, then Myo, LA, LV, RA, RV, Ao, PA: the colour-blind-safe Okabe-Ito palette,
+# the same colours as the training snapshots (ctsynth.snapshots).
+STRUCTURE_RGB = STRUCTURE_COLOURS.astype(np.float32) / 255.0      # (8, 3) in [0, 1]
+
+
+def mask_rgb(mask: np.ndarray) -> np.ndarray:
+    """Structure-index mask (H, W) -> RGB (H, W, 3) float in [0, 1]."""
+    return STRUCTURE_RGB[np.clip(mask, 0, len(STRUCTURES))]
+
+
+def legend_handles(present) -> list:
+    from matplotlib.patches import Patch
+
+    return [Patch(color=STRUCTURE_RGB[structure_index(s)], label=s) for s in STRUCTURES
+            if structure_index(s) in set(int(v) for v in present)]
+
+
+def save_case_grid(path: Path, case: str, masks, reals, fakes, zs, window) -> None:
+    """Rows = slices; columns mask (colour) | real | generated | |difference| (HU window display).
+
+    masks (R, S, S) uint8; reals, fakes (R, S, S) in [-1, 1]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lo, hi = window
+    diff_max = 0.25 * (hi - lo)
+    n = len(zs)
+    fig, axes = plt.subplots(n, 4, figsize=(8.4, 2.1 * n + 0.7), squeeze=False)
+    titles = ["mask", f"real  [{lo:g}, {hi:g}] HU", "generated", f"|difference|  0–{diff_max:g} HU"]
+    for r in range(n):
+        diff = np.abs(fakes[r].astype(np.float32) - reals[r].astype(np.float32)) * 0.5 * (hi - lo)
+        panels = [(mask_rgb(masks[r]), {}), (reals[r], dict(cmap="gray", vmin=-1, vmax=1)),
+                  (fakes[r], dict(cmap="gray", vmin=-1, vmax=1)),
+                  (diff, dict(cmap="magma", vmin=0, vmax=diff_max))]
+        for c, (img, kw) in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(np.asarray(img, np.float32), interpolation="nearest", **kw)
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+        axes[r, 0].set_ylabel(f"z = {zs[r]}", fontsize=10)
+    handles = legend_handles(np.unique(masks))
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(f"test case {case}", fontsize=11)
+    fig.tight_layout(rect=(0, 0.05 if handles else 0, 1, 1))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -31,8 +31,9 @@ from tqdm import tqdm
 from .accel import pick_device
 from .data import ProcessedStore, condition_batch
 from .errors import ConfigError, InputError, ModelFileError
+from .figures import save_case_grid
 from .io import atomic_dir, load_nifti, save_nifti
-from .labels import (STRUCTURE_COLOURS, STRUCTURES, WH, condition_channels, parse_label_map, structure_index,
+from .labels import (STRUCTURES, WH, condition_channels, parse_label_map, structure_index,
                      validate_structures)
 from .preprocess import kept_indices, restore_slice, to_display
 from .progress import quiet
@@ -144,57 +145,36 @@ def from_canonical(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(nib.orientations.apply_orientation(data, ornt))
 
 
-# ------------------------------------------------------------------------------ grids
+def condition_subset_panels(model_path, processed_dir, split_path, n_slices: int = 2):
+    """A few test slices generated from the full condition set and from each single structure.
 
-# Background black, then Myo, LA, LV, RA, RV, Ao, PA: the colour-blind-safe Okabe-Ito palette,
-# the same colours as the training snapshots (ctsynth.train).
-STRUCTURE_RGB = STRUCTURE_COLOURS.astype(np.float32) / 255.0      # (8, 3) in [0, 1]
-
-
-def mask_rgb(mask: np.ndarray) -> np.ndarray:
-    """Structure-index mask (H, W) -> RGB (H, W, 3) float in [0, 1]."""
-    return STRUCTURE_RGB[np.clip(mask, 0, len(STRUCTURES))]
-
-
-def legend_handles(present) -> list:
-    from matplotlib.patches import Patch
-
-    return [Patch(color=STRUCTURE_RGB[structure_index(s)], label=s) for s in STRUCTURES
-            if structure_index(s) in set(int(v) for v in present)]
-
-
-def save_case_grid(path: Path, case: str, masks, reals, fakes, zs, window) -> None:
-    """Rows = slices; columns mask (colour) | real | generated | |difference| (HU window display).
-
-    masks (R, S, S) uint8; reals, fakes (R, S, S) in [-1, 1]."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lo, hi = window
-    diff_max = 0.25 * (hi - lo)
-    n = len(zs)
-    fig, axes = plt.subplots(n, 4, figsize=(8.4, 2.1 * n + 0.7), squeeze=False)
-    titles = ["mask", f"real  [{lo:g}, {hi:g}] HU", "generated", f"|difference|  0–{diff_max:g} HU"]
-    for r in range(n):
-        diff = np.abs(fakes[r].astype(np.float32) - reals[r].astype(np.float32)) * 0.5 * (hi - lo)
-        panels = [(mask_rgb(masks[r]), {}), (reals[r], dict(cmap="gray", vmin=-1, vmax=1)),
-                  (fakes[r], dict(cmap="gray", vmin=-1, vmax=1)),
-                  (diff, dict(cmap="magma", vmin=0, vmax=diff_max))]
-        for c, (img, kw) in enumerate(panels):
-            ax = axes[r, c]
-            ax.imshow(np.asarray(img, np.float32), interpolation="nearest", **kw)
-            ax.set_xticks([]), ax.set_yticks([])
-            if r == 0:
-                ax.set_title(titles[c], fontsize=9)
-        axes[r, 0].set_ylabel(f"z = {zs[r]}", fontsize=10)
-    handles = legend_handles(np.unique(masks))
-    if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.suptitle(f"test case {case}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.05 if handles else 0, 1, 1))
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    The richest slice of each of the first ``n_slices`` test cases; single structures absent
+    from those slices are left out. Returns ``(subsets, panels, titles)``: the subsets drawn,
+    ``[(row name, masks (K, S, S), images (K, S, S) in [-1, 1])]`` with the real slices first,
+    and ``[(case, z)]`` per column (rendered by :func:`ctsynth.figures.fig_condition_subsets`)."""
+    store = ProcessedStore(processed_dir)
+    test = load_split(split_path).get("test", [])
+    rows = store.rows_for_cases(test)
+    if not len(rows):
+        raise InputError(f"{split_path}: no test slices in {processed_dir}")
+    cases = store.slices.case.to_numpy()[rows]
+    picks = []                                        # the richest slice of each of the first cases
+    for case in list(dict.fromkeys(cases))[: max(1, n_slices)]:
+        own = rows[cases == case]
+        picks.append(own[np.argmax([len(np.unique(store.masks[r])) for r in own])])
+    picks = np.array(picks)
+    model, meta = load_model(model_path)
+    full = list(meta["structures"])
+    masks = np.asarray(store.masks[picks])                                          # (K, S, S)
+    present = [s for s in full if s != WH and np.isin(masks, kept_indices([s])).any()]
+    subsets = [full] + ([[s] for s in present] if len(full) > 1 else [])
+    panels = [("real", masks, np.asarray(store.images[picks], np.float32))]
+    for subset in subsets:
+        synth = Synthesizer(model, meta, batch_size=len(picks), structures=subset)
+        kept = np.where(np.isin(masks, synth.keep), masks, 0)
+        panels.append(("+".join(subset) if subset != full else f"all ({len(full)})", kept, synth.unit(masks)))
+    titles = [(store.slices.case.iloc[r], store.slices.z.iloc[r]) for r in picks]
+    return subsets, panels, titles
 
 
 def evenly_spaced(n_items: int, k: int) -> np.ndarray:

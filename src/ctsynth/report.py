@@ -23,6 +23,7 @@ import pandas as pd
 from .config import flatten, to_dict
 from .errors import InputError
 from .figures import fig_condition_subsets, fig_d_accuracy, fig_losses, fig_privacy
+from .generate import condition_subset_panels
 from .io import atomic_dir, write_text
 from .summary import first_grid, privacy_verdict, section_summary
 
@@ -304,7 +305,8 @@ def section_subsets(model_path, processed_dir: Path, split_path: Path, figures: 
     if not model_path or not Path(model_path).exists():
         return intro + missing("Per-subset generation", model_path or "the generator (--model)")
     out = figures / "condition_subsets.png"
-    subsets = fig_condition_subsets(model_path, processed_dir, split_path, out)
+    subsets, panels, titles = condition_subset_panels(model_path, processed_dir, split_path)
+    fig_condition_subsets(panels, titles, out)
     return (intro + f"<p>The same test slices generated from the full set and from each single "
             f"structure alone ({len(subsets) - 1} present on these slices), the other condition "
             f"channels left empty — what <code>ctsynth generate --structures</code> does.</p>"

@@ -1,5 +1,6 @@
 """Evolution snapshots: the generator's output on fixed validation masks at fractions of training,
-rendered as PNG grids (mask | real | generated) for the report and MLflow."""
+rendered as PNG grids (mask | real | generated) for the report and MLflow. (Drawn here, not in
+:mod:`ctsynth.figures`, so that editing a report figure never retrains: see figures.py.)"""
 from __future__ import annotations
 
 import logging
@@ -40,9 +41,10 @@ def snapshot_images(G, store: ProcessedStore, rows: np.ndarray, encoding: str,
     return ((fake.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
-def render_snapshot(path: Path, store: ProcessedStore, rows: np.ndarray, generated: torch.Tensor,
+def render_snapshot(path: Path, store: ProcessedStore, rows: np.ndarray, generated,
                     step: int, iterations: int) -> Path:
-    """PNG grid, one column per slice; rows: mask colours | real | generated at ``step``."""
+    """PNG grid, one column per slice; rows: mask colours | real | generated at ``step``
+    (``generated``: uint8 (K, S, S), an array or a CPU tensor)."""
     from PIL import Image, ImageDraw
 
     masks = STRUCTURE_COLOURS[np.asarray(store.masks[rows])]                                     # (K, S, S, 3)
@@ -50,7 +52,7 @@ def render_snapshot(path: Path, store: ProcessedStore, rows: np.ndarray, generat
     gray = lambda a: np.repeat(a[..., None], 3, axis=-1)                               # noqa: E731
     k, s = len(rows), store.image_size
     zoom, gap, head = max(1, 128 // s), 2, 14
-    tiles = [masks, gray(real), gray(generated.numpy())]
+    tiles = [masks, gray(real), gray(np.asarray(generated))]
     grid = np.full((head + 3 * (s * zoom + gap), k * (s * zoom + gap), 3), 255, np.uint8)
     for r, tile_row in enumerate(tiles):
         for c in range(k):
