@@ -11,10 +11,10 @@ from ctsynth.runner import add_inputs, stage_main
 
 
 def main(args, params):
-    from ctsynth.generate import generate_test_set
+    from ctsynth import generate
 
-    generate_test_set(params, model_path=args.model, processed_dir=args.processed,
-                      split_path=args.split, interim_dir=args.interim, out_dir=args.out)
+    generate.run(params, model_path=args.model, processed_dir=args.processed,
+                 split_path=args.split, interim_dir=args.interim, out_dir=args.out)
     return 0
 
 

@@ -9,14 +9,8 @@ from ctsynth.runner import stage_main
 
 def main(args, params):
     from ctsynth import phantom
-    from ctsynth.io import atomic_dir
 
-    if params.data.source != "phantom":
-        with atomic_dir(args.out) as tmp:
-            (tmp / "NOT_USED.txt").write_text("data.source is not 'phantom'; ingest reads data.raw_dir\n")
-        return 0
-    phantom.write_dataset(args.out, cases=params.phantom.cases, seed=params.seed,
-                          shape=tuple(params.phantom.shape), spacing=tuple(params.phantom.spacing))
+    phantom.run(params, args.out)
     return 0
 
 

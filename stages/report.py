@@ -18,20 +18,19 @@ log = logging.getLogger("ctsynth.report")
 
 
 def main(args, params):
-    from ctsynth.report import build_report
+    from ctsynth import report
 
-    files = build_report(params, reports_dir=args.reports, generated_dir=args.generated,
-                         processed_dir=args.processed, train_reports_dir=args.train_reports,
-                         out_html=args.out, figures_dir=args.figures, split_path=args.split,
-                         manifest_path=args.manifest, model_path=args.model)
+    files = report.run(params, reports_dir=args.reports, generated_dir=args.generated,
+                       processed_dir=args.processed, train_reports_dir=args.train_reports,
+                       out_html=args.out, figures_dir=args.figures, split_path=args.split,
+                       manifest_path=args.manifest, model_path=args.model)
     if args.run_file is None or not Path(args.run_file).exists():
         log.info("no MLflow run file (%s): report not logged to MLflow", args.run_file)
         return 0
-    from ctsynth.report import logged_numbers
     from ctsynth.tracking import log_evaluation
 
     # metrics.json + its intervals as <metric>_ci95_lo/_hi, the report and its figures
-    log_evaluation(args.run_file, params, logged_numbers(Path(args.reports) / "metrics.json"), files)
+    log_evaluation(args.run_file, params, report.logged_numbers(Path(args.reports) / "metrics.json"), files)
     return 0
 
 

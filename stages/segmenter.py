@@ -11,8 +11,7 @@ from ctsynth.runner import add_inputs, stage_main
 def main(args, params):
     from ctsynth import segmenter
 
-    segmenter.train_segmenter(params, processed_dir=args.processed, split_path=args.split,
-                              out_path=args.out)
+    segmenter.run(params, processed_dir=args.processed, split_path=args.split, out_path=args.out)
     return 0
 
 

@@ -39,11 +39,11 @@ def main(args, params) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(argv[0], argv)
-    from ctsynth.train import train
+    from ctsynth import train
 
     ckpts = project_root() / args.checkpoints   # an absolute --checkpoints stays as given
-    result = train(params, processed_dir=args.processed, split_path=args.split, out_model=args.model,
-                   ckpt_dir=ckpts, reports_dir=args.reports, run_file=args.run_file)
+    result = train.run(params, processed_dir=args.processed, split_path=args.split, out_model=args.model,
+                       ckpt_dir=ckpts, reports_dir=args.reports, run_file=args.run_file)
     return result.exit_code
 
 

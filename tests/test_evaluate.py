@@ -15,7 +15,7 @@ from conftest import REPO, make_store, standin_inception_weights, tiny_params
 from ctsynth import evaluate
 from ctsynth.data import ProcessedStore
 from ctsynth.errors import InputError, ModelFileError
-from ctsynth.segmenter import train_segmenter
+from ctsynth.segmenter import run as train_segmenter
 
 SPLIT = {"seed": 0, "train": ["c1", "c2", "c3"], "val": ["c4"], "test": ["c5", "c6"]}
 RAW = {"preprocess": {"image_size": 32}, "model": {"gen_depth": 5, "disc_layers": 2},

@@ -94,7 +94,7 @@ def world(tmp_path):
 
 def run_stage(w, **params):
     params.setdefault("generate", {}).setdefault("grid_slices", 2)
-    return gen.generate_test_set(tiny_params(**params), w["model"], w["processed"], w["split"],
+    return gen.run(tiny_params(**params), w["model"], w["processed"], w["split"],
                                  w["interim"], w["out"])
 
 
@@ -169,7 +169,7 @@ def test_stage_refuses_mismatched_model(world, tmp_path):
     save_generator(other, build_generator(cfg, 1), cfg, 1, {"image_size": SIZE, "hu_window": WINDOW,
                    "structures": ["Ao"], "label_map": {"1": "Ao"}, "encoding": "onehot"})
     with pytest.raises(ModelFileError, match="structures"):
-        gen.generate_test_set(tiny_params(), other, world["processed"], world["split"],
+        gen.run(tiny_params(), other, world["processed"], world["split"],
                               world["interim"], world["out"])
     assert not world["out"].exists()
 

@@ -1,6 +1,8 @@
 """Tests for the procedural thoracic CT phantom (ctsynth.phantom)."""
 from __future__ import annotations
 
+import sys
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -172,8 +174,21 @@ def test_rejects_bad_arguments(tmp_path):
 
 
 def test_progress_bar_quiet_under_ci(monkeypatch):
-    monkeypatch.setattr(phantom.sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     monkeypatch.delenv("CI", raising=False)
     assert phantom._show_progress(True) and not phantom._show_progress(False)
     monkeypatch.setenv("CI", "true")
     assert not phantom._show_progress(True)
+
+
+def test_stage_entry_point_follows_params(tmp_path):
+    """phantom.run writes the phantom section's data set; with another data source it writes
+    only a note (the stage's output must exist) and no case."""
+    from conftest import tiny_params
+
+    p = tiny_params(phantom={"cases": 3, "shape": list(SMALL)})
+    assert phantom.run(p, tmp_path / "a") == ["ct_train_1001", "ct_train_1002", "ct_train_1003"]
+    assert len(list((tmp_path / "a").glob("*_image.nii.gz"))) == 3
+    p.data.source = "nifti"
+    assert phantom.run(p, tmp_path / "b") == []
+    assert [f.name for f in (tmp_path / "b").iterdir()] == ["NOT_USED.txt"]

@@ -14,9 +14,10 @@ import pytest
 from conftest import tiny_params
 from ctsynth.errors import InputError
 from ctsynth.figures import fig_condition_subsets
-from ctsynth.generate import condition_subset_panels, generate_test_set
+from ctsynth.generate import condition_subset_panels
+from ctsynth.generate import run as generate_test_set
 from ctsynth.labels import STRUCTURES
-from ctsynth.report import build_report
+from ctsynth.report import run as build_report
 from test_generate import make_world
 
 SECTIONS = ("summary", "metrics", "structures", "cases", "samples", "subsets", "training", "privacy", "data",

@@ -14,7 +14,8 @@ import yaml
 from conftest import REPO, make_store, tiny_params
 from ctsynth.data import ProcessedStore
 from ctsynth.errors import MetricUnavailable, ModelFileError
-from ctsynth.segmenter import SegFeatures, SegUNet, load_segmenter, train_segmenter
+from ctsynth.segmenter import SegFeatures, SegUNet, load_segmenter
+from ctsynth.segmenter import run as train_segmenter
 from ctsynth.inception import INCEPTION_REASON, InceptionFeatures, inception_module
 from ctsynth.metrics import dice_scores, frechet_distance
 

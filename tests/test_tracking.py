@@ -18,7 +18,7 @@ from conftest import make_store, tiny_params
 from ctsynth import tracking
 from ctsynth.errors import TrainingError
 from ctsynth.models import load_generator
-from ctsynth.train import train
+from ctsynth.train import run as train
 
 SPLIT = {"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}
 

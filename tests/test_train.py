@@ -20,7 +20,7 @@ from ctsynth.errors import ConfigError, InputError, TrainingError
 from ctsynth.models import build_discriminator, build_generator, load_generator
 from ctsynth.gan import gan_step, lr_factor, make_optimizer
 from ctsynth.losses import LOSS_NAMES
-from ctsynth.train import train
+from ctsynth.train import run as train
 
 SPLIT = {"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}
 

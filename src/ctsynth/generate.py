@@ -2,7 +2,7 @@
 
 Two entry points share one engine (:class:`Synthesizer`):
 
-* :func:`generate_test_set` (``stages/generate.py``): every selected slice of every *test* case
+* :func:`run` (``stages/generate.py``): every selected slice of every *test* case
   of the processed store -> ``fake.npy`` (float16 (N, S, S) in [-1, 1]) + ``index.npy`` (rows of
   the store), a PNG grid per case (mask | real | generated | |difference|) and the whole case
   re-assembled as a synthetic CT volume in HU on the *original* grid and affine.
@@ -211,7 +211,7 @@ def _label_path(interim_dir: Path, case: str) -> Path:
     return interim_dir / f"{case}_label.nii"
 
 
-def generate_test_set(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> dict:
+def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> dict:
     """Run the generator on the test cases; write fake.npy, index.npy, grids/, <case>_synth.nii.gz.
 
     Returns ``{"slices", "cases", "slices_per_s", "slices_per_s_end_to_end"}``."""

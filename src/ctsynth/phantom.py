@@ -23,17 +23,17 @@ reorientation is exercised. Labels hold raw MM-WHS values (``labels.MMWHS_LABEL_
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
+from .config import Params
 from .errors import ConfigError
 from .io import atomic_dir, save_nifti
 from .labels import MMWHS_LABEL_MAP
+from .progress import quiet
 
 log = logging.getLogger(__name__)
 
@@ -301,16 +301,34 @@ def make_case(rng: np.random.Generator, shape=(128, 128, 40),
 
 
 def _show_progress(progress: bool) -> bool:
-    return progress and sys.stderr.isatty() and not os.environ.get("CI")
+    return progress and not quiet()
 
 
-def write_dataset(out_dir, cases: int = 10, seed: int = 42, shape=(128, 128, 40),
-                  spacing=(2.6, 2.6, 4.0), progress: bool = True) -> list[str]:
+def run(params: Params, out_dir) -> list[str]:
+    """The phantom stage: the ``phantom`` section's data set in ``out_dir`` (when
+    ``data.source`` is not ``phantom``, a placeholder note, so the stage's output exists)."""
+    if params.data.source != "phantom":
+        with atomic_dir(out_dir) as tmp:
+            (tmp / "NOT_USED.txt").write_text("data.source is not 'phantom'; ingest reads data.raw_dir\n")
+        return []
+    ph = params.phantom
+    return write_dataset(out_dir, cases=ph.cases, seed=params.seed, shape=tuple(ph.shape), spacing=tuple(ph.spacing))
+
+
+def write_dataset(out_dir, cases: int | None = None, seed: int | None = None, shape=None, spacing=None,
+                  progress: bool = True) -> list[str]:
     """Write ``ct_train_1001_image.nii.gz`` / ``ct_train_1001_label.nii.gz`` ... into ``out_dir``
-    and return the case ids. The folder is built aside and swapped in whole (a killed run leaves
-    the previous folder intact). Case ``i`` draws from ``np.random.default_rng([seed, i])``;
-    the same seed gives byte-identical files (nibabel writes gzip with mtime 0, no file name)."""
+    and return the case ids; unset arguments take params.yaml's defaults. The folder is built
+    aside and swapped in whole (a killed run leaves the previous folder intact). Case ``i`` draws
+    from ``np.random.default_rng([seed, i])``; the same seed gives byte-identical files (nibabel
+    writes gzip with mtime 0, no file name)."""
     from tqdm import tqdm
+
+    default = Params()
+    cases = default.phantom.cases if cases is None else cases
+    seed = default.seed if seed is None else seed
+    shape = default.phantom.shape if shape is None else shape
+    spacing = default.phantom.spacing if spacing is None else spacing
 
     shape, spacing = _check(shape, spacing)
     if not isinstance(cases, (int, np.integer)) or cases < 1:

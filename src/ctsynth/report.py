@@ -4,8 +4,8 @@ Everything is embedded (PNG as base64 ``data:`` URIs, inline CSS, no JavaScript,
 links), so the file can be mailed or opened offline. Every input except the params is optional:
 a missing file turns its section into a short "not available" note instead of an error.
 
-    files = build_report(params, "reports", "data/generated", "data/processed", "reports/train",
-                         "reports/report.html", "reports/figures")   # -> files to log to MLflow
+    files = run(params, "reports", "data/generated", "data/processed", "reports/train",
+                "reports/report.html", "reports/figures")   # -> files to log to MLflow
 """
 from __future__ import annotations
 
@@ -373,7 +373,7 @@ def _summary(reports_dir: Path, generated_dir: Path) -> str:
 
 # ------------------------------------------------------------------------------ the report
 
-def build_report(params, reports_dir, generated_dir, processed_dir, train_reports_dir, out_html,
+def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, out_html,
                  figures_dir, split_path="data/split.json", manifest_path="data/interim/manifest.csv",
                  model_path=None) -> list[Path]:
     """Write ``out_html`` and ``figures_dir``; return the files written (for MLflow logging)."""

@@ -1,7 +1,7 @@
 """The segmenter: a small UNet trained on REAL *training* slices (model, training loop, file
 format), and :class:`SegFeatures`, the feature extractor the evaluate stage builds from it.
 
-* :class:`SegUNet` — a 3-level UNet trained by :func:`train_segmenter` to predict the
+* :class:`SegUNet` — a 3-level UNet trained by :func:`run` to predict the
   structure-index mask (classes 0..7). It always exists offline. Its encoder features
   (global-average-pooled level-3 and bottleneck activations, ``12·width`` numbers per slice) give
   ``fd_seg`` / ``kid_seg``; its predictions give the Dice of segmentation consistency.
@@ -177,7 +177,7 @@ def _validation_dice(model: SegUNet, store: ProcessedStore, cases: list[str], ba
     return dice
 
 
-def train_segmenter(params: Params, processed_dir: str | Path, split_path: str | Path,
+def run(params: Params, processed_dir: str | Path, split_path: str | Path,
                     out_path: str | Path) -> dict:
     """Train :class:`SegUNet` on the real training slices; save it atomically to ``out_path``.
 
@@ -239,7 +239,7 @@ def save_segmenter(model: SegUNet, config: dict, summary: dict, out_path: str | 
 
 
 def load_segmenter(path: str | Path) -> SegFeatures:
-    """Load a file written by :func:`train_segmenter` (``weights_only=True``)."""
+    """Load a file written by :func:`run` (``weights_only=True``)."""
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"{path}: segmenter not found (run `dvc repro segmenter`)")

@@ -166,7 +166,7 @@ def _open_tracking(job: _Job, run_file: Path, split_path: Path, state: dict, his
 
 # ------------------------------------------------------------------------------------ the loop
 
-def train(params: Params, processed_dir: str | Path, split_path: str | Path, out_model: str | Path,
+def run(params: Params, processed_dir: str | Path, split_path: str | Path, out_model: str | Path,
           ckpt_dir: str | Path, reports_dir: str | Path, run_file: str | Path,
           stop_after: int | None = None) -> TrainResult:
     """Train and write ``out_model`` (see :func:`ctsynth.models.save_generator`),
@@ -297,4 +297,4 @@ def _finish(job: _Job, tracker: Tracker, hist: LossHistory, out_model: Path, rep
     tracker.log_artifact(reports_dir / "losses.csv")
 
 
-__all__ = ["train", "TrainResult"]
+__all__ = ["run", "TrainResult"]
