@@ -209,10 +209,18 @@ def _build(cls, raw: Any, path: str, problems: list[str]):
 
 
 def _check_ranges(p: Params, problems: list[str]) -> None:
+    """Every out-of-range value, appended to ``problems`` (all of them, not the first)."""
     def need(cond: bool, msg: str) -> None:
         if not cond:
             problems.append(msg)
 
+    _check_data(p, need, problems)
+    _check_model_and_split(p, need)
+    _check_train(p.train, need)
+    _check_evaluation_and_paths(p, need)
+
+
+def _check_data(p: Params, need, problems: list[str]) -> None:
     need(p.phantom.cases >= 3, "phantom.cases: must be >= 3 (train, val and test need a case each)")
     need(len(p.phantom.shape) == 3 and all(isinstance(v, int) and v >= 16 for v in p.phantom.shape),
          "phantom.shape: must be three integers >= 16")
@@ -239,6 +247,9 @@ def _check_ranges(p: Params, problems: list[str]) -> None:
         if missing:
             problems.append(f"preprocess.structures: {missing} not in data.label_map "
                             f"(which names {sorted(available)})")
+
+
+def _check_model_and_split(p: Params, need) -> None:
     m = p.model
     need(1 <= m.gen_depth <= 8, "model.gen_depth: must be in 1..8")
     need(1 <= m.disc_layers <= 6, "model.disc_layers: must be in 1..6")
@@ -258,7 +269,9 @@ def _check_ranges(p: Params, problems: list[str]) -> None:
         bad_keys = set(s.cases) - {"train", "val", "test"}
         need(not bad_keys and s.cases.get("train") and s.cases.get("test"),
              "split.cases: must map train and test (and optionally val) to non-empty case lists")
-    t = p.train
+
+
+def _check_train(t: TrainCfg, need) -> None:
     for name in ("lr_g", "lr_d", "lambda_l1"):
         need(getattr(t, name) > 0 if name != "lambda_l1" else getattr(t, name) >= 0,
              f"train.{name}: must be {'> 0' if name != 'lambda_l1' else '>= 0'}, got {getattr(t, name)}")
@@ -275,6 +288,9 @@ def _check_ranges(p: Params, problems: list[str]) -> None:
     need(all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in t.snapshot_at),
          "train.snapshot_at: fractions of training in [0, 1]")
     need(t.num_workers >= 0, "train.num_workers: must be >= 0")
+
+
+def _check_evaluation_and_paths(p: Params, need) -> None:
     need(p.segmenter.iterations >= 1 and p.segmenter.batch_size >= 1 and p.segmenter.lr > 0,
          "segmenter: iterations, batch_size must be >= 1 and lr > 0")
     need(p.generate.batch_size >= 1 and p.evaluate.batch_size >= 1, "generate/evaluate.batch_size: must be >= 1")

@@ -228,6 +228,24 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
     acc = _test_pass(params, store, split, fake, index, generated_dir, seg, inception, out)
     val_feats, val_cases = _validation_features(store, split, seg, inception, params.evaluate.batch_size)
 
+    metrics, nulls, spaces = _metrics(params, store, index, acc, inception, val_feats, val_cases, notes)
+    n_boot = params.evaluate.bootstrap
+    slices = acc.paired.per_slice()
+    ci = metric_intervals(metrics, slices, {k: d.per_slice() for k, d in acc.dice.items()},
+                          acc.paired.labels, spaces, val_cases, n_boot, params.seed,
+                          params.evaluate.kid_subset_size)
+    _write_tables(out, acc.paired, acc.dice, acc.privacy, per_case_intervals(slices, n_boot, params.seed))
+    _write_metrics(out, metrics, ci, nulls, notes, acc, n_boot, params.seed, seg.dim, inception is not None)
+    log.info("evaluate: %d slices of %d test patients in %.1f s; headline (95 %% patient-level intervals; "
+             "floor = real validation vs real test slices):\n%s", len(index), metrics["n_test_cases"],
+             time.time() - t0, headline_text(metrics, {k: {"lo": a, "hi": b} for k, (a, b) in ci.items()}, nulls))
+    return metrics
+
+
+def _metrics(params: Params, store: ProcessedStore, index, acc, inception, val_feats, val_cases,
+             notes: dict) -> tuple[dict, dict, list]:
+    """The flat metrics of one test pass, the reasons of every null metric, and the feature
+    spaces the intervals resample."""
     case_of = store.slices["case"].to_numpy()
     metrics: dict = {"n_test_slices": len(index), "n_test_cases": len(set(case_of[index]))}
     if val_cases is not None:
@@ -253,27 +271,22 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
     for k, v in metrics.items():
         if v is None and k not in nulls:
             nulls[k] = "undefined on this test set (e.g. structure absent from every test slice)"
+    return metrics, nulls, spaces
 
-    n_boot = params.evaluate.bootstrap
-    slices = acc.paired.per_slice()
-    ci = metric_intervals(metrics, slices, {k: d.per_slice() for k, d in acc.dice.items()},
-                          acc.paired.labels, spaces, val_cases, n_boot, params.seed,
-                          params.evaluate.kid_subset_size)
-    _write_tables(out, acc.paired, acc.dice, acc.privacy, per_case_intervals(slices, n_boot, params.seed))
+
+def _write_metrics(out: Path, metrics: dict, ci: dict, nulls: dict, notes: dict, acc, n_boot: int,
+                   seed: int, seg_dim: int, with_inception: bool) -> None:
+    """shareable.json, metrics_notes.json, metrics_ci.json and metrics.json (written last)."""
     write_json(out / "shareable.json", {"threshold": acc.privacy.threshold, "distance": acc.search.distance,
-                                        "n_generated": len(index), "n_shareable": len(acc.shareable),
+                                        "n_generated": metrics["n_test_slices"], "n_shareable": len(acc.shareable),
                                         "slices": acc.shareable})
-    notes.update({"privacy_distance": acc.search.distance, "intervals": describe(n_boot, params.seed),
+    notes.update({"privacy_distance": acc.search.distance, "intervals": describe(n_boot, seed),
                   "null_metrics": nulls,
-                  "feature_dims": {"seg": seg.dim, "inception": 2048 if inception else None},
+                  "feature_dims": {"seg": seg_dim, "inception": 2048 if with_inception else None},
                   "definitions": {k: definition(k) for k in metrics}})
     write_json(out / "metrics_notes.json", notes)
     write_json(out / "metrics_ci.json", {k: {"lo": _clean(lo), "hi": _clean(hi)} for k, (lo, hi) in ci.items()})
     write_json(out / "metrics.json", metrics)
-    log.info("evaluate: %d slices of %d test patients in %.1f s; headline (95 %% patient-level intervals; "
-             "floor = real validation vs real test slices):\n%s", len(index), metrics["n_test_cases"],
-             time.time() - t0, headline_text(metrics, {k: {"lo": a, "hi": b} for k, (a, b) in ci.items()}, nulls))
-    return metrics
 
 
 _NO_VAL = "no validation slices (split.val is empty): no noise floor"

@@ -157,18 +157,16 @@ def _open_tracking(job: _Job, run_file: Path, split_path: Path, state: dict, his
         except TrainingError as e:
             problem = e
     ok = job.d.all_ok(problem is None)
-    if problem:
-        raise problem
-    if not ok:
-        raise TrainingError("rank 0 could not open the MLflow tracking store")
+    if problem or not ok:
+        raise problem or TrainingError("rank 0 could not open the MLflow tracking store")
     return tracker
 
 
 # ------------------------------------------------------------------------------------ the loop
 
 def run(params: Params, processed_dir: str | Path, split_path: str | Path, out_model: str | Path,
-          ckpt_dir: str | Path, reports_dir: str | Path, run_file: str | Path,
-          stop_after: int | None = None) -> TrainResult:
+        ckpt_dir: str | Path, reports_dir: str | Path, run_file: str | Path,
+        stop_after: int | None = None) -> TrainResult:
     """Train and write ``out_model`` (see :func:`ctsynth.models.save_generator`),
     ``reports_dir/losses.csv``, ``reports_dir/snapshots/step_XXXXXXX.png`` and ``run_file``;
     checkpoints go to ``ckpt_dir/<fingerprint>/``.
