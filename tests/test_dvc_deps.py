@@ -4,7 +4,6 @@ the train stage's params are exactly the keys that change its outputs. A new imp
 would let `dvc status` call a stale result up to date; these tests fail first."""
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
@@ -13,49 +12,22 @@ import yaml
 from conftest import REPO
 from ctsynth.config import Params, to_dict
 from ctsynth.checkpoint import RUN_ONLY_KEYS
+from ctsynth.imports import closure, imports_of, script_closure
 
 PKG = REPO / "src" / "ctsynth"
 
 
 def _imports(path: Path) -> set[str]:
-    """Modules of the ctsynth package that ``path`` imports anywhere (top level or in functions)."""
-    found: set[str] = set()
-    in_pkg = path.parent == PKG
-    tree = ast.parse(path.read_text(), str(path))
-    tree.body = [n for n in tree.body                       # a `python -m` block is not imported
-                 if not (isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))]
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("ctsynth.")}
-            found |= {"__init__" for a in node.names if a.name == "ctsynth"}
-        elif isinstance(node, ast.ImportFrom):
-            mod = node.module or ""
-            if node.level and in_pkg:                          # from .x import y / from . import x
-                if mod:
-                    found.add(mod.split(".")[0])
-                else:
-                    found |= {a.name for a in node.names}
-            elif mod == "ctsynth":                             # from ctsynth import x
-                found |= {a.name for a in node.names}
-            elif mod.startswith("ctsynth."):
-                found.add(mod.split(".")[1])
-    return {m for m in found if (PKG / f"{m}.py").is_file()}
+    return imports_of(path)
 
 
 def _closure(modules) -> set[str]:
-    todo, seen = list(modules), set()
-    while todo:
-        mod = todo.pop()
-        if mod not in seen:
-            seen.add(mod)
-            todo += list(_imports(PKG / f"{mod}.py"))
-    return {f"src/ctsynth/{m}.py" for m in seen}
+    return {f"src/ctsynth/{m}.py" for m in closure(modules)}
 
 
 def import_closure(script: Path) -> set[str]:
-    """``src/ctsynth/*.py`` paths that running ``script`` may import (the package ``__init__``
-    always runs first)."""
-    return _closure(_imports(script) | {"__init__"})
+    """``src/ctsynth/*.py`` paths that running ``script`` may import."""
+    return {f"src/ctsynth/{m}.py" for m in script_closure(script)}
 
 
 def test_no_import_circle_in_the_package():
@@ -120,3 +92,22 @@ def test_every_params_key_in_dvc_yaml_exists():
     for name, stage in _stages().items():
         for key in stage.get("params", []):
             assert key in valid, f"stage {name}: unknown params key {key}"
+
+
+def test_training_code_enters_the_checkpoint_fingerprint(tmp_path, monkeypatch):
+    """Editing code that training imports changes ctsynth.imports.source_hash("train") (so DVC's
+    rerun of train starts afresh instead of resuming the old code's finished run); editing a
+    module training does not import leaves it alone."""
+    import shutil
+
+    from ctsynth import imports
+
+    copy = tmp_path / "ctsynth"
+    shutil.copytree(PKG, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(imports, "PKG", copy)
+    before = imports.source_hash("train")
+    assert "gan" in imports.closure({"train"}) and "privacy" not in imports.closure({"train"})
+    (copy / "privacy.py").write_text((copy / "privacy.py").read_text() + "\n# unrelated edit\n")
+    assert imports.source_hash("train") == before
+    (copy / "gan.py").write_text((copy / "gan.py").read_text() + "\n# a change to the GAN step\n")
+    assert imports.source_hash("train") != before

@@ -21,6 +21,7 @@ import torch
 
 from .config import to_dict
 from .errors import TrainingError
+from .imports import source_hash
 from .io import save_torch
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,13 @@ _NOT_TRAJECTORY = RUN_ONLY_KEYS | {"nproc", "nnodes", "device", "snapshot_at", "
 
 
 def run_fingerprint(params, data_fp: str, world: int, device: torch.device, precision: str) -> str:
-    """Hash of everything that shapes the trained weights: resume only into the same run."""
+    """Hash of everything that shapes the trained weights -- params, data, world size, device,
+    precision and the training code itself -- so a run resumes only into the same run."""
     tr = {k: v for k, v in to_dict(params.train).items() if k not in _NOT_TRAJECTORY}
     if params.train.lr_decay_start is None:
         tr.pop("iterations")                 # no decay: more iterations = the same run, longer
     blob = {"seed": params.seed, "model": to_dict(params.model), "train": tr, "data": data_fp,
-            "world": world, "device": device.type, "precision": precision}
+            "world": world, "device": device.type, "precision": precision, "code": source_hash("train")}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
