@@ -60,6 +60,14 @@ def test_stage_code_deps_equal_its_import_closure(name):
                           f"remove deps {sorted(have - want)}")
 
 
+def test_stages_run_the_code_of_their_own_checkout():
+    """`dvc exp run --queue/--temp` runs stages in a temporary copy, while the venv's editable
+    install points at the workspace's src/: without PYTHONPATH=src a queued experiment would run
+    whatever the workspace holds when it starts, not the code DVC hashed into its dvc.lock."""
+    for name, stage in _stages().items():
+        assert stage["cmd"].startswith(f"PYTHONPATH=src python stages/{name}.py "), name
+
+
 def test_the_closure_sees_function_level_and_relative_imports(tmp_path):
     """The checker itself: an import added inside a function widens the closure by the imported
     module and everything it imports (so the test above fails until dvc.yaml lists them)."""
