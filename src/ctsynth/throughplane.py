@@ -288,6 +288,17 @@ def per_case_table(sums: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["case", *RATIO_KEYS])
 
 
+def load_test_volumes(processed_dir, generated_dir) -> list[CaseVolume]:
+    """:func:`case_volumes` of ``generated_dir``'s fake.npy/index.npy against the processed store."""
+    from pathlib import Path
+
+    from .data import ProcessedStore
+
+    gen = Path(generated_dir)
+    store = ProcessedStore(processed_dir)
+    return case_volumes(store, np.load(gen / "fake.npy", mmap_mode="r"), np.load(gen / "index.npy"))
+
+
 def heart_centre(masks: np.ndarray) -> tuple[int, int, int]:
     """(z, row, col) position of the centre of the structures in a (Z, S, S) mask volume (the
     volume's centre when it holds none)."""
