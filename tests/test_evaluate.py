@@ -248,6 +248,8 @@ def test_fid_inception_is_a_number_with_a_local_stand_in_weights_file(setup, tmp
     assert "local file" in notes["fid_inception"] and str(weights) in notes["fid_inception"]
     assert ci["fid_inception_ci95"]["lo"] <= m["fid_inception"] <= ci["fid_inception_ci95"]["hi"]
     assert notes["feature_dims"]["inception"] == 2048
+    for plane in ("axial", "coronal", "sagittal", "mean"):                     # tri-planar FID with the weights
+        assert isinstance(m[f"fid_tri_inception_{plane}"], float) and m[f"fid_tri_inception_{plane}"] > 0, plane
 
 
 def test_auto_fid_inception_from_the_hub_cache_and_null_when_the_download_fails(setup, tmp_path, monkeypatch):
