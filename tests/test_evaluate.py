@@ -74,12 +74,16 @@ def test_stage_writes_every_output_without_nan(setup, tmp_path):
     for key in ("mse", "psnr", "ssim", "mae_hu", "mae_hu_background", "mae_hu_LV", "fd_seg", "kid_seg",
                 "dice_generated_LV", "dice_real_LV", "dice_generated_mean", "dice_real_mean",
                 "privacy_generated_share_above", "privacy_real_share_above", "privacy_n_shareable",
-                "n_test_slices", "fid_inception", "kid_inception"):
+                "n_test_slices", "fid_inception", "kid_inception", "zcons_ssim_ratio", "zgrad_ratio",
+                "zcons_ssim_ratio_LV", "fd_tri_rand_axial", "fd_tri_rand_coronal", "fd_tri_rand_sagittal",
+                "fd_tri_rand_mean", "fid_tri_inception_mean"):
         assert key in metrics, key
     assert metrics["n_test_slices"] == 12 and metrics["n_test_cases"] == 2
     for key, value in metrics.items():
-        if key in ("fid_inception", "kid_inception"):
+        if key in ("fid_inception", "kid_inception") or key.startswith("fid_tri_inception_"):
             assert value is None and "inception_weights" in notes["null_metrics"][key]
+        elif value is None and key.startswith("zcons_ssim_ratio_"):   # random blobs: real neighbours unrelated
+            assert "real sum <= 0" in notes["null_metrics"][key]
         else:
             assert isinstance(value, (int, float)) and math.isfinite(value), key
         assert notes["definitions"][key], key
@@ -89,6 +93,10 @@ def test_stage_writes_every_output_without_nan(setup, tmp_path):
 
     per_case = pd.read_csv(out / "per_case.csv", dtype={"case": str})
     assert sorted(per_case["case"]) == ["c5", "c6"] and (per_case["n_slices"] == 6).all()
+    assert per_case[["zcons_ssim_ratio", "zgrad_ratio"]].notna().all().all()
+    ci = json.loads((out / "metrics_ci.json").read_text())
+    assert ci["zgrad_ratio_ci95"]["lo"] <= metrics["zgrad_ratio"] <= ci["zgrad_ratio_ci95"]["hi"]
+    assert "random CNN" in notes["throughplane"] and "axial slices only" in notes["throughplane"]
     per_struct = pd.read_csv(out / "per_structure.csv")
     assert list(per_struct["structure"]) == ["background", "Myo", "LA", "LV", "RA", "RV", "Ao", "PA"]
     privacy = pd.read_csv(out / "privacy.csv", dtype={"case": str, "nn_case": str})
@@ -240,6 +248,8 @@ def test_fid_inception_is_a_number_with_a_local_stand_in_weights_file(setup, tmp
     assert "local file" in notes["fid_inception"] and str(weights) in notes["fid_inception"]
     assert ci["fid_inception_ci95"]["lo"] <= m["fid_inception"] <= ci["fid_inception_ci95"]["hi"]
     assert notes["feature_dims"]["inception"] == 2048
+    for plane in ("axial", "coronal", "sagittal", "mean"):                     # tri-planar FID with the weights
+        assert isinstance(m[f"fid_tri_inception_{plane}"], float) and m[f"fid_tri_inception_{plane}"] > 0, plane
 
 
 def test_auto_fid_inception_from_the_hub_cache_and_null_when_the_download_fails(setup, tmp_path, monkeypatch):

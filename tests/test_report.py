@@ -20,7 +20,7 @@ from ctsynth.labels import STRUCTURES
 from ctsynth.report import run as build_report
 from test_generate import make_world
 
-SECTIONS = ("summary", "metrics", "structures", "cases", "samples", "subsets", "training", "privacy", "data",
+SECTIONS = ("summary", "metrics", "structures", "cases", "samples", "orthogonal", "subsets", "training", "privacy", "data",
             "config")
 
 
@@ -79,8 +79,12 @@ def test_full_report(tmp_path):
     for key in SECTIONS:
         assert f"id='{key}'" in page
     images = re.findall(r"src='data:image/png;base64,", page)
-    # 2 sample grids + subsets + losses + D accuracy + 3 snapshots + privacy histogram
-    assert len(images) == 9
+    # 2 sample grids + one orthogonal view per test case + subsets + losses + D accuracy + 3 snapshots
+    # + privacy histogram
+    test_cases = json.loads(inp["split"].read_text())["test"]
+    assert len(images) == 9 + len(test_cases)
+    ortho = page[page.index("id='orthogonal'"):page.index("id='subsets'")]
+    assert ortho.count("data:image/png;base64,") == len(test_cases) and "coronal (top) and sagittal" in ortho
     assert not re.search(r"(src|href)\s*=\s*['\"]?(https?:|//)", page)
     assert "<script" not in page and "<link" not in page
     assert "not computed — no local InceptionV3 weights" in page
@@ -90,7 +94,7 @@ def test_full_report(tmp_path):
     names = sorted(p.name for p in files[1:])
     assert files[0].name == "report.html"
     assert {"losses.png", "d_accuracy.png", "privacy_hist.png", "condition_subsets.png",
-            "sample_p1.png", "evolution_step_0000050.png"} <= set(names)
+            "sample_p1.png", "evolution_step_0000050.png"} | {f"orthogonal_{c}.png" for c in test_cases} <= set(names)
     assert all(p.exists() for p in files)
 
 

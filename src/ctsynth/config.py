@@ -69,6 +69,7 @@ class ModelCfg:
     upsample: Literal["transpose", "resize"] = "transpose"
     dropout: float = 0.0
     output: Literal["tanh", "sigmoid"] = "tanh"
+    context_slices: int = 0                          # 2.5-D: neighbouring mask slices on each side in the condition
 
 
 @dataclass
@@ -255,6 +256,7 @@ def _check_model_and_split(p: Params, need) -> None:
     need(1 <= m.disc_layers <= 6, "model.disc_layers: must be in 1..6")
     need(m.ngf >= 1 and m.ndf >= 1, "model.ngf/model.ndf: must be >= 1")
     need(0.0 <= m.dropout < 1.0, "model.dropout: must be in [0, 1)")
+    need(0 <= m.context_slices <= 8, "model.context_slices: must be in 0..8")
     size = p.preprocess.image_size
     need(size >= 16 and size % (2 ** m.gen_depth) == 0,
          f"preprocess.image_size: {size} must be >= 16 and divisible by 2^model.gen_depth = {2 ** m.gen_depth}")

@@ -68,12 +68,35 @@ class ProcessedStore:
         return np.flatnonzero(self.slices["case"].isin(list(cases)).to_numpy()).astype(np.int64)
 
 
-class SliceDataset(Dataset):
-    """(condition, image) pairs for a subset of rows of a :class:`ProcessedStore`."""
+def neighbour_rows(store: ProcessedStore, rows: np.ndarray, k: int) -> np.ndarray:
+    """Rows (N,) -> (N, 2k + 1) rows of each slice's stored neighbours in its own case, ordered
+    z - k .. z + k (2.5-D conditioning, ``model.context_slices``). Neighbours are the case's stored
+    slices sorted by z; past either end the end slice repeats (edge padding)."""
+    rows = np.asarray(rows, np.int64)
+    if k == 0:
+        return rows[:, None]
+    table = np.empty((len(store.slices), 2 * k + 1), np.int64)
+    for _, group in store.slices.groupby("case", sort=False):
+        ordered = group.index.to_numpy()[np.argsort(group["z"].to_numpy(), kind="stable")]
+        pos = np.arange(len(ordered))[:, None] + np.arange(-k, k + 1)[None]
+        table[ordered] = ordered[np.clip(pos, 0, len(ordered) - 1)]
+    return table[rows]
 
-    def __init__(self, store: ProcessedStore, rows: np.ndarray, encoding: str = "onehot"):
+
+def context_masks(masks_zss: np.ndarray, k: int) -> np.ndarray:
+    """Masks of consecutive slices of one volume (Z, S, S) -> (Z, 2k + 1, S, S), edges repeated."""
+    z = np.arange(len(masks_zss))[:, None] + np.arange(-k, k + 1)[None]
+    return np.asarray(masks_zss)[np.clip(z, 0, len(masks_zss) - 1)]
+
+
+class SliceDataset(Dataset):
+    """(condition, image) pairs for a subset of rows of a :class:`ProcessedStore`; with
+    ``context`` k > 0 the condition stacks the masks of the 2k + 1 neighbouring slices."""
+
+    def __init__(self, store: ProcessedStore, rows: np.ndarray, encoding: str = "onehot", context: int = 0):
         self.store, self.rows, self.encoding = store, np.asarray(rows), encoding
         self.structures = store.structures
+        self.context_rows = neighbour_rows(store, self.rows, context)              # (N, 2k + 1)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -81,13 +104,16 @@ class SliceDataset(Dataset):
     def __getitem__(self, i: int):
         row = int(self.rows[i])
         image = np.asarray(self.store.images[row], dtype=np.float32)[None]           # (1, S, S)
-        cond = encode_condition(self.store.masks[row], self.structures, self.encoding)  # (C, S, S)
-        return torch.from_numpy(cond), torch.from_numpy(image)
+        masks = np.asarray(self.store.masks[self.context_rows[i]])                   # (2k + 1, S, S)
+        cond = condition_batch(masks[None], self.structures, self.encoding)[0]       # ((2k + 1) C, S, S)
+        return cond, torch.from_numpy(image)
 
 
 def condition_batch(masks: np.ndarray, structures: list[str], encoding: str) -> torch.Tensor:
-    """Structure-index masks (B, S, S) -> condition tensor (B, C, S, S) float32."""
-    return torch.from_numpy(encode_condition(np.asarray(masks), structures, encoding))
+    """Structure-index masks (B, S, S), or (B, K, S, S) with K neighbouring slices each ->
+    condition tensor (B, C, S, S) or (B, K * C, S, S) float32 (slice-major channels)."""
+    cond = encode_condition(np.asarray(masks), structures, encoding)              # (B, [K,] C, S, S)
+    return torch.from_numpy(np.ascontiguousarray(cond.reshape(len(cond), -1, *cond.shape[-2:])))
 
 
 def train_batches(ds, sampler: DistributedSampler, batch: int, start_step: int,

@@ -16,7 +16,9 @@ Inputs (docs/contracts.md): the processed store, ``data/split.json``, ``data/gen
 
 Then one pass over the real *validation* slices gives the noise floors: FD/KID between real
 validation and real test slices (``<key>_floor``, "as good as real") and between real
-validation and generated test slices (``<key>_vs_val``, the same comparison). Finally the
+validation and generated test slices (``<key>_vs_val``, the same comparison). Then the test
+slices are reassembled into one volume per case (:mod:`ctsynth.throughplane`): adjacent-slice
+consistency, through-plane gradient and the tri-planar Fréchet distances. Finally the
 patient-level bootstrap (:mod:`ctsynth.intervals`) turns the per-slice statistics kept on the
 way (O(N × 44) numbers) into 95 % intervals: ``reports/metrics_ci.json`` and per-case columns.
 
@@ -50,6 +52,7 @@ from .privacy import NearestTrainingSearch, PrivacyAccumulator
 from .progress import quiet
 from .split import load_split
 from .summary import headline_text
+from .throughplane import case_volumes, evaluate_volumes, per_case_table, ratio_intervals
 
 log = logging.getLogger("ctsynth.evaluate")
 
@@ -230,11 +233,19 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
 
     metrics, nulls, spaces = _metrics(params, store, index, acc, inception, val_feats, val_cases, notes)
     n_boot = params.evaluate.bootstrap
+    labels = reported_structures(store.structures)
+    z_metrics, z_nulls, z_sums = evaluate_volumes(case_volumes(store, fake, index), labels,
+                                                  store.meta["hu_window"], inception, notes.get("fid_inception", ""))
+    metrics.update({k: _clean(v) for k, v in z_metrics.items()})
+    nulls.update(z_nulls)
+    notes["throughplane"] = THROUGHPLANE_NOTE
     slices = acc.paired.per_slice()
     ci = metric_intervals(metrics, slices, {k: d.per_slice() for k, d in acc.dice.items()},
                           acc.paired.labels, spaces, val_cases, n_boot, params.seed,
                           params.evaluate.kid_subset_size)
-    _write_tables(out, acc.paired, acc.dice, acc.privacy, per_case_intervals(slices, n_boot, params.seed))
+    ci.update(ratio_intervals(z_sums, labels, n_boot, params.seed))
+    _write_tables(out, acc.paired, acc.dice, acc.privacy, per_case_intervals(slices, n_boot, params.seed),
+                  per_case_table(z_sums))
     _write_metrics(out, metrics, ci, nulls, notes, acc, n_boot, params.seed, seg.dim, inception is not None)
     log.info("evaluate: %d slices of %d test patients in %.1f s; headline (95 %% patient-level intervals; "
              "floor = real validation vs real test slices):\n%s", len(index), metrics["n_test_cases"],
@@ -289,6 +300,16 @@ def _write_metrics(out: Path, metrics: dict, ci: dict, nulls: dict, notes: dict,
     write_json(out / "metrics.json", metrics)
 
 
+THROUGHPLANE_NOTE = (
+    "through-plane metrics (zcons_*, zgrad_*, fd_tri_*, fid_tri_*) on each test case's slices "
+    "reassembled into a volume on the processed grid (image_size² in-plane, one slice per stored z; "
+    "real and generated on the same grid). fd_tri_rand_* use a fixed, seeded, untrained random CNN "
+    "averaged over the 8 rotations/flips of each image: it has no preferred orientation, so axial, "
+    "coronal and sagittal slices are described by the same function on equal terms. The segmenter's "
+    "features are not used for this: it was trained on axial slices only, so coronal/sagittal slices "
+    "are out of its distribution. fid_tri_inception_* use InceptionV3 (ImageNet-trained, not "
+    "CT-orientation-specific) when weights are available.")
+
 _NO_VAL = "no validation slices (split.val is empty): no noise floor"
 
 
@@ -340,11 +361,14 @@ def _with_intervals(table: pd.DataFrame, intervals: pd.DataFrame) -> pd.DataFram
 
 
 def _write_tables(out: Path, paired: PairedAccumulator, dice: dict, privacy: PrivacyAccumulator,
-                  case_intervals: pd.DataFrame) -> None:
-    """per_case.csv (with per-case intervals), per_structure.csv, plots/dice.csv, plots/privacy_hist.csv."""
+                  case_intervals: pd.DataFrame, case_extra: pd.DataFrame | None = None) -> None:
+    """per_case.csv (with per-case intervals and the through-plane ratios of ``case_extra``),
+    per_structure.csv, plots/dice.csv, plots/privacy_hist.csv."""
     per_case = paired.per_case()
     if not case_intervals.empty:
         per_case = _with_intervals(per_case, case_intervals)
+    if case_extra is not None and not case_extra.empty:
+        per_case = per_case.merge(case_extra, on="case", how="left")
     for kind, acc in dice.items():
         scores = acc.per_case()
         for name in acc.labels.values():

@@ -148,3 +148,30 @@ def save_case_grid(path: Path, case: str, masks, reals, fakes, zs, window) -> No
     fig.tight_layout(rect=(0, 0.05 if handles else 0, 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def save_orthogonal_views(path: Path, case: str, real, fake, centre, dz: float, dxy: float, window) -> Path:
+    """Rows coronal | sagittal through ``centre`` = (z, row, col) of a (Z, S, S) volume; columns
+    real | generated | |difference| in HU. Pixels drawn at their physical aspect (dz : dxy),
+    superior up."""
+    plt = _plt()
+    lo, hi = (float(v) for v in window)
+    diff_max = 0.25 * (hi - lo)
+    _, r, c = centre
+    views = [("coronal", real[:, r, :], fake[:, r, :]), ("sagittal", real[:, :, c], fake[:, :, c])]
+    fig, axes = plt.subplots(2, 3, figsize=(8.4, 1.2 + 2 * 2.8 * max(0.35, real.shape[0] * dz / (real.shape[1] * dxy))),
+                             squeeze=False)
+    titles = ["real", "generated", f"|difference|  0–{diff_max:g} HU"]
+    for i, (name, a, b) in enumerate(views):
+        diff = np.abs(b.astype(np.float32) - a.astype(np.float32)) * 0.5 * (hi - lo)
+        for j, (img, kw) in enumerate([(a, dict(cmap="gray", vmin=-1, vmax=1)), (b, dict(cmap="gray", vmin=-1, vmax=1)),
+                                       (diff, dict(cmap="magma", vmin=0, vmax=diff_max))]):
+            ax = axes[i, j]
+            ax.imshow(np.asarray(img, np.float32), origin="lower", aspect=dz / dxy, interpolation="nearest", **kw)
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(titles[j], fontsize=9)
+        axes[i, 0].set_ylabel(f"{name}\n{'row' if name == 'coronal' else 'col'} {r if name == 'coronal' else c}",
+                              fontsize=9)
+    fig.suptitle(f"test case {case}: through the heart, superior up", fontsize=10)
+    return _save(fig, path, dpi=80)

@@ -29,7 +29,7 @@ from skimage.transform import resize
 from tqdm import tqdm
 
 from .accel import pick_device
-from .data import ProcessedStore, condition_batch
+from .data import ProcessedStore, condition_batch, context_masks, neighbour_rows
 from .errors import ConfigError, InputError, ModelFileError
 from .figures import save_case_grid
 from .io import atomic_dir, load_nifti, save_nifti
@@ -57,15 +57,18 @@ def load_model(model_path: str | Path, device: str = "auto") -> tuple[torch.nn.M
     path = Path(model_path)
     model, blob = load_generator(path, device=pick_device(device))
     meta = {**dict(blob.get("preprocess") or {}), "in_channels": blob.get("in_channels"),
-            "model_cfg": blob.get("model_cfg")}
+            "model_cfg": blob.get("model_cfg"),
+            "context_slices": int((blob.get("model_cfg") or {}).get("context_slices", 0))}  # older files: 0
     missing = [k for k in ("image_size", "hu_window", "structures", "encoding") if k not in meta]
     if missing:
         raise ModelFileError(f"{path}: model file lacks preprocessing info {missing}; "
                              f"retrain with this version of ctsynth")
-    expected = condition_channels(list(meta["structures"]), meta["encoding"])
+    k = meta["context_slices"]
+    expected = condition_channels(list(meta["structures"]), meta["encoding"]) * (2 * k + 1)
     if meta["in_channels"] != expected:
         raise ModelFileError(f"{path}: model takes {meta['in_channels']} condition channels but its "
-                             f"structures {meta['structures']} ({meta['encoding']}) need {expected}")
+                             f"structures {meta['structures']} ({meta['encoding']}, context_slices {k}) "
+                             f"need {expected}")
     return model.eval(), meta
 
 
@@ -86,19 +89,27 @@ class Synthesizer:
         self.structures = list(structures) if structures else self.model_structures
         self.keep = kept_indices(self.structures)
         self.batch_size = int(batch_size)
+        self.context = int(meta.get("context_slices", 0))       # 2.5-D: neighbours on each side
         self.device = next(model.parameters()).device
         self.model = model.eval().to(memory_format=torch.channels_last)
         self.slices_done, self.seconds = 0, 0.0
 
-    # (N, S, S) uint8 structure indices -> (N, S, S) float32 in [-1, 1]
+    # (N, S, S) uint8 structure indices, or (N, 2k+1, S, S) with each slice's neighbours (z-k..z+k)
+    # when the model has context_slices k -> (N, S, S) float32 in [-1, 1]
     @torch.inference_mode()
     def unit(self, masks: np.ndarray) -> np.ndarray:
-        out = np.empty(masks.shape, np.float32)
+        masks = np.asarray(masks)
+        if masks.ndim == 3 and self.context == 0:
+            masks = masks[:, None]                                                  # (N, 1, S, S)
+        if masks.ndim != 4 or masks.shape[1] != 2 * self.context + 1:
+            raise InputError(f"generator with context_slices={self.context} needs masks (N, "
+                             f"{2 * self.context + 1}, S, S) of each slice and its neighbours, got {masks.shape}")
+        out = np.empty((len(masks),) + masks.shape[2:], np.float32)
         start = time.perf_counter()
         for i in range(0, len(masks), self.batch_size):
             chunk = masks[i:i + self.batch_size]
             chunk = np.where(np.isin(chunk, self.keep), chunk, 0)                    # (B, S, S)
-            cond = condition_batch(chunk, self.model_structures, self.encoding)      # (B, C, S, S)
+            cond = condition_batch(chunk, self.model_structures, self.encoding)      # (B, (2k+1)C, S, S)
             cond = cond.to(self.device).contiguous(memory_format=torch.channels_last)
             fake = self.model(cond)                                                 # (B, 1, S, S)
             out[i:i + len(chunk)] = fake[:, 0].float().clamp_(-1, 1).cpu().numpy()
@@ -117,14 +128,17 @@ class Synthesizer:
     def volume(self, index_xyz: np.ndarray, desc: str = "volume") -> np.ndarray:
         """Canonical structure-index volume (X, Y, Z) -> synthetic CT (X, Y, Z) int16 HU.
 
-        Streams ``batch_size`` slices at a time, so memory stays ~ one output volume."""
+        Streams ``batch_size`` slices at a time through the generator, so memory stays ~ one output
+        volume plus the model-size uint8 masks. With ``context_slices`` k each slice's condition
+        holds its k neighbours on each side (the volume's end slices repeat past its ends)."""
         nx, ny, nz = index_xyz.shape
         lo, hi = self.window
         out = np.empty((nx, ny, nz), np.int16)
+        masks = np.stack([self.mask_to_model(np.asarray(index_xyz[:, :, z])) for z in range(nz)])  # (Z, S, S)
+        masks = context_masks(masks, self.context)                                    # (Z, 2k+1, S, S)
         for z0 in tqdm(range(0, nz, self.batch_size), desc=desc, unit="batch", disable=quiet()):
             zs = range(z0, min(nz, z0 + self.batch_size))
-            masks = np.stack([self.mask_to_model(np.asarray(index_xyz[:, :, z])) for z in zs])  # (B, S, S)
-            fake = self.unit(masks)
+            fake = self.unit(masks[z0:zs.stop])                                      # (B, S, S)
             for j, z in enumerate(zs):
                 hu = restore_slice(fake[j], (nx, ny), self.window)                   # (X, Y) HU
                 out[:, :, z] = np.rint(np.clip(hu, lo, hi)).astype(np.int16)
@@ -169,10 +183,11 @@ def condition_subset_panels(model_path, processed_dir, split_path, n_slices: int
     present = [s for s in full if s != WH and np.isin(masks, kept_indices([s])).any()]
     subsets = [full] + ([[s] for s in present] if len(full) > 1 else [])
     panels = [("real", masks, np.asarray(store.images[picks], np.float32))]
+    context = np.asarray(store.masks[neighbour_rows(store, picks, meta["context_slices"])])  # (K, 2k+1, S, S)
     for subset in subsets:
         synth = Synthesizer(model, meta, batch_size=len(picks), structures=subset)
         kept = np.where(np.isin(masks, synth.keep), masks, 0)
-        panels.append(("+".join(subset) if subset != full else f"all ({len(full)})", kept, synth.unit(masks)))
+        panels.append(("+".join(subset) if subset != full else f"all ({len(full)})", kept, synth.unit(context)))
     titles = [(store.slices.case.iloc[r], store.slices.z.iloc[r]) for r in picks]
     return subsets, panels, titles
 
@@ -225,6 +240,7 @@ def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> 
     _check_store_matches_model(store, meta, model_path)
     synth = Synthesizer(model, meta, batch_size=params.generate.batch_size)
     rows = store.rows_for_cases(test)                                                # (N,)
+    context = neighbour_rows(store, rows, synth.context)                             # (N, 2k+1)
     window = synth.window
     log.info("generate: %d test slices of %d cases %s on %s", len(rows), len(test), test, synth.device)
 
@@ -234,7 +250,7 @@ def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> 
                            shape=(len(rows),) + store.images.shape[1:])              # (N, S, S)
         bs, start = synth.batch_size, time.perf_counter()
         for i in tqdm(range(0, len(rows), bs), desc="generate slices", unit="batch", disable=quiet()):
-            fake[i:i + bs] = synth.unit(np.asarray(store.masks[rows[i:i + bs]]))  # (B, S, S)
+            fake[i:i + bs] = synth.unit(np.asarray(store.masks[context[i:i + bs]]))  # (B, 2k+1, S, S) -> (B, S, S)
         fake.flush()
         np.save(tmp / "index.npy", rows.astype(np.int64))
         slices_rate, wall_rate = synth.throughput(), len(rows) / (time.perf_counter() - start)

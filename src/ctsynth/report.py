@@ -22,7 +22,7 @@ import pandas as pd
 
 from .config import flatten, to_dict
 from .errors import InputError
-from .figures import fig_condition_subsets, fig_d_accuracy, fig_losses, fig_privacy
+from .figures import fig_condition_subsets, fig_d_accuracy, fig_losses, fig_privacy, save_orthogonal_views
 from .generate import condition_subset_panels
 from .io import atomic_dir, write_text
 from .summary import first_grid, privacy_verdict, section_summary
@@ -297,6 +297,33 @@ def section_samples(generated_dir: Path, figures: Path, structures: list[str], n
     return "".join(parts)
 
 
+_ORTHO_KEYS = ("zcons_ssim_ratio", "zgrad_ratio", "fd_tri_rand_axial", "fd_tri_rand_coronal",
+               "fd_tri_rand_sagittal", "fd_tri_rand_mean")
+
+
+def section_orthogonal(reports_dir: Path, generated_dir: Path, processed_dir: Path, figures: Path,
+                       window) -> str:
+    """Coronal and sagittal views through the heart of every test case (real | generated |
+    |difference|) and the through-plane numbers beside them."""
+    from .throughplane import heart_centre, load_test_volumes
+
+    if not (generated_dir / "fake.npy").exists() or not (processed_dir / "meta.json").exists():
+        return missing("Orthogonal views", generated_dir / "fake.npy")
+    metrics, ci = _read_json(reports_dir / "metrics.json") or {}, read_intervals(reports_dir)
+    rows = "".join(f"<tr><td><code>{k}</code></td><td class='num'>{_esc(fmt(metrics.get(k)))}</td>"
+                   f"<td class='num ci'>{_esc(_interval_cell(ci, k))}</td><td>{_esc(_definition(k, {}))}</td></tr>"
+                   for k in _ORTHO_KEYS if k in metrics)
+    parts = [f"<p>Each test case's generated slices stacked back into a volume on the processed grid "
+             f"(the real one beside it), cut through the centre of its structures. A generator that "
+             f"works slice by slice shows as horizontal streaks here.</p><table><tr><th>metric</th>"
+             f"<th>value</th><th>95 % interval</th><th>definition</th></tr>{rows}</table>"]
+    for vol in load_test_volumes(processed_dir, generated_dir):
+        out = figures / f"orthogonal_{vol.case}.png"
+        save_orthogonal_views(out, vol.case, vol.real, vol.fake, heart_centre(vol.masks), vol.dz, vol.dxy, window)
+        parts.append(img_tag(out, f"test case {vol.case}: coronal (top) and sagittal (bottom)", width=560))
+    return "".join(parts)
+
+
 def section_subsets(model_path, processed_dir: Path, split_path: Path, figures: Path,
                     structures: list[str]) -> str:
     """Which condition subset the model uses, and test slices generated from each single one."""
@@ -389,6 +416,8 @@ def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, ou
             ("cases", "Per case", section_per_case(reports_dir)),
             ("samples", "Sample test cases", section_samples(generated_dir, figs, structures,
                                                              shown_above=first_grid(generated_dir))),
+            ("orthogonal", "Orthogonal views (through-plane)",
+             section_orthogonal(reports_dir, generated_dir, processed_dir, figs, meta.get("hu_window", [-1000, 1000]))),
             ("subsets", "Condition subsets", section_subsets(model_path, processed_dir, Path(split_path),
                                                              figs, structures)),
             ("training", "Training (Figs. 2–3)",

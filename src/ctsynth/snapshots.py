@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import ProcessedStore, condition_batch
+from .data import ProcessedStore, condition_batch, neighbour_rows
 from .io import atomic_file
 from .labels import STRUCTURE_COLOURS
 
@@ -31,11 +31,12 @@ def snapshot_rows(store: ProcessedStore, split: dict, count: int) -> np.ndarray:
 
 @torch.no_grad()
 def snapshot_images(G, store: ProcessedStore, rows: np.ndarray, encoding: str,
-                    device: torch.device) -> torch.Tensor:
+                    device: torch.device, context: int = 0) -> torch.Tensor:
     """Generator output (eval mode, fp32) for ``rows`` as uint8 (K, S, S)."""
     was_training = G.training
     G.eval()
-    cond = condition_batch(store.masks[rows], store.structures, encoding).to(device)   # (K, C, S, S)
+    masks = np.asarray(store.masks[neighbour_rows(store, rows, context)])               # (K, 2k+1, S, S)
+    cond = condition_batch(masks, store.structures, encoding).to(device)               # (K, C', S, S)
     fake = G(cond).float()[:, 0]                                                        # (K, S, S)
     G.train(was_training)
     return ((fake.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
@@ -71,9 +72,10 @@ class Snapshots:
     of training (rank 0 only). ``taken`` (step -> uint8 images) travels in checkpoints, so a
     resumed run re-renders the earlier snapshots instead of losing them."""
 
-    def __init__(self, store: ProcessedStore, split: dict, cfg, encoding: str, device: torch.device,
+    def __init__(self, store: ProcessedStore, split: dict, cfg, model_cfg, device: torch.device,
                  out_dir: Path, tracker, taken: dict | None = None):
-        self.store, self.encoding, self.device, self.out_dir = store, encoding, device, out_dir
+        self.store, self.device, self.out_dir = store, device, out_dir
+        self.encoding, self.context = model_cfg.encoding, model_cfg.context_slices
         self.iterations, self.tracker = cfg.iterations, tracker
         self.steps = sorted({int(round(f * cfg.iterations)) for f in cfg.snapshot_at})
         self.rows = snapshot_rows(store, split, cfg.snapshot_count)
@@ -83,7 +85,8 @@ class Snapshots:
         if step not in self.steps or len(self.rows) == 0:
             return
         if step not in self.taken:
-            self.taken[step] = snapshot_images(G, self.store, self.rows, self.encoding, self.device)
+            self.taken[step] = snapshot_images(G, self.store, self.rows, self.encoding, self.device,
+                                                    self.context)
         png = render_snapshot(self.out_dir / f"step_{step:07d}.png", self.store, self.rows,
                               self.taken[step], step, self.iterations)
         self.tracker.log_artifact(png, "snapshots")

@@ -98,7 +98,7 @@ def _prepare(params: Params, d: Dist, processed_dir: Path, split_path: Path) -> 
     split = load_split(split_path, need=("train",))
     rows = store.rows_for_cases(split["train"])
     _check_sizes(cfg, mcfg, d, len(rows), store.image_size, split_path)
-    in_ch = condition_channels(store.structures, mcfg.encoding)
+    in_ch = condition_channels(store.structures, mcfg.encoding) * (2 * mcfg.context_slices + 1)
     precision = resolve_precision(cfg.precision, d.device)          # auto: bf16 only where native
     channels_last = resolve_channels_last(cfg.channels_last, d.device)
     data_hash = store.fingerprint(split["train"])
@@ -117,7 +117,7 @@ def _prepare(params: Params, d: Dist, processed_dir: Path, split_path: Path) -> 
         log.info("%d training slices, batch %d (%d per process x %d), %s %s%s%s", len(rows), cfg.batch_size,
                  cfg.batch_size // d.world, d.world, d.device, precision,
                  " channels_last" if channels_last else "", " compile" if cfg.compile else "")
-    return _Job(params, d, store, split, SliceDataset(store, rows, mcfg.encoding), in_ch,
+    return _Job(params, d, store, split, SliceDataset(store, rows, mcfg.encoding, mcfg.context_slices), in_ch,
                 cfg.batch_size // d.world, precision, channels_last, fp, data_hash, G, D, opt_g, opt_d)
 
 
@@ -182,7 +182,7 @@ def run(params: Params, processed_dir: str | Path, split_path: str | Path, out_m
         state = _resume(job, ckpts)
         hist = LossHistory(params.train.iterations, d, state["losses"])
         tracker = _open_tracking(job, Path(run_file), Path(split_path), state, hist)
-        snaps = Snapshots(job.store, job.split, params.train, params.model.encoding, d.device,
+        snaps = Snapshots(job.store, job.split, params.train, params.model, d.device,
                           Path(reports_dir) / "snapshots", tracker, state["snapshots"])
         result = _loop(job, tracker, hist, snaps, state["step"], ckpts, Path(reports_dir), stop_after)
         if result.interrupted_by:
