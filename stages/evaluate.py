@@ -17,12 +17,15 @@ def main(args, params):
     from ctsynth import evaluate
 
     evaluate.run(params, processed_dir=args.processed, split_path=args.split,
-                 generated_dir=args.generated, segmenter_path=args.segmenter, out_dir=args.out)
+                 generated_dir=args.generated, segmenter_path=args.segmenter, out_dir=args.out,
+                 utility_path=args.utility)
     return 0
 
 
 def add_args(p):
     add_inputs(p, "processed", "split", "generated", "segmenter")
+    p.add_argument("--utility", default=None, help="the utility stage's reports/utility.json, merged into "
+                                                   "metrics.json / metrics_ci.json (optional)")
     p.add_argument("--out", default="reports", help="metrics and tables; default reports")
 
 

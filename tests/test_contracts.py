@@ -25,8 +25,9 @@ def documented_columns(label: str) -> list[str]:
     assert found, f"docs/contracts.md has no column list after {label!r}"
     cols = []
     for item in (c.strip() for c in found.group(1).split(",")):
-        if item.endswith("_x/y/z"):
-            cols += [item[:-5] + a for a in "xyz"]
+        if "_x/y/z" in item:
+            head, tail = item.split("_x/y/z")
+            cols += [f"{head}_{a}{tail}" for a in "xyz"]
         elif item == "vox_<Structure>":
             cols += [f"vox_{s}" for s in STRUCTURES]
         else:

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -31,6 +32,7 @@ TINY = {
     "train": {"iterations": 6, "batch_size": 4, "checkpoint_every": 3, "log_every": 2, "snapshot_count": 2},
     "segmenter": {"iterations": 6, "batch_size": 4, "width": 4},
     "generate": {"batch_size": 8, "grid_slices": 3},
+    "synthesize": {"cases": 3},
     "evaluate": {"batch_size": 8, "kid_subset_size": 4},
     "privacy": {"downsample": 16},
 }
@@ -84,7 +86,7 @@ def repo(tmp_path_factory) -> Path:
     root = make_repo(tmp_path_factory.mktemp("e2e"))
     out = sh(root, "dvc", "repro")
     assert stages_run(out.stdout) == ["phantom", "ingest", "preprocess", "split", "train", "segmenter",
-                                      "generate", "evaluate", "report"], out.stdout
+                                      "generate", "synthesize", "utility", "evaluate", "report"], out.stdout
     return root
 
 
@@ -105,6 +107,28 @@ def test_outputs_and_metrics(repo):
     split = json.loads((repo / "data" / "split.json").read_text())
     synth = sorted(p.name for p in (repo / "data" / "generated").glob("*_synth.nii.gz"))
     assert synth == sorted(f"{c}_synth.nii.gz" for c in split["test"])
+
+
+def test_synthetic_cases_feed_back_into_ingest_and_utility_metrics(repo, tmp_path):
+    """data/synthetic: labelled pairs from the training cases that `ingest` accepts as data.raw_dir
+    (the pipeline's own stage, run on them); the utility Dice and its chart reach metrics.json and
+    the report."""
+    manifest = pd.read_csv(repo / "data" / "synthetic" / "manifest.csv")
+    split = json.loads((repo / "data" / "split.json").read_text())
+    assert len(manifest) == 3 and set(manifest.source) <= set(split["train"])
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["raw_dir"] = str(repo / "data" / "synthetic")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    sh(repo, sys.executable, "stages/ingest.py", "--params", str(tmp_path / "params.yaml"),
+       "--raw", str(repo / "data" / "synthetic"), "--out", str(tmp_path / "interim"))
+    assert sorted(pd.read_csv(tmp_path / "interim" / "manifest.csv").case) == sorted(manifest.case)
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    intervals = json.loads((repo / "reports" / "metrics_ci.json").read_text())
+    for key in ("utility_dice_real", "utility_dice_synthetic", "utility_dice_mixed", "utility_gain_mixed"):
+        assert isinstance(metrics[key], float) and f"{key}_ci95" in intervals, key
+    assert metrics["utility_dice_real"] == pytest.approx(metrics["dice_real_mean"], abs=2e-6)  # same model, same slices
+    html = (repo / "reports" / "report.html").read_text()
+    assert "Does synthetic data help segmentation?" in html and "synthetic case synth_0001" in html
 
 
 def test_mlflow_run_has_params_metrics_and_model(repo):

@@ -2,6 +2,7 @@
 
     ctsynth phantom --out data/my_phantom --cases 4 --seed 1
     ctsynth generate --model models/generator.pt --mask mask.nii.gz --out synth.nii.gz
+    ctsynth synthesize --labels data/phantom --pattern '*_label.nii.gz' --out synth/ --cases 50 [--layout nnunet]
     ctsynth check-params [--params params/paper.yaml]
     ctsynth bench [--quick] [--paths fp32_cl,compile]
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import Params, PhantomCfg
+from .config import Params, PhantomCfg, SynthesizeCfg
 from .runner import guarded, setup_logging
 
 
@@ -32,6 +33,27 @@ def _generate(args) -> int:
                               label_map=args.label_map)
     print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
     return 0
+
+
+def _synthesize(args) -> int:
+    from .synthesize import synthesize_folder
+
+    manifest = synthesize_folder(args.model, args.labels, args.out, cases=args.cases, seed=args.seed,
+                                 label_map=args.label_map, layout=args.layout, pattern=args.pattern,
+                                 structures=args.structures)
+    print(f"wrote {len(manifest)} synthetic cases ({args.layout} layout) from "
+          f"{manifest.source.nunique()} label volumes to {args.out}; draws in {args.out}/manifest.csv")
+    return 0
+
+
+SYNTHESIZE_HELP = """New labelled cases from a folder of label NIfTIs: each case warps one of them (in turn) by a
+random 3-D affine (rotation, anisotropic scale, translation) and a smooth deformation (kornia),
+redrawn when a structure vanishes or splits; the trained generator draws its CT slice by slice
+(int16 HU on the label's grid and affine). Layouts: 'pairs' (<id>_image.nii.gz + <id>_label.nii.gz
+with the input's label values, the layout `ingest` reads: use the folder as data.raw_dir) or
+'nnunet' (imagesTr/<id>_0000.nii.gz, labelsTr/<id>.nii.gz with labels 1..K, dataset.json; put it
+in nnUNet_raw/DatasetXXX_Name). manifest.csv records each case's source and draw. The ranges
+are params.yaml's synthesize defaults; the pipeline's `synthesize` stage uses params.yaml itself."""
 
 
 def _check_params(args) -> int:
@@ -88,6 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help='mask value -> structure, inline JSON (\'{"1": "LV"}\') or a JSON/YAML file '
                         "(default: the model's training map)")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("synthesize", help="new labelled cases (warped masks + generated CT) from label NIfTIs",
+                       description=SYNTHESIZE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models/generator.pt", help="trained generator file")
+    p.add_argument("--labels", required=True, help="folder of label NIfTIs (searched recursively)")
+    p.add_argument("--pattern", default="*.nii*",
+                   help="file name pattern of the label files (default '*.nii*'; e.g. '*_label.nii.gz' "
+                        "for a folder of image/label pairs)")
+    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--cases", type=int, default=SynthesizeCfg.cases,
+                   help=f"number of new cases (default {SynthesizeCfg.cases})")
+    p.add_argument("--seed", type=int, default=SynthesizeCfg.seed,
+                   help=f"case i draws from default_rng([seed, i]) (default {SynthesizeCfg.seed})")
+    p.add_argument("--layout", default="pairs", help="pairs (ingestible, default) | nnunet")
+    p.add_argument("--structures", nargs="+", default=None,
+                   help="structures to keep and draw (default: those the model was trained with)")
+    p.add_argument("--label-map", default=None,
+                   help='label value -> structure, inline JSON (\'{"1": "LV"}\') or a JSON/YAML file '
+                        "(default: the model's training map)")
+    p.set_defaults(func=_synthesize)
 
     p = sub.add_parser("check-params", help="validate a params file and exit")
     p.add_argument("--params", default="params.yaml")

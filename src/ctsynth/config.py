@@ -113,6 +113,18 @@ class GenerateCfg:
 
 
 @dataclass
+class SynthesizeCfg:
+    cases: int = 24                                  # new labelled cases (image/label pairs) in data/synthetic
+    seed: int = 1                                    # case i draws from numpy default_rng([seed, i])
+    rotation_deg: list = field(default_factory=lambda: [5.0, 5.0, 12.0])  # max |rotation| about x, y, z
+    scale: list = field(default_factory=lambda: [0.9, 1.1])   # per-axis scale factor range (anisotropic)
+    shift_mm: list = field(default_factory=lambda: [10.0, 10.0, 8.0])   # max |translation| per axis
+    deform_mm: float = 6.0                           # max displacement of the smooth deformation (0: affine only)
+    deform_grid_mm: float = 50.0                     # control-point spacing of the deformation (larger: smoother)
+    max_attempts: int = 20                           # redraws per case when a structure vanishes or splits
+
+
+@dataclass
 class EvaluateCfg:
     inception_weights: Optional[str] = "auto"        # auto: standard FID weights (torch hub cache / download) | file | null
     batch_size: int = 32
@@ -147,6 +159,7 @@ class Params:
     train: TrainCfg = field(default_factory=TrainCfg)
     segmenter: SegmenterCfg = field(default_factory=SegmenterCfg)
     generate: GenerateCfg = field(default_factory=GenerateCfg)
+    synthesize: SynthesizeCfg = field(default_factory=SynthesizeCfg)
     evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
     privacy: PrivacyCfg = field(default_factory=PrivacyCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)
@@ -218,7 +231,24 @@ def _check_ranges(p: Params, problems: list[str]) -> None:
     _check_data(p, need, problems)
     _check_model_and_split(p, need)
     _check_train(p.train, need)
+    _check_synthesize(p.synthesize, need)
     _check_evaluation_and_paths(p, need)
+
+
+def _check_synthesize(s: SynthesizeCfg, need) -> None:
+    def numbers(v, n):
+        return isinstance(v, list) and len(v) == n and all(isinstance(x, (int, float)) for x in v)
+
+    need(s.cases >= 1, f"synthesize.cases: must be >= 1, got {s.cases}")
+    need(numbers(s.rotation_deg, 3) and all(0 <= x <= 45 for x in s.rotation_deg),
+         "synthesize.rotation_deg: three angles in [0, 45] (max |rotation| about x, y, z, degrees)")
+    need(numbers(s.scale, 2) and 0 < s.scale[0] <= s.scale[1] <= 3,
+         "synthesize.scale: [low, high] with 0 < low <= high <= 3")
+    need(numbers(s.shift_mm, 3) and all(x >= 0 for x in s.shift_mm),
+         "synthesize.shift_mm: three non-negative numbers (max |translation| per axis, mm)")
+    need(s.deform_mm >= 0 and s.deform_grid_mm > 0,
+         "synthesize.deform_mm must be >= 0 and synthesize.deform_grid_mm > 0")
+    need(s.max_attempts >= 1, "synthesize.max_attempts: must be >= 1")
 
 
 def _check_data(p: Params, need, problems: list[str]) -> None:

@@ -29,6 +29,7 @@ atomically; ``metrics.json`` holds only numbers (or null), ``metrics_ci.json`` t
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -41,8 +42,8 @@ from tqdm import tqdm
 
 from .config import Params
 from .data import ProcessedStore
-from .errors import InputError, MetricUnavailable, ModelFileError
-from .segmenter import load_segmenter
+from .errors import InputError, MetricUnavailable
+from .segmenter import check_segmenter, load_segmenter
 from .inception import InceptionFeatures
 from .intervals import PER_CASE_KEYS, SUFFIX, FeatureSpace, describe, metric_intervals, per_case_intervals
 from .io import atomic_file, write_csv, write_json
@@ -89,14 +90,18 @@ def load_generated(generated_dir: str | Path, store: ProcessedStore, test_cases:
     return fake, index.astype(np.int64)
 
 
-def _check_segmenter(seg, store: ProcessedStore, split: dict, path) -> None:
-    cfg = seg.config
-    if cfg.get("image_size") not in (None, store.image_size):
-        raise ModelFileError(f"{path}: segmenter trained at {cfg['image_size']}², store is "
-                             f"{store.image_size}² (run `dvc repro segmenter`)")
-    leak = set(seg.train.get("train_cases", [])) & set(split["test"])
-    if leak:
-        raise ModelFileError(f"{path}: segmenter was trained on test case(s) {sorted(leak)}")
+def merge_utility(path, metrics: dict, ci: dict, notes: dict) -> None:
+    """The utility stage's metrics, intervals and notes into this evaluation's."""
+    path = Path(path)
+    try:
+        blob = json.loads(path.read_text())
+        metrics.update({k: _clean(v) for k, v in blob["metrics"].items()})
+        ci.update({k: (v["lo"], v["hi"]) for k, v in blob.get("ci", {}).items()})
+        notes.update(blob.get("notes", {}))
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (run `dvc repro utility`)") from None
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"{path}: not a utility stage result ({type(e).__name__}: {e})") from None
 
 
 def _clean(value):
@@ -215,15 +220,18 @@ def _validation_features(store: ProcessedStore, split: dict, seg, inception, bat
     return {k: b.tensor() for k, b in banks.items()}, store.slices["case"].to_numpy()[rows]
 
 
-def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path, out_dir) -> dict:
-    """Evaluate the generated test set; write every report file; return the metrics dict."""
+def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path, out_dir,
+        utility_path=None) -> dict:
+    """Evaluate the generated test set; write every report file; return the metrics dict.
+
+    ``utility_path``: the utility stage's JSON, merged into metrics.json / metrics_ci.json."""
     t0 = time.time()
     _pin_malloc_mmap_threshold()
     store = ProcessedStore(processed_dir)
     split = load_split(split_path, need=("train", "test"))
     fake, index = load_generated(generated_dir, store, split["test"])
     seg = load_segmenter(segmenter_path)
-    _check_segmenter(seg, store, split, segmenter_path)
+    check_segmenter(seg, store, split, segmenter_path)
     notes: dict = {"data_range": f"PSNR/SSIM on images mapped to [0,1], data_range={DATA_RANGE} "
                                  f"= HU window {store.meta['hu_window']}; MSE in [-1,1] space"}
     inception = _open_inception(params.evaluate.inception_weights, notes)
@@ -244,6 +252,8 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
                           acc.paired.labels, spaces, val_cases, n_boot, params.seed,
                           params.evaluate.kid_subset_size)
     ci.update(ratio_intervals(z_sums, labels, n_boot, params.seed))
+    if utility_path is not None:
+        merge_utility(utility_path, metrics, ci, notes)
     _write_tables(out, acc.paired, acc.dice, acc.privacy, per_case_intervals(slices, n_boot, params.seed),
                   per_case_table(z_sums))
     _write_metrics(out, metrics, ci, nulls, notes, acc, n_boot, params.seed, seg.dim, inception is not None)

@@ -175,3 +175,58 @@ def save_orthogonal_views(path: Path, case: str, real, fake, centre, dz: float, 
                               fontsize=9)
     fig.suptitle(f"test case {case}: through the heart, superior up", fontsize=10)
     return _save(fig, path, dpi=80)
+
+
+def fig_utility(frame: pd.DataFrame, path: Path) -> Path:
+    """Downstream Dice on real test slices per structure (and their mean) for each training set,
+    bars with their 95 % intervals. frame: model, structure, dice, lo, hi (``reports/utility.csv``)."""
+    plt = _plt()
+    models = list(dict.fromkeys(frame.model))
+    structures = [s for s in dict.fromkeys(frame.structure) if s != "mean"] + ["mean"]
+    labels = {"real": "real only", "synthetic": "synthetic only", "mixed": "real + synthetic"}
+    fig, ax = plt.subplots(figsize=(8.4, 3.4))
+    width = 0.8 / max(1, len(models))
+    for i, model in enumerate(models):
+        rows = frame[frame.model == model].set_index("structure").reindex(structures)
+        x = np.arange(len(structures)) + (i - (len(models) - 1) / 2) * width
+        d = rows.dice.to_numpy(float)
+        err = np.vstack([d - rows.lo.to_numpy(float), rows.hi.to_numpy(float) - d])
+        ax.bar(x, d, width, label=labels.get(model, model), color=f"C{i}",
+               yerr=np.where(np.isfinite(err), np.clip(err, 0, None), 0), capsize=2, error_kw={"lw": .8})
+    ax.set_xticks(np.arange(len(structures)), structures)
+    ax.set(ylabel="Dice on real test slices", ylim=(0, 1.05),
+           title="segmenter trained on … (bars: 95 % patient-level intervals)")
+    ax.legend(fontsize=8, ncol=len(models), loc="lower left")
+    ax.grid(axis="y", alpha=.3)
+    return _save(fig, path)
+
+
+def save_synthetic_case(path: Path, case: str, image, labels, centre, spacing, window) -> Path:
+    """A synthetic case in three orthogonal views through ``centre`` (x, y, z voxel): rows axial |
+    coronal | sagittal, columns mask | CT. ``image`` HU and ``labels`` structure indices, both
+    canonical RAS (X, Y, Z); drawn at the physical aspect, anterior / superior up."""
+    plt = _plt()
+    x, y, z = (int(v) for v in centre)
+    sx, sy, sz = (float(v) for v in spacing)
+    views = [("axial", lambda v: v[:, :, z].T, sy / sx, f"z {z}"),          # rows y (posterior→anterior)
+             ("coronal", lambda v: v[:, y, :].T, sz / sx, f"y {y}"),        # rows z (inferior→superior)
+             ("sagittal", lambda v: v[x, :, :].T, sz / sy, f"x {x}")]
+    fig, axes = plt.subplots(3, 2, figsize=(6.4, 8.4), squeeze=False)
+    lo, hi = (float(v) for v in window)
+    for i, (name, cut, aspect, where) in enumerate(views):
+        axes[i, 0].imshow(mask_rgb(cut(labels)), origin="lower", aspect=aspect, interpolation="nearest")
+        axes[i, 1].imshow(cut(image), origin="lower", aspect=aspect, cmap="gray", vmin=lo, vmax=hi,
+                          interpolation="nearest")
+        axes[i, 0].set_ylabel(f"{name}\n{where}", fontsize=9)
+        for ax in axes[i]:
+            ax.set_xticks([]), ax.set_yticks([])
+    axes[0, 0].set_title("synthetic mask", fontsize=9)
+    axes[0, 1].set_title(f"synthetic CT ({lo:g} to {hi:g} HU)", fontsize=9)
+    present = sorted(int(v) for v in np.unique(labels) if v)
+    fig.legend(handles=legend_handles(present), loc="lower center", ncol=min(7, len(present)), fontsize=8,
+               frameon=False)
+    fig.suptitle(f"synthetic case {case}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -101,6 +101,17 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "fid_tri_inception_coronal": "FID on coronal slices (isotropic pixels) of the reassembled test volumes; null without Inception weights",
     "fid_tri_inception_sagittal": "FID on sagittal slices (isotropic pixels) of the reassembled test volumes; null without Inception weights",
     "fid_tri_inception_mean": "tri-planar FID: mean of the axial, coronal and sagittal FIDs (MAISI's 2.5-D FID); null without Inception weights",
+    "utility_dice_real": "downstream utility: mean Dice over structures on the REAL test slices of the segmenter trained on real training slices only (the segmenter stage's model)",
+    "utility_dice_synthetic": "downstream utility: mean Dice on the real test slices of the same segmenter (architecture, budget, seed) trained on the synthetic cases only",
+    "utility_dice_mixed": "downstream utility: mean Dice on the real test slices of the same segmenter trained on real training + synthetic slices",
+    "utility_dice_real_<S>": "Dice of structure <S> on the real test slices, segmenter trained on real slices only",
+    "utility_dice_synthetic_<S>": "Dice of structure <S> on the real test slices, segmenter trained on synthetic slices only",
+    "utility_dice_mixed_<S>": "Dice of structure <S> on the real test slices, segmenter trained on real + synthetic slices",
+    "utility_ratio_synthetic": "utility_dice_synthetic / utility_dice_real (target >= 0.8: synthetic data alone teaches most of what real data does)",
+    "utility_gain_mixed": "utility_dice_mixed - utility_dice_real (> 0: adding synthetic cases helps; target >= -0.01)",
+    "utility_n_synthetic_cases": "number of synthetic cases (data/synthetic) the utility segmenters were trained on",
+    "utility_n_synthetic_slices": "number of synthetic slices (after preprocess) in the utility training sets",
+    "utility_n_real_train_slices": "number of real training slices of the real-only and mixed utility segmenters",
     "privacy_n_shareable": "number of generated slices at or below the threshold (listed in reports/shareable.json)",
 }
 

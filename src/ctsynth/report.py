@@ -22,7 +22,8 @@ import pandas as pd
 
 from .config import flatten, to_dict
 from .errors import InputError
-from .figures import fig_condition_subsets, fig_d_accuracy, fig_losses, fig_privacy, save_orthogonal_views
+from .figures import (fig_condition_subsets, fig_d_accuracy, fig_losses, fig_privacy, fig_utility,
+                      save_orthogonal_views, save_synthetic_case)
 from .generate import condition_subset_panels
 from .io import atomic_dir, write_text
 from .summary import first_grid, privacy_verdict, section_summary
@@ -388,6 +389,63 @@ def section_privacy(reports_dir: Path, figures: Path, threshold: float) -> str:
     return text + ".</p>" + out + "<h3>Generated slices most similar to training</h3>" + table(worst)
 
 
+def section_synthetic(synthetic_dir: Path, figures: Path, label_map: dict, window) -> str:
+    """One synthetic case of ``data/synthetic`` (mask | CT in three orthogonal views) and its draw."""
+    import nibabel as nib
+
+    from .labels import structure_index
+
+    manifest = _read_csv(synthetic_dir / "manifest.csv")
+    if manifest is None or manifest.empty:
+        return missing("Synthetic cases", synthetic_dir / "manifest.csv")
+    row = manifest.iloc[0]
+    image = nib.as_closest_canonical(nib.load(str(synthetic_dir / row.image_file)))
+    raw = np.asarray(nib.as_closest_canonical(nib.load(str(synthetic_dir / row.label_file))).dataobj)
+    labels = np.zeros(raw.shape, np.uint8)
+    for value, name in label_map.items():
+        labels[raw == int(value)] = structure_index(name)
+    heart = np.argwhere(labels > 0)
+    centre = heart.mean(0).round().astype(int) if len(heart) else np.array(labels.shape) // 2
+    out = save_synthetic_case(figures / f"synthetic_{row.case}.png", row.case, np.asarray(image.dataobj),
+                              labels, centre, image.header.get_zooms()[:3], window)
+    draw = ", ".join(f"{k} {fmt(row[k])}" for k in manifest.columns
+                     if k.startswith(("rot_", "scale_", "shift_", "deform_")))
+    text = (f"<p><b>{len(manifest)}</b> new labelled cases in <code>{_esc(synthetic_dir)}</code> (image/label "
+            f"NIfTI pairs that <code>ingest</code> reads; <code>ctsynth synthesize --layout nnunet</code> writes "
+            f"the nnU-Net layout). Each is a <i>training</i> mask warped by a random 3-D affine and smooth "
+            f"deformation, its CT drawn slice by slice by the generator. Shown: <b>{_esc(row.case)}</b>, warped "
+            f"from {_esc(row.source)} (draw seed {_esc(row.draw_seed)}, attempt {_esc(row.attempt)}): "
+            f"{_esc(draw)}.</p>")
+    return text + img_tag(out, f"synthetic case {row.case}: axial, coronal, sagittal through the heart", width=480)
+
+
+_UTILITY_KINDS = (("real", "real training slices only (the segmenter stage's model)"),
+                  ("synthetic", "synthetic cases only"), ("mixed", "real + synthetic"))
+
+
+def section_utility(reports_dir: Path, figures: Path) -> str:
+    """Does synthetic data help segmentation: Dice on real test slices of the three segmenters."""
+    frame = _read_csv(reports_dir / "utility.csv")
+    metrics = _read_json(reports_dir / "metrics.json") or {}
+    if frame is None or frame.empty or "utility_dice_real" not in metrics:
+        return missing("Downstream utility", reports_dir / "utility.csv")
+    ci = read_intervals(reports_dir)
+    rows = "".join(f"<tr><td>{_esc(what)}</td><td class='num ci'>{_esc(fmt(metrics.get(f'utility_dice_{k}')))} "
+                   f"{_esc(_interval_cell(ci, f'utility_dice_{k}'))}</td></tr>" for k, what in _UTILITY_KINDS)
+    contrasts = "".join(
+        f"<tr><td>{_esc(label)} <code class='muted'>{key}</code></td><td class='num ci'>{_esc(fmt(metrics.get(key)))} "
+        f"{_esc(_interval_cell(ci, key))}</td></tr>"
+        for label, key in (("synthetic only ÷ real only (target ≥ 0.8)", "utility_ratio_synthetic"),
+                           ("real + synthetic − real only (target ≥ −0.01)", "utility_gain_mixed")))
+    text = (f"<p>The segmenter of the evaluate stage (same architecture, budget and seed) trained on three "
+            f"training sets and scored on the <i>real</i> test slices: {fmt(metrics.get('utility_n_synthetic_cases'))} "
+            f"synthetic cases ({fmt(metrics.get('utility_n_synthetic_slices'))} slices) against "
+            f"{fmt(metrics.get('utility_n_real_train_slices'))} real training slices. Mean Dice over structures; "
+            f"the three share one patient-level bootstrap, so the contrasts below have intervals of their own.</p>"
+            f"<table><tr><th>segmenter trained on</th><th>mean Dice [95 % interval]</th></tr>{rows}{contrasts}</table>")
+    return text + img_tag(fig_utility(frame, figures / "utility.png"), "Dice per structure on real test slices")
+
+
 def _summary(reports_dir: Path, generated_dir: Path) -> str:
     """The first screen (:mod:`ctsynth.summary`) from evaluate's files and the first sample grid."""
     metrics = _read_json(reports_dir / "metrics.json")
@@ -401,8 +459,8 @@ def _summary(reports_dir: Path, generated_dir: Path) -> str:
 # ------------------------------------------------------------------------------ the report
 
 def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, out_html,
-                 figures_dir, split_path="data/split.json", manifest_path="data/interim/manifest.csv",
-                 model_path=None) -> list[Path]:
+        figures_dir, split_path="data/split.json", manifest_path="data/interim/manifest.csv",
+        model_path=None, synthetic_dir="data/synthetic") -> list[Path]:
     """Write ``out_html`` and ``figures_dir``; return the files written (for MLflow logging)."""
     reports_dir, generated_dir, processed_dir = Path(reports_dir), Path(generated_dir), Path(processed_dir)
     train_dir, out_html, figures_dir = Path(train_reports_dir), Path(out_html), Path(figures_dir)
@@ -420,6 +478,9 @@ def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, ou
              section_orthogonal(reports_dir, generated_dir, processed_dir, figs, meta.get("hu_window", [-1000, 1000]))),
             ("subsets", "Condition subsets", section_subsets(model_path, processed_dir, Path(split_path),
                                                              figs, structures)),
+            ("synthetic", "Synthetic labelled cases",
+             section_synthetic(Path(synthetic_dir), figs, params.data.label_map, meta.get("hu_window", [-1000, 1000]))),
+            ("utility", "Does synthetic data help segmentation?", section_utility(reports_dir, figs)),
             ("training", "Training (Figs. 2–3)",
              section_training(train_dir, figs, params.train.iterations)),
             ("privacy", "Privacy / memorization",

@@ -76,6 +76,7 @@ STAGE_INPUTS = {
     "model": ("models/generator.pt", "trained generator (train)"),
     "segmenter": ("models/segmenter.pt", "segmentation network for FD/KID and Dice (segmenter)"),
     "generated": ("data/generated", "generated test set (generate)"),
+    "synthetic": ("data/synthetic", "synthetic labelled cases (synthesize)"),
 }
 
 

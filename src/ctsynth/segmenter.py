@@ -177,57 +177,95 @@ def _validation_dice(model: SegUNet, store: ProcessedStore, cases: list[str], ba
     return dice
 
 
-def run(params: Params, processed_dir: str | Path, split_path: str | Path,
-                    out_path: str | Path) -> dict:
-    """Train :class:`SegUNet` on the real training slices; save it atomically to ``out_path``.
+def train_segmenter(cfg, seed: int, pools: list[tuple[ProcessedStore, np.ndarray]],
+                    desc: str = "segmenter", shares: list[float] | None = None) -> tuple[SegUNet, float]:
+    """Train a fresh :class:`SegUNet` on the slices ``rows`` of each ``(store, rows)`` pool.
 
-    Cross-entropy + soft Dice, Adam, ``segmenter.iterations`` steps of ``segmenter.batch_size``
-    slices drawn (seeded by ``params.seed``) from the training cases only. Deterministic on CPU.
-    Returns the training summary stored in the file.
-    """
-    cfg = params.segmenter
-    store = ProcessedStore(processed_dir)
-    split = load_split(split_path, need=("train",))
-    train_rows = store.rows_for_cases(split["train"])
-    if train_rows.size == 0:
-        raise InputError(f"{split_path}: no training slices in {processed_dir} for the train cases")
-
-    torch.manual_seed(params.seed)
-    rng = np.random.default_rng(params.seed)
+    Cross-entropy + soft Dice, Adam, ``cfg.iterations`` steps of ``cfg.batch_size`` slices drawn
+    (seeded by ``seed``) uniformly from all pools together, or with ``shares`` a fixed share of
+    every batch from each pool. Deterministic on CPU. Returns the model (train mode) and the
+    final loss (EMA)."""
+    total = sum(len(rows) for _, rows in pools)
+    sizes = np.array([len(rows) for _, rows in pools])
+    counts = None if shares is None else _batch_counts(shares, cfg.batch_size)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     model = SegUNet(width=cfg.width)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     model.train()
-    log.info("segmenter: %d training slices from %d cases, %d iterations, batch %d, width %d",
-             train_rows.size, len(split["train"]), cfg.iterations, cfg.batch_size, cfg.width)
     loss_ema = None
-    bar = tqdm(range(cfg.iterations), desc="segmenter", disable=quiet(), unit="step")
+    bar = tqdm(range(cfg.iterations), desc=desc, disable=quiet(), unit="step")
     for step in bar:
-        images, masks = _load_batch(store, rng.choice(train_rows, cfg.batch_size,
-                                                      replace=train_rows.size < cfg.batch_size))
+        if counts is None:
+            picks = rng.choice(total, cfg.batch_size, replace=total < cfg.batch_size)
+        else:
+            picks = np.concatenate([off + rng.choice(n, k, replace=n < k) for off, n, k
+                                    in zip(np.cumsum(sizes) - sizes, sizes, counts) if k])
+        images, masks = _load_pooled(pools, picks)
         logits = model(images[:, None])
         loss = F.cross_entropy(logits, masks) + _soft_dice_loss(logits, masks)
         if not torch.isfinite(loss):
-            raise InputError(f"segmenter: non-finite loss at step {step}; check the processed store")
+            raise InputError(f"{desc}: non-finite loss at step {step}; check the processed store")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         loss_ema = float(loss.detach()) if loss_ema is None else 0.9 * loss_ema + 0.1 * float(loss.detach())
         if step % 25 == 0 or step == cfg.iterations - 1:
             bar.set_postfix(loss=f"{loss_ema:.3f}")
-            log.debug("segmenter step %d loss %.4f", step, loss_ema)
-    log.info("segmenter: final loss (EMA) %.4f", loss_ema)
+            log.debug("%s step %d loss %.4f", desc, step, loss_ema)
+    log.info("%s: final loss (EMA) %.4f", desc, loss_ema)
+    return model, float(loss_ema)
+
+
+def _batch_counts(shares, batch: int) -> list[int]:
+    """Slices per pool in each batch for the given shares (summing to ``batch``)."""
+    raw = np.asarray(shares, float) * batch / max(sum(shares), 1e-12)
+    counts = np.floor(raw).astype(int)
+    counts[np.argsort(counts - raw)[: batch - counts.sum()]] += 1      # largest remainders first
+    return counts.tolist()
+
+
+def _load_pooled(pools: list[tuple[ProcessedStore, np.ndarray]], picks: np.ndarray):
+    """Positions in the concatenation of the pools' rows -> one batch (images, masks)."""
+    parts, offset = [], 0
+    for store, rows in pools:
+        own = picks[(picks >= offset) & (picks < offset + len(rows))] - offset
+        if own.size:
+            parts.append(_load_batch(store, rows[own]))
+        offset += len(rows)
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def run(params: Params, processed_dir: str | Path, split_path: str | Path,
+        out_path: str | Path) -> dict:
+    """Train :class:`SegUNet` on the real training slices (:func:`train_segmenter`); save it
+    atomically to ``out_path``. Returns the training summary stored in the file."""
+    cfg = params.segmenter
+    store = ProcessedStore(processed_dir)
+    split = load_split(split_path, need=("train",))
+    train_rows = store.rows_for_cases(split["train"])
+    if train_rows.size == 0:
+        raise InputError(f"{split_path}: no training slices in {processed_dir} for the train cases")
+    log.info("segmenter: %d training slices from %d cases, %d iterations, batch %d, width %d",
+             train_rows.size, len(split["train"]), cfg.iterations, cfg.batch_size, cfg.width)
+    model, loss_ema = train_segmenter(cfg, params.seed, [(store, train_rows)])
     val_dice = _validation_dice(model, store, split.get("val", []))
-
-
-    config = {"width": cfg.width, "n_classes": N_CLASSES, "in_channels": 1,
-              "image_size": store.image_size, "structures": store.structures,
-              "hu_window": [float(v) for v in store.meta["hu_window"]]}
+    config = segmenter_config(cfg, store)
     summary = {"iterations": cfg.iterations, "batch_size": cfg.batch_size, "lr": cfg.lr,
-               "seed": params.seed, "final_loss": float(loss_ema),
+               "seed": params.seed, "final_loss": loss_ema,
                "train_cases": list(split["train"]), "n_train_slices": int(train_rows.size),
                "val_dice": val_dice}
     save_segmenter(model, config, summary, out_path)
     return summary
+
+
+def segmenter_config(cfg, store: ProcessedStore) -> dict:
+    """What a segmenter file records about its input: width, classes and the store's preprocessing."""
+    return {"width": cfg.width, "n_classes": N_CLASSES, "in_channels": 1,
+            "image_size": store.image_size, "structures": store.structures,
+            "hu_window": [float(v) for v in store.meta["hu_window"]]}
 
 
 def save_segmenter(model: SegUNet, config: dict, summary: dict, out_path: str | Path) -> None:
@@ -236,6 +274,17 @@ def save_segmenter(model: SegUNet, config: dict, summary: dict, out_path: str | 
                "train": summary, "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     save_torch(out_path, payload)
     log.info("segmenter written to %s", out_path)
+
+
+def check_segmenter(seg: SegFeatures, store: ProcessedStore, split: dict, path) -> None:
+    """A segmenter must match the store's slice size and never have seen a test case."""
+    cfg = seg.config
+    if cfg.get("image_size") not in (None, store.image_size):
+        raise ModelFileError(f"{path}: segmenter trained at {cfg['image_size']}², store is "
+                             f"{store.image_size}² (run `dvc repro segmenter`)")
+    leak = set(seg.train.get("train_cases", [])) & set(split["test"])
+    if leak:
+        raise ModelFileError(f"{path}: segmenter was trained on test case(s) {sorted(leak)}")
 
 
 def load_segmenter(path: str | Path) -> SegFeatures:

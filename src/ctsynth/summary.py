@@ -129,10 +129,30 @@ def plain_reading(metrics: dict, ci: dict) -> str:
     weakest = weakest_structure(metrics)
     if weakest:
         parts.append(weakest)
+    if metrics.get("zcons_ssim_ratio") is not None and metrics.get("zgrad_ratio") is not None:
+        parts.append(f"Along z, stacked generated slices are {metrics['zcons_ssim_ratio']:.2f}× as consistent "
+                     f"between neighbours as real ones, with {metrics['zgrad_ratio']:.2f}× their through-plane "
+                     f"gradient (1 = as real).")
+    if metrics.get("utility_dice_synthetic") is not None and metrics.get("utility_dice_real") is not None:
+        parts.append(utility_reading(metrics, ci))
     if metrics.get("fid_inception") is not None:
         parts.append(f"Standard FID: {with_interval(metrics, ci, 'fid_inception')} (floor "
                      f"{with_interval(metrics, ci, 'fid_inception_floor')}).")
     return " ".join(_esc_keep_b(p) for p in parts)
+
+
+def utility_reading(metrics: dict, ci: dict) -> str:
+    """Does synthetic data help segmentation, in one or two sentences."""
+    text = (f"<b>Synthetic data</b>: a segmenter trained only on {metrics.get('utility_n_synthetic_cases', '?')} "
+            f"synthetic cases reaches Dice {with_interval(metrics, ci, 'utility_dice_synthetic')} on real test "
+            f"slices, {with_interval(metrics, ci, 'utility_ratio_synthetic')}× the real-only "
+            f"{with_interval(metrics, ci, 'utility_dice_real')}.")
+    gain = metrics.get("utility_gain_mixed")
+    if gain is not None:
+        text += (f" Added to the real training slices they change Dice by "
+                 f"{with_interval(metrics, ci, 'utility_gain_mixed')} "
+                 f"({with_interval(metrics, ci, 'utility_dice_mixed')}).")
+    return text
 
 
 def _esc_keep_b(text: str) -> str:
