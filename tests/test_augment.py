@@ -1,15 +1,20 @@
 """Paired training augmentation (train.augment): one geometric draw for image and condition,
-the condition keeps its values, fills are air / background, torch's seed repeats it."""
+the condition keeps its values, fills are air / background, torch's seed repeats it, and a
+training with it runs, repeats and resumes bit for bit."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import make_store, tiny_params
 from ctsynth.augment import AUGMENTS, build_augment
 from ctsynth.config import params_from_dict
 from ctsynth.errors import ConfigError
 from ctsynth.labels import encode_condition
+from ctsynth.train import run as train
 
 
 def blobs(b: int = 8, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -95,3 +100,29 @@ def test_intensity_changes_the_image_not_the_condition():
     assert not torch.equal(r_aff, r_int)
     assert (r_int - r_aff).abs().max() < 0.3      # mild
 
+
+def test_training_with_affine_runs_repeats_and_resumes(tmp_path):
+    make_store(tmp_path / "processed")
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}))
+
+    def run(name, augment, **kw):
+        p = tiny_params(train={"iterations": 5, "checkpoint_every": 2, "augment": augment},
+                        tracking={"enabled": False})
+        out = tmp_path / name
+        res = train(p, tmp_path / "processed", tmp_path / "split.json", out / "generator.pt", out / "ckpt",
+                    out / "reports", out / "mlflow_run.json", **kw)
+        return res, out
+
+    def weights(out):
+        return torch.load(out / "generator.pt", weights_only=True)["state_dict"]
+
+    _, plain = run("plain", "none")
+    _, a = run("a", "affine")
+    _, b = run("b", "affine")
+    first, part = run("part", "affine", stop_after=3)
+    assert first.step == 3
+    second, _ = run("part", "affine")
+    assert second.step == 5
+    wa, wb, wp, wn = weights(a), weights(b), weights(part), weights(plain)
+    assert all(torch.equal(wa[k], wb[k]) and torch.equal(wa[k], wp[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wn[k]) for k in wa if wa[k].is_floating_point())
