@@ -24,6 +24,7 @@ from torch.utils.data import DistributedSampler
 
 from . import distributed
 from .accel import autocast, resolve_channels_last, resolve_precision
+from .augment import build_augment
 from .checkpoint import ckpt_files, load_latest_checkpoint, run_fingerprint, save_checkpoint, set_rng_state
 from .config import Params, to_dict
 from .data import ProcessedStore, SliceDataset, train_batches
@@ -205,7 +206,7 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
     Gm, Dm, Dg = d.wrap(job.G), d.wrap(job.D), job.D          # Dg: G's step calls D unwrapped
     if cfg.compile:
         Gm, Dm, Dg = torch.compile(Gm), torch.compile(Dm), torch.compile(Dg)
-    amp = autocast(job.precision, d.device)
+    amp, augment = autocast(job.precision, d.device), build_augment(cfg.augment)   # augment: on the device
     sampler = DistributedSampler(job.ds, num_replicas=d.world, rank=d.rank, shuffle=True,
                                  seed=job.params.seed, drop_last=True)
     batches = train_batches(job.ds, sampler, job.batch, step, num_workers=cfg.num_workers,
@@ -221,7 +222,7 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
             for opt, base in ((job.opt_g, cfg.lr_g), (job.opt_d, cfg.lr_d)):   # linear decay, if any
                 for group in opt.param_groups:
                     group["lr"] = base * lr_factor(step, cfg)
-            cond, real = next(batches)                                 # (B, C, S, S), (B, 1, S, S)
+            cond, real = augment(*map(job.to_device, next(batches)))   # (B, C, S, S), (B, 1, S, S)
             losses = gan_step(Gm, Dm, Dg, job.opt_g, job.opt_d, job.to_device(cond), job.to_device(real),
                               cfg.lambda_l1, amp)
             step += 1
