@@ -88,7 +88,7 @@ class TrainCfg:
     beta1: float = 0.5
     beta2: float = 0.999
     lambda_l1: float = 100.0
-    augment: Literal["none", "affine", "affine+intensity"] = "none"  # paired batch augmentation (ctsynth.augment)
+    augment: Literal["none", "affine", "affine+intensity"] = "affine"  # paired batch augmentation (ctsynth.augment)
     lr_decay_start: Optional[float] = None           # fraction of iterations where linear decay to 0 starts
     sync_bn: bool = False
     checkpoint_every: int = 500

@@ -119,12 +119,16 @@ def condition_batch(masks: np.ndarray, structures: list[str], encoding: str) -> 
 def train_batches(ds, sampler: DistributedSampler, batch: int, start_step: int,
                   **loader_kw) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (cond, image) batches; batch k of epoch e depends only on (seed, e, k), so a
-    resumed run continues exactly where it stopped (the sampler position is the step)."""
+    resumed run continues exactly where it stopped (the sampler position is the step).
+
+    Each epoch's loader gets its own generator: a DataLoader iterator otherwise draws its worker
+    base seed from torch's global RNG, which would shift the augmentation draws (ctsynth.augment)
+    of a resumed run against an uninterrupted one."""
     per_epoch = len(sampler) // batch
     epoch, skip = divmod(start_step, per_epoch)
     while True:
         sampler.set_epoch(epoch)
         idx = list(sampler)[skip * batch: per_epoch * batch]
         yield from DataLoader(Subset(ds, idx), batch_size=batch, shuffle=False, drop_last=True,
-                              **loader_kw)
+                              generator=torch.Generator().manual_seed(epoch), **loader_kw)
         epoch, skip = epoch + 1, 0

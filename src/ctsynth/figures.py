@@ -193,10 +193,11 @@ def fig_utility(frame: pd.DataFrame, path: Path) -> Path:
         err = np.vstack([d - rows.lo.to_numpy(float), rows.hi.to_numpy(float) - d])
         ax.bar(x, d, width, label=labels.get(model, model), color=f"C{i}",
                yerr=np.where(np.isfinite(err), np.clip(err, 0, None), 0), capsize=2, error_kw={"lw": .8})
+    lowest = np.nanmin(np.r_[frame.dice.to_numpy(float), frame.lo.to_numpy(float)])
     ax.set_xticks(np.arange(len(structures)), structures)
-    ax.set(ylabel="Dice on real test slices", ylim=(0, 1.05),
+    ax.set(ylabel="Dice on real test slices", ylim=(max(0.0, np.floor(10 * lowest - 0.5) / 10), 1.0),
            title="segmenter trained on … (bars: 95 % patient-level intervals)")
-    ax.legend(fontsize=8, ncol=len(models), loc="lower left")
+    ax.legend(fontsize=8, ncol=len(models), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     ax.grid(axis="y", alpha=.3)
     return _save(fig, path)
 
