@@ -20,7 +20,7 @@ from ctsynth.inception import INCEPTION_REASON, InceptionFeatures, inception_mod
 from ctsynth.metrics import dice_scores, frechet_distance
 
 SPLIT = {"seed": 0, "train": ["c1", "c2", "c3"], "val": ["c4"], "test": ["c5"]}
-SEG = {"iterations": 60, "batch_size": 8, "width": 16, "lr": 0.003}
+SEG = {"iterations": 60, "batch_size": 8, "width": 16, "lr": 0.003, "ema": 0.0}   # the plain last-step model
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +152,18 @@ def test_inception_loads_a_local_state_dict(tmp_path, flavour):
     assert inc.flavour == flavour
     feats = inc.features(torch.rand(2, 40, 40) * 2 - 1)
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
+
+
+def test_weight_average_is_the_model_returned(tiny_store):
+    """segmenter.ema > 0: the model is the moving average of the weights, not the last step's."""
+    from ctsynth.segmenter import train_segmenter as fit
+
+    store = ProcessedStore(tiny_store)
+    pool = [(store, store.rows_for_cases(["c1", "c2"]))]
+    last, _ = fit(tiny_params(segmenter={"iterations": 6, "ema": 0.0}).segmenter, 0, pool)
+    avg, _ = fit(tiny_params(segmenter={"iterations": 6, "ema": 0.5}).segmenter, 0, pool)
+    again, _ = fit(tiny_params(segmenter={"iterations": 6, "ema": 0.5}).segmenter, 0, pool)
+    w_last, w_avg, w_again = last.state_dict(), avg.state_dict(), again.state_dict()
+    assert w_last.keys() == w_avg.keys()
+    assert any(not torch.equal(w_last[k], w_avg[k]) for k in w_last if w_last[k].is_floating_point())
+    assert all(torch.equal(w_avg[k], w_again[k]) for k in w_avg)

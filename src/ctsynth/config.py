@@ -105,6 +105,7 @@ class SegmenterCfg:
     batch_size: int = 16
     lr: float = 3e-3
     width: int = 16
+    ema: float = 0.95                                # decay of the weight average kept as the model (0: last step)
 
 
 @dataclass
@@ -326,6 +327,7 @@ def _check_train(t: TrainCfg, need) -> None:
 def _check_evaluation_and_paths(p: Params, need) -> None:
     need(p.segmenter.iterations >= 1 and p.segmenter.batch_size >= 1 and p.segmenter.lr > 0,
          "segmenter: iterations, batch_size must be >= 1 and lr > 0")
+    need(0 <= p.segmenter.ema < 1, f"segmenter.ema: must be in [0, 1) (0: no weight average), got {p.segmenter.ema}")
     need(p.generate.batch_size >= 1 and p.evaluate.batch_size >= 1, "generate/evaluate.batch_size: must be >= 1")
     need(p.evaluate.kid_subset_size >= 2, "evaluate.kid_subset_size: must be >= 2")
     need(p.evaluate.bootstrap >= 0, "evaluate.bootstrap: must be >= 0 (0: no intervals)")
