@@ -14,14 +14,15 @@ import pytest
 from conftest import tiny_params
 from ctsynth.errors import InputError
 from ctsynth.figures import fig_condition_subsets
+from ctsynth import synthesize
 from ctsynth.generate import condition_subset_panels
 from ctsynth.generate import run as generate_test_set
 from ctsynth.labels import STRUCTURES
 from ctsynth.report import run as build_report
 from test_generate import make_world
 
-SECTIONS = ("summary", "metrics", "structures", "cases", "samples", "orthogonal", "subsets", "training", "privacy", "data",
-            "config")
+SECTIONS = ("summary", "metrics", "structures", "cases", "samples", "orthogonal", "subsets", "synthetic", "utility",
+            "training", "privacy", "data", "config")
 
 
 def _png(path: Path, shade: int) -> Path:
@@ -41,7 +42,14 @@ def fake_inputs(root: Path) -> dict:
     train.mkdir(parents=True)
     (reports / "metrics.json").write_text(json.dumps({
         "n_test_slices": 10, "mse": 0.0123, "psnr": 24.5, "ssim": 0.81, "mae_hu": 61.2, "mae_hu_Ao": 40.5,
-        "fid_inception": None, "kid_inception": None, "fd_seg": 3.25, "dice_generated_Ao": 0.7, "extra_score": 1.5}))
+        "fid_inception": None, "kid_inception": None, "fd_seg": 3.25, "dice_generated_Ao": 0.7, "extra_score": 1.5,
+        "utility_dice_real": 0.9, "utility_dice_synthetic": 0.812, "utility_dice_mixed": 0.88,
+        "utility_ratio_synthetic": 0.902, "utility_gain_mixed": -0.02, "utility_n_synthetic_cases": 1}))
+    (reports / "metrics_ci.json").write_text(json.dumps({"utility_dice_synthetic_ci95": {"lo": 0.7, "hi": 0.9}}))
+    pd.DataFrame({"model": ["real", "real", "synthetic", "synthetic"], "structure": ["Ao", "mean"] * 2,
+                  "dice": [0.9, 0.9, 0.812, 0.812], "lo": [0.85, 0.85, 0.7, 0.7],
+                  "hi": [0.95, 0.95, 0.9, 0.9]}).to_csv(reports / "utility.csv", index=False)
+    synthesize.run(tiny_params(synthesize={"cases": 1}), w["model"], w["interim"], w["split"], root / "synthetic")
     (reports / "metrics_notes.json").write_text(json.dumps({
         "data_range": "PSNR/SSIM on images mapped to [0,1]",
         "null_metrics": {"fid_inception": "no local InceptionV3 weights (evaluate.inception_weights unset)",
@@ -62,7 +70,7 @@ def fake_inputs(root: Path) -> dict:
                   "d_acc_fake": np.linspace(0.5, 0.7, len(steps))}).to_csv(train / "losses.csv", index=False)
     for step in (0, 50, 100):
         _png(train / "snapshots" / f"step_{step:07d}.png", 40 + step)
-    return {**w, "reports": reports, "train": train}
+    return {**w, "reports": reports, "train": train, "synthetic": root / "synthetic"}
 
 
 def build(inp: dict, root: Path, **kw) -> tuple[list[Path], str]:
@@ -75,14 +83,18 @@ def build(inp: dict, root: Path, **kw) -> tuple[list[Path], str]:
 
 def test_full_report(tmp_path):
     inp = fake_inputs(tmp_path)
-    files, page = build(inp, tmp_path, model_path=inp["model"])
+    files, page = build(inp, tmp_path, model_path=inp["model"], synthetic_dir=inp["synthetic"])
     for key in SECTIONS:
         assert f"id='{key}'" in page
     images = re.findall(r"src='data:image/png;base64,", page)
     # 2 sample grids + one orthogonal view per test case + subsets + losses + D accuracy + 3 snapshots
-    # + privacy histogram
+    # + privacy histogram + the synthetic case + the utility chart
     test_cases = json.loads(inp["split"].read_text())["test"]
-    assert len(images) == 9 + len(test_cases)
+    assert len(images) == 11 + len(test_cases)
+    synthetic = page[page.index("id='synthetic'"):page.index("id='utility'")]
+    assert "synthetic case synth_0001" in synthetic and "warped from p3" in synthetic
+    utility = page[page.index("id='utility'"):page.index("id='training'")]
+    assert "0.812 [0.7, 0.9]" in utility and "synthetic only ÷ real only" in utility
     ortho = page[page.index("id='orthogonal'"):page.index("id='subsets'")]
     assert ortho.count("data:image/png;base64,") == len(test_cases) and "coronal (top) and sagittal" in ortho
     assert not re.search(r"(src|href)\s*=\s*['\"]?(https?:|//)", page)
@@ -93,8 +105,8 @@ def test_full_report(tmp_path):
     assert "p1" in page and "test" in page and "32²" in page                  # data summary
     names = sorted(p.name for p in files[1:])
     assert files[0].name == "report.html"
-    assert {"losses.png", "d_accuracy.png", "privacy_hist.png", "condition_subsets.png",
-            "sample_p1.png", "evolution_step_0000050.png"} | {f"orthogonal_{c}.png" for c in test_cases} <= set(names)
+    assert {"losses.png", "d_accuracy.png", "privacy_hist.png", "condition_subsets.png", "utility.png",
+            "synthetic_synth_0001.png", "sample_p1.png", "evolution_step_0000050.png"} | {f"orthogonal_{c}.png" for c in test_cases} <= set(names)
     assert all(p.exists() for p in files)
 
 
@@ -104,7 +116,7 @@ def test_report_without_optional_inputs(tmp_path):
     files, page = build(empty, tmp_path, model_path=tmp_path / "nope.pt")
     for key in SECTIONS:
         assert f"id='{key}'" in page
-    assert page.count("not available") >= 8
+    assert page.count("not available") >= 10
     assert files == [tmp_path / "reports" / "report.html"]
     assert "lambda_l1" in page                                               # the config table
 

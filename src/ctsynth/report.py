@@ -389,12 +389,14 @@ def section_privacy(reports_dir: Path, figures: Path, threshold: float) -> str:
     return text + ".</p>" + out + "<h3>Generated slices most similar to training</h3>" + table(worst)
 
 
-def section_synthetic(synthetic_dir: Path, figures: Path, label_map: dict, window) -> str:
+def section_synthetic(synthetic_dir: Path | None, figures: Path, label_map: dict, window) -> str:
     """One synthetic case of ``data/synthetic`` (mask | CT in three orthogonal views) and its draw."""
     import nibabel as nib
 
     from .labels import structure_index
 
+    if synthetic_dir is None:
+        return missing("Synthetic cases", "the synthetic folder (--synthetic)")
     manifest = _read_csv(synthetic_dir / "manifest.csv")
     if manifest is None or manifest.empty:
         return missing("Synthetic cases", synthetic_dir / "manifest.csv")
@@ -460,7 +462,7 @@ def _summary(reports_dir: Path, generated_dir: Path) -> str:
 
 def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, out_html,
         figures_dir, split_path="data/split.json", manifest_path="data/interim/manifest.csv",
-        model_path=None, synthetic_dir="data/synthetic") -> list[Path]:
+        model_path=None, synthetic_dir=None) -> list[Path]:
     """Write ``out_html`` and ``figures_dir``; return the files written (for MLflow logging)."""
     reports_dir, generated_dir, processed_dir = Path(reports_dir), Path(generated_dir), Path(processed_dir)
     train_dir, out_html, figures_dir = Path(train_reports_dir), Path(out_html), Path(figures_dir)
@@ -479,7 +481,7 @@ def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, ou
             ("subsets", "Condition subsets", section_subsets(model_path, processed_dir, Path(split_path),
                                                              figs, structures)),
             ("synthetic", "Synthetic labelled cases",
-             section_synthetic(Path(synthetic_dir), figs, params.data.label_map, meta.get("hu_window", [-1000, 1000]))),
+             section_synthetic(synthetic_dir and Path(synthetic_dir), figs, params.data.label_map, meta.get("hu_window", [-1000, 1000]))),
             ("utility", "Does synthetic data help segmentation?", section_utility(reports_dir, figs)),
             ("training", "Training (Figs. 2–3)",
              section_training(train_dir, figs, params.train.iterations)),
