@@ -212,7 +212,10 @@ def save_synthetic_case(path: Path, case: str, image, labels, centre, spacing, w
     views = [("axial", lambda v: v[:, :, z].T, sy / sx, f"z {z}"),          # rows y (posterior→anterior)
              ("coronal", lambda v: v[:, y, :].T, sz / sx, f"y {y}"),        # rows z (inferior→superior)
              ("sagittal", lambda v: v[x, :, :].T, sz / sy, f"x {x}")]
-    fig, axes = plt.subplots(3, 2, figsize=(6.4, 8.4), squeeze=False)
+    heights = [image.shape[1] * sy, image.shape[2] * sz, image.shape[2] * sz]        # mm, per row
+    width_mm = max(image.shape[0] * sx, image.shape[1] * sy)
+    fig, axes = plt.subplots(3, 2, figsize=(6.4, 1.2 + 3.0 * sum(heights) / width_mm), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
     lo, hi = (float(v) for v in window)
     for i, (name, cut, aspect, where) in enumerate(views):
         axes[i, 0].imshow(mask_rgb(cut(labels)), origin="lower", aspect=aspect, interpolation="nearest")
