@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from conftest import tiny_params
 from ctsynth import segmenter, synthesize, utility
 from ctsynth.errors import InputError
 from ctsynth.evaluate import merge_utility
-from ctsynth.segmenter import _batch_counts
 from test_generate import make_world
 
 LABELS = {1: "Myo", 3: "LV"}
@@ -47,22 +47,19 @@ def test_summarise_without_bootstrap_has_no_intervals():
     assert table.lo.isna().all()
 
 
-def test_batch_counts_follow_the_shares():
-    assert _batch_counts([0.5, 0.5], 16) == [8, 8]
-    assert _batch_counts([1, 2], 4) == [1, 3]
-    assert sum(_batch_counts([0.3, 0.3, 0.4], 7)) == 7
-
-
-def test_shared_batches_draw_from_every_pool(tiny_store):
+def test_pools_train_on_their_union(tiny_store):
+    """Two pools draw exactly like one pool of their rows together, and unlike either alone."""
     from ctsynth.data import ProcessedStore
 
     store = ProcessedStore(tiny_store)
     cfg = tiny_params().segmenter
-    a, _ = segmenter.train_segmenter(cfg, 0, [(store, store.rows_for_cases(["c1"])),
-                                              (store, store.rows_for_cases(["c2"]))], shares=[0.5, 0.5])
-    b, _ = segmenter.train_segmenter(cfg, 0, [(store, store.rows_for_cases(["c1"])),
-                                              (store, store.rows_for_cases(["c2"]))], shares=[1.0, 0.0])
-    assert any(not np.array_equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    c1, c2 = store.rows_for_cases(["c1"]), store.rows_for_cases(["c2"])
+    pooled, _ = segmenter.train_segmenter(cfg, 0, [(store, c1), (store, c2)])
+    union, _ = segmenter.train_segmenter(cfg, 0, [(store, np.concatenate([c1, c2]))])
+    alone, _ = segmenter.train_segmenter(cfg, 0, [(store, c1)])
+    a, b, c = pooled.state_dict(), union.state_dict(), alone.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
 
 
 @pytest.fixture

@@ -83,6 +83,16 @@ they imply. Prints a table, writes reports/bench.json ({"machine", "records"}). 
 measures the GPU. The full run takes about 10 minutes on 2 CPU cores; --quick about one."""
 
 
+def _model_options(p: argparse.ArgumentParser, structures_help: str) -> None:
+    """--model, --structures and --label-map: the trained generator and how masks map onto it."""
+    p.add_argument("--model", default="models/generator.pt", help="trained generator file")
+    p.add_argument("--structures", nargs="+", default=None,
+                   help=f"{structures_help} (default: those the model was trained with)")
+    p.add_argument("--label-map", default=None,
+                   help='mask value -> structure, inline JSON (\'{"1": "LV"}\') or a JSON/YAML file '
+                        "(default: the model's training map)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctsynth", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,19 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_phantom)
 
     p = sub.add_parser("generate", help="turn a label NIfTI into a synthetic CT NIfTI")
-    p.add_argument("--model", default="models/generator.pt", help="trained generator file")
     p.add_argument("--mask", required=True, help="label NIfTI (any orientation)")
     p.add_argument("--out", required=True, help="output CT NIfTI (HU, same grid as the mask)")
-    p.add_argument("--structures", nargs="+", default=None,
-                   help="structures to condition on (default: those the model was trained with)")
-    p.add_argument("--label-map", default=None,
-                   help='mask value -> structure, inline JSON (\'{"1": "LV"}\') or a JSON/YAML file '
-                        "(default: the model's training map)")
+    _model_options(p, "structures to condition on")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("synthesize", help="new labelled cases (warped masks + generated CT) from label NIfTIs",
                        description=SYNTHESIZE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="models/generator.pt", help="trained generator file")
     p.add_argument("--labels", required=True, help="folder of label NIfTIs (searched recursively)")
     p.add_argument("--pattern", default="*.nii*",
                    help="file name pattern of the label files (default '*.nii*'; e.g. '*_label.nii.gz' "
@@ -124,11 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=SynthesizeCfg.seed,
                    help=f"case i draws from default_rng([seed, i]) (default {SynthesizeCfg.seed})")
     p.add_argument("--layout", default="pairs", help="pairs (ingestible, default) | nnunet")
-    p.add_argument("--structures", nargs="+", default=None,
-                   help="structures to keep and draw (default: those the model was trained with)")
-    p.add_argument("--label-map", default=None,
-                   help='label value -> structure, inline JSON (\'{"1": "LV"}\') or a JSON/YAML file '
-                        "(default: the model's training map)")
+    _model_options(p, "structures to keep and draw")
     p.set_defaults(func=_synthesize)
 
     p = sub.add_parser("check-params", help="validate a params file and exit")

@@ -320,9 +320,10 @@ def _structures_arg(structures, model_structures: list[str]) -> list[str]:
     return structures
 
 
-def _index_volume(path: Path, data: np.ndarray, label_map: dict[int, str],
-                  structures: list[str]) -> tuple[np.ndarray, dict]:
-    """Raw mask values -> structure indices (uint8); unknown values -> background (warning)."""
+def index_volume(path: Path, data: np.ndarray, label_map: dict[int, str],
+                  structures: list[str], unknown: str = "background") -> tuple[np.ndarray, dict]:
+    """Raw mask values -> structure indices (uint8). Values outside the label map become
+    background with a warning (``unknown="background"``) or are an InputError (``"error"``)."""
     if data.dtype.kind == "f":
         if not np.all(np.isfinite(data)):
             raise InputError(f"{path}: mask contains NaN/Inf values")
@@ -343,16 +344,19 @@ def _index_volume(path: Path, data: np.ndarray, label_map: dict[int, str],
                          f"{ {v: expected[v] for v in sorted(expected)} }; it contains values "
                          f"{values[:20]}{' …' if len(values) > 20 else ''}. Pass --label-map to say "
                          f"which value is which structure")
-    unknown = [v for v in values if v not in label_map]
-    if unknown:
+    outside = [v for v in values if v not in label_map]
+    if outside and unknown == "error":
+        raise InputError(f"{path}: label values {outside[:20]} are not in the label map {label_map}; "
+                         f"pass --label-map naming every value")
+    if outside:
         log.warning("%s: label values %s are not in the label map %s; treated as background",
-                    path, unknown[:20], label_map)
+                    path, outside[:20], label_map)
     lut_values = np.array(sorted(label_map), dtype=np.int64)
     lut_index = np.array([structure_index(label_map[v]) for v in lut_values], dtype=np.uint8)
     out = np.zeros(data.shape, np.uint8)
     for v, idx in zip(lut_values, lut_index):
         out[data == v] = idx
-    return out, {"values_found": values, "unknown_values": unknown,
+    return out, {"values_found": values, "unknown_values": outside,
                  "used": {v: expected[v] for v in sorted(set(values) & set(expected))}}
 
 
@@ -368,7 +372,7 @@ def synthesize_volume(model_path, mask_path, out_path, structures=None, label_ma
     chosen = _structures_arg(structures, meta["structures"])
     mask_path = Path(mask_path)
     img = load_nifti(mask_path, role="mask")
-    index, info = _index_volume(mask_path, np.asanyarray(img.dataobj), lmap, chosen)
+    index, info = index_volume(mask_path, np.asanyarray(img.dataobj), lmap, chosen)
     synth = Synthesizer(model, meta, batch_size=batch_size, structures=chosen)
     canon = synth.volume(to_canonical(index, img.affine), desc="generate")           # (X, Y, Z) RAS
     vol = from_canonical(canon, img.affine)                                          # input grid

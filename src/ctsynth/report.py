@@ -24,7 +24,7 @@ from .config import flatten, to_dict
 from .errors import InputError
 from .figures import (fig_condition_subsets, fig_d_accuracy, fig_losses, fig_privacy, fig_utility,
                       save_orthogonal_views, save_synthetic_case)
-from .generate import condition_subset_panels
+from .generate import condition_subset_panels, index_volume
 from .io import atomic_dir, write_text
 from .summary import first_grid, privacy_verdict, section_summary
 
@@ -393,7 +393,7 @@ def section_synthetic(synthetic_dir: Path | None, figures: Path, label_map: dict
     """One synthetic case of ``data/synthetic`` (mask | CT in three orthogonal views) and its draw."""
     import nibabel as nib
 
-    from .labels import structure_index
+    from .labels import STRUCTURES
 
     if synthetic_dir is None:
         return missing("Synthetic cases", "the synthetic folder (--synthetic)")
@@ -402,10 +402,9 @@ def section_synthetic(synthetic_dir: Path | None, figures: Path, label_map: dict
         return missing("Synthetic cases", synthetic_dir / "manifest.csv")
     row = manifest.iloc[0]
     image = nib.as_closest_canonical(nib.load(str(synthetic_dir / row.image_file)))
-    raw = np.asarray(nib.as_closest_canonical(nib.load(str(synthetic_dir / row.label_file))).dataobj)
-    labels = np.zeros(raw.shape, np.uint8)
-    for value, name in label_map.items():
-        labels[raw == int(value)] = structure_index(name)
+    label_path = synthetic_dir / row.label_file
+    raw = np.asarray(nib.as_closest_canonical(nib.load(str(label_path))).dataobj)
+    labels, _ = index_volume(label_path, raw, label_map, list(STRUCTURES))          # structure indices
     heart = np.argwhere(labels > 0)
     centre = heart.mean(0).round().astype(int) if len(heart) else np.array(labels.shape) // 2
     out = save_synthetic_case(figures / f"synthetic_{row.case}.png", row.case, np.asarray(image.dataobj),

@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from .config import Params, SynthesizeCfg
 from .errors import ConfigError, InputError, ModelFileError
-from .generate import (Synthesizer, _index_volume, _label_path, _structures_arg, from_canonical,
+from .generate import (Synthesizer, index_volume, _label_path, _structures_arg, from_canonical,
                        load_model, parse_label_map_arg, to_canonical)
 from .io import atomic_dir, load_nifti, save_nifti, write_csv
 from .labels import STRUCTURES, parse_label_map
@@ -202,13 +202,9 @@ def synthesize_dataset(synth: Synthesizer, sources: list[Source], cfg: Synthesiz
         if layout == "nnunet":
             (tmp / "imagesTr").mkdir()
             (tmp / "labelsTr").mkdir()
-        loaded: dict[str, tuple] = {}
         for i in tqdm(range(cfg.cases), desc="synthesize", unit="case", disable=quiet()):
             source = sources[i % len(sources)]
-            if source.name not in loaded:          # sources are used round-robin: keep the last few
-                loaded = {k: v for k, v in list(loaded.items())[-3:]}
-                loaded[source.name] = source.load()
-            index, affine = loaded[source.name]
+            index, affine = source.load()
             src = np.where(np.isin(index, keep), index, 0).astype(np.uint8)
             warped, draw, attempt = _accepted_draw(src, affine, cfg, i, source.name, keep)
             case = f"{prefix}_{i + 1:0{width}d}"
@@ -299,10 +295,7 @@ def label_sources(labels_dir, pattern: str, label_map: dict[int, str], structure
         try:
             img = load_nifti(path, role="label")
             data = np.asanyarray(img.dataobj)
-            index, info = _index_volume(path, data, label_map, structures)
-            if info["unknown_values"]:
-                raise InputError(f"{path}: label values {info['unknown_values'][:20]} are not in the "
-                                 f"label map {label_map}; pass --label-map naming every value")
+            index, _ = index_volume(path, data, label_map, structures, unknown="error")
         except InputError as e:
             problems += e.problems
             continue

@@ -27,15 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .bootstrap import cluster_weights, dice_replicates, percentile_interval
 from .config import Params
 from .data import ProcessedStore
 from .errors import InputError
 from .io import write_csv, write_json
-from .metrics import DiceAccumulator, reported_structures
-from .segmenter import SegFeatures, check_segmenter, load_segmenter, train_segmenter
+from .metrics import reported_structures
+from .segmenter import check_segmenter, dice_accumulator, load_segmenter, train_segmenter
 from .split import load_split
 
 log = logging.getLogger("ctsynth.utility")
@@ -51,19 +50,6 @@ def synthetic_store(params: Params, synthetic_dir, work_dir: Path) -> ProcessedS
     ingest.run(cfg, work_dir / "interim", raw_dir=synthetic_dir)
     preprocess.run(cfg, work_dir / "interim", work_dir / "processed")
     return ProcessedStore(work_dir / "processed")
-
-
-def dice_counts(model: SegFeatures | torch.nn.Module, store: ProcessedStore, rows: np.ndarray,
-                batch: int = 64) -> np.ndarray:
-    """Per test slice |P∩T|, |P|, |T| per label (N, 3, 8) of ``model``'s predictions."""
-    seg = model if isinstance(model, SegFeatures) else SegFeatures(model)
-    acc = DiceAccumulator(reported_structures(store.structures))
-    for s in range(0, len(rows), batch):
-        r = rows[s:s + batch]
-        images = torch.from_numpy(np.asarray(store.images[r], dtype=np.float32))
-        masks = torch.from_numpy(np.asarray(store.masks[r]).astype(np.int64))
-        acc.update(seg.predict(images), masks, ["test"] * len(r))
-    return acc.per_slice()
 
 
 def summarise(counts: dict[str, np.ndarray], cases: np.ndarray, labels: dict[int, str],
@@ -109,7 +95,7 @@ def run(params: Params, synthetic_dir, processed_dir, split_path, segmenter_path
     if test_rows.size == 0:
         raise InputError(f"{split_path}: no test slices in {processed_dir}")
     cfg = params.segmenter
-    counts = {"real": dice_counts(real_seg, store, test_rows)}
+    counts = {"real": dice_accumulator(real_seg, store, test_rows).per_slice()}
     with tempfile.TemporaryDirectory(prefix="ctsynth-utility-") as tmp:
         synth = synthetic_store(params, synthetic_dir, Path(tmp))
         if synth.meta["image_size"] != store.image_size or synth.structures != store.structures:
@@ -121,7 +107,7 @@ def run(params: Params, synthetic_dir, processed_dir, split_path, segmenter_path
             log.info("utility: segmenter on %s slices (%s), %d iterations", kind,
                      " + ".join(str(len(r)) for _, r in pool), cfg.iterations)
             model, _ = train_segmenter(cfg, params.seed, pool, desc=f"segmenter ({kind})")
-            counts[kind] = dice_counts(model.eval(), store, test_rows)
+            counts[kind] = dice_accumulator(model.eval(), store, test_rows).per_slice()
         n_synth_cases = len(synth.meta["cases"])
     cases = store.slices.case.to_numpy()[test_rows]
     labels = reported_structures(store.structures)
