@@ -10,12 +10,11 @@ metrics), ``per_case.csv``, ``per_structure.csv``, ``privacy.csv``, ``shareable.
 The metrics reach MLflow through the report stage, which logs them with the report into the
 training run.
 """
-from ctsynth.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, stage_main
 
 
 def main(args, params):
-    from ctsynth import evaluate
-
+    from ctsynth.evaluate import stage as evaluate
     evaluate.run(params, processed_dir=args.processed, split_path=args.split,
                  generated_dir=args.generated, segmenter_path=args.segmenter, out_dir=args.out,
                  utility_path=args.utility)

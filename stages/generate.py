@@ -7,12 +7,11 @@ Writes ``data/generated/``: ``fake.npy`` + ``index.npy`` (aligned with the proce
     python stages/generate.py --model models/generator.pt --processed data/processed \\
         --split data/split.json --interim data/interim --out data/generated
 """
-from ctsynth.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, stage_main
 
 
 def main(args, params):
-    from ctsynth import generate
-
+    from ctsynth.synth import generate
     generate.run(params, model_path=args.model, processed_dir=args.processed,
                  split_path=args.split, interim_dir=args.interim, out_dir=args.out)
     return 0

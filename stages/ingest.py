@@ -4,12 +4,11 @@ to canonical RAS+, map label values through ``data.label_map`` and write
 
     python stages/ingest.py --out data/interim
 """
-from ctsynth.runner import stage_main
+from ctsynth.core.runner import stage_main
 
 
 def main(args, params):
-    from ctsynth import ingest
-
+    from ctsynth.data import ingest
     ingest.run(params, out_dir=args.out, raw_dir=args.raw)
     return 0
 

@@ -4,12 +4,11 @@
 
     python stages/phantom.py --out data/phantom
 """
-from ctsynth.runner import stage_main
+from ctsynth.core.runner import stage_main
 
 
 def main(args, params):
-    from ctsynth import phantom
-
+    from ctsynth.data import phantom
     phantom.run(params, args.out)
     return 0
 

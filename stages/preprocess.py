@@ -3,12 +3,11 @@ masks in memory-mapped arrays (``data/processed``).
 
     python stages/preprocess.py --interim data/interim --out data/processed
 """
-from ctsynth.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, stage_main
 
 
 def main(args, params):
-    from ctsynth import preprocess
-
+    from ctsynth.data import preprocess
     preprocess.run(params, interim_dir=args.interim, out_dir=args.out)
     return 0
 

@@ -12,14 +12,13 @@ logs them with all metrics into the training run named in --run-file (if trackin
 import logging
 from pathlib import Path
 
-from ctsynth.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, stage_main
 
-log = logging.getLogger("ctsynth.report")
+log = logging.getLogger("ctsynth.report.html")
 
 
 def main(args, params):
-    from ctsynth import report
-
+    from ctsynth.report import html as report
     files = report.run(params, reports_dir=args.reports, generated_dir=args.generated,
                        processed_dir=args.processed, train_reports_dir=args.train_reports,
                        out_html=args.out, figures_dir=args.figures, split_path=args.split,
@@ -28,7 +27,7 @@ def main(args, params):
     if args.run_file is None or not Path(args.run_file).exists():
         log.info("no MLflow run file (%s): report not logged to MLflow", args.run_file)
         return 0
-    from ctsynth.tracking import log_evaluation
+    from ctsynth.core.tracking import log_evaluation
 
     # metrics.json + its intervals as <metric>_ci95_lo/_hi, the report and its figures
     log_evaluation(args.run_file, params, report.logged_numbers(Path(args.reports) / "metrics.json"), files)

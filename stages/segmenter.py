@@ -5,12 +5,11 @@ Dice in the evaluate stage (see ``ctsynth.segmenter``).
 
     python stages/segmenter.py --processed data/processed --split data/split.json --out models/segmenter.pt
 """
-from ctsynth.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, stage_main
 
 
 def main(args, params):
-    from ctsynth import segmenter
-
+    from ctsynth.evaluate import segmenter
     segmenter.run(params, processed_dir=args.processed, split_path=args.split, out_path=args.out)
     return 0
 

@@ -2,12 +2,11 @@
 
     python stages/split.py --processed data/processed --out data/split.json
 """
-from ctsynth.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, stage_main
 
 
 def main(args, params):
-    from ctsynth import split
-
+    from ctsynth.data import split
     split.run(params, processed_dir=args.processed, out_path=args.out)
     return 0
 

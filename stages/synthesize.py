@@ -9,12 +9,11 @@ each CT slice is drawn by the generator. The folder is replaced atomically.
     python stages/synthesize.py --model models/generator.pt --interim data/interim \\
         --split data/split.json --out data/synthetic
 """
-from ctsynth.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, stage_main
 
 
 def main(args, params):
-    from ctsynth import synthesize
-
+    from ctsynth.synth import synthesize
     synthesize.run(params, model_path=args.model, interim_dir=args.interim, split_path=args.split,
                    out_dir=args.out)
     return 0

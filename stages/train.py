@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ctsynth.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, stage_main
 
 
 def add_args(parser) -> None:
@@ -30,8 +30,8 @@ def add_args(parser) -> None:
 
 
 def main(args, params) -> int:
-    from ctsynth.distributed import torchrun_argv
-    from ctsynth.io import project_root
+    from ctsynth.train.distributed import torchrun_argv
+    from ctsynth.core.io import project_root
 
     cfg = params.train
     argv = torchrun_argv(cfg.nproc, cfg.nnodes, cfg.rdzv_endpoint, __file__, sys.argv[1:])
@@ -39,8 +39,7 @@ def main(args, params) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(argv[0], argv)
-    from ctsynth import train
-
+    from ctsynth.train import loop as train
     ckpts = project_root() / args.checkpoints   # an absolute --checkpoints stays as given
     result = train.run(params, processed_dir=args.processed, split_path=args.split, out_model=args.model,
                        ckpt_dir=ckpts, reports_dir=args.reports, run_file=args.run_file)

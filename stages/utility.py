@@ -9,12 +9,11 @@ per structure on the *real* test slices with patient-level 95 % intervals. Write
     python stages/utility.py --synthetic data/synthetic --processed data/processed \\
         --split data/split.json --segmenter models/segmenter.pt --out reports/utility.json
 """
-from ctsynth.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, stage_main
 
 
 def main(args, params):
-    from ctsynth import utility
-
+    from ctsynth.evaluate import utility
     utility.run(params, synthetic_dir=args.synthetic, processed_dir=args.processed, split_path=args.split,
                 segmenter_path=args.segmenter, out_json=args.out, out_csv=args.table)
     return 0

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ctsynth.config import params_from_dict
+from ctsynth.core.config import params_from_dict
 
 # Hermetic tests: evaluate.inception_weights defaults to auto (standard FID weights from the
 # torch hub cache, downloaded if online). The suite, its stage subprocesses and `dvc repro` in
@@ -101,7 +101,7 @@ def standin_inception_weights(path: Path, seed: int = 0) -> Path:
     path that loads and runs them, and gives distinct, finite features for distinct images."""
     import torch
 
-    from ctsynth.inception import inception_module
+    from ctsynth.evaluate.inception import inception_module
 
     g = torch.Generator().manual_seed(seed)
     state = {}

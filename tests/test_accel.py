@@ -1,11 +1,10 @@
-"""ctsynth.accel: device choice, native-bf16 detection, precision and layout resolution, GEMM rate."""
+"""ctsynth.core.accel: device choice, native-bf16 detection, precision and layout resolution, GEMM rate."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ctsynth import accel
-
+from ctsynth.core import accel
 CPU = torch.device("cpu")
 
 
@@ -83,6 +82,6 @@ def test_package_import_sets_passive_omp_waits_unless_set(given, expected):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if given:
         env["OMP_WAIT_POLICY"] = given
-    out = subprocess.run([sys.executable, "-c", "import ctsynth.train, os; print(os.environ['OMP_WAIT_POLICY'])"],
+    out = subprocess.run([sys.executable, "-c", "import ctsynth.train.loop, os; print(os.environ['OMP_WAIT_POLICY'])"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert out == expected

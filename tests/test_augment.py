@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import make_store, tiny_params
-from ctsynth.augment import AUGMENTS, build_augment
-from ctsynth.config import params_from_dict
-from ctsynth.errors import ConfigError
-from ctsynth.labels import encode_condition
-from ctsynth.train import run as train
+from ctsynth.data.augment import AUGMENTS, build_augment
+from ctsynth.core.config import params_from_dict
+from ctsynth.core.errors import ConfigError
+from ctsynth.core.labels import encode_condition
+from ctsynth.train.loop import run as train
 
 
 def blobs(b: int = 8, size: int = 32, seed: int = 0) -> np.ndarray:

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from conftest import REPO
-from ctsynth.config import flatten, load_params, params_from_dict, to_dict
-from ctsynth.errors import ConfigError
-from ctsynth.labels import encode_condition
+from ctsynth.core.config import flatten, load_params, params_from_dict, to_dict
+from ctsynth.core.errors import ConfigError
+from ctsynth.core.labels import encode_condition
 
 
 def problems_of(raw) -> str:
@@ -107,7 +107,7 @@ def test_condition_encodings():
 
 def test_stage_input_defaults_are_the_paths_dvc_yaml_passes():
     """Running a stage script by hand with no path arguments reads what `dvc repro` would."""
-    from ctsynth.runner import STAGE_INPUTS
+    from ctsynth.core.runner import STAGE_INPUTS
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     seen = set()
@@ -125,7 +125,7 @@ def test_stage_input_defaults_are_the_paths_dvc_yaml_passes():
 def test_code_defaults_are_params_yaml():
     """One source of truth: every dataclass default equals params.yaml's value, so code that
     builds Params() (tests, the CLI's defaults, library callers) runs the documented default."""
-    from ctsynth.config import Params, flatten, load_params, to_dict
+    from ctsynth.core.config import Params, flatten, load_params, to_dict
 
     in_file, in_code = flatten(to_dict(load_params(REPO / "params.yaml"))), flatten(to_dict(Params()))
     differ = {k: (in_file.get(k), in_code.get(k)) for k in in_file.keys() | in_code.keys()
@@ -135,7 +135,7 @@ def test_code_defaults_are_params_yaml():
 
 def test_phantom_cli_defaults_follow_params(capsys):
     from ctsynth.cli import build_parser
-    from ctsynth.config import load_params
+    from ctsynth.core.config import load_params
 
     p = load_params(REPO / "params.yaml")
     args = build_parser().parse_args(["phantom", "--out", "x"])
@@ -146,8 +146,8 @@ def test_phantom_cli_defaults_follow_params(capsys):
 def test_default_run_has_at_least_four_test_patients_and_defaults_match_params_yaml():
     import dataclasses
 
-    from ctsynth.config import Params
-    from ctsynth.split import assign
+    from ctsynth.core.config import Params
+    from ctsynth.data.split import assign
 
     params = load_params(REPO / "params.yaml")
     cases = [f"ct_train_{1001 + i}" for i in range(params.phantom.cases)]

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import make_store, tiny_params
-from ctsynth import generate as gen
-from ctsynth.data import ProcessedStore, SliceDataset, condition_batch, context_masks, neighbour_rows
-from ctsynth.errors import ConfigError, InputError
-from ctsynth.labels import STRUCTURES, encode_condition
-from ctsynth.models import build_generator, save_generator
+from ctsynth.synth import generate as gen
+from ctsynth.data.store import ProcessedStore, SliceDataset, condition_batch, context_masks, neighbour_rows
+from ctsynth.core.errors import ConfigError, InputError
+from ctsynth.core.labels import STRUCTURES, encode_condition
+from ctsynth.train.networks import build_generator, save_generator
 from test_generate import SIZE, WINDOW, make_world, run_stage
 
 
@@ -112,7 +112,7 @@ def test_generate_stage_with_context(tmp_path):
 def test_training_with_context_records_k_and_generates(tmp_path):
     import json
 
-    from ctsynth.train import run as train
+    from ctsynth.train.loop import run as train
 
     make_store(tmp_path / "processed")
     (tmp_path / "split.json").write_text(json.dumps({"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}))

@@ -9,11 +9,11 @@ import torch
 
 from conftest import REPO
 from corpus import write_case
-from ctsynth import ingest
-from ctsynth.config import params_from_dict
-from ctsynth.distributed import Dist
-from ctsynth.labels import STRUCTURES
-from ctsynth.losses import LossHistory
+from ctsynth.data import ingest
+from ctsynth.core.config import params_from_dict
+from ctsynth.train.distributed import Dist
+from ctsynth.core.labels import STRUCTURES
+from ctsynth.train.history import LossHistory
 
 CONTRACTS = (REPO / "docs" / "contracts.md").read_text()
 

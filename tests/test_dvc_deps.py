@@ -1,5 +1,6 @@
 """dvc.yaml's dependencies are correct by construction: each stage's code deps are exactly the
-``src/ctsynth`` modules its script imports (transitively, function-level imports included), and
+package folders holding the modules its script imports (transitively, function-level imports
+included), and
 the train stage's params are exactly the keys that change its outputs. A new import without a dep
 would let `dvc status` call a stale result up to date; these tests fail first."""
 from __future__ import annotations
@@ -10,36 +11,39 @@ import pytest
 import yaml
 
 from conftest import REPO
-from ctsynth.config import Params, to_dict
-from ctsynth.checkpoint import RUN_ONLY_KEYS
-from ctsynth.imports import closure, imports_of, script_closure
+from ctsynth.core.config import Params, to_dict
+from ctsynth.train.checkpoint import RUN_ONLY_KEYS
+from ctsynth.core.imports import closure, imports_of, script_closure
 
 PKG = REPO / "src" / "ctsynth"
-
-
-def _imports(path: Path) -> set[str]:
-    return imports_of(path)
-
-
-def _closure(modules) -> set[str]:
-    return {f"src/ctsynth/{m}.py" for m in closure(modules)}
+FOLDERS = sorted(p.name for p in PKG.iterdir() if (p / "__init__.py").is_file())
 
 
 def import_closure(script: Path) -> set[str]:
-    """``src/ctsynth/*.py`` paths that running ``script`` may import."""
-    return {f"src/ctsynth/{m}.py" for m in script_closure(script)}
+    """``src/ctsynth/...`` files that running ``script`` may import."""
+    return {f"src/ctsynth/{m}" for m in script_closure(script)}
+
+
+def needed_deps(script: Path) -> set[str]:
+    """The code deps a stage needs: ``src/ctsynth/__init__.py`` and every package folder holding
+    a module of the script's import closure."""
+    deps = set()
+    for path in import_closure(script):
+        parts = Path(path).relative_to("src/ctsynth").parts
+        deps.add(path if len(parts) == 1 else f"src/ctsynth/{parts[0]}")
+    return deps
 
 
 def test_no_import_circle_in_the_package():
-    graph = {p.stem: _imports(p) - {p.stem} for p in PKG.glob("*.py")}
+    graph = {p.relative_to(PKG).as_posix(): imports_of(p) for p in PKG.rglob("*.py")}
     for start in graph:
-        todo, seen = list(graph[start]), set()
+        todo, seen = [m for m in graph[start] if not m.endswith("__init__.py")], set()
         while todo:
             mod = todo.pop()
-            assert mod != start, f"import circle through ctsynth.{start}"
+            assert mod != start, f"import circle through {start}"
             if mod not in seen:
                 seen.add(mod)
-                todo += list(graph[mod])
+                todo += [m for m in graph[mod] if not m.endswith("__init__.py")]
 
 
 def _stages() -> dict:
@@ -47,17 +51,27 @@ def _stages() -> dict:
 
 
 def _code_deps(stage: dict) -> set[str]:
-    return {d for d in stage.get("deps", []) if isinstance(d, str) and d.startswith("src/ctsynth/")}
+    return {d for d in stage.get("deps", []) if isinstance(d, str) and d.startswith("src/ctsynth")}
 
 
 @pytest.mark.parametrize("name", sorted(_stages()))
-def test_stage_code_deps_equal_its_import_closure(name):
+def test_stage_code_deps_are_the_folders_its_imports_need(name):
+    """Every module the script may import lies in a listed folder (else `dvc status` could call a
+    stale result up to date), and no folder is listed that it does not import from (else an
+    unrelated edit, e.g. of the report, would rerun it -- for train: retrain)."""
     stage = _stages()[name]
     script = REPO / "stages" / f"{name}.py"
     assert f"stages/{name}.py" in stage["deps"]
-    want, have = import_closure(script), _code_deps(stage)
+    want, have = needed_deps(script), _code_deps(stage)
     assert have == want, (f"dvc.yaml stage {name!r}: add deps {sorted(want - have)}, "
                           f"remove deps {sorted(have - want)}")
+    covered = {p for p in import_closure(script) if any(p == d or p.startswith(d + "/") for d in have)}
+    assert covered == import_closure(script)
+
+
+def test_a_report_edit_never_retrains():
+    deps = _code_deps(_stages()["train"])
+    assert "src/ctsynth/report" not in deps and "src/ctsynth/evaluate" not in deps, deps
 
 
 def test_stages_run_the_code_of_their_own_checkout():
@@ -70,15 +84,17 @@ def test_stages_run_the_code_of_their_own_checkout():
 
 def test_the_closure_sees_function_level_and_relative_imports(tmp_path):
     """The checker itself: an import added inside a function widens the closure by the imported
-    module and everything it imports (so the test above fails until dvc.yaml lists them)."""
+    module and everything it imports (so the test above fails until dvc.yaml lists its folder)."""
     base = import_closure(REPO / "stages" / "split.py")
-    assert "src/ctsynth/split.py" in base and "src/ctsynth/__init__.py" in base
-    assert "src/ctsynth/privacy.py" not in base
+    assert "src/ctsynth/data/split.py" in base and "src/ctsynth/__init__.py" in base
+    assert "src/ctsynth/evaluate/privacy.py" not in base
     script = tmp_path / "split.py"
     script.write_text((REPO / "stages" / "split.py").read_text()
-                      + "\n\ndef later():\n    from ctsynth import privacy\n")
-    assert import_closure(script) == base | _closure({"privacy"})
-    assert "src/ctsynth/errors.py" in _closure({"privacy"})           # privacy imports .errors
+                      + "\n\ndef later():\n    from ctsynth.evaluate import privacy\n")
+    wider = import_closure(script)
+    assert "src/ctsynth/evaluate/privacy.py" in wider and "src/ctsynth/evaluate/__init__.py" in wider
+    assert "src/ctsynth/evaluate" in needed_deps(script) - needed_deps(REPO / "stages" / "split.py")
+    assert closure({"evaluate/privacy.py"}) >= {"core/errors.py", "core/__init__.py"}
 
 
 def test_train_params_are_exactly_the_keys_that_change_its_outputs():
@@ -108,14 +124,15 @@ def test_training_code_enters_the_checkpoint_fingerprint(tmp_path, monkeypatch):
     module training does not import leaves it alone."""
     import shutil
 
-    from ctsynth import imports
-
+    from ctsynth.core import imports
     copy = tmp_path / "ctsynth"
     shutil.copytree(PKG, copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(imports, "PKG", copy)
-    before = imports.source_hash("train")
-    assert "gan" in imports.closure({"train"}) and "privacy" not in imports.closure({"train"})
-    (copy / "privacy.py").write_text((copy / "privacy.py").read_text() + "\n# unrelated edit\n")
-    assert imports.source_hash("train") == before
-    (copy / "gan.py").write_text((copy / "gan.py").read_text() + "\n# a change to the GAN step\n")
-    assert imports.source_hash("train") != before
+    before = imports.source_hash("train/loop.py")
+    assert "train/gan.py" in imports.closure({"train/loop.py"})
+    assert "evaluate/privacy.py" not in imports.closure({"train/loop.py"})
+    privacy, gan = copy / "evaluate" / "privacy.py", copy / "train" / "gan.py"
+    privacy.write_text(privacy.read_text() + "\n# unrelated edit\n")
+    assert imports.source_hash("train/loop.py") == before
+    gan.write_text(gan.read_text() + "\n# a change to the GAN step\n")
+    assert imports.source_hash("train/loop.py") != before

@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from conftest import REPO, make_store, standin_inception_weights, tiny_params
-from ctsynth import evaluate
-from ctsynth.data import ProcessedStore
-from ctsynth.errors import InputError, ModelFileError
-from ctsynth.segmenter import run as train_segmenter
+from ctsynth.evaluate import stage as evaluate
+from ctsynth.data.store import ProcessedStore
+from ctsynth.core.errors import InputError, ModelFileError
+from ctsynth.evaluate.segmenter import run as train_segmenter
 
 SPLIT = {"seed": 0, "train": ["c1", "c2", "c3"], "val": ["c4"], "test": ["c5", "c6"]}
 RAW = {"preprocess": {"image_size": 32}, "model": {"gen_depth": 5, "disc_layers": 2},
@@ -255,7 +255,7 @@ def test_fid_inception_is_a_number_with_a_local_stand_in_weights_file(setup, tmp
 def test_auto_fid_inception_from_the_hub_cache_and_null_when_the_download_fails(setup, tmp_path, monkeypatch):
     from piq.feature_extractors import fid_inception
 
-    from ctsynth.inception import standard_weights_path
+    from ctsynth.evaluate.inception import standard_weights_path
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "online"))
     standin_inception_weights(standard_weights_path())

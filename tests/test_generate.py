@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 
 from conftest import REAL_CT, tiny_params
-from ctsynth import generate as gen
-from ctsynth.data import ProcessedStore
-from ctsynth.errors import ConfigError, InputError, ModelFileError
-from ctsynth.labels import MMWHS_LABEL_MAP, STRUCTURES
-from ctsynth.models import build_generator, save_generator
-from ctsynth.preprocess import kept_indices, prepare_slice
+from ctsynth.synth import generate as gen
+from ctsynth.data.store import ProcessedStore
+from ctsynth.core.errors import ConfigError, InputError, ModelFileError
+from ctsynth.core.labels import MMWHS_LABEL_MAP, STRUCTURES
+from ctsynth.train.networks import build_generator, save_generator
+from ctsynth.data.preprocess import kept_indices, prepare_slice
 
 SIZE = 32
 WINDOW = [-1000.0, 1000.0]
@@ -296,7 +296,7 @@ def test_unknown_values_become_background(ao_model, tmp_path, caplog):
     data = _blob()
     data[15:18, 15:18, :] = 77
     mask = _mask(tmp_path / "m.nii.gz", data)
-    with caplog.at_level(logging.WARNING, logger="ctsynth.generate"):
+    with caplog.at_level(logging.WARNING, logger="ctsynth.synth.generate"):
         stats = gen.synthesize_volume(ao_model, mask, tmp_path / "o.nii.gz")
     assert stats["unknown_values"] == [77] and "77" in caplog.text
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import standin_inception_weights
-from ctsynth.errors import MetricUnavailable
-from ctsynth.inception import InceptionFeatures, standard_weights_path
+from ctsynth.core.errors import MetricUnavailable
+from ctsynth.evaluate.inception import InceptionFeatures, standard_weights_path
 
 UNREACHABLE = "http://127.0.0.1:9/fid_weights/pt_inception-2015-12-05-6726825d.pth"   # refused at once
 

@@ -12,10 +12,10 @@ import yaml
 
 from conftest import REPO, load_stage
 from corpus import AFFINE, BAD_INPUTS, volumes, write_case
-from ctsynth import ingest
-from ctsynth.config import params_from_dict
-from ctsynth.errors import InputError
-from ctsynth.labels import structure_index
+from ctsynth.data import ingest
+from ctsynth.core.config import params_from_dict
+from ctsynth.core.errors import InputError
+from ctsynth.core.labels import structure_index
 
 
 def params_for(raw, **data):
@@ -171,7 +171,7 @@ def test_label_cropped_to_a_region_is_accepted_with_background_outside(tmp_path,
     image, label = volumes()                                     # 24 × 24 × 8
     crop = label[4:20, 4:20, 2:6]                                # a box around the heart: 22 % of the image
     write_case(raw, "p1", image=image, label=crop, label_affine=_crop_affine([4, 4, 2]))
-    with caplog.at_level("INFO", logger="ctsynth.ingest"):
+    with caplog.at_level("INFO", logger="ctsynth.data.ingest"):
         manifest = ingest.run(params_for(raw), tmp_path / "interim")
     lab = np.asanyarray(nib.load(str(tmp_path / "interim" / "p1_label.nii")).dataobj)
     expected = np.zeros_like(label)
@@ -202,7 +202,7 @@ def test_label_grid_partly_outside_warns_about_dropped_labels(tmp_path, caplog):
     raw = tmp_path / "raw"
     image, label = volumes()
     write_case(raw, "p1", image=image, label=label, label_affine=_crop_affine([-3, 0, 0]))   # 1/8 outside
-    with caplog.at_level("INFO", logger="ctsynth.ingest"):
+    with caplog.at_level("INFO", logger="ctsynth.data.ingest"):
         ingest.run(params_for(raw), tmp_path / "interim")
     messages = " | ".join(r.getMessage() for r in caplog.records)
     assert "88% of the label grid inside" in messages

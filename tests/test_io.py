@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctsynth.errors import InputError
-from ctsynth.io import (atomic_dir, atomic_file, load_nifti, overlap_fraction, resample_nearest,
+from ctsynth.core.errors import InputError
+from ctsynth.core.io import (atomic_dir, atomic_file, load_nifti, overlap_fraction, resample_nearest,
                         save_nifti, write_json)
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from ctsynth.data import ProcessedStore
-from ctsynth.errors import MetricUnavailable
-from ctsynth.metrics import (METRIC_DEFINITIONS, DiceAccumulator, FeatureBank, PairedAccumulator,
+from ctsynth.data.store import ProcessedStore
+from ctsynth.core.errors import MetricUnavailable
+from ctsynth.evaluate.metrics import (METRIC_DEFINITIONS, DiceAccumulator, FeatureBank, PairedAccumulator,
                              definition, dice_scores, frechet_distance, frechet_distance_weighted,
                              kernel_distance, per_slice_metrics, reported_structures)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ctsynth.config import ModelCfg
-from ctsynth.errors import ModelFileError
-from ctsynth.models import (Generator, PatchDiscriminator, build_discriminator, build_generator,
+from ctsynth.core.config import ModelCfg
+from ctsynth.core.errors import ModelFileError
+from ctsynth.train.networks import (Generator, PatchDiscriminator, build_discriminator, build_generator,
                             _generator_footprint, count_parameters, load_generator, receptive_field,
                             save_generator)
 

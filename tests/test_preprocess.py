@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from corpus import write_case
-from ctsynth import ingest, preprocess
-from ctsynth.config import params_from_dict
-from ctsynth.data import ProcessedStore, SliceDataset
-from ctsynth.labels import structure_index
+from ctsynth.data import ingest
+from ctsynth.data import preprocess
+from ctsynth.core.config import params_from_dict
+from ctsynth.data.store import ProcessedStore, SliceDataset
+from ctsynth.core.labels import structure_index
 
 
 def test_hu_roundtrip_and_clipping():
@@ -118,7 +119,7 @@ def test_real_scan_fixture(tmp_path, real_raw):
 
 
 def test_missing_manifest(tmp_path):
-    from ctsynth.errors import InputError
+    from ctsynth.core.errors import InputError
 
     with pytest.raises(InputError, match="manifest.csv"):
         preprocess.run(params_from_dict({}), tmp_path, tmp_path / "out")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from ctsynth.data import ProcessedStore
-from ctsynth.errors import ConfigError, InputError
-from ctsynth.privacy import NearestTrainingSearch, PrivacyAccumulator, pairwise_ssim
+from ctsynth.data.store import ProcessedStore
+from ctsynth.core.errors import ConfigError, InputError
+from ctsynth.evaluate.privacy import NearestTrainingSearch, PrivacyAccumulator, pairwise_ssim
 
 TRAIN, TEST = ("c1", "c2", "c3"), ("c4",)
 

@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 
 from conftest import tiny_params
-from ctsynth.errors import InputError
-from ctsynth.figures import fig_condition_subsets
-from ctsynth import synthesize
-from ctsynth.generate import condition_subset_panels
-from ctsynth.generate import run as generate_test_set
-from ctsynth.labels import STRUCTURES
-from ctsynth.report import run as build_report
+from ctsynth.core.errors import InputError
+from ctsynth.report.figures import fig_condition_subsets
+from ctsynth.synth import synthesize
+from ctsynth.synth.generate import condition_subset_panels
+from ctsynth.synth.generate import run as generate_test_set
+from ctsynth.core.labels import STRUCTURES
+from ctsynth.report.html import run as build_report
 from test_generate import make_world
 
 SECTIONS = ("summary", "metrics", "structures", "cases", "samples", "orthogonal", "subsets", "synthetic", "utility",
@@ -197,7 +197,7 @@ def test_report_leads_with_the_answer_and_ends_with_the_configuration(tmp_path):
 
 
 def test_floor_reading_and_weakest_structure():
-    from ctsynth.summary import floor_reading, weakest_structure
+    from ctsynth.report.summary import floor_reading, weakest_structure
 
     overlapping = dict(RICH_CI, fd_seg_vs_val_ci95={"lo": 0.45, "hi": 0.9})
     assert ("1.5× the noise floor, but the intervals overlap: with 4 test and ? validation patients"
@@ -211,7 +211,7 @@ def test_floor_reading_and_weakest_structure():
 
 
 def test_mlflow_numbers_hold_the_intervals(tmp_path):
-    from ctsynth.report import logged_numbers
+    from ctsynth.report.html import logged_numbers
 
     (tmp_path / "metrics.json").write_text(json.dumps({"ssim": 0.8, "fid_inception": None}))
     (tmp_path / "metrics_ci.json").write_text(json.dumps({"ssim_ci95": {"lo": 0.7, "hi": 0.9}}))
@@ -220,7 +220,7 @@ def test_mlflow_numbers_hold_the_intervals(tmp_path):
 
 
 def test_headline_text_for_the_log():
-    from ctsynth.summary import headline_text
+    from ctsynth.report.summary import headline_text
 
     text = headline_text(RICH, RICH_CI, {"fid_inception": "offline: the download failed"})
     lines = {ln.split()[0]: ln for ln in text.splitlines()}

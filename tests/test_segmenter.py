@@ -12,12 +12,12 @@ import torch
 import yaml
 
 from conftest import REPO, make_store, tiny_params
-from ctsynth.data import ProcessedStore
-from ctsynth.errors import MetricUnavailable, ModelFileError
-from ctsynth.segmenter import SegFeatures, SegUNet, load_segmenter
-from ctsynth.segmenter import run as train_segmenter
-from ctsynth.inception import INCEPTION_REASON, InceptionFeatures, inception_module
-from ctsynth.metrics import dice_scores, frechet_distance
+from ctsynth.data.store import ProcessedStore
+from ctsynth.core.errors import MetricUnavailable, ModelFileError
+from ctsynth.evaluate.segmenter import SegFeatures, SegUNet, load_segmenter
+from ctsynth.evaluate.segmenter import run as train_segmenter
+from ctsynth.evaluate.inception import INCEPTION_REASON, InceptionFeatures, inception_module
+from ctsynth.evaluate.metrics import dice_scores, frechet_distance
 
 SPLIT = {"seed": 0, "train": ["c1", "c2", "c3"], "val": ["c4"], "test": ["c5"]}
 SEG = {"iterations": 60, "batch_size": 8, "width": 16, "lr": 0.003, "ema": 0.0}   # the plain last-step model
@@ -156,7 +156,7 @@ def test_inception_loads_a_local_state_dict(tmp_path, flavour):
 
 def test_weight_average_is_the_model_returned(tiny_store):
     """segmenter.ema > 0: the model is the moving average of the weights, not the last step's."""
-    from ctsynth.segmenter import train_segmenter as fit
+    from ctsynth.evaluate.segmenter import train_segmenter as fit
 
     store = ProcessedStore(tiny_store)
     pool = [(store, store.rows_for_cases(["c1", "c2"]))]

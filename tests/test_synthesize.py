@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 
 from conftest import tiny_params
-from ctsynth import ingest
-from ctsynth import synthesize as syn
-from ctsynth.config import SynthesizeCfg, params_from_dict
-from ctsynth.errors import ConfigError, InputError, ModelFileError
-from ctsynth.generate import Synthesizer, load_model
-from ctsynth.labels import MMWHS_LABEL_MAP, STRUCTURES
+from ctsynth.data import ingest
+from ctsynth.synth import synthesize as syn
+from ctsynth.core.config import SynthesizeCfg, params_from_dict
+from ctsynth.core.errors import ConfigError, InputError, ModelFileError
+from ctsynth.synth.generate import Synthesizer, load_model
+from ctsynth.core.labels import MMWHS_LABEL_MAP, STRUCTURES
 from test_generate import make_world, save_tiny_model
 
 SPACING = (2.0, 2.0, 3.0)

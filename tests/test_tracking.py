@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from conftest import make_store, tiny_params
-from ctsynth import tracking
-from ctsynth.errors import TrainingError
-from ctsynth.models import load_generator
-from ctsynth.train import run as train
+from ctsynth.core import tracking
+from ctsynth.core.errors import TrainingError
+from ctsynth.train.networks import load_generator
+from ctsynth.train.loop import run as train
 
 SPLIT = {"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}
 

@@ -15,12 +15,12 @@ import torch
 import yaml
 
 from conftest import REPO, make_store, tiny_params
-from ctsynth.config import to_dict
-from ctsynth.errors import ConfigError, InputError, TrainingError
-from ctsynth.models import build_discriminator, build_generator, load_generator
-from ctsynth.gan import gan_step, lr_factor, make_optimizer
-from ctsynth.losses import LOSS_NAMES
-from ctsynth.train import run as train
+from ctsynth.core.config import to_dict
+from ctsynth.core.errors import ConfigError, InputError, TrainingError
+from ctsynth.train.networks import build_discriminator, build_generator, load_generator
+from ctsynth.train.gan import gan_step, lr_factor, make_optimizer
+from ctsynth.train.history import LOSS_NAMES
+from ctsynth.train.loop import run as train
 
 SPLIT = {"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}
 
@@ -187,8 +187,7 @@ def test_bf16_channels_last_losses_stay_close_to_fp32(ws):
 def test_auto_precision_follows_the_hardware(ws, monkeypatch):
     """precision: auto trains in fp32 on a CPU without native bf16 and in bf16 on one with AMX;
     the resolved precision is recorded and the auto run equals the explicit one bit for bit."""
-    from ctsynth import accel
-
+    from ctsynth.core import accel
     kw = dict(iterations=4, log_every=2, checkpoint_every=100, snapshot_at=[])
     ran = {}
     for name, isa, explicit in (("avx2", {"avx2"}, "fp32"), ("amx", {"avx2", "amx_bf16"}, "bf16")):
@@ -268,7 +267,7 @@ def test_two_nodes_rendezvous_through_torchrun_and_end_with_identical_weights(ws
     """train.nnodes 2: two 'nodes' (two torchrun agents on 127.0.0.1, one gloo process each) run
     the same stage command; the stage starts itself under torchrun's c10d rendezvous, and both
     ranks end with the same weights."""
-    from ctsynth.distributed import torchrun_argv
+    from ctsynth.train.distributed import torchrun_argv
 
     endpoint = f"127.0.0.1:{_free_port()}"
     p = params(iterations=4, log_every=2, checkpoint_every=2, nproc=1, nnodes=2, rdzv_endpoint=endpoint)
@@ -288,7 +287,7 @@ def test_two_nodes_rendezvous_through_torchrun_and_end_with_identical_weights(ws
 
 
 def test_one_process_needs_no_torchrun_and_nodes_need_an_endpoint():
-    from ctsynth.distributed import torchrun_argv
+    from ctsynth.train.distributed import torchrun_argv
 
     assert torchrun_argv(1, 1, None, "s.py", ["--x"]) is None
     assert torchrun_argv(2, 1, None, "s.py", ["--x"])[-3:] == ["--standalone", "s.py", "--x"]

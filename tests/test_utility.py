@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from conftest import tiny_params
-from ctsynth import segmenter, synthesize, utility
-from ctsynth.errors import InputError
-from ctsynth.evaluate import merge_utility
+from ctsynth.evaluate import segmenter
+from ctsynth.synth import synthesize
+from ctsynth.evaluate import utility
+from ctsynth.core.errors import InputError
+from ctsynth.evaluate.stage import merge_utility
 from test_generate import make_world
 
 LABELS = {1: "Myo", 3: "LV"}
@@ -49,7 +51,7 @@ def test_summarise_without_bootstrap_has_no_intervals():
 
 def test_pools_train_on_their_union(tiny_store):
     """Two pools draw exactly like one pool of their rows together, and unlike either alone."""
-    from ctsynth.data import ProcessedStore
+    from ctsynth.data.store import ProcessedStore
 
     store = ProcessedStore(tiny_store)
     cfg = tiny_params().segmenter

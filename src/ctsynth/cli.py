@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import Params, PhantomCfg, SynthesizeCfg
-from .runner import guarded, setup_logging
+from ctsynth.core.config import Params, PhantomCfg, SynthesizeCfg
+from ctsynth.core.runner import guarded, setup_logging
 
 
 def _phantom(args) -> int:
-    from .phantom import write_dataset
+    from ctsynth.data.phantom import write_dataset
 
     ids = write_dataset(args.out, cases=args.cases, seed=args.seed, shape=tuple(args.shape),
                         spacing=tuple(args.spacing))
@@ -27,7 +27,7 @@ def _phantom(args) -> int:
 
 
 def _generate(args) -> int:
-    from .generate import synthesize_volume
+    from ctsynth.synth.generate import synthesize_volume
 
     stats = synthesize_volume(args.model, args.mask, args.out, structures=args.structures,
                               label_map=args.label_map)
@@ -36,7 +36,7 @@ def _generate(args) -> int:
 
 
 def _synthesize(args) -> int:
-    from .synthesize import synthesize_folder
+    from ctsynth.synth.synthesize import synthesize_folder
 
     manifest = synthesize_folder(args.model, args.labels, args.out, cases=args.cases, seed=args.seed,
                                  label_map=args.label_map, layout=args.layout, pattern=args.pattern,
@@ -57,7 +57,7 @@ are params.yaml's synthesize defaults; the pipeline's `synthesize` stage uses pa
 
 
 def _check_params(args) -> int:
-    from .config import load_params
+    from ctsynth.core.config import load_params
 
     load_params(args.params, args.set)
     print(f"{args.params}: ok")
@@ -65,7 +65,7 @@ def _check_params(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import main as bench_main
+    from ctsynth.bench.suite import main as bench_main
 
     paths = tuple(n for n in args.paths.split(",") if n) + (("compile",) if args.compile else ())
     return bench_main(quick=args.quick, out=args.out, device=args.device, paths=paths, repeats=args.repeats,

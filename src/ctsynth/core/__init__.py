@@ -1,0 +1,1 @@
+"""Foundations: configuration, errors, file I/O, labels, devices, the stage runner, MLflow."""

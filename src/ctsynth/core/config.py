@@ -1,0 +1,402 @@
+"""params.yaml as typed, validated dataclasses.
+
+Every key of params.yaml is a field below; unknown keys, wrong types and out-of-range values
+are all collected and raised together as one :class:`ConfigError` before any work starts.
+
+    cfg = load_params("params.yaml")              # whole file, validated
+    cfg = load_params("params.yaml", overrides=["train.lr_g=1e-4"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from ctsynth.core.errors import ConfigError
+from ctsynth.core.labels import ALL_CONDITIONS, MMWHS_LABEL_MAP, parse_label_map
+
+
+
+@dataclass
+class DataCfg:
+    source: Literal["phantom", "nifti"] = "phantom"  # phantom: generate data; nifti: use raw_dir
+    raw_dir: str = "data/phantom"                    # folder searched (recursively) for pairs
+    label_suffix: str = "_label.nii.gz"              # partner label = image name with suffix swapped
+    image_suffix: str = "_image.nii.gz"
+    label_map: dict = field(default_factory=lambda: dict(MMWHS_LABEL_MAP))  # raw value -> structure
+    unknown_labels: Literal["error", "background"] = "error"
+    on_error: Literal["fail", "skip"] = "fail"
+
+
+@dataclass
+class PhantomCfg:
+    cases: int = 20                                  # synthetic patients (12 / 4 / 4 with the default split)
+    shape: list = field(default_factory=lambda: [128, 128, 40])  # voxels (x, y, z)
+    spacing: list = field(default_factory=lambda: [2.6, 2.6, 4.0])  # mm, anisotropic like CT
+
+
+@dataclass
+class PreprocessCfg:
+    hu_window: list = field(default_factory=lambda: [-1000.0, 1000.0])  # HU -> [-1, 1]
+    image_size: int = 64
+    structures: list = field(default_factory=lambda: ["Myo", "LA", "LV", "RA", "RV", "Ao", "PA"])
+    slices: Literal["all", "structures"] = "structures"
+    margin: int = 2                                  # extra slices around the structures
+
+
+@dataclass
+class SplitCfg:
+    train: float = 0.6
+    val: float = 0.2
+    test: float = 0.2
+    cases: Optional[dict] = None                     # explicit {train: [...], val: [...], test: [...]}
+
+
+@dataclass
+class ModelCfg:
+    encoding: Literal["onehot", "index"] = "onehot"
+    gen_depth: int = 6                               # stride-2 downsamplings (paper: 7)
+    ngf: int = 16                                    # generator first-layer filters (paper: 64)
+    ndf: int = 16                                    # discriminator first-layer filters (paper: 64)
+    disc_layers: int = 3                             # stride-2 D blocks before the final conv (paper: 4)
+    skip_connections: bool = True
+    upsample: Literal["transpose", "resize"] = "transpose"
+    dropout: float = 0.0
+    output: Literal["tanh", "sigmoid"] = "tanh"
+    context_slices: int = 0                          # 2.5-D: neighbouring mask slices on each side in the condition
+
+
+@dataclass
+class TrainCfg:
+    nproc: int = 1                                   # processes per node (torchrun)
+    nnodes: int = 1                                  # nodes (torchrun c10d rendezvous when > 1)
+    rdzv_endpoint: Optional[str] = None              # host:port of the rendezvous (nnodes > 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 where native (CUDA, AMX CPUs)
+    channels_last: Literal["auto", True, False] = "auto"   # auto: NHWC on CUDA, NCHW on CPU
+    compile: bool = False
+    iterations: int = 3000                           # generator steps (paper: 100000)
+    batch_size: int = 8
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    lambda_l1: float = 100.0
+    augment: Literal["none", "affine", "affine+intensity"] = "affine"  # paired batch augmentation (ctsynth.augment)
+    lr_decay_start: Optional[float] = None           # fraction of iterations where linear decay to 0 starts
+    sync_bn: bool = False
+    checkpoint_every: int = 500
+    log_every: int = 25
+    resume: Literal["auto", "never"] = "auto"
+    snapshot_at: list = field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
+    snapshot_count: int = 4                          # validation masks in the evolution grid
+    num_workers: int = 0                             # DataLoader workers (memmap reads are cheap)
+
+
+@dataclass
+class SegmenterCfg:
+    iterations: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    width: int = 16
+    ema: float = 0.95                                # decay of the weight average kept as the model (0: last step)
+
+
+@dataclass
+class GenerateCfg:
+    batch_size: int = 32
+    grid_slices: int = 6                             # slices per case PNG grid
+
+
+@dataclass
+class SynthesizeCfg:
+    cases: int = 24                                  # new labelled cases (image/label pairs) in data/synthetic
+    seed: int = 1                                    # case i draws from numpy default_rng([seed, i])
+    rotation_deg: list = field(default_factory=lambda: [5.0, 5.0, 12.0])  # max |rotation| about x, y, z
+    scale: list = field(default_factory=lambda: [0.9, 1.1])   # per-axis scale factor range (anisotropic)
+    shift_mm: list = field(default_factory=lambda: [10.0, 10.0, 8.0])   # max |translation| per axis
+    deform_mm: float = 6.0                           # max displacement of the smooth deformation (0: affine only)
+    deform_grid_mm: float = 50.0                     # control-point spacing of the deformation (larger: smoother)
+    max_attempts: int = 20                           # redraws per case when a structure vanishes or splits
+
+
+@dataclass
+class EvaluateCfg:
+    inception_weights: Optional[str] = "auto"        # auto: standard FID weights (torch hub cache / download) | file | null
+    batch_size: int = 32
+    kid_subset_size: int = 50
+    bootstrap: int = 1000                            # patient-level bootstrap resamples for the 95 % intervals (0: none)
+
+
+@dataclass
+class PrivacyCfg:
+    max_similarity: float = 0.95                     # SSIM to nearest training slice above which a slice is withheld
+    downsample: int = 32                             # nearest-neighbour search resolution
+    candidates: int = 5                              # low-res L2 neighbours re-ranked by full-res SSIM
+
+
+@dataclass
+class TrackingCfg:
+    uri: Optional[str] = None                        # default: sqlite:///<repo>/mlflow.db
+    experiment: str = "ctsynth"
+    log_model: bool = True
+    registered_model: Optional[str] = None           # register each trained generator under this name
+    enabled: bool = True                             # false: no MLflow at all (offline, fast tests)
+
+
+@dataclass
+class Params:
+    seed: int = 42
+    data: DataCfg = field(default_factory=DataCfg)
+    phantom: PhantomCfg = field(default_factory=PhantomCfg)
+    preprocess: PreprocessCfg = field(default_factory=PreprocessCfg)
+    split: SplitCfg = field(default_factory=SplitCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    segmenter: SegmenterCfg = field(default_factory=SegmenterCfg)
+    generate: GenerateCfg = field(default_factory=GenerateCfg)
+    synthesize: SynthesizeCfg = field(default_factory=SynthesizeCfg)
+    evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
+    privacy: PrivacyCfg = field(default_factory=PrivacyCfg)
+    tracking: TrackingCfg = field(default_factory=TrackingCfg)
+
+
+# ---------------------------------------------------------------------------- building
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any, str]:
+    """Return (ok, coerced value, description of the allowed values)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        return value in allowed, value, "one of " + ", ".join(map(repr, allowed))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return True, None, ""
+        ok, v, desc = _type_ok(value, args[0])
+        return ok, v, desc + " or null"
+    if tp is bool:
+        return isinstance(value, bool), value, "true or false"
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value, "a number"
+    if tp is str:
+        return isinstance(value, str), value, "a string"
+    if tp is list:
+        return isinstance(value, list), value, "a list"
+    if tp is dict:
+        return isinstance(value, dict), value, "a mapping"
+    return True, value, ""
+
+
+def _build(cls, raw: Any, path: str, problems: list[str]):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{path or 'params'}: must be a mapping, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            problems.append(f"{path}{key}: unknown key; allowed keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        tp, value = hints[f.name], raw[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, value, f"{path}{f.name}.", problems)
+            continue
+        ok, coerced, desc = _type_ok(value, tp)
+        if ok:
+            kwargs[f.name] = coerced
+        else:
+            problems.append(f"{path}{f.name}: got {value!r}; expected {desc}")
+    return cls(**kwargs)
+
+
+def _check_ranges(p: Params, problems: list[str]) -> None:
+    """Every out-of-range value, appended to ``problems`` (all of them, not the first)."""
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            problems.append(msg)
+
+    _check_data(p, need, problems)
+    _check_model_and_split(p, need)
+    _check_train(p.train, need)
+    _check_synthesize(p.synthesize, need)
+    _check_evaluation_and_paths(p, need)
+
+
+def _check_synthesize(s: SynthesizeCfg, need) -> None:
+    def numbers(v, n):
+        return isinstance(v, list) and len(v) == n and all(isinstance(x, (int, float)) for x in v)
+
+    need(s.cases >= 1, f"synthesize.cases: must be >= 1, got {s.cases}")
+    need(numbers(s.rotation_deg, 3) and all(0 <= x <= 45 for x in s.rotation_deg),
+         "synthesize.rotation_deg: three angles in [0, 45] (max |rotation| about x, y, z, degrees)")
+    need(numbers(s.scale, 2) and 0 < s.scale[0] <= s.scale[1] <= 3,
+         "synthesize.scale: [low, high] with 0 < low <= high <= 3")
+    need(numbers(s.shift_mm, 3) and all(x >= 0 for x in s.shift_mm),
+         "synthesize.shift_mm: three non-negative numbers (max |translation| per axis, mm)")
+    need(s.deform_mm >= 0 and s.deform_grid_mm > 0,
+         "synthesize.deform_mm must be >= 0 and synthesize.deform_grid_mm > 0")
+    need(s.max_attempts >= 1, "synthesize.max_attempts: must be >= 1")
+
+
+def _check_data(p: Params, need, problems: list[str]) -> None:
+    need(p.phantom.cases >= 3, "phantom.cases: must be >= 3 (train, val and test need a case each)")
+    need(len(p.phantom.shape) == 3 and all(isinstance(v, int) and v >= 16 for v in p.phantom.shape),
+         "phantom.shape: must be three integers >= 16")
+    need(len(p.phantom.spacing) == 3 and all(isinstance(v, (int, float)) and v > 0 for v in p.phantom.spacing),
+         "phantom.spacing: must be three positive numbers (mm)")
+    w = p.preprocess.hu_window
+    need(len(w) == 2 and all(isinstance(v, (int, float)) for v in w) and w[0] < w[1],
+         "preprocess.hu_window: must be [low, high] with low < high (HU)")
+    need(p.preprocess.margin >= 0, "preprocess.margin: must be >= 0")
+    try:
+        label_map = parse_label_map(p.data.label_map)
+        p.data.label_map = label_map
+    except ConfigError as e:
+        problems.extend(e.problems)
+        label_map = {}
+    structs = p.preprocess.structures
+    bad = [s for s in structs if s not in ALL_CONDITIONS]
+    if bad or not structs or len(set(structs)) != len(structs):
+        problems.append(f"preprocess.structures: got {structs}; must be a non-empty list without "
+                        f"duplicates drawn from {', '.join(ALL_CONDITIONS)}")
+    elif label_map:
+        available = set(label_map.values())
+        missing = [s for s in structs if s != "WH" and s not in available]
+        if missing:
+            problems.append(f"preprocess.structures: {missing} not in data.label_map "
+                            f"(which names {sorted(available)})")
+
+
+def _check_model_and_split(p: Params, need) -> None:
+    m = p.model
+    need(1 <= m.gen_depth <= 8, "model.gen_depth: must be in 1..8")
+    need(1 <= m.disc_layers <= 6, "model.disc_layers: must be in 1..6")
+    need(m.ngf >= 1 and m.ndf >= 1, "model.ngf/model.ndf: must be >= 1")
+    need(0.0 <= m.dropout < 1.0, "model.dropout: must be in [0, 1)")
+    need(0 <= m.context_slices <= 8, "model.context_slices: must be in 0..8")
+    size = p.preprocess.image_size
+    need(size >= 16 and size % (2 ** m.gen_depth) == 0,
+         f"preprocess.image_size: {size} must be >= 16 and divisible by 2^model.gen_depth = {2 ** m.gen_depth}")
+    need(size % (2 ** m.disc_layers) == 0,
+         f"preprocess.image_size: {size} must be divisible by 2^model.disc_layers = {2 ** m.disc_layers}")
+    s = p.split
+    if s.cases is None:
+        need(s.train > 0 and s.val >= 0 and s.test > 0 and abs(s.train + s.val + s.test - 1) < 1e-6,
+             f"split: train/val/test fractions must be > 0 (val >= 0) and sum to 1; got "
+             f"{s.train}/{s.val}/{s.test}")
+    else:
+        bad_keys = set(s.cases) - {"train", "val", "test"}
+        need(not bad_keys and s.cases.get("train") and s.cases.get("test"),
+             "split.cases: must map train and test (and optionally val) to non-empty case lists")
+
+
+def _check_train(t: TrainCfg, need) -> None:
+    for name in ("lr_g", "lr_d", "lambda_l1"):
+        need(getattr(t, name) > 0 if name != "lambda_l1" else getattr(t, name) >= 0,
+             f"train.{name}: must be {'> 0' if name != 'lambda_l1' else '>= 0'}, got {getattr(t, name)}")
+    need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2: must be in [0, 1)")
+    need(t.iterations >= 1, "train.iterations: must be >= 1")
+    need(t.batch_size >= 1, "train.batch_size: must be >= 1")
+    need(t.nproc >= 1 and t.nnodes >= 1, "train.nproc/nnodes: must be >= 1")
+    ep = t.rdzv_endpoint
+    need(ep is None or (ep.rpartition(":")[0] and ep.rpartition(":")[2].isdigit()),
+         f"train.rdzv_endpoint: expected host:port, got {ep!r}")
+    need(t.nnodes == 1 or ep is not None, "train.rdzv_endpoint: host:port is required when train.nnodes > 1")
+    need(t.checkpoint_every >= 1 and t.log_every >= 1, "train.checkpoint_every/log_every: must be >= 1")
+    need(t.lr_decay_start is None or 0 <= t.lr_decay_start < 1, "train.lr_decay_start: must be in [0, 1) or null")
+    need(all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in t.snapshot_at),
+         "train.snapshot_at: fractions of training in [0, 1]")
+    need(t.num_workers >= 0, "train.num_workers: must be >= 0")
+
+
+def _check_evaluation_and_paths(p: Params, need) -> None:
+    need(p.segmenter.iterations >= 1 and p.segmenter.batch_size >= 1 and p.segmenter.lr > 0,
+         "segmenter: iterations, batch_size must be >= 1 and lr > 0")
+    need(0 <= p.segmenter.ema < 1, f"segmenter.ema: must be in [0, 1) (0: no weight average), got {p.segmenter.ema}")
+    need(p.generate.batch_size >= 1 and p.evaluate.batch_size >= 1, "generate/evaluate.batch_size: must be >= 1")
+    need(p.evaluate.kid_subset_size >= 2, "evaluate.kid_subset_size: must be >= 2")
+    need(p.evaluate.bootstrap >= 0, "evaluate.bootstrap: must be >= 0 (0: no intervals)")
+    need(0 < p.privacy.max_similarity <= 1, "privacy.max_similarity: must be in (0, 1]")
+    need(p.privacy.downsample >= 8, "privacy.downsample: must be >= 8")
+    need(p.privacy.candidates >= 1, "privacy.candidates: must be >= 1")
+    weights = p.evaluate.inception_weights
+    for key, value in (("data.raw_dir", p.data.raw_dir),
+                       ("evaluate.inception_weights", None if weights == "auto" else weights)):
+        if value is not None and not os.path.isabs(value):
+            root = Path.cwd().resolve()
+            resolved = (root / value).resolve()
+            need(root in resolved.parents or resolved == root,
+                 f"{key}: relative path {value!r} escapes the repository; give an absolute path to use "
+                 f"a folder outside it deliberately")
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise ConfigError(f"override {item!r}: expected key.path=value")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def params_from_dict(raw: dict, source: str = "params") -> Params:
+    problems: list[str] = []
+    params = _build(Params, raw, "", problems)
+    if not problems:
+        _check_ranges(params, problems)
+    if problems:
+        raise ConfigError([f"{source}: {msg}" for msg in problems])
+    return params
+
+
+def load_params(path: str | os.PathLike = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read, merge and validate params. Raises ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return params_from_dict(raw, str(path))
+
+
+def to_dict(params: Any) -> dict:
+    return dataclasses.asdict(params)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr_g': 1}} -> {'train.lr_g': 1} (for MLflow params)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resolve_path(value: str | os.PathLike) -> Path:
+    """Params paths are relative to the working directory (the repo root, where DVC runs stages)."""
+    p = Path(value)
+    return p if p.is_absolute() else Path.cwd() / p

@@ -1,0 +1,1 @@
+"""Data: the phantom, ingest, preprocessing, the patient split, the slice store, augmentation."""

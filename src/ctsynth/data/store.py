@@ -1,0 +1,134 @@
+"""Slices for training and evaluation, read from the memory-mapped processed store.
+
+The store (written by :mod:`ctsynth.preprocess`) is two ``.npy`` arrays opened with
+``mmap_mode="r"``: nothing is decoded per step, the OS page cache does the work.
+
+    store = ProcessedStore("data/processed")
+    ds = SliceDataset(store, store.rows_for_cases(split["train"]), encoding="onehot")
+    cond, image = ds[0]          # (C, S, S) float32 in [0, 1], (1, S, S) float32 in [-1, 1]
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from ctsynth.core.errors import InputError
+from ctsynth.core.labels import encode_condition
+
+
+class ProcessedStore:
+    """Read-only view of ``data/processed`` (images.npy, masks.npy, slices.csv, meta.json)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        missing = [n for n in ("images.npy", "masks.npy", "slices.csv", "meta.json")
+                   if not (self.root / n).exists()]
+        if missing:
+            raise InputError(f"{self.root}: processed store incomplete, missing {missing} "
+                             f"(run `dvc repro preprocess`)")
+        self.meta = json.loads((self.root / "meta.json").read_text())
+        self.slices = pd.read_csv(self.root / "slices.csv", dtype={"case": str})
+
+    def fingerprint(self, cases: list[str]) -> str:
+        """Hash of the store's bytes and of ``cases`` (the training data of a run)."""
+        h = hashlib.blake2b(digest_size=16)
+        for name in ("meta.json", "slices.csv", "images.npy", "masks.npy"):
+            with open(self.root / name, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+        h.update(json.dumps(sorted(cases)).encode())
+        return h.hexdigest()
+
+    @cached_property
+    def images(self) -> np.ndarray:   # (N, S, S) float16 in [-1, 1]
+        return np.load(self.root / "images.npy", mmap_mode="r")
+
+    @cached_property
+    def masks(self) -> np.ndarray:    # (N, S, S) uint8 structure indices
+        return np.load(self.root / "masks.npy", mmap_mode="r")
+
+    @property
+    def structures(self) -> list[str]:
+        return list(self.meta["structures"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    def rows_for_cases(self, cases) -> np.ndarray:
+        """Row indices (int64, sorted) of every slice belonging to ``cases``."""
+        return np.flatnonzero(self.slices["case"].isin(list(cases)).to_numpy()).astype(np.int64)
+
+
+def neighbour_rows(store: ProcessedStore, rows: np.ndarray, k: int) -> np.ndarray:
+    """Rows (N,) -> (N, 2k + 1) rows of each slice's stored neighbours in its own case, ordered
+    z - k .. z + k (2.5-D conditioning, ``model.context_slices``). Neighbours are the case's stored
+    slices sorted by z; past either end the end slice repeats (edge padding)."""
+    rows = np.asarray(rows, np.int64)
+    if k == 0:
+        return rows[:, None]
+    table = np.empty((len(store.slices), 2 * k + 1), np.int64)
+    for _, group in store.slices.groupby("case", sort=False):
+        ordered = group.index.to_numpy()[np.argsort(group["z"].to_numpy(), kind="stable")]
+        pos = np.arange(len(ordered))[:, None] + np.arange(-k, k + 1)[None]
+        table[ordered] = ordered[np.clip(pos, 0, len(ordered) - 1)]
+    return table[rows]
+
+
+def context_masks(masks_zss: np.ndarray, k: int) -> np.ndarray:
+    """Masks of consecutive slices of one volume (Z, S, S) -> (Z, 2k + 1, S, S), edges repeated."""
+    z = np.arange(len(masks_zss))[:, None] + np.arange(-k, k + 1)[None]
+    return np.asarray(masks_zss)[np.clip(z, 0, len(masks_zss) - 1)]
+
+
+class SliceDataset(Dataset):
+    """(condition, image) pairs for a subset of rows of a :class:`ProcessedStore`; with
+    ``context`` k > 0 the condition stacks the masks of the 2k + 1 neighbouring slices."""
+
+    def __init__(self, store: ProcessedStore, rows: np.ndarray, encoding: str = "onehot", context: int = 0):
+        self.store, self.rows, self.encoding = store, np.asarray(rows), encoding
+        self.structures = store.structures
+        self.context_rows = neighbour_rows(store, self.rows, context)              # (N, 2k + 1)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        image = np.asarray(self.store.images[row], dtype=np.float32)[None]           # (1, S, S)
+        masks = np.asarray(self.store.masks[self.context_rows[i]])                   # (2k + 1, S, S)
+        cond = condition_batch(masks[None], self.structures, self.encoding)[0]       # ((2k + 1) C, S, S)
+        return cond, torch.from_numpy(image)
+
+
+def condition_batch(masks: np.ndarray, structures: list[str], encoding: str) -> torch.Tensor:
+    """Structure-index masks (B, S, S), or (B, K, S, S) with K neighbouring slices each ->
+    condition tensor (B, C, S, S) or (B, K * C, S, S) float32 (slice-major channels)."""
+    cond = encode_condition(np.asarray(masks), structures, encoding)              # (B, [K,] C, S, S)
+    return torch.from_numpy(np.ascontiguousarray(cond.reshape(len(cond), -1, *cond.shape[-2:])))
+
+
+def train_batches(ds, sampler: DistributedSampler, batch: int, start_step: int,
+                  **loader_kw) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (cond, image) batches; batch k of epoch e depends only on (seed, e, k), so a
+    resumed run continues exactly where it stopped (the sampler position is the step).
+
+    Each epoch's loader gets its own generator: a DataLoader iterator otherwise draws its worker
+    base seed from torch's global RNG, which would shift the augmentation draws (ctsynth.augment)
+    of a resumed run against an uninterrupted one."""
+    per_epoch = len(sampler) // batch
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        idx = list(sampler)[skip * batch: per_epoch * batch]
+        yield from DataLoader(Subset(ds, idx), batch_size=batch, shuffle=False, drop_last=True,
+                              generator=torch.Generator().manual_seed(epoch), **loader_kw)
+        epoch, skip = epoch + 1, 0

@@ -1,0 +1,402 @@
+"""Image-quality, distribution and segmentation metrics, streaming where they are paired.
+
+Conventions
+-----------
+* Images are model-space tensors in [-1, 1] (the HU window mapped linearly, see
+  :func:`ctsynth.preprocess.unit_to_hu`). **MSE** is computed in that [-1, 1] space.
+* **PSNR and SSIM** use piq on images mapped to [0, 1] (``(x + 1) / 2``), i.e.
+  ``data_range = 1.0`` = the full HU window (e.g. 2000 HU for [-1000, 1000]). piq's PSNR adds
+  ε = 1e-8 to the MSE, so identical images give 80 dB, not infinity.
+* **MAE in HU** converts both images with ``unit_to_hu`` (the one inverse mapping).
+* **Per-structure MAE**: mean |generated − real| in HU over the pixels of each structure's
+  mask (structure index 1..7) and of the background (index 0), pooled over all slices.
+* **Fréchet distance** on precomputed features, computed exactly in float64:
+  ``|μ_a − μ_b|² + tr Σ_a + tr Σ_b − 2 tr (Σ_a Σ_b)^½`` with ``tr (Σ_a Σ_b)^½`` taken as the
+  nuclear norm of ``A_a A_bᵀ`` (``Σ = AᵀA``, A the centred features / √(N−1)), reduced by QR to
+  min(N, D)² — the same value as pytorch-fid's ``scipy.linalg.sqrtm`` (the standard FID), without
+  its square root. piq's Newton–Schulz square root was used before; with fewer slices than
+  feature dimensions it is far off (measured: 5.06 instead of 3.03 on 160 × 192-d sets, 2.15 for
+  two identical sets), so it is no longer used. FD grows as N shrinks: compare values at equal N.
+  Frequency weights (:func:`frechet_distance_weighted`) give the bootstrap the same estimator.
+* **KID** via piq's ``KID().compute_metric`` averaged over random subsets. For paired sets
+  (generated slice i made from the mask of real slice i) the subsets are drawn from *disjoint*
+  slice indices (near-duplicate pairs on the K_XY diagonal would bias the unbiased MMD²
+  estimate negative); unpaired sets (real validation vs real test) are subsampled
+  independently. Seeded, so repeatable.
+* **Dice** is pooled over the whole set: 2·Σ|P∩T| / (Σ|P| + Σ|T|) per structure; 1.0 when the
+  structure is absent from both prediction and reference.
+
+Streaming: :class:`PairedAccumulator` and :class:`DiceAccumulator` hold running sums per case
+and per structure only, so their memory does not grow with the number of slices.
+:class:`FeatureBank` stores the features themselves (N × D float32: 60 kB for 100 slices of
+the 192-d segmenter features at width 16, 8 MB for 1000 Inception slices) because piq's
+estimators need the samples.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import piq
+import torch
+
+from ctsynth.core.errors import MetricUnavailable
+from ctsynth.core.labels import STRUCTURES, WH, structure_index
+from ctsynth.data.preprocess import unit_to_hu
+
+log = logging.getLogger("ctsynth.evaluate.metrics")
+
+DATA_RANGE = 1.0            # PSNR/SSIM data range: images mapped from [-1, 1] to [0, 1]
+N_LABELS = len(STRUCTURES) + 1
+BACKGROUND = "background"
+
+METRIC_DEFINITIONS: dict[str, str] = {
+    "n_test_slices": "number of generated test slices evaluated (each paired with its real slice)",
+    "n_test_cases": "number of test patients the evaluated slices come from",
+    "mse": "mean squared error between generated and real slices in model space [-1, 1] (lower is better)",
+    "psnr": "peak signal-to-noise ratio in dB, piq, data_range 1.0 = the HU window mapped to [0, 1], mean over slices (higher is better)",
+    "ssim": "structural similarity, piq (11-px Gaussian window), data_range 1.0 = the HU window mapped to [0, 1], mean over slices (1 = identical)",
+    "mae_hu": "mean absolute error in Hounsfield units over all pixels of all slices (lower is better)",
+    "mae_hu_background": "mean absolute HU error over background pixels (outside every selected structure)",
+    "mae_hu_<S>": "mean absolute HU error over the pixels of structure <S>'s mask",
+    "n_val_slices": "number of real validation slices (the reference set of the noise floors)",
+    "n_val_cases": "number of validation patients the noise-floor slices come from",
+    "fid_inception": "FID: Fréchet distance between real and generated test slices in InceptionV3 pool3 features (standard FID Inception weights or a local file); null when no weights could be had",
+    "kid_inception": "kernel inception distance (piq KID, cubic polynomial kernel) in InceptionV3 pool3 features; null when no weights could be had",
+    "fid_inception_floor": "noise floor of fid_inception: the same distance between real validation and real test slices (what 'as good as real' gets)",
+    "kid_inception_floor": "noise floor of kid_inception: KID between real validation and real test slices",
+    "fid_inception_vs_val": "Fréchet distance between generated test slices and real validation slices in InceptionV3 features: the floor's comparison with generated slices in place of the real test slices",
+    "kid_inception_vs_val": "KID between generated test slices and real validation slices in InceptionV3 features (compare with kid_inception_floor)",
+    "fd_seg": "Fréchet distance (exact, float64) between real and generated test slices in the segmenter's encoder features (lower is better; compare with fd_seg_floor)",
+    "kid_seg": "kernel distance (piq KID, unbiased MMD², disjoint subsets) in the segmenter's encoder features; ≈ 0 for matching distributions",
+    "fd_seg_floor": "noise floor of fd_seg: Fréchet distance between real validation and real test slices in the same features (what 'as good as real' gets; other patients, so it also holds anatomy differences)",
+    "kid_seg_floor": "noise floor of kid_seg: KID between real validation and real test slices in the same features",
+    "fd_seg_vs_val": "Fréchet distance between generated test slices and real validation slices: the floor's comparison with generated slices in place of the real test slices (same patients, same sizes; ≈ fd_seg_floor = as good as real)",
+    "kid_seg_vs_val": "KID between generated test slices and real validation slices (compare with kid_seg_floor)",
+    "dice_generated_<S>": "Dice of the segmenter's prediction on generated slices vs the mask they were generated from, structure <S>",
+    "dice_real_<S>": "Dice of the segmenter on the real test slices vs their masks (the ceiling for dice_generated_<S>)",
+    "dice_generated_mean": "mean of dice_generated_<S> over the selected structures",
+    "dice_real_mean": "mean of dice_real_<S> over the selected structures",
+    "privacy_threshold": "privacy.max_similarity: SSIM to the nearest training slice above which a generated slice is withheld",
+    "privacy_generated_similarity_mean": "mean over generated slices of the SSIM to their nearest training slice",
+    "privacy_generated_similarity_max": "largest SSIM of any generated slice to its nearest training slice",
+    "privacy_generated_share_above": "share of generated slices whose nearest-training-slice SSIM exceeds the threshold (withheld)",
+    "privacy_real_similarity_mean": "baseline: mean SSIM of real test slices to their nearest training slice",
+    "privacy_real_similarity_max": "baseline: largest SSIM of any real test slice to its nearest training slice",
+    "privacy_real_share_above": "baseline: share of real test slices above the threshold",
+    "zcons_ssim_ratio": "adjacent-slice consistency: mean SSIM (7-px uniform window) between neighbouring axial slices (z, z+1) of the reassembled generated test volumes / the same for the real volumes (1 = as smooth along z as real; < 1 = flicker)",
+    "zcons_ssim_ratio_<S>": "adjacent-slice consistency inside structure <S> (SSIM map averaged over its pixels in either slice of each pair), generated / real",
+    "zcons_ssim_real": "mean SSIM between neighbouring axial slices of the real test volumes (denominator of zcons_ssim_ratio)",
+    "zcons_ssim_generated": "mean SSIM between neighbouring axial slices of the generated test volumes (numerator of zcons_ssim_ratio)",
+    "zgrad_ratio": "through-plane gradient: mean |I(z+1) - I(z)| / dz inside the body (real HU > -500), generated / real (1 = as real; > 1 = rougher along z)",
+    "zgrad_real": "mean through-plane gradient |dI/dz| of the real test volumes inside the body, HU/mm",
+    "zgrad_generated": "mean through-plane gradient |dI/dz| of the generated test volumes inside the body, HU/mm",
+    "fd_tri_rand_axial": "Fréchet distance between real and generated axial slices in fixed random-CNN features (orientation-agnostic: seeded, untrained, averaged over 8 rotations/flips)",
+    "fd_tri_rand_coronal": "Fréchet distance between real and generated coronal slices (z resampled to isotropic pixels) in the same random-CNN features; sees flicker along z",
+    "fd_tri_rand_sagittal": "Fréchet distance between real and generated sagittal slices (z resampled to isotropic pixels) in the same random-CNN features; sees flicker along z",
+    "fd_tri_rand_mean": "tri-planar (2.5-D) Fréchet distance: mean of fd_tri_rand_axial, _coronal and _sagittal (MAISI-style)",
+    "fid_tri_inception_axial": "FID on axial slices of the reassembled test volumes (InceptionV3 pool3); null without Inception weights",
+    "fid_tri_inception_coronal": "FID on coronal slices (isotropic pixels) of the reassembled test volumes; null without Inception weights",
+    "fid_tri_inception_sagittal": "FID on sagittal slices (isotropic pixels) of the reassembled test volumes; null without Inception weights",
+    "fid_tri_inception_mean": "tri-planar FID: mean of the axial, coronal and sagittal FIDs (MAISI's 2.5-D FID); null without Inception weights",
+    "utility_dice_real": "downstream utility: mean Dice over structures on the REAL test slices of the segmenter trained on real training slices only (the segmenter stage's model)",
+    "utility_dice_synthetic": "downstream utility: mean Dice on the real test slices of the same segmenter (architecture, budget, seed) trained on the synthetic cases only",
+    "utility_dice_mixed": "downstream utility: mean Dice on the real test slices of the same segmenter trained on real training + synthetic slices",
+    "utility_dice_real_<S>": "Dice of structure <S> on the real test slices, segmenter trained on real slices only",
+    "utility_dice_synthetic_<S>": "Dice of structure <S> on the real test slices, segmenter trained on synthetic slices only",
+    "utility_dice_mixed_<S>": "Dice of structure <S> on the real test slices, segmenter trained on real + synthetic slices",
+    "utility_ratio_synthetic": "utility_dice_synthetic / utility_dice_real (target >= 0.8: synthetic data alone teaches most of what real data does)",
+    "utility_gain_mixed": "utility_dice_mixed - utility_dice_real (> 0: adding synthetic cases helps; target >= -0.01)",
+    "utility_n_synthetic_cases": "number of synthetic cases (data/synthetic) the utility segmenters were trained on",
+    "utility_n_synthetic_slices": "number of synthetic slices (after preprocess) in the utility training sets",
+    "utility_n_real_train_slices": "number of real training slices of the real-only and mixed utility segmenters",
+    "privacy_n_shareable": "number of generated slices at or below the threshold (listed in reports/shareable.json)",
+}
+
+
+def definition(key: str) -> str:
+    """One-line definition of a metrics.json key (structure keys use their ``<S>`` template)."""
+    if key in METRIC_DEFINITIONS:
+        return METRIC_DEFINITIONS[key]
+    for template in METRIC_DEFINITIONS:
+        if "<S>" in template:
+            prefix = template.split("<S>")[0]
+            name = key[len(prefix):]
+            if key.startswith(prefix) and name in STRUCTURES:
+                return METRIC_DEFINITIONS[template].replace("<S>", name)
+    return ""
+
+
+def reported_structures(structures: Sequence[str]) -> dict[int, str]:
+    """{structure index: name} kept in the store for a selection (all seven when WH is selected)."""
+    names = STRUCTURES if WH in structures else [s for s in STRUCTURES if s in structures]
+    return {structure_index(s): s for s in names}
+
+
+def _bchw(x: torch.Tensor) -> torch.Tensor:
+    """(B,S,S) or (B,1,S,S) → float32 (B,1,S,S)."""
+    x = torch.as_tensor(x).float()
+    return x[:, None] if x.ndim == 3 else x
+
+
+def to_unit_interval(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] → [0, 1], clamped (the range piq's PSNR/SSIM expect with data_range 1.0)."""
+    return ((_bchw(x) + 1) / 2).clamp(0, 1)
+
+
+def per_slice_metrics(fake: torch.Tensor, real: torch.Tensor, window) -> dict[str, torch.Tensor]:
+    """Paired metrics per slice. fake, real (B,S,S) in [-1,1] → {mse, psnr, ssim, mae_hu}: (B,)."""
+    f01, r01 = to_unit_interval(fake), to_unit_interval(real)           # (B, 1, S, S)
+    f, r = 2 * f01 - 1, 2 * r01 - 1
+    return {
+        "mse": ((f - r) ** 2).mean((1, 2, 3)),
+        "psnr": piq.psnr(f01, r01, data_range=DATA_RANGE, reduction="none"),
+        "ssim": piq.ssim(f01, r01, data_range=DATA_RANGE, reduction="none"),
+        "mae_hu": (unit_to_hu(f, window) - unit_to_hu(r, window)).abs().mean((1, 2, 3)),
+    }
+
+
+def _label_sums(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum ``values`` (B,S,S) per slice and label (B,S,S ints 0..7) → (B, 8) float64."""
+    b = values.shape[0]
+    keys = (torch.arange(b)[:, None] * N_LABELS + labels.reshape(b, -1).long()).reshape(-1)
+    return torch.bincount(keys, weights=values.reshape(-1).double(), minlength=b * N_LABELS).view(b, N_LABELS)
+
+
+class PairedAccumulator:
+    """Running sums of paired metrics per case and per (case, label); memory O(cases × 8).
+
+    ``update`` returns the per-slice values as a DataFrame so a caller can stream them to disk.
+    """
+
+    SLICE_KEYS = ("mse", "psnr", "ssim", "mae_hu")
+    PIXEL_KEYS = ("n_pixels", "abs_err_hu", "err_hu", "real_hu", "fake_hu")
+
+    def __init__(self, window, structures: Sequence[str]):
+        self.window = [float(v) for v in window]
+        self.labels = {0: BACKGROUND, **reported_structures(structures)}   # label index → name
+        self.slice_sums: dict[str, np.ndarray] = {}   # case → [n, Σmse, Σpsnr, Σssim, Σmae]
+        self.pixel_sums: dict[str, np.ndarray] = {}   # case → (5, 8): PIXEL_KEYS × label
+        self._slices: list[tuple] = []                # per batch: (cases, (B, 4) values, (B, 2, 8) n/|err|)
+
+    def update(self, fake, real, masks, cases: Sequence[str], zs: Sequence[int]) -> pd.DataFrame:
+        """fake, real (B,S,S) in [-1,1]; masks (B,S,S) structure indices; one case/z per slice."""
+        fake, real = _bchw(fake)[:, 0].clamp(-1, 1), _bchw(real)[:, 0].clamp(-1, 1)  # (B, S, S)
+        masks = torch.as_tensor(np.asarray(masks)).long()
+        per = per_slice_metrics(fake, real, self.window)
+        fake_hu, real_hu = unit_to_hu(fake.double(), self.window), unit_to_hu(real.double(), self.window)
+        err = fake_hu - real_hu
+        pix = torch.stack([_label_sums(torch.ones_like(err), masks), _label_sums(err.abs(), masks),
+                           _label_sums(err, masks), _label_sums(real_hu, masks),
+                           _label_sums(fake_hu, masks)], 1).numpy()            # (B, 5, 8)
+        vals = torch.stack([per[k].double() for k in self.SLICE_KEYS], 1).numpy()  # (B, 4)
+        for i, case in enumerate(cases):
+            s = self.slice_sums.setdefault(case, np.zeros(1 + len(self.SLICE_KEYS)))
+            s[0] += 1
+            s[1:] += vals[i]
+            p = self.pixel_sums.setdefault(case, np.zeros((len(self.PIXEL_KEYS), N_LABELS)))
+            p += pix[i]
+        self._slices.append((list(cases), vals, pix[:, :2].copy()))
+        frame = pd.DataFrame({"case": list(cases), "z": [int(z) for z in zs]})
+        for j, k in enumerate(self.SLICE_KEYS):
+            frame[k] = vals[:, j]
+        return frame
+
+    @property
+    def n_slices(self) -> int:
+        return int(sum(s[0] for s in self.slice_sums.values()))
+
+    def per_slice(self) -> dict[str, np.ndarray]:
+        """Per-slice statistics in update order (for the bootstrap): case (N,), values (N, 4) in
+        SLICE_KEYS order, n_pixels and abs_err_hu (N, 8) per label; memory O(N × 20)."""
+        if not self._slices:
+            raise MetricUnavailable("no slices were evaluated")
+        pix = np.concatenate([p for _, _, p in self._slices])
+        return {"case": np.array([c for cases, _, _ in self._slices for c in cases]),
+                "values": np.concatenate([v for _, v, _ in self._slices]),
+                "n_pixels": pix[:, 0], "abs_err_hu": pix[:, 1]}
+
+    def _pixel_metrics(self, p: np.ndarray) -> dict[str, float]:
+        out = {"mae_hu": float(p[1].sum() / max(p[0].sum(), 1))}
+        for idx, name in self.labels.items():
+            out[f"mae_hu_{name}"] = float(p[1, idx] / p[0, idx]) if p[0, idx] > 0 else float("nan")
+        return out
+
+    def summary(self) -> dict[str, float]:
+        """{mse, psnr, ssim: mean over slices; mae_hu, mae_hu_<label>: pooled over pixels}."""
+        if not self.slice_sums:
+            raise MetricUnavailable("no slices were evaluated")
+        s = sum(self.slice_sums.values())
+        out = {k: float(s[1 + j] / s[0]) for j, k in enumerate(self.SLICE_KEYS)}
+        out.update(self._pixel_metrics(sum(self.pixel_sums.values())))
+        return out
+
+    def per_case(self) -> pd.DataFrame:
+        """One row per case: n_slices, mse, psnr, ssim (slice means), mae_hu and per-label MAE."""
+        rows = []
+        for case in sorted(self.slice_sums):
+            s = self.slice_sums[case]
+            row = {"case": case, "n_slices": int(s[0])}
+            row.update({k: s[1 + j] / s[0] for j, k in enumerate(self.SLICE_KEYS)})
+            row.update(self._pixel_metrics(self.pixel_sums[case]))
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def per_structure(self) -> pd.DataFrame:
+        """One row per label: n_pixels, mae_hu, bias_hu (mean generated − real), mean HU of each."""
+        p = sum(self.pixel_sums.values())
+        rows = []
+        for idx, name in self.labels.items():
+            n = p[0, idx]
+            safe = n if n > 0 else np.nan
+            rows.append({"structure": name, "label": idx, "n_pixels": int(n), "mae_hu": p[1, idx] / safe,
+                         "bias_hu": p[2, idx] / safe, "real_hu_mean": p[3, idx] / safe,
+                         "generated_hu_mean": p[4, idx] / safe})
+        return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------ Dice
+
+def _dice(inter: np.ndarray, pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    denom = pred + target
+    return np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)
+
+
+def dice_scores(pred, target, labels: Iterable[int]) -> dict[int, float]:
+    """All-at-once pooled Dice per label. pred, target: (..., H, W) integer label maps."""
+    pred, target = torch.as_tensor(np.asarray(pred)).long(), torch.as_tensor(np.asarray(target)).long()
+    out = {}
+    for k in labels:
+        p, t = pred == k, target == k
+        out[k] = float(_dice(np.array((p & t).sum().item()), np.array(p.sum().item()),
+                             np.array(t.sum().item())))
+    return out
+
+
+class DiceAccumulator:
+    """Pooled Dice per label (overall and per case) from running pixel counts; memory O(cases × 8)."""
+
+    def __init__(self, labels: dict[int, str]):
+        self.labels = dict(labels)
+        self.counts: dict[str, np.ndarray] = {}    # case → (3, 8): Σ|P∩T|, Σ|P|, Σ|T| per label
+        self._slices: list[np.ndarray] = []          # per batch (B, 3, 8), for the bootstrap
+
+    def update(self, pred, target, cases: Sequence[str]) -> None:
+        """pred, target (B,H,W) label maps; one case name per slice."""
+        pred, target = torch.as_tensor(np.asarray(pred)).long(), torch.as_tensor(np.asarray(target)).long()
+        ones = torch.ones(pred.shape, dtype=torch.float64)
+        inter = _label_sums(torch.where(pred == target, ones, 0 * ones), target)   # (B, 8)
+        c = torch.stack([inter, _label_sums(ones, pred), _label_sums(ones, target)], 1).numpy()
+        self._slices.append(c)
+        for i, case in enumerate(cases):
+            self.counts.setdefault(case, np.zeros((3, N_LABELS)))
+            self.counts[case] += c[i]
+
+    def _scores(self, c: np.ndarray) -> dict[str, float]:
+        d = _dice(c[0], c[1], c[2])
+        return {name: float(d[idx]) for idx, name in self.labels.items()}
+
+    def summary(self) -> dict[str, float]:
+        """{structure name: pooled Dice over all slices}."""
+        if not self.counts:
+            raise MetricUnavailable("no slices were segmented")
+        return self._scores(sum(self.counts.values()))
+
+    def per_case(self) -> dict[str, dict[str, float]]:
+        return {case: self._scores(self.counts[case]) for case in sorted(self.counts)}
+
+    def per_slice(self) -> np.ndarray:
+        """(N, 3, 8) counts |P∩T|, |P|, |T| per slice and label, in update order."""
+        if not self._slices:
+            raise MetricUnavailable("no slices were segmented")
+        return np.concatenate(self._slices)
+
+
+# ------------------------------------------------------------------------------ feature distances
+
+class FeatureBank:
+    """Collects (B, D) feature batches; stores N × D float32 (piq's estimators need the samples)."""
+
+    def __init__(self):
+        self._chunks: list[torch.Tensor] = []
+
+    def add(self, feats: torch.Tensor) -> None:
+        self._chunks.append(torch.as_tensor(feats).detach().float().cpu())
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._chunks)
+
+    def tensor(self) -> torch.Tensor:
+        """(N, D) float32."""
+        if not self._chunks:
+            return torch.zeros(0, 0)
+        return torch.cat(self._chunks)
+
+
+def _centred(x: torch.Tensor, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(mean (D,), A (N, D) with AᵀA = the frequency-weighted covariance, total weight)."""
+    x = torch.as_tensor(x).double()
+    w = torch.ones(len(x), dtype=torch.float64) if w is None else torch.as_tensor(w).double()
+    n = float(w.sum())
+    mu = (w[:, None] * x).sum(0) / n
+    return mu, (x - mu) * (w / (n - 1)).sqrt()[:, None], n
+
+
+def frechet_distance_weighted(a: torch.Tensor, b: torch.Tensor, wa=None, wb=None) -> float:
+    """Exact Fréchet distance between feature sets a (N_a, D) and b (N_b, D) with frequency weights.
+
+    Integer weights w give the FD of the set holding row i w_i times (a bootstrap resample);
+    ``None`` = every row once. Float64; tr (Σ_a Σ_b)^½ = ‖A_a A_bᵀ‖_* (see module docstring).
+    """
+    mu_a, A_a, n_a = _centred(a, wa)
+    mu_b, A_b, n_b = _centred(b, wb)
+    if min(n_a, n_b) < 2:
+        raise MetricUnavailable(f"Fréchet distance needs >= 2 samples per set, got {n_a:g} and {n_b:g}")
+    R_a, R_b = torch.linalg.qr(A_a, mode="r").R, torch.linalg.qr(A_b, mode="r").R   # (min(N,D), D)
+    tr_sqrt = float(torch.linalg.svdvals(R_a @ R_b.T).sum())
+    traces = float((A_a * A_a).sum() + (A_b * A_b).sum())
+    value = float((mu_a - mu_b).square().sum()) + traces - 2 * tr_sqrt
+    return max(value, 0.0) if value > -1e-9 * max(traces, 1.0) else value
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between feature sets a (N_a, D) and b (N_b, D), exact, float64."""
+    if min(len(a), len(b)) < 2:
+        raise MetricUnavailable(f"Fréchet distance needs >= 2 samples per set, got {len(a)} and {len(b)}")
+    return frechet_distance_weighted(a, b)
+
+
+def kernel_distance(a: torch.Tensor, b: torch.Tensor, subset_size: int = 50, n_subsets: int = 50,
+                    seed: int = 0, paired: bool = True) -> float:
+    """KID (piq, cubic polynomial kernel, unbiased MMD²) averaged over ``n_subsets`` subsets.
+
+    Paired sets (row i of a and b belong together, e.g. a real slice and the slice generated
+    from its mask): each repeat draws one permutation p of the slice indices and compares
+    a[p[:m]] with b[p[m:2m]], m = min(subset_size, N // 2), so the subsets never hold the same
+    slice and the pairs are compared like independent samples. Unpaired sets: independent
+    subsets of m = min(subset_size, N_a, N_b) rows each. Seeded; no global RNG.
+    """
+    if paired and len(a) != len(b):
+        raise ValueError(f"paired KID needs sets of equal size, got {len(a)} and {len(b)}")
+    n = min(len(a), len(b))
+    m = min(subset_size, n // 2 if paired else n)
+    if m < 2:
+        raise MetricUnavailable(f"KID needs >= 4 samples per set, got {len(a)} and {len(b)}")
+    gen = torch.Generator().manual_seed(seed)
+    kid = piq.KID()
+    values = []
+    # piq shuffles each subset with the global RNG (order only, but it changes float sums):
+    # a forked, seeded global RNG makes the result bit-for-bit repeatable and leaves it untouched
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(n_subsets):
+            if paired:
+                p = torch.randperm(n, generator=gen)
+                x, y = a[p[:m]], b[p[m:2 * m]]
+            else:
+                x = a[torch.randperm(len(a), generator=gen)[:m]]
+                y = b[torch.randperm(len(b), generator=gen)[:m]]
+            values.append(float(kid.compute_metric(x.double(), y.double())))
+    return float(np.mean(values))

@@ -1,0 +1,395 @@
+"""evaluate: paired image metrics, feature distances with noise floors, segmentation
+consistency and privacy of the generated test set, with 95 % intervals, written as DVC metrics.
+
+Inputs (docs/contracts.md): the processed store, ``data/split.json``, ``data/generated/fake.npy``
+(float16 (N, S, S) in [-1, 1]) with ``index.npy`` (int64 store rows, aligned), and
+``models/segmenter.pt``. One pass over the generated slices in batches of
+``evaluate.batch_size``; per batch:
+
+* paired metrics (MSE, PSNR, SSIM, MAE in HU, per-structure MAE) → running sums
+  (:class:`~ctsynth.metrics.PairedAccumulator`), per-slice values streamed to
+  ``reports/plots/per_slice.csv``;
+* segmenter on generated and on real slices → Dice running counts and encoder features
+  (N × D floats kept for FD/KID); InceptionV3 features when weights could be had;
+* nearest training slice of each generated and real slice (:mod:`ctsynth.privacy`) → rows
+  streamed to ``reports/privacy.csv``, counts and histogram accumulated.
+
+Then one pass over the real *validation* slices gives the noise floors: FD/KID between real
+validation and real test slices (``<key>_floor``, "as good as real") and between real
+validation and generated test slices (``<key>_vs_val``, the same comparison). Then the test
+slices are reassembled into one volume per case (:mod:`ctsynth.throughplane`): adjacent-slice
+consistency, through-plane gradient and the tri-planar Fréchet distances. Finally the
+patient-level bootstrap (:mod:`ctsynth.intervals`) turns the per-slice statistics kept on the
+way (O(N × 44) numbers) into 95 % intervals: ``reports/metrics_ci.json`` and per-case columns.
+
+So memory is flat in the number of test slices except the N × D feature matrices, a few
+numbers per slice and the list of shareable (case, z) pairs. Every output is written
+atomically; ``metrics.json`` holds only numbers (or null), ``metrics_ci.json`` the intervals
+``{"<metric>_ci95": {"lo", "hi"}}``, reasons and definitions go to ``metrics_notes.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ctsynth.core.config import Params
+from ctsynth.data.store import ProcessedStore
+from ctsynth.core.errors import InputError, MetricUnavailable
+from ctsynth.evaluate.segmenter import check_segmenter, load_segmenter
+from ctsynth.evaluate.inception import InceptionFeatures
+from ctsynth.evaluate.intervals import PER_CASE_KEYS, SUFFIX, FeatureSpace, describe, metric_intervals, per_case_intervals
+from ctsynth.core.io import atomic_file, write_csv, write_json
+from ctsynth.evaluate.metrics import (DATA_RANGE, DiceAccumulator, FeatureBank, PairedAccumulator, definition,
+                      frechet_distance, kernel_distance, reported_structures)
+from ctsynth.evaluate.privacy import NearestTrainingSearch, PrivacyAccumulator
+from ctsynth.core.progress import quiet
+from ctsynth.data.split import load_split
+from ctsynth.report.summary import headline_text
+from ctsynth.evaluate.throughplane import case_volumes, evaluate_volumes, per_case_table, ratio_intervals
+
+log = logging.getLogger("ctsynth.evaluate.stage")
+
+
+def load_generated(generated_dir: str | Path, store: ProcessedStore, test_cases: list[str]):
+    """Open fake.npy (memory-mapped) and index.npy; check them against the store and split."""
+    gen = Path(generated_dir)
+    missing = [n for n in ("fake.npy", "index.npy") if not (gen / n).exists()]
+    if missing:
+        raise InputError(f"{gen}: missing {missing} (run `dvc repro generate`)")
+    try:
+        fake = np.load(gen / "fake.npy", mmap_mode="r")
+        index = np.load(gen / "index.npy")
+    except (ValueError, OSError) as e:
+        raise InputError(f"{gen}: fake.npy/index.npy not readable as .npy ({e})") from None
+    s, n_store = store.image_size, len(store.slices)
+    problems = []
+    if fake.ndim != 3 or fake.shape[1:] != (s, s):
+        problems.append(f"{gen / 'fake.npy'}: shape {fake.shape}, expected (N, {s}, {s})")
+    if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
+        problems.append(f"{gen / 'index.npy'}: expected a 1-D integer array, got {index.dtype} {index.shape}")
+    elif len(index) != len(fake):
+        problems.append(f"{gen}: index.npy has {len(index)} rows but fake.npy {len(fake)} slices")
+    elif len(index) == 0:
+        problems.append(f"{gen}: no generated slices")
+    elif index.min() < 0 or index.max() >= n_store:
+        problems.append(f"{gen / 'index.npy'}: rows outside the processed store (0..{n_store - 1})")
+    else:
+        leaked = sorted(set(store.slices["case"].to_numpy()[index]) - set(test_cases))
+        if leaked:
+            problems.append(f"{gen}: generated slices of non-test case(s) {leaked}; evaluate needs test cases only")
+    if problems:
+        raise InputError(problems)
+    return fake, index.astype(np.int64)
+
+
+def merge_utility(path, metrics: dict, ci: dict, notes: dict) -> None:
+    """The utility stage's metrics, intervals and notes into this evaluation's."""
+    path = Path(path)
+    try:
+        blob = json.loads(path.read_text())
+        metrics.update({k: _clean(v) for k, v in blob["metrics"].items()})
+        ci.update({k: (v["lo"], v["hi"]) for k, v in blob.get("ci", {}).items()})
+        notes.update(blob.get("notes", {}))
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (run `dvc repro utility`)") from None
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"{path}: not a utility stage result ({type(e).__name__}: {e})") from None
+
+
+def _clean(value):
+    """JSON-safe scalar: ints stay ints, floats rounded to 6 significant digits, NaN/inf → None."""
+    if value is None or isinstance(value, (bool, int, np.integer)):
+        return None if value is None else int(value)
+    value = float(value)
+    return float(f"{value:.6g}") if math.isfinite(value) else None
+
+
+class _CsvStream:
+    """Append DataFrames to an open text file, header once."""
+
+    def __init__(self, fh):
+        self.fh, self.first = fh, True
+
+    def write(self, frame: pd.DataFrame) -> None:
+        frame.to_csv(self.fh, header=self.first, index=False, float_format="%.6g")
+        self.first = False
+
+
+def _pin_malloc_mmap_threshold(threshold: int = 128 * 1024) -> None:
+    """Keep glibc from raising its mmap threshold as large tensors are freed.
+
+    By default glibc grows the threshold to the size of each freed mmapped block, so later
+    batch-sized tensors come from the heap, which fragments and is never trimmed: resident
+    memory then creeps up ~3 MB per batch (measured: +350 MB over 3160 slices at 64²). Pinning
+    the threshold keeps evaluate's memory flat in the number of slices (+8 MB over the same
+    run, the feature matrices). No-op where glibc is absent.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _open_inception(setting, notes: dict):
+    """InceptionFeatures for ``evaluate.inception_weights``, or None with the reason in ``notes``."""
+    try:
+        inception = InceptionFeatures(setting)
+        kind = "standard FID weights, torch hub" if inception.standard else "local file"
+        notes["fid_inception"] = f"InceptionV3 ({inception.flavour}, {kind}) from {inception.path}"
+        return inception
+    except MetricUnavailable as e:
+        notes["fid_inception"] = str(e)
+        log.warning("%s", e)
+        return None
+
+
+class _TestPass:
+    """Everything gathered in the one pass over the generated test slices."""
+
+    def __init__(self, params: Params, store: ProcessedStore, split: dict, with_inception: bool):
+        labels = reported_structures(store.structures)
+        self.paired = PairedAccumulator(store.meta["hu_window"], store.structures)
+        self.dice = {"generated": DiceAccumulator(labels), "real": DiceAccumulator(labels)}
+        self.feats = {space: {"generated": FeatureBank(), "real": FeatureBank()}
+                      for space in (("seg", "inception") if with_inception else ("seg",))}
+        self.search = NearestTrainingSearch(store.images, store.rows_for_cases(split["train"]),
+                                            params.privacy.downsample, params.privacy.candidates)
+        self.privacy = PrivacyAccumulator(params.privacy.max_similarity)
+        self.shareable: list[dict] = []
+
+
+def _test_pass(params: Params, store: ProcessedStore, split: dict, fake, index, generated_dir, seg,
+               inception, out: Path) -> _TestPass:
+    """Paired metrics, Dice, features and privacy of every generated test slice, in batches;
+    per_slice.csv and privacy.csv are streamed to disk as they come."""
+    acc = _TestPass(params, store, split, inception is not None)
+    case_of, z_of = store.slices["case"].to_numpy(), store.slices["z"].to_numpy()
+    bs = params.evaluate.batch_size
+    with atomic_file(out / "plots" / "per_slice.csv") as t1, atomic_file(out / "privacy.csv") as t2, \
+            open(t1, "w", newline="") as f1, open(t2, "w", newline="") as f2:
+        per_slice, priv_rows = _CsvStream(f1), _CsvStream(f2)
+        for s in tqdm(range(0, len(index), bs), desc="evaluate", disable=quiet(), unit="batch"):
+            rows = index[s:s + bs]
+            gen = torch.from_numpy(np.asarray(fake[s:s + bs], dtype=np.float32))         # (B, S, S)
+            if not torch.isfinite(gen).all():
+                raise InputError(f"{Path(generated_dir) / 'fake.npy'}: NaN/Inf in slices {s}..{s + len(rows) - 1}")
+            real = torch.from_numpy(np.asarray(store.images[rows], dtype=np.float32))    # (B, S, S)
+            masks = torch.from_numpy(np.asarray(store.masks[rows]).astype(np.int64))     # (B, S, S)
+            cases, zs = case_of[rows].tolist(), z_of[rows].tolist()
+            per_slice.write(acc.paired.update(gen, real, masks, cases, zs))
+            for kind, img in (("generated", gen), ("real", real)):
+                pred, feats = seg.run(img)
+                acc.dice[kind].update(pred, masks, cases)
+                acc.feats["seg"][kind].add(feats)
+                if inception is not None:
+                    acc.feats["inception"][kind].add(inception.features(img))
+            nn_rows, sims = acc.search.query(gen)
+            _, real_sims = acc.search.query(real)
+            acc.privacy.update("generated", sims)
+            acc.privacy.update("real", real_sims)
+            ok = acc.privacy.shareable(sims)
+            priv_rows.write(pd.DataFrame({"case": cases, "z": zs, "nn_case": case_of[nn_rows],
+                                          "nn_z": z_of[nn_rows], "similarity": sims,
+                                          "real_similarity": real_sims, "shareable": ok}))
+            acc.shareable += [{"case": c, "z": int(z)} for c, z, k in zip(cases, zs, ok) if k]
+    return acc
+
+
+def _validation_features(store: ProcessedStore, split: dict, seg, inception, batch: int):
+    """Features of the real validation slices (the reference set of the noise floors):
+    ({space: (M, D) tensor}, case of each row); ({}, None) without validation cases."""
+    rows = store.rows_for_cases(split.get("val") or [])
+    if rows.size == 0:
+        return {}, None
+    banks = {"seg": FeatureBank(), **({"inception": FeatureBank()} if inception is not None else {})}
+    for s in tqdm(range(0, rows.size, batch), desc="validation", disable=quiet(), unit="batch"):
+        real = torch.from_numpy(np.asarray(store.images[rows[s:s + batch]], dtype=np.float32))  # (B, S, S)
+        banks["seg"].add(seg.features(real))
+        if inception is not None:
+            banks["inception"].add(inception.features(real))
+    return {k: b.tensor() for k, b in banks.items()}, store.slices["case"].to_numpy()[rows]
+
+
+def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path, out_dir,
+        utility_path=None) -> dict:
+    """Evaluate the generated test set; write every report file; return the metrics dict.
+
+    ``utility_path``: the utility stage's JSON, merged into metrics.json / metrics_ci.json."""
+    t0 = time.time()
+    _pin_malloc_mmap_threshold()
+    store = ProcessedStore(processed_dir)
+    split = load_split(split_path, need=("train", "test"))
+    fake, index = load_generated(generated_dir, store, split["test"])
+    seg = load_segmenter(segmenter_path)
+    check_segmenter(seg, store, split, segmenter_path)
+    notes: dict = {"data_range": f"PSNR/SSIM on images mapped to [0,1], data_range={DATA_RANGE} "
+                                 f"= HU window {store.meta['hu_window']}; MSE in [-1,1] space"}
+    inception = _open_inception(params.evaluate.inception_weights, notes)
+    out = Path(out_dir)
+    acc = _test_pass(params, store, split, fake, index, generated_dir, seg, inception, out)
+    val_feats, val_cases = _validation_features(store, split, seg, inception, params.evaluate.batch_size)
+
+    metrics, nulls, spaces = _metrics(params, store, index, acc, inception, val_feats, val_cases, notes)
+    n_boot = params.evaluate.bootstrap
+    labels = reported_structures(store.structures)
+    z_metrics, z_nulls, z_sums = evaluate_volumes(case_volumes(store, fake, index), labels,
+                                                  store.meta["hu_window"], inception, notes.get("fid_inception", ""))
+    metrics.update({k: _clean(v) for k, v in z_metrics.items()})
+    nulls.update(z_nulls)
+    notes["throughplane"] = THROUGHPLANE_NOTE
+    slices = acc.paired.per_slice()
+    ci = metric_intervals(metrics, slices, {k: d.per_slice() for k, d in acc.dice.items()},
+                          acc.paired.labels, spaces, val_cases, n_boot, params.seed,
+                          params.evaluate.kid_subset_size)
+    ci.update(ratio_intervals(z_sums, labels, n_boot, params.seed))
+    if utility_path is not None:
+        merge_utility(utility_path, metrics, ci, notes)
+    _write_tables(out, acc.paired, acc.dice, acc.privacy, per_case_intervals(slices, n_boot, params.seed),
+                  per_case_table(z_sums))
+    _write_metrics(out, metrics, ci, nulls, notes, acc, n_boot, params.seed, seg.dim, inception is not None)
+    log.info("evaluate: %d slices of %d test patients in %.1f s; headline (95 %% patient-level intervals; "
+             "floor = real validation vs real test slices):\n%s", len(index), metrics["n_test_cases"],
+             time.time() - t0, headline_text(metrics, {k: {"lo": a, "hi": b} for k, (a, b) in ci.items()}, nulls))
+    return metrics
+
+
+def _metrics(params: Params, store: ProcessedStore, index, acc, inception, val_feats, val_cases,
+             notes: dict) -> tuple[dict, dict, list]:
+    """The flat metrics of one test pass, the reasons of every null metric, and the feature
+    spaces the intervals resample."""
+    case_of = store.slices["case"].to_numpy()
+    metrics: dict = {"n_test_slices": len(index), "n_test_cases": len(set(case_of[index]))}
+    if val_cases is not None:
+        metrics.update({"n_val_slices": len(val_cases), "n_val_cases": len(set(val_cases))})
+    metrics.update(acc.paired.summary())
+    nulls: dict[str, str] = {}
+    spaces = []
+    if inception is None:
+        metrics["fid_inception"] = metrics["kid_inception"] = None
+        nulls["fid_inception"] = nulls["kid_inception"] = notes["fid_inception"]
+    else:
+        spaces.append(_feature_distances(metrics, nulls, notes, acc.feats["inception"], val_feats.get("inception"),
+                                         "fid_inception", "kid_inception", params))
+    spaces.append(_feature_distances(metrics, nulls, notes, acc.feats["seg"], val_feats.get("seg"),
+                                     "fd_seg", "kid_seg", params))
+    dice_scores = {kind: d.summary() for kind, d in acc.dice.items()}
+    for kind in ("generated", "real"):
+        for name, value in dice_scores[kind].items():
+            metrics[f"dice_{kind}_{name}"] = value
+        metrics[f"dice_{kind}_mean"] = float(np.mean(list(dice_scores[kind].values())))
+    metrics.update(acc.privacy.summary())
+    metrics = {k: _clean(v) for k, v in metrics.items()}
+    for k, v in metrics.items():
+        if v is None and k not in nulls:
+            nulls[k] = "undefined on this test set (e.g. structure absent from every test slice)"
+    return metrics, nulls, spaces
+
+
+def _write_metrics(out: Path, metrics: dict, ci: dict, nulls: dict, notes: dict, acc, n_boot: int,
+                   seed: int, seg_dim: int, with_inception: bool) -> None:
+    """shareable.json, metrics_notes.json, metrics_ci.json and metrics.json (written last)."""
+    write_json(out / "shareable.json", {"threshold": acc.privacy.threshold, "distance": acc.search.distance,
+                                        "n_generated": metrics["n_test_slices"], "n_shareable": len(acc.shareable),
+                                        "slices": acc.shareable})
+    notes.update({"privacy_distance": acc.search.distance, "intervals": describe(n_boot, seed),
+                  "null_metrics": nulls,
+                  "feature_dims": {"seg": seg_dim, "inception": 2048 if with_inception else None},
+                  "definitions": {k: definition(k) for k in metrics}})
+    write_json(out / "metrics_notes.json", notes)
+    write_json(out / "metrics_ci.json", {k: {"lo": _clean(lo), "hi": _clean(hi)} for k, (lo, hi) in ci.items()})
+    write_json(out / "metrics.json", metrics)
+
+
+THROUGHPLANE_NOTE = (
+    "through-plane metrics (zcons_*, zgrad_*, fd_tri_*, fid_tri_*) on each test case's slices "
+    "reassembled into a volume on the processed grid (image_size² in-plane, one slice per stored z; "
+    "real and generated on the same grid). fd_tri_rand_* use a fixed, seeded, untrained random CNN "
+    "averaged over the 8 rotations/flips of each image: it has no preferred orientation, so axial, "
+    "coronal and sagittal slices are described by the same function on equal terms. The segmenter's "
+    "features are not used for this: it was trained on axial slices only, so coronal/sagittal slices "
+    "are out of its distribution. fid_tri_inception_* use InceptionV3 (ImageNet-trained, not "
+    "CT-orientation-specific) when weights are available.")
+
+_NO_VAL = "no validation slices (split.val is empty): no noise floor"
+
+
+def _feature_distances(metrics: dict, nulls: dict, notes: dict, banks: dict, val, fd_key: str,
+                       kid_key: str, params: Params) -> FeatureSpace:
+    """Fréchet distance and KID between real and generated test features, and the noise floors
+    beside them: ``<key>_floor`` = real validation vs real test slices (what 'as good as real'
+    gets), ``<key>_vs_val`` = real validation vs generated test slices (the same comparison with
+    the generated slices in their place). Into ``metrics``; returns the space for the intervals.
+
+    ``notes[<fd_key>_numerical_floor]`` records the FD of the real set with itself (0 up to
+    float64 rounding), so a reader can tell a small FD from the arithmetic's floor.
+    """
+    real, gen = banks["real"].tensor(), banks["generated"].tensor()      # (N, D) each
+    try:
+        notes[f"{fd_key}_numerical_floor"] = _clean(frechet_distance(real, real.clone()))
+    except MetricUnavailable:
+        pass
+    k, seed = params.evaluate.kid_subset_size, params.seed
+    jobs = [(fd_key, lambda: frechet_distance(real, gen)),
+            (kid_key, lambda: kernel_distance(real, gen, k, seed=seed))]
+    if val is not None:
+        jobs += [(fd_key + "_floor", lambda: frechet_distance(val, real)),
+                 (kid_key + "_floor", lambda: kernel_distance(val, real, k, seed=seed, paired=False)),
+                 (fd_key + "_vs_val", lambda: frechet_distance(val, gen)),
+                 (kid_key + "_vs_val", lambda: kernel_distance(val, gen, k, seed=seed, paired=False))]
+    else:
+        for key in (fd_key, kid_key):
+            metrics[key + "_floor"] = metrics[key + "_vs_val"] = None
+            nulls[key + "_floor"] = nulls[key + "_vs_val"] = _NO_VAL
+    for key, compute in jobs:
+        try:
+            metrics[key] = compute()
+        except MetricUnavailable as e:
+            metrics[key], nulls[key] = None, str(e)
+    return FeatureSpace(fd_key, kid_key, gen.numpy(), real.numpy(), None if val is None else val.numpy())
+
+
+def _with_intervals(table: pd.DataFrame, intervals: pd.DataFrame) -> pd.DataFrame:
+    """Insert each ``<key>_ci95_lo/hi`` column pair right after the ``<key>`` column."""
+    table = table.merge(intervals, on="case", how="left")
+    order = [c for c in table.columns if c not in intervals.columns or c == "case"]
+    for key in PER_CASE_KEYS:
+        pair = [c for c in (f"{key}{SUFFIX}_lo", f"{key}{SUFFIX}_hi") if c in table.columns]
+        if key in order and pair:
+            at = order.index(key) + 1
+            order[at:at] = pair
+    return table[order + [c for c in table.columns if c not in order]]
+
+
+def _write_tables(out: Path, paired: PairedAccumulator, dice: dict, privacy: PrivacyAccumulator,
+                  case_intervals: pd.DataFrame, case_extra: pd.DataFrame | None = None) -> None:
+    """per_case.csv (with per-case intervals and the through-plane ratios of ``case_extra``),
+    per_structure.csv, plots/dice.csv, plots/privacy_hist.csv."""
+    per_case = paired.per_case()
+    if not case_intervals.empty:
+        per_case = _with_intervals(per_case, case_intervals)
+    if case_extra is not None and not case_extra.empty:
+        per_case = per_case.merge(case_extra, on="case", how="left")
+    for kind, acc in dice.items():
+        scores = acc.per_case()
+        for name in acc.labels.values():
+            per_case[f"dice_{kind}_{name}"] = [scores[c][name] for c in per_case["case"]]
+    write_csv(out / "per_case.csv", per_case)
+    per_struct = paired.per_structure()
+    overall = {kind: acc.summary() for kind, acc in dice.items()}
+    for kind in dice:
+        per_struct[f"dice_{kind}"] = [overall[kind].get(s, np.nan) for s in per_struct["structure"]]
+    write_csv(out / "per_structure.csv", per_struct)
+    write_csv(out / "plots" / "dice.csv", pd.DataFrame(
+        {"structure": list(overall["real"]), "generated": list(overall["generated"].values()),
+         "real": list(overall["real"].values())}))
+    write_csv(out / "plots" / "privacy_hist.csv", privacy.histogram())

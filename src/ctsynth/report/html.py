@@ -1,0 +1,501 @@
+"""report: one self-contained HTML page (``reports/report.html``) plus its figures as PNG files.
+
+Everything is embedded (PNG as base64 ``data:`` URIs, inline CSS, no JavaScript, no external
+links), so the file can be mailed or opened offline. Every input except the params is optional:
+a missing file turns its section into a short "not available" note instead of an error.
+
+    files = run(params, "reports", "data/generated", "data/processed", "reports/train",
+                "reports/report.html", "reports/figures")   # -> files to log to MLflow
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ctsynth.core.config import flatten, to_dict
+from ctsynth.core.errors import InputError
+from ctsynth.report.figures import (fig_condition_subsets, fig_d_accuracy, fig_losses, fig_privacy, fig_utility,
+                      save_orthogonal_views, save_synthetic_case)
+from ctsynth.synth.generate import condition_subset_panels, index_volume
+from ctsynth.core.io import atomic_dir, write_text
+from ctsynth.report.summary import first_grid, privacy_verdict, section_summary
+
+log = logging.getLogger("ctsynth.report.html")
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1em auto;max-width:1320px;
+color:#222;line-height:1.4;padding:0 1em}
+h1{border-bottom:2px solid #444}h2{border-bottom:1px solid #ccc;margin-top:2em}
+table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.note{color:#777;font-style:italic}.muted{color:#777}
+figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
+figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.85em;color:#555}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(320px,1fr));gap:0 1.5em}
+h4{margin:.8em 0 .2em}nav a{margin-right:1em}.scroll{overflow-x:auto;max-width:100%}
+h1{margin:.2em 0 .3em}#summary{margin-top:.6em}
+.summary{display:grid;grid-template-columns:minmax(0,1fr) 430px;gap:1.5em;align-items:start}
+.summary figure{margin:0}.summary figure img{width:430px}
+.reading{font-size:1.02em;margin:.3em 0 .5em}.privacy{margin:.3em 0 .6em}
+table.headline td,table.headline th{padding:2px 8px}td.ci{white-space:nowrap}
+"""
+
+
+# ------------------------------------------------------------------------------ small helpers
+
+def _esc(value) -> str:
+    return html.escape(str(value))
+
+
+def fmt(value) -> str:
+    """Numbers to 4 significant digits; None/NaN as an em dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def table(frame: pd.DataFrame, max_rows: int = 200) -> str:
+    """DataFrame -> HTML table (escaped, numbers right-aligned)."""
+    head = "".join(f"<th>{_esc(c)}</th>" for c in frame.columns)
+    body = []
+    for row in frame.head(max_rows).itertuples(index=False):
+        cells = []
+        for v in row:
+            num = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+            cells.append(f"<td class='num'>{_esc(fmt(v))}</td>" if num else f"<td>{_esc(fmt(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    more = f"<p class='note'>{len(frame) - max_rows} more rows not shown</p>" if len(frame) > max_rows else ""
+    return f"<div class='scroll'><table><tr>{head}</tr>{''.join(body)}</table></div>{more}"
+
+
+def img_tag(path: Path, caption: str = "", width: int | None = None) -> str:
+    """A PNG embedded as a base64 data URI inside a captioned figure."""
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    style = f" style='width:{width}px'" if width else ""
+    cap = f"<figcaption>{_esc(caption)}</figcaption>" if caption else ""
+    return f"<figure><img{style} alt='{_esc(caption)}' src='data:image/png;base64,{data}'>{cap}</figure>"
+
+
+def missing(what: str, path) -> str:
+    return f"<p class='note'>{_esc(what)} not available — {_esc(path)} not found.</p>"
+
+
+def _read_json(path: Path):
+    """Parsed JSON, None when the file is absent; InputError naming the file when corrupt."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+
+
+def _read_csv(path: Path):
+    """DataFrame, None when the file is absent; InputError naming the file when unreadable."""
+    if not path.exists():
+        return None
+    try:
+        return pd.read_csv(path, dtype={"case": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a readable CSV table ({e})") from None
+
+
+# ------------------------------------------------------------------------------ sections
+
+def section_config(params) -> str:
+    """Every param that shapes the results, one small table per params.yaml section (not
+    ``tracking``: where a run is logged changes no result, and the report does not depend on it)."""
+    groups: dict[str, list] = {}
+    for key, value in flatten(to_dict(params)).items():
+        section, _, rest = key.partition(".")
+        if section == "tracking":
+            continue
+        shown = json.dumps(value) if isinstance(value, (list, dict)) else value
+        groups.setdefault(section if rest else "(top level)", []).append({"param": rest or key,
+                                                                          "value": shown})
+    cells = "".join(f"<div><h4>{_esc(name)}</h4>{table(pd.DataFrame(rows))}</div>"
+                    for name, rows in groups.items())
+    return ("<p class='muted'>params.yaml as validated for this report.</p><div class='grid'>"
+            + cells + "</div>")
+
+
+def section_data(processed_dir: Path, split_path: Path, manifest_path: Path) -> str:
+    meta, split = _read_json(processed_dir / "meta.json"), _read_json(split_path)
+    manifest = _read_csv(manifest_path)
+    out = []
+    if meta is None:
+        out.append(missing("Processed data summary", processed_dir / "meta.json"))
+    else:
+        summary = {"image size": f"{meta['image_size']}²", "HU window": meta.get("hu_window"),
+                   "structures (condition)": ", ".join(meta.get("structures", [])),
+                   "slice selection": f"{meta.get('slices', '?')} (margin {meta.get('margin', '?')})",
+                   "label map": ", ".join(f"{k}→{v}" for k, v in meta.get("label_map", {}).items()),
+                   "cases preprocessed": len(meta.get("cases", {}))}
+        if split:
+            for part in ("train", "val", "test"):
+                n_slices = split.get("slices", {}).get(part, "?")
+                summary[f"{part}"] = f"{len(split.get(part, []))} cases, {n_slices} slices"
+        out.append(table(pd.DataFrame({"": list(summary), "value": [str(v) for v in summary.values()]})))
+    if split is None:
+        out.append(missing("Split", split_path))
+    if manifest is not None:
+        if split:
+            where = {c: part for part in ("train", "val", "test") for c in split.get(part, [])}
+            manifest.insert(1, "split", manifest.case.map(where).fillna("—"))
+        out.append("<h3>Cases</h3>" + table(_compact_manifest(manifest)))
+    else:
+        out.append(missing("Case manifest", manifest_path))
+    return "".join(out)
+
+
+def _compact_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
+    """One short row per case: split, original orientation, grid, spacing, HU range, voxels."""
+    m = manifest
+    out = pd.DataFrame({"case": m.case})
+    if "split" in m:
+        out["split"] = m.split
+    if "orig_axcodes" in m:
+        out["orientation"] = m.orig_axcodes
+    for prefix, label, unit in (("shape", "canonical grid", ""), ("spacing", "spacing", " mm")):
+        cols = [f"{prefix}_{a}" for a in "xyz"]
+        if all(c in m for c in cols):
+            out[label] = [" × ".join(f"{v:g}" for v in row) + unit for row in m[cols].to_numpy(float)]
+    if {"hu_min", "hu_max"} <= set(m.columns):
+        out["HU range"] = [f"{a:g} … {b:g}" for a, b in zip(m.hu_min, m.hu_max)]
+    vox = [c for c in m.columns if c.startswith("vox_")]
+    if vox:
+        out["structures present"] = [", ".join(c[4:] for c in vox if row[c] > 0) for _, row in m.iterrows()]
+    return out
+
+
+def _metric_notes(reports_dir: Path, metrics: dict) -> tuple[dict, dict, dict]:
+    """(reasons for null metrics, definitions, other notes) from ``metrics_notes.json``."""
+    notes = _read_json(reports_dir / "metrics_notes.json") or {}
+    reasons = dict(notes.get("null_metrics") or {})
+    definitions = dict(notes.get("definitions") or {})
+    other = {k: v for k, v in notes.items() if k not in ("null_metrics", "definitions", "feature_dims")
+             and isinstance(v, str) and k not in metrics}
+    return reasons, definitions, other
+
+
+def _definition(key: str, fallback: dict) -> str:
+    """One-line definition: ctsynth.metrics first, then the definitions saved by evaluate."""
+    from ctsynth.evaluate.metrics import definition
+
+    return definition(key) or fallback.get(key, "")
+
+
+def read_intervals(reports_dir: Path) -> dict:
+    """metrics_ci.json ({"<metric>_ci95": {"lo", "hi"}}), {} when absent."""
+    return _read_json(reports_dir / "metrics_ci.json") or {}
+
+
+def logged_numbers(metrics_path: Path) -> dict:
+    """Every number for MLflow: metrics.json plus the intervals beside it as ``<metric>_ci95_lo/_hi``."""
+    metrics = _read_json(Path(metrics_path)) or {}
+    for key, iv in read_intervals(Path(metrics_path).parent).items():
+        for side in ("lo", "hi"):
+            if isinstance(iv, dict) and isinstance(iv.get(side), (int, float)):
+                metrics[f"{key}_{side}"] = iv[side]
+    return metrics
+
+
+def _interval_cell(ci: dict, key: str) -> str:
+    iv = ci.get(f"{key}_ci95")
+    return f"[{fmt(iv['lo'])}, {fmt(iv['hi'])}]" if iv and iv.get("lo") is not None else ""
+
+
+def section_metrics(reports_dir: Path) -> str:
+    metrics = _read_json(reports_dir / "metrics.json")
+    if metrics is None:
+        return missing("Metrics", reports_dir / "metrics.json")
+    reasons, definitions, other = _metric_notes(reports_dir, metrics)
+    ci = read_intervals(reports_dir)
+    rows = []
+    for key, value in metrics.items():
+        if value is None:
+            shown = "not computed — " + reasons.get(key, "no reason recorded")
+        elif isinstance(value, (list, dict)):
+            shown = json.dumps(value)[:120]
+        else:
+            shown = fmt(value)
+        cls = "note" if value is None else "num"
+        rows.append(f"<tr><td><code>{_esc(key)}</code></td><td class='{cls}'>{_esc(shown)}</td>"
+                    f"<td class='num ci'>{_esc(_interval_cell(ci, key))}</td>"
+                    f"<td>{_esc(_definition(key, definitions))}</td></tr>")
+    foot = "".join(f"<li><b>{_esc(k)}</b>: {_esc(v)}</li>" for k, v in other.items())
+    return ("<table><tr><th>metric</th><th>value</th><th>95 % interval</th><th>definition</th></tr>"
+            + "".join(rows) + "</table>" + (f"<ul class='muted'>{foot}</ul>" if foot else ""))
+
+
+def merge_intervals(frame: pd.DataFrame) -> pd.DataFrame:
+    """Show ``<col>_ci95_lo/hi`` columns inside ``<col>``'s cells as 'value [lo, hi]'."""
+    frame = frame.copy()
+    for col in list(frame.columns):
+        lo, hi = f"{col}_ci95_lo", f"{col}_ci95_hi"
+        if lo in frame and hi in frame:
+            frame[col] = [fmt(v) if pd.isna(a) else f"{fmt(v)} [{fmt(a)}, {fmt(b)}]"
+                          for v, a, b in zip(frame[col], frame[lo], frame[hi])]
+            frame = frame.drop(columns=[lo, hi])
+    return frame
+
+
+def section_per_case(reports_dir: Path) -> str:
+    frame = _read_csv(reports_dir / "per_case.csv")
+    if frame is None:
+        return missing("Per-case metrics", reports_dir / "per_case.csv")
+    return ("<p class='muted'>One row per test patient; brackets: 95 % interval from resampling that "
+            "patient's slices.</p>" + table(merge_intervals(frame)))
+
+
+def section_per_structure(reports_dir: Path) -> str:
+    frame = _read_csv(reports_dir / "per_structure.csv")
+    if frame is None:
+        return missing("Per-structure metrics", reports_dir / "per_structure.csv")
+    ci = read_intervals(reports_dir)
+    for col, key in (("mae_hu", "mae_hu_{}"), ("dice_generated", "dice_generated_{}"), ("dice_real", "dice_real_{}")):
+        if col in frame and "structure" in frame:
+            for side in ("lo", "hi"):
+                frame[f"{col}_ci95_{side}"] = [(ci.get(key.format(s) + "_ci95") or {}).get(side, np.nan)
+                                               for s in frame["structure"]]
+    return ("<p class='muted'>Brackets: 95 % patient-level bootstrap interval.</p>"
+            + table(merge_intervals(frame)))
+
+
+def section_samples(generated_dir: Path, figures: Path, structures: list[str], n_cases: int = 4,
+                    shown_above: Path | None = None) -> str:
+    """Sample grids of up to ``n_cases`` test cases spread over the list; ``shown_above``: the grid
+    already on the first screen, copied as a figure but not embedded twice."""
+    grids = sorted((generated_dir / "grids").glob("*.png"))
+    if not grids:
+        return missing("Sample grids", generated_dir / "grids")
+    picks = [grids[i] for i in np.unique(np.linspace(0, len(grids) - 1, n_cases).round().astype(int))]
+    embedded = [g for g in picks if g != shown_above]
+    above = (f" Case {shown_above.stem}'s grid is in the summary at the top."
+             if shown_above is not None and shown_above in picks else "")
+    parts = [f"<p>Condition subset used: <b>{_esc(', '.join(structures) or '?')}</b>. Columns: the "
+             f"structure mask fed to the generator, the real slice, the generated slice and their "
+             f"absolute difference in HU. {len(grids)} test cases; {len(picks)} shown.{_esc(above)}</p>"]
+    for grid in picks:
+        shutil.copyfile(grid, figures / f"sample_{grid.name}")
+        if grid in embedded:
+            parts.append(img_tag(grid, f"test case {grid.stem}", width=500))
+    return "".join(parts)
+
+
+_ORTHO_KEYS = ("zcons_ssim_ratio", "zgrad_ratio", "fd_tri_rand_axial", "fd_tri_rand_coronal",
+               "fd_tri_rand_sagittal", "fd_tri_rand_mean")
+
+
+def section_orthogonal(reports_dir: Path, generated_dir: Path, processed_dir: Path, figures: Path,
+                       window) -> str:
+    """Coronal and sagittal views through the heart of every test case (real | generated |
+    |difference|) and the through-plane numbers beside them."""
+    from ctsynth.evaluate.throughplane import heart_centre, load_test_volumes
+
+    if not (generated_dir / "fake.npy").exists() or not (processed_dir / "meta.json").exists():
+        return missing("Orthogonal views", generated_dir / "fake.npy")
+    metrics, ci = _read_json(reports_dir / "metrics.json") or {}, read_intervals(reports_dir)
+    rows = "".join(f"<tr><td><code>{k}</code></td><td class='num'>{_esc(fmt(metrics.get(k)))}</td>"
+                   f"<td class='num ci'>{_esc(_interval_cell(ci, k))}</td><td>{_esc(_definition(k, {}))}</td></tr>"
+                   for k in _ORTHO_KEYS if k in metrics)
+    parts = [f"<p>Each test case's generated slices stacked back into a volume on the processed grid "
+             f"(the real one beside it), cut through the centre of its structures. A generator that "
+             f"works slice by slice shows as horizontal streaks here.</p><table><tr><th>metric</th>"
+             f"<th>value</th><th>95 % interval</th><th>definition</th></tr>{rows}</table>"]
+    for vol in load_test_volumes(processed_dir, generated_dir):
+        out = figures / f"orthogonal_{vol.case}.png"
+        save_orthogonal_views(out, vol.case, vol.real, vol.fake, heart_centre(vol.masks), vol.dz, vol.dxy, window)
+        parts.append(img_tag(out, f"test case {vol.case}: coronal (top) and sagittal (bottom)", width=560))
+    return "".join(parts)
+
+
+def section_subsets(model_path, processed_dir: Path, split_path: Path, figures: Path,
+                    structures: list[str]) -> str:
+    """Which condition subset the model uses, and test slices generated from each single one."""
+    intro = (f"<p>Condition subset used for training and for every generated test slice: "
+             f"<b>{_esc(', '.join(structures))}</b>.</p>")
+    if not model_path or not Path(model_path).exists():
+        return intro + missing("Per-subset generation", model_path or "the generator (--model)")
+    out = figures / "condition_subsets.png"
+    subsets, panels, titles = condition_subset_panels(model_path, processed_dir, split_path)
+    fig_condition_subsets(panels, titles, out)
+    return (intro + f"<p>The same test slices generated from the full set and from each single "
+            f"structure alone ({len(subsets) - 1} present on these slices), the other condition "
+            f"channels left empty — what <code>ctsynth generate --structures</code> does.</p>"
+            + img_tag(out, "rows: condition subset (top: the real slice); columns: mask | image"))
+
+
+def section_training(train_dir: Path, figures: Path, iterations: int) -> str:
+    """Figs. 2-3 from losses.csv and the evolution snapshots (Fig. 5)."""
+    losses = _read_csv(train_dir / "losses.csv")
+    if losses is not None and not losses.empty and "step" in losses:
+        iterations = int(losses.step.max())   # the run's own length (params may have been overridden)
+    parts = []
+    if losses is None or losses.empty:
+        parts.append(missing("Training curves", train_dir / "losses.csv"))
+    else:
+        parts.append(img_tag(fig_losses(losses, figures / "losses.png"), "Fig. 2 — losses"))
+        parts.append(img_tag(fig_d_accuracy(losses, figures / "d_accuracy.png"), "Fig. 3 — D accuracy"))
+    snaps = sorted((train_dir / "snapshots").glob("*.png"))
+    parts.append("<h3>Evolution during training (Fig. 5)</h3>")
+    if not snaps:
+        parts.append(missing("Evolution snapshots", train_dir / "snapshots"))
+    for snap in snaps:
+        digits = "".join(ch for ch in snap.stem if ch.isdigit())
+        step = int(digits) if digits else None
+        cap = (snap.stem if step is None
+               else f"step {step} ({100 * step / max(iterations, 1):.0f} % of training)")
+        shutil.copyfile(snap, figures / f"evolution_{snap.name}")
+        parts.append(img_tag(snap, cap))
+    return "".join(parts)
+
+
+def section_privacy(reports_dir: Path, figures: Path, threshold: float) -> str:
+    """Histogram of nearest-training SSIM for generated slices vs the real-test baseline."""
+    privacy = _read_csv(reports_dir / "privacy.csv")
+    if privacy is None or privacy.empty or "similarity" not in privacy:
+        return missing("Privacy check", reports_dir / "privacy.csv")
+    gen = privacy.similarity.to_numpy(float)
+    real = privacy.real_similarity.to_numpy(float) if "real_similarity" in privacy else None
+    out = img_tag(fig_privacy(gen, real, threshold, figures / "privacy_hist.png"),
+                  "nearest-training-slice similarity; red line: privacy.max_similarity")
+    text = (f"<p>Each generated slice is compared with its nearest <i>training</i> slice; a generator "
+            f"that memorised its training data would pile up near 1. {len(gen)} generated slices, "
+            f"{(gen > threshold).mean():.1%} above <code>privacy.max_similarity</code> = {threshold:g}")
+    if real is not None:
+        text += f" (real test slices, the baseline: {(real > threshold).mean():.1%})"
+        verdict = privacy_verdict(float(np.mean(gen)), float(np.mean(real)))
+        text += (f". Mean similarity {np.mean(gen):.3f} generated vs {np.mean(real):.3f} real: "
+                 f"generated slices are {verdict}")
+    if "shareable" in privacy:
+        text += f"; {int(privacy.shareable.astype(bool).sum())} generated slices are shareable"
+    worst = privacy.sort_values("similarity", ascending=False).head(8)
+    return text + ".</p>" + out + "<h3>Generated slices most similar to training</h3>" + table(worst)
+
+
+def section_synthetic(synthetic_dir: Path | None, figures: Path, label_map: dict, window) -> str:
+    """One synthetic case of ``data/synthetic`` (mask | CT in three orthogonal views) and its draw."""
+    import nibabel as nib
+
+    from ctsynth.core.labels import STRUCTURES
+
+    if synthetic_dir is None:
+        return missing("Synthetic cases", "the synthetic folder (--synthetic)")
+    manifest = _read_csv(synthetic_dir / "manifest.csv")
+    if manifest is None or manifest.empty:
+        return missing("Synthetic cases", synthetic_dir / "manifest.csv")
+    row = manifest.iloc[0]
+    image = nib.as_closest_canonical(nib.load(str(synthetic_dir / row.image_file)))
+    label_path = synthetic_dir / row.label_file
+    raw = np.asarray(nib.as_closest_canonical(nib.load(str(label_path))).dataobj)
+    labels, _ = index_volume(label_path, raw, label_map, list(STRUCTURES))          # structure indices
+    heart = np.argwhere(labels > 0)
+    centre = heart.mean(0).round().astype(int) if len(heart) else np.array(labels.shape) // 2
+    out = save_synthetic_case(figures / f"synthetic_{row.case}.png", row.case, np.asarray(image.dataobj),
+                              labels, centre, image.header.get_zooms()[:3], window)
+    draw = ", ".join(f"{k} {fmt(row[k])}" for k in manifest.columns
+                     if k.startswith(("rot_", "scale_", "shift_", "deform_")))
+    text = (f"<p><b>{len(manifest)}</b> new labelled cases in <code>{_esc(synthetic_dir)}</code> (image/label "
+            f"NIfTI pairs that <code>ingest</code> reads; <code>ctsynth synthesize --layout nnunet</code> writes "
+            f"the nnU-Net layout). Each is a <i>training</i> mask warped by a random 3-D affine and smooth "
+            f"deformation, its CT drawn slice by slice by the generator. Shown: <b>{_esc(row.case)}</b>, warped "
+            f"from {_esc(row.source)} (draw seed {_esc(row.draw_seed)}, attempt {_esc(row.attempt)}): "
+            f"{_esc(draw)}.</p>")
+    return text + img_tag(out, f"synthetic case {row.case}: axial, coronal, sagittal through the heart", width=480)
+
+
+_UTILITY_KINDS = (("real", "real training slices only (the segmenter stage's model)"),
+                  ("synthetic", "synthetic cases only"), ("mixed", "real + synthetic"))
+
+
+def section_utility(reports_dir: Path, figures: Path) -> str:
+    """Does synthetic data help segmentation: Dice on real test slices of the three segmenters."""
+    frame = _read_csv(reports_dir / "utility.csv")
+    metrics = _read_json(reports_dir / "metrics.json") or {}
+    if frame is None or frame.empty or "utility_dice_real" not in metrics:
+        return missing("Downstream utility", reports_dir / "utility.csv")
+    ci = read_intervals(reports_dir)
+    rows = "".join(f"<tr><td>{_esc(what)}</td><td class='num ci'>{_esc(fmt(metrics.get(f'utility_dice_{k}')))} "
+                   f"{_esc(_interval_cell(ci, f'utility_dice_{k}'))}</td></tr>" for k, what in _UTILITY_KINDS)
+    contrasts = "".join(
+        f"<tr><td>{_esc(label)} <code class='muted'>{key}</code></td><td class='num ci'>{_esc(fmt(metrics.get(key)))} "
+        f"{_esc(_interval_cell(ci, key))}</td></tr>"
+        for label, key in (("synthetic only ÷ real only (target ≥ 0.8)", "utility_ratio_synthetic"),
+                           ("real + synthetic − real only (target ≥ −0.01)", "utility_gain_mixed")))
+    text = (f"<p>The segmenter of the evaluate stage (same architecture, budget and seed) trained on three "
+            f"training sets and scored on the <i>real</i> test slices: {fmt(metrics.get('utility_n_synthetic_cases'))} "
+            f"synthetic cases ({fmt(metrics.get('utility_n_synthetic_slices'))} slices) against "
+            f"{fmt(metrics.get('utility_n_real_train_slices'))} real training slices. Mean Dice over structures; "
+            f"the three share one patient-level bootstrap, so the contrasts below have intervals of their own.</p>"
+            f"<table><tr><th>segmenter trained on</th><th>mean Dice [95 % interval]</th></tr>{rows}{contrasts}</table>")
+    return text + img_tag(fig_utility(frame, figures / "utility.png"), "Dice per structure on real test slices")
+
+
+def _summary(reports_dir: Path, generated_dir: Path) -> str:
+    """The first screen (:mod:`ctsynth.summary`) from evaluate's files and the first sample grid."""
+    metrics = _read_json(reports_dir / "metrics.json")
+    reasons = _metric_notes(reports_dir, metrics or {})[0]
+    grid = first_grid(generated_dir)
+    grid_html = (img_tag(grid, f"test case {grid.stem}: mask | real | generated | |difference| (HU)")
+                 if grid else missing("Sample grid", generated_dir / "grids"))
+    return section_summary(metrics, read_intervals(reports_dir), reasons, grid_html)
+
+
+# ------------------------------------------------------------------------------ the report
+
+def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, out_html,
+        figures_dir, split_path="data/split.json", manifest_path="data/interim/manifest.csv",
+        model_path=None, synthetic_dir=None) -> list[Path]:
+    """Write ``out_html`` and ``figures_dir``; return the files written (for MLflow logging)."""
+    reports_dir, generated_dir, processed_dir = Path(reports_dir), Path(generated_dir), Path(processed_dir)
+    train_dir, out_html, figures_dir = Path(train_reports_dir), Path(out_html), Path(figures_dir)
+    meta = _read_json(processed_dir / "meta.json") or {}
+    structures = list(meta.get("structures", params.preprocess.structures))
+    with atomic_dir(figures_dir) as figs:
+        sections = [
+            ("summary", "Summary", _summary(reports_dir, generated_dir)),
+            ("metrics", "Metrics (test set)", section_metrics(reports_dir)),
+            ("structures", "Per structure", section_per_structure(reports_dir)),
+            ("cases", "Per case", section_per_case(reports_dir)),
+            ("samples", "Sample test cases", section_samples(generated_dir, figs, structures,
+                                                             shown_above=first_grid(generated_dir))),
+            ("orthogonal", "Orthogonal views (through-plane)",
+             section_orthogonal(reports_dir, generated_dir, processed_dir, figs, meta.get("hu_window", [-1000, 1000]))),
+            ("subsets", "Condition subsets", section_subsets(model_path, processed_dir, Path(split_path),
+                                                             figs, structures)),
+            ("synthetic", "Synthetic labelled cases",
+             section_synthetic(synthetic_dir and Path(synthetic_dir), figs, params.data.label_map, meta.get("hu_window", [-1000, 1000]))),
+            ("utility", "Does synthetic data help segmentation?", section_utility(reports_dir, figs)),
+            ("training", "Training (Figs. 2–3)",
+             section_training(train_dir, figs, params.train.iterations)),
+            ("privacy", "Privacy / memorization",
+             section_privacy(reports_dir, figs, params.privacy.max_similarity)),
+            ("data", "Data", section_data(processed_dir, Path(split_path), Path(manifest_path))),
+            ("config", "Run configuration", section_config(params)),
+        ]
+        nav = "".join(f"<a href='#{key}'>{_esc(title)}</a>" for key, title, _ in sections)
+        body = "".join(f"<h2 id='{key}'>{_esc(title)}</h2>{content}" for key, title, content in sections)
+        page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ctsynth report</title>"
+                f"<style>{CSS}</style></head><body><h1>ctsynth — mask-conditioned CT synthesis report</h1>"
+                f"<nav>{nav}</nav>{body}</body></html>")
+        written = sorted(p.name for p in figs.glob("*.png"))
+    write_text(out_html, page)
+    log.info("report: %s (%.0f kB) and %d figures in %s", out_html, out_html.stat().st_size / 1024,
+             len(written), figures_dir)
+    return [out_html] + [figures_dir / name for name in written]

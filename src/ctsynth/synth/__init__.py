@@ -1,0 +1,1 @@
+"""Inference: mask -> CT for test cases (generate) and new labelled cases (synthesize)."""

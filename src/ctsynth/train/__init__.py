@@ -1,0 +1,1 @@
+"""The GAN: networks, losses, the training loop, checkpoints, DDP."""

@@ -1,0 +1,299 @@
+"""Train the mask-conditioned cGAN (LSGAN + λ·L1) on one CPU, one GPU or many GPUs/nodes::
+
+    python stages/train.py                      # one process (CPU or one GPU)
+    torchrun --standalone --nproc-per-node N stages/train.py      # N processes (DDP)
+
+``train.nproc`` > 1 or ``train.nnodes`` > 1 make ``stages/train.py`` start itself under torchrun
+(:mod:`ctsynth.distributed`). ``train.batch_size`` is the global batch (split evenly over ranks);
+``train.iterations`` counts generator steps. World size 1 runs the very same code without a
+process group. Rank 0 alone writes files and talks to MLflow. SIGTERM / SIGINT (also when
+forwarded by torchrun or DVC) finish the current step, save a checkpoint and exit with
+128 + signal; rerunning resumes from it (``train.resume: auto``) and ends with the weights an
+uninterrupted run gets (on CPU).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DistributedSampler
+
+from ctsynth.train import distributed
+from ctsynth.core.accel import autocast, resolve_channels_last, resolve_precision
+from ctsynth.data.augment import build_augment
+from ctsynth.train.checkpoint import ckpt_files, load_latest_checkpoint, run_fingerprint, save_checkpoint, set_rng_state
+from ctsynth.core.config import Params, to_dict
+from ctsynth.data.store import ProcessedStore, SliceDataset, train_batches
+from ctsynth.train.distributed import Dist, StopFlag
+from ctsynth.core.errors import ConfigError, InputError, TrainingError
+from ctsynth.train.gan import gan_step, lr_factor, make_optimizer
+from ctsynth.core.labels import condition_channels
+from ctsynth.train.history import LOSS_NAMES, LossHistory
+from ctsynth.train.networks import build_discriminator, build_generator, describe, receptive_field, save_generator
+from ctsynth.train.snapshots import Snapshots
+from ctsynth.data.split import load_split
+from ctsynth.core.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    step: int                        # generator steps completed
+    interrupted_by: int | None = None  # signal number when stopped early
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.interrupted_by is None else 128 + self.interrupted_by
+
+
+@dataclass
+class _Job:
+    """Everything one training needs, set up once by :func:`_prepare`."""
+    params: Params
+    d: Dist
+    store: ProcessedStore
+    split: dict
+    ds: SliceDataset
+    in_ch: int
+    batch: int                       # per process
+    precision: str
+    channels_last: bool
+    fingerprint: str                 # of the trajectory (resume key, checkpoint folder)
+    data_hash: str                   # of the processed training data
+    G: torch.nn.Module
+    D: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        mem = torch.channels_last if self.channels_last else torch.contiguous_format
+        return t.to(self.d.device, non_blocking=self.d.device.type == "cuda").contiguous(memory_format=mem)
+
+
+# --------------------------------------------------------------------------------------- setup
+
+def _check_sizes(cfg, mcfg, d: Dist, n_rows: int, size: int, where: Path) -> None:
+    if cfg.batch_size % d.world:
+        raise ConfigError(f"train.batch_size {cfg.batch_size} must be divisible by the {d.world} processes")
+    if n_rows // d.world < cfg.batch_size // d.world:
+        raise InputError(f"{where}: {n_rows} training slices, fewer than one batch "
+                         f"({cfg.batch_size}) over {d.world} process(es)")
+    if size % 2 ** mcfg.gen_depth or size % 2 ** mcfg.disc_layers:
+        raise ConfigError(f"{where}: image size {size} not divisible by 2^gen_depth/2^disc_layers")
+    if cfg.batch_size // d.world == 1 and size == 2 ** mcfg.gen_depth and not cfg.sync_bn:
+        raise ConfigError("train.batch_size: 1 per process with a 1x1 bottleneck breaks BatchNorm; "
+                          "raise batch_size or lower model.gen_depth")
+    if cfg.sync_bn and d.ddp and d.device.type == "cpu":
+        raise ConfigError("train.sync_bn: SyncBatchNorm needs CUDA; set it false for CPU training")
+
+
+def _prepare(params: Params, d: Dist, processed_dir: Path, split_path: Path) -> _Job:
+    """Data of the split's train cases (never a test slice), models and optimizers."""
+    cfg, mcfg = params.train, params.model
+    store = ProcessedStore(processed_dir)
+    split = load_split(split_path, need=("train",))
+    rows = store.rows_for_cases(split["train"])
+    _check_sizes(cfg, mcfg, d, len(rows), store.image_size, split_path)
+    in_ch = condition_channels(store.structures, mcfg.encoding) * (2 * mcfg.context_slices + 1)
+    precision = resolve_precision(cfg.precision, d.device)          # auto: bf16 only where native
+    channels_last = resolve_channels_last(cfg.channels_last, d.device)
+    data_hash = store.fingerprint(split["train"])
+    fp = run_fingerprint(params, data_hash, d.world, d.device, precision)
+
+    torch.manual_seed(params.seed)             # same init on every rank; DDP keeps them in step
+    mem = torch.channels_last if channels_last else torch.contiguous_format
+    G = build_generator(mcfg, in_ch).to(d.device, memory_format=mem)
+    D = build_discriminator(mcfg, in_ch).to(d.device, memory_format=mem)
+    if d.ddp and cfg.sync_bn:
+        G, D = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (G, D))
+    opt_g = make_optimizer(G.parameters(), cfg.lr_g, (cfg.beta1, cfg.beta2))
+    opt_d = make_optimizer(D.parameters(), cfg.lr_d, (cfg.beta1, cfg.beta2))
+    if d.is_main:
+        log.info(describe(G, D, mcfg, store.image_size))
+        log.info("%d training slices, batch %d (%d per process x %d), %s %s%s%s", len(rows), cfg.batch_size,
+                 cfg.batch_size // d.world, d.world, d.device, precision,
+                 " channels_last" if channels_last else "", " compile" if cfg.compile else "")
+    return _Job(params, d, store, split, SliceDataset(store, rows, mcfg.encoding, mcfg.context_slices), in_ch,
+                cfg.batch_size // d.world, precision, channels_last, fp, data_hash, G, D, opt_g, opt_d)
+
+
+def _resume(job: _Job, ckpt_dir: Path) -> dict:
+    """Load the newest checkpoint of this fingerprint into the job; the loop's starting state."""
+    cfg = job.params.train
+    state = load_latest_checkpoint(ckpt_dir, job.fingerprint, cfg.iterations) if cfg.resume == "auto" else None
+    if state is None:
+        if job.d.is_main:                      # e.g. a longer run's checkpoints after lowering iterations
+            for old in ckpt_files(ckpt_dir):
+                old.unlink()
+        return {"step": 0, "losses": None, "snapshots": {}, "mlflow_run_id": None}
+    for name in ("G", "D", "opt_g", "opt_d"):
+        getattr(job, name).load_state_dict(state[name])
+    set_rng_state(state["rng"])
+    if job.d.is_main:
+        log.info("resumed from %s at step %d", state["path"], state["step"])
+    return state
+
+
+def _open_tracking(job: _Job, run_file: Path, split_path: Path, state: dict, hist: LossHistory) -> Tracker:
+    """Rank 0 opens the MLflow run before any training; every rank learns whether it worked."""
+    tracker, problem = Tracker(), None
+    if job.d.is_main:
+        from ctsynth.core import tracking
+        try:
+            tracker = tracking.open_run(job.params, run_file, resume_run_id=state["mlflow_run_id"],
+                                        split_path=split_path, data_hash=job.data_hash)
+            if tracker.active and tracker.run_id != state["mlflow_run_id"]:   # new run: replay losses
+                every = job.params.train.log_every
+                for s in range(every, state["step"] + 1, every):
+                    tracker.log_metrics(hist.mean(s - every, s), s)
+            tracker.set_tags({"ctsynth.world_size": job.d.world, "ctsynth.device": str(job.d.device),
+                              "ctsynth.precision": job.precision, "ctsynth.channels_last": job.channels_last,
+                              "ctsynth.fingerprint": job.fingerprint,
+                              "ctsynth.receptive_field_px": receptive_field(job.params.model)})
+        except TrainingError as e:
+            problem = e
+    ok = job.d.all_ok(problem is None)
+    if problem or not ok:
+        raise problem or TrainingError("rank 0 could not open the MLflow tracking store")
+    return tracker
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+def run(params: Params, processed_dir: str | Path, split_path: str | Path, out_model: str | Path,
+        ckpt_dir: str | Path, reports_dir: str | Path, run_file: str | Path,
+        stop_after: int | None = None) -> TrainResult:
+    """Train and write ``out_model`` (see :func:`ctsynth.models.save_generator`),
+    ``reports_dir/losses.csv``, ``reports_dir/snapshots/step_XXXXXXX.png`` and ``run_file``;
+    checkpoints go to ``ckpt_dir/<fingerprint>/``.
+
+    ``stop_after`` (tests): behave as if SIGTERM arrived once that many steps are done.
+    Returns a :class:`TrainResult`; raises :class:`TrainingError` on a non-finite loss.
+    """
+    d = distributed.setup(params.train.device)
+    tracker = Tracker()
+    try:
+        job = _prepare(params, d, Path(processed_dir), Path(split_path))
+        ckpts = Path(ckpt_dir) / job.fingerprint
+        state = _resume(job, ckpts)
+        hist = LossHistory(params.train.iterations, d, state["losses"])
+        tracker = _open_tracking(job, Path(run_file), Path(split_path), state, hist)
+        snaps = Snapshots(job.store, job.split, params.train, params.model, d.device,
+                          Path(reports_dir) / "snapshots", tracker, state["snapshots"])
+        result = _loop(job, tracker, hist, snaps, state["step"], ckpts, Path(reports_dir), stop_after)
+        if result.interrupted_by:
+            log.warning("interrupted at step %d; checkpoint saved in %s; rerun to resume", result.step, ckpts)
+            tracker.close("KILLED")
+        else:
+            _finish(job, tracker, hist, Path(out_model), Path(reports_dir))
+            tracker.close("FINISHED")
+        return result
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    finally:
+        d.close()
+
+
+def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step: int, ckpts: Path,
+          reports_dir: Path, stop_after: int | None) -> TrainResult:
+    cfg, d = job.params.train, job.d
+    Gm, Dm, Dg = d.wrap(job.G), d.wrap(job.D), job.D          # Dg: G's step calls D unwrapped
+    if cfg.compile:
+        Gm, Dm, Dg = torch.compile(Gm), torch.compile(Dm), torch.compile(Dg)
+    amp, augment = autocast(job.precision, d.device), build_augment(cfg.augment)   # augment: on the device
+    sampler = DistributedSampler(job.ds, num_replicas=d.world, rank=d.rank, shuffle=True,
+                                 seed=job.params.seed, drop_last=True)
+    batches = train_batches(job.ds, sampler, job.batch, step, num_workers=cfg.num_workers,
+                            pin_memory=d.device.type == "cuda")
+    if d.is_main:
+        snaps.start(job.G, step)
+        hist.write(reports_dir / "losses.csv", step, cfg.iterations, lambda s: _lrs(s, cfg))
+    first_bad = torch.full((len(LOSS_NAMES),), -1, dtype=torch.long, device=d.device)
+    poll_every = 1 if d.device.type == "cpu" else cfg.log_every     # GPU: no host sync per step
+    last_log, t_log, interrupted = step, time.perf_counter(), 0
+    with StopFlag() as flag:
+        while step < cfg.iterations:
+            for opt, base in ((job.opt_g, cfg.lr_g), (job.opt_d, cfg.lr_d)):   # linear decay, if any
+                for group in opt.param_groups:
+                    group["lr"] = base * lr_factor(step, cfg)
+            cond, real = augment(*map(job.to_device, next(batches)))   # (B, C, S, S), (B, 1, S, S)
+            losses = gan_step(Gm, Dm, Dg, job.opt_g, job.opt_d, job.to_device(cond), job.to_device(real),
+                              cfg.lambda_l1, amp)
+            step += 1
+            hist.record(step, losses)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses), step, first_bad)
+            if stop_after is not None and step >= stop_after and not flag.signum:
+                flag.signum = signal.SIGTERM
+            log_now = step % cfg.log_every == 0 or step == cfg.iterations
+            ckpt_now = step % cfg.checkpoint_every == 0 or step == cfg.iterations
+            if step % poll_every == 0 or log_now or ckpt_now:          # every rank stops at one step
+                interrupted = flag.agreed(d)
+            if not (log_now or ckpt_now or interrupted or step in snaps.steps):
+                continue
+            _check_finite(first_bad, d)
+            hist.sync(step)
+            if d.is_main and log_now:
+                t_log = hist.log_window(last_log, step, t_log, cfg.batch_size, cfg.iterations, _lrs(step - 1, cfg),
+                                        tracker)
+                last_log = step
+                hist.write(reports_dir / "losses.csv", step, cfg.iterations, lambda s: _lrs(s, cfg))
+            if d.is_main:
+                snaps.take(job.G, step)
+            if d.is_main and (ckpt_now or interrupted):
+                save_checkpoint(ckpts, step=step, fingerprint=job.fingerprint, G=job.G, D=job.D,
+                                opt_g=job.opt_g, opt_d=job.opt_d, losses=hist.done(step),
+                                snapshots=snaps.taken, run_id=tracker.run_id)
+            if interrupted:
+                return TrainResult(step, interrupted)
+    return TrainResult(step)
+
+
+def _lrs(step: int, cfg) -> tuple[float, float]:
+    return cfg.lr_g * lr_factor(step, cfg), cfg.lr_d * lr_factor(step, cfg)
+
+
+def _check_finite(first_bad: torch.Tensor, d: Dist) -> None:
+    """Raise TrainingError naming the first non-finite loss and its step (agreed over ranks)."""
+    hits = [(s, n) for s, n in zip(distributed.first_bad_step(first_bad, d), LOSS_NAMES) if s >= 0]
+    if hits:
+        s, name = min(hits)
+        raise TrainingError(f"non-finite {name} loss at step {s}; stopped; the last good checkpoint "
+                            f"is kept (lower the learning rates or check the data)")
+
+
+def _finish(job: _Job, tracker: Tracker, hist: LossHistory, out_model: Path, reports_dir: Path) -> None:
+    """Identical weights on every rank, then rank 0 writes the model and logs it."""
+    cfg, d = job.params.train, job.d
+    digests = distributed.sync_and_hash(d, job.G, job.D)
+    if len(set(digests)) != 1:
+        raise TrainingError(f"ranks ended with different weights: {digests}")
+    if not d.is_main:
+        return
+    if d.world > 1:
+        log.info("weights identical on all %d ranks (sha256 %s)", d.world, digests[0][:16])
+    step = cfg.iterations
+    meta = {"image_size": job.store.image_size, "hu_window": job.store.meta["hu_window"],
+            "structures": job.store.structures, "label_map": job.store.meta["label_map"],
+            "encoding": job.params.model.encoding}
+    extra = {"step": step, "iterations": cfg.iterations, "world_size": d.world, "device": d.device.type,
+             "precision": job.precision, "channels_last": job.channels_last, "seed": job.params.seed,
+             "rank_weight_hashes": digests, "receptive_field": receptive_field(job.D),
+             "fingerprint": job.fingerprint,
+             "losses": {"step": step, **hist.mean(step - 1, step)}}
+    save_generator(out_model, job.G, to_dict(job.params.model), job.in_ch, meta, extra)
+    log.info("wrote %s", out_model)
+    if job.params.tracking.log_model and tracker.active:
+        t0 = time.perf_counter()
+        example = torch.stack([job.ds[0][0], job.ds[len(job.ds) - 1][0]])
+        tracker.log_generator(job.G, example, registered_model=job.params.tracking.registered_model)
+        log.info("logged the generator to MLflow in %.1f s", time.perf_counter() - t0)
+    tracker.log_artifact(reports_dir / "losses.csv")
+
+
+__all__ = ["run", "TrainResult"]

@@ -1,0 +1,335 @@
+"""The mask-conditioned cGAN: encoder-decoder generator and PatchGAN discriminator.
+
+Paper preset (Habijan et al.; the authors' published config, as ``params/paper.yaml``)::
+
+    Generator:  7 x [Conv 4x4 s2]  ->  7 x [ConvTranspose 4x4 s2]   (ngf 64, filters capped at 512)
+    Discriminator on concat(image, condition):
+                4 x [Conv 4x4 s2] (64-128-256-512) + Conv 4x4 s1 -> 1 channel
+                256² input -> 16 x 16 patches, receptive field 94 px
+
+Every layer but the first and the last has BatchNorm followed by LeakyReLU(0.2) -- the paper's
+text, which names LeakyReLU for the deconvolution layers too (pix2pix/Keras-GAN use ReLU on the
+up path; the difference is small and we follow the paper). Convolutions followed by BatchNorm
+have no bias. No noise input: the model is deterministic, as in the paper; dropout (pix2pix's
+"noise") stays an option on the three innermost up-blocks.
+
+The generator always returns images in model space [-1, 1]: with ``output: sigmoid`` (the
+authors' choice on [0, 1] targets) the sigmoid is mapped affinely onto [-1, 1], so every
+consumer sees one convention.
+
+The model file written by :func:`save_generator` holds only tensors and plain python values
+(``torch.load(weights_only=True)`` works) and everything needed to rebuild and run the
+generator without params.yaml: model config, input channels and the preprocessing meta.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ctsynth.core.errors import ModelFileError
+from ctsynth.core.io import save_torch
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "ctsynth-generator"
+MODEL_VERSION = 1
+_PREPROCESS_KEYS = ("image_size", "hu_window", "structures", "label_map", "encoding")
+
+
+def _cfg_dict(model_cfg: Any) -> dict:
+    """ModelCfg dataclass or plain dict -> plain dict."""
+    if dataclasses.is_dataclass(model_cfg):
+        return dataclasses.asdict(model_cfg)
+    return dict(model_cfg)
+
+
+def _filters(base: int, level: int) -> int:
+    """Filters of encoder level ``level`` (0-based): base * (1, 2, 4, 8, 8, ...), capped at 8 * base."""
+    return base * min(2 ** level, 8)
+
+
+# ----------------------------------------------------------------------------------- generator
+
+class Generator(nn.Module):
+    """Encoder-decoder ("UNet" when ``skip_connections``) mapping a condition to a CT slice.
+
+    ::
+
+        cond (B,C,S,S) -down0-> e0 (ngf,S/2) -down1-> e1 (2ngf,S/4) ... -> e[d-1] (S/2^d)
+                                 |  skip                 |  skip
+        out (B,1,S,S) <-up0- [u1 ++ e0] <-up1- [u2 ++ e1] ... <-up[d-1]- e[d-1]
+
+    ``++`` is channel concatenation (only with skip connections).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int = 1, depth: int = 7, ngf: int = 64,
+                 skip_connections: bool = True, upsample: str = "transpose", dropout: float = 0.0,
+                 output: str = "tanh"):
+        super().__init__()
+        if upsample not in ("transpose", "resize"):
+            raise ValueError(f"upsample must be 'transpose' or 'resize', got {upsample!r}")
+        if output not in ("tanh", "sigmoid"):
+            raise ValueError(f"output must be 'tanh' or 'sigmoid', got {output!r}")
+        self.depth, self.skip, self.output = depth, skip_connections, output
+        ch = [_filters(ngf, i) for i in range(depth)]               # encoder level widths
+        self.down = nn.ModuleList()
+        for i in range(depth):
+            cin = in_channels if i == 0 else ch[i - 1]
+            if i == 0:                                              # first layer: no norm
+                block = nn.Sequential(nn.Conv2d(cin, ch[0], 4, 2, 1), nn.LeakyReLU(0.2, True))
+            else:
+                block = nn.Sequential(nn.Conv2d(cin, ch[i], 4, 2, 1, bias=False),
+                                      nn.BatchNorm2d(ch[i]), nn.LeakyReLU(0.2, True))
+            self.down.append(block)
+        # up[i] produces encoder level i-1's resolution (i = depth-1 .. 1), up[0] the output.
+        self.up = nn.ModuleList()
+        for i in range(depth):
+            cin = ch[i] if (i == depth - 1 or not skip_connections) else 2 * ch[i]
+            last = i == 0
+            cout = out_channels if last else ch[i - 1]
+            layers: list[nn.Module] = [self._upconv(cin, cout, upsample, bias=last)]
+            if not last:
+                layers += [nn.BatchNorm2d(cout)]
+                if dropout > 0 and i >= depth - 3:                  # three innermost up-blocks
+                    layers += [nn.Dropout(dropout)]
+                layers += [nn.LeakyReLU(0.2, True)]
+            self.up.append(nn.Sequential(*layers))
+
+    @staticmethod
+    def _upconv(cin: int, cout: int, mode: str, bias: bool) -> nn.Module:
+        if mode == "transpose":
+            return nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=bias)     # (B,cin,h,w)->(B,cout,2h,2w)
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),  # resize + 3x3 conv
+                             nn.Conv2d(cin, cout, 3, 1, 1, bias=bias))
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        # cond: (B, C, S, S) -> image (B, 1, S, S) in [-1, 1]
+        feats = []
+        x = cond
+        for block in self.down:
+            x = block(x)                                            # (B, ch[i], S/2^(i+1), ...)
+            feats.append(x)
+        x = self.up[-1](feats[-1])                                  # (B, ch[d-2], S/2^(d-1), ...)
+        for i in range(self.depth - 2, -1, -1):
+            if self.skip:
+                x = torch.cat([x, feats[i]], dim=1)                 # (B, 2*ch[i], S/2^(i+1), ...)
+            x = self.up[i](x)                                       # (B, ch[i-1] or 1, S/2^i, ...)
+        if self.output == "sigmoid":
+            return 2.0 * torch.sigmoid(x) - 1.0
+        return torch.tanh(x)
+
+
+# ------------------------------------------------------------------------------- discriminator
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN on concat(image, condition): ``layers`` 4x4 stride-2 blocks + a 4x4 stride-1 conv.
+
+    Padding follows Keras 'same' (the authors' framework): 1 on each side for the stride-2
+    convs, (1 before, 2 after) for the final stride-1 conv, so a 256² input gives exactly
+    256 / 2^layers patches (16 x 16 for the paper preset). The output is a raw score per patch
+    (least-squares GAN: targets 1 for real, 0 for fake; no sigmoid).
+    """
+
+    def __init__(self, in_channels: int, ndf: int = 64, layers: int = 4):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        cin = in_channels
+        for i in range(layers):
+            cout = _filters(ndf, i)
+            if i == 0:                                              # first layer: no norm
+                blocks += [nn.Conv2d(cin, cout, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+            else:
+                blocks += [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout),
+                           nn.LeakyReLU(0.2, True)]
+            cin = cout
+        blocks += [nn.ZeroPad2d((1, 2, 1, 2)), nn.Conv2d(cin, 1, 4, 1, 0)]  # Keras 'same', stride 1
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, image: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        # image (B, 1, S, S), cond (B, C, S, S) -> patch scores (B, 1, S/2^L, S/2^L)
+        return self.net(torch.cat([image, cond], dim=1))
+
+
+# ------------------------------------------------------------------------------------ builders
+
+def init_weights(module: nn.Module, gain: float = 0.02) -> None:
+    """pix2pix init: conv weights ~ N(0, 0.02), BatchNorm weights ~ N(1, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, gain)
+            nn.init.zeros_(m.bias)
+
+
+def build_generator(model_cfg: Any, in_channels: int) -> Generator:
+    """Generator from a ``ModelCfg`` (or its dict), weights initialised pix2pix style."""
+    c = _cfg_dict(model_cfg)
+    g = Generator(in_channels, 1, depth=c["gen_depth"], ngf=c["ngf"],
+                  skip_connections=c["skip_connections"], upsample=c["upsample"],
+                  dropout=c["dropout"], output=c["output"])
+    init_weights(g)
+    return g
+
+
+def build_discriminator(model_cfg: Any, in_channels: int) -> PatchDiscriminator:
+    """PatchGAN for ``in_channels`` condition channels (+1 image channel)."""
+    c = _cfg_dict(model_cfg)
+    d = PatchDiscriminator(in_channels + 1, ndf=c["ndf"], layers=c["disc_layers"])
+    init_weights(d)
+    return d
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- receptive field
+
+def _rf(kernels_strides: list[tuple[int, int]]) -> tuple[int, int]:
+    """(receptive field, jump) of a chain of convolutions, in input pixels."""
+    rf, jump = 1, 1
+    for k, s in kernels_strides:
+        rf += (k - 1) * jump
+        jump *= s
+    return rf, jump
+
+
+def _generator_footprint(depth: int, skip: bool, upsample: str, o: int) -> tuple[int, int]:
+    """Input pixels [lo, hi] (one axis, no borders) that output pixel ``o`` depends on."""
+    def up_back(a: int, b: int) -> tuple[int, int]:               # one up layer, output -> input
+        if upsample == "transpose":                                # k4 s2 p1: i*2-1 <= o <= i*2+2
+            return -((-(a - 2)) // 2), (b + 1) // 2
+        return (a - 1) // 2, (b + 1) // 2                          # nearest x2, then 3x3 conv
+
+    def enc_back(a: int, b: int, level: int) -> tuple[int, int]:  # k4 s2 p1 convs down to the input
+        for _ in range(level):
+            a, b = 2 * a - 1, 2 * b + 2
+        return a, b
+
+    def dec(a: int, b: int, r: int) -> tuple[int, int]:           # [a, b] produced by up[r]
+        a, b = up_back(a, b)                                       # at resolution r + 1
+        if r + 1 == depth:
+            return enc_back(a, b, depth)
+        lo, hi = dec(a, b, r + 1)
+        if skip:
+            slo, shi = enc_back(a, b, r + 1)
+            lo, hi = min(lo, slo), max(hi, shi)
+        return lo, hi
+
+    return dec(o, o, 0)
+
+
+def receptive_field(module_or_cfg: Any, net: str = "discriminator") -> int:
+    """Receptive field in input pixels of one output element, computed analytically.
+
+    * a :class:`PatchDiscriminator` (or ``net="discriminator"`` with a ModelCfg/dict): its conv
+      chain; the paper preset (4 x k4s2 + k4s1) gives 1 + 3·(1+2+4+8+16) = 94.
+    * a :class:`Generator` (or ``net="generator"``): the input interval each output pixel reads,
+      propagated back through every path (skips included), maximised over output positions.
+    """
+    if isinstance(module_or_cfg, PatchDiscriminator):
+        convs = [m for m in module_or_cfg.modules() if isinstance(m, nn.Conv2d)]
+        return _rf([(m.kernel_size[0], m.stride[0]) for m in convs])[0]
+    if isinstance(module_or_cfg, Generator):
+        g = module_or_cfg
+        depth, skip = g.depth, g.skip
+        upsample = "transpose" if any(isinstance(m, nn.ConvTranspose2d) for m in g.modules()) else "resize"
+    else:
+        c = _cfg_dict(module_or_cfg)
+        if net == "discriminator":
+            return _rf([(4, 2)] * c["disc_layers"] + [(4, 1)])[0]
+        if net != "generator":
+            raise ValueError(f"net must be 'discriminator' or 'generator', got {net!r}")
+        depth, skip, upsample = c["gen_depth"], c["skip_connections"], c["upsample"]
+    spans = [_generator_footprint(depth, skip, upsample, o) for o in range(2 ** (depth + 1))]
+    return max(hi - lo + 1 for lo, hi in spans)
+
+
+# ---------------------------------------------------------------------------------- model file
+
+
+def describe(G: nn.Module, D: nn.Module, model_cfg: Any, size: int) -> str:
+    """One line on the two networks (for the training log)."""
+    return (f"generator: {count_parameters(G):,} parameters, depth {model_cfg.gen_depth}, skips "
+            f"{model_cfg.skip_connections}, receptive field {receptive_field(model_cfg, 'generator')} px; "
+            f"discriminator: {count_parameters(D):,} parameters, {(size // 2 ** model_cfg.disc_layers) ** 2} "
+            f"patches of {receptive_field(D)} px receptive field")
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Only tensors and plain python values may go into a model file (weights_only loading)."""
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: key {k!r} must be str or int")
+            _check_plain(v, f"{where}.{k}")
+        return
+    raise TypeError(f"{where}: {type(obj).__name__} is not a tensor or plain python value")
+
+
+def save_generator(path: str | Path, generator: nn.Module, model_cfg_dict: Mapping,
+                   in_channels: int, preprocess_meta: Mapping, extra: Mapping | None = None) -> None:
+    """Write the generator atomically: fp32 contiguous weights + config + preprocessing meta.
+
+    ``preprocess_meta`` must hold image_size, hu_window, structures, label_map and encoding.
+    """
+    missing = [k for k in _PREPROCESS_KEYS if k not in preprocess_meta]
+    if missing:
+        raise ValueError(f"preprocess_meta lacks {missing}")
+    raw = getattr(generator, "module", generator)
+    raw = getattr(raw, "_orig_mod", raw)                      # unwrap torch.compile
+    state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in raw.state_dict().items()}
+    preprocess = dict(preprocess_meta)
+    preprocess["label_map"] = {str(k): v for k, v in dict(preprocess["label_map"]).items()}
+    blob = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "model_cfg": _cfg_dict(model_cfg_dict),
+            "in_channels": int(in_channels), "preprocess": preprocess, "extra": dict(extra or {}),
+            "state_dict": state}
+    _check_plain(blob, "model file")
+    save_torch(path, blob)
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict]:
+    """Rebuild a generator saved by :func:`save_generator`; returns (model in eval mode, meta).
+
+    ``meta`` = {"model_cfg", "in_channels", "preprocess", "extra", "version"}. Raises
+    :class:`ModelFileError` for a missing, corrupt or non-ctsynth file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found (train one with `dvc repro train`)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError,
+            ValueError, AttributeError, TypeError) as e:
+        raise ModelFileError(f"{path}: not a readable model file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'no details'})") from None
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        hint = " (it looks like a training checkpoint)" if isinstance(blob, dict) and "G" in blob else ""
+        raise ModelFileError(f"{path}: not a ctsynth generator file{hint}")
+    if blob.get("version") != MODEL_VERSION:
+        raise ModelFileError(f"{path}: model file version {blob.get('version')!r} is not supported "
+                             f"(this ctsynth reads version {MODEL_VERSION})")
+    try:
+        model = build_generator(blob["model_cfg"], int(blob["in_channels"]))
+        model.load_state_dict(blob["state_dict"], strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ModelFileError(f"{path}: model file is inconsistent ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0]})") from None
+    meta = {k: blob[k] for k in ("model_cfg", "in_channels", "preprocess", "extra", "version")}
+    return model.to(device).eval(), meta
