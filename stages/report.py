@@ -2,9 +2,9 @@
 
 Reads (all optional except params): reports/metrics.json, metrics_notes.json, per_case.csv,
 per_structure.csv, privacy.csv, utility.csv; data/generated/grids; data/processed/meta.json; data/split.json;
-data/interim/manifest.csv; reports/train/losses.csv and snapshots; models/generator.pt (for the
-condition-subset grid); data/synthetic (one synthetic case). Writes reports/report.html and reports/figures/*.png atomically, then
-logs them with all metrics into the training run named in --run-file (if tracking is on).
+data/interim/manifest.csv; reports/train/losses.csv and snapshots; data/synthetic (one
+synthetic case). It renders files only: it never loads or runs a model. Writes
+reports/report.html and reports/figures/*.png atomically, then logs them with all metrics into the training run named in --run-file (if tracking is on).
 
     python stages/report.py --out reports/report.html --figures reports/figures \\
         [--run-file models/mlflow_run.json]
@@ -22,7 +22,7 @@ def main(args, params):
     files = report.run(params, reports_dir=args.reports, generated_dir=args.generated,
                        processed_dir=args.processed, train_reports_dir=args.train_reports,
                        out_html=args.out, figures_dir=args.figures, split_path=args.split,
-                       manifest_path=args.manifest, model_path=args.model,
+                       manifest_path=args.manifest,
                        synthetic_dir=args.synthetic)
     if args.run_file is None or not Path(args.run_file).exists():
         log.info("no MLflow run file (%s): report not logged to MLflow", args.run_file)
@@ -36,7 +36,7 @@ def main(args, params):
 
 def add_args(p):
     p.add_argument("--reports", default="reports", help="evaluate outputs (metrics.json, csv files)")
-    add_inputs(p, "generated", "processed", "split", "model", "synthetic")
+    add_inputs(p, "generated", "processed", "split", "synthetic")
     p.add_argument("--manifest", default="data/interim/manifest.csv")
     p.add_argument("--train-reports", default="reports/train", help="losses.csv and snapshots/")
     p.add_argument("--out", default="reports/report.html")

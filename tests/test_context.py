@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from conftest import make_store, tiny_params
+from ctsynth.core import io as cio
+from ctsynth.data import masks
 from ctsynth.synth import generate as gen
+from ctsynth.synth import inference
 from ctsynth.data.store import ProcessedStore, SliceDataset, condition_batch, context_masks, neighbour_rows
 from ctsynth.core.errors import ConfigError, InputError
 from ctsynth.core.labels import STRUCTURES, encode_condition
@@ -71,11 +74,11 @@ def test_config_range():
 
 
 def test_old_model_files_mean_k_zero_and_k_is_recorded(tmp_path):
-    _, meta_old = gen.load_model(save_context_model(tmp_path / "old.pt", 0, drop_key=True))
+    _, meta_old = inference.load_model(save_context_model(tmp_path / "old.pt", 0, drop_key=True))
     assert meta_old["context_slices"] == 0
-    model, meta = gen.load_model(save_context_model(tmp_path / "k2.pt", 2))
+    model, meta = inference.load_model(save_context_model(tmp_path / "k2.pt", 2))
     assert meta["context_slices"] == 2 and meta["in_channels"] == 5 * len(STRUCTURES)
-    synth = gen.Synthesizer(model, meta)
+    synth = inference.MaskToCT(model, meta)
     masks = np.zeros((3, SIZE, SIZE), np.uint8)
     with pytest.raises(InputError, match="context_slices=2"):
         synth.unit(masks)
@@ -85,8 +88,8 @@ def test_old_model_files_mean_k_zero_and_k_is_recorded(tmp_path):
 def test_context_changes_the_output_and_volume_uses_neighbours(tmp_path):
     """A k=1 generator sees the neighbours: the same centre slice with other neighbours gives
     another image, and a volume's slice z is generated from masks z-1, z, z+1."""
-    model, meta = gen.load_model(save_context_model(tmp_path / "k1.pt", 1))
-    synth = gen.Synthesizer(model, meta, batch_size=4)
+    model, meta = inference.load_model(save_context_model(tmp_path / "k1.pt", 1))
+    synth = inference.MaskToCT(model, meta, batch_size=4)
     rng = np.random.default_rng(0)
     vol = rng.integers(0, 8, size=(SIZE, SIZE, 6)).astype(np.uint8)          # canonical (X, Y, Z)
     out = synth.volume(vol)
@@ -122,9 +125,9 @@ def test_training_with_context_records_k_and_generates(tmp_path):
     result = train(p, tmp_path / "processed", tmp_path / "split.json", out / "generator.pt", out / "ckpt",
                    out / "reports", out / "mlflow_run.json")
     assert result.step == 3 and len(list((out / "reports" / "snapshots").glob("*.png"))) == 2
-    model, meta = gen.load_model(out / "generator.pt")
+    model, meta = inference.load_model(out / "generator.pt")
     assert meta["context_slices"] == 1 and meta["in_channels"] == 3 * 7
     store = ProcessedStore(tmp_path / "processed")
     rows = store.rows_for_cases(["c4"])
-    fake = gen.Synthesizer(model, meta).unit(np.asarray(store.masks[neighbour_rows(store, rows, 1)]))
+    fake = inference.MaskToCT(model, meta).unit(np.asarray(store.masks[neighbour_rows(store, rows, 1)]))
     assert fake.shape == (len(rows), 32, 32) and np.isfinite(fake).all()

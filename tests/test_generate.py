@@ -11,7 +11,10 @@ import pandas as pd
 import pytest
 
 from conftest import REAL_CT, tiny_params
+from ctsynth.core import io as cio
+from ctsynth.data import masks
 from ctsynth.synth import generate as gen
+from ctsynth.synth import inference
 from ctsynth.data.store import ProcessedStore
 from ctsynth.core.errors import ConfigError, InputError, ModelFileError
 from ctsynth.core.labels import MMWHS_LABEL_MAP, STRUCTURES
@@ -130,10 +133,10 @@ def test_generate_test_set_outputs(world):
 
 def test_batch_size_does_not_change_results(world):
     """eval mode (no batch statistics): one slice at a time == all at once."""
-    model, meta = gen.load_model(world["model"])
+    model, meta = inference.load_model(world["model"])
     masks = np.load(world["processed"] / "masks.npy")
-    one = gen.Synthesizer(model, meta, batch_size=1).unit(masks)
-    many = gen.Synthesizer(model, meta, batch_size=64).unit(masks)
+    one = inference.MaskToCT(model, meta, batch_size=1).unit(masks)
+    many = inference.MaskToCT(model, meta, batch_size=64).unit(masks)
     assert one.shape == masks.shape and one.dtype == np.float32
     np.testing.assert_allclose(one, many, atol=1e-4)
 
@@ -144,7 +147,7 @@ def test_volume_geometry_follows_the_mask(world, monkeypatch):
     def paint(self, masks):                                                  # (N, 2k+1, S, S): centre slice
         centre = masks[:, masks.shape[1] // 2] if masks.ndim == 4 else masks
         return np.where(centre > 0, 0.5, -0.8).astype(np.float32)            # 500 HU / -800 HU
-    monkeypatch.setattr(gen.Synthesizer, "unit", paint)
+    monkeypatch.setattr(inference.MaskToCT, "unit", paint)
     run_stage(world)
     for n, case in enumerate(("p1", "p2")):
         vol = np.asanyarray(nib.load(str(world["out"] / f"{case}_synth.nii.gz")).dataobj)
@@ -160,8 +163,8 @@ def test_volume_geometry_follows_the_mask(world, monkeypatch):
 def test_canonical_round_trip(affine):
     data = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)
     canon = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
-    assert np.array_equal(gen.to_canonical(data, affine), np.asanyarray(canon.dataobj))
-    assert np.array_equal(gen.from_canonical(gen.to_canonical(data, affine), affine), data)
+    assert np.array_equal(cio.to_canonical(data, affine), np.asanyarray(canon.dataobj))
+    assert np.array_equal(cio.from_canonical(cio.to_canonical(data, affine), affine), data)
 
 
 def test_stage_refuses_mismatched_model(world, tmp_path):
@@ -210,7 +213,7 @@ def ao_model(tmp_path):
 def test_synthesize_real_scan_round_trip(ao_model, tmp_path):
     mask = REAL_CT / "aorta_label.nii.gz"
     out = tmp_path / "synth.nii.gz"
-    stats = gen.synthesize_volume(ao_model, mask, out, label_map='{"1": "Ao"}')
+    stats = inference.generate_file(ao_model, mask, out, label_map='{"1": "Ao"}')
     src, res = nib.load(str(mask)), nib.load(str(out))
     assert res.shape == src.shape and np.allclose(res.affine, src.affine)
     assert nib.aff2axcodes(res.affine) == ("L", "P", "S")
@@ -250,7 +253,7 @@ def test_synthesize_mmwhs_mask_in_lps(tmp_path):
     model = save_tiny_model(tmp_path / "m.pt")
     mask = _mask(tmp_path / "mask.nii.gz", _blob(value=500) + _blob(value=205) * 0)
     out = tmp_path / "o.nii.gz"
-    gen.synthesize_volume(model, mask, out, structures=["LV", "Ao"])
+    inference.generate_file(model, mask, out, structures=["LV", "Ao"])
     res = nib.load(str(out))
     assert res.shape == (20, 20, 4) and np.allclose(res.affine, LPS)
 
@@ -262,14 +265,14 @@ def test_bad_model_file(tmp_path, content, match):
         model.write_bytes(content)
     mask = _mask(tmp_path / "m.nii.gz", _blob())
     with pytest.raises(ModelFileError, match=match) as e:
-        gen.synthesize_volume(model, mask, tmp_path / "o.nii.gz")
+        inference.generate_file(model, mask, tmp_path / "o.nii.gz")
     assert "model.pt" in str(e.value)
 
 
 def test_mask_without_known_labels(ao_model, tmp_path):
     mask = _mask(tmp_path / "nolabels.nii.gz", _blob(value=3) + _blob((20, 20, 4), 0))
     with pytest.raises(InputError) as e:
-        gen.synthesize_volume(ao_model, mask, tmp_path / "o.nii.gz")
+        inference.generate_file(ao_model, mask, tmp_path / "o.nii.gz")
     msg = str(e.value)
     assert "nolabels.nii.gz" in msg and "[3]" in msg and "820" in msg and "Ao" in msg
     assert not (tmp_path / "o.nii.gz").exists()
@@ -279,7 +282,7 @@ def test_mask_without_known_labels(ao_model, tmp_path):
 def test_mask_wrong_dimensionality(ao_model, tmp_path, shape):
     mask = _mask(tmp_path / f"mask{len(shape)}d.nii.gz", np.full(shape, 820, np.uint16))
     with pytest.raises(InputError, match=r"mask%dd.nii.gz.*3-D" % len(shape)):
-        gen.synthesize_volume(ao_model, mask, tmp_path / "o.nii.gz")
+        inference.generate_file(ao_model, mask, tmp_path / "o.nii.gz")
 
 
 def test_mask_non_integer_float_labels(ao_model, tmp_path):
@@ -287,9 +290,9 @@ def test_mask_non_integer_float_labels(ao_model, tmp_path):
     data[0, 0, 0] = 0.5
     mask = _mask(tmp_path / "float.nii.gz", data)
     with pytest.raises(InputError, match="float.nii.gz.*non-integer"):
-        gen.synthesize_volume(ao_model, mask, tmp_path / "o.nii.gz")
+        inference.generate_file(ao_model, mask, tmp_path / "o.nii.gz")
     ok = _mask(tmp_path / "intfloat.nii.gz", _blob(dtype=np.float32))     # integral floats are fine
-    gen.synthesize_volume(ao_model, ok, tmp_path / "o.nii.gz")
+    inference.generate_file(ao_model, ok, tmp_path / "o.nii.gz")
 
 
 def test_unknown_values_become_background(ao_model, tmp_path, caplog):
@@ -297,35 +300,35 @@ def test_unknown_values_become_background(ao_model, tmp_path, caplog):
     data[15:18, 15:18, :] = 77
     mask = _mask(tmp_path / "m.nii.gz", data)
     with caplog.at_level(logging.WARNING, logger="ctsynth.synth.generate"):
-        stats = gen.synthesize_volume(ao_model, mask, tmp_path / "o.nii.gz")
+        stats = inference.generate_file(ao_model, mask, tmp_path / "o.nii.gz")
     assert stats["unknown_values"] == [77] and "77" in caplog.text
 
 
 def test_structures_must_be_model_subset(ao_model, tmp_path):
     mask = _mask(tmp_path / "m.nii.gz", _blob())
     with pytest.raises(ConfigError, match="LV"):
-        gen.synthesize_volume(ao_model, mask, tmp_path / "o.nii.gz", structures=["LV"])
+        inference.generate_file(ao_model, mask, tmp_path / "o.nii.gz", structures=["LV"])
     with pytest.raises(ConfigError, match="names none of the selected structures"):
-        gen.synthesize_volume(ao_model, mask, tmp_path / "o.nii.gz", structures=["PA"], label_map={820: "Ao"})
+        inference.generate_file(ao_model, mask, tmp_path / "o.nii.gz", structures=["PA"], label_map={820: "Ao"})
     with pytest.raises(ConfigError, match="unknown structure"):
-        gen.synthesize_volume(ao_model, mask, tmp_path / "o.nii.gz", structures="Aorta")
+        inference.generate_file(ao_model, mask, tmp_path / "o.nii.gz", structures="Aorta")
 
 
 def test_parse_label_map_arg(tmp_path):
-    assert gen.parse_label_map_arg('{"1": "LV", "2": "PA"}') == {1: "LV", 2: "PA"}
-    assert gen.parse_label_map_arg({3: "Ao"}) == {3: "Ao"}
-    assert gen.parse_label_map_arg(None) is None
+    assert masks.parse_label_map_arg('{"1": "LV", "2": "PA"}') == {1: "LV", 2: "PA"}
+    assert masks.parse_label_map_arg({3: "Ao"}) == {3: "Ao"}
+    assert masks.parse_label_map_arg(None) is None
     (tmp_path / "m.json").write_text('{"5": "RA"}')
     (tmp_path / "m.yaml").write_text("7: Myo\n8: WH_is_not_a_label\n")
     (tmp_path / "ok.yml").write_text("7: Myo\n")
-    assert gen.parse_label_map_arg(str(tmp_path / "m.json")) == {5: "RA"}
-    assert gen.parse_label_map_arg(str(tmp_path / "ok.yml")) == {7: "Myo"}
+    assert masks.parse_label_map_arg(str(tmp_path / "m.json")) == {5: "RA"}
+    assert masks.parse_label_map_arg(str(tmp_path / "ok.yml")) == {7: "Myo"}
     with pytest.raises(ConfigError, match="not a structure"):
-        gen.parse_label_map_arg(str(tmp_path / "m.yaml"))
+        masks.parse_label_map_arg(str(tmp_path / "m.yaml"))
     with pytest.raises(ConfigError, match="not valid JSON"):
-        gen.parse_label_map_arg('{"1": LV}')
+        masks.parse_label_map_arg('{"1": LV}')
     with pytest.raises(ConfigError, match="neither inline JSON nor an existing file"):
-        gen.parse_label_map_arg(str(tmp_path / "missing.json"))
+        masks.parse_label_map_arg(str(tmp_path / "missing.json"))
     (tmp_path / "evil.yaml").write_text("!!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ConfigError):
-        gen.parse_label_map_arg(str(tmp_path / "evil.yaml"))
+        masks.parse_label_map_arg(str(tmp_path / "evil.yaml"))

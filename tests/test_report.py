@@ -15,9 +15,9 @@ from conftest import tiny_params
 from ctsynth.core.errors import InputError
 from ctsynth.report.figures import fig_condition_subsets
 from ctsynth.synth import synthesize
-from ctsynth.synth.generate import condition_subset_panels
 from ctsynth.synth.generate import run as generate_test_set
 from ctsynth.core.labels import STRUCTURES
+from ctsynth.report.html import read_condition_subsets
 from ctsynth.report.html import run as build_report
 from test_generate import make_world
 
@@ -83,7 +83,7 @@ def build(inp: dict, root: Path, **kw) -> tuple[list[Path], str]:
 
 def test_full_report(tmp_path):
     inp = fake_inputs(tmp_path)
-    files, page = build(inp, tmp_path, model_path=inp["model"], synthetic_dir=inp["synthetic"])
+    files, page = build(inp, tmp_path, synthetic_dir=inp["synthetic"])
     for key in SECTIONS:
         assert f"id='{key}'" in page
     images = re.findall(r"src='data:image/png;base64,", page)
@@ -113,7 +113,7 @@ def test_full_report(tmp_path):
 def test_report_without_optional_inputs(tmp_path):
     empty = {"reports": tmp_path / "r", "out": tmp_path / "g", "processed": tmp_path / "p",
              "train": tmp_path / "t", "split": tmp_path / "split.json", "interim": tmp_path / "i"}
-    files, page = build(empty, tmp_path, model_path=tmp_path / "nope.pt")
+    files, page = build(empty, tmp_path)
     for key in SECTIONS:
         assert f"id='{key}'" in page
     assert page.count("not available") >= 10
@@ -133,9 +133,10 @@ def test_report_keeps_previous_output_on_corrupt_input(tmp_path):
 
 
 def test_condition_subsets_figure(tmp_path):
-    w = make_world(tmp_path)
+    """generate writes the panels (one model run); the report reads and draws them."""
+    inp = fake_inputs(tmp_path)
     out = tmp_path / "subsets.png"
-    subsets, panels, titles = condition_subset_panels(w["model"], w["processed"], w["split"])
+    subsets, panels, titles = read_condition_subsets(inp["out"] / "condition_subsets.npz")
     assert fig_condition_subsets(panels, titles, out) == out and len(panels) == len(subsets) + 1
     assert subsets[0] == list(STRUCTURES)
     assert subsets[1:] == [["Myo"], ["LV"], ["Ao"]]                           # the structures present
@@ -154,7 +155,7 @@ def test_report_stage_script(tmp_path, monkeypatch):
                                       "--generated", str(inp["out"]), "--processed", str(inp["processed"]),
                                       "--split", str(inp["split"]), "--train-reports", str(inp["train"]),
                                       "--manifest", str(inp["interim"] / "manifest.csv"),
-                                      "--model", str(inp["model"]), "--run-file", str(run_file),
+                                      "--run-file", str(run_file),
                                       "--out", "out/report.html", "--figures", "out/figures"])
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(script), run_name="__main__")
@@ -181,7 +182,7 @@ def test_report_leads_with_the_answer_and_ends_with_the_configuration(tmp_path):
     (inp["reports"] / "metrics_ci.json").write_text(json.dumps(RICH_CI))
     pd.DataFrame({"case": ["p1"], "n_slices": [5], "ssim": [0.8], "ssim_ci95_lo": [0.78], "ssim_ci95_hi": [0.82]}
                  ).to_csv(inp["reports"] / "per_case.csv", index=False)
-    _, page = build(inp, tmp_path, model_path=inp["model"])
+    _, page = build(inp, tmp_path)
     order = re.findall(r"<h2 id='(\w+)'>", page)
     assert order[0] == "summary" and order[-2:] == ["data", "config"]
     summary = page[page.index("id='summary'"):page.index("id='metrics'")]

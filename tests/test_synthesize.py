@@ -15,7 +15,7 @@ from ctsynth.data import ingest
 from ctsynth.synth import synthesize as syn
 from ctsynth.core.config import SynthesizeCfg, params_from_dict
 from ctsynth.core.errors import ConfigError, InputError, ModelFileError
-from ctsynth.synth.generate import Synthesizer, load_model
+from ctsynth.synth.inference import MaskToCT, load_model
 from ctsynth.core.labels import MMWHS_LABEL_MAP, STRUCTURES
 from test_generate import make_world, save_tiny_model
 
@@ -222,7 +222,7 @@ def test_failed_run_keeps_the_previous_output(world, tmp_path, monkeypatch):
     out = tmp_path / "synthetic"
     _stage(world, out)
     before = sorted(p.name for p in out.iterdir())
-    monkeypatch.setattr(Synthesizer, "volume", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(MaskToCT, "volume", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         _stage(world, out, cases=5)
     assert sorted(p.name for p in out.iterdir()) == before
@@ -245,4 +245,4 @@ def test_params_ranges_are_validated():
 
 def test_model_structures_drive_the_kept_labels(world):
     model, meta = load_model(world["model"])
-    assert Synthesizer(model, meta).keep == list(range(1, len(STRUCTURES) + 1))
+    assert MaskToCT(model, meta).keep == list(range(1, len(STRUCTURES) + 1))

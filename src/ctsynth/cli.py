@@ -27,10 +27,10 @@ def _phantom(args) -> int:
 
 
 def _generate(args) -> int:
-    from ctsynth.synth.generate import synthesize_volume
+    from ctsynth.synth.inference import generate_file
 
-    stats = synthesize_volume(args.model, args.mask, args.out, structures=args.structures,
-                              label_map=args.label_map)
+    stats = generate_file(args.model, args.mask, args.out, structures=args.structures,
+                          label_map=args.label_map)
     print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
     return 0
 

@@ -113,15 +113,15 @@ def bench_train(paths: list[TrainPath], size: int, batch: int, repeats: int, dev
 
 
 def bench_generate(size: int, batch: int, repeats: int, device, model, n_batches: int = 2) -> dict:
-    """Slices/s through :class:`ctsynth.generate.Synthesizer` (inference_mode, channels_last)."""
-    from ctsynth.synth.generate import Synthesizer
+    """Slices/s through :class:`ctsynth.synth.inference.MaskToCT` (inference_mode, channels_last)."""
+    from ctsynth.synth.inference import MaskToCT
     from ctsynth.core.labels import condition_channels
     from ctsynth.train.networks import build_generator
 
     torch.manual_seed(0)
     G = build_generator(model, condition_channels(STRUCTURES, model["encoding"])).to(device).eval()
-    synth = Synthesizer(G, {"image_size": size, "hu_window": [-1000.0, 1000.0], "structures": STRUCTURES,
-                            "encoding": model["encoding"]}, batch_size=batch)
+    synth = MaskToCT(G, {"image_size": size, "hu_window": [-1000.0, 1000.0], "structures": STRUCTURES,
+                     "encoding": model["encoding"]}, batch_size=batch)
     _, masks = synthetic_slices(batch * n_batches, size, seed=2)
     synth.unit(masks[:batch])                                              # warm-up
     med = statistics.median(clock(lambda: synth.unit(masks), device) / len(masks) for _ in range(repeats))

@@ -176,6 +176,18 @@ def canonical(img: nib.Nifti1Image) -> nib.Nifti1Image:
     return nib.as_closest_canonical(img)
 
 
+def to_canonical(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Voxel array on ``affine``'s grid -> closest canonical RAS+ (the array :func:`canonical` holds)."""
+    return nib.orientations.apply_orientation(data, nib.orientations.io_orientation(affine))
+
+
+def from_canonical(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_canonical`: canonical RAS+ array -> the orientation of ``affine``."""
+    ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
+    ornt = nib.orientations.ornt_transform(ras, nib.orientations.io_orientation(affine))
+    return np.ascontiguousarray(nib.orientations.apply_orientation(data, ornt))
+
+
 def world_bounds(shape, affine) -> tuple[np.ndarray, np.ndarray]:
     corners = np.array([[i, j, k] for i in (-0.5, shape[0] - 0.5) for j in (-0.5, shape[1] - 0.5)
                         for k in (-0.5, shape[2] - 0.5)])

@@ -27,6 +27,7 @@ from ctsynth.core.config import Params, resolve_path
 from ctsynth.core.errors import InputError
 from ctsynth.core.io import atomic_dir, canonical, load_nifti, overlap_fraction, resample_nearest, write_csv
 from ctsynth.core.labels import STRUCTURES, structure_index
+from ctsynth.data.masks import map_labels
 from ctsynth.core.progress import quiet
 
 log = logging.getLogger("ctsynth.data.ingest")
@@ -78,29 +79,6 @@ def find_pairs(raw_dir: Path, image_suffix: str, label_suffix: str) -> tuple[lis
 
 def _has_affine(img: nib.Nifti1Image) -> bool:
     return int(img.header["sform_code"]) > 0 or int(img.header["qform_code"]) > 0
-
-
-def map_labels(raw: np.ndarray, label_map: dict[int, str], unknown: str, path: Path,
-               problems: list[str]) -> np.ndarray:
-    """Raw label values -> structure indices (uint8). Appends problems instead of raising."""
-    if raw.dtype.kind == "f":
-        if not np.all(np.isfinite(raw)):
-            problems.append(f"{path}: label volume contains NaN/Inf")
-            return np.zeros(raw.shape, np.uint8)
-        if not np.all(raw == np.round(raw)):
-            problems.append(f"{path}: label volume has non-integer values "
-                            f"(e.g. {raw[raw != np.round(raw)].flat[0]:.3g}); labels must be integers")
-            return np.zeros(raw.shape, np.uint8)
-        raw = raw.astype(np.int64)
-    values = np.unique(raw)
-    unknown_values = [int(v) for v in values if v != 0 and int(v) not in label_map]
-    if unknown_values and unknown == "error":
-        problems.append(f"{path}: label values {unknown_values} are not in data.label_map "
-                        f"{sorted(label_map)} (set data.unknown_labels: background to ignore them)")
-    out = np.zeros(raw.shape, np.uint8)
-    for value, name in label_map.items():
-        out[raw == value] = structure_index(name)
-    return out
 
 
 def _outside_share(label: np.ndarray, label_affine, shape, affine) -> float:
@@ -163,7 +141,8 @@ def check_pair(pair: Pair, params: Params) -> tuple[dict, np.ndarray, np.ndarray
         raw_label = _label_on_image_grid(pair, raw_label, lab, data.shape, img, problems)
     if problems:
         return problems
-    mapped = map_labels(raw_label, params.data.label_map, params.data.unknown_labels, pair.label, problems)
+    mapped, _, found = map_labels(raw_label, params.data.label_map, pair.label, unknown=params.data.unknown_labels)
+    problems += found
     if not problems and not mapped.any():
         problems.append(f"{pair.label}: label volume is empty (no voxel of {sorted(params.data.label_map)})")
     if problems:
@@ -215,3 +194,15 @@ def run(params: Params, out_dir: str | Path, raw_dir: str | Path | None = None) 
     log.info("ingest: %d cases (%d skipped) -> %s; cases per structure %s",
              len(rows), len(bad_cases), out_dir, dict(counts))
     return manifest
+
+
+def label_path(interim_dir: str | Path, case: str) -> Path:
+    """The canonical label file of ``case`` in the ingest folder (named by its manifest)."""
+    interim_dir = Path(interim_dir)
+    manifest = interim_dir / "manifest.csv"
+    if manifest.exists():
+        frame = pd.read_csv(manifest, dtype={"case": str})
+        row = frame.loc[frame.case == case]
+        if len(row) and "label_file" in frame:
+            return interim_dir / str(row.label_file.iloc[0])
+    return interim_dir / f"{case}_label.nii"

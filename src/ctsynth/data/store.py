@@ -132,3 +132,10 @@ def train_batches(ds, sampler: DistributedSampler, batch: int, start_step: int,
         yield from DataLoader(Subset(ds, idx), batch_size=batch, shuffle=False, drop_last=True,
                               generator=torch.Generator().manual_seed(epoch), **loader_kw)
         epoch, skip = epoch + 1, 0
+
+
+def evenly_spaced(n_items: int, k: int) -> np.ndarray:
+    """``k`` evenly spaced positions in ``range(n_items)`` (all when k >= n_items)."""
+    if n_items <= k:
+        return np.arange(n_items)
+    return np.unique(np.linspace(0, n_items - 1, k).round().astype(int))

@@ -24,8 +24,9 @@ from ctsynth.core.config import flatten, to_dict
 from ctsynth.core.errors import InputError
 from ctsynth.report.figures import (fig_condition_subsets, fig_d_accuracy, fig_losses, fig_privacy, fig_utility,
                       save_orthogonal_views, save_synthetic_case)
-from ctsynth.synth.generate import condition_subset_panels, index_volume
-from ctsynth.core.io import atomic_dir, write_text
+from ctsynth.core.io import atomic_dir, canonical, write_text
+from ctsynth.data.masks import index_volume
+from ctsynth.data.store import evenly_spaced
 from ctsynth.report.summary import first_grid, privacy_verdict, section_summary
 
 log = logging.getLogger("ctsynth.report.html")
@@ -284,7 +285,7 @@ def section_samples(generated_dir: Path, figures: Path, structures: list[str], n
     grids = sorted((generated_dir / "grids").glob("*.png"))
     if not grids:
         return missing("Sample grids", generated_dir / "grids")
-    picks = [grids[i] for i in np.unique(np.linspace(0, len(grids) - 1, n_cases).round().astype(int))]
+    picks = [grids[i] for i in evenly_spaced(len(grids), n_cases)]
     embedded = [g for g in picks if g != shown_above]
     above = (f" Case {shown_above.stem}'s grid is in the summary at the top."
              if shown_above is not None and shown_above in picks else "")
@@ -325,15 +326,23 @@ def section_orthogonal(reports_dir: Path, generated_dir: Path, processed_dir: Pa
     return "".join(parts)
 
 
-def section_subsets(model_path, processed_dir: Path, split_path: Path, figures: Path,
-                    structures: list[str]) -> str:
+def read_condition_subsets(path: Path):
+    """``(subsets, panels, titles)`` from the generate stage's ``condition_subsets.npz``."""
+    with np.load(path) as f:
+        names = json.loads(str(f["names"]))
+        panels = [(name, f["masks"][i], f["images"][i]) for i, name in enumerate(names)]
+        return json.loads(str(f["subsets"])), panels, [tuple(x) for x in json.loads(str(f["titles"]))]
+
+
+def section_subsets(generated_dir: Path, figures: Path, structures: list[str]) -> str:
     """Which condition subset the model uses, and test slices generated from each single one."""
     intro = (f"<p>Condition subset used for training and for every generated test slice: "
              f"<b>{_esc(', '.join(structures))}</b>.</p>")
-    if not model_path or not Path(model_path).exists():
-        return intro + missing("Per-subset generation", model_path or "the generator (--model)")
+    source = generated_dir / "condition_subsets.npz"
+    if not source.is_file():
+        return intro + missing("Per-subset generation", source)
     out = figures / "condition_subsets.png"
-    subsets, panels, titles = condition_subset_panels(model_path, processed_dir, split_path)
+    subsets, panels, titles = read_condition_subsets(source)
     fig_condition_subsets(panels, titles, out)
     return (intro + f"<p>The same test slices generated from the full set and from each single "
             f"structure alone ({len(subsets) - 1} present on these slices), the other condition "
@@ -401,9 +410,9 @@ def section_synthetic(synthetic_dir: Path | None, figures: Path, label_map: dict
     if manifest is None or manifest.empty:
         return missing("Synthetic cases", synthetic_dir / "manifest.csv")
     row = manifest.iloc[0]
-    image = nib.as_closest_canonical(nib.load(str(synthetic_dir / row.image_file)))
+    image = canonical(nib.load(str(synthetic_dir / row.image_file)))
     label_path = synthetic_dir / row.label_file
-    raw = np.asarray(nib.as_closest_canonical(nib.load(str(label_path))).dataobj)
+    raw = np.asarray(canonical(nib.load(str(label_path))).dataobj)
     labels, _ = index_volume(label_path, raw, label_map, list(STRUCTURES))          # structure indices
     heart = np.argwhere(labels > 0)
     centre = heart.mean(0).round().astype(int) if len(heart) else np.array(labels.shape) // 2
@@ -461,7 +470,7 @@ def _summary(reports_dir: Path, generated_dir: Path) -> str:
 
 def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, out_html,
         figures_dir, split_path="data/split.json", manifest_path="data/interim/manifest.csv",
-        model_path=None, synthetic_dir=None) -> list[Path]:
+        synthetic_dir=None) -> list[Path]:
     """Write ``out_html`` and ``figures_dir``; return the files written (for MLflow logging)."""
     reports_dir, generated_dir, processed_dir = Path(reports_dir), Path(generated_dir), Path(processed_dir)
     train_dir, out_html, figures_dir = Path(train_reports_dir), Path(out_html), Path(figures_dir)
@@ -477,8 +486,7 @@ def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, ou
                                                              shown_above=first_grid(generated_dir))),
             ("orthogonal", "Orthogonal views (through-plane)",
              section_orthogonal(reports_dir, generated_dir, processed_dir, figs, meta.get("hu_window", [-1000, 1000]))),
-            ("subsets", "Condition subsets", section_subsets(model_path, processed_dir, Path(split_path),
-                                                             figs, structures)),
+            ("subsets", "Condition subsets", section_subsets(generated_dir, figs, structures)),
             ("synthetic", "Synthetic labelled cases",
              section_synthetic(synthetic_dir and Path(synthetic_dir), figs, params.data.label_map, meta.get("hu_window", [-1000, 1000]))),
             ("utility", "Does synthetic data help segmentation?", section_utility(reports_dir, figs)),

@@ -16,7 +16,7 @@ connected pieces (26-connectivity) than the source had. Each case's draw comes f
 seeded generator ``numpy.random.default_rng([seed, case number])``; ``manifest.csv`` records the
 source, that seed, the attempt that was kept and every drawn parameter, so a case can be redrawn.
 
-The generator (:class:`ctsynth.generate.Synthesizer`, with the preprocessing stored in the model
+The generator (:class:`ctsynth.synth.inference.MaskToCT`, with the preprocessing stored in the model
 file) then draws a CT for every axial slice, assembled on the label's grid and written with the
 label's affine in the source's orientation, int16 HU.
 
@@ -51,9 +51,10 @@ from tqdm import tqdm
 
 from ctsynth.core.config import Params, SynthesizeCfg
 from ctsynth.core.errors import ConfigError, InputError, ModelFileError
-from ctsynth.synth.generate import (Synthesizer, index_volume, _label_path, _structures_arg, from_canonical,
-                       load_model, parse_label_map_arg, to_canonical)
-from ctsynth.core.io import atomic_dir, load_nifti, save_nifti, write_csv
+from ctsynth.data.masks import index_volume, parse_label_map_arg, structures_arg
+from ctsynth.data.ingest import label_path
+from ctsynth.synth.inference import MaskToCT, load_model
+from ctsynth.core.io import atomic_dir, from_canonical, load_nifti, save_nifti, to_canonical, write_csv
 from ctsynth.core.labels import STRUCTURES, parse_label_map
 from ctsynth.core.progress import quiet
 from ctsynth.data.split import load_split
@@ -178,7 +179,7 @@ def output_values(keep: list[int], label_map: dict[int, str], layout: str) -> di
     return {idx: raw[idx] for idx in keep if idx in raw}
 
 
-def synthesize_dataset(synth: Synthesizer, sources: list[Source], cfg: SynthesizeCfg, out_dir,
+def synthesize_dataset(synth: MaskToCT, sources: list[Source], cfg: SynthesizeCfg, out_dir,
                        label_map: dict[int, str], layout: str = "pairs",
                        suffixes: tuple[str, str] = ("_image.nii.gz", "_label.nii.gz"),
                        prefix: str = "synth") -> pd.DataFrame:
@@ -270,11 +271,11 @@ def run(params: Params, model_path, interim_dir, split_path, out_dir) -> pd.Data
 
     def source(case: str) -> Source:
         def load():
-            img = load_nifti(_label_path(interim_dir, case), role="label")            # canonical indices
+            img = load_nifti(label_path(interim_dir, case), role="label")            # canonical indices
             return np.asarray(img.dataobj, dtype=np.uint8), img.affine
         return Source(case, load)
 
-    synth = Synthesizer(model, meta, batch_size=params.generate.batch_size)
+    synth = MaskToCT(model, meta, batch_size=params.generate.batch_size)
     log.info("synthesize: %d cases from the %d training cases %s", params.synthesize.cases, len(train), train)
     return synthesize_dataset(synth, [source(c) for c in sorted(train)], params.synthesize, out_dir,
                               params.data.label_map,
@@ -318,8 +319,8 @@ def synthesize_folder(model_path, labels_dir, out_dir, cases: int, seed: int | N
     model, meta = load_model(model_path)
     lmap = (parse_label_map_arg(label_map)
             or parse_label_map(meta.get("label_map") or {}, where=f"{model_path} label_map"))
-    chosen = _structures_arg(structures, meta["structures"])          # a subset of the model's
+    chosen = structures_arg(structures, meta["structures"])          # a subset of the model's
     sources = label_sources(labels_dir, pattern, lmap, chosen)
     cfg = SynthesizeCfg(cases=cases, seed=SynthesizeCfg.seed if seed is None else seed)
-    synth = Synthesizer(model, meta, batch_size=batch_size, structures=chosen)
+    synth = MaskToCT(model, meta, batch_size=batch_size, structures=chosen)
     return synthesize_dataset(synth, sources, cfg, out_dir, lmap, layout=layout)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctsynth.data.store import ProcessedStore, condition_batch, neighbour_rows
+from ctsynth.data.store import ProcessedStore, condition_batch, evenly_spaced, neighbour_rows
 from ctsynth.core.io import atomic_file
 from ctsynth.core.labels import STRUCTURE_COLOURS
 
@@ -26,7 +26,7 @@ def snapshot_rows(store: ProcessedStore, split: dict, count: int) -> np.ndarray:
     area = (np.asarray(store.masks[rows]).reshape(len(rows), -1) > 0).sum(1)
     if area.any():
         rows = rows[area >= np.median(area[area > 0])]
-    return rows[np.unique(np.linspace(0, len(rows) - 1, min(count, len(rows))).round().astype(int))]
+    return rows[evenly_spaced(len(rows), count)]
 
 
 @torch.no_grad()

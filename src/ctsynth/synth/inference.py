@@ -1,0 +1,160 @@
+"""Inference: a trained generator file -> synthetic CT, for any mask.
+
+:func:`load_model` reads a generator file with the preprocessing it was trained with;
+:class:`MaskToCT` runs it on structure-index slices or whole canonical volumes;
+:func:`generate_file` is ``ctsynth generate``: any label NIfTI -> synthetic CT NIfTI with the same
+shape, orientation and affine. The generate stage (:mod:`ctsynth.synth.generate`) and
+``ctsynth synthesize`` (:mod:`ctsynth.synth.synthesize`) use the same engine.
+
+Geometry of one volume: original grid --io_orientation--> canonical RAS ``(X, Y, Z)`` -> per axial
+slice :func:`ctsynth.data.preprocess.to_display` + nearest resize to ``S x S`` -> generator ->
+:func:`ctsynth.data.preprocess.restore_slice` (resize back, HU) -> canonical -> original orientation.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from skimage.transform import resize
+from tqdm import tqdm
+
+from ctsynth.core.accel import pick_device
+from ctsynth.core.errors import InputError, ModelFileError
+from ctsynth.core.io import from_canonical, load_nifti, save_nifti, to_canonical
+from ctsynth.core.labels import condition_channels, parse_label_map
+from ctsynth.core.progress import quiet
+from ctsynth.data.masks import index_volume, parse_label_map_arg, structures_arg
+from ctsynth.data.preprocess import kept_indices, restore_slice, to_display
+from ctsynth.data.store import condition_batch, context_masks
+
+log = logging.getLogger(__name__)
+
+
+def load_model(model_path: str | Path, device: str = "auto") -> tuple[torch.nn.Module, dict]:
+    """``(generator in eval mode, preprocessing meta)`` from a file written by
+    :func:`ctsynth.models.save_generator`; ModelFileError for a missing/corrupt file.
+
+    The meta is flat: image_size, hu_window, structures, label_map, encoding (as the model was
+    trained) plus in_channels and model_cfg."""
+    from ctsynth.train.networks import load_generator
+
+    path = Path(model_path)
+    model, blob = load_generator(path, device=pick_device(device))
+    meta = {**dict(blob.get("preprocess") or {}), "in_channels": blob.get("in_channels"),
+            "model_cfg": blob.get("model_cfg"),
+            "context_slices": int((blob.get("model_cfg") or {}).get("context_slices", 0))}  # older files: 0
+    missing = [k for k in ("image_size", "hu_window", "structures", "encoding") if k not in meta]
+    if missing:
+        raise ModelFileError(f"{path}: model file lacks preprocessing info {missing}; "
+                             f"retrain with this version of ctsynth")
+    k = meta["context_slices"]
+    expected = condition_channels(list(meta["structures"]), meta["encoding"]) * (2 * k + 1)
+    if meta["in_channels"] != expected:
+        raise ModelFileError(f"{path}: model takes {meta['in_channels']} condition channels but its "
+                             f"structures {meta['structures']} ({meta['encoding']}, context_slices {k}) "
+                             f"need {expected}")
+    return model.eval(), meta
+
+
+class MaskToCT:
+    """A generator plus the exact preprocessing it was trained with.
+
+    ``structures`` is the condition subset actually drawn (default: the model's); channels of
+    the model's other structures stay empty, so a subset needs no retraining.
+    """
+
+    def __init__(self, model: torch.nn.Module, meta: dict, batch_size: int = 32,
+                 structures: list[str] | None = None):
+        self.meta = meta
+        self.size = int(meta["image_size"])
+        self.window = [float(v) for v in meta["hu_window"]]
+        self.model_structures = list(meta["structures"])
+        self.encoding = meta["encoding"]
+        self.structures = list(structures) if structures else self.model_structures
+        self.keep = kept_indices(self.structures)
+        self.batch_size = int(batch_size)
+        self.context = int(meta.get("context_slices", 0))       # 2.5-D: neighbours on each side
+        self.device = next(model.parameters()).device
+        self.model = model.eval().to(memory_format=torch.channels_last)
+        self.slices_done, self.seconds = 0, 0.0
+
+    # (N, S, S) uint8 structure indices, or (N, 2k+1, S, S) with each slice's neighbours (z-k..z+k)
+    # when the model has context_slices k -> (N, S, S) float32 in [-1, 1]
+    @torch.inference_mode()
+    def unit(self, masks: np.ndarray) -> np.ndarray:
+        masks = np.asarray(masks)
+        if masks.ndim == 3 and self.context == 0:
+            masks = masks[:, None]                                                  # (N, 1, S, S)
+        if masks.ndim != 4 or masks.shape[1] != 2 * self.context + 1:
+            raise InputError(f"generator with context_slices={self.context} needs masks (N, "
+                             f"{2 * self.context + 1}, S, S) of each slice and its neighbours, got {masks.shape}")
+        out = np.empty((len(masks),) + masks.shape[2:], np.float32)
+        start = time.perf_counter()
+        for i in range(0, len(masks), self.batch_size):
+            chunk = masks[i:i + self.batch_size]
+            chunk = np.where(np.isin(chunk, self.keep), chunk, 0)                    # (B, S, S)
+            cond = condition_batch(chunk, self.model_structures, self.encoding)      # (B, (2k+1)C, S, S)
+            cond = cond.to(self.device).contiguous(memory_format=torch.channels_last)
+            fake = self.model(cond)                                                 # (B, 1, S, S)
+            out[i:i + len(chunk)] = fake[:, 0].float().clamp_(-1, 1).cpu().numpy()
+        self.seconds += time.perf_counter() - start
+        self.slices_done += len(masks)
+        return out
+
+    def mask_to_model(self, mask_xy: np.ndarray) -> np.ndarray:
+        """Canonical structure-index slice (X, Y) -> model-size display slice (S, S) uint8.
+
+        Same geometry as :func:`ctsynth.preprocess.prepare_slice` (display orientation, nearest)."""
+        mask = resize(to_display(mask_xy), (self.size, self.size), order=0, anti_aliasing=False,
+                      preserve_range=True)
+        return np.where(np.isin(mask, self.keep), mask, 0).astype(np.uint8)
+
+    def volume(self, index_xyz: np.ndarray, desc: str = "volume") -> np.ndarray:
+        """Canonical structure-index volume (X, Y, Z) -> synthetic CT (X, Y, Z) int16 HU.
+
+        Streams ``batch_size`` slices at a time through the generator, so memory stays ~ one output
+        volume plus the model-size uint8 masks. With ``context_slices`` k each slice's condition
+        holds its k neighbours on each side (the volume's end slices repeat past its ends)."""
+        nx, ny, nz = index_xyz.shape
+        lo, hi = self.window
+        out = np.empty((nx, ny, nz), np.int16)
+        masks = np.stack([self.mask_to_model(np.asarray(index_xyz[:, :, z])) for z in range(nz)])  # (Z, S, S)
+        masks = context_masks(masks, self.context)                                    # (Z, 2k+1, S, S)
+        for z0 in tqdm(range(0, nz, self.batch_size), desc=desc, unit="batch", disable=quiet()):
+            zs = range(z0, min(nz, z0 + self.batch_size))
+            fake = self.unit(masks[z0:zs.stop])                                      # (B, S, S)
+            for j, z in enumerate(zs):
+                hu = restore_slice(fake[j], (nx, ny), self.window)                   # (X, Y) HU
+                out[:, :, z] = np.rint(np.clip(hu, lo, hi)).astype(np.int16)
+        return out
+
+    def throughput(self) -> float:
+        return self.slices_done / self.seconds if self.seconds > 0 else float("nan")
+
+
+def generate_file(model_path, mask_path, out_path, structures=None, label_map=None,
+                      batch_size: int = 32, device: str = "auto") -> dict:
+    """Label NIfTI -> synthetic CT NIfTI (int16 HU), same shape, orientation and affine.
+
+    ``label_map``: dict, inline JSON or JSON/YAML file (default: the model's); ``structures``:
+    subset of the model's structures to draw (default: all of them). Returns statistics."""
+    model, meta = load_model(model_path, device)
+    lmap = (parse_label_map_arg(label_map)
+            or parse_label_map(meta.get("label_map") or {}, where=f"{model_path} label_map"))
+    chosen = structures_arg(structures, meta["structures"])
+    mask_path = Path(mask_path)
+    img = load_nifti(mask_path, role="mask")
+    index, info = index_volume(mask_path, np.asanyarray(img.dataobj), lmap, chosen)
+    synth = MaskToCT(model, meta, batch_size=batch_size, structures=chosen)
+    canon = synth.volume(to_canonical(index, img.affine), desc="generate")           # (X, Y, Z) RAS
+    vol = from_canonical(canon, img.affine)                                          # input grid
+    save_nifti(out_path, vol, img.affine, dtype=np.int16)
+    stats = {"mask": str(mask_path), "out": str(out_path), "shape": list(vol.shape),
+             "slices": int(vol.shape[2]), "structures": chosen, "slices_per_s": round(synth.throughput(), 1),
+             "hu_min": int(vol.min()), "hu_max": int(vol.max()), **info}
+    log.info("generate: %s -> %s, %d slices at %.1f slices/s, HU %d..%d", mask_path, out_path,
+             stats["slices"], stats["slices_per_s"], stats["hu_min"], stats["hu_max"])
+    return stats
