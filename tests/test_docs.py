@@ -1,0 +1,186 @@
+"""The README and docs/ stay true and short: every error message they quote exists in the code,
+every relative link resolves, and the README stays a user's guide of at most 300 lines.
+
+Convention for quoted error messages (README "Errors you may see", and any docs page):
+
+* In a section whose heading contains "error", every backticked span in the *first cell* of a
+  table row is a message as the user sees it (or a part of one), and so is every line of a
+  fenced block opened with ```error.
+* A part of the message that varies is written as a placeholder: ``<name>`` (angle brackets
+  around a word), ``{...}``, ``[…]``, ``…`` or ``...``.
+* The literal parts between placeholders must each occur in one string literal of
+  ``src/ctsynth/**/*.py`` or ``stages/*.py`` (f-string fields count as placeholders there), and
+  every message needs at least one literal part of ``MIN_FRAGMENT`` characters, so no quote goes
+  unchecked. A message reworded in the code therefore fails here until the docs follow.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from conftest import REPO, SHARED
+
+README = REPO / "README.md"
+PAGES = [README, *sorted((REPO / "docs").rglob("*.md"))]
+CODE = [*sorted((REPO / "src" / "ctsynth").rglob("*.py")), *sorted((REPO / "stages").glob("*.py"))]
+
+MAX_README_LINES = 300
+MIN_FRAGMENT = 12          # every quoted message has a literal part at least this long ...
+MIN_CHECKED = 5            # ... and every literal part at least this long must be in the code
+PLACEHOLDER = re.compile(r"<[A-Za-z…. _/-][^<>]*>|\{[^{}]*\}|\[…\]|\[\.\.\.\]|…|\.\.\.")
+FIELD = "\x00"             # stands for an f-string field in the code's strings
+
+# Links allowed to point at a missing file. Remove an entry once its file exists.
+ALLOWED_MISSING = {
+    REPO / "docs" / "metrics.md",   # generated from the metric registry (ctsynth.evaluate.registry)
+}
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+def code_strings() -> str:
+    """Every string literal of the package and the stage scripts but docstrings, f-string fields
+    as FIELD."""
+    found = []
+    for path in CODE:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                found.append(node.value)
+            elif isinstance(node, ast.JoinedStr):
+                found.append("".join(v.value if isinstance(v, ast.Constant) else FIELD for v in node.values))
+    return FIELD.join(_squash(s) for s in found)
+
+
+def _sections(text: str):
+    """(heading, line, fence) for every line: the heading above it, and the info string of the
+    fenced block it is in ('' for a bare fence, None outside); headings and fence lines are
+    not yielded."""
+    heading, fence = "", None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("```"):
+            fence = stripped[3:].strip() if fence is None else None
+            continue
+        if fence is None and line.startswith("#"):
+            heading = line.lstrip("#").strip()
+            continue
+        yield heading, line, fence
+
+
+def quoted_errors(text: str) -> list[str]:
+    """The messages a page quotes, by the convention of this module's docstring."""
+    messages = []
+    for heading, line, fence in _sections(text):
+        if "error" not in heading.lower():
+            continue
+        if fence is not None:
+            if fence.split()[:1] == ["error"] and line.strip():
+                messages.append(line.strip())
+        elif line.lstrip().startswith("|"):
+            cells = re.split(r"(?<!\\)\|", line.strip())
+            if len(cells) > 2:
+                messages += re.findall(r"`([^`]+)`", cells[1])
+    return messages
+
+
+def missing_parts(message: str, corpus: str) -> list[str]:
+    """What of ``message`` the code does not hold: literal parts absent from its strings, or a
+    note when the message has no literal part long enough to check."""
+    parts = [_squash(p).strip() for p in PLACEHOLDER.split(message)]
+    parts = [p for p in parts if len(p) >= MIN_CHECKED]
+    if not any(len(p) >= MIN_FRAGMENT for p in parts):
+        return [f"(no literal part of {MIN_FRAGMENT}+ characters: quote more of the message)"]
+    return [p for p in parts if p not in corpus]
+
+
+def test_the_readme_quotes_its_error_messages_by_the_convention():
+    assert len(quoted_errors(README.read_text())) >= 10, "README 'Errors you may see' table not found"
+
+
+def test_every_quoted_error_message_exists_in_the_code():
+    corpus = code_strings()
+    bad = {}
+    for page in PAGES:
+        for message in quoted_errors(page.read_text()):
+            missing = missing_parts(message, corpus)
+            if missing:
+                bad[f"{page.relative_to(REPO)}: {message}"] = missing
+    assert not bad, "quoted error messages the code does not produce:\n" + "\n".join(
+        f"  {where}\n    missing: {parts}" for where, parts in bad.items())
+
+
+def test_the_check_catches_a_made_up_message():
+    corpus = code_strings()
+    page = ("## Errors you may see\n\n| message contains | meaning |\n|---|---|\n"
+            "| `the frobnicator refused to <verb> the model` | made up |\n"
+            "| `affine is singular` | real |\n\n"
+            "```error\nctsynth train: no such message exists anywhere\n```\n"
+            "## Elsewhere\n\n| `not an error section, so not a quote` | x |\n")
+    quotes = quoted_errors(page)
+    assert quotes == ["the frobnicator refused to <verb> the model", "affine is singular",
+                      "ctsynth train: no such message exists anywhere"]
+    assert "the frobnicator refused to" in missing_parts(quotes[0], corpus)
+    assert missing_parts(quotes[1], corpus) == []
+    assert missing_parts(quotes[2], corpus)
+    assert missing_parts("<key>: got <value>", corpus), "a quote too short to check must fail"
+
+
+def test_readme_is_a_short_users_guide():
+    lines = len(README.read_text().splitlines())
+    assert lines <= MAX_README_LINES, (f"README.md has {lines} lines (at most {MAX_README_LINES}): "
+                                       "move measurements and long explanations into docs/")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.replace("`", "").strip().lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors of ``page``'s headings (a repeated heading gets -1, -2, ... as on GitHub)."""
+    seen: dict[str, int] = {}
+    found = set()
+    fence = False
+    for line in page.read_text().splitlines():
+        if line.strip().startswith("```"):
+            fence = not fence
+        elif not fence and line.startswith("#"):
+            slug = _slug(line.lstrip("#"))
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            found.add(slug if n == 0 else f"{slug}-{n}")
+    return found
+
+
+def links(text: str) -> list[str]:
+    """Targets of the markdown links of ``text``, outside code blocks and code spans."""
+    prose = "\n".join(line for _, line, fence in _sections(text) if fence is None)
+    prose = re.sub(r"`[^`\n]*`", "", prose)
+    return re.findall(r"\[[^\]]*\]\(\s*([^)\s]+)(?:\s+\"[^\"]*\")?\s*\)", prose)
+
+
+def test_every_relative_link_resolves():
+    broken = []
+    for page in PAGES:
+        for target in links(page.read_text()):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):          # http:, https:, mailto:
+                continue
+            path_part, _, anchor = target.partition("#")
+            dest = (page.parent / path_part).resolve() if path_part else page
+            if dest in ALLOWED_MISSING and not dest.exists():
+                continue
+            if not SHARED.exists() and dest.is_relative_to(SHARED.resolve()):
+                continue                                         # ../shared is beside a checkout, not in it
+            if not dest.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append(f"{page.relative_to(REPO)}: {target} (no heading #{anchor})")
+    assert not broken, "broken links:\n  " + "\n  ".join(broken)
