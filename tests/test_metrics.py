@@ -9,8 +9,9 @@ import torch
 
 from ctsynth.data.store import ProcessedStore
 from ctsynth.core.errors import MetricUnavailable
-from ctsynth.evaluate.metrics import (METRIC_DEFINITIONS, DiceAccumulator, FeatureBank, PairedAccumulator,
-                             definition, dice_scores, frechet_distance, frechet_distance_weighted,
+from ctsynth.evaluate.registry import METRICS, definition
+from ctsynth.evaluate.metrics import (DiceAccumulator, FeatureBank, PairedAccumulator,
+                             dice_scores, frechet_distance, frechet_distance_weighted,
                              kernel_distance, per_slice_metrics, reported_structures)
 
 WINDOW = [-1000.0, 1000.0]
@@ -220,4 +221,4 @@ def test_every_emitted_key_has_a_definition():
     for key in ("mse", "psnr", "ssim", "mae_hu", "fd_seg", "kid_seg", "fid_inception",
                 "dice_generated_LV", "dice_real_PA", "mae_hu_Ao", "privacy_generated_share_above"):
         assert definition(key), key
-    assert all(v and "\n" not in v for v in METRIC_DEFINITIONS.values())
+    assert all(m.definition and "\n" not in m.definition for m in METRICS)

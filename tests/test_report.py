@@ -17,6 +17,7 @@ from ctsynth.report.figures import fig_condition_subsets
 from ctsynth.synth import synthesize
 from ctsynth.synth.generate import run as generate_test_set
 from ctsynth.core.labels import STRUCTURES
+from ctsynth.evaluate.registry import Interval, Results
 from ctsynth.report.html import read_condition_subsets
 from ctsynth.report.html import run as build_report
 from test_generate import make_world
@@ -197,33 +198,40 @@ def test_report_leads_with_the_answer_and_ends_with_the_configuration(tmp_path):
     assert "40.5 [35, 46]" in page[page.index("id='structures'"):page.index("id='cases'")]   # per structure
 
 
+def results(metrics: dict, ci: dict | None = None, reasons: dict | None = None) -> Results:
+    """A Results as evaluate leaves it: values, ``<key>_ci95`` intervals, null reasons."""
+    res = Results()
+    res.update(metrics, reasons)
+    for key, iv in (ci or {}).items():
+        res.set_interval(key.removesuffix("_ci95"), Interval(iv["lo"], iv["hi"]))
+    return res
+
+
 def test_floor_reading_and_weakest_structure():
     from ctsynth.report.summary import floor_reading, weakest_structure
 
     overlapping = dict(RICH_CI, fd_seg_vs_val_ci95={"lo": 0.45, "hi": 0.9})
     assert ("1.5× the noise floor, but the intervals overlap: with 4 test and ? validation patients"
-            in floor_reading(dict(RICH, fd_seg_vs_val=0.6), overlapping))
-    assert "2.8× the noise floor: distinguishable" in floor_reading(RICH, RICH_CI)
-    assert "at or below the noise floor" in floor_reading(dict(RICH, fd_seg_vs_val=0.39), RICH_CI)
-    assert "no noise floor was computed" in floor_reading({"fd_seg": 0.5}, {})
-    assert weakest_structure({"dice_generated_Ao": 0.2, "dice_real_Ao": 0.9, "dice_generated_LV": 0.5,
-                              "dice_real_LV": 0.6}).startswith("The weakest structure is <b>Ao</b>")
-    assert weakest_structure({"dice_generated_LV": 0.5}) is None
+            in floor_reading(results(dict(RICH, fd_seg_vs_val=0.6), overlapping)))
+    assert "2.8× the noise floor: distinguishable" in floor_reading(results(RICH, RICH_CI))
+    assert "at or below the noise floor" in floor_reading(results(dict(RICH, fd_seg_vs_val=0.39), RICH_CI))
+    assert "no noise floor was computed" in floor_reading(results({"fd_seg": 0.5}))
+    assert weakest_structure(results({"dice_generated_Ao": 0.2, "dice_real_Ao": 0.9, "dice_generated_LV": 0.5,
+                                      "dice_real_LV": 0.6})).startswith("The weakest structure is <b>Ao</b>")
+    assert weakest_structure(results({"dice_generated_LV": 0.5})) is None
 
 
-def test_mlflow_numbers_hold_the_intervals(tmp_path):
-    from ctsynth.report.html import logged_numbers
-
-    (tmp_path / "metrics.json").write_text(json.dumps({"ssim": 0.8, "fid_inception": None}))
-    (tmp_path / "metrics_ci.json").write_text(json.dumps({"ssim_ci95": {"lo": 0.7, "hi": 0.9}}))
-    assert logged_numbers(tmp_path / "metrics.json") == {"ssim": 0.8, "fid_inception": None,
-                                                         "ssim_ci95_lo": 0.7, "ssim_ci95_hi": 0.9}
+def test_mlflow_names_group_the_details_under_prefixes(tmp_path):
+    """MLflow's run page groups charts by the prefix before '/': headline metrics stay plain (the
+    first section), the rest go under their registry group, intervals under ci95/."""
+    names = results({"ssim": 0.8, "mae_hu_LV": 80.0, "fid_inception": None, "zgrad_ratio": 1.1},
+                    {"ssim_ci95": {"lo": 0.7, "hi": 0.9}}).mlflow()
+    assert names == {"ssim": 0.8, "paired/mae_hu_LV": 80.0, "throughplane/zgrad_ratio": 1.1,
+                     "ci95/ssim_lo": 0.7, "ci95/ssim_hi": 0.9}
 
 
 def test_headline_text_for_the_log():
-    from ctsynth.report.summary import headline_text
-
-    text = headline_text(RICH, RICH_CI, {"fid_inception": "offline: the download failed"})
+    text = results(RICH, RICH_CI, {"fid_inception": "offline: the download failed"}).headline_text()
     lines = {ln.split()[0]: ln for ln in text.splitlines()}
     assert "0.81" in lines["ssim"] and "[0.79, 0.83]" in lines["ssim"]
     assert "0.69" in lines["fd_seg"] and "[0.55, 0.83]" in lines["fd_seg"] and "0.4 [0.3, 0.5]" in lines["fd_seg"]

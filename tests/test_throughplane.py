@@ -132,7 +132,7 @@ def test_ratio_intervals_bracket_the_estimate(smooth):
     m, _, sums = tp.evaluate_volumes(vols, LABELS, WINDOW)
     ci = tp.ratio_intervals(sums, LABELS, 200, seed=0)
     for key in ("zcons_ssim_ratio", "zgrad_ratio"):
-        lo, hi = ci[f"{key}_ci95"]
+        lo, hi = ci[key].lo, ci[key].hi
         assert lo <= m[key] <= hi and lo < hi
     per_case = tp.per_case_table(sums)
     assert list(per_case.case) == ["c0", "c1", "c2", "c3"]

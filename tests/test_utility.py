@@ -13,6 +13,7 @@ from ctsynth.evaluate import segmenter
 from ctsynth.synth import synthesize
 from ctsynth.evaluate import utility
 from ctsynth.core.errors import InputError
+from ctsynth.evaluate.registry import Results
 from ctsynth.evaluate.stage import merge_utility
 from test_generate import make_world
 
@@ -85,10 +86,11 @@ def test_stage_scores_three_segmenters_on_real_test_slices(pipeline):
         metrics["utility_dice_synthetic"] / metrics["utility_dice_real"], rel=1e-4)
     table = pd.read_csv(root / "utility.csv")
     assert set(table.model) == set(utility.KINDS) and "mean" in set(table.structure)
-    merged, ci, notes = {"ssim": 0.5}, {}, {}
-    merge_utility(root / "utility.json", merged, ci, notes)
-    assert merged["utility_dice_mixed"] == metrics["utility_dice_mixed"] and merged["ssim"] == 0.5
-    assert "utility_dice_real_ci95" in ci and "utility" in notes
+    merged, notes = Results(), {}
+    merged.set("ssim", 0.5)
+    merge_utility(root / "utility.json", merged, notes)
+    assert merged.value("utility_dice_mixed") == metrics["utility_dice_mixed"] and merged.value("ssim") == 0.5
+    assert "utility_dice_real_ci95" in merged.intervals() and "utility" in notes
 
 
 def test_stage_refuses_synthetic_data_at_another_size(pipeline):
@@ -103,6 +105,6 @@ def test_stage_refuses_synthetic_data_at_another_size(pipeline):
 def test_merge_names_a_bad_utility_file(tmp_path):
     (tmp_path / "u.json").write_text(json.dumps({"no": "metrics"}))
     with pytest.raises(InputError, match="u.json: not a utility stage result"):
-        merge_utility(tmp_path / "u.json", {}, {}, {})
+        merge_utility(tmp_path / "u.json", Results(), {})
     with pytest.raises(InputError, match="missing.json: not found"):
-        merge_utility(tmp_path / "missing.json", {}, {}, {})
+        merge_utility(tmp_path / "missing.json", Results(), {})

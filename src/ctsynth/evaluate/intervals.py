@@ -1,7 +1,7 @@
 """Which metrics get a 95 % interval, and how, from the per-slice statistics of one evaluation.
 
-:func:`metric_intervals` turns what :mod:`ctsynth.evaluate` collected once (per-slice paired
-values, pixel and Dice counts, feature matrices) into ``{"<metric>_ci95": (lo, hi)}`` through
+:func:`metric_intervals` turns what :mod:`ctsynth.evaluate.stage` collected once (per-slice paired
+values, pixel and Dice counts, feature matrices) into ``{metric: Interval}`` through
 the patient-level bootstrap of :mod:`ctsynth.bootstrap`: the same B resamples of the test
 patients serve every metric, so intervals of different metrics are of the same resamples.
 Noise floors (real validation vs real test) resample the validation patients independently.
@@ -21,10 +21,10 @@ import pandas as pd
 from ctsynth.evaluate.bootstrap import (LEVEL, cluster_weights, dice_replicates, frechet_replicates, kid_replicates,
                         percentile_interval, pooled_ratio, resample_weights, weighted_mean)
 from ctsynth.evaluate.metrics import PairedAccumulator
+from ctsynth.evaluate.registry import SUFFIX, Interval
 
 log = logging.getLogger("ctsynth.evaluate.intervals")
 
-SUFFIX = f"_ci{round(100 * LEVEL)}"          # "_ci95"
 PER_CASE_KEYS = ("mse", "psnr", "ssim", "mae_hu")
 
 
@@ -55,7 +55,7 @@ def _add(out: dict, key: str, replicates, centre: float | None = None) -> None:
     """Interval of the replicates into ``out``; recentred FD intervals are clipped at 0 (FD >= 0)."""
     lo, hi = percentile_interval(replicates, centre=centre)
     if lo is not None:
-        out[key + SUFFIX] = (max(lo, 0.0), max(hi, 0.0)) if centre is not None else (lo, hi)
+        out[key] = Interval(max(lo, 0.0), max(hi, 0.0)) if centre is not None else Interval(lo, hi)
 
 
 def _paired(out: dict, W: np.ndarray, slices: dict, labels: dict[int, str]) -> None:
@@ -97,8 +97,8 @@ def _distances(out: dict, W: np.ndarray, Wv: np.ndarray | None, space: FeatureSp
 
 def metric_intervals(metrics: dict, slices: dict, dice_counts: dict[str, np.ndarray],
                      labels: dict[int, str], spaces: list[FeatureSpace], val_cases: np.ndarray | None,
-                     n_boot: int, seed: int, kid_subset: int = 50) -> dict[str, tuple[float, float]]:
-    """``{"<metric>_ci95": (lo, hi)}`` for the paired metrics, HU errors, Dice and every feature
+                     n_boot: int, seed: int, kid_subset: int = 50) -> dict[str, Interval]:
+    """``{metric: Interval}`` for the paired metrics, HU errors, Dice and every feature
     distance with its floors. slices: :meth:`PairedAccumulator.per_slice`; dice_counts:
     {"generated"|"real": :meth:`DiceAccumulator.per_slice`}; labels: {label index: name}
     including background; val_cases: the case of each validation feature row."""
@@ -108,7 +108,7 @@ def metric_intervals(metrics: dict, slices: dict, dice_counts: dict[str, np.ndar
     rng = np.random.default_rng(seed)
     W = cluster_weights(slices["case"], n_boot, rng)
     Wv = cluster_weights(val_cases, n_boot, rng) if val_cases is not None and len(val_cases) else None
-    out: dict[str, tuple[float, float]] = {}
+    out: dict[str, Interval] = {}
     _paired(out, W, slices, labels)
     _dice(out, W, dice_counts, {i: n for i, n in labels.items() if i != 0})
     for space in spaces:

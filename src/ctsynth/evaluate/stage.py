@@ -45,14 +45,14 @@ from ctsynth.data.store import ProcessedStore
 from ctsynth.core.errors import InputError, MetricUnavailable
 from ctsynth.evaluate.segmenter import check_segmenter, load_segmenter
 from ctsynth.evaluate.inception import InceptionFeatures
-from ctsynth.evaluate.intervals import PER_CASE_KEYS, SUFFIX, FeatureSpace, describe, metric_intervals, per_case_intervals
+from ctsynth.evaluate.intervals import PER_CASE_KEYS, FeatureSpace, describe, metric_intervals, per_case_intervals
 from ctsynth.core.io import atomic_file, write_csv, write_json
-from ctsynth.evaluate.metrics import (DATA_RANGE, DiceAccumulator, FeatureBank, PairedAccumulator, definition,
+from ctsynth.evaluate.metrics import (DATA_RANGE, DiceAccumulator, FeatureBank, PairedAccumulator,
                       frechet_distance, kernel_distance, reported_structures)
 from ctsynth.evaluate.privacy import NearestTrainingSearch, PrivacyAccumulator
+from ctsynth.evaluate.registry import SUFFIX, Interval, Results, clean
 from ctsynth.core.progress import quiet
 from ctsynth.data.split import load_split
-from ctsynth.report.summary import headline_text
 from ctsynth.evaluate.throughplane import case_volumes, evaluate_volumes, per_case_table, ratio_intervals
 
 log = logging.getLogger("ctsynth.evaluate.stage")
@@ -90,26 +90,20 @@ def load_generated(generated_dir: str | Path, store: ProcessedStore, test_cases:
     return fake, index.astype(np.int64)
 
 
-def merge_utility(path, metrics: dict, ci: dict, notes: dict) -> None:
+def merge_utility(path, res: Results, notes: dict) -> None:
     """The utility stage's metrics, intervals and notes into this evaluation's."""
     path = Path(path)
     try:
         blob = json.loads(path.read_text())
-        metrics.update({k: _clean(v) for k, v in blob["metrics"].items()})
-        ci.update({k: (v["lo"], v["hi"]) for k, v in blob.get("ci", {}).items()})
+        values = dict(blob["metrics"])
+        intervals = {k.removesuffix(SUFFIX): Interval(v["lo"], v["hi"]) for k, v in blob.get("ci", {}).items()}
+        res.update(values)
+        res.add_intervals(intervals)
         notes.update(blob.get("notes", {}))
     except FileNotFoundError:
         raise InputError(f"{path}: not found (run `dvc repro utility`)") from None
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{path}: not a utility stage result ({type(e).__name__}: {e})") from None
-
-
-def _clean(value):
-    """JSON-safe scalar: ints stay ints, floats rounded to 6 significant digits, NaN/inf → None."""
-    if value is None or isinstance(value, (bool, int, np.integer)):
-        return None if value is None else int(value)
-    value = float(value)
-    return float(f"{value:.6g}") if math.isfinite(value) else None
 
 
 class _CsvStream:
@@ -239,75 +233,59 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
     acc = _test_pass(params, store, split, fake, index, generated_dir, seg, inception, out)
     val_feats, val_cases = _validation_features(store, split, seg, inception, params.evaluate.batch_size)
 
-    metrics, nulls, spaces = _metrics(params, store, index, acc, inception, val_feats, val_cases, notes)
+    res, spaces = _metrics(params, store, index, acc, inception, val_feats, val_cases, notes)
     n_boot = params.evaluate.bootstrap
     labels = reported_structures(store.structures)
     z_metrics, z_nulls, z_sums = evaluate_volumes(case_volumes(store, fake, index), labels,
                                                   store.meta["hu_window"], inception, notes.get("fid_inception", ""))
-    metrics.update({k: _clean(v) for k, v in z_metrics.items()})
-    nulls.update(z_nulls)
+    res.update(z_metrics, z_nulls)
     notes["throughplane"] = THROUGHPLANE_NOTE
     slices = acc.paired.per_slice()
-    ci = metric_intervals(metrics, slices, {k: d.per_slice() for k, d in acc.dice.items()},
-                          acc.paired.labels, spaces, val_cases, n_boot, params.seed,
-                          params.evaluate.kid_subset_size)
-    ci.update(ratio_intervals(z_sums, labels, n_boot, params.seed))
+    res.add_intervals(metric_intervals(res.metrics(), slices, {k: d.per_slice() for k, d in acc.dice.items()},
+                                       acc.paired.labels, spaces, val_cases, n_boot, params.seed,
+                                       params.evaluate.kid_subset_size))
+    res.add_intervals(ratio_intervals(z_sums, labels, n_boot, params.seed))
     if utility_path is not None:
-        merge_utility(utility_path, metrics, ci, notes)
+        merge_utility(utility_path, res, notes)
     _write_tables(out, acc.paired, acc.dice, acc.privacy, per_case_intervals(slices, n_boot, params.seed),
                   per_case_table(z_sums))
-    _write_metrics(out, metrics, ci, nulls, notes, acc, n_boot, params.seed, seg.dim, inception is not None)
+    write_json(out / "shareable.json", {"threshold": acc.privacy.threshold, "distance": acc.search.distance,
+                                        "n_generated": res.value("n_test_slices"),
+                                        "n_shareable": len(acc.shareable), "slices": acc.shareable})
+    notes.update({"privacy_distance": acc.search.distance, "intervals": describe(n_boot, params.seed),
+                  "feature_dims": {"seg": seg.dim, "inception": 2048 if inception is not None else None}})
+    res.write(out, notes)
     log.info("evaluate: %d slices of %d test patients in %.1f s; headline (95 %% patient-level intervals; "
-             "floor = real validation vs real test slices):\n%s", len(index), metrics["n_test_cases"],
-             time.time() - t0, headline_text(metrics, {k: {"lo": a, "hi": b} for k, (a, b) in ci.items()}, nulls))
-    return metrics
+             "floor = real validation vs real test slices):\n%s", len(index), res.value("n_test_cases"),
+             time.time() - t0, res.headline_text())
+    return res.metrics()
 
 
 def _metrics(params: Params, store: ProcessedStore, index, acc, inception, val_feats, val_cases,
-             notes: dict) -> tuple[dict, dict, list]:
-    """The flat metrics of one test pass, the reasons of every null metric, and the feature
-    spaces the intervals resample."""
+             notes: dict) -> tuple[Results, list]:
+    """The results of one test pass (values, reasons of null ones) and the feature spaces the
+    intervals resample."""
     case_of = store.slices["case"].to_numpy()
-    metrics: dict = {"n_test_slices": len(index), "n_test_cases": len(set(case_of[index]))}
+    res = Results()
+    res.update({"n_test_slices": len(index), "n_test_cases": len(set(case_of[index]))})
     if val_cases is not None:
-        metrics.update({"n_val_slices": len(val_cases), "n_val_cases": len(set(val_cases))})
-    metrics.update(acc.paired.summary())
-    nulls: dict[str, str] = {}
+        res.update({"n_val_slices": len(val_cases), "n_val_cases": len(set(val_cases))})
+    res.update(acc.paired.summary())
     spaces = []
     if inception is None:
-        metrics["fid_inception"] = metrics["kid_inception"] = None
-        nulls["fid_inception"] = nulls["kid_inception"] = notes["fid_inception"]
+        res.set("fid_inception", None, notes["fid_inception"])
+        res.set("kid_inception", None, notes["fid_inception"])
     else:
-        spaces.append(_feature_distances(metrics, nulls, notes, acc.feats["inception"], val_feats.get("inception"),
+        spaces.append(_feature_distances(res, notes, acc.feats["inception"], val_feats.get("inception"),
                                          "fid_inception", "kid_inception", params))
-    spaces.append(_feature_distances(metrics, nulls, notes, acc.feats["seg"], val_feats.get("seg"),
-                                     "fd_seg", "kid_seg", params))
+    spaces.append(_feature_distances(res, notes, acc.feats["seg"], val_feats.get("seg"), "fd_seg", "kid_seg", params))
     dice_scores = {kind: d.summary() for kind, d in acc.dice.items()}
     for kind in ("generated", "real"):
-        for name, value in dice_scores[kind].items():
-            metrics[f"dice_{kind}_{name}"] = value
-        metrics[f"dice_{kind}_mean"] = float(np.mean(list(dice_scores[kind].values())))
-    metrics.update(acc.privacy.summary())
-    metrics = {k: _clean(v) for k, v in metrics.items()}
-    for k, v in metrics.items():
-        if v is None and k not in nulls:
-            nulls[k] = "undefined on this test set (e.g. structure absent from every test slice)"
-    return metrics, nulls, spaces
-
-
-def _write_metrics(out: Path, metrics: dict, ci: dict, nulls: dict, notes: dict, acc, n_boot: int,
-                   seed: int, seg_dim: int, with_inception: bool) -> None:
-    """shareable.json, metrics_notes.json, metrics_ci.json and metrics.json (written last)."""
-    write_json(out / "shareable.json", {"threshold": acc.privacy.threshold, "distance": acc.search.distance,
-                                        "n_generated": metrics["n_test_slices"], "n_shareable": len(acc.shareable),
-                                        "slices": acc.shareable})
-    notes.update({"privacy_distance": acc.search.distance, "intervals": describe(n_boot, seed),
-                  "null_metrics": nulls,
-                  "feature_dims": {"seg": seg_dim, "inception": 2048 if with_inception else None},
-                  "definitions": {k: definition(k) for k in metrics}})
-    write_json(out / "metrics_notes.json", notes)
-    write_json(out / "metrics_ci.json", {k: {"lo": _clean(lo), "hi": _clean(hi)} for k, (lo, hi) in ci.items()})
-    write_json(out / "metrics.json", metrics)
+        res.update({f"dice_{kind}_{name}": value for name, value in dice_scores[kind].items()})
+        res.set(f"dice_{kind}_mean", float(np.mean(list(dice_scores[kind].values()))))
+    res.update(acc.privacy.summary())
+    res.explain_nulls("undefined on this test set (e.g. structure absent from every test slice)")
+    return res, spaces
 
 
 THROUGHPLANE_NOTE = (
@@ -323,19 +301,19 @@ THROUGHPLANE_NOTE = (
 _NO_VAL = "no validation slices (split.val is empty): no noise floor"
 
 
-def _feature_distances(metrics: dict, nulls: dict, notes: dict, banks: dict, val, fd_key: str,
-                       kid_key: str, params: Params) -> FeatureSpace:
+def _feature_distances(res: Results, notes: dict, banks: dict, val, fd_key: str, kid_key: str,
+                       params: Params) -> FeatureSpace:
     """Fréchet distance and KID between real and generated test features, and the noise floors
     beside them: ``<key>_floor`` = real validation vs real test slices (what 'as good as real'
     gets), ``<key>_vs_val`` = real validation vs generated test slices (the same comparison with
-    the generated slices in their place). Into ``metrics``; returns the space for the intervals.
+    the generated slices in their place). Into ``res``; returns the space for the intervals.
 
     ``notes[<fd_key>_numerical_floor]`` records the FD of the real set with itself (0 up to
     float64 rounding), so a reader can tell a small FD from the arithmetic's floor.
     """
     real, gen = banks["real"].tensor(), banks["generated"].tensor()      # (N, D) each
     try:
-        notes[f"{fd_key}_numerical_floor"] = _clean(frechet_distance(real, real.clone()))
+        notes[f"{fd_key}_numerical_floor"] = clean(frechet_distance(real, real.clone()))
     except MetricUnavailable:
         pass
     k, seed = params.evaluate.kid_subset_size, params.seed
@@ -348,13 +326,13 @@ def _feature_distances(metrics: dict, nulls: dict, notes: dict, banks: dict, val
                  (kid_key + "_vs_val", lambda: kernel_distance(val, gen, k, seed=seed, paired=False))]
     else:
         for key in (fd_key, kid_key):
-            metrics[key + "_floor"] = metrics[key + "_vs_val"] = None
-            nulls[key + "_floor"] = nulls[key + "_vs_val"] = _NO_VAL
+            res.set(key + "_floor", None, _NO_VAL)
+            res.set(key + "_vs_val", None, _NO_VAL)
     for key, compute in jobs:
         try:
-            metrics[key] = compute()
+            res.set(key, compute())
         except MetricUnavailable as e:
-            metrics[key], nulls[key] = None, str(e)
+            res.set(key, None, str(e))
     return FeatureSpace(fd_key, kid_key, gen.numpy(), real.numpy(), None if val is None else val.numpy())
 
 

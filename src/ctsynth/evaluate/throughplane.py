@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ctsynth.core.errors import MetricUnavailable
 from ctsynth.evaluate.metrics import frechet_distance
+from ctsynth.evaluate.registry import Interval
 from ctsynth.data.preprocess import hu_to_unit
 
 PLANES = ("axial", "coronal", "sagittal")
@@ -160,7 +161,7 @@ RATIO_KEYS = ("zcons_ssim_ratio", "zgrad_ratio")
 
 
 def ratio_intervals(sums: pd.DataFrame, labels: dict[int, str], n_boot: int, seed: int) -> dict:
-    """``{"<key>_ci95": (lo, hi)}`` of the consistency metrics: patient-level bootstrap (draw the
+    """``{key: Interval}`` of the consistency metrics: patient-level bootstrap (draw the
     test cases with replacement; each resample's metric is the ratio of its pooled sums)."""
     if n_boot < 1 or sums.empty:
         return {}
@@ -174,7 +175,7 @@ def ratio_intervals(sums: pd.DataFrame, labels: dict[int, str], n_boot: int, see
         vals = np.array([b[key] for b in boot], np.float64)
         vals = vals[np.isfinite(vals)]
         if len(vals):
-            out[f"{key}_ci95"] = (float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5)))
+            out[key] = Interval(float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5)))
     return out
 
 

@@ -13,7 +13,6 @@ import base64
 import html
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from ctsynth.report.figures import (fig_condition_subsets, fig_d_accuracy, fig_l
 from ctsynth.core.io import atomic_dir, canonical, write_text
 from ctsynth.data.masks import index_volume
 from ctsynth.data.store import evenly_spaced
-from ctsynth.report.summary import first_grid, privacy_verdict, section_summary
+from ctsynth.evaluate.registry import GROUPS, SUFFIX, Results, definition, fmt, lookup
+from ctsynth.report.summary import esc, first_grid, privacy_verdict, section_summary
 
 log = logging.getLogger("ctsynth.report.html")
 
@@ -53,32 +53,15 @@ table.headline td,table.headline th{padding:2px 8px}td.ci{white-space:nowrap}
 
 # ------------------------------------------------------------------------------ small helpers
 
-def _esc(value) -> str:
-    return html.escape(str(value))
-
-
-def fmt(value) -> str:
-    """Numbers to 4 significant digits; None/NaN as an em dash."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def table(frame: pd.DataFrame, max_rows: int = 200) -> str:
     """DataFrame -> HTML table (escaped, numbers right-aligned)."""
-    head = "".join(f"<th>{_esc(c)}</th>" for c in frame.columns)
+    head = "".join(f"<th>{esc(c)}</th>" for c in frame.columns)
     body = []
     for row in frame.head(max_rows).itertuples(index=False):
         cells = []
         for v in row:
             num = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-            cells.append(f"<td class='num'>{_esc(fmt(v))}</td>" if num else f"<td>{_esc(fmt(v))}</td>")
+            cells.append(f"<td class='num'>{esc(fmt(v))}</td>" if num else f"<td>{esc(fmt(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     more = f"<p class='note'>{len(frame) - max_rows} more rows not shown</p>" if len(frame) > max_rows else ""
     return f"<div class='scroll'><table><tr>{head}</tr>{''.join(body)}</table></div>{more}"
@@ -88,12 +71,12 @@ def img_tag(path: Path, caption: str = "", width: int | None = None) -> str:
     """A PNG embedded as a base64 data URI inside a captioned figure."""
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     style = f" style='width:{width}px'" if width else ""
-    cap = f"<figcaption>{_esc(caption)}</figcaption>" if caption else ""
-    return f"<figure><img{style} alt='{_esc(caption)}' src='data:image/png;base64,{data}'>{cap}</figure>"
+    cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
+    return f"<figure><img{style} alt='{esc(caption)}' src='data:image/png;base64,{data}'>{cap}</figure>"
 
 
 def missing(what: str, path) -> str:
-    return f"<p class='note'>{_esc(what)} not available — {_esc(path)} not found.</p>"
+    return f"<p class='note'>{esc(what)} not available — {esc(path)} not found.</p>"
 
 
 def _read_json(path: Path):
@@ -129,7 +112,7 @@ def section_config(params) -> str:
         shown = json.dumps(value) if isinstance(value, (list, dict)) else value
         groups.setdefault(section if rest else "(top level)", []).append({"param": rest or key,
                                                                           "value": shown})
-    cells = "".join(f"<div><h4>{_esc(name)}</h4>{table(pd.DataFrame(rows))}</div>"
+    cells = "".join(f"<div><h4>{esc(name)}</h4>{table(pd.DataFrame(rows))}</div>"
                     for name, rows in groups.items())
     return ("<p class='muted'>params.yaml as validated for this report.</p><div class='grid'>"
             + cells + "</div>")
@@ -184,71 +167,51 @@ def _compact_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _metric_notes(reports_dir: Path, metrics: dict) -> tuple[dict, dict, dict]:
-    """(reasons for null metrics, definitions, other notes) from ``metrics_notes.json``."""
+def _other_notes(reports_dir: Path, res: Results) -> dict:
+    """The free-text notes of ``metrics_notes.json`` (not the reasons, definitions or numbers)."""
     notes = _read_json(reports_dir / "metrics_notes.json") or {}
-    reasons = dict(notes.get("null_metrics") or {})
-    definitions = dict(notes.get("definitions") or {})
-    other = {k: v for k, v in notes.items() if k not in ("null_metrics", "definitions", "feature_dims")
-             and isinstance(v, str) and k not in metrics}
-    return reasons, definitions, other
+    return {k: v for k, v in notes.items() if k not in ("null_metrics", "definitions", "feature_dims")
+            and isinstance(v, str) and k not in res}
 
 
-def _definition(key: str, fallback: dict) -> str:
-    """One-line definition: ctsynth.metrics first, then the definitions saved by evaluate."""
-    from ctsynth.evaluate.metrics import definition
-
-    return definition(key) or fallback.get(key, "")
+def _saved_definitions(reports_dir: Path) -> dict:
+    return dict((_read_json(reports_dir / "metrics_notes.json") or {}).get("definitions") or {})
 
 
-def read_intervals(reports_dir: Path) -> dict:
-    """metrics_ci.json ({"<metric>_ci95": {"lo", "hi"}}), {} when absent."""
-    return _read_json(reports_dir / "metrics_ci.json") or {}
-
-
-def logged_numbers(metrics_path: Path) -> dict:
-    """Every number for MLflow: metrics.json plus the intervals beside it as ``<metric>_ci95_lo/_hi``."""
-    metrics = _read_json(Path(metrics_path)) or {}
-    for key, iv in read_intervals(Path(metrics_path).parent).items():
-        for side in ("lo", "hi"):
-            if isinstance(iv, dict) and isinstance(iv.get(side), (int, float)):
-                metrics[f"{key}_{side}"] = iv[side]
-    return metrics
-
-
-def _interval_cell(ci: dict, key: str) -> str:
-    iv = ci.get(f"{key}_ci95")
-    return f"[{fmt(iv['lo'])}, {fmt(iv['hi'])}]" if iv and iv.get("lo") is not None else ""
+def metric_rows(res: Results, keys, saved: dict | None = None) -> str:
+    """Table rows (key, value or the reason it is null, interval, definition) of ``keys``."""
+    rows = []
+    for key in keys:
+        r = res[key]
+        shown = fmt(r.value) if r.value is not None else "not computed — " + (r.null_reason or "no reason recorded")
+        rows.append(f"<tr><td><code>{esc(key)}</code></td><td class='{'num' if r.value is not None else 'note'}'>"
+                    f"{esc(shown)}</td><td class='num ci'>{esc(r.interval or '')}</td>"
+                    f"<td>{esc(definition(key) or (saved or {}).get(key, ''))}</td></tr>")
+    return ("<table><tr><th>metric</th><th>value</th><th>95 % interval</th><th>definition</th></tr>"
+            + "".join(rows) + "</table>")
 
 
 def section_metrics(reports_dir: Path) -> str:
-    metrics = _read_json(reports_dir / "metrics.json")
-    if metrics is None:
+    """Every metric of metrics.json, grouped as the registry groups them (headline first)."""
+    res = Results.read(reports_dir)
+    if res is None:
         return missing("Metrics", reports_dir / "metrics.json")
-    reasons, definitions, other = _metric_notes(reports_dir, metrics)
-    ci = read_intervals(reports_dir)
-    rows = []
-    for key, value in metrics.items():
-        if value is None:
-            shown = "not computed — " + reasons.get(key, "no reason recorded")
-        elif isinstance(value, (list, dict)):
-            shown = json.dumps(value)[:120]
-        else:
-            shown = fmt(value)
-        cls = "note" if value is None else "num"
-        rows.append(f"<tr><td><code>{_esc(key)}</code></td><td class='{cls}'>{_esc(shown)}</td>"
-                    f"<td class='num ci'>{_esc(_interval_cell(ci, key))}</td>"
-                    f"<td>{_esc(_definition(key, definitions))}</td></tr>")
-    foot = "".join(f"<li><b>{_esc(k)}</b>: {_esc(v)}</li>" for k, v in other.items())
-    return ("<table><tr><th>metric</th><th>value</th><th>95 % interval</th><th>definition</th></tr>"
-            + "".join(rows) + "</table>" + (f"<ul class='muted'>{foot}</ul>" if foot else ""))
+    saved = _saved_definitions(reports_dir)
+    keys = list(res.metrics())
+    groups = {g: [k for k in keys if (lookup(k).group if lookup(k) else "other") == g] for g in [*GROUPS, "other"]}
+    parts = [f"<h3>headline</h3>{metric_rows(res, res.headline(), saved)}"]
+    parts += [f"<h3>{esc(g)}</h3><p class='muted'>{esc(GROUPS.get(g, 'not in the registry'))}</p>"
+              f"{metric_rows(res, ks, saved)}" for g, ks in groups.items() if ks]
+    other = _other_notes(reports_dir, res)
+    foot = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in other.items())
+    return "".join(parts) + (f"<ul class='muted'>{foot}</ul>" if foot else "")
 
 
 def merge_intervals(frame: pd.DataFrame) -> pd.DataFrame:
     """Show ``<col>_ci95_lo/hi`` columns inside ``<col>``'s cells as 'value [lo, hi]'."""
     frame = frame.copy()
     for col in list(frame.columns):
-        lo, hi = f"{col}_ci95_lo", f"{col}_ci95_hi"
+        lo, hi = f"{col}{SUFFIX}_lo", f"{col}{SUFFIX}_hi"
         if lo in frame and hi in frame:
             frame[col] = [fmt(v) if pd.isna(a) else f"{fmt(v)} [{fmt(a)}, {fmt(b)}]"
                           for v, a, b in zip(frame[col], frame[lo], frame[hi])]
@@ -268,12 +231,12 @@ def section_per_structure(reports_dir: Path) -> str:
     frame = _read_csv(reports_dir / "per_structure.csv")
     if frame is None:
         return missing("Per-structure metrics", reports_dir / "per_structure.csv")
-    ci = read_intervals(reports_dir)
+    res = Results.read(reports_dir) or Results()
     for col, key in (("mae_hu", "mae_hu_{}"), ("dice_generated", "dice_generated_{}"), ("dice_real", "dice_real_{}")):
         if col in frame and "structure" in frame:
-            for side in ("lo", "hi"):
-                frame[f"{col}_ci95_{side}"] = [(ci.get(key.format(s) + "_ci95") or {}).get(side, np.nan)
-                                               for s in frame["structure"]]
+            ivs = [res[key.format(s)].interval if key.format(s) in res else None for s in frame["structure"]]
+            frame[f"{col}{SUFFIX}_lo"] = [iv.lo if iv else np.nan for iv in ivs]
+            frame[f"{col}{SUFFIX}_hi"] = [iv.hi if iv else np.nan for iv in ivs]
     return ("<p class='muted'>Brackets: 95 % patient-level bootstrap interval.</p>"
             + table(merge_intervals(frame)))
 
@@ -289,9 +252,9 @@ def section_samples(generated_dir: Path, figures: Path, structures: list[str], n
     embedded = [g for g in picks if g != shown_above]
     above = (f" Case {shown_above.stem}'s grid is in the summary at the top."
              if shown_above is not None and shown_above in picks else "")
-    parts = [f"<p>Condition subset used: <b>{_esc(', '.join(structures) or '?')}</b>. Columns: the "
+    parts = [f"<p>Condition subset used: <b>{esc(', '.join(structures) or '?')}</b>. Columns: the "
              f"structure mask fed to the generator, the real slice, the generated slice and their "
-             f"absolute difference in HU. {len(grids)} test cases; {len(picks)} shown.{_esc(above)}</p>"]
+             f"absolute difference in HU. {len(grids)} test cases; {len(picks)} shown.{esc(above)}</p>"]
     for grid in picks:
         shutil.copyfile(grid, figures / f"sample_{grid.name}")
         if grid in embedded:
@@ -311,14 +274,11 @@ def section_orthogonal(reports_dir: Path, generated_dir: Path, processed_dir: Pa
 
     if not (generated_dir / "fake.npy").exists() or not (processed_dir / "meta.json").exists():
         return missing("Orthogonal views", generated_dir / "fake.npy")
-    metrics, ci = _read_json(reports_dir / "metrics.json") or {}, read_intervals(reports_dir)
-    rows = "".join(f"<tr><td><code>{k}</code></td><td class='num'>{_esc(fmt(metrics.get(k)))}</td>"
-                   f"<td class='num ci'>{_esc(_interval_cell(ci, k))}</td><td>{_esc(_definition(k, {}))}</td></tr>"
-                   for k in _ORTHO_KEYS if k in metrics)
+    res = Results.read(reports_dir) or Results()
     parts = [f"<p>Each test case's generated slices stacked back into a volume on the processed grid "
              f"(the real one beside it), cut through the centre of its structures. A generator that "
-             f"works slice by slice shows as horizontal streaks here.</p><table><tr><th>metric</th>"
-             f"<th>value</th><th>95 % interval</th><th>definition</th></tr>{rows}</table>"]
+             f"works slice by slice shows as horizontal streaks here.</p>"
+             f"{metric_rows(res, [k for k in _ORTHO_KEYS if k in res])}"]
     for vol in load_test_volumes(processed_dir, generated_dir):
         out = figures / f"orthogonal_{vol.case}.png"
         save_orthogonal_views(out, vol.case, vol.real, vol.fake, heart_centre(vol.masks), vol.dz, vol.dxy, window)
@@ -337,7 +297,7 @@ def read_condition_subsets(path: Path):
 def section_subsets(generated_dir: Path, figures: Path, structures: list[str]) -> str:
     """Which condition subset the model uses, and test slices generated from each single one."""
     intro = (f"<p>Condition subset used for training and for every generated test slice: "
-             f"<b>{_esc(', '.join(structures))}</b>.</p>")
+             f"<b>{esc(', '.join(structures))}</b>.</p>")
     source = generated_dir / "condition_subsets.npz"
     if not source.is_file():
         return intro + missing("Per-subset generation", source)
@@ -420,12 +380,12 @@ def section_synthetic(synthetic_dir: Path | None, figures: Path, label_map: dict
                               labels, centre, image.header.get_zooms()[:3], window)
     draw = ", ".join(f"{k} {fmt(row[k])}" for k in manifest.columns
                      if k.startswith(("rot_", "scale_", "shift_", "deform_")))
-    text = (f"<p><b>{len(manifest)}</b> new labelled cases in <code>{_esc(synthetic_dir)}</code> (image/label "
+    text = (f"<p><b>{len(manifest)}</b> new labelled cases in <code>{esc(synthetic_dir)}</code> (image/label "
             f"NIfTI pairs that <code>ingest</code> reads; <code>ctsynth synthesize --layout nnunet</code> writes "
             f"the nnU-Net layout). Each is a <i>training</i> mask warped by a random 3-D affine and smooth "
-            f"deformation, its CT drawn slice by slice by the generator. Shown: <b>{_esc(row.case)}</b>, warped "
-            f"from {_esc(row.source)} (draw seed {_esc(row.draw_seed)}, attempt {_esc(row.attempt)}): "
-            f"{_esc(draw)}.</p>")
+            f"deformation, its CT drawn slice by slice by the generator. Shown: <b>{esc(row.case)}</b>, warped "
+            f"from {esc(row.source)} (draw seed {esc(row.draw_seed)}, attempt {esc(row.attempt)}): "
+            f"{esc(draw)}.</p>")
     return text + img_tag(out, f"synthetic case {row.case}: axial, coronal, sagittal through the heart", width=480)
 
 
@@ -436,21 +396,19 @@ _UTILITY_KINDS = (("real", "real training slices only (the segmenter stage's mod
 def section_utility(reports_dir: Path, figures: Path) -> str:
     """Does synthetic data help segmentation: Dice on real test slices of the three segmenters."""
     frame = _read_csv(reports_dir / "utility.csv")
-    metrics = _read_json(reports_dir / "metrics.json") or {}
-    if frame is None or frame.empty or "utility_dice_real" not in metrics:
+    res = Results.read(reports_dir) or Results()
+    if frame is None or frame.empty or "utility_dice_real" not in res:
         return missing("Downstream utility", reports_dir / "utility.csv")
-    ci = read_intervals(reports_dir)
-    rows = "".join(f"<tr><td>{_esc(what)}</td><td class='num ci'>{_esc(fmt(metrics.get(f'utility_dice_{k}')))} "
-                   f"{_esc(_interval_cell(ci, f'utility_dice_{k}'))}</td></tr>" for k, what in _UTILITY_KINDS)
+    rows = "".join(f"<tr><td>{esc(what)}</td><td class='num ci'>{esc(res.shown(f'utility_dice_{k}'))}</td></tr>"
+                   for k, what in _UTILITY_KINDS)
     contrasts = "".join(
-        f"<tr><td>{_esc(label)} <code class='muted'>{key}</code></td><td class='num ci'>{_esc(fmt(metrics.get(key)))} "
-        f"{_esc(_interval_cell(ci, key))}</td></tr>"
+        f"<tr><td>{esc(label)} <code class='muted'>{key}</code></td><td class='num ci'>{esc(res.shown(key))}</td></tr>"
         for label, key in (("synthetic only ÷ real only (target ≥ 0.8)", "utility_ratio_synthetic"),
                            ("real + synthetic − real only (target ≥ −0.01)", "utility_gain_mixed")))
     text = (f"<p>The segmenter of the evaluate stage (same architecture, budget and seed) trained on three "
-            f"training sets and scored on the <i>real</i> test slices: {fmt(metrics.get('utility_n_synthetic_cases'))} "
-            f"synthetic cases ({fmt(metrics.get('utility_n_synthetic_slices'))} slices) against "
-            f"{fmt(metrics.get('utility_n_real_train_slices'))} real training slices. Mean Dice over structures; "
+            f"training sets and scored on the <i>real</i> test slices: {fmt(res.value('utility_n_synthetic_cases'))} "
+            f"synthetic cases ({fmt(res.value('utility_n_synthetic_slices'))} slices) against "
+            f"{fmt(res.value('utility_n_real_train_slices'))} real training slices. Mean Dice over structures; "
             f"the three share one patient-level bootstrap, so the contrasts below have intervals of their own.</p>"
             f"<table><tr><th>segmenter trained on</th><th>mean Dice [95 % interval]</th></tr>{rows}{contrasts}</table>")
     return text + img_tag(fig_utility(frame, figures / "utility.png"), "Dice per structure on real test slices")
@@ -458,12 +416,10 @@ def section_utility(reports_dir: Path, figures: Path) -> str:
 
 def _summary(reports_dir: Path, generated_dir: Path) -> str:
     """The first screen (:mod:`ctsynth.summary`) from evaluate's files and the first sample grid."""
-    metrics = _read_json(reports_dir / "metrics.json")
-    reasons = _metric_notes(reports_dir, metrics or {})[0]
     grid = first_grid(generated_dir)
     grid_html = (img_tag(grid, f"test case {grid.stem}: mask | real | generated | |difference| (HU)")
                  if grid else missing("Sample grid", generated_dir / "grids"))
-    return section_summary(metrics, read_intervals(reports_dir), reasons, grid_html)
+    return section_summary(Results.read(reports_dir), grid_html)
 
 
 # ------------------------------------------------------------------------------ the report
@@ -497,8 +453,8 @@ def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, ou
             ("data", "Data", section_data(processed_dir, Path(split_path), Path(manifest_path))),
             ("config", "Run configuration", section_config(params)),
         ]
-        nav = "".join(f"<a href='#{key}'>{_esc(title)}</a>" for key, title, _ in sections)
-        body = "".join(f"<h2 id='{key}'>{_esc(title)}</h2>{content}" for key, title, content in sections)
+        nav = "".join(f"<a href='#{key}'>{esc(title)}</a>" for key, title, _ in sections)
+        body = "".join(f"<h2 id='{key}'>{esc(title)}</h2>{content}" for key, title, content in sections)
         page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ctsynth report</title>"
                 f"<style>{CSS}</style></head><body><h1>ctsynth — mask-conditioned CT synthesis report</h1>"
                 f"<nav>{nav}</nav>{body}</body></html>")
