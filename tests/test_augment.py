@@ -106,7 +106,7 @@ def test_training_with_affine_runs_repeats_and_resumes(tmp_path):
     (tmp_path / "split.json").write_text(json.dumps({"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}))
 
     def run(name, augment, **kw):
-        p = tiny_params(train={"iterations": 5, "checkpoint_every": 2, "augment": augment},
+        p = tiny_params(train={"iterations": 5, "augment": augment}, train_run={"checkpoint_every": 2},
                         tracking={"enabled": False})
         out = tmp_path / name
         res = train(p, tmp_path / "processed", tmp_path / "split.json", out / "generator.pt", out / "ckpt",

@@ -120,7 +120,7 @@ def test_training_with_context_records_k_and_generates(tmp_path):
     make_store(tmp_path / "processed")
     (tmp_path / "split.json").write_text(json.dumps({"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}))
     p = tiny_params(model={"context_slices": 1}, tracking={"enabled": False},
-                    train={"iterations": 3, "checkpoint_every": 100, "log_every": 1, "snapshot_at": [0, 1]})
+                    train={"iterations": 3, "snapshot_at": [0, 1]}, train_run={"checkpoint_every": 100, "log_every": 1})
     out = tmp_path / "run"
     result = train(p, tmp_path / "processed", tmp_path / "split.json", out / "generator.pt", out / "ckpt",
                    out / "reports", out / "mlflow_run.json")

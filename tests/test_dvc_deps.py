@@ -11,8 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from ctsynth.core.config import Params, to_dict
-from ctsynth.train.checkpoint import RUN_ONLY_KEYS
+from ctsynth.core.config import Params, TrainCfg, fingerprint_exempt, to_dict
 from ctsynth.core.imports import closure, imports_of, script_closure
 
 PKG = REPO / "src" / "ctsynth"
@@ -98,13 +97,42 @@ def test_the_closure_sees_function_level_and_relative_imports(tmp_path):
 
 
 def test_train_params_are_exactly_the_keys_that_change_its_outputs():
-    """Train reruns for seed, model.* and the trajectory keys of train.*; never for the keys
-    that only steer the run (log cadence, checkpoints, resume, workers, rendezvous address) or
-    for tracking.* -- editing those must not retrain."""
-    listed = set(_stages()["train"]["params"])
-    every_train_key = {f"train.{k}" for k in to_dict(Params().train)}
-    want = {"seed", "model"} | every_train_key - {f"train.{k}" for k in RUN_ONLY_KEYS}
-    assert listed == want, (sorted(listed - want), sorted(want - listed))
+    """Train reruns for seed, model.* and train.* -- whole sections, so a new train key needs no
+    dvc.yaml edit; never for train_run.* (how a run is steered: log cadence, checkpoints, resume,
+    workers, rendezvous) or tracking.*, which no computing stage lists (the report lists
+    train_run: its configuration table shows it). The checkpoint fingerprint hashes every train
+    key but exactly those declared with `not_in_fingerprint` next to their fields."""
+    import dataclasses
+
+    import torch
+
+    from ctsynth.train import checkpoint
+
+    stages = _stages()
+    assert stages["train"]["params"] == ["seed", "model", "train"]
+    for name, stage in stages.items():
+        sections = {key.split(".")[0] for key in stage.get("params", [])}
+        assert "tracking" not in sections, name
+        assert "train_run" not in sections or name == "report", name
+
+    marked = {f.name for f in dataclasses.fields(TrainCfg) if f.metadata.get("fingerprint") is False}
+    assert marked == fingerprint_exempt(TrainCfg) == checkpoint.NOT_IN_FINGERPRINT
+    assert marked == {"nproc", "nnodes", "device", "snapshot_at", "snapshot_count"}
+
+    def fingerprint(p):
+        return checkpoint.run_fingerprint(p, "data", 1, torch.device("cpu"), "fp32")
+
+    base = Params()
+    base.train.lr_decay_start = 0.5           # with decay, iterations shape the trajectory too
+    ref = fingerprint(base)
+    for section, keys in (("train", to_dict(base.train)), ("train_run", to_dict(base.train_run))):
+        for key in keys:
+            changed = Params(train=dataclasses.replace(base.train), train_run=dataclasses.replace(base.train_run))
+            setattr(getattr(changed, section), key, "<changed>")
+            hashed = section == "train" and key not in marked
+            assert (fingerprint(changed) != ref) == hashed, f"{section}.{key}"
+    longer = Params(train=dataclasses.replace(base.train, lr_decay_start=None))
+    assert fingerprint(longer) == fingerprint(Params(train=dataclasses.replace(longer.train, iterations=10**6)))
 
 
 def test_every_params_key_in_dvc_yaml_exists():

@@ -29,7 +29,8 @@ TINY = {
     "phantom": {"cases": 5, "shape": [48, 48, 16], "spacing": [6.0, 6.0, 7.0]},
     "preprocess": {"image_size": 32, "margin": 1},
     "model": {"gen_depth": 5, "ngf": 8, "ndf": 8, "disc_layers": 2},
-    "train": {"iterations": 6, "batch_size": 4, "checkpoint_every": 3, "log_every": 2, "snapshot_count": 2},
+    "train": {"iterations": 6, "batch_size": 4, "snapshot_count": 2},
+    "train_run": {"checkpoint_every": 3, "log_every": 2},
     "segmenter": {"iterations": 6, "batch_size": 4, "width": 4},
     "generate": {"batch_size": 8, "grid_slices": 3},
     "synthesize": {"cases": 3},
@@ -158,8 +159,14 @@ def test_second_repro_is_noop_and_param_edit_reruns_dependents(repo):
 
 
 def test_dvc_metrics_and_plots_commands(repo):
+    """`dvc metrics show` / `dvc exp show` compare the headline (a screen wide); every metric stays
+    one `--targets reports/metrics.json` away."""
     shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
-    assert "ssim" in json.dumps(shown)
+    headline = json.loads((repo / "reports" / "headline.json").read_text())
+    assert "ssim" in json.dumps(shown) and "mae_hu_LV" not in json.dumps(shown) and len(headline) <= 15
+    assert set(headline) < set(json.loads((repo / "reports" / "metrics.json").read_text()))
+    every = json.loads(sh(repo, "dvc", "metrics", "show", "--json", "reports/metrics.json").stdout)
+    assert "mae_hu_LV" in json.dumps(every)
     sh(repo, "dvc", "metrics", "diff")
     sh(repo, "dvc", "plots", "show", "-o", str(repo / "plots_html"))
     assert (repo / "plots_html" / "index.html").exists()
@@ -192,12 +199,12 @@ def _mlflow_runs(root: Path) -> dict[str, object]:
 
 
 def _exp_metrics(root: Path) -> dict[str, dict]:
-    """{baseline or experiment name: metrics.json content} from `dvc exp show --json`."""
+    """{baseline or experiment name: headline.json content} from `dvc exp show --json`."""
     found = {}
     for rev in json.loads(sh(root, "dvc", "exp", "show", "--json").stdout):
         revs = [rev] + [r for e in rev.get("experiments") or [] for r in e.get("revs", [])]
         for r in revs:
-            data = ((r.get("data") or {}).get("metrics") or {}).get("reports/metrics.json", {})
+            data = ((r.get("data") or {}).get("metrics") or {}).get("reports/headline.json", {})
             found[r.get("name") or r["rev"]] = data.get("data")
     return found
 
@@ -220,7 +227,7 @@ def test_experiment_loop_compare_switch_back_queue(repo, tmp_path):
     shown = _exp_metrics(other)
     assert shown["l1-50"]["ssim"] != base["ssim"] and any(v and v["ssim"] == base["ssim"] for v in shown.values())
     diff = json.loads(sh(other, "dvc", "metrics", "diff", "HEAD", "l1-50", "--json").stdout)
-    assert "ssim" in diff["reports/metrics.json"]
+    assert "ssim" in diff["reports/headline.json"]
     assert "train.lambda_l1" in json.loads(sh(other, "dvc", "params", "diff", "HEAD", "l1-50", "--json").stdout)["params.yaml"]
     plots = json.loads(sh(other, "dvc", "plots", "diff", "HEAD", "l1-50", "--json").stdout)["data"]
     assert any(set(p.get("revisions", [])) == {"HEAD", "l1-50"} for v in plots.values() for p in v)
@@ -233,7 +240,7 @@ def test_experiment_loop_compare_switch_back_queue(repo, tmp_path):
     assert json.loads((other / "reports" / "metrics.json").read_text()) == base
 
     params = yaml.safe_load((other / "params.yaml").read_text())
-    params["train"].update(log_every=3, checkpoint_every=5)
+    params["train_run"].update(log_every=3, checkpoint_every=5)
     params["tracking"]["experiment"] = "elsewhere"
     (other / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert set(json.loads(sh(other, "dvc", "status", "--json").stdout)) == {"report"}   # shows params

@@ -60,7 +60,7 @@ def test_training_run_has_params_metrics_tags_images_and_a_loadable_model(ws):
 
     (ws / "dvc.lock").write_text("stages:\n  preprocess:\n    outs:\n    - path: data/processed\n"
                                  "      md5: 0123.dir\n")
-    p = tiny_params(train={"iterations": 4, "log_every": 2, "snapshot_at": [0, 1]})
+    p = tiny_params(train={"iterations": 4, "snapshot_at": [0, 1]}, train_run={"log_every": 2})
     assert _train(ws, p).exit_code == 0
     info = json.loads((ws / "models/mlflow_run.json").read_text())
     assert info["tracking_uri"] == f"sqlite:///{ws.resolve()}/mlflow.db" and info["experiment"] == "ctsynth"
@@ -167,7 +167,7 @@ def test_training_logs_to_a_tracking_server_and_registers_the_model(ws, mlflow_s
     import mlflow.pytorch
     from mlflow.tracking import MlflowClient
 
-    p = tiny_params(train={"iterations": 4, "log_every": 2, "snapshot_at": [0, 1]},
+    p = tiny_params(train={"iterations": 4, "snapshot_at": [0, 1]}, train_run={"log_every": 2},
                     tracking={"uri": mlflow_server, "registered_model": "ctsynth-generator"})
     assert _train(ws, p).exit_code == 0
     info = json.loads((ws / "models/mlflow_run.json").read_text())

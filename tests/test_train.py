@@ -1,6 +1,7 @@
 """Training loop: learning, determinism, resume, interruption, NaN guard, DDP, fast path."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import torch
 import yaml
 
 from conftest import REPO, make_store, tiny_params
-from ctsynth.core.config import to_dict
+from ctsynth.core.config import TrainRunCfg, to_dict
 from ctsynth.core.errors import ConfigError, InputError, TrainingError
 from ctsynth.train.networks import build_discriminator, build_generator, load_generator
 from ctsynth.train.gan import gan_step, lr_factor, make_optimizer
@@ -33,8 +34,11 @@ def ws(tmp_path) -> Path:
     return tmp_path
 
 
-def params(**train):
-    return tiny_params(train=train, tracking={"enabled": False})
+def params(**keys):
+    """Tiny params without tracking; keys of train_run (log_every, checkpoint_every, ...) go there."""
+    steer = {f.name for f in dataclasses.fields(TrainRunCfg)}
+    return tiny_params(train={k: v for k, v in keys.items() if k not in steer},
+                       train_run={k: v for k, v in keys.items() if k in steer}, tracking={"enabled": False})
 
 
 def run(ws: Path, p, name: str = "run", **kw):
@@ -294,7 +298,7 @@ def test_one_process_needs_no_torchrun_and_nodes_need_an_endpoint():
     with pytest.raises(ConfigError, match="rdzv_endpoint"):
         tiny_params(train={"nnodes": 2})
     with pytest.raises(ConfigError, match="host:port"):
-        tiny_params(train={"rdzv_endpoint": "no-port"})
+        tiny_params(train_run={"rdzv_endpoint": "no-port"})
 
 
 def test_model_file_is_bit_for_bit_repeatable_with_tracking_on(ws, monkeypatch):

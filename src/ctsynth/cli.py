@@ -4,6 +4,7 @@
     ctsynth generate --model models/generator.pt --mask mask.nii.gz --out synth.nii.gz
     ctsynth synthesize --labels data/phantom --pattern '*_label.nii.gz' --out synth/ --cases 50 [--layout nnunet]
     ctsynth check-params [--params params/paper.yaml]
+    ctsynth preset paper [--params params.yaml] [--out params.yaml]
     ctsynth bench [--quick] [--paths fp32_cl,compile]
 
 Pipeline stages are run by DVC (`dvc repro`), not from here; see README.
@@ -62,6 +63,24 @@ def _check_params(args) -> int:
     load_params(args.params, args.set)
     print(f"{args.params}: ok")
     return 0
+
+
+def _preset(args) -> int:
+    from ctsynth.core.presets import apply_preset
+
+    expanded = apply_preset(args.preset, args.params, args.out)
+    print(f"{args.out}: {args.params} + {expanded.overlay}: {len(expanded.changed)} values changed, "
+          f"validated")
+    for key, (old, new) in expanded.changed.items():
+        print(f"  {key}: {old!r} -> {new!r}")
+    return 0
+
+
+PRESET_HELP = """Merge a preset into a params file: an overlay holding only the keys it sets (params/<NAME>.yaml,
+e.g. paper = params/paper.yaml, or any YAML file) is merged key by key into --params, every comment
+kept; the result is validated like `ctsynth check-params` and written atomically to --out. An
+overlay key that params.yaml does not define is an error (all of them at once); nothing is written
+then. Prints the values that changed."""
 
 
 def _bench(args) -> int:
@@ -135,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_check_params)
+
+    p = sub.add_parser("preset", help="merge a preset overlay (e.g. paper) into params.yaml, comments kept",
+                       description=PRESET_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("preset", metavar="NAME_OR_FILE",
+                   help="preset name (paper: params/paper.yaml of this checkout) or an overlay YAML file")
+    p.add_argument("--params", default="params.yaml", help="base params file (default params.yaml)")
+    p.add_argument("--out", default="params.yaml", help="merged params file, written atomically (default params.yaml)")
+    p.set_defaults(func=_preset)
 
     p = sub.add_parser("bench", help="measure training/generation/loader speed and memory",
                        description=BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -139,7 +139,7 @@ def bench_loader(store_dir: Path, batch: int, repeats: int, params: Params, devi
     store = ProcessedStore(store_dir)
     ds = SliceDataset(store, np.arange(len(store.slices)), paper_preset()[0]["encoding"])
     sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
-    kw = {"num_workers": params.train.num_workers, "pin_memory": device.type == "cuda"}
+    kw = {"num_workers": params.train_run.num_workers, "pin_memory": device.type == "cuda"}
     batches = train_batches(ds, sampler, batch, 0, **kw)
     next(batches)
 
@@ -149,7 +149,7 @@ def bench_loader(store_dir: Path, batch: int, repeats: int, params: Params, devi
                 t.to(device, non_blocking=True)
     med = statistics.median(clock(pull, device) for _ in range(repeats))
     return {"case": "loader", "size": store.image_size, "batch": batch, "img_per_s": batch * n_batches / med,
-            "num_workers": params.train.num_workers, "repeats": repeats}
+            "num_workers": params.train_run.num_workers, "repeats": repeats}
 
 
 # ------------------------------------------------------------------------------ driver

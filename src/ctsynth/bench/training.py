@@ -7,25 +7,26 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ctsynth.core.accel import autocast, resolve_channels_last, resolve_precision
-from ctsynth.core.config import Params, load_params
+from ctsynth.core.config import Params
 from ctsynth.core.errors import ConfigError
+from ctsynth.core.presets import PRESETS_DIR, expand
 
-PAPER_PRESET = Path(__file__).resolve().parents[3] / "params" / "paper.yaml"
+PAPER_PRESET = PRESETS_DIR / "paper.yaml"
 
 
 @lru_cache(maxsize=None)
 def paper_preset() -> tuple[dict, dict]:
-    """(model section, optimiser settings) of ``params/paper.yaml``: the bench times exactly the
-    paper preset's architecture, so the two cannot drift apart."""
+    """(model section, optimiser settings) of ``params/paper.yaml`` expanded onto the defaults,
+    as ``ctsynth preset paper`` expands it: the bench times exactly the paper preset's
+    architecture, so the two cannot drift apart."""
     if not PAPER_PRESET.is_file():
         raise ConfigError(f"{PAPER_PRESET}: the paper preset is missing (run the bench from a checkout)")
-    p = load_params(PAPER_PRESET)
+    p = expand(PAPER_PRESET).params
     hp = {"lr_g": p.train.lr_g, "lr_d": p.train.lr_d, "betas": (p.train.beta1, p.train.beta2),
           "lambda_l1": p.train.lambda_l1}
     return dataclasses.asdict(p.model), hp

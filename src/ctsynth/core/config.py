@@ -22,6 +22,24 @@ from ctsynth.core.errors import ConfigError
 from ctsynth.core.labels import ALL_CONDITIONS, MMWHS_LABEL_MAP, parse_label_map
 
 
+# ------------------------------------------------------------------- roles of the train keys
+# Every `train.*` key is a DVC param of the train stage (dvc.yaml lists the whole section): it
+# changes train's outputs. Most also shape the trained weights and so enter the checkpoint
+# fingerprint (ctsynth.train.checkpoint.run_fingerprint): a run resumes only into the same run.
+# The few that do not are marked here, next to their typed field, and nowhere else. Keys that
+# change none of train's outputs do not belong in `train` at all: they live in `train_run`.
+
+def not_in_fingerprint(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING):
+    """A train field that changes train's outputs (a DVC param) but not the weights' trajectory,
+    so a checkpoint of the same run stays resumable when it changes (it may also enter the
+    fingerprint in resolved form, e.g. ``nproc`` x ``nnodes`` as the world size)."""
+    return field(default=default, default_factory=default_factory, metadata={"fingerprint": False})
+
+
+def fingerprint_exempt(cls) -> frozenset[str]:
+    """Names of the fields of dataclass ``cls`` declared with :func:`not_in_fingerprint`."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("fingerprint", True) is False)
+
 
 @dataclass
 class DataCfg:
@@ -74,10 +92,11 @@ class ModelCfg:
 
 @dataclass
 class TrainCfg:
-    nproc: int = 1                                   # processes per node (torchrun)
-    nnodes: int = 1                                  # nodes (torchrun c10d rendezvous when > 1)
-    rdzv_endpoint: Optional[str] = None              # host:port of the rendezvous (nnodes > 1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """What training computes: every key is a DVC param of the train stage. Keys declared with
+    :func:`not_in_fingerprint` leave the checkpoint fingerprint alone; all others enter it."""
+    nproc: int = not_in_fingerprint(1)               # processes per node (torchrun); fingerprint: world size
+    nnodes: int = not_in_fingerprint(1)              # nodes (torchrun c10d rendezvous when > 1); ditto
+    device: Literal["auto", "cpu", "cuda"] = not_in_fingerprint("auto")   # fingerprint: resolved device type
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 where native (CUDA, AMX CPUs)
     channels_last: Literal["auto", True, False] = "auto"   # auto: NHWC on CUDA, NCHW on CPU
     compile: bool = False
@@ -91,12 +110,19 @@ class TrainCfg:
     augment: Literal["none", "affine", "affine+intensity"] = "affine"  # paired batch augmentation (ctsynth.augment)
     lr_decay_start: Optional[float] = None           # fraction of iterations where linear decay to 0 starts
     sync_bn: bool = False
-    checkpoint_every: int = 500
-    log_every: int = 25
+    snapshot_at: list = not_in_fingerprint(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
+    snapshot_count: int = not_in_fingerprint(4)      # validation masks in the evolution grid
+
+
+@dataclass
+class TrainRunCfg:
+    """How a training run is steered: never changes the trained model (weights, losses.csv,
+    snapshots), so not a DVC param of train -- editing these never retrains."""
+    checkpoint_every: int = 500                      # steps between checkpoints
+    log_every: int = 25                              # steps between console/MLflow loss logs
     resume: Literal["auto", "never"] = "auto"
-    snapshot_at: list = field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
-    snapshot_count: int = 4                          # validation masks in the evolution grid
     num_workers: int = 0                             # DataLoader workers (memmap reads are cheap)
+    rdzv_endpoint: Optional[str] = None              # host:port of the rendezvous (train.nnodes > 1)
 
 
 @dataclass
@@ -159,6 +185,7 @@ class Params:
     split: SplitCfg = field(default_factory=SplitCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    train_run: TrainRunCfg = field(default_factory=TrainRunCfg)
     segmenter: SegmenterCfg = field(default_factory=SegmenterCfg)
     generate: GenerateCfg = field(default_factory=GenerateCfg)
     synthesize: SynthesizeCfg = field(default_factory=SynthesizeCfg)
@@ -232,7 +259,7 @@ def _check_ranges(p: Params, problems: list[str]) -> None:
 
     _check_data(p, need, problems)
     _check_model_and_split(p, need)
-    _check_train(p.train, need)
+    _check_train(p.train, p.train_run, need)
     _check_synthesize(p.synthesize, need)
     _check_evaluation_and_paths(p, need)
 
@@ -305,7 +332,7 @@ def _check_model_and_split(p: Params, need) -> None:
              "split.cases: must map train and test (and optionally val) to non-empty case lists")
 
 
-def _check_train(t: TrainCfg, need) -> None:
+def _check_train(t: TrainCfg, run: TrainRunCfg, need) -> None:
     for name in ("lr_g", "lr_d", "lambda_l1"):
         need(getattr(t, name) > 0 if name != "lambda_l1" else getattr(t, name) >= 0,
              f"train.{name}: must be {'> 0' if name != 'lambda_l1' else '>= 0'}, got {getattr(t, name)}")
@@ -313,15 +340,15 @@ def _check_train(t: TrainCfg, need) -> None:
     need(t.iterations >= 1, "train.iterations: must be >= 1")
     need(t.batch_size >= 1, "train.batch_size: must be >= 1")
     need(t.nproc >= 1 and t.nnodes >= 1, "train.nproc/nnodes: must be >= 1")
-    ep = t.rdzv_endpoint
+    ep = run.rdzv_endpoint
     need(ep is None or (ep.rpartition(":")[0] and ep.rpartition(":")[2].isdigit()),
-         f"train.rdzv_endpoint: expected host:port, got {ep!r}")
-    need(t.nnodes == 1 or ep is not None, "train.rdzv_endpoint: host:port is required when train.nnodes > 1")
-    need(t.checkpoint_every >= 1 and t.log_every >= 1, "train.checkpoint_every/log_every: must be >= 1")
+         f"train_run.rdzv_endpoint: expected host:port, got {ep!r}")
+    need(t.nnodes == 1 or ep is not None, "train_run.rdzv_endpoint: host:port is required when train.nnodes > 1")
+    need(run.checkpoint_every >= 1 and run.log_every >= 1, "train_run.checkpoint_every/log_every: must be >= 1")
     need(t.lr_decay_start is None or 0 <= t.lr_decay_start < 1, "train.lr_decay_start: must be in [0, 1) or null")
     need(all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in t.snapshot_at),
          "train.snapshot_at: fractions of training in [0, 1]")
-    need(t.num_workers >= 0, "train.num_workers: must be >= 0")
+    need(run.num_workers >= 0, "train_run.num_workers: must be >= 0")
 
 
 def _check_evaluation_and_paths(p: Params, need) -> None:

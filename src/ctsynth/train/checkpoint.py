@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctsynth.core.config import to_dict
+from ctsynth.core.config import TrainCfg, fingerprint_exempt, to_dict
 from ctsynth.core.errors import TrainingError
 from ctsynth.core.imports import source_hash
 from ctsynth.core.io import save_torch
@@ -29,18 +29,17 @@ log = logging.getLogger(__name__)
 CKPT_FORMAT = "ctsynth-checkpoint-2"     # 2: per-step loss record instead of logged means
 KEEP_CHECKPOINTS = 2
 
-# train.* keys that change none of train's outputs (weights, losses.csv, snapshots): they are not
-# params of the train stage in dvc.yaml (tests/test_dvc_deps.py holds dvc.yaml to this).
-RUN_ONLY_KEYS = frozenset({"checkpoint_every", "log_every", "resume", "num_workers", "rdzv_endpoint"})
-# ... and the keys that do not change the weights either (nproc, nnodes and device enter the
-# fingerprint resolved, as world size and device type): everything else must match to resume.
-_NOT_TRAJECTORY = RUN_ONLY_KEYS | {"nproc", "nnodes", "device", "snapshot_at", "snapshot_count"}
+# train.* keys that do not shape the weights, declared with `not_in_fingerprint` next to their
+# fields in ctsynth.core.config (nproc, nnodes and device enter the fingerprint resolved, as world
+# size and device type): every other train key must match to resume. Keys that change none of
+# train's outputs are not in `train` at all but in `train_run` (not hashed, not a DVC param).
+NOT_IN_FINGERPRINT = fingerprint_exempt(TrainCfg)
 
 
 def run_fingerprint(params, data_fp: str, world: int, device: torch.device, precision: str) -> str:
     """Hash of everything that shapes the trained weights -- params, data, world size, device,
     precision and the training code itself -- so a run resumes only into the same run."""
-    tr = {k: v for k, v in to_dict(params.train).items() if k not in _NOT_TRAJECTORY}
+    tr = {k: v for k, v in to_dict(params.train).items() if k not in NOT_IN_FINGERPRINT}
     if params.train.lr_decay_start is None:
         tr.pop("iterations")                 # no decay: more iterations = the same run, longer
     blob = {"seed": params.seed, "model": to_dict(params.model), "train": tr, "data": data_fp,

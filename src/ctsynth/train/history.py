@@ -1,6 +1,6 @@
 """The training's loss record: every step's six numbers, kept on the device (no host sync per
 step), averaged over ranks when read, and written as ``losses.csv`` at a resolution that depends
-only on ``train.iterations`` -- never on ``train.log_every`` -- so the table is a pure function of
+only on ``train.iterations`` -- never on ``train_run.log_every`` -- so the table is a pure function of
 the trajectory: an interrupted-and-resumed run writes the same bytes as an uninterrupted one,
 and changing how often the console/MLflow log does not make the trained outputs stale.
 """

@@ -8,7 +8,7 @@
 ``train.iterations`` counts generator steps. World size 1 runs the very same code without a
 process group. Rank 0 alone writes files and talks to MLflow. SIGTERM / SIGINT (also when
 forwarded by torchrun or DVC) finish the current step, save a checkpoint and exit with
-128 + signal; rerunning resumes from it (``train.resume: auto``) and ends with the weights an
+128 + signal; rerunning resumes from it (``train_run.resume: auto``) and ends with the weights an
 uninterrupted run gets (on CPU).
 """
 from __future__ import annotations
@@ -124,8 +124,8 @@ def _prepare(params: Params, d: Dist, processed_dir: Path, split_path: Path) -> 
 
 def _resume(job: _Job, ckpt_dir: Path) -> dict:
     """Load the newest checkpoint of this fingerprint into the job; the loop's starting state."""
-    cfg = job.params.train
-    state = load_latest_checkpoint(ckpt_dir, job.fingerprint, cfg.iterations) if cfg.resume == "auto" else None
+    cfg, steer = job.params.train, job.params.train_run
+    state = load_latest_checkpoint(ckpt_dir, job.fingerprint, cfg.iterations) if steer.resume == "auto" else None
     if state is None:
         if job.d.is_main:                      # e.g. a longer run's checkpoints after lowering iterations
             for old in ckpt_files(ckpt_dir):
@@ -148,7 +148,7 @@ def _open_tracking(job: _Job, run_file: Path, split_path: Path, state: dict, his
             tracker = tracking.open_run(job.params, run_file, resume_run_id=state["mlflow_run_id"],
                                         split_path=split_path, data_hash=job.data_hash)
             if tracker.active and tracker.run_id != state["mlflow_run_id"]:   # new run: replay losses
-                every = job.params.train.log_every
+                every = job.params.train_run.log_every
                 for s in range(every, state["step"] + 1, every):
                     tracker.log_metrics(hist.mean(s - every, s), s)
             tracker.set_tags({"ctsynth.world_size": job.d.world, "ctsynth.device": str(job.d.device),
@@ -202,20 +202,20 @@ def run(params: Params, processed_dir: str | Path, split_path: str | Path, out_m
 
 def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step: int, ckpts: Path,
           reports_dir: Path, stop_after: int | None) -> TrainResult:
-    cfg, d = job.params.train, job.d
+    cfg, steer, d = job.params.train, job.params.train_run, job.d
     Gm, Dm, Dg = d.wrap(job.G), d.wrap(job.D), job.D          # Dg: G's step calls D unwrapped
     if cfg.compile:
         Gm, Dm, Dg = torch.compile(Gm), torch.compile(Dm), torch.compile(Dg)
     amp, augment = autocast(job.precision, d.device), build_augment(cfg.augment)   # augment: on the device
     sampler = DistributedSampler(job.ds, num_replicas=d.world, rank=d.rank, shuffle=True,
                                  seed=job.params.seed, drop_last=True)
-    batches = train_batches(job.ds, sampler, job.batch, step, num_workers=cfg.num_workers,
+    batches = train_batches(job.ds, sampler, job.batch, step, num_workers=steer.num_workers,
                             pin_memory=d.device.type == "cuda")
     if d.is_main:
         snaps.start(job.G, step)
         hist.write(reports_dir / "losses.csv", step, cfg.iterations, lambda s: _lrs(s, cfg))
     first_bad = torch.full((len(LOSS_NAMES),), -1, dtype=torch.long, device=d.device)
-    poll_every = 1 if d.device.type == "cpu" else cfg.log_every     # GPU: no host sync per step
+    poll_every = 1 if d.device.type == "cpu" else steer.log_every     # GPU: no host sync per step
     last_log, t_log, interrupted = step, time.perf_counter(), 0
     with StopFlag() as flag:
         while step < cfg.iterations:
@@ -230,8 +230,8 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses), step, first_bad)
             if stop_after is not None and step >= stop_after and not flag.signum:
                 flag.signum = signal.SIGTERM
-            log_now = step % cfg.log_every == 0 or step == cfg.iterations
-            ckpt_now = step % cfg.checkpoint_every == 0 or step == cfg.iterations
+            log_now = step % steer.log_every == 0 or step == cfg.iterations
+            ckpt_now = step % steer.checkpoint_every == 0 or step == cfg.iterations
             if step % poll_every == 0 or log_now or ckpt_now:          # every rank stops at one step
                 interrupted = flag.agreed(d)
             if not (log_now or ckpt_now or interrupted or step in snaps.steps):
