@@ -10,7 +10,7 @@ metrics), ``per_case.csv``, ``per_structure.csv``, ``privacy.csv``, ``shareable.
 The metrics reach MLflow through the report stage, which logs them with the report into the
 training run.
 """
-from ctsynth.core.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, add_output, add_path, stage_main
 
 
 def main(args, params):
@@ -23,9 +23,9 @@ def main(args, params):
 
 def add_args(p):
     add_inputs(p, "processed", "split", "generated", "segmenter")
-    p.add_argument("--utility", default=None, help="the utility stage's reports/utility.json, merged into "
-                                                   "metrics.json / metrics_ci.json (optional)")
-    p.add_argument("--out", default="reports", help="metrics and tables; default reports")
+    add_path(p, "utility", optional=True, help="the utility stage's results, merged into metrics.json / "
+                                               "metrics_ci.json")
+    add_output(p, "reports")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Writes ``data/generated/``: ``fake.npy`` + ``index.npy`` (aligned with the proce
     python stages/generate.py --model models/generator.pt --processed data/processed \\
         --split data/split.json --interim data/interim --out data/generated
 """
-from ctsynth.core.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, add_output, stage_main
 
 
 def main(args, params):
@@ -19,7 +19,7 @@ def main(args, params):
 
 def add_args(p):
     add_inputs(p, "model", "processed", "split", "interim")
-    p.add_argument("--out", default="data/generated", help="output folder (replaced atomically)")
+    add_output(p, "generated", help="generated test set, replaced atomically")
 
 
 if __name__ == "__main__":

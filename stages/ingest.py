@@ -4,7 +4,7 @@ to canonical RAS+, map label values through ``data.label_map`` and write
 
     python stages/ingest.py --out data/interim
 """
-from ctsynth.core.runner import stage_main
+from ctsynth.core.runner import add_output, stage_main
 
 
 def main(args, params):
@@ -15,12 +15,8 @@ def main(args, params):
 
 def add_args(p):
     p.add_argument("--raw", default=None, help="folder of pairs (default: data.raw_dir)")
-    p.add_argument("--out", default="data/interim")
-
-
-def cli(argv=None):
-    stage_main("ingest", main, __doc__, add_args=add_args, argv=argv)
+    add_output(p, "interim")
 
 
 if __name__ == "__main__":
-    cli()
+    stage_main("ingest", main, __doc__, add_args=add_args)

@@ -4,7 +4,7 @@
 
     python stages/phantom.py --out data/phantom
 """
-from ctsynth.core.runner import stage_main
+from ctsynth.core.runner import add_output, stage_main
 
 
 def main(args, params):
@@ -13,10 +13,9 @@ def main(args, params):
     return 0
 
 
-def cli(argv=None):
-    stage_main("phantom", main, __doc__, argv=argv,
-               add_args=lambda p: p.add_argument("--out", default="data/phantom"))
+def add_args(p):
+    add_output(p, "phantom")
 
 
 if __name__ == "__main__":
-    cli()
+    stage_main("phantom", main, __doc__, add_args=add_args)

@@ -3,7 +3,7 @@ masks in memory-mapped arrays (``data/processed``).
 
     python stages/preprocess.py --interim data/interim --out data/processed
 """
-from ctsynth.core.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, add_output, stage_main
 
 
 def main(args, params):
@@ -14,12 +14,8 @@ def main(args, params):
 
 def add_args(p):
     add_inputs(p, "interim")
-    p.add_argument("--out", default="data/processed")
-
-
-def cli(argv=None):
-    stage_main("preprocess", main, __doc__, add_args=add_args, argv=argv)
+    add_output(p, "processed")
 
 
 if __name__ == "__main__":
-    cli()
+    stage_main("preprocess", main, __doc__, add_args=add_args)

@@ -4,7 +4,8 @@ Reads (all optional except params): reports/metrics.json, metrics_notes.json, pe
 per_structure.csv, privacy.csv, utility.csv; data/generated/grids; data/processed/meta.json; data/split.json;
 data/interim/manifest.csv; reports/train/losses.csv and snapshots; data/synthetic (one
 synthetic case). It renders files only: it never loads or runs a model. Writes
-reports/report.html and reports/figures/*.png atomically, then logs them with all metrics into the training run named in --run-file (if tracking is on).
+reports/report.html and reports/figures/*.png atomically, then logs them with all metrics into
+the training run named in --run-file (if tracking is on).
 
     python stages/report.py --out reports/report.html --figures reports/figures \\
         [--run-file models/mlflow_run.json]
@@ -12,7 +13,7 @@ reports/report.html and reports/figures/*.png atomically, then logs them with al
 import logging
 from pathlib import Path
 
-from ctsynth.core.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, add_output, add_path, stage_main
 
 log = logging.getLogger("ctsynth.report.html")
 
@@ -28,20 +29,19 @@ def main(args, params):
         log.info("no MLflow run file (%s): report not logged to MLflow", args.run_file)
         return 0
     from ctsynth.core.tracking import log_evaluation
+    from ctsynth.evaluate.registry import Results
 
-    # metrics.json + its intervals as <metric>_ci95_lo/_hi, the report and its figures
-    log_evaluation(args.run_file, params, report.logged_numbers(Path(args.reports) / "metrics.json"), files)
+    # every metric and interval under its registry name (headline first), the report and its figures
+    results = Results.read(Path(args.reports))
+    log_evaluation(args.run_file, params, results.mlflow() if results else {}, files)
     return 0
 
 
 def add_args(p):
-    p.add_argument("--reports", default="reports", help="evaluate outputs (metrics.json, csv files)")
-    add_inputs(p, "generated", "processed", "split", "synthetic")
-    p.add_argument("--manifest", default="data/interim/manifest.csv")
-    p.add_argument("--train-reports", default="reports/train", help="losses.csv and snapshots/")
-    p.add_argument("--out", default="reports/report.html")
-    p.add_argument("--figures", default="reports/figures")
-    p.add_argument("--run-file", default=None, help="MLflow run file written by train (optional)")
+    add_inputs(p, "reports", "generated", "processed", "split", "synthetic", "manifest", "train_reports")
+    add_output(p, "report")
+    add_output(p, "figures", "--figures")
+    add_path(p, "run_file", optional=True, help="MLflow run file written by train: log the report there")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """segmenter stage: a small UNet trained on REAL training slices -> ``models/segmenter.pt``.
 
 Its encoder features give ``fd_seg``/``kid_seg`` and its predictions the segmentation-consistency
-Dice in the evaluate stage (see ``ctsynth.segmenter``).
+Dice in the evaluate stage (see ``ctsynth.evaluate.segmenter``).
 
     python stages/segmenter.py --processed data/processed --split data/split.json --out models/segmenter.pt
 """
-from ctsynth.core.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, add_output, stage_main
 
 
 def main(args, params):
@@ -16,7 +16,7 @@ def main(args, params):
 
 def add_args(p):
     add_inputs(p, "processed", "split")
-    p.add_argument("--out", default="models/segmenter.pt", help="segmenter file; default models/segmenter.pt")
+    add_output(p, "segmenter")
 
 
 if __name__ == "__main__":

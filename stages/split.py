@@ -2,7 +2,7 @@
 
     python stages/split.py --processed data/processed --out data/split.json
 """
-from ctsynth.core.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, add_output, stage_main
 
 
 def main(args, params):
@@ -13,12 +13,8 @@ def main(args, params):
 
 def add_args(p):
     add_inputs(p, "processed")
-    p.add_argument("--out", default="data/split.json")
-
-
-def cli(argv=None):
-    stage_main("split", main, __doc__, add_args=add_args, argv=argv)
+    add_output(p, "split")
 
 
 if __name__ == "__main__":
-    cli()
+    stage_main("split", main, __doc__, add_args=add_args)

@@ -9,7 +9,7 @@ each CT slice is drawn by the generator. The folder is replaced atomically.
     python stages/synthesize.py --model models/generator.pt --interim data/interim \\
         --split data/split.json --out data/synthetic
 """
-from ctsynth.core.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, add_output, stage_main
 
 
 def main(args, params):
@@ -21,7 +21,7 @@ def main(args, params):
 
 def add_args(p):
     add_inputs(p, "model", "interim", "split")
-    p.add_argument("--out", default="data/synthetic", help="output folder (replaced atomically)")
+    add_output(p, "synthetic", help="synthetic labelled cases, replaced atomically")
 
 
 if __name__ == "__main__":

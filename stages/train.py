@@ -4,7 +4,7 @@
 
 With ``train.nproc`` > 1 (GPUs, or CPU processes with gloo) this script starts itself under
 ``torchrun --standalone``; with ``train.nnodes`` > 1 under torchrun's c10d rendezvous at
-``train.rdzv_endpoint`` (run the same command on every node).
+``train_run.rdzv_endpoint`` (run the same command on every node).
 
 Writes the generator (weights + model config + preprocessing, no params.yaml needed to run it),
 reports/train/losses.csv and evolution snapshots, and the MLflow run id for the later stages.
@@ -17,24 +17,24 @@ from __future__ import annotations
 import os
 import sys
 
-from ctsynth.core.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, add_output, stage_main
 
 
 def add_args(parser) -> None:
     add_inputs(parser, "processed", "split")
-    parser.add_argument("--model", default="models/generator.pt", help="output generator file")
-    parser.add_argument("--checkpoints", default="models/checkpoints",
-                        help="checkpoint working folder; relative to the project root ($DVC_ROOT)")
-    parser.add_argument("--reports", default="reports/train", help="losses.csv and snapshots/")
-    parser.add_argument("--run-file", default="models/mlflow_run.json", help="MLflow run id file")
+    add_output(parser, "model", "--model")
+    add_output(parser, "checkpoints", "--checkpoints",
+               help="checkpoint working folder; relative to the project root ($DVC_ROOT)")
+    add_output(parser, "train_reports", "--reports")
+    add_output(parser, "run_file", "--run-file")
 
 
 def main(args, params) -> int:
-    from ctsynth.train.distributed import torchrun_argv
     from ctsynth.core.io import project_root
+    from ctsynth.train.distributed import torchrun_argv
 
     cfg = params.train
-    argv = torchrun_argv(cfg.nproc, cfg.nnodes, cfg.rdzv_endpoint, __file__, sys.argv[1:])
+    argv = torchrun_argv(cfg.nproc, cfg.nnodes, params.train_run.rdzv_endpoint, __file__, sys.argv[1:])
     if argv:                                   # become torchrun: signals reach it directly
         sys.stdout.flush()
         sys.stderr.flush()

@@ -4,12 +4,12 @@ The segmenter (same architecture, budget and seed as the segmenter stage) traine
 slices only (the segmenter stage's model, reused), on ``data/synthetic`` only, and on both; Dice
 per structure on the *real* test slices with patient-level 95 % intervals. Writes
 ``reports/utility.json`` (merged into ``metrics.json`` by the evaluate stage) and
-``reports/utility.csv`` (the report's bar chart). See ``ctsynth.utility``.
+``reports/utility.csv`` (the report's bar chart). See ``ctsynth.evaluate.utility``.
 
     python stages/utility.py --synthetic data/synthetic --processed data/processed \\
         --split data/split.json --segmenter models/segmenter.pt --out reports/utility.json
 """
-from ctsynth.core.runner import add_inputs, stage_main
+from ctsynth.core.runner import add_inputs, add_output, stage_main
 
 
 def main(args, params):
@@ -21,8 +21,8 @@ def main(args, params):
 
 def add_args(p):
     add_inputs(p, "synthetic", "processed", "split", "segmenter")
-    p.add_argument("--out", default="reports/utility.json", help="metrics, intervals and notes (JSON)")
-    p.add_argument("--table", default="reports/utility.csv", help="per model and structure Dice (CSV)")
+    add_output(p, "utility")
+    add_output(p, "utility_table", "--table")
 
 
 if __name__ == "__main__":

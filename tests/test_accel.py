@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ctsynth.core import accel
+
 CPU = torch.device("cpu")
 
 

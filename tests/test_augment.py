@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import make_store, tiny_params
-from ctsynth.data.augment import AUGMENTS, build_augment
 from ctsynth.core.config import params_from_dict
 from ctsynth.core.errors import ConfigError
 from ctsynth.core.labels import encode_condition
+from ctsynth.data.augment import AUGMENTS, build_augment
 from ctsynth.train.loop import run as train
 
 

@@ -6,8 +6,16 @@ import pytest
 import torch
 from piq.kid import _mmd2_and_variance, _polynomial_kernel
 
-from ctsynth.evaluate.bootstrap import (cluster_weights, dice_replicates, frechet_replicates, kid_replicates,
-                               percentile_interval, pooled_ratio, resample_weights, weighted_mean)
+from ctsynth.evaluate.bootstrap import (
+    cluster_weights,
+    dice_replicates,
+    frechet_replicates,
+    kid_replicates,
+    percentile_interval,
+    pooled_ratio,
+    resample_weights,
+    weighted_mean,
+)
 from ctsynth.evaluate.metrics import DiceAccumulator, frechet_distance, frechet_distance_weighted, kernel_distance
 
 GROUPS = np.array(["a"] * 5 + ["b"] * 3 + ["c"] * 8 + ["d"] * 4)     # 4 patients, 20 slices

@@ -105,23 +105,6 @@ def test_condition_encodings():
     np.testing.assert_array_equal(wh[0], [[0, 1], [1, 1]])
 
 
-def test_stage_input_defaults_are_the_paths_dvc_yaml_passes():
-    """Running a stage script by hand with no path arguments reads what `dvc repro` would."""
-    from ctsynth.core.runner import STAGE_INPUTS
-
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    seen = set()
-    for name, stage in stages.items():
-        words = stage["cmd"].split()
-        for flag, value in zip(words, words[1:]):
-            if flag.startswith("--") and flag[2:] in STAGE_INPUTS and (REPO / "stages" / f"{name}.py").exists():
-                source = (REPO / "stages" / f"{name}.py").read_text()
-                if f'"{flag[2:]}"' in source:                     # declared through add_inputs
-                    assert value == STAGE_INPUTS[flag[2:]][0], (name, flag, value)
-                    seen.add(flag[2:])
-    assert seen == set(STAGE_INPUTS)
-
-
 def test_code_defaults_are_params_yaml():
     """One source of truth: every dataclass default equals params.yaml's value, so code that
     builds Params() (tests, the CLI's defaults, library callers) runs the documented default."""

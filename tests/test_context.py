@@ -6,13 +6,10 @@ import pytest
 import torch
 
 from conftest import make_store, tiny_params
-from ctsynth.core import io as cio
-from ctsynth.data import masks
-from ctsynth.synth import generate as gen
-from ctsynth.synth import inference
-from ctsynth.data.store import ProcessedStore, SliceDataset, condition_batch, context_masks, neighbour_rows
 from ctsynth.core.errors import ConfigError, InputError
 from ctsynth.core.labels import STRUCTURES, encode_condition
+from ctsynth.data.store import ProcessedStore, SliceDataset, condition_batch, context_masks, neighbour_rows
+from ctsynth.synth import inference
 from ctsynth.train.networks import build_generator, save_generator
 from test_generate import SIZE, WINDOW, make_world, run_stage
 

@@ -9,10 +9,10 @@ import torch
 
 from conftest import REPO
 from corpus import write_case
-from ctsynth.data import ingest
 from ctsynth.core.config import params_from_dict
-from ctsynth.train.distributed import Dist
 from ctsynth.core.labels import STRUCTURES
+from ctsynth.data import ingest
+from ctsynth.train.distributed import Dist
 from ctsynth.train.history import LossHistory
 
 CONTRACTS = (REPO / "docs" / "contracts.md").read_text()

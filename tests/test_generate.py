@@ -12,14 +12,14 @@ import pytest
 
 from conftest import REAL_CT, tiny_params
 from ctsynth.core import io as cio
-from ctsynth.data import masks
-from ctsynth.synth import generate as gen
-from ctsynth.synth import inference
-from ctsynth.data.store import ProcessedStore
 from ctsynth.core.errors import ConfigError, InputError, ModelFileError
 from ctsynth.core.labels import MMWHS_LABEL_MAP, STRUCTURES
-from ctsynth.train.networks import build_generator, save_generator
+from ctsynth.data import masks
 from ctsynth.data.preprocess import kept_indices, prepare_slice
+from ctsynth.data.store import ProcessedStore
+from ctsynth.synth import generate as gen
+from ctsynth.synth import inference
+from ctsynth.train.networks import build_generator, save_generator
 
 SIZE = 32
 WINDOW = [-1000.0, 1000.0]
@@ -281,7 +281,7 @@ def test_mask_without_known_labels(ao_model, tmp_path):
 @pytest.mark.parametrize("shape", [(20, 20), (20, 20, 4, 2)])
 def test_mask_wrong_dimensionality(ao_model, tmp_path, shape):
     mask = _mask(tmp_path / f"mask{len(shape)}d.nii.gz", np.full(shape, 820, np.uint16))
-    with pytest.raises(InputError, match=r"mask%dd.nii.gz.*3-D" % len(shape)):
+    with pytest.raises(InputError, match=rf"mask{len(shape)}d.nii.gz.*3-D"):
         inference.generate_file(ao_model, mask, tmp_path / "o.nii.gz")
 
 

@@ -12,10 +12,11 @@ import yaml
 
 from conftest import REPO, load_stage
 from corpus import AFFINE, BAD_INPUTS, volumes, write_case
-from ctsynth.data import ingest
 from ctsynth.core.config import params_from_dict
 from ctsynth.core.errors import InputError
 from ctsynth.core.labels import structure_index
+from ctsynth.core.runner import stage_main
+from ctsynth.data import ingest
 
 
 def params_for(raw, **data):
@@ -26,8 +27,10 @@ def run_stage(tmp_path, raw, out, capsys, **data) -> tuple[int, str]:
     """Run the real stage entry point in-process; return (exit code, stderr)."""
     pfile = tmp_path / "params.yaml"
     pfile.write_text(yaml.safe_dump({"data": {"source": "nifti", "raw_dir": str(raw), **data}}))
+    stage = load_stage("ingest")
     with pytest.raises(SystemExit) as exit_info:
-        load_stage("ingest").cli(["--params", str(pfile), "--out", str(out)])
+        stage_main("ingest", stage.main, stage.__doc__, add_args=stage.add_args,
+                   argv=["--params", str(pfile), "--out", str(out)])
     return exit_info.value.code, capsys.readouterr().err
 
 

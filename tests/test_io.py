@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 
 from ctsynth.core.errors import InputError
-from ctsynth.core.io import (atomic_dir, atomic_file, load_nifti, overlap_fraction, resample_nearest,
-                        save_nifti, write_json)
+from ctsynth.core.io import (
+    atomic_dir,
+    atomic_file,
+    load_nifti,
+    overlap_fraction,
+    resample_nearest,
+    save_nifti,
+    write_json,
+)
 
 
 def test_atomic_file_keeps_old_content_on_failure(tmp_path):

@@ -7,12 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from ctsynth.data.store import ProcessedStore
 from ctsynth.core.errors import MetricUnavailable
+from ctsynth.data.store import ProcessedStore
+from ctsynth.evaluate.metrics import (
+    DiceAccumulator,
+    FeatureBank,
+    PairedAccumulator,
+    dice_scores,
+    frechet_distance,
+    frechet_distance_weighted,
+    kernel_distance,
+    per_slice_metrics,
+    reported_structures,
+)
 from ctsynth.evaluate.registry import METRICS, definition
-from ctsynth.evaluate.metrics import (DiceAccumulator, FeatureBank, PairedAccumulator,
-                             dice_scores, frechet_distance, frechet_distance_weighted,
-                             kernel_distance, per_slice_metrics, reported_structures)
 
 WINDOW = [-1000.0, 1000.0]
 STRUCTS = ["Myo", "LA", "LV", "RA", "RV", "Ao", "PA"]

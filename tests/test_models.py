@@ -6,9 +6,17 @@ import torch
 
 from ctsynth.core.config import ModelCfg
 from ctsynth.core.errors import ModelFileError
-from ctsynth.train.networks import (Generator, PatchDiscriminator, build_discriminator, build_generator,
-                            _generator_footprint, count_parameters, load_generator, receptive_field,
-                            save_generator)
+from ctsynth.train.networks import (
+    Generator,
+    PatchDiscriminator,
+    _generator_footprint,
+    build_discriminator,
+    build_generator,
+    count_parameters,
+    load_generator,
+    receptive_field,
+    save_generator,
+)
 
 PAPER = ModelCfg(gen_depth=7, ngf=64, ndf=64, disc_layers=4, skip_connections=False)
 META = {"image_size": 32, "hu_window": [-1000.0, 1000.0], "structures": ["LV", "Ao"],

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_fill_holes
 
-from ctsynth.data import phantom
 from ctsynth.core.errors import ConfigError
 from ctsynth.core.labels import MMWHS_LABEL_MAP
+from ctsynth.data import phantom
 
 SMALL = (48, 48, 16)
 SPACING = (2.6, 2.6, 4.0)

@@ -228,7 +228,8 @@ def test_experiment_loop_compare_switch_back_queue(repo, tmp_path):
     assert shown["l1-50"]["ssim"] != base["ssim"] and any(v and v["ssim"] == base["ssim"] for v in shown.values())
     diff = json.loads(sh(other, "dvc", "metrics", "diff", "HEAD", "l1-50", "--json").stdout)
     assert "ssim" in diff["reports/headline.json"]
-    assert "train.lambda_l1" in json.loads(sh(other, "dvc", "params", "diff", "HEAD", "l1-50", "--json").stdout)["params.yaml"]
+    params_diff = json.loads(sh(other, "dvc", "params", "diff", "HEAD", "l1-50", "--json").stdout)
+    assert "train.lambda_l1" in params_diff["params.yaml"]
     plots = json.loads(sh(other, "dvc", "plots", "diff", "HEAD", "l1-50", "--json").stdout)["data"]
     assert any(set(p.get("revisions", [])) == {"HEAD", "l1-50"} for v in plots.values() for p in v)
 

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 from corpus import write_case
-from ctsynth.data import ingest
-from ctsynth.data import preprocess
 from ctsynth.core.config import params_from_dict
-from ctsynth.data.store import ProcessedStore, SliceDataset
 from ctsynth.core.labels import structure_index
+from ctsynth.data import ingest, preprocess
+from ctsynth.data.store import ProcessedStore, SliceDataset
 
 
 def test_hu_roundtrip_and_clipping():

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctsynth.data.store import ProcessedStore
 from ctsynth.core.errors import ConfigError, InputError
+from ctsynth.data.store import ProcessedStore
 from ctsynth.evaluate.privacy import NearestTrainingSearch, PrivacyAccumulator, pairwise_ssim
 
 TRAIN, TEST = ("c1", "c2", "c3"), ("c4",)

@@ -8,8 +8,17 @@ import pytest
 
 from conftest import REPO
 from ctsynth.core.labels import STRUCTURES
-from ctsynth.evaluate.registry import (GROUPS, METRICS, SUFFIX, Interval, Results, definition, docs_markdown,
-                                       lookup, table_rows)
+from ctsynth.evaluate.registry import (
+    GROUPS,
+    METRICS,
+    SUFFIX,
+    Interval,
+    Results,
+    definition,
+    docs_markdown,
+    lookup,
+    table_rows,
+)
 
 
 def test_docs_metrics_md_is_the_registry():

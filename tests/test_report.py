@@ -13,13 +13,13 @@ import pytest
 
 from conftest import tiny_params
 from ctsynth.core.errors import InputError
-from ctsynth.report.figures import fig_condition_subsets
-from ctsynth.synth import synthesize
-from ctsynth.synth.generate import run as generate_test_set
 from ctsynth.core.labels import STRUCTURES
 from ctsynth.evaluate.registry import Interval, Results
+from ctsynth.report.figures import fig_condition_subsets
 from ctsynth.report.html import read_condition_subsets
 from ctsynth.report.html import run as build_report
+from ctsynth.synth import synthesize
+from ctsynth.synth.generate import run as generate_test_set
 from test_generate import make_world
 
 SECTIONS = ("summary", "metrics", "structures", "cases", "samples", "orthogonal", "subsets", "synthetic", "utility",
@@ -107,7 +107,8 @@ def test_full_report(tmp_path):
     names = sorted(p.name for p in files[1:])
     assert files[0].name == "report.html"
     assert {"losses.png", "d_accuracy.png", "privacy_hist.png", "condition_subsets.png", "utility.png",
-            "synthetic_synth_0001.png", "sample_p1.png", "evolution_step_0000050.png"} | {f"orthogonal_{c}.png" for c in test_cases} <= set(names)
+            "synthetic_synth_0001.png", "sample_p1.png", "evolution_step_0000050.png"} \
+        | {f"orthogonal_{c}.png" for c in test_cases} <= set(names)
     assert all(p.exists() for p in files)
 
 

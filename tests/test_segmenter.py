@@ -12,12 +12,12 @@ import torch
 import yaml
 
 from conftest import REPO, make_store, tiny_params
-from ctsynth.data.store import ProcessedStore
 from ctsynth.core.errors import MetricUnavailable, ModelFileError
-from ctsynth.evaluate.segmenter import SegFeatures, SegUNet, load_segmenter
-from ctsynth.evaluate.segmenter import run as train_segmenter
+from ctsynth.data.store import ProcessedStore
 from ctsynth.evaluate.inception import INCEPTION_REASON, InceptionFeatures, inception_module
 from ctsynth.evaluate.metrics import dice_scores, frechet_distance
+from ctsynth.evaluate.segmenter import Segmenter, SegUNet, load_segmenter
+from ctsynth.evaluate.segmenter import run as train_segmenter
 
 SPLIT = {"seed": 0, "train": ["c1", "c2", "c3"], "val": ["c4"], "test": ["c5"]}
 SEG = {"iterations": 60, "batch_size": 8, "width": 16, "lr": 0.003, "ema": 0.0}   # the plain last-step model
@@ -63,7 +63,7 @@ def test_trained_segmenter_beats_untrained(trained):
     root, store, _ = trained
     x, masks = _test_slices(store)                    # a case never seen in training
     torch.manual_seed(0)
-    untrained = SegFeatures(SegUNet(width=16))
+    untrained = Segmenter(SegUNet(width=16))
     labels = range(1, 8)
     before = np.mean(list(dice_scores(untrained.predict(x), masks, labels).values()))
     after = np.mean(list(dice_scores(load_segmenter(root / "seg.pt").predict(x), masks, labels).values()))

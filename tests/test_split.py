@@ -7,9 +7,9 @@ import re
 import pytest
 
 from conftest import make_store
-from ctsynth.data import split
 from ctsynth.core.config import params_from_dict
 from ctsynth.core.errors import ConfigError, InputError
+from ctsynth.data import split
 
 CASES = [f"c{i}" for i in range(10)]
 

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 
 from conftest import tiny_params
-from ctsynth.data import ingest
-from ctsynth.synth import synthesize as syn
 from ctsynth.core.config import SynthesizeCfg, params_from_dict
 from ctsynth.core.errors import ConfigError, InputError, ModelFileError
-from ctsynth.synth.inference import MaskToCT, load_model
 from ctsynth.core.labels import MMWHS_LABEL_MAP, STRUCTURES
+from ctsynth.data import ingest
+from ctsynth.synth import synthesize as syn
+from ctsynth.synth.inference import MaskToCT, load_model
 from test_generate import make_world, save_tiny_model
 
 SPACING = (2.0, 2.0, 3.0)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import make_store
-from ctsynth.evaluate import throughplane as tp
 from ctsynth.data.store import ProcessedStore
+from ctsynth.evaluate import throughplane as tp
 
 WINDOW = (-1000.0, 1000.0)
 LABELS = {1: "Myo", 3: "LV"}

@@ -17,8 +17,8 @@ import torch
 from conftest import make_store, tiny_params
 from ctsynth.core import tracking
 from ctsynth.core.errors import TrainingError
-from ctsynth.train.networks import load_generator
 from ctsynth.train.loop import run as train
+from ctsynth.train.networks import load_generator
 
 SPLIT = {"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}
 

@@ -18,10 +18,10 @@ import yaml
 from conftest import REPO, make_store, tiny_params
 from ctsynth.core.config import TrainRunCfg, to_dict
 from ctsynth.core.errors import ConfigError, InputError, TrainingError
-from ctsynth.train.networks import build_discriminator, build_generator, load_generator
 from ctsynth.train.gan import gan_step, lr_factor, make_optimizer
 from ctsynth.train.history import LOSS_NAMES
 from ctsynth.train.loop import run as train
+from ctsynth.train.networks import build_discriminator, build_generator, load_generator
 
 SPLIT = {"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}
 

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from conftest import tiny_params
-from ctsynth.evaluate import segmenter
-from ctsynth.synth import synthesize
-from ctsynth.evaluate import utility
 from ctsynth.core.errors import InputError
+from ctsynth.evaluate import segmenter, utility
 from ctsynth.evaluate.registry import Results
 from ctsynth.evaluate.stage import merge_utility
+from ctsynth.synth import synthesize
 from test_generate import make_world
 
 LABELS = {1: "Myo", 3: "LV"}

@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from ctsynth.core.config import Params, PhantomCfg, SynthesizeCfg
+from ctsynth.core.paths import pipeline_path
 from ctsynth.core.runner import guarded, setup_logging
 
 
@@ -104,7 +105,7 @@ measures the GPU. The full run takes about 10 minutes on 2 CPU cores; --quick ab
 
 def _model_options(p: argparse.ArgumentParser, structures_help: str) -> None:
     """--model, --structures and --label-map: the trained generator and how masks map onto it."""
-    p.add_argument("--model", default="models/generator.pt", help="trained generator file")
+    p.add_argument("--model", default=pipeline_path("model"), help="trained generator file")
     p.add_argument("--structures", nargs="+", default=None,
                    help=f"{structures_help} (default: those the model was trained with)")
     p.add_argument("--label-map", default=None,

@@ -64,8 +64,8 @@ def child(spec: dict) -> None:
     extra = {"import_rss_mb": peak_rss_mb()}
     params = load_params(spec["params"]) if spec.get("params") else Params()
     if spec["what"] == "train":                       # the default path's step loop, paper batch
-        from ctsynth.core.accel import sync
         from ctsynth.bench.training import default_path, make_trainer, paper_preset
+        from ctsynth.core.accel import sync
         step = make_trainer(default_path(params, device), spec["size"], spec["batch"], device, spec["model"],
                             paper_preset()[1])
         for _ in range(spec["steps"]):
@@ -74,8 +74,8 @@ def child(spec: dict) -> None:
     else:                                             # the evaluate stage on a synthetic test set
         import pandas as pd
 
-        from ctsynth.evaluate import stage as evaluate
         from ctsynth.data.store import ProcessedStore
+        from ctsynth.evaluate import stage as evaluate
         from ctsynth.evaluate.segmenter import SegUNet, save_segmenter
         root, w = Path(spec["root"]), params.segmenter.width
         cases = sorted(pd.read_csv(root / "processed" / "slices.csv", dtype={"case": str})["case"].unique())

@@ -35,10 +35,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctsynth.core.accel import clock, gemm_gflops, machine_info, pick_device
 from ctsynth.bench.memory import bench_memory
-from ctsynth.bench.training import (BASELINE, EXTRA_PATHS, STRUCTURES, TrainPath, default_path, extra_path,  # noqa: F401
-                          make_trainer, paper_preset, synthetic_slices, write_store)
+from ctsynth.bench.training import (  # noqa: F401
+    BASELINE,
+    EXTRA_PATHS,
+    STRUCTURES,
+    TrainPath,
+    default_path,
+    extra_path,
+    make_trainer,
+    paper_preset,
+    synthetic_slices,
+    write_store,
+)
+from ctsynth.core.accel import clock, gemm_gflops, machine_info, pick_device
 from ctsynth.core.config import Params, load_params
 from ctsynth.core.io import write_json
 
@@ -114,8 +124,8 @@ def bench_train(paths: list[TrainPath], size: int, batch: int, repeats: int, dev
 
 def bench_generate(size: int, batch: int, repeats: int, device, model, n_batches: int = 2) -> dict:
     """Slices/s through :class:`ctsynth.synth.inference.MaskToCT` (inference_mode, channels_last)."""
-    from ctsynth.synth.inference import MaskToCT
     from ctsynth.core.labels import condition_channels
+    from ctsynth.synth.inference import MaskToCT
     from ctsynth.train.networks import build_generator
 
     torch.manual_seed(0)
@@ -133,8 +143,7 @@ def bench_loader(store_dir: Path, batch: int, repeats: int, params: Params, devi
     """Slices/s of the training input path: SliceDataset + the train stage's DataLoader."""
     from torch.utils.data import DistributedSampler
 
-    from ctsynth.data.store import ProcessedStore, SliceDataset
-    from ctsynth.data.store import train_batches
+    from ctsynth.data.store import ProcessedStore, SliceDataset, train_batches
 
     store = ProcessedStore(store_dir)
     ds = SliceDataset(store, np.arange(len(store.slices)), paper_preset()[0]["encoding"])

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from ctsynth.core.presets import PRESETS_DIR, expand
 PAPER_PRESET = PRESETS_DIR / "paper.yaml"
 
 
-@lru_cache(maxsize=None)
+@cache
 def paper_preset() -> tuple[dict, dict]:
     """(model section, optimiser settings) of ``params/paper.yaml`` expanded onto the defaults,
     as ``ctsynth preset paper`` expands it: the bench times exactly the paper preset's
@@ -116,10 +117,10 @@ def write_store(root: Path, n: int, size: int, cases: int = 8) -> Path:
 
 def make_trainer(path: TrainPath, size: int, batch: int, device: torch.device, model: dict, hp: dict):
     """A closure running one real ``gan_step`` of the paper GAN on ``path``."""
-    from ctsynth.data.store import condition_batch
     from ctsynth.core.labels import condition_channels
-    from ctsynth.train.networks import build_discriminator, build_generator
+    from ctsynth.data.store import condition_batch
     from ctsynth.train.gan import gan_step, make_optimizer
+    from ctsynth.train.networks import build_discriminator, build_generator
 
     torch.manual_seed(0)
     in_ch = condition_channels(STRUCTURES, model["encoding"])

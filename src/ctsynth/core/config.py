@@ -14,13 +14,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
 from ctsynth.core.errors import ConfigError
 from ctsynth.core.labels import ALL_CONDITIONS, MMWHS_LABEL_MAP, parse_label_map
-
 
 # ------------------------------------------------------------------- roles of the train keys
 # Every `train.*` key is a DVC param of the train stage (dvc.yaml lists the whole section): it
@@ -73,7 +72,7 @@ class SplitCfg:
     train: float = 0.6
     val: float = 0.2
     test: float = 0.2
-    cases: Optional[dict] = None                     # explicit {train: [...], val: [...], test: [...]}
+    cases: dict | None = None                        # explicit {train: [...], val: [...], test: [...]}
 
 
 @dataclass
@@ -108,7 +107,7 @@ class TrainCfg:
     beta2: float = 0.999
     lambda_l1: float = 100.0
     augment: Literal["none", "affine", "affine+intensity"] = "affine"  # paired batch augmentation (ctsynth.augment)
-    lr_decay_start: Optional[float] = None           # fraction of iterations where linear decay to 0 starts
+    lr_decay_start: float | None = None              # fraction of iterations where linear decay to 0 starts
     sync_bn: bool = False
     snapshot_at: list = not_in_fingerprint(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
     snapshot_count: int = not_in_fingerprint(4)      # validation masks in the evolution grid
@@ -122,7 +121,7 @@ class TrainRunCfg:
     log_every: int = 25                              # steps between console/MLflow loss logs
     resume: Literal["auto", "never"] = "auto"
     num_workers: int = 0                             # DataLoader workers (memmap reads are cheap)
-    rdzv_endpoint: Optional[str] = None              # host:port of the rendezvous (train.nnodes > 1)
+    rdzv_endpoint: str | None = None                 # host:port of the rendezvous (train.nnodes > 1)
 
 
 @dataclass
@@ -154,10 +153,10 @@ class SynthesizeCfg:
 
 @dataclass
 class EvaluateCfg:
-    inception_weights: Optional[str] = "auto"        # auto: standard FID weights (torch hub cache / download) | file | null
+    inception_weights: str | None = "auto"           # auto: standard FID weights (hub cache/download) | file | null
     batch_size: int = 32
     kid_subset_size: int = 50
-    bootstrap: int = 1000                            # patient-level bootstrap resamples for the 95 % intervals (0: none)
+    bootstrap: int = 1000                            # patient-level bootstrap resamples, 95 % intervals (0: none)
 
 
 @dataclass
@@ -169,10 +168,10 @@ class PrivacyCfg:
 
 @dataclass
 class TrackingCfg:
-    uri: Optional[str] = None                        # default: sqlite:///<repo>/mlflow.db
+    uri: str | None = None                           # default: sqlite:///<repo>/mlflow.db
     experiment: str = "ctsynth"
     log_model: bool = True
-    registered_model: Optional[str] = None           # register each trained generator under this name
+    registered_model: str | None = None              # register each trained generator under this name
     enabled: bool = True                             # false: no MLflow at all (offline, fast tests)
 
 

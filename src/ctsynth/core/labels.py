@@ -18,6 +18,7 @@ import numpy as np
 from ctsynth.core.errors import ConfigError
 
 STRUCTURES: tuple[str, ...] = ("Myo", "LA", "LV", "RA", "RV", "Ao", "PA")
+N_CLASSES = len(STRUCTURES) + 1       # background + the structures: the values of an index mask
 WH = "WH"
 ALL_CONDITIONS: tuple[str, ...] = STRUCTURES + (WH,)
 MMWHS_LABEL_MAP: dict[int, str] = {205: "Myo", 420: "LA", 500: "LV", 550: "RA", 600: "RV",

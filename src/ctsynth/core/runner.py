@@ -7,7 +7,10 @@ A stage script is::
         ingest.run(params, out=args.out)
 
     if __name__ == "__main__":
-        stage_main("ingest", main, __doc__, add_args=lambda p: p.add_argument("--out"))
+        stage_main("ingest", main, __doc__, add_args=lambda p: add_output(p, "interim"))
+
+Path options default to the pipeline's paths (``ctsynth.core.paths``): ``add_inputs`` for what a
+stage reads, ``add_output`` for what it writes.
 """
 from __future__ import annotations
 
@@ -16,11 +19,12 @@ import logging
 import os
 import random
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from ctsynth.core.errors import CtsynthError
+from ctsynth.core.paths import PATHS
 
 log = logging.getLogger("ctsynth")
 
@@ -67,24 +71,29 @@ def guarded(where: str, fn: Callable[[], int | None], debug: bool) -> int:
         return EXIT_INTERRUPTED
 
 
-# Files one stage writes and later stages read, with the paths dvc.yaml passes: every stage script
-# declares the ones it reads with add_inputs(parser, "processed", "split", ...).
-STAGE_INPUTS = {
-    "interim": ("data/interim", "canonical volumes and manifest.csv (ingest)"),
-    "processed": ("data/processed", "processed slice store (preprocess)"),
-    "split": ("data/split.json", "patient-level train/val/test split (split)"),
-    "model": ("models/generator.pt", "trained generator (train)"),
-    "segmenter": ("models/segmenter.pt", "segmentation network for FD/KID and Dice (segmenter)"),
-    "generated": ("data/generated", "generated test set (generate)"),
-    "synthetic": ("data/synthetic", "synthetic labelled cases (synthesize)"),
-}
+def add_path(parser: argparse.ArgumentParser, name: str, flag: str | None = None, *,
+             optional: bool = False, help: str | None = None) -> argparse.Action:
+    """Add the option ``flag`` (default ``--<name>``) for the pipeline path ``name``
+    (:data:`ctsynth.core.paths.PATHS`), defaulting to that path -- or, with ``optional``, to
+    None (the option is then off unless given). The action's ``pipeline_name`` is ``name``."""
+    default, what = PATHS[name]
+    flag = flag or "--" + name.replace("_", "-")
+    text = f"{help or what}; " + (f"off unless given (the pipeline passes {default})" if optional
+                                  else f"default {default}")
+    action = parser.add_argument(flag, default=None if optional else default, help=text)
+    action.pipeline_name = name
+    return action
 
 
 def add_inputs(parser: argparse.ArgumentParser, *names: str) -> None:
-    """Add ``--<name>`` for each stage input in ``names``, defaulting to its pipeline path."""
+    """Add ``--<name>`` for each pipeline path in ``names`` a stage reads, defaulting to it."""
     for name in names:
-        default, what = STAGE_INPUTS[name]
-        parser.add_argument(f"--{name}", default=default, help=f"{what}; default {default}")
+        add_path(parser, name)
+
+
+def add_output(parser: argparse.ArgumentParser, name: str, flag: str = "--out", help: str | None = None) -> None:
+    """Add ``--out`` (or ``flag``) for the pipeline path ``name`` a stage writes, defaulting to it."""
+    add_path(parser, name, flag, help=help)
 
 
 def stage_main(name: str, main: Callable, doc: str | None = None,

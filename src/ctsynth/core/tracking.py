@@ -30,11 +30,13 @@ import os
 import subprocess
 import time
 import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from ctsynth.core.errors import TrainingError
 from ctsynth.core.io import project_root, write_json
+from ctsynth.core.paths import pipeline_path
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,8 @@ def git_commit(cwd: str | Path = ".") -> str | None:
 
 
 def data_version(lock_path: str | Path = "dvc.lock") -> dict[str, str]:
-    """md5s of ``data/processed`` and ``data/split.json`` as recorded in dvc.lock (if present)."""
+    """md5s of the processed store and the split (``ctsynth.core.paths``) as recorded in dvc.lock
+    (if present)."""
     import yaml
 
     lock = Path(lock_path)
@@ -99,12 +102,13 @@ def data_version(lock_path: str | Path = "dvc.lock") -> dict[str, str]:
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
     except yaml.YAMLError:
         return {}
+    tags = {pipeline_path("processed"): "data.processed_md5", pipeline_path("split"): "data.split_md5"}
     found = {}
     for stage in stages.values():
         for out in stage.get("outs", []) or []:
-            path = str(out.get("path", "")).rstrip("/")
-            if path in ("data/processed", "data/split.json") and out.get("md5"):
-                found["data.processed_md5" if path == "data/processed" else "data.split_md5"] = out["md5"]
+            where = str(out.get("path", "")).rstrip("/")
+            if where in tags and out.get("md5"):
+                found[tags[where]] = out["md5"]
     return found
 
 
@@ -233,12 +237,13 @@ def _flat_params(params: Any) -> dict[str, str]:
 
 
 def open_run(params: Any, run_file: str | Path, resume_run_id: str | None = None,
-             split_path: str | Path = "data/split.json", data_hash: str | None = None) -> Tracker:
+             split_path: str | Path | None = None, data_hash: str | None = None) -> Tracker:
     """Start (or reopen ``resume_run_id``) a run, log params and tags, write ``run_file``.
 
     Call on rank 0 only, before training. Raises :class:`TrainingError` if the store cannot
     be opened. With ``tracking.enabled: false`` returns a disabled tracker and writes a
-    run file with ``run_id: null``.
+    run file with ``run_id: null``. ``split_path`` (default: the pipeline's split) is hashed into
+    the ``data.split_sha256`` tag.
     """
     if not getattr(params.tracking, "enabled", True):
         write_json(run_file, {"run_id": None, "tracking_uri": None, "experiment": None})
@@ -266,7 +271,7 @@ def open_run(params: Any, run_file: str | Path, resume_run_id: str | None = None
     tracker = Tracker(run_id, uri, experiment)
     tracker.log_params(flat)
     tags = {**provenance_tags(), **data_version(), "ctsynth.data_hash": data_hash}
-    split = Path(split_path)
+    split = Path(split_path or pipeline_path("split"))
     if split.is_file():
         tags["data.split_sha256"] = hashlib.sha256(split.read_bytes()).hexdigest()[:16]
     tracker.set_tags(tags)

@@ -21,7 +21,7 @@ rank starts from the same seed and so draws the same parameters, for its own, di
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

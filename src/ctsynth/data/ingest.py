@@ -27,8 +27,8 @@ from ctsynth.core.config import Params, resolve_path
 from ctsynth.core.errors import InputError
 from ctsynth.core.io import atomic_dir, canonical, load_nifti, overlap_fraction, resample_nearest, write_csv
 from ctsynth.core.labels import STRUCTURES, structure_index
-from ctsynth.data.masks import map_labels
 from ctsynth.core.progress import quiet
+from ctsynth.data.masks import map_labels
 
 log = logging.getLogger("ctsynth.data.ingest")
 

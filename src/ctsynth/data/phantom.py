@@ -74,9 +74,10 @@ class _Grid:
         return x[:, None, None], y[None, :, None], z[None, None, :]
 
 
-def _ellipsoid(g: _Grid, center, radii, axes=np.eye(3), grow: float = 0.0) -> np.ndarray:
-    """Boolean (nx,ny,nz) ellipsoid; ``axes`` columns are its unit axes, ``grow`` adds mm."""
-    radii, axes, center = np.asarray(radii, float) + grow, np.asarray(axes, float), np.asarray(center)
+def _ellipsoid(g: _Grid, center, radii, axes=None, grow: float = 0.0) -> np.ndarray:
+    """Boolean (nx,ny,nz) ellipsoid; ``axes`` columns are its unit axes (default: x, y, z), ``grow`` adds mm."""
+    axes = np.eye(3) if axes is None else np.asarray(axes, float)
+    radii, center = np.asarray(radii, float) + grow, np.asarray(center)
     mask = np.zeros(g.shape, bool)
     sl = g.box(center, np.sqrt(((axes * radii) ** 2).sum(1)))
     if sl is not None:
@@ -157,7 +158,10 @@ def make_case(rng: np.random.Generator, shape=(128, 128, 40),
     lo, tex = field(12.0), field(3.0)                   # low-frequency / fine texture
 
     # -- body outline and chest wall (polar depth from a superellipse skin surface)
-    a = U(135, 155); b = a * U(0.68, 0.78); bx, by = N(0, 4, 2); pw = U(2.2, 2.8)
+    a = U(135, 155)
+    b = a * U(0.68, 0.78)
+    bx, by = N(0, 4, 2)
+    pw = U(2.2, 2.8)
     X, Y = x - bx, y - by
     r, th = np.hypot(X, Y), np.arctan2(Y, X)            # (nx,ny,1)
     widen = 1 + 0.05 * z / 80                           # (1,1,nz) wider toward the shoulders
@@ -197,7 +201,8 @@ def make_case(rng: np.random.Generator, shape=(128, 128, 40),
     # -- heart frame: long axis u (base -> apex, anterior-left-inferior), v toward the RV
     az, el = np.radians(U(30, 50)), np.radians(U(25, 45))
     u = np.array([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), -np.sin(el)])
-    v = np.cross([0.0, 0.0, 1.0], u); v /= np.linalg.norm(v)
+    v = np.cross([0.0, 0.0, 1.0], u)
+    v /= np.linalg.norm(v)
     jit = _rot(*np.radians(N(0, 6, 3)))
     H = jit @ np.stack([u, v, np.cross(u, v)], 1)      # (3,3) columns = heart axes
     C = np.array([bx + U(12, 24), by + b - U(85, 95), U(-32, -20)])   # LV centre

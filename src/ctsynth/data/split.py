@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from ctsynth.core.config import Params
-from ctsynth.data.store import ProcessedStore
 from ctsynth.core.errors import ConfigError, InputError
 from ctsynth.core.io import write_json
+from ctsynth.data.store import ProcessedStore
 
 log = logging.getLogger("ctsynth.data.split")
 SPLITS = ("train", "val", "test")

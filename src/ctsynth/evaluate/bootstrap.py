@@ -28,7 +28,7 @@ estimate): it describes the spread of the FD at this test-set size around the va
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -50,8 +50,7 @@ def inception_module(flavour: str, num_classes: int = 1000, aux_logits: bool = T
     from torchvision.models import inception_v3
 
     if flavour == "pt_inception":   # TF-ported FID Inception (pytorch-fid / piq): patched blocks
-        from piq.feature_extractors.fid_inception import (FIDInceptionA, FIDInceptionC,
-                                                          FIDInceptionE1, FIDInceptionE2)
+        from piq.feature_extractors.fid_inception import FIDInceptionA, FIDInceptionC, FIDInceptionE1, FIDInceptionE2
         net = inception_v3(weights=None, num_classes=1008, aux_logits=False, init_weights=False,
                            transform_input=False)
         net.Mixed_5b, net.Mixed_5c = FIDInceptionA(192, 32), FIDInceptionA(256, 64)

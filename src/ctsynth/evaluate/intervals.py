@@ -18,8 +18,17 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ctsynth.evaluate.bootstrap import (LEVEL, cluster_weights, dice_replicates, frechet_replicates, kid_replicates,
-                        percentile_interval, pooled_ratio, resample_weights, weighted_mean)
+from ctsynth.evaluate.bootstrap import (
+    LEVEL,
+    cluster_weights,
+    dice_replicates,
+    frechet_replicates,
+    kid_replicates,
+    percentile_interval,
+    pooled_ratio,
+    resample_weights,
+    weighted_mean,
+)
 from ctsynth.evaluate.metrics import PairedAccumulator
 from ctsynth.evaluate.registry import SUFFIX, Interval
 

@@ -35,7 +35,7 @@ estimators need the samples.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,91 +43,13 @@ import piq
 import torch
 
 from ctsynth.core.errors import MetricUnavailable
-from ctsynth.core.labels import STRUCTURES, WH, structure_index
+from ctsynth.core.labels import N_CLASSES, STRUCTURES, WH, structure_index
 from ctsynth.data.preprocess import unit_to_hu
 
 log = logging.getLogger("ctsynth.evaluate.metrics")
 
 DATA_RANGE = 1.0            # PSNR/SSIM data range: images mapped from [-1, 1] to [0, 1]
-N_LABELS = len(STRUCTURES) + 1
 BACKGROUND = "background"
-
-METRIC_DEFINITIONS: dict[str, str] = {
-    "n_test_slices": "number of generated test slices evaluated (each paired with its real slice)",
-    "n_test_cases": "number of test patients the evaluated slices come from",
-    "mse": "mean squared error between generated and real slices in model space [-1, 1] (lower is better)",
-    "psnr": "peak signal-to-noise ratio in dB, piq, data_range 1.0 = the HU window mapped to [0, 1], mean over slices (higher is better)",
-    "ssim": "structural similarity, piq (11-px Gaussian window), data_range 1.0 = the HU window mapped to [0, 1], mean over slices (1 = identical)",
-    "mae_hu": "mean absolute error in Hounsfield units over all pixels of all slices (lower is better)",
-    "mae_hu_background": "mean absolute HU error over background pixels (outside every selected structure)",
-    "mae_hu_<S>": "mean absolute HU error over the pixels of structure <S>'s mask",
-    "n_val_slices": "number of real validation slices (the reference set of the noise floors)",
-    "n_val_cases": "number of validation patients the noise-floor slices come from",
-    "fid_inception": "FID: Fréchet distance between real and generated test slices in InceptionV3 pool3 features (standard FID Inception weights or a local file); null when no weights could be had",
-    "kid_inception": "kernel inception distance (piq KID, cubic polynomial kernel) in InceptionV3 pool3 features; null when no weights could be had",
-    "fid_inception_floor": "noise floor of fid_inception: the same distance between real validation and real test slices (what 'as good as real' gets)",
-    "kid_inception_floor": "noise floor of kid_inception: KID between real validation and real test slices",
-    "fid_inception_vs_val": "Fréchet distance between generated test slices and real validation slices in InceptionV3 features: the floor's comparison with generated slices in place of the real test slices",
-    "kid_inception_vs_val": "KID between generated test slices and real validation slices in InceptionV3 features (compare with kid_inception_floor)",
-    "fd_seg": "Fréchet distance (exact, float64) between real and generated test slices in the segmenter's encoder features (lower is better; compare with fd_seg_floor)",
-    "kid_seg": "kernel distance (piq KID, unbiased MMD², disjoint subsets) in the segmenter's encoder features; ≈ 0 for matching distributions",
-    "fd_seg_floor": "noise floor of fd_seg: Fréchet distance between real validation and real test slices in the same features (what 'as good as real' gets; other patients, so it also holds anatomy differences)",
-    "kid_seg_floor": "noise floor of kid_seg: KID between real validation and real test slices in the same features",
-    "fd_seg_vs_val": "Fréchet distance between generated test slices and real validation slices: the floor's comparison with generated slices in place of the real test slices (same patients, same sizes; ≈ fd_seg_floor = as good as real)",
-    "kid_seg_vs_val": "KID between generated test slices and real validation slices (compare with kid_seg_floor)",
-    "dice_generated_<S>": "Dice of the segmenter's prediction on generated slices vs the mask they were generated from, structure <S>",
-    "dice_real_<S>": "Dice of the segmenter on the real test slices vs their masks (the ceiling for dice_generated_<S>)",
-    "dice_generated_mean": "mean of dice_generated_<S> over the selected structures",
-    "dice_real_mean": "mean of dice_real_<S> over the selected structures",
-    "privacy_threshold": "privacy.max_similarity: SSIM to the nearest training slice above which a generated slice is withheld",
-    "privacy_generated_similarity_mean": "mean over generated slices of the SSIM to their nearest training slice",
-    "privacy_generated_similarity_max": "largest SSIM of any generated slice to its nearest training slice",
-    "privacy_generated_share_above": "share of generated slices whose nearest-training-slice SSIM exceeds the threshold (withheld)",
-    "privacy_real_similarity_mean": "baseline: mean SSIM of real test slices to their nearest training slice",
-    "privacy_real_similarity_max": "baseline: largest SSIM of any real test slice to its nearest training slice",
-    "privacy_real_share_above": "baseline: share of real test slices above the threshold",
-    "zcons_ssim_ratio": "adjacent-slice consistency: mean SSIM (7-px uniform window) between neighbouring axial slices (z, z+1) of the reassembled generated test volumes / the same for the real volumes (1 = as smooth along z as real; < 1 = flicker)",
-    "zcons_ssim_ratio_<S>": "adjacent-slice consistency inside structure <S> (SSIM map averaged over its pixels in either slice of each pair), generated / real",
-    "zcons_ssim_real": "mean SSIM between neighbouring axial slices of the real test volumes (denominator of zcons_ssim_ratio)",
-    "zcons_ssim_generated": "mean SSIM between neighbouring axial slices of the generated test volumes (numerator of zcons_ssim_ratio)",
-    "zgrad_ratio": "through-plane gradient: mean |I(z+1) - I(z)| / dz inside the body (real HU > -500), generated / real (1 = as real; > 1 = rougher along z)",
-    "zgrad_real": "mean through-plane gradient |dI/dz| of the real test volumes inside the body, HU/mm",
-    "zgrad_generated": "mean through-plane gradient |dI/dz| of the generated test volumes inside the body, HU/mm",
-    "fd_tri_rand_axial": "Fréchet distance between real and generated axial slices in fixed random-CNN features (orientation-agnostic: seeded, untrained, averaged over 8 rotations/flips)",
-    "fd_tri_rand_coronal": "Fréchet distance between real and generated coronal slices (z resampled to isotropic pixels) in the same random-CNN features; sees flicker along z",
-    "fd_tri_rand_sagittal": "Fréchet distance between real and generated sagittal slices (z resampled to isotropic pixels) in the same random-CNN features; sees flicker along z",
-    "fd_tri_rand_mean": "tri-planar (2.5-D) Fréchet distance: mean of fd_tri_rand_axial, _coronal and _sagittal (MAISI-style)",
-    "fid_tri_inception_axial": "FID on axial slices of the reassembled test volumes (InceptionV3 pool3); null without Inception weights",
-    "fid_tri_inception_coronal": "FID on coronal slices (isotropic pixels) of the reassembled test volumes; null without Inception weights",
-    "fid_tri_inception_sagittal": "FID on sagittal slices (isotropic pixels) of the reassembled test volumes; null without Inception weights",
-    "fid_tri_inception_mean": "tri-planar FID: mean of the axial, coronal and sagittal FIDs (MAISI's 2.5-D FID); null without Inception weights",
-    "utility_dice_real": "downstream utility: mean Dice over structures on the REAL test slices of the segmenter trained on real training slices only (the segmenter stage's model)",
-    "utility_dice_synthetic": "downstream utility: mean Dice on the real test slices of the same segmenter (architecture, budget, seed) trained on the synthetic cases only",
-    "utility_dice_mixed": "downstream utility: mean Dice on the real test slices of the same segmenter trained on real training + synthetic slices",
-    "utility_dice_real_<S>": "Dice of structure <S> on the real test slices, segmenter trained on real slices only",
-    "utility_dice_synthetic_<S>": "Dice of structure <S> on the real test slices, segmenter trained on synthetic slices only",
-    "utility_dice_mixed_<S>": "Dice of structure <S> on the real test slices, segmenter trained on real + synthetic slices",
-    "utility_ratio_synthetic": "utility_dice_synthetic / utility_dice_real (target >= 0.8: synthetic data alone teaches most of what real data does)",
-    "utility_gain_mixed": "utility_dice_mixed - utility_dice_real (> 0: adding synthetic cases helps; target >= -0.01)",
-    "utility_n_synthetic_cases": "number of synthetic cases (data/synthetic) the utility segmenters were trained on",
-    "utility_n_synthetic_slices": "number of synthetic slices (after preprocess) in the utility training sets",
-    "utility_n_real_train_slices": "number of real training slices of the real-only and mixed utility segmenters",
-    "privacy_n_shareable": "number of generated slices at or below the threshold (listed in reports/shareable.json)",
-}
-
-
-def definition(key: str) -> str:
-    """One-line definition of a metrics.json key (structure keys use their ``<S>`` template)."""
-    if key in METRIC_DEFINITIONS:
-        return METRIC_DEFINITIONS[key]
-    for template in METRIC_DEFINITIONS:
-        if "<S>" in template:
-            prefix = template.split("<S>")[0]
-            name = key[len(prefix):]
-            if key.startswith(prefix) and name in STRUCTURES:
-                return METRIC_DEFINITIONS[template].replace("<S>", name)
-    return ""
-
 
 def reported_structures(structures: Sequence[str]) -> dict[int, str]:
     """{structure index: name} kept in the store for a selection (all seven when WH is selected)."""
@@ -161,8 +83,8 @@ def per_slice_metrics(fake: torch.Tensor, real: torch.Tensor, window) -> dict[st
 def _label_sums(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum ``values`` (B,S,S) per slice and label (B,S,S ints 0..7) → (B, 8) float64."""
     b = values.shape[0]
-    keys = (torch.arange(b)[:, None] * N_LABELS + labels.reshape(b, -1).long()).reshape(-1)
-    return torch.bincount(keys, weights=values.reshape(-1).double(), minlength=b * N_LABELS).view(b, N_LABELS)
+    keys = (torch.arange(b)[:, None] * N_CLASSES + labels.reshape(b, -1).long()).reshape(-1)
+    return torch.bincount(keys, weights=values.reshape(-1).double(), minlength=b * N_CLASSES).view(b, N_CLASSES)
 
 
 class PairedAccumulator:
@@ -196,7 +118,7 @@ class PairedAccumulator:
             s = self.slice_sums.setdefault(case, np.zeros(1 + len(self.SLICE_KEYS)))
             s[0] += 1
             s[1:] += vals[i]
-            p = self.pixel_sums.setdefault(case, np.zeros((len(self.PIXEL_KEYS), N_LABELS)))
+            p = self.pixel_sums.setdefault(case, np.zeros((len(self.PIXEL_KEYS), N_CLASSES)))
             p += pix[i]
         self._slices.append((list(cases), vals, pix[:, :2].copy()))
         frame = pd.DataFrame({"case": list(cases), "z": [int(z) for z in zs]})
@@ -291,7 +213,7 @@ class DiceAccumulator:
         c = torch.stack([inter, _label_sums(ones, pred), _label_sums(ones, target)], 1).numpy()
         self._slices.append(c)
         for i, case in enumerate(cases):
-            self.counts.setdefault(case, np.zeros((3, N_LABELS)))
+            self.counts.setdefault(case, np.zeros((3, N_CLASSES)))
             self.counts[case] += c[i]
 
     def _scores(self, c: np.ndarray) -> dict[str, float]:

@@ -1,12 +1,13 @@
 """The segmenter: a small UNet trained on REAL *training* slices (model, training loop, file
-format), and :class:`SegFeatures`, the feature extractor the evaluate stage builds from it.
+format), and :class:`Segmenter`, a loaded, frozen segmenter (predictions and encoder features)
+the evaluate and utility stages use.
 
 * :class:`SegUNet` — a 3-level UNet trained by :func:`run` to predict the
   structure-index mask (classes 0..7). It always exists offline. Its encoder features
   (global-average-pooled level-3 and bottleneck activations, ``12·width`` numbers per slice) give
   ``fd_seg`` / ``kid_seg``; its predictions give the Dice of segmentation consistency.
-  :func:`load_segmenter` returns a :class:`SegFeatures`.
-* The standard FID's InceptionV3 features live in :mod:`ctsynth.inception`.
+  :func:`load_segmenter` returns a :class:`Segmenter`.
+* The standard FID's InceptionV3 features live in :mod:`ctsynth.evaluate.inception`.
 
     python stages/segmenter.py --processed data/processed --split data/split.json --out models/segmenter.pt
 """
@@ -23,16 +24,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from ctsynth.core.config import Params
-from ctsynth.data.store import ProcessedStore
 from ctsynth.core.errors import InputError, ModelFileError
 from ctsynth.core.io import save_torch
-from ctsynth.core.labels import STRUCTURES
+from ctsynth.core.labels import N_CLASSES
 from ctsynth.core.progress import quiet
 from ctsynth.data.split import load_split
+from ctsynth.data.store import ProcessedStore
 
 log = logging.getLogger("ctsynth.evaluate.segmenter")
 
-N_CLASSES = len(STRUCTURES) + 1          # background + 7 structures (structure-index masks)
 SEGMENTER_FORMAT = "ctsynth-segmenter"
 SEGMENTER_VERSION = 1
 
@@ -114,8 +114,9 @@ def _as_batch(x) -> torch.Tensor:
     return x
 
 
-class SegFeatures:
-    """A trained :class:`SegUNet` in eval mode: features, predictions, or both in one pass."""
+class Segmenter:
+    """A trained :class:`SegUNet`, frozen in eval mode: predictions, encoder features, or both in
+    one pass (:meth:`run`), plus the config and training summary of its file."""
 
     def __init__(self, model: SegUNet, config: dict | None = None, train: dict | None = None):
         self.model = model.eval()
@@ -160,13 +161,13 @@ def _load_batch(store: ProcessedStore, rows: np.ndarray) -> tuple[torch.Tensor, 
     return images, masks
 
 
-def dice_accumulator(model: "SegFeatures | nn.Module", store: ProcessedStore, rows: np.ndarray,
+def dice_accumulator(model: Segmenter | nn.Module, store: ProcessedStore, rows: np.ndarray,
                      batch: int = 64):
     """The model's predictions on the store's ``rows`` (in that order) scored against their masks:
     a :class:`ctsynth.metrics.DiceAccumulator` (pooled ``summary()``, ``per_slice()`` counts)."""
     from ctsynth.evaluate.metrics import DiceAccumulator, reported_structures
 
-    seg = model if isinstance(model, SegFeatures) else SegFeatures(model)
+    seg = model if isinstance(model, Segmenter) else Segmenter(model)
     acc = DiceAccumulator(reported_structures(store.structures))
     for s in range(0, len(rows), batch):
         r = rows[s:s + batch]
@@ -192,8 +193,8 @@ def train_segmenter(cfg, seed: int, pools: list[tuple[ProcessedStore, np.ndarray
     """Train a fresh :class:`SegUNet` on the slices ``rows`` of each ``(store, rows)`` pool.
 
     Cross-entropy + soft Dice, Adam, ``cfg.iterations`` steps of ``cfg.batch_size`` slices drawn
-    (seeded by ``seed``) uniformly from all pools together. With ``cfg.ema`` > 0 the model returned is the exponential moving
-    average of the weights and BatchNorm statistics (decay ``cfg.ema``): at a high constant
+    (seeded by ``seed``) uniformly from all pools together. With ``cfg.ema`` > 0 the model returned is
+    the exponential moving average of the weights and BatchNorm statistics (decay ``cfg.ema``): at a high constant
     learning rate the last step's weights still swing with the last few batches (measured: the
     mixed real + synthetic segmenter scored Dice 0.81 / 0.86 / 0.88 after 300 / 290 / 310 steps).
     Deterministic on CPU. Returns the model (train mode) and the final loss (running mean)."""
@@ -277,7 +278,7 @@ def save_segmenter(model: SegUNet, config: dict, summary: dict, out_path: str | 
     log.info("segmenter written to %s", out_path)
 
 
-def check_segmenter(seg: SegFeatures, store: ProcessedStore, split: dict, path) -> None:
+def check_segmenter(seg: Segmenter, store: ProcessedStore, split: dict, path) -> None:
     """A segmenter must match the store's slice size and never have seen a test case."""
     cfg = seg.config
     if cfg.get("image_size") not in (None, store.image_size):
@@ -288,7 +289,7 @@ def check_segmenter(seg: SegFeatures, store: ProcessedStore, split: dict, path) 
         raise ModelFileError(f"{path}: segmenter was trained on test case(s) {sorted(leak)}")
 
 
-def load_segmenter(path: str | Path) -> SegFeatures:
+def load_segmenter(path: str | Path) -> Segmenter:
     """Load a file written by :func:`run` (``weights_only=True``)."""
     path = Path(path)
     if not path.exists():
@@ -306,4 +307,4 @@ def load_segmenter(path: str | Path) -> SegFeatures:
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, KeyError) as e:
         raise ModelFileError(f"{path}: segmenter weights do not match its config ({e})") from None
-    return SegFeatures(model, config, payload.get("train"))
+    return Segmenter(model, config, payload.get("train"))

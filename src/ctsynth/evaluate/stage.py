@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -41,18 +40,25 @@ import torch
 from tqdm import tqdm
 
 from ctsynth.core.config import Params
-from ctsynth.data.store import ProcessedStore
 from ctsynth.core.errors import InputError, MetricUnavailable
-from ctsynth.evaluate.segmenter import check_segmenter, load_segmenter
-from ctsynth.evaluate.inception import InceptionFeatures
-from ctsynth.evaluate.intervals import PER_CASE_KEYS, FeatureSpace, describe, metric_intervals, per_case_intervals
 from ctsynth.core.io import atomic_file, write_csv, write_json
-from ctsynth.evaluate.metrics import (DATA_RANGE, DiceAccumulator, FeatureBank, PairedAccumulator,
-                      frechet_distance, kernel_distance, reported_structures)
-from ctsynth.evaluate.privacy import NearestTrainingSearch, PrivacyAccumulator
-from ctsynth.evaluate.registry import SUFFIX, Interval, Results, clean
 from ctsynth.core.progress import quiet
 from ctsynth.data.split import load_split
+from ctsynth.data.store import ProcessedStore
+from ctsynth.evaluate.inception import InceptionFeatures
+from ctsynth.evaluate.intervals import PER_CASE_KEYS, FeatureSpace, describe, metric_intervals, per_case_intervals
+from ctsynth.evaluate.metrics import (
+    DATA_RANGE,
+    DiceAccumulator,
+    FeatureBank,
+    PairedAccumulator,
+    frechet_distance,
+    kernel_distance,
+    reported_structures,
+)
+from ctsynth.evaluate.privacy import NearestTrainingSearch, PrivacyAccumulator
+from ctsynth.evaluate.registry import SUFFIX, Interval, Results, clean
+from ctsynth.evaluate.segmenter import check_segmenter, load_segmenter
 from ctsynth.evaluate.throughplane import case_volumes, evaluate_volumes, per_case_table, ratio_intervals
 
 log = logging.getLogger("ctsynth.evaluate.stage")

@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from ctsynth.core.errors import MetricUnavailable
+from ctsynth.data.preprocess import hu_to_unit
 from ctsynth.evaluate.metrics import frechet_distance
 from ctsynth.evaluate.registry import Interval
-from ctsynth.data.preprocess import hu_to_unit
 
 PLANES = ("axial", "coronal", "sagittal")
 BODY_HU = -500.0            # inside the body: real HU above this in either slice of a pair

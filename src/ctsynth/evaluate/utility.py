@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ctsynth.evaluate.bootstrap import cluster_weights, dice_replicates, percentile_interval
 from ctsynth.core.config import Params
-from ctsynth.data.store import ProcessedStore
 from ctsynth.core.errors import InputError
 from ctsynth.core.io import write_csv, write_json
+from ctsynth.data.split import load_split
+from ctsynth.data.store import ProcessedStore
+from ctsynth.evaluate.bootstrap import cluster_weights, dice_replicates, percentile_interval
 from ctsynth.evaluate.metrics import reported_structures
 from ctsynth.evaluate.segmenter import check_segmenter, dice_accumulator, load_segmenter, train_segmenter
-from ctsynth.data.split import load_split
 
 log = logging.getLogger("ctsynth.evaluate.utility")
 
@@ -44,8 +44,7 @@ KINDS = ("real", "synthetic", "mixed")
 
 def synthetic_store(params: Params, synthetic_dir, work_dir: Path) -> ProcessedStore:
     """``ingest`` + ``preprocess`` of the synthetic folder with the pipeline's params."""
-    from ctsynth.data import ingest
-    from ctsynth.data import preprocess
+    from ctsynth.data import ingest, preprocess
     cfg = dataclasses.replace(params, data=dataclasses.replace(params.data, on_error="fail"))
     ingest.run(cfg, work_dir / "interim", raw_dir=synthetic_dir)
     preprocess.run(cfg, work_dir / "interim", work_dir / "processed")

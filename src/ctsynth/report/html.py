@@ -4,13 +4,12 @@ Everything is embedded (PNG as base64 ``data:`` URIs, inline CSS, no JavaScript,
 links), so the file can be mailed or opened offline. Every input except the params is optional:
 a missing file turns its section into a short "not available" note instead of an error.
 
-    files = run(params, "reports", "data/generated", "data/processed", "reports/train",
-                "reports/report.html", "reports/figures")   # -> files to log to MLflow
+    files = run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, out_html,
+                figures_dir, split_path, manifest_path, synthetic_dir)   # -> files to log to MLflow
 """
 from __future__ import annotations
 
 import base64
-import html
 import json
 import logging
 import shutil
@@ -21,12 +20,19 @@ import pandas as pd
 
 from ctsynth.core.config import flatten, to_dict
 from ctsynth.core.errors import InputError
-from ctsynth.report.figures import (fig_condition_subsets, fig_d_accuracy, fig_losses, fig_privacy, fig_utility,
-                      save_orthogonal_views, save_synthetic_case)
 from ctsynth.core.io import atomic_dir, canonical, write_text
 from ctsynth.data.masks import index_volume
 from ctsynth.data.store import evenly_spaced
 from ctsynth.evaluate.registry import GROUPS, SUFFIX, Results, definition, fmt, lookup
+from ctsynth.report.figures import (
+    fig_condition_subsets,
+    fig_d_accuracy,
+    fig_losses,
+    fig_privacy,
+    fig_utility,
+    save_orthogonal_views,
+    save_synthetic_case,
+)
 from ctsynth.report.summary import esc, first_grid, privacy_verdict, section_summary
 
 log = logging.getLogger("ctsynth.report.html")
@@ -425,8 +431,7 @@ def _summary(reports_dir: Path, generated_dir: Path) -> str:
 # ------------------------------------------------------------------------------ the report
 
 def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, out_html,
-        figures_dir, split_path="data/split.json", manifest_path="data/interim/manifest.csv",
-        synthetic_dir=None) -> list[Path]:
+        figures_dir, split_path, manifest_path, synthetic_dir=None) -> list[Path]:
     """Write ``out_html`` and ``figures_dir``; return the files written (for MLflow logging)."""
     reports_dir, generated_dir, processed_dir = Path(reports_dir), Path(generated_dir), Path(processed_dir)
     train_dir, out_html, figures_dir = Path(train_reports_dir), Path(out_html), Path(figures_dir)
@@ -444,7 +449,8 @@ def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, ou
              section_orthogonal(reports_dir, generated_dir, processed_dir, figs, meta.get("hu_window", [-1000, 1000]))),
             ("subsets", "Condition subsets", section_subsets(generated_dir, figs, structures)),
             ("synthetic", "Synthetic labelled cases",
-             section_synthetic(synthetic_dir and Path(synthetic_dir), figs, params.data.label_map, meta.get("hu_window", [-1000, 1000]))),
+             section_synthetic(synthetic_dir and Path(synthetic_dir), figs, params.data.label_map,
+                               meta.get("hu_window", [-1000, 1000]))),
             ("utility", "Does synthetic data help segmentation?", section_utility(reports_dir, figs)),
             ("training", "Training (Figs. 2–3)",
              section_training(train_dir, figs, params.train.iterations)),

@@ -14,6 +14,7 @@ from pathlib import Path
 from ctsynth.core.labels import STRUCTURES
 from ctsynth.evaluate.registry import Results, short, table_rows
 
+
 def esc(value) -> str:
     return html.escape(str(value))
 

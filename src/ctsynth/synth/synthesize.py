@@ -29,16 +29,17 @@ Layouts (the folder is written atomically):
 
 Both add ``manifest.csv``.
 
-    python stages/synthesize.py --model models/generator.pt --interim data/interim --split data/split.json --out data/synthetic
+    python stages/synthesize.py --model models/generator.pt --interim data/interim \\
+        --split data/split.json --out data/synthetic
     ctsynth synthesize --labels my_masks/ --out synth/ --cases 50 --layout nnunet
 """
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -51,13 +52,13 @@ from tqdm import tqdm
 
 from ctsynth.core.config import Params, SynthesizeCfg
 from ctsynth.core.errors import ConfigError, InputError, ModelFileError
-from ctsynth.data.masks import index_volume, parse_label_map_arg, structures_arg
-from ctsynth.data.ingest import label_path
-from ctsynth.synth.inference import MaskToCT, load_model
 from ctsynth.core.io import atomic_dir, from_canonical, load_nifti, save_nifti, to_canonical, write_csv
 from ctsynth.core.labels import STRUCTURES, parse_label_map
 from ctsynth.core.progress import quiet
+from ctsynth.data.ingest import label_path
+from ctsynth.data.masks import index_volume, parse_label_map_arg, structures_arg
 from ctsynth.data.split import load_split
+from ctsynth.synth.inference import MaskToCT, load_model
 
 log = logging.getLogger("ctsynth.synth.synthesize")
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from ctsynth.train.distributed import Dist
 from ctsynth.core.io import write_csv
+from ctsynth.train.distributed import Dist
 
 log = logging.getLogger("ctsynth.train.loop")
 

@@ -22,21 +22,21 @@ from pathlib import Path
 import torch
 from torch.utils.data import DistributedSampler
 
-from ctsynth.train import distributed
 from ctsynth.core.accel import autocast, resolve_channels_last, resolve_precision
-from ctsynth.data.augment import build_augment
-from ctsynth.train.checkpoint import ckpt_files, load_latest_checkpoint, run_fingerprint, save_checkpoint, set_rng_state
 from ctsynth.core.config import Params, to_dict
-from ctsynth.data.store import ProcessedStore, SliceDataset, train_batches
-from ctsynth.train.distributed import Dist, StopFlag
 from ctsynth.core.errors import ConfigError, InputError, TrainingError
-from ctsynth.train.gan import gan_step, lr_factor, make_optimizer
 from ctsynth.core.labels import condition_channels
+from ctsynth.core.tracking import Tracker
+from ctsynth.data.augment import build_augment
+from ctsynth.data.split import load_split
+from ctsynth.data.store import ProcessedStore, SliceDataset, train_batches
+from ctsynth.train import distributed
+from ctsynth.train.checkpoint import ckpt_files, load_latest_checkpoint, run_fingerprint, save_checkpoint, set_rng_state
+from ctsynth.train.distributed import Dist, StopFlag
+from ctsynth.train.gan import gan_step, lr_factor, make_optimizer
 from ctsynth.train.history import LOSS_NAMES, LossHistory
 from ctsynth.train.networks import build_discriminator, build_generator, describe, receptive_field, save_generator
 from ctsynth.train.snapshots import Snapshots
-from ctsynth.data.split import load_split
-from ctsynth.core.tracking import Tracker
 
 log = logging.getLogger(__name__)
 

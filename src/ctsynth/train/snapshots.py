@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctsynth.data.store import ProcessedStore, condition_batch, evenly_spaced, neighbour_rows
 from ctsynth.core.io import atomic_file
 from ctsynth.core.labels import STRUCTURE_COLOURS
+from ctsynth.data.store import ProcessedStore, condition_batch, evenly_spaced, neighbour_rows
 
 log = logging.getLogger(__name__)
 
