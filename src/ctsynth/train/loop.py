@@ -4,7 +4,7 @@
     torchrun --standalone --nproc-per-node N stages/train.py      # N processes (DDP)
 
 ``train.nproc`` > 1 or ``train.nnodes`` > 1 make ``stages/train.py`` start itself under torchrun
-(:mod:`ctsynth.distributed`). ``train.batch_size`` is the global batch (split evenly over ranks);
+(:mod:`ctsynth.train.distributed`). ``train.batch_size`` is the global batch (split evenly over ranks);
 ``train.iterations`` counts generator steps. World size 1 runs the very same code without a
 process group. Rank 0 alone writes files and talks to MLflow. SIGTERM / SIGINT (also when
 forwarded by torchrun or DVC) finish the current step, save a checkpoint and exit with
@@ -30,9 +30,8 @@ from ctsynth.core.tracking import Tracker
 from ctsynth.data.augment import build_augment
 from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore, SliceDataset, train_batches
-from ctsynth.train import distributed
 from ctsynth.train.checkpoint import ckpt_files, load_latest_checkpoint, run_fingerprint, save_checkpoint, set_rng_state
-from ctsynth.train.distributed import Dist, StopFlag
+from ctsynth.train.distributed import Dist, StopFlag, first_bad_step, setup, sync_and_hash
 from ctsynth.train.gan import gan_step, lr_factor, make_optimizer
 from ctsynth.train.history import LOSS_NAMES, LossHistory
 from ctsynth.train.networks import build_discriminator, build_generator, describe, receptive_field, save_generator
@@ -175,7 +174,7 @@ def run(params: Params, processed_dir: str | Path, split_path: str | Path, out_m
     ``stop_after`` (tests): behave as if SIGTERM arrived once that many steps are done.
     Returns a :class:`TrainResult`; raises :class:`TrainingError` on a non-finite loss.
     """
-    d = distributed.setup(params.train.device)
+    d = setup(params.train.device)
     tracker = Tracker()
     try:
         job = _prepare(params, d, Path(processed_dir), Path(split_path))
@@ -260,7 +259,7 @@ def _lrs(step: int, cfg) -> tuple[float, float]:
 
 def _check_finite(first_bad: torch.Tensor, d: Dist) -> None:
     """Raise TrainingError naming the first non-finite loss and its step (agreed over ranks)."""
-    hits = [(s, n) for s, n in zip(distributed.first_bad_step(first_bad, d), LOSS_NAMES) if s >= 0]
+    hits = [(s, n) for s, n in zip(first_bad_step(first_bad, d), LOSS_NAMES) if s >= 0]
     if hits:
         s, name = min(hits)
         raise TrainingError(f"non-finite {name} loss at step {s}; stopped; the last good checkpoint "
@@ -270,7 +269,7 @@ def _check_finite(first_bad: torch.Tensor, d: Dist) -> None:
 def _finish(job: _Job, tracker: Tracker, hist: LossHistory, out_model: Path, reports_dir: Path) -> None:
     """Identical weights on every rank, then rank 0 writes the model and logs it."""
     cfg, d = job.params.train, job.d
-    digests = distributed.sync_and_hash(d, job.G, job.D)
+    digests = sync_and_hash(d, job.G, job.D)
     if len(set(digests)) != 1:
         raise TrainingError(f"ranks ended with different weights: {digests}")
     if not d.is_main:
