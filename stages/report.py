@@ -29,7 +29,7 @@ def main(args, params):
         log.info("no MLflow run file (%s): report not logged to MLflow", args.run_file)
         return 0
     from ctsynth.core.tracking import log_evaluation
-    from ctsynth.evaluate.registry import Results
+    from ctsynth.evaluate.results import Results
 
     # every metric and interval under its registry name (headline first), the report and its figures
     results = Results.read(Path(args.reports))

@@ -1,5 +1,5 @@
-"""The metric registry: one declaration per metric, one result type, and every file, MLflow name,
-report table and doc derived from it."""
+"""The metric registry (one declaration per metric) and the one result type (ctsynth.evaluate.results):
+every metrics file, MLflow name, report table and doc derives from them."""
 from __future__ import annotations
 
 import json
@@ -8,17 +8,8 @@ import pytest
 
 from conftest import REPO
 from ctsynth.core.labels import STRUCTURES
-from ctsynth.evaluate.registry import (
-    GROUPS,
-    METRICS,
-    SUFFIX,
-    Interval,
-    Results,
-    definition,
-    docs_markdown,
-    lookup,
-    table_rows,
-)
+from ctsynth.evaluate.registry import GROUPS, METRICS, SUFFIX, definition, docs_markdown, lookup, table_rows
+from ctsynth.evaluate.results import Interval, Results
 
 
 def test_docs_metrics_md_is_the_registry():

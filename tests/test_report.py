@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_params
 from ctsynth.core.errors import InputError
 from ctsynth.core.labels import STRUCTURES
-from ctsynth.evaluate.registry import Interval, Results
+from ctsynth.evaluate.results import Interval, Results
 from ctsynth.report.figures import fig_condition_subsets
 from ctsynth.report.html import read_condition_subsets
 from ctsynth.report.html import run as build_report

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_params
 from ctsynth.core.errors import InputError
 from ctsynth.evaluate import segmenter, utility
-from ctsynth.evaluate.registry import Results
+from ctsynth.evaluate.results import Results
 from ctsynth.evaluate.stage import merge_utility
 from ctsynth.synth import synthesize
 from test_generate import make_world

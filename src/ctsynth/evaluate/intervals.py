@@ -30,7 +30,8 @@ from ctsynth.evaluate.bootstrap import (
     weighted_mean,
 )
 from ctsynth.evaluate.metrics import PairedAccumulator
-from ctsynth.evaluate.registry import SUFFIX, Interval
+from ctsynth.evaluate.registry import SUFFIX
+from ctsynth.evaluate.results import Interval
 
 log = logging.getLogger("ctsynth.evaluate.intervals")
 

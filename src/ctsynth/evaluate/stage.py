@@ -57,7 +57,8 @@ from ctsynth.evaluate.metrics import (
     reported_structures,
 )
 from ctsynth.evaluate.privacy import NearestTrainingSearch, PrivacyAccumulator
-from ctsynth.evaluate.registry import SUFFIX, Interval, Results, clean
+from ctsynth.evaluate.registry import SUFFIX
+from ctsynth.evaluate.results import Interval, Results, clean
 from ctsynth.evaluate.segmenter import check_segmenter, load_segmenter
 from ctsynth.evaluate.throughplane import case_volumes, evaluate_volumes, per_case_table, ratio_intervals
 

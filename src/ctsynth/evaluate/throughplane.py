@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ctsynth.core.errors import MetricUnavailable
 from ctsynth.data.preprocess import hu_to_unit
 from ctsynth.evaluate.metrics import frechet_distance
-from ctsynth.evaluate.registry import Interval
+from ctsynth.evaluate.results import Interval
 
 PLANES = ("axial", "coronal", "sagittal")
 BODY_HU = -500.0            # inside the body: real HU above this in either slice of a pair

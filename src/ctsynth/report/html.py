@@ -23,7 +23,8 @@ from ctsynth.core.errors import InputError
 from ctsynth.core.io import atomic_dir, canonical, write_text
 from ctsynth.data.masks import index_volume
 from ctsynth.data.store import evenly_spaced
-from ctsynth.evaluate.registry import GROUPS, SUFFIX, Results, definition, fmt, lookup
+from ctsynth.evaluate.registry import GROUPS, SUFFIX, definition, lookup
+from ctsynth.evaluate.results import Results, fmt
 from ctsynth.report.figures import (
     fig_condition_subsets,
     fig_d_accuracy,

@@ -12,7 +12,8 @@ import html
 from pathlib import Path
 
 from ctsynth.core.labels import STRUCTURES
-from ctsynth.evaluate.registry import Results, short, table_rows
+from ctsynth.evaluate.registry import short, table_rows
+from ctsynth.evaluate.results import Results
 
 
 def esc(value) -> str:
