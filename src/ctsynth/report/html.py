@@ -204,8 +204,10 @@ def section_metrics(reports_dir: Path) -> str:
     if res is None:
         return missing("Metrics", reports_dir / "metrics.json")
     saved = _saved_definitions(reports_dir)
-    keys = list(res.metrics())
-    groups = {g: [k for k in keys if (lookup(k).group if lookup(k) else "other") == g] for g in [*GROUPS, "other"]}
+    groups: dict[str, list[str]] = {g: [] for g in [*GROUPS, "other"]}
+    for key in res.metrics():
+        spec = lookup(key)
+        groups[spec.group if spec else "other"].append(key)
     parts = [f"<h3>headline</h3>{metric_rows(res, res.headline(), saved)}"]
     parts += [f"<h3>{esc(g)}</h3><p class='muted'>{esc(GROUPS.get(g, 'not in the registry'))}</p>"
               f"{metric_rows(res, ks, saved)}" for g, ks in groups.items() if ks]
