@@ -179,3 +179,23 @@ def test_every_relative_link_resolves():
             elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
                 broken.append(f"{page.relative_to(REPO)}: {target} (no heading #{anchor})")
     assert not broken, "broken links:\n  " + "\n  ".join(broken)
+
+
+def module_map(text: str) -> dict[str, str]:
+    """README's module map: ``{subpackage: the text of its bullet}``."""
+    bullets = re.findall(r"^- `(\w+)/` — (.*?)(?=^- `|^$)", text, flags=re.M | re.S)
+    return {pkg: body for pkg, body in bullets}
+
+
+def test_the_module_map_and_the_folders_agree():
+    """Every subpackage of src/ctsynth has a bullet in the README's module map naming each of its
+    modules, and the map names no folder or module that does not exist."""
+    pkg_root = REPO / "src" / "ctsynth"
+    folders = {p.name for p in pkg_root.iterdir() if (p / "__init__.py").is_file()}
+    mapped = module_map(README.read_text())
+    assert set(mapped) == folders, (sorted(set(mapped) ^ folders))
+    for pkg, body in mapped.items():
+        modules = {p.stem for p in (pkg_root / pkg).glob("*.py") if p.stem != "__init__"}
+        named = set(re.findall(r"`(\w+)`", body))
+        assert modules <= named, (pkg, sorted(modules - named))
+        assert not {n for n in named if n.islower() and n not in modules} - {"ctsynth"}, (pkg, sorted(named - modules))
