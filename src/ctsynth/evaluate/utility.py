@@ -35,6 +35,7 @@ from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore
 from ctsynth.evaluate.bootstrap import cluster_weights, dice_replicates, percentile_interval
 from ctsynth.evaluate.metrics import reported_structures
+from ctsynth.evaluate.registry import SUFFIX
 from ctsynth.evaluate.segmenter import check_segmenter, dice_accumulator, load_segmenter, train_segmenter
 
 log = logging.getLogger("ctsynth.evaluate.utility")
@@ -66,7 +67,7 @@ def summarise(counts: dict[str, np.ndarray], cases: np.ndarray, labels: dict[int
         metrics[key] = round(float(value), 6)
         lo, hi = percentile_interval(replicates) if n_boot else (None, None)
         if lo is not None:
-            ci[f"{key}_ci95"] = {"lo": round(lo, 6), "hi": round(hi, 6)}
+            ci[key + SUFFIX] = {"lo": round(lo, 6), "hi": round(hi, 6)}
         if model:
             rows.append({"model": model, "structure": structure, "dice": metrics[key], "lo": lo, "hi": hi})
 

@@ -174,17 +174,6 @@ def _compact_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _other_notes(reports_dir: Path, res: Results) -> dict:
-    """The free-text notes of ``metrics_notes.json`` (not the reasons, definitions or numbers)."""
-    notes = _read_json(reports_dir / "metrics_notes.json") or {}
-    return {k: v for k, v in notes.items() if k not in ("null_metrics", "definitions", "feature_dims")
-            and isinstance(v, str) and k not in res}
-
-
-def _saved_definitions(reports_dir: Path) -> dict:
-    return dict((_read_json(reports_dir / "metrics_notes.json") or {}).get("definitions") or {})
-
-
 def metric_rows(res: Results, keys, saved: dict | None = None) -> str:
     """Table rows (key, value or the reason it is null, interval, definition) of ``keys``."""
     rows = []
@@ -198,12 +187,13 @@ def metric_rows(res: Results, keys, saved: dict | None = None) -> str:
             + "".join(rows) + "</table>")
 
 
-def section_metrics(reports_dir: Path) -> str:
-    """Every metric of metrics.json, grouped as the registry groups them (headline first)."""
-    res = Results.read(reports_dir)
+def section_metrics(reports_dir: Path, res: Results | None) -> str:
+    """Every metric of metrics.json, grouped as the registry groups them (headline first), and the
+    free-text notes of metrics_notes.json (definitions it saved serve keys the registry lacks)."""
     if res is None:
         return missing("Metrics", reports_dir / "metrics.json")
-    saved = _saved_definitions(reports_dir)
+    notes = _read_json(reports_dir / "metrics_notes.json") or {}
+    saved = dict(notes.get("definitions") or {})
     groups: dict[str, list[str]] = {g: [] for g in [*GROUPS, "other"]}
     for key in res.metrics():
         spec = lookup(key)
@@ -211,7 +201,8 @@ def section_metrics(reports_dir: Path) -> str:
     parts = [f"<h3>headline</h3>{metric_rows(res, res.headline(), saved)}"]
     parts += [f"<h3>{esc(g)}</h3><p class='muted'>{esc(GROUPS.get(g, 'not in the registry'))}</p>"
               f"{metric_rows(res, ks, saved)}" for g, ks in groups.items() if ks]
-    other = _other_notes(reports_dir, res)
+    other = {k: v for k, v in notes.items() if k not in ("null_metrics", "definitions", "feature_dims")
+             and isinstance(v, str) and k not in res}
     foot = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in other.items())
     return "".join(parts) + (f"<ul class='muted'>{foot}</ul>" if foot else "")
 
@@ -236,11 +227,10 @@ def section_per_case(reports_dir: Path) -> str:
             "patient's slices.</p>" + table(merge_intervals(frame)))
 
 
-def section_per_structure(reports_dir: Path) -> str:
+def section_per_structure(reports_dir: Path, res: Results) -> str:
     frame = _read_csv(reports_dir / "per_structure.csv")
     if frame is None:
         return missing("Per-structure metrics", reports_dir / "per_structure.csv")
-    res = Results.read(reports_dir) or Results()
     for col, key in (("mae_hu", "mae_hu_{}"), ("dice_generated", "dice_generated_{}"), ("dice_real", "dice_real_{}")):
         if col in frame and "structure" in frame:
             ivs = [res[key.format(s)].interval if key.format(s) in res else None for s in frame["structure"]]
@@ -275,7 +265,7 @@ _ORTHO_KEYS = ("zcons_ssim_ratio", "zgrad_ratio", "fd_tri_rand_axial", "fd_tri_r
                "fd_tri_rand_sagittal", "fd_tri_rand_mean")
 
 
-def section_orthogonal(reports_dir: Path, generated_dir: Path, processed_dir: Path, figures: Path,
+def section_orthogonal(res: Results, generated_dir: Path, processed_dir: Path, figures: Path,
                        window) -> str:
     """Coronal and sagittal views through the heart of every test case (real | generated |
     |difference|) and the through-plane numbers beside them."""
@@ -283,7 +273,6 @@ def section_orthogonal(reports_dir: Path, generated_dir: Path, processed_dir: Pa
 
     if not (generated_dir / "fake.npy").exists() or not (processed_dir / "meta.json").exists():
         return missing("Orthogonal views", generated_dir / "fake.npy")
-    res = Results.read(reports_dir) or Results()
     parts = [f"<p>Each test case's generated slices stacked back into a volume on the processed grid "
              f"(the real one beside it), cut through the centre of its structures. A generator that "
              f"works slice by slice shows as horizontal streaks here.</p>"
@@ -402,10 +391,9 @@ _UTILITY_KINDS = (("real", "real training slices only (the segmenter stage's mod
                   ("synthetic", "synthetic cases only"), ("mixed", "real + synthetic"))
 
 
-def section_utility(reports_dir: Path, figures: Path) -> str:
+def section_utility(reports_dir: Path, res: Results, figures: Path) -> str:
     """Does synthetic data help segmentation: Dice on real test slices of the three segmenters."""
     frame = _read_csv(reports_dir / "utility.csv")
-    res = Results.read(reports_dir) or Results()
     if frame is None or frame.empty or "utility_dice_real" not in res:
         return missing("Downstream utility", reports_dir / "utility.csv")
     rows = "".join(f"<tr><td>{esc(what)}</td><td class='num ci'>{esc(res.shown(f'utility_dice_{k}'))}</td></tr>"
@@ -423,12 +411,12 @@ def section_utility(reports_dir: Path, figures: Path) -> str:
     return text + img_tag(fig_utility(frame, figures / "utility.png"), "Dice per structure on real test slices")
 
 
-def _summary(reports_dir: Path, generated_dir: Path) -> str:
+def _summary(res: Results | None, generated_dir: Path) -> str:
     """The first screen (:mod:`ctsynth.summary`) from evaluate's files and the first sample grid."""
     grid = first_grid(generated_dir)
     grid_html = (img_tag(grid, f"test case {grid.stem}: mask | real | generated | |difference| (HU)")
                  if grid else missing("Sample grid", generated_dir / "grids"))
-    return section_summary(Results.read(reports_dir), grid_html)
+    return section_summary(res, grid_html)
 
 
 # ------------------------------------------------------------------------------ the report
@@ -440,21 +428,23 @@ def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, ou
     train_dir, out_html, figures_dir = Path(train_reports_dir), Path(out_html), Path(figures_dir)
     meta = _read_json(processed_dir / "meta.json") or {}
     structures = list(meta.get("structures", params.preprocess.structures))
+    res = Results.read(reports_dir)                    # None without metrics.json
+    known = res or Results()
     with atomic_dir(figures_dir) as figs:
         sections = [
-            ("summary", "Summary", _summary(reports_dir, generated_dir)),
-            ("metrics", "Metrics (test set)", section_metrics(reports_dir)),
-            ("structures", "Per structure", section_per_structure(reports_dir)),
+            ("summary", "Summary", _summary(res, generated_dir)),
+            ("metrics", "Metrics (test set)", section_metrics(reports_dir, res)),
+            ("structures", "Per structure", section_per_structure(reports_dir, known)),
             ("cases", "Per case", section_per_case(reports_dir)),
             ("samples", "Sample test cases", section_samples(generated_dir, figs, structures,
                                                              shown_above=first_grid(generated_dir))),
             ("orthogonal", "Orthogonal views (through-plane)",
-             section_orthogonal(reports_dir, generated_dir, processed_dir, figs, meta.get("hu_window", [-1000, 1000]))),
+             section_orthogonal(known, generated_dir, processed_dir, figs, meta.get("hu_window", [-1000, 1000]))),
             ("subsets", "Condition subsets", section_subsets(generated_dir, figs, structures)),
             ("synthetic", "Synthetic labelled cases",
              section_synthetic(synthetic_dir and Path(synthetic_dir), figs, params.data.label_map,
                                meta.get("hu_window", [-1000, 1000]))),
-            ("utility", "Does synthetic data help segmentation?", section_utility(reports_dir, figs)),
+            ("utility", "Does synthetic data help segmentation?", section_utility(reports_dir, known, figs)),
             ("training", "Training (Figs. 2–3)",
              section_training(train_dir, figs, params.train.iterations)),
             ("privacy", "Privacy / memorization",
