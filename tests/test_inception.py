@@ -1,6 +1,10 @@
 """evaluate.inception_weights: auto (standard FID weights via piq / torch hub), offline, failures."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -66,3 +70,62 @@ def test_damaged_cache_file_is_a_reason(torch_home):
     path.write_bytes(b"\x00" * 64)
     with pytest.raises(MetricUnavailable, match="cached file is unreadable"):
         InceptionFeatures("auto")
+
+
+# ------------------------------------------------------------------ against the reference FID
+
+WEIGHTS_ENV = "CTSYNTH_FID_WEIGHTS"      # the standard pt_inception-2015-12-05-6726825d.pth, if not in the cache
+
+
+def _local_standard_weights() -> tuple[Path | None, list[Path]]:
+    """The real FID Inception weights on this machine: $CTSYNTH_FID_WEIGHTS, else torch hub's default
+    cache (~/.cache/torch, or $XDG_CACHE_HOME/torch). conftest points $TORCH_HOME at an empty folder
+    so that no other test picks them up; this one looks where torch would have looked."""
+    name = standard_weights_path().name
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    candidates = ([Path(os.environ[WEIGHTS_ENV])] if os.environ.get(WEIGHTS_ENV) else []) + \
+        [cache / "torch" / "hub" / "checkpoints" / name]
+    return next((p for p in candidates if p.is_file()), None), candidates
+
+
+def test_fid_inception_equals_pytorch_fid_on_the_standard_weights(tmp_path, monkeypatch):
+    """Our fid_inception features (auto: piq's network from the torch hub cache; and the same file
+    given as a path: our own pt_inception network) equal pytorch-fid's pool3 features on the same
+    images to float32 rounding (rtol 1e-4, atol 1e-4 × the largest feature), and our exact FD equals
+    pytorch-fid's scipy-sqrtm FD of its own features to rel 1e-3 (its sqrtm of the rank-deficient
+    2048² product of 6-image covariances is the less exact of the two; that one sqrtm takes 10 s to
+    2 min on a CPU). Runs only where the real weights and pytorch-fid are installed; skipped, saying
+    which is missing, everywhere else (CI: conftest empties $TORCH_HOME and pytorch-fid is no dependency)."""
+    weights, looked = _local_standard_weights()
+    missing = []
+    if weights is None:
+        missing.append(f"the standard FID Inception weights are not on this machine (looked for "
+                       f"{', '.join(map(str, looked))}; set ${WEIGHTS_ENV} to the file)")
+    try:
+        from pytorch_fid.fid_score import calculate_frechet_distance
+        from pytorch_fid.inception import InceptionV3
+    except ImportError as e:
+        missing.append(f"the reference FID implementation pytorch-fid is not importable ({e}; "
+                       f"pip install pytorch-fid; clean-fid resizes differently and is not compared)")
+    if missing:
+        pytest.skip("; ".join(missing))
+    from ctsynth.evaluate.metrics import frechet_distance
+
+    home = tmp_path / "torch"                       # a hub cache holding just these weights, for both
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    (home / "hub" / "checkpoints" / standard_weights_path().name).symlink_to(weights.resolve())
+    monkeypatch.setenv("TORCH_HOME", str(home))     # CTSYNTH_OFFLINE=1 (conftest): no download
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(12, 1, 72, 72, generator=g), 9, 1)[:, 0]   # (12, 64, 64)
+    x = ((smooth - smooth.mean()) * 8).clamp(-1, 1)           # greyscale images in model space [-1, 1]
+    with torch.inference_mode():                               # pytorch-fid takes RGB in [0, 1]
+        ref = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()(
+            ((x + 1) / 2)[:, None].expand(-1, 3, -1, -1))[0].flatten(1).double()   # (12, 2048)
+    ra, rb = ref[:6].numpy(), ref[6:].numpy()                  # one scipy sqrtm of 2048²: the slow part
+    expected = float(calculate_frechet_distance(ra.mean(0), np.cov(ra, rowvar=False),
+                                                rb.mean(0), np.cov(rb, rowvar=False)))
+    tol = dict(rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    for ours in (InceptionFeatures("auto"), InceptionFeatures(weights)):
+        feats = ours.features(x).double()
+        torch.testing.assert_close(feats, ref, **tol, msg=f"{ours.flavour} standard={ours.standard}")
+        assert frechet_distance(feats[:6], feats[6:]) == pytest.approx(expected, rel=1e-3)

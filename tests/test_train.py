@@ -101,6 +101,43 @@ def test_train_writes_model_losses_snapshots_checkpoints(ws):
     assert ckpts(out)[-1].parent.name == meta["extra"]["fingerprint"]     # one folder per run config
 
 
+def test_a_retrain_replaces_the_snapshot_folder_whole(ws):
+    """Snapshots of a longer earlier run never stay beside a shorter retrain's (issue 19: 3000 then
+    300 iterations drew steps 30-3000 in one figure), and a longer run resuming a shorter one keeps
+    exactly its own steps: those taken before, redrawn from the checkpoint, and its new ones."""
+    import numpy as np
+    from PIL import Image
+
+    folder = ws / "run" / "reports" / "snapshots"
+    steps = lambda: sorted(int(p.stem[5:]) for p in folder.iterdir())             # noqa: E731
+    pixels = lambda step: np.asarray(Image.open(folder / f"step_{step:07d}.png"))[14:]   # below the title  # noqa: E731
+    kw = dict(checkpoint_every=100, log_every=100, snapshot_at=[0, 0.5, 1])
+    run(ws, params(iterations=2, **kw))
+    assert steps() == [0, 1, 2]
+    run(ws, params(iterations=1, **kw))                # step 2's checkpoint is past 1: a fresh run
+    assert steps() == [0, 1]
+    first = pixels(0)
+    result, _ = run(ws, params(iterations=3, **kw))    # resumes the 1-step run: new steps 0, 2, 3
+    assert result.step == 3 and steps() == [0, 2, 3]
+    assert np.array_equal(pixels(0), first)            # redrawn from the checkpoint, not from step 1's G
+
+
+def test_resume_after_changing_snapshot_count_redraws_only_what_it_can(ws):
+    """snapshot_count is not in the fingerprint, so a finished run resumes; its stored snapshots hold
+    other masks: the folder gets only the current step, redrawn from the resumed weights (it used to
+    fail with an IndexError when the count grew)."""
+    from PIL import Image
+
+    folder = ws / "run" / "reports" / "snapshots"
+    kw = dict(iterations=1, checkpoint_every=100, log_every=100, snapshot_at=[0, 1])
+    run(ws, params(snapshot_count=1, **kw))
+    one = Image.open(folder / "step_0000001.png").size
+    result, _ = run(ws, params(snapshot_count=3, **kw))
+    assert result.step == 1 and [p.name for p in folder.iterdir()] == ["step_0000001.png"]
+    three = Image.open(folder / "step_0000001.png").size
+    assert three == (3 * one[0], one[1])
+
+
 def test_same_seed_same_weights_other_seed_differs(ws):
     _, a = run(ws, params(iterations=4), "a")
     _, b = run(ws, params(iterations=4), "b")

@@ -1,6 +1,10 @@
 """Evolution snapshots: the generator's output on fixed validation masks at fractions of training,
 rendered as PNG grids (mask | real | generated) for the report and MLflow. (Drawn here, not in
-:mod:`ctsynth.figures`, so that editing a report figure never retrains: see figures.py.)"""
+:mod:`ctsynth.figures`, so that editing a report figure never retrains: see figures.py.)
+
+The snapshot folder holds only what the run writing it produced: each run replaces it whole when
+it starts (a resumed run redraws its own earlier snapshots from the checkpoint), so a shorter
+retrain never sits beside a longer run's later steps (see :meth:`Snapshots.start`)."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctsynth.core.io import atomic_file
+from ctsynth.core.io import atomic_dir, atomic_file
 from ctsynth.core.labels import STRUCTURE_COLOURS
 from ctsynth.data.store import ProcessedStore, condition_batch, evenly_spaced, neighbour_rows
 
@@ -81,19 +85,36 @@ class Snapshots:
         self.rows = snapshot_rows(store, split, cfg.snapshot_count)
         self.taken = dict(taken or {})
 
+    def _path(self, folder: Path, step: int) -> Path:
+        return folder / f"step_{step:07d}.png"
+
     def take(self, G, step: int) -> None:
         if step not in self.steps or len(self.rows) == 0:
             return
         if step not in self.taken:
             self.taken[step] = snapshot_images(G, self.store, self.rows, self.encoding, self.device,
                                                     self.context)
-        png = render_snapshot(self.out_dir / f"step_{step:07d}.png", self.store, self.rows,
+        png = render_snapshot(self._path(self.out_dir, step), self.store, self.rows,
                               self.taken[step], step, self.iterations)
         self.tracker.log_artifact(png, "snapshots")
 
     def start(self, G, step: int) -> None:
-        """Render what a resumed run took before, and step 0 of a fresh one."""
-        for at in sorted(self.taken):
-            self.take(G, at)
-        if step == 0:
-            self.take(G, 0)
+        """Replace the folder whole with this run's snapshots so far: those a resumed run took
+        before (from its checkpoint) and the one at ``step`` itself (step 0 of a fresh run, or the
+        step a run resumes at: ``G`` holds exactly its weights), then :meth:`take` adds the rest.
+
+        Why replace at the start rather than stage and swap at the end: ``losses.csv`` beside it is
+        rewritten from a run's first step too, so the two always describe the same run, also after
+        an interruption; every file in the folder can be redrawn from the checkpoint, so a resume
+        loses nothing; and :func:`atomic_dir` swaps it in one rename, so a kill leaves either the
+        previous folder or this run's, never a mix. Snapshots at steps no longer in ``snapshot_at``
+        or drawn for another ``snapshot_count`` (neither is in the fingerprint) are not redrawn."""
+        self.taken = {s: v for s, v in self.taken.items() if len(v) == len(self.rows)}   # else other rows
+        if step in self.steps and step not in self.taken and len(self.rows):
+            self.taken[step] = snapshot_images(G, self.store, self.rows, self.encoding, self.device, self.context)
+        drawn = [at for at in sorted(self.taken) if at in self.steps]
+        with atomic_dir(self.out_dir) as tmp:
+            for at in drawn:
+                render_snapshot(self._path(tmp, at), self.store, self.rows, self.taken[at], at, self.iterations)
+        for at in drawn:
+            self.tracker.log_artifact(self._path(self.out_dir, at), "snapshots")
