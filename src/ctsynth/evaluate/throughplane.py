@@ -3,22 +3,37 @@
 The generator works slice by slice; every consumer of synthetic CT sees the volume. This module
 stacks each test case's generated slices (``fake.npy``) and its real slices (the processed
 store) back into volumes on the same grid — the processed grid, ``S x S`` in-plane, one slice per
-stored ``z`` — and measures what a stack of independent 2-D predictions gets wrong along z:
+stored ``z`` — and measures what a stack of independent 2-D predictions gets wrong along z.
 
-* **adjacent-slice consistency** ``zcons_ssim_ratio``: mean SSIM (7 x 7 uniform window, images
-  in [-1, 1], data range 2) between neighbouring axial slices (z, z + 1) of the generated volume,
-  divided by the same for the real volume; 1.0 = as smooth along z as real, < 1 = flicker.
+**Body** (:func:`body_mask`, one rule for the whole evaluation, taken from the *real* volume and
+used for real and generated alike): per axial slice, the pixels above -500 HU, their largest
+8-connected component (drops the table, arms and stray noise), holes filled (lungs and airways
+enclosed by the chest wall are body). Air outside the body is nearly the same in every slice,
+real or generated, so every measure below is taken inside the body or on the body's bounding box:
+
+* **adjacent-slice consistency** ``zcons_ssim_ratio``: SSIM map (7 x 7 uniform window, images
+  in [-1, 1], data range 2) between neighbouring axial slices (z, z + 1), averaged over the body
+  pixels of either slice of the pair; generated / real; 1.0 = as smooth along z as real, < 1 =
+  flicker. Over every pixel (as before) the air — identical in real and generated, SSIM ~ 1 — and
+  the real slices' independent noise diluted the ratio towards 1: a texture flicker inside the
+  body that the in-body ratio shows at 0.73 showed at 0.95 over a slice that is 83 % air (tests).
   Per structure (``zcons_ssim_ratio_<S>``): the SSIM map averaged over the pixels of structure S
   in either slice of the pair. Both volumes use the same pairs and pixels, so the ratio is a ratio
   of sums.
-* **through-plane gradient** ``zgrad_ratio``: mean |I(z + 1) - I(z)| / dz in HU/mm inside the body
-  (real HU > -500 in either slice of the pair), generated / real; > 1 = rougher than real.
+* **through-plane gradient** ``zgrad_ratio``: mean |I(z + 1) - I(z)| / dz in HU/mm over the same
+  body pixels, generated / real; > 1 = rougher than real.
 * **tri-planar Fréchet distance** ``fd_tri_rand_<plane>`` (and ``fid_tri_inception_<plane>`` with
   Inception weights): the FD between real and generated 2-D slices taken separately along the
-  axial, coronal and sagittal planes (MAISI's "2.5-D FID"), and their mean ``..._mean``.
-  Coronal/sagittal slices are resampled along z to the in-plane pixel size (isotropic pixels,
-  bilinear), shown superior up, and padded with air to a square; only those cutting a structure
-  are used (the same ones for real and generated).
+  axial, coronal and sagittal planes (MAISI's "2.5-D FID"), and their mean ``..._mean``. Like
+  with like (:func:`plane_sets`): in every plane only the slices that cut a structure (the same
+  ones for real and generated), each cropped to the body's 3-D bounding box of the real volume
+  (the same crop for real and generated: no air padding, which is identical in both and diluted
+  the distance) and resized (bilinear, antialiased) to the store's ``S x S`` — the aspect ratio
+  is not kept, so each plane has its own fixed stretch, the same for real and generated.
+  Coronal/sagittal images are shown superior up. Each case gives every plane the same number of
+  slices, N = the count of its smallest plane, picked evenly spaced with a seeded random start
+  (:data:`SAMPLE_SEED`, fixed like the feature seed: the same slices in every run): the FD's
+  bias depends on the number of samples, and with unequal counts the planes were not comparable.
 
 Feature space of ``fd_tri_rand``: :class:`RandomConvFeatures`, a fixed (seed 0, independent of
 ``params.seed``) random 3-layer CNN, mean + std pooled, averaged over the 8 rotations/flips of
@@ -37,16 +52,19 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from ctsynth.core.errors import MetricUnavailable
 from ctsynth.data.preprocess import hu_to_unit
+from ctsynth.evaluate.bootstrap import jackknife_interval, percentile_interval
 from ctsynth.evaluate.metrics import frechet_distance
 from ctsynth.evaluate.results import Interval
 
 PLANES = ("axial", "coronal", "sagittal")
-BODY_HU = -500.0            # inside the body: real HU above this in either slice of a pair
+BODY_HU = -500.0            # body: HU above this (largest component, holes filled; :func:`body_mask`)
 SSIM_WINDOW = 7             # uniform window of the adjacent-slice SSIM map
 FEATURE_SEED = 0            # fixed: the random feature space is the same in every run
+SAMPLE_SEED = 0             # fixed: the tri-planar FD uses the same slices in every run
 
 
 @dataclass
@@ -111,22 +129,52 @@ def adjacent_pairs(zs: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.diff(zs) == 1)
 
 
-def case_sums(vol: CaseVolume, labels: dict[int, str], window) -> dict[str, float]:
-    """Sums over one case's adjacent pairs: SSIM-map sums of real and generated (all pixels and
-    per structure), pixel counts, and |dI/dz| sums (HU/mm) inside the body."""
+def body_mask(images: np.ndarray, window, hu: float = BODY_HU) -> np.ndarray:
+    """Body of each 2-D slice of ``images`` (..., H, W) in [-1, 1] on the HU ``window``: bool, same shape.
+
+    The pixels above ``hu`` (-500 HU: soft tissue, bone, contrast; not air or lung), the slice's
+    largest 8-connected component of them, holes filled. A slice with none is all False. (A
+    window whose low end is above ``hu`` clips the threshold to its low end: every pixel above it.)"""
+    above = np.asarray(images) > float(hu_to_unit(hu, window))
+    flat = above.reshape(-1, *above.shape[-2:])
+    out = np.zeros_like(flat)
+    for i, m in enumerate(flat):
+        lab, n = ndimage.label(m, structure=np.ones((3, 3), bool))
+        if n:
+            out[i] = ndimage.binary_fill_holes(lab == 1 + int(np.bincount(lab.ravel())[1:].argmax()))
+    return out.reshape(above.shape)
+
+
+def body_box(body: np.ndarray) -> tuple[slice, slice, slice]:
+    """Bounding box (z, row, column slices) of a (Z, H, W) body mask; the whole grid when empty."""
+    if not body.any():
+        return tuple(slice(0, n) for n in body.shape)
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def case_sums(vol: CaseVolume, labels: dict[int, str], window, body: np.ndarray | None = None) -> dict[str, float]:
+    """Sums over one case's adjacent pairs: in-body SSIM-map sums of real and generated (and per
+    structure), pixel counts, and |dI/dz| sums (HU/mm) in the body. ``body``: :func:`body_mask` of
+    ``vol.real`` (computed when not given). ``n_pix`` and ``n_body`` both count the body pixels of
+    the pairs (either slice of a pair: the union)."""
     i = adjacent_pairs(vol.zs)
     out: dict[str, float] = {"n_pairs": float(len(i))}
     if not len(i):
         return out
     lo, hi = (float(v) for v in window)
-    body = (vol.real[i] > hu_to_unit(BODY_HU, window)) | (vol.real[i + 1] > hu_to_unit(BODY_HU, window))
-    out["n_pix"], out["n_body"] = float(body.size), float(body.sum())
+    body = body_mask(vol.real, window) if body is None else body
+    pair_body = body[i] | body[i + 1]                                              # (P, S, S)
+    out["n_pix"] = out["n_body"] = float(pair_body.sum())
     maps = {}
     for kind, v in (("real", vol.real), ("fake", vol.fake)):
         maps[kind] = ssim_map(v[i], v[i + 1])                                      # (P, S, S)
-        out[f"ssim_{kind}"] = float(maps[kind].sum())
+        out[f"ssim_{kind}"] = float(maps[kind][pair_body].sum())
         grad = np.abs(v[i + 1].astype(np.float64) - v[i]) * 0.5 * (hi - lo) / vol.dz   # HU/mm
-        out[f"grad_{kind}"] = float(grad[body].sum())
+        out[f"grad_{kind}"] = float(grad[pair_body].sum())
     for idx, name in labels.items():
         region = (vol.masks[i] == idx) | (vol.masks[i + 1] == idx)
         out[f"n_{name}"] = float(region.sum())
@@ -155,54 +203,86 @@ def consistency_metrics(sums: pd.DataFrame, labels: dict[int, str]) -> dict[str,
     return out
 
 
-NO_RATIO = ("undefined: no pair of consecutive slices or no pixel of the structure in the test volumes, "
-            "or the real volumes' neighbouring slices are not similar at all there (real sum <= 0)")
+NO_RATIO = ("undefined: no pair of consecutive slices, no body pixel or no pixel of the structure in the test "
+            "volumes, or the real volumes' neighbouring slices are not similar at all there (real sum <= 0)")
 RATIO_KEYS = ("zcons_ssim_ratio", "zgrad_ratio")
 
 
-def ratio_intervals(sums: pd.DataFrame, labels: dict[int, str], n_boot: int, seed: int) -> dict:
-    """``{key: Interval}`` of the consistency metrics: patient-level bootstrap (draw the
-    test cases with replacement; each resample's metric is the ratio of its pooled sums)."""
+def ratio_intervals(sums: pd.DataFrame, labels: dict[int, str], n_boot: int, seed: int,
+                    method: str = "jackknife") -> dict:
+    """``{key: Interval}`` of the consistency metrics over the test cases (each replicate's metric
+    is the ratio of its pooled per-case sums). jackknife: leave one case out, estimate ± t_{G−1}·SE;
+    bootstrap: percentiles of ``n_boot`` resamples of the cases (see :mod:`ctsynth.evaluate.intervals`)."""
     if n_boot < 1 or sums.empty:
         return {}
-    rng = np.random.default_rng(seed)
     values = sums.drop(columns=["case"]).to_numpy(np.float64)                         # (C, K)
-    picks = rng.integers(0, len(values), size=(n_boot, len(values)))
-    boot = [consistency_metrics(pd.DataFrame(values[p], columns=sums.columns[1:]), labels) for p in picks]
+    n = len(values)
+    if method == "jackknife":
+        picks = [np.delete(np.arange(n), i) for i in range(n)] + [np.arange(n)]       # last: all cases
+    else:
+        picks = list(np.random.default_rng(seed).integers(0, n, size=(n_boot, n)))
+    reps = [consistency_metrics(pd.DataFrame(values[p], columns=sums.columns[1:]), labels) for p in picks]
     point = consistency_metrics(sums, labels)
     out = {}
     for key in (k for k, v in point.items() if np.isfinite(v)):      # none for an undefined estimate
-        vals = np.array([b[key] for b in boot], np.float64)
-        vals = vals[np.isfinite(vals)]
-        if len(vals):
-            out[key] = Interval(float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5)))
+        vals = np.array([r[key] for r in reps], np.float64)
+        lo, hi = jackknife_interval(vals, (n,)) if method == "jackknife" else percentile_interval(vals)
+        if lo is not None:
+            out[key] = Interval(lo, hi)
     return out
 
 
 # ------------------------------------------------------------------------------ tri-planar FD
 
-def plane_images(vol: np.ndarray, masks: np.ndarray, plane: str, dz: float, dxy: float) -> np.ndarray:
-    """2-D slices of a (Z, S, S) volume along ``plane`` -> (K, L, L) in [-1, 1].
+def plane_images(vol: np.ndarray, masks: np.ndarray, plane: str, box: tuple, size: int) -> np.ndarray:
+    """2-D slices of a (Z, S, S) volume along ``plane`` inside ``box`` (z, row, column slices;
+    :func:`body_box`) that cut a structure of ``masks`` -> (K, size, size) in [-1, 1].
 
-    axial: every stored slice. coronal (fixed display row = anterior-posterior position) and
-    sagittal (fixed column = left-right position): the slices that cut a structure, z resampled
-    to the in-plane pixel size (bilinear), superior up, padded with air (-1) to a square."""
-    if plane == "axial":
-        return np.asarray(vol, np.float32)
+    axial: the stored slices, cropped to the box's rows x columns; coronal (fixed display row =
+    anterior-posterior position): the box's z range x columns; sagittal (fixed column = left-right
+    position): z range x rows; coronal/sagittal superior up. Resized bilinearly (antialiased) to
+    ``size`` x ``size``: no padding, the aspect ratio is not kept."""
     if plane not in PLANES:
         raise ValueError(f"plane {plane!r}: expected one of {PLANES}")
-    axis = 1 if plane == "coronal" else 2
-    keep = np.flatnonzero(np.moveaxis(masks, axis, 0).reshape(masks.shape[axis], -1).any(1))
-    cuts = np.moveaxis(np.asarray(vol, np.float32), axis, 0)[keep]                # (K, Z, S)
+    v = np.asarray(vol, np.float32)[box]
+    m = np.asarray(masks)[box]
+    axis = PLANES.index(plane)                                         # 0 axial, 1 coronal, 2 sagittal
+    keep = np.flatnonzero(np.moveaxis(m, axis, 0).reshape(m.shape[axis], -1).any(1))
+    cuts = np.moveaxis(v, axis, 0)[keep]                                            # (K, ., .)
+    if axis:
+        cuts = cuts[:, ::-1]                                                        # superior up
     if not len(cuts):
-        return np.zeros((0, vol.shape[1], vol.shape[1]), np.float32)
-    z_len = max(1, int(round(cuts.shape[1] * dz / dxy)))
-    t = F.interpolate(torch.from_numpy(cuts)[:, None], size=(z_len, cuts.shape[2]), mode="bilinear",
-                      align_corners=False)[:, 0].flip(1)                           # (K, Z', S), superior up
-    side = max(t.shape[1], t.shape[2])
-    top, left = (side - t.shape[1]) // 2, (side - t.shape[2]) // 2
-    t = F.pad(t, (left, side - t.shape[2] - left, top, side - t.shape[1] - top), value=-1.0)
-    return t.numpy()
+        return np.zeros((0, size, size), np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(cuts))[:, None]
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[:, 0].numpy()
+
+
+def even_picks(k: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` of ``k`` positions (n <= k), evenly spaced with a random start: floor((i + u) k / n)."""
+    return np.floor((np.arange(n) + rng.random()) * k / n).astype(np.int64)
+
+
+def plane_sets(volumes: list[CaseVolume], bodies: list[np.ndarray], seed: int = SAMPLE_SEED) -> dict:
+    """``{plane: {"real": (N, S, S), "fake": (N, S, S)}}``: the tri-planar FD's images, like with
+    like. Per case: the box is the body's bounding box of the real volume (``bodies``: its
+    :func:`body_mask`); in each plane the :func:`plane_images` that cut a structure; the case
+    gives each plane N = its smallest plane's count, picked by :func:`even_picks` (one seeded
+    generator, cases and planes in order); real and generated at the same positions. So every
+    plane has the same N, summed over the cases."""
+    rng = np.random.default_rng(seed)
+    size = volumes[0].real.shape[-1] if volumes else 0
+    out = {p: {"real": [], "fake": []} for p in PLANES}
+    for vol, body in zip(volumes, bodies):
+        box = body_box(body)
+        imgs = {kind: {p: plane_images(getattr(vol, kind), vol.masks, p, box, size) for p in PLANES}
+                for kind in ("real", "fake")}
+        n = min(len(imgs["real"][p]) for p in PLANES)
+        for p in PLANES:
+            pick = even_picks(len(imgs["real"][p]), n, rng)
+            for kind in ("real", "fake"):
+                out[p][kind].append(imgs[kind][p][pick])
+    return {p: {kind: np.concatenate(parts) if parts else np.zeros((0, size, size), np.float32)
+                for kind, parts in sets.items()} for p, sets in out.items()}
 
 
 class RandomConvFeatures:
@@ -237,22 +317,23 @@ class RandomConvFeatures:
         return acc / 8
 
 
-def triplanar_fd(volumes: list[CaseVolume], extractor, prefix: str, batch: int = 64) -> tuple[dict, dict]:
-    """``{<prefix>_<plane>, <prefix>_mean}`` FD between real and generated slices per plane, and
-    the reasons for the ones that could not be computed. ``extractor.features``: (B, H, W) -> (B, D)."""
+def _features(extractor, images: np.ndarray, batch: int) -> torch.Tensor:
+    parts = [torch.as_tensor(extractor.features(images[s:s + batch])).double() for s in range(0, len(images), batch)]
+    return torch.cat(parts)
+
+
+def triplanar_fd(sets: dict, extractor, prefix: str, batch: int = 64) -> tuple[dict, dict]:
+    """``{<prefix>_<plane>, <prefix>_mean}`` FD between real and generated slices per plane
+    (``sets``: :func:`plane_sets`), and the reasons for the ones that could not be computed.
+    ``extractor.features``: (B, H, W) -> (B, D)."""
     metrics, nulls = {}, {}
     for plane in PLANES:
-        feats = {"real": [], "fake": []}
-        for vol in volumes:
-            for kind in feats:
-                imgs = plane_images(getattr(vol, kind), vol.masks, plane, vol.dz, vol.dxy)
-                for s in range(0, len(imgs), batch):
-                    feats[kind].append(torch.as_tensor(extractor.features(imgs[s:s + batch])).double())
+        real, fake = sets[plane]["real"], sets[plane]["fake"]
         key = f"{prefix}_{plane}"
         try:
-            if not feats["real"]:
-                raise MetricUnavailable(f"{key}: no {plane} slices cut a structure")
-            metrics[key] = frechet_distance(torch.cat(feats["real"]), torch.cat(feats["fake"]))
+            if not len(real):
+                raise MetricUnavailable(f"{key}: no test case has slices cutting a structure in all three planes")
+            metrics[key] = frechet_distance(_features(extractor, real, batch), _features(extractor, fake, batch))
         except MetricUnavailable as e:
             metrics[key], nulls[key] = None, str(e)
     values = [metrics[f"{prefix}_{p}"] for p in PLANES]
@@ -263,17 +344,21 @@ def triplanar_fd(volumes: list[CaseVolume], extractor, prefix: str, batch: int =
 
 
 def evaluate_volumes(volumes: list[CaseVolume], labels: dict[int, str], window, inception=None,
-                     inception_reason: str = "") -> tuple[dict, dict, pd.DataFrame]:
+                     inception_reason: str = "", seed: int = SAMPLE_SEED) -> tuple[dict, dict, pd.DataFrame]:
     """All through-plane metrics of the reassembled test volumes: (metrics, reasons for nulls,
-    per-case sums (one row per case: ``case`` + :func:`case_sums`))."""
-    sums = pd.DataFrame([{"case": v.case, **case_sums(v, labels, window)} for v in volumes]).fillna(0.0)
+    per-case sums (one row per case: ``case`` + :func:`case_sums`)). ``seed``: the tri-planar
+    slices' pick (:func:`plane_sets`)."""
+    bodies = [body_mask(v.real, window) for v in volumes]
+    sums = pd.DataFrame([{"case": v.case, **case_sums(v, labels, window, b)} for v, b in zip(volumes, bodies)])
+    sums = sums.fillna(0.0)
     metrics = consistency_metrics(sums, labels)
     nulls = {k: NO_RATIO for k, v in metrics.items() if not np.isfinite(v)}
-    fd, fd_nulls = triplanar_fd(volumes, RandomConvFeatures(), "fd_tri_rand")
+    sets = plane_sets(volumes, bodies, seed)
+    fd, fd_nulls = triplanar_fd(sets, RandomConvFeatures(), "fd_tri_rand")
     metrics.update(fd)
     nulls.update(fd_nulls)
     if inception is not None:
-        fd, fd_nulls = triplanar_fd(volumes, inception, "fid_tri_inception", batch=16)
+        fd, fd_nulls = triplanar_fd(sets, inception, "fid_tri_inception", batch=16)
     else:
         fd = {f"fid_tri_inception_{p}": None for p in (*PLANES, "mean")}
         fd_nulls = {k: inception_reason or "no Inception weights" for k in fd}
