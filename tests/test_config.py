@@ -139,3 +139,80 @@ def test_default_run_has_at_least_four_test_patients_and_defaults_match_params_y
     defaults = Params()
     for section in ("phantom", "split", "evaluate"):
         assert dataclasses.asdict(getattr(defaults, section)) == dataclasses.asdict(getattr(params, section)), section
+
+
+# ------------------------------------------------------------------- training seeds
+
+def test_training_seeds_default_to_the_top_level_seed_and_are_validated():
+    from ctsynth.core.config import with_training_seeds
+
+    p = params_from_dict({"seed": 5})
+    assert p.train.seed is None and p.segmenter.seed is None           # params.yaml: null, the old behaviour
+    resolved = with_training_seeds(p)
+    assert (resolved.train.seed, resolved.segmenter.seed, p.train.seed) == (5, 5, None)   # a copy
+    own = with_training_seeds(params_from_dict({"seed": 5, "train": {"seed": 7}, "segmenter": {"seed": 0}}))
+    assert (own.seed, own.train.seed, own.segmenter.seed) == (5, 7, 0)
+    text = problems_of({"seed": -1, "train": {"seed": -2}, "segmenter": {"seed": -3}})
+    assert "seed: must be >= 0, got -1" in text and "train.seed: must be >= 0 or null" in text
+    assert "segmenter.seed: must be >= 0 or null (null: the top-level seed), got -3" in text
+    assert "segmenter.seed: got 'x'; expected an integer or null" in problems_of({"segmenter": {"seed": "x"}})
+
+
+def test_a_null_training_seed_resumes_the_run_of_its_value_and_another_seed_does_not():
+    """The checkpoint fingerprint sees the resolved seed: train.seed null and its value are one
+    run; another train.seed is another run (on the same split: the split reads the top-level seed)."""
+    import torch
+
+    from ctsynth.core.config import with_training_seeds
+    from ctsynth.data.split import assign
+    from ctsynth.train.checkpoint import run_fingerprint
+
+    def fingerprint(raw):
+        return run_fingerprint(with_training_seeds(params_from_dict(raw)), "data", 1, torch.device("cpu"), "fp32")
+
+    assert fingerprint({"seed": 42}) == fingerprint({"seed": 42, "train": {"seed": 42}})
+    assert fingerprint({"seed": 42}) != fingerprint({"seed": 42, "train": {"seed": 7}})
+    cases = [f"c{i}" for i in range(20)]
+    assert assign(cases, params_from_dict({"train": {"seed": 7}})) == assign(cases, params_from_dict({}))
+
+
+def test_training_draws_from_train_seed_and_the_segmenter_from_segmenter_seed(tmp_path, monkeypatch):
+    """Init (torch's global seed) and batch order (the sampler's seed) of the generator follow
+    train.seed, the segmenter stage's training and its recorded seed follow segmenter.seed; a
+    null one is the top-level seed. (Stops the training before its first step: fast.)"""
+    import json
+
+    import torch
+
+    from conftest import make_store, tiny_params
+    from ctsynth.evaluate import segmenter
+    from ctsynth.evaluate.segmenter import SegUNet
+    from ctsynth.train import loop
+
+    make_store(tmp_path / "processed")
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}))
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def sampler(*args, seed, **kw):
+        seen.append((seed, torch.initial_seed()))
+        raise Stop
+
+    def fake_train_segmenter(cfg, seed, pools, desc="segmenter"):
+        seen.append(seed)
+        return SegUNet(width=cfg.width), 0.0
+
+    monkeypatch.setattr(loop, "DistributedSampler", sampler)
+    monkeypatch.setattr(segmenter, "train_segmenter", fake_train_segmenter)
+    for top, own in ((42, 7), (42, None)):
+        p = tiny_params(train={"seed": own}, segmenter={"seed": own}, tracking={"enabled": False})
+        p.seed = top
+        out = tmp_path / f"{top}-{own}"
+        with pytest.raises(Stop):
+            loop.run(p, tmp_path / "processed", tmp_path / "split.json", out / "g.pt", out / "ckpt", out / "rep",
+                     out / "run.json")
+        summary = segmenter.run(p, tmp_path / "processed", tmp_path / "split.json", out / "seg.pt")
+        assert summary["seed"] == (own if own is not None else top)
+    assert seen == [(7, 7), 7, (42, 42), 42]

@@ -6,6 +6,8 @@
     ctsynth check-params [--params params/paper.yaml]
     ctsynth preset paper [--params params.yaml] [--out params.yaml]
     ctsynth bench [--quick] [--paths fp32_cl,compile]
+    ctsynth compare run --set model.context_slices=0,1 --seeds 1,2,3 [--name ctx] [--jobs 2] [--dry-run]
+    ctsynth compare show [--name ctx] [--metrics ssim,mae_hu] [--baseline model.context_slices=0] [--out cmp.md]
 
 Pipeline stages are run by DVC (`dvc repro`), not from here; see README.
 """
@@ -103,6 +105,55 @@ they imply. Prints a table, writes reports/bench.json ({"machine", "records"}). 
 measures the GPU. The full run takes about 10 minutes on 2 CPU cores; --quick about one."""
 
 
+def _compare_run(args) -> int:
+    from ctsynth.evaluate.compare import run
+
+    return run(args.set, args.seeds, seed_key=args.seed_key, name=args.name, jobs=args.jobs, dry_run=args.dry_run)
+
+
+def _compare_show(args) -> int:
+    from ctsynth.evaluate.compare import show
+
+    show(name=args.name, metrics=args.metrics, baseline=args.baseline, out=args.out, seed_key=args.seed_key)
+    return 0
+
+
+COMPARE_HELP = """Training-seed spread of a comparison, on top of `dvc exp` (docs/compare.md).
+'run' trains every combination of the --set values with every seed as queued DVC experiments
+(<name>-<i>), skipping the points that already are finished experiments with exactly those params
+(a rerun resumes), then runs the queue (`dvc queue start -j N`) and waits for it. 'show' groups the
+finished experiments by the params that differ between them but the seed key and reports, per
+metric, mean +- sd over seeds and the paired per-seed difference to a baseline configuration with
+a t-interval over seeds: training noise on the same patients, not a patient-level interval."""
+
+
+def _compare_parser(sub) -> None:
+    """``ctsynth compare run|show`` (ctsynth.evaluate.compare)."""
+    from ctsynth.evaluate.compare import DEFAULT_NAME, DEFAULT_SEED_KEY
+
+    p = sub.add_parser("compare", help="seed grids of DVC experiments: run them, compare configurations over seeds",
+                       description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = p.add_subparsers(dest="compare_command", required=True)
+    seed_help = f"params key(s) the seed is set with, comma-separated (default {DEFAULT_SEED_KEY})"
+    r = verbs.add_parser("run", help="queue and run the grid x seeds as DVC experiments, wait for them")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a grid key and its values (repeatable; the grid is their product)")
+    r.add_argument("--seeds", required=True, metavar="S1,S2,...", help="training seeds, e.g. 1,2,3")
+    r.add_argument("--seed-key", default=DEFAULT_SEED_KEY, help=seed_help)
+    r.add_argument("--name", default=DEFAULT_NAME, help=f"study name: experiments <name>-<i> (default {DEFAULT_NAME})")
+    r.add_argument("--jobs", type=int, default=1, help="experiments run at once (dvc queue start -j; default 1)")
+    r.add_argument("--dry-run", action="store_true", help="print the plan and the dvc commands, run nothing")
+    r.set_defaults(func=_compare_run)
+    s = verbs.add_parser("show", help="mean +- sd over seeds and paired differences to a baseline, per metric")
+    s.add_argument("--name", default=None, help="study name (experiments <name>-<i>; default: every experiment)")
+    s.add_argument("--metrics", default=None, metavar="A,B,...", help="metrics (default: every numeric one)")
+    s.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE",
+                   help="the baseline configuration (repeatable; default: the workspace's params)")
+    s.add_argument("--seed-key", default=DEFAULT_SEED_KEY, help=seed_help)
+    s.add_argument("--out", default=None, help="also write the table: .csv (every field) or .md")
+    s.set_defaults(func=_compare_show)
+
+
 def _model_options(p: argparse.ArgumentParser, structures_help: str) -> None:
     """--model, --structures and --label-map: the trained generator and how masks map onto it."""
     p.add_argument("--model", default=pipeline_path("model"), help="trained generator file")
@@ -175,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5, quick 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
     p.set_defaults(func=_bench)
+
+    _compare_parser(sub)
     return parser
 
 

@@ -15,7 +15,7 @@ training device; the same random geometric draw warps a slice's image and its co
   each with p = 0.5, and Gaussian noise of σ 0.02 (20 HU) with p = 0.5; clamped to [-1, 1].
 
 Randomness: kornia samples the parameters on the CPU from torch's global generator, which
-training seeds with ``seed`` and checkpoints save and restore, so CPU runs are bit-for-bit
+training seeds with ``train.seed`` and checkpoints save and restore, so CPU runs are bit-for-bit
 repeatable, resume continues the same draws, and the draws do not depend on the device. Every DDP
 rank starts from the same seed and so draws the same parameters, for its own, different slices.
 """

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from ctsynth.core.accel import autocast, resolve_channels_last, resolve_precision
-from ctsynth.core.config import Params, to_dict
+from ctsynth.core.config import Params, to_dict, with_training_seeds
 from ctsynth.core.errors import ConfigError, InputError, TrainingError
 from ctsynth.core.labels import condition_channels
 from ctsynth.core.tracking import Tracker
@@ -104,7 +104,7 @@ def _prepare(params: Params, d: Dist, processed_dir: Path, split_path: Path) -> 
     data_hash = store.fingerprint(split["train"])
     fp = run_fingerprint(params, data_hash, d.world, d.device, precision)
 
-    torch.manual_seed(params.seed)             # same init on every rank; DDP keeps them in step
+    torch.manual_seed(params.train.seed)       # same init on every rank; DDP keeps them in step
     mem = torch.channels_last if channels_last else torch.contiguous_format
     G = build_generator(mcfg, in_ch).to(d.device, memory_format=mem)
     D = build_discriminator(mcfg, in_ch).to(d.device, memory_format=mem)
@@ -174,6 +174,7 @@ def run(params: Params, processed_dir: str | Path, split_path: str | Path, out_m
     ``stop_after`` (tests): behave as if SIGTERM arrived once that many steps are done.
     Returns a :class:`TrainResult`; raises :class:`TrainingError` on a non-finite loss.
     """
+    params = with_training_seeds(params)      # train.seed null -> the top-level seed, recorded as such everywhere
     d = setup(params.train.device)
     tracker = Tracker()
     try:
@@ -207,7 +208,7 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
         Gm, Dm, Dg = torch.compile(Gm), torch.compile(Dm), torch.compile(Dg)
     amp, augment = autocast(job.precision, d.device), build_augment(cfg.augment)   # augment: on the device
     sampler = DistributedSampler(job.ds, num_replicas=d.world, rank=d.rank, shuffle=True,
-                                 seed=job.params.seed, drop_last=True)
+                                 seed=job.params.train.seed, drop_last=True)
     batches = train_batches(job.ds, sampler, job.batch, step, num_workers=steer.num_workers,
                             pin_memory=d.device.type == "cuda")
     if d.is_main:
@@ -281,7 +282,7 @@ def _finish(job: _Job, tracker: Tracker, hist: LossHistory, out_model: Path, rep
             "structures": job.store.structures, "label_map": job.store.meta["label_map"],
             "encoding": job.params.model.encoding}
     extra = {"step": step, "iterations": cfg.iterations, "world_size": d.world, "device": d.device.type,
-             "precision": job.precision, "channels_last": job.channels_last, "seed": job.params.seed,
+             "precision": job.precision, "channels_last": job.channels_last, "seed": job.params.train.seed,
              "rank_weight_hashes": digests, "receptive_field": receptive_field(job.D),
              "fingerprint": job.fingerprint,
              "losses": {"step": step, **hist.mean(step - 1, step)}}
