@@ -1,6 +1,8 @@
 """evaluate stage: metrics of the generated test set -> ``reports/``.
 
-Writes ``metrics.json`` (dvc metrics), ``metrics_notes.json`` (definitions, reasons for null
+Writes ``headline.json`` and ``validation.json`` (dvc metrics: the test patients' headline, to
+report; the validation patients' ``val_*`` scores, to choose defaults and variants on),
+``metrics.json``, ``metrics_ci.json``, ``metrics_notes.json`` (definitions, reasons for null
 metrics), ``per_case.csv``, ``per_structure.csv``, ``privacy.csv``, ``shareable.json`` and
 ``plots/*.csv`` (see ``ctsynth.evaluate``).
 

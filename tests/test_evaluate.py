@@ -21,8 +21,9 @@ SPLIT = {"seed": 0, "train": ["c1", "c2", "c3"], "val": ["c4"], "test": ["c5", "
 RAW = {"preprocess": {"image_size": 32}, "model": {"gen_depth": 5, "disc_layers": 2},
        "segmenter": {"iterations": 8, "batch_size": 4, "width": 4},
        "evaluate": {"batch_size": 5, "kid_subset_size": 4}}
-OUTPUTS = ("metrics.json", "metrics_ci.json", "metrics_notes.json", "per_case.csv", "per_structure.csv", "privacy.csv",
-           "shareable.json", "plots/per_slice.csv", "plots/privacy_hist.csv", "plots/dice.csv")
+OUTPUTS = ("metrics.json", "metrics_ci.json", "validation.json", "metrics_notes.json", "per_case.csv",
+           "per_structure.csv", "privacy.csv", "shareable.json", "plots/per_slice.csv", "plots/privacy_hist.csv",
+           "plots/dice.csv")
 
 
 def _params(**sections):
@@ -32,14 +33,19 @@ def _params(**sections):
     return tiny_params(**raw)
 
 
-def write_generated(root, store_dir, noise: float, seed: int = 0, cases=("c5", "c6")):
+def write_generated(root, store_dir, noise: float, seed: int = 0, cases=("c5", "c6"), val=("c4",),
+                    val_noise=None):
+    """A generate-stage folder: real slices + noise for ``cases`` (and in ``val/`` for ``val``)."""
     store = ProcessedStore(store_dir)
-    index = store.rows_for_cases(cases)
-    real = np.asarray(store.images[index], np.float32)
-    fake = np.clip(real + noise * np.random.default_rng(seed).standard_normal(real.shape), -1, 1)
-    root.mkdir(parents=True, exist_ok=True)
-    np.save(root / "fake.npy", fake.astype(np.float16))
-    np.save(root / "index.npy", index.astype(np.int64))
+    for folder, these, sigma in ((root, cases, noise), (root / "val", val, noise if val_noise is None else val_noise)):
+        if not these:
+            continue
+        index = store.rows_for_cases(these)
+        real = np.asarray(store.images[index], np.float32)
+        fake = np.clip(real + sigma * np.random.default_rng(seed).standard_normal(real.shape), -1, 1)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "fake.npy", fake.astype(np.float16))
+        np.save(folder / "index.npy", index.astype(np.int64))
     return root
 
 
@@ -183,7 +189,7 @@ HEADLINE = ("mse", "psnr", "ssim", "mae_hu", "mae_hu_LV", "mae_hu_background", "
 
 
 def test_intervals_contain_the_point_estimates(setup, tmp_path):
-    m = _run(setup, tmp_path / "out", evaluate={"bootstrap": 300})
+    m = _run(setup, tmp_path / "out", evaluate={"bootstrap": 300, "interval_method": "bootstrap"})
     ci = json.loads((tmp_path / "out" / "metrics_ci.json").read_text())
     assert set(f"{k}_ci95" for k in HEADLINE) <= set(ci)
     for key, iv in ci.items():
@@ -199,13 +205,27 @@ def test_intervals_contain_the_point_estimates(setup, tmp_path):
     for key in ("mse", "psnr", "ssim", "mae_hu"):
         assert ((per_case[f"{key}_ci95_lo"] <= per_case[key]) & (per_case[key] <= per_case[f"{key}_ci95_hi"])).all()
     # seeded: a second run writes the same intervals byte for byte
-    _run(setup, tmp_path / "again", evaluate={"bootstrap": 300})
+    _run(setup, tmp_path / "again", evaluate={"bootstrap": 300, "interval_method": "bootstrap"})
     assert (tmp_path / "again" / "metrics_ci.json").read_bytes() == (tmp_path / "out" / "metrics_ci.json").read_bytes()
+
+
+def test_jackknife_intervals_need_two_patients_per_set(setup, tmp_path):
+    """The default method: delete-one-patient jackknife-t. The 2 test patients give intervals (t with
+    1 degree of freedom: wide); floors and gaps need >= 2 validation patients and this split has 1."""
+    m = _run(setup, tmp_path / "out")
+    ci = json.loads((tmp_path / "out" / "metrics_ci.json").read_text())
+    for key in ("mse", "ssim", "mae_hu", "fd_seg", "kid_seg", "dice_generated_mean"):
+        assert ci[f"{key}_ci95"]["lo"] < m[key] < ci[f"{key}_ci95"]["hi"], key
+    assert not {"fd_seg_floor_ci95", "fd_seg_vs_val_ci95", "fd_seg_gap_ci95"} & set(ci)
+    assert m["fd_seg_gap"] == pytest.approx(m["fd_seg_vs_val"] - m["fd_seg_floor"])
+    notes = json.loads((tmp_path / "out" / "metrics_notes.json").read_text())
+    assert "Delete-one-patient jackknife" in notes["intervals"] and "not training noise" in notes["intervals"]
 
 
 def test_identical_sets_give_a_zero_width_fd_interval_and_the_floor(setup, tmp_path):
     write_generated(tmp_path / "perfect", setup / "processed", noise=0.0)
-    m = _run(setup, tmp_path / "out", generated=tmp_path / "perfect", evaluate={"bootstrap": 200})
+    m = _run(setup, tmp_path / "out", generated=tmp_path / "perfect",
+             evaluate={"bootstrap": 200, "interval_method": "bootstrap"})
     ci = json.loads((tmp_path / "out" / "metrics_ci.json").read_text())
     floor = m["fd_seg_floor"]
     assert floor > 0
@@ -273,3 +293,29 @@ def test_auto_fid_inception_from_the_hub_cache_and_null_when_the_download_fails(
     assert "fid_inception_floor" not in m                                  # no null floors for a missing space
     assert "download failed" in notes["null_metrics"]["fid_inception"]
     assert json.loads((tmp_path / "failed" / "metrics.json").read_text())["ssim"] == m["ssim"]   # the run went on
+
+
+def test_validation_patients_are_scored_apart_from_the_test_patients(setup, tmp_path):
+    """validation.json scores the generated *validation* slices only (what defaults are chosen on):
+    perfect validation slices give ssim 1 / mse 0 whatever the test slices are."""
+    write_generated(tmp_path / "gen", setup / "processed", noise=0.2, val_noise=0.0)
+    out = tmp_path / "reports"
+    metrics = _run(setup, out, generated=tmp_path / "gen")
+    val = json.loads((out / "validation.json").read_text())
+    assert val["val_n_cases"] == 1 and val["val_n_slices"] == 6
+    assert val["val_ssim"] == pytest.approx(1.0) and val["val_mse"] == 0 and val["val_mae_hu"] == 0
+    assert val["val_dice_generated_mean"] == pytest.approx(val["val_dice_real_mean"])
+    assert val["val_fd_seg"] < 1e-6 * max(1.0, metrics["fd_seg"])
+    assert metrics["ssim"] < 0.99 and metrics["mse"] > 0                  # the test slices were noisy
+
+
+def test_validation_slices_are_checked(setup, tmp_path):
+    store = ProcessedStore(setup / "processed")
+    gen = write_generated(tmp_path / "noval", setup / "processed", 0.1, val=())
+    with pytest.raises(InputError, match=r"val/fake.npy: missing \(run `dvc repro generate`\)"):
+        evaluate.validation.load_val_generated(gen, store, ["c4"])
+    gen = write_generated(tmp_path / "wrong", setup / "processed", 0.1, val=("c5",))
+    with pytest.raises(InputError, match=r"slices of cases \['c5'\], the split's validation cases are \['c4'\]"):
+        evaluate.validation.load_val_generated(gen, store, ["c4"])
+    values, reasons = evaluate.validation.score(store, {"val": []}, gen, None, 4, 4, 0)
+    assert values["val_n_slices"] == 0 and values["val_ssim"] is None and "split.val is empty" in reasons["val_ssim"]

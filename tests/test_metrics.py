@@ -2,17 +2,24 @@
 Fréchet distance / KID, and streaming accumulators == all-at-once."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import kornia
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from conftest import tiny_params
 from ctsynth.core.errors import MetricUnavailable
 from ctsynth.data.store import ProcessedStore
+from ctsynth.evaluate import stage
+from ctsynth.evaluate.bootstrap import dice_replicates
 from ctsynth.evaluate.metrics import (
     DiceAccumulator,
     FeatureBank,
     PairedAccumulator,
+    dice_mean,
     dice_scores,
     frechet_distance,
     frechet_distance_weighted,
@@ -20,6 +27,7 @@ from ctsynth.evaluate.metrics import (
     per_slice_metrics,
     reported_structures,
 )
+from ctsynth.evaluate.privacy import PrivacyAccumulator
 from ctsynth.evaluate.registry import METRICS, definition
 
 WINDOW = [-1000.0, 1000.0]
@@ -71,6 +79,39 @@ def test_mae_hu_uses_the_window():
     fake = real + 0.1                      # 0.1 in [-1, 1] = 100 HU over a 2000 HU window
     assert _means(fake, real)["mae_hu"] == pytest.approx(100.0, rel=1e-5)
     assert float(per_slice_metrics(fake, real, [-200, 200])["mae_hu"][0]) == pytest.approx(20.0, rel=1e-5)
+
+
+def test_psnr_and_mse_of_a_constant_offset_are_known():
+    """fake = real + δ: MSE is taken in [-1, 1], so δ²; PSNR on (x + 1) / 2 with data_range 1, where
+    the offset is δ / 2, so 10·log10(1² / (δ/2)²) = 20 dB for δ = 0.2 (piq adds ε = 1e-8 to the
+    MSE). data_range 2 (the [-1, 1] span) would give 26.02 dB, 255 would give 68.1 dB."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(3, 16, 16, generator=g) - 0.5           # [-0.5, 0.5]: + δ is never clamped
+    delta = 0.2
+    acc = PairedAccumulator(WINDOW, STRUCTS)
+    frame = acc.update(real + delta, real, torch.zeros(3, 16, 16, dtype=torch.long), ["c"] * 3, [0, 1, 2])
+    psnr = 10 * np.log10(1.0 ** 2 / ((delta / 2) ** 2 + 1e-8))
+    assert psnr == pytest.approx(20.0, abs=1e-5)
+    np.testing.assert_allclose(frame["psnr"], psnr, atol=1e-4)              # per slice, as streamed
+    s = acc.summary()
+    assert s["psnr"] == pytest.approx(psnr, abs=1e-4)
+    assert s["mse"] == pytest.approx(delta ** 2, rel=1e-5)
+    assert s["mae_hu"] == pytest.approx(delta * 1000.0, rel=1e-5)           # 0.2 of a 2000 HU window
+
+
+def test_ssim_of_two_constant_images_is_the_luminance_term():
+    """Constant images a, b (in [0, 1], data_range L = 1) have no variance, so SSIM is the luminance
+    term alone: (2ab + C1) / (a² + b² + C1), C1 = (0.01·L)². a = 0.05, b = 0.02 give exactly 0.7;
+    data_range 2 would give 0.727 (C1 weighs 4× more against the halved values)."""
+    a, b, c1 = 0.05, 0.02, (0.01 * 1.0) ** 2
+    fake, real = torch.full((2, 16, 16), 2 * a - 1), torch.full((2, 16, 16), 2 * b - 1)   # [-1, 1] model space
+    expected = (2 * a * b + c1) / (a ** 2 + b ** 2 + c1)
+    assert expected == pytest.approx(0.7, rel=1e-12)
+    acc = PairedAccumulator(WINDOW, STRUCTS)
+    frame = acc.update(fake, real, torch.zeros(2, 16, 16, dtype=torch.long), ["c", "c"], [0, 1])
+    np.testing.assert_allclose(frame["ssim"], expected, rtol=1e-5)
+    assert acc.summary()["ssim"] == pytest.approx(expected, rel=1e-5)
+    assert acc.summary()["psnr"] == pytest.approx(10 * np.log10(1 / ((a - b) ** 2 + 1e-8)), abs=1e-4)
 
 
 def test_per_structure_mae_known_values():
@@ -126,7 +167,75 @@ def test_dice_known_values():
     assert dice_scores(t, t, [1])[1] == 1.0
     d = dice_scores(p, t, [1, 2])
     assert d[1] == pytest.approx(0.5)      # 2·8 / (16 + 16)
-    assert d[2] == 1.0                     # absent from both: agreement
+    assert np.isnan(d[2])                  # absent from both: not scored (was 1.0)
+    assert np.isnan(dice_scores(p, torch.zeros_like(t), [1])[1])   # predicted but absent from the truth
+
+
+def _absent_structure_counts():
+    """Two patients; LV (3) absent from both ground truths, predicted in b; PA (7) only in a."""
+    target = torch.zeros(4, 16, 16, dtype=torch.long)
+    target[:, 1:4, 1:4] = 6                # Ao in every slice, 9 px
+    target[:2, 5:7, 5:7] = 7               # PA in patient a only, 4 px
+    pred = target.clone()
+    pred[:, 1, 1:4] = 0                    # Ao: 6 of 9 found → 2·6 / (6 + 9) = 0.8
+    pred[2:, 5:7, 5:7] = 3                 # LV predicted in b, where the truth has none
+    return pred, target, ["a", "a", "b", "b"]
+
+
+def test_dice_of_a_structure_absent_from_the_ground_truth_is_null():
+    pred, target, cases = _absent_structure_counts()
+    acc = DiceAccumulator({3: "LV", 6: "Ao", 7: "PA"})
+    acc.update(pred, target, cases)
+    s = acc.summary()
+    assert np.isnan(s["LV"]) and s["Ao"] == pytest.approx(0.8) and s["PA"] == 1.0
+    assert acc.mean() == pytest.approx(0.9)                     # over Ao and PA only (was (1 + 0.8 + 1) / 3)
+    assert list(acc.absent()) == ["LV"] and "absent from the ground truth" in acc.absent()["LV"]
+    per_case = acc.per_case()                                   # PA absent from patient b only
+    assert per_case["a"]["PA"] == 1.0 and np.isnan(per_case["b"]["PA"]) and np.isnan(per_case["b"]["LV"])
+    assert np.isnan(dice_mean({"LV": float("nan")}))                         # none present
+    assert dice_mean(np.array([[np.nan, 0.5], [np.nan, np.nan]]))[0] == 0.5
+
+
+def test_evaluate_nulls_an_absent_structure_and_means_the_present_ones(tmp_path):
+    """The evaluate stage on a test set without LV: dice_*_LV null with the reason (not 1, nor 0
+    for stray predictions), dice_*_mean over Ao and PA, blank per-case / per-structure cells."""
+    pred, target, cases = _absent_structure_counts()
+    labels = {3: "LV", 6: "Ao", 7: "PA"}
+    paired = PairedAccumulator(WINDOW, list(labels.values()))
+    paired.update(torch.zeros(4, 16, 16), torch.zeros(4, 16, 16), target, cases, [0, 1, 0, 1])
+    dice = {"generated": DiceAccumulator(labels), "real": DiceAccumulator(labels)}
+    dice["generated"].update(pred, target, cases)
+    dice["real"].update(target, target, cases)
+    privacy = PrivacyAccumulator(0.95)
+    for kind in ("generated", "real"):
+        privacy.update(kind, np.full(4, 0.5))
+    acc = SimpleNamespace(paired=paired, dice=dice, privacy=privacy,
+                          feats={"seg": {"generated": FeatureBank(), "real": FeatureBank()}})
+    store = SimpleNamespace(slices=pd.DataFrame({"case": cases}))
+    res, _ = stage._metrics(tiny_params(), store, np.arange(4), acc, None, {}, None, {"fid_inception": "none"})
+    for kind in ("generated", "real"):
+        assert res.value(f"dice_{kind}_LV") is None
+        assert "LV absent from the ground truth" in res.null_reasons()[f"dice_{kind}_LV"]
+    assert res.value("dice_generated_mean") == pytest.approx(0.9)      # (0.8 + 1) / 2; was (0 + 0.8 + 1) / 3
+    assert res.value("dice_real_mean") == 1.0
+    stage._write_tables(tmp_path, paired, dice, privacy, pd.DataFrame())
+    per_case = pd.read_csv(tmp_path / "per_case.csv").set_index("case")
+    assert per_case.loc["a", "dice_real_PA"] == 1.0 and np.isnan(per_case.loc["b", "dice_real_PA"])
+    assert per_case["dice_generated_LV"].isna().all()
+    per_struct = pd.read_csv(tmp_path / "per_structure.csv").set_index("structure")
+    assert per_struct.loc["LV", "n_pixels"] == 0 and per_struct.loc["LV", ["dice_generated", "dice_real"]].isna().all()
+    assert per_struct.loc["PA", "dice_real"] == 1.0
+
+
+def test_dice_replicates_are_nan_where_the_resample_lacks_the_structure():
+    pred, target, _ = _absent_structure_counts()
+    acc = DiceAccumulator({3: "LV", 6: "Ao", 7: "PA"})
+    acc.update(pred, target, ["-"] * 4)
+    W = np.array([[1, 1, 1, 1], [0, 0, 2, 2], [2, 2, 0, 0]], float)     # all; patient b twice; a twice
+    reps = dice_replicates(W, acc.per_slice())
+    assert np.isnan(reps[:, 3]).all()                                  # LV: never in the truth
+    assert reps[0, 7] == 1.0 and np.isnan(reps[1, 7]) and reps[2, 7] == 1.0    # PA: only with patient a
+    assert reps[:, 6] == pytest.approx([0.8] * 3)
 
 
 def test_dice_streaming_equals_all_at_once(real):

@@ -168,13 +168,15 @@ def test_report_stage_script(tmp_path, monkeypatch):
 RICH = {"n_test_slices": 160, "n_test_cases": 4, "mse": 0.0123, "psnr": 24.5, "ssim": 0.81, "mae_hu": 61.2,
         "mae_hu_LV": 80.0, "mae_hu_Ao": 40.5, "fid_inception": None, "kid_inception": None,
         "fd_seg": 0.69, "kid_seg": 0.01, "fd_seg_floor": 0.40, "kid_seg_floor": 0.004, "fd_seg_vs_val": 1.10,
+        "fd_seg_gap": 0.70,
         "kid_seg_vs_val": 0.02, "dice_generated_LV": 0.60, "dice_real_LV": 0.90, "dice_generated_Ao": 0.80,
         "dice_real_Ao": 0.85, "dice_generated_mean": 0.70, "dice_real_mean": 0.875, "privacy_threshold": 0.95,
         "privacy_generated_similarity_mean": 0.71, "privacy_real_similarity_mean": 0.70,
         "privacy_generated_share_above": 0.0, "privacy_real_share_above": 0.0}
 RICH_CI = {"ssim_ci95": {"lo": 0.79, "hi": 0.83}, "mae_hu_ci95": {"lo": 55.0, "hi": 68.0},
            "fd_seg_ci95": {"lo": 0.55, "hi": 0.83}, "fd_seg_floor_ci95": {"lo": 0.30, "hi": 0.50},
-           "fd_seg_vs_val_ci95": {"lo": 0.90, "hi": 1.30}, "mae_hu_LV_ci95": {"lo": 70.0, "hi": 90.0},
+           "fd_seg_vs_val_ci95": {"lo": 0.90, "hi": 1.30},
+           "fd_seg_gap_ci95": {"lo": 0.45, "hi": 0.95}, "mae_hu_LV_ci95": {"lo": 70.0, "hi": 90.0},
            "dice_generated_LV_ci95": {"lo": 0.5, "hi": 0.7}, "mae_hu_Ao_ci95": {"lo": 35.0, "hi": 46.0}}
 
 
@@ -189,8 +191,8 @@ def test_report_leads_with_the_answer_and_ends_with_the_configuration(tmp_path):
     assert order[0] == "summary" and order[-2:] == ["data", "config"]
     summary = page[page.index("id='summary'"):page.index("id='metrics'")]
     assert "SSIM 0.81 [0.79, 0.83]" in summary and "61.2 [55, 68] HU" in summary
-    assert "2.8× the noise floor" in summary                       # 1.10 / 0.40, intervals apart
-    assert "0.4 [0.3, 0.5]" in summary and "real validation vs real test" in summary
+    assert "further than real slices: the gap 0.7 [0.45, 0.95] excludes 0" in summary
+    assert "0.4 [0.3, 0.5]" in summary and "same comparison, real test slices" in summary
     assert "weakest structure is <b>LV</b>" in summary               # 0.60 / 0.90 < 0.80 / 0.85
     assert "about as close to the training set as unseen real patients" in summary
     assert summary.count("data:image/png;base64,") == 1              # one sample grid
@@ -211,11 +213,17 @@ def results(metrics: dict, ci: dict | None = None, reasons: dict | None = None) 
 def test_floor_reading_and_weakest_structure():
     from ctsynth.report.summary import floor_reading, weakest_structure
 
-    overlapping = dict(RICH_CI, fd_seg_vs_val_ci95={"lo": 0.45, "hi": 0.9})
-    assert ("1.5× the noise floor, but the intervals overlap: with 4 test and ? validation patients"
-            in floor_reading(results(dict(RICH, fd_seg_vs_val=0.6), overlapping)))
-    assert "2.8× the noise floor: distinguishable" in floor_reading(results(RICH, RICH_CI))
-    assert "at or below the noise floor" in floor_reading(results(dict(RICH, fd_seg_vs_val=0.39), RICH_CI))
+    # the verdict is the paired gap's interval, never two overlapping intervals: here the vs_val and floor
+    # intervals overlap, yet the gap excludes 0 (the shared validation patients cancel)
+    overlapping = dict(RICH_CI, fd_seg_vs_val_ci95={"lo": 0.45, "hi": 0.9}, fd_seg_gap_ci95={"lo": 0.05, "hi": 0.35})
+    assert "further than real slices: the gap 0.2 [0.05, 0.35] excludes 0" in floor_reading(
+        results(dict(RICH, fd_seg_vs_val=0.6, fd_seg_gap=0.2), overlapping))
+    unresolved = dict(RICH_CI, fd_seg_gap_ci95={"lo": -0.1, "hi": 0.3})
+    assert ("includes 0: with 4 test and ? validation patients the difference from real slices is not resolved"
+            in floor_reading(results(dict(RICH, fd_seg_gap=0.1), unresolved)))
+    closer = dict(RICH_CI, fd_seg_gap_ci95={"lo": -0.3, "hi": -0.05})
+    assert "closer than real slices" in floor_reading(results(dict(RICH, fd_seg_gap=-0.2), closer))
+    assert "no interval for their difference" in floor_reading(results(RICH, {}))
     assert "no noise floor was computed" in floor_reading(results({"fd_seg": 0.5}))
     assert weakest_structure(results({"dice_generated_Ao": 0.2, "dice_real_Ao": 0.9, "dice_generated_LV": 0.5,
                                       "dice_real_LV": 0.6})).startswith("The weakest structure is <b>Ao</b>")
@@ -235,5 +243,48 @@ def test_headline_text_for_the_log():
     text = results(RICH, RICH_CI, {"fid_inception": "offline: the download failed"}).headline_text()
     lines = {ln.split()[0]: ln for ln in text.splitlines()}
     assert "0.81" in lines["ssim"] and "[0.79, 0.83]" in lines["ssim"]
-    assert "0.69" in lines["fd_seg"] and "[0.55, 0.83]" in lines["fd_seg"] and "0.4 [0.3, 0.5]" in lines["fd_seg"]
+    assert "0.69" in lines["fd_seg"] and "[0.55, 0.83]" in lines["fd_seg"] and "[0.3, 0.5]" not in lines["fd_seg"]
+    assert "1.1 [0.9, 1.3]" in lines["fd_seg_vs_val"] and "0.4 [0.3, 0.5]" in lines["fd_seg_vs_val"]  # like with like
+    assert "0.7 [0.45, 0.95]" in lines["fd_seg_gap"]
     assert "null" in lines["fid_inception"] and "download failed" in lines["fid_inception"]
+
+
+def test_absent_structures_show_as_a_dash_or_absent_never_nan(tmp_path, monkeypatch):
+    """A structure absent from the test ground truth (Dice null with its reason, blank CSV cells) is
+    shown as '—' in the tables and left out of the text, and as '<S> (absent)' under the utility
+    chart: never 'nan', never a crash."""
+    from ctsynth.report import figures, html
+    from ctsynth.report.summary import plain_reading
+
+    why = "LV absent from the ground truth of every scored slice (Σ|T| = 0): Dice cannot be scored"
+    res = results({"n_test_cases": 2, "n_test_slices": 4, "ssim": 0.8, "mae_hu": 50.0, "dice_generated_LV": None,
+                   "dice_real_LV": None, "dice_generated_Ao": 0.8, "dice_real_Ao": 0.9, "dice_generated_mean": 0.8,
+                   "dice_real_mean": 0.9, "utility_dice_real": 0.9, "utility_dice_synthetic": 0.7,
+                   "utility_dice_mixed": 0.92, "utility_ratio_synthetic": 0.778, "utility_gain_mixed": 0.02,
+                   "utility_dice_real_LV": None},
+                  {"dice_generated_Ao_ci95": {"lo": 0.7, "hi": 0.85}}, {"dice_generated_LV": why, "dice_real_LV": why})
+    pd.DataFrame({"structure": ["background", "LV", "Ao"], "label": [0, 3, 6], "n_pixels": [900, 0, 100],
+                  "mae_hu": [70.0, np.nan, 40.5], "dice_generated": [np.nan, np.nan, 0.8],
+                  "dice_real": [np.nan, np.nan, 0.9]}).to_csv(tmp_path / "per_structure.csv", index=False)
+    pd.DataFrame({"case": ["p1", "p2"], "n_slices": [2, 2], "dice_real_Ao": [0.9, np.nan]}).to_csv(
+        tmp_path / "per_case.csv", index=False)
+    pd.DataFrame({"model": ["real"] * 3 + ["synthetic"] * 3, "structure": ["LV", "Ao", "mean"] * 2,
+                  "dice": [np.nan, 0.9, 0.9, np.nan, 0.7, 0.7], "lo": [np.nan, 0.8, 0.8, np.nan, 0.6, 0.6],
+                  "hi": [np.nan, 0.95, 0.95, np.nan, 0.8, 0.8]}).to_csv(tmp_path / "utility.csv", index=False)
+    ticks = []
+
+    def save(fig, path, **_):                   # the tick labels, without the cost of rendering
+        ticks.extend(t.get_text() for t in fig.axes[0].get_xticklabels())
+        figures._plt().close(fig)
+        path.write_bytes(b"png")
+        return path
+    monkeypatch.setattr(figures, "_save", save)
+    (tmp_path / "figures").mkdir()
+    parts = {"structures": html.section_per_structure(tmp_path, res), "cases": html.section_per_case(tmp_path),
+             "utility": html.section_utility(tmp_path, res, tmp_path / "figures"), "summary": plain_reading(res)}
+    for name, text in parts.items():
+        assert not re.search(r"\bnan\b", text, re.IGNORECASE), name
+    lv_row = re.search(r"<tr><td>LV</td>.*?</tr>", parts["structures"]).group(0)
+    assert lv_row.count("—") == 3 and "0.8 [0.7, 0.85]" in parts["structures"]     # mae, both Dice: dashes
+    assert "—" in parts["cases"] and "LV" not in parts["summary"]
+    assert ticks == ["LV\n(absent)", "Ao", "mean"]

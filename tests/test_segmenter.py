@@ -1,9 +1,11 @@
 """Segmenter (training, file format, Dice, FD_seg behaviour) and InceptionV3 loading."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import kornia
 import numpy as np
@@ -12,11 +14,11 @@ import torch
 import yaml
 
 from conftest import REPO, make_store, tiny_params
-from ctsynth.core.errors import MetricUnavailable, ModelFileError
+from ctsynth.core.errors import InputError, MetricUnavailable, ModelFileError
 from ctsynth.data.store import ProcessedStore
 from ctsynth.evaluate.inception import INCEPTION_REASON, InceptionFeatures, inception_module
 from ctsynth.evaluate.metrics import dice_scores, frechet_distance
-from ctsynth.evaluate.segmenter import Segmenter, SegUNet, load_segmenter
+from ctsynth.evaluate.segmenter import Segmenter, SegUNet, check_segmenter_params, load_segmenter, segmenter_seed
 from ctsynth.evaluate.segmenter import run as train_segmenter
 
 SPLIT = {"seed": 0, "train": ["c1", "c2", "c3"], "val": ["c4"], "test": ["c5"]}
@@ -87,9 +89,9 @@ def test_fd_seg_grows_with_blur_and_noise(trained):
     x = torch.from_numpy(np.asarray(store.images[rows], np.float32))
     ref = seg.features(x)
     same = frechet_distance(ref, seg.features(x.clone()))
-    # "≈ 0" up to piq's Newton–Schulz square root, whose error on small eigenvalues leaves a floor
-    # of a few 1e-3 of the total feature variance when N < D (here 16 slices, 192-d features)
-    assert 0 <= same < 1e-2 * float(torch.trace(torch.cov(ref.T.double())))
+    # the exact float64 FD of a set with itself is 0 up to rounding also when N < D (here 16 slices,
+    # 192-d features): measured 2.7e-15 = 9e-16 × trace (piq's Newton–Schulz root left ~1e-3 × trace)
+    assert 0 <= same < 1e-9 * float(torch.trace(torch.cov(ref.T.double())))
     g = torch.Generator().manual_seed(0)
     noisy = [frechet_distance(ref, seg.features((x + s * torch.randn(x.shape, generator=g)).clamp(-1, 1)))
              for s in (0.05, 0.15, 0.4)]
@@ -167,3 +169,54 @@ def test_weight_average_is_the_model_returned(tiny_store):
     assert w_last.keys() == w_avg.keys()
     assert any(not torch.equal(w_last[k], w_avg[k]) for k in w_last if w_last[k].is_floating_point())
     assert all(torch.equal(w_avg[k], w_again[k]) for k in w_avg)
+
+
+def test_weight_average_is_the_exact_ema_of_the_step_weights(tiny_store):
+    """segmenter.ema = d: the model returned after 3 steps is e₃ of e₁ = w₁, e_t = d·e_{t−1} + (1 − d)·w_t
+    over the weights w_t after step t (parameters and BatchNorm statistics), computed here in float64
+    from the last-step models of 1, 2 and 3-step trainings (the same seeded trajectory). d = 0.7, not
+    0.5, so swapping d and 1 − d, starting from the initial weights or leaving the BN statistics
+    unaveraged all fail (each off by > 1e-3 somewhere; float32 rounding: < 1e-6)."""
+    from ctsynth.evaluate.segmenter import train_segmenter as fit
+
+    store = ProcessedStore(tiny_store)
+    pool = [(store, store.rows_for_cases(["c1", "c2"]))]
+    steps = [fit(tiny_params(segmenter={"iterations": t, "ema": 0.0}).segmenter, 0, pool)[0].state_dict()
+             for t in (1, 2, 3)]
+    got = fit(tiny_params(segmenter={"iterations": 3, "ema": 0.7}).segmenter, 0, pool)[0].state_dict()
+    floats = [k for k in got if got[k].is_floating_point()]          # num_batches_tracked: a counter
+    assert any("running_mean" in k for k in floats) and len(floats) > 20
+    for k in floats:
+        ema = steps[0][k].double()
+        for w in steps[1:]:
+            ema = 0.7 * ema + 0.3 * w[k].double()
+        torch.testing.assert_close(got[k].double(), ema, rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.allclose(got[k], steps[2][k], rtol=1e-3, atol=1e-3) for k in floats)
+
+
+def test_reused_segmenter_must_match_the_segmenter_params_and_seed(trained):
+    """The utility stage reuses models/segmenter.pt as its real-only model: a file trained with other
+    segmenter.* values or another seed is refused, naming the file, every differing key with both
+    values, and the fix."""
+    root, _, _ = trained
+    path = root / "seg.pt"
+    seg = load_segmenter(path)
+    as_trained = tiny_params(segmenter=SEG)
+    check_segmenter_params(seg, as_trained, path)                                    # same params: accepted
+    wanted = dataclasses.replace(tiny_params(segmenter={**SEG, "iterations": 61, "lr": 0.001}),
+                                 seed=as_trained.seed + 1)
+    with pytest.raises(InputError) as err:
+        check_segmenter_params(seg, wanted, path)
+    problems = err.value.problems
+    assert all(str(path) in p for p in problems) and "dvc repro segmenter" in problems[-1]
+    text = "\n".join(problems)
+    assert "segmenter.iterations = 60, the params want 61" in text
+    assert "segmenter.lr = 0.003, the params want 0.001" in text
+    assert f"seed train_segmenter was given = {as_trained.seed}, the params want {as_trained.seed + 1}" in text
+    assert "width" not in text and "batch_size" not in text and len(problems) == 4
+
+
+def test_segmenter_seed_is_its_own_when_set_else_the_top_level_seed():
+    assert segmenter_seed(SimpleNamespace(seed=42, segmenter=SimpleNamespace(seed=None))) == 42
+    assert segmenter_seed(SimpleNamespace(seed=42, segmenter=SimpleNamespace(seed=5))) == 5
+    assert segmenter_seed(SimpleNamespace(seed=42, segmenter=SimpleNamespace())) == 42   # no segmenter.seed key

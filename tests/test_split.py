@@ -71,3 +71,18 @@ def test_load_split_reads_what_run_writes(tmp_path):
     store = make_store(tmp_path / "p", cases=CASES, slices_per_case=2)
     written = split.run(params_from_dict({"seed": 3}), store, tmp_path / "s.json")
     assert split.load_split(tmp_path / "s.json", need=("train", "val", "test")) == written
+
+
+def test_load_split_reports_every_overlapping_pair_at_once(tmp_path):
+    """train/val, train/test and val/test are all checked (only train/test was), each named with
+    its cases, in one error."""
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"train": ["c1", "c2", "c3"], "val": ["c2", "c4"], "test": ["c3", "c4", "c5"]}))
+    with pytest.raises(InputError) as err:
+        split.load_split(path, need=("train", "test"))
+    assert err.value.problems == [f"{path}: cases ['c2'] are in both train and val",
+                                  f"{path}: cases ['c3'] are in both train and test",
+                                  f"{path}: cases ['c4'] are in both val and test"]
+    path.write_text(json.dumps({"train": ["c1"], "val": ["c1"], "test": ["c2"]}))
+    with pytest.raises(InputError, match=re.escape("cases ['c1'] are in both train and val")):
+        split.load_split(path)

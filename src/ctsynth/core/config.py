@@ -93,6 +93,7 @@ class ModelCfg:
 class TrainCfg:
     """What training computes: every key is a DVC param of the train stage. Keys declared with
     :func:`not_in_fingerprint` leave the checkpoint fingerprint alone; all others enter it."""
+    seed: int | None = None                          # generator init, data order, augmentation; null: top-level seed
     nproc: int = not_in_fingerprint(1)               # processes per node (torchrun); fingerprint: world size
     nnodes: int = not_in_fingerprint(1)              # nodes (torchrun c10d rendezvous when > 1); ditto
     device: Literal["auto", "cpu", "cuda"] = not_in_fingerprint("auto")   # fingerprint: resolved device type
@@ -126,6 +127,7 @@ class TrainRunCfg:
 
 @dataclass
 class SegmenterCfg:
+    seed: int | None = None                          # init and batches (stage and utility); null: top-level seed
     iterations: int = 300
     batch_size: int = 16
     lr: float = 3e-3
@@ -156,14 +158,17 @@ class EvaluateCfg:
     inception_weights: str | None = "auto"           # auto: standard FID weights (hub cache/download) | file | null
     batch_size: int = 32
     kid_subset_size: int = 50
-    bootstrap: int = 1000                            # patient-level bootstrap resamples, 95 % intervals (0: none)
+    interval_method: Literal["jackknife", "bootstrap"] = "jackknife"   # patient-level 95 % intervals: few-patient
+                                                     # jackknife-t | cluster-bootstrap percentiles
+    bootstrap: int = 1000                            # bootstrap resamples (method bootstrap, per-case); 0: no intervals
 
 
 @dataclass
 class PrivacyCfg:
-    max_similarity: float = 0.95                     # SSIM to nearest training slice above which a slice is withheld
-    downsample: int = 32                             # nearest-neighbour search resolution
-    candidates: int = 5                              # low-res L2 neighbours re-ranked by full-res SSIM
+    max_similarity: float = 0.95                     # in-body SSIM to nearest training slice above which: withheld
+    exhaustive_budget: int = 10_000_000_000          # exhaustive while query x training slices x pixels <= this
+    downsample: int = 32                             # above the budget: low-res L2 pre-filter resolution
+    candidates: int = 50                             # above the budget: pre-filter candidates re-ranked by SSIM
 
 
 @dataclass
@@ -191,6 +196,24 @@ class Params:
     evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
     privacy: PrivacyCfg = field(default_factory=PrivacyCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)
+
+
+# ------------------------------------------------------------------------------- seeds
+# The top-level `seed` draws the data (phantom, patient split) and the evaluation's resamples, and
+# is the default of the training seeds. `train.seed` and `segmenter.seed` draw only what a training
+# draws (init, batch order, augmentation), so a sweep over them (`ctsynth compare run --seeds ...`)
+# retrains on the very same patients. Null means the top-level seed: a file without them trains
+# exactly as before.
+
+def with_training_seeds(params: Params) -> Params:
+    """A copy of ``params`` whose ``train.seed`` and ``segmenter.seed`` hold the seeds trainings
+    use (null: the top-level ``seed``): what the checkpoint fingerprint, MLflow and the model file
+    then record is the seed itself, and a null seed and its value resume the same run."""
+    return dataclasses.replace(
+        params,
+        train=dataclasses.replace(params.train, seed=params.seed if params.train.seed is None else params.train.seed),
+        segmenter=dataclasses.replace(params.segmenter,
+                                      seed=params.seed if params.segmenter.seed is None else params.segmenter.seed))
 
 
 # ---------------------------------------------------------------------------- building
@@ -261,6 +284,14 @@ def _check_ranges(p: Params, problems: list[str]) -> None:
     _check_train(p.train, p.train_run, need)
     _check_synthesize(p.synthesize, need)
     _check_evaluation_and_paths(p, need)
+    _check_seeds(p, need)
+
+
+def _check_seeds(p: Params, need) -> None:
+    """Seeds feed numpy's default_rng, which refuses negative ones (torch would take them)."""
+    for key, value in (("seed", p.seed), ("train.seed", p.train.seed), ("segmenter.seed", p.segmenter.seed)):
+        need(value is None or value >= 0,
+             f"{key}: must be >= 0{'' if key == 'seed' else ' or null (null: the top-level seed)'}, got {value}")
 
 
 def _check_synthesize(s: SynthesizeCfg, need) -> None:
@@ -360,6 +391,7 @@ def _check_evaluation_and_paths(p: Params, need) -> None:
     need(0 < p.privacy.max_similarity <= 1, "privacy.max_similarity: must be in (0, 1]")
     need(p.privacy.downsample >= 8, "privacy.downsample: must be >= 8")
     need(p.privacy.candidates >= 1, "privacy.candidates: must be >= 1")
+    need(p.privacy.exhaustive_budget >= 0, "privacy.exhaustive_budget: must be >= 0 (0: always pre-filter)")
     weights = p.evaluate.inception_weights
     for key, value in (("data.raw_dir", p.data.raw_dir),
                        ("evaluate.inception_weights", None if weights == "auto" else weights)):

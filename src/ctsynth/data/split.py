@@ -52,7 +52,9 @@ def assign(cases: list[str], params: Params) -> dict[str, list[str]]:
 
 def load_split(path: str | Path, need: tuple[str, ...] = ()) -> dict:
     """Read a split file written by :func:`run`. InputError naming the file when it is missing,
-    not JSON, lacks a non-empty list for a key in ``need``, or puts a case in both train and test."""
+    not JSON, lacks a non-empty list for a key in ``need``, or puts a case in two of train, val and
+    test (every overlapping pair and its cases at once: a val case in training biases the noise
+    floors and model selection as a test case in training biases the evaluation)."""
     path = Path(path)
     try:
         split = json.loads(path.read_text())
@@ -66,9 +68,11 @@ def load_split(path: str | Path, need: tuple[str, ...] = ()) -> dict:
     if empty:
         raise InputError(f"{path}: needs non-empty {' and '.join(repr(k) for k in empty)} case lists "
                          f"(run `dvc repro split`)")
-    leak = sorted(set(split.get("train") or []) & set(split.get("test") or []))
-    if leak:
-        raise InputError(f"{path}: cases {leak} are in both train and test")
+    overlaps = [f"{path}: cases {both} are in both {a} and {b}"
+                for i, a in enumerate(SPLITS) for b in SPLITS[i + 1:]
+                if (both := sorted(set(split.get(a) or []) & set(split.get(b) or [])))]
+    if overlaps:
+        raise InputError(overlaps)
     return split
 
 

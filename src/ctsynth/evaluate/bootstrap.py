@@ -98,10 +98,11 @@ def pooled_ratio(W: np.ndarray, numerator: np.ndarray, denominator: np.ndarray) 
 
 
 def dice_replicates(W: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Pooled Dice per label under each resample. counts (N, 3, L): |P∩T|, |P|, |T| per slice → (B, L)."""
+    """Pooled Dice per label under each resample. counts (N, 3, L): |P∩T|, |P|, |T| per slice → (B, L);
+    NaN where the resample's target count is 0 (the structure is absent: not scored, as in
+    :func:`ctsynth.evaluate.metrics.dice_scores`)."""
     inter, pred, target = (W @ counts[:, k, :] for k in range(3))
-    denom = pred + target
-    return np.where(denom > 0, 2 * inter / np.maximum(denom, 1e-300), 1.0)
+    return np.where(target > 0, 2 * inter / np.maximum(pred + target, 1e-300), np.nan)
 
 
 @contextlib.contextmanager
@@ -192,3 +193,54 @@ def kid_replicates(x, y, Wx: np.ndarray, Wy: np.ndarray, paired: bool, subset_si
                       - 2 * _subset_mean(kxy, a, c, paired))
             out[b] = np.nanmean(values) if np.isfinite(values).any() else np.nan
     return out
+
+
+# --- Few-cluster intervals: the delete-one-patient jackknife with t quantiles ------------------------
+#
+# With G = 4 test patients the percentile bootstrap above undercovers: a resample of G clusters has
+# about (G−1)/G of the variance, and its percentiles behave like normal rather than t_{G−1}
+# quantiles, so its interval is about half as wide as a t-interval for a mean (measured in
+# tests/test_bootstrap.py::test_coverage_*). The jackknife over patients is the standard remedy for
+# few clusters: each replicate leaves one patient out, SE² = (G−1)/G · Σ(θ₋ᵢ − θ̄)², and the interval
+# is θ̂ ± t_{G−1} · SE. For a mean of equal-size patients it *is* the t-interval; for pooled ratios,
+# Dice and distances it is its linearised form. The replicates are the same weighted functions as the
+# bootstrap's, so every metric gets one by swapping the weight matrix.
+
+def jackknife_weights(groups: Sequence) -> np.ndarray:
+    """Leave-one-group-out weights: groups (N,) → (G + 1, N); row g drops group g (weight 0) and keeps
+    every other item (1); the last row keeps everything (its replicate is the point estimate)."""
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    g = inverse.max() + 1 if len(inverse) else 0
+    return np.vstack([inverse[None, :] != np.arange(g)[:, None], np.ones((1, len(inverse)), bool)]).astype(np.float64)
+
+
+def two_sample_jackknife(groups_a: Sequence, groups_b: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """Jackknife weights for a statistic of two independent sets of patients (e.g. validation vs
+    test): rows leave out one patient of a (all of b kept), then one of b (all of a kept); last row
+    keeps everything. → (Ga + Gb + 1, Na), (Ga + Gb + 1, Nb)."""
+    wa, wb = jackknife_weights(groups_a), jackknife_weights(groups_b)
+    ga, gb = len(wa) - 1, len(wb) - 1
+    full_a, full_b = np.ones((gb, wa.shape[1])), np.ones((ga, wb.shape[1]))
+    return np.vstack([wa[:ga], full_a, wa[-1:]]), np.vstack([full_b, wb[:gb], wb[-1:]])
+
+
+def jackknife_interval(replicates, sizes: Sequence[int], level: float = LEVEL):
+    """θ̂ ± t_df · SE from jackknife replicates: ``replicates`` = the leave-one-out values of each
+    independent set of groups in turn (``sizes`` = their group counts, e.g. (G,) or (Ga, Gb)),
+    then the point estimate. SE² = Σ_sets (G−1)/G Σ(θ₋ᵢ − θ̄)²; df = Welch–Satterthwaite over the
+    sets (G − 1 for one set). (None, None) when a set has < 2 groups or a replicate is not finite."""
+    from scipy import stats
+
+    reps = np.asarray(replicates, dtype=np.float64)
+    if len(reps) != sum(sizes) + 1 or min(sizes, default=0) < 2 or not np.isfinite(reps).all():
+        return None, None
+    point, parts, start = reps[-1], [], 0
+    for g in sizes:
+        r = reps[start:start + g]
+        parts.append((g - 1) / g * np.square(r - r.mean()).sum())
+        start += g
+    var = float(sum(parts))
+    denom = sum(v * v / (g - 1) for v, g in zip(parts, sizes))
+    df = var * var / denom if denom > 0 else float(min(sizes) - 1)
+    half = stats.t.ppf(0.5 + level / 2, df) * np.sqrt(var)
+    return float(point - half), float(point + half)

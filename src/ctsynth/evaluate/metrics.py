@@ -23,8 +23,12 @@ Conventions
   slice indices (near-duplicate pairs on the K_XY diagonal would bias the unbiased MMD²
   estimate negative); unpaired sets (real validation vs real test) are subsampled
   independently. Seeded, so repeatable.
-* **Dice** is pooled over the whole set: 2·Σ|P∩T| / (Σ|P| + Σ|T|) per structure; 1.0 when the
-  structure is absent from both prediction and reference.
+* **Dice** is pooled over the whole set: 2·Σ|P∩T| / (Σ|P| + Σ|T|) per structure; NaN (not
+  scored) when the structure is absent from the reference (Σ|T| = 0), whatever the prediction
+  holds: a structure that is not there cannot be found or missed. Scoring "absent from both" as
+  1 put 1s into every mean (real CT whose test patients hold only the aorta scored LV and PA
+  Dice 1), and scoring stray predicted pixels as 0 put 0s in. Means over structures
+  (:func:`dice_mean`) skip the absent ones.
 
 Streaming: :class:`PairedAccumulator` and :class:`DiceAccumulator` hold running sums per case
 and per structure only, so their memory does not grow with the number of slices.
@@ -181,13 +185,29 @@ class PairedAccumulator:
 
 # ------------------------------------------------------------------------------ Dice
 
+DICE_ABSENT = "absent from the ground truth of every scored slice (Σ|T| = 0): Dice cannot be scored"
+DICE_NONE_PRESENT = "no selected structure is present in the ground truth of the scored slices"
+
+
 def _dice(inter: np.ndarray, pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    denom = pred + target
-    return np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)
+    """2·inter / (pred + target), NaN where the target is empty (see the module docstring)."""
+    return np.where(target > 0, 2 * inter / np.maximum(pred + target, 1), np.nan)
+
+
+def dice_mean(scores):
+    """Mean Dice over the structures present (finite scores), along the last axis: a {name: Dice}
+    dict or (S,) array → float, (B, S) replicates → (B,); NaN where none is present (without
+    numpy's empty-slice warning)."""
+    values = np.asarray(list(scores.values()) if isinstance(scores, dict) else scores, dtype=np.float64)
+    present = np.isfinite(values)
+    n = present.sum(-1)
+    mean = np.where(n > 0, np.where(present, values, 0).sum(-1) / np.maximum(n, 1), np.nan)
+    return float(mean) if mean.ndim == 0 else mean
 
 
 def dice_scores(pred, target, labels: Iterable[int]) -> dict[int, float]:
-    """All-at-once pooled Dice per label. pred, target: (..., H, W) integer label maps."""
+    """All-at-once pooled Dice per label (NaN where ``target`` lacks it). pred, target: (..., H, W)
+    integer label maps."""
     pred, target = torch.as_tensor(np.asarray(pred)).long(), torch.as_tensor(np.asarray(target)).long()
     out = {}
     for k in labels:
@@ -199,6 +219,8 @@ def dice_scores(pred, target, labels: Iterable[int]) -> dict[int, float]:
 
 class DiceAccumulator:
     """Pooled Dice per label (overall and per case) from running pixel counts; memory O(cases × 8)."""
+
+    NONE_PRESENT = DICE_NONE_PRESENT     # why :meth:`mean` is null
 
     def __init__(self, labels: dict[int, str]):
         self.labels = dict(labels)
@@ -221,12 +243,25 @@ class DiceAccumulator:
         return {name: float(d[idx]) for idx, name in self.labels.items()}
 
     def summary(self) -> dict[str, float]:
-        """{structure name: pooled Dice over all slices}."""
+        """{structure name: pooled Dice over all slices}; NaN for a structure absent from every
+        slice's ground truth."""
         if not self.counts:
             raise MetricUnavailable("no slices were segmented")
         return self._scores(sum(self.counts.values()))
 
+    def mean(self) -> float:
+        """Mean of :meth:`summary` over the structures present (NaN when none is)."""
+        return dice_mean(self.summary())
+
+    def absent(self) -> dict[str, str]:
+        """{structure name: why its Dice is null} for the structures absent from every slice's
+        ground truth (their :meth:`summary` value is NaN)."""
+        target = sum(self.counts.values())[2] if self.counts else np.zeros(N_CLASSES)
+        return {name: f"{name} {DICE_ABSENT}" for idx, name in self.labels.items() if target[idx] == 0}
+
     def per_case(self) -> dict[str, dict[str, float]]:
+        """{case: {structure name: pooled Dice over that case's slices}}; NaN where the case's
+        ground truth lacks the structure (a blank cell in per_case.csv)."""
         return {case: self._scores(self.counts[case]) for case in sorted(self.counts)}
 
     def per_slice(self) -> np.ndarray:

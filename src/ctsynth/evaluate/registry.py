@@ -50,6 +50,12 @@ class Metric:
     floor_what: str = ""          # what that reference is
 
 
+def _gap_definition(key: str, features: str) -> str:
+    return (f"{key}_vs_val − {key}_floor: how much further generated test slices lie from the real validation "
+            f"patients than the real test slices do ({features}; same patients, same sizes). ≈ 0: as good as real "
+            f"at this size; its interval is resampled paired (the same patients left out of both terms)")
+
+
 METRICS: tuple[Metric, ...] = (
     Metric('n_test_slices', 'counts',
            'number of generated test slices evaluated (each paired with its real slice)'),
@@ -76,125 +82,145 @@ METRICS: tuple[Metric, ...] = (
            "mean absolute HU error over the pixels of structure <S>'s mask"),
     Metric('dice_generated_<S>', 'segmentation',
            "Dice of the segmenter's prediction on generated slices vs the mask they were generated from, structure"
-           ' <S>'),
+           ' <S> (null when <S> is absent from the test ground truth: never scored as 1)'),
     Metric('dice_real_<S>', 'segmentation',
-           'Dice of the segmenter on the real test slices vs their masks (the ceiling for dice_generated_<S>)'),
+           'Dice of the segmenter on the real test slices vs their masks (the ceiling for dice_generated_<S>; null '
+           'when <S> is absent from the test ground truth)'),
     Metric('dice_generated_mean', 'segmentation',
-           'mean of dice_generated_<S> over the selected structures',
+           'mean of dice_generated_<S> over the selected structures present in the test ground truth (absent ones '
+           'are null and left out)',
            headline=True, label='Dice of generated slices (mean)', better='higher',
            floor='dice_real_mean', floor_what='segmenter on the real slices (ceiling)'),
     Metric('dice_real_mean', 'segmentation',
-           'mean of dice_real_<S> over the selected structures',
+           'mean of dice_real_<S> over the selected structures present in the test ground truth',
            headline=True),
     Metric('fd_seg', 'distribution',
            "Fréchet distance (exact, float64) between real and generated test slices in the segmenter's encoder "
-           'features (lower is better; compare with fd_seg_floor)',
-           headline=True, label='FD, segmenter features', better='lower',
-           floor='fd_seg_floor', floor_what='real validation vs real test'),
+           'features, each patient paired with their own real slices (no floor compares like with this: see '
+           'fd_seg_vs_val and fd_seg_gap)',
+           label='FD to own real slices (paired)', better='lower'),
     Metric('fd_seg_vs_val', 'distribution',
            "Fréchet distance between generated test slices and real validation slices: the floor's comparison with "
-           'generated slices in place of the real test slices (same patients, same sizes; ≈ fd_seg_floor = as good '
-           'as real)',
+           'generated slices in place of the real test slices (same patients, same sizes)',
            headline=True, label='FD to unseen patients', better='lower',
            floor='fd_seg_floor', floor_what='same comparison, real test slices'),
     Metric('fd_seg_floor', 'distribution',
-           'noise floor of fd_seg: Fréchet distance between real validation and real test slices in the same '
-           "features (what 'as good as real' gets; other patients, so it also holds anatomy differences)",
+           'noise floor: Fréchet distance between real validation and real test slices in the same features (what '
+           "'as good as real' gets)",
            headline=True),
+    Metric('fd_seg_gap', 'distribution',
+           _gap_definition('fd_seg', 'segmenter features'),
+           headline=True, label='FD gap to real (generated − real, vs unseen patients)', better='lower'),
     Metric('kid_seg', 'distribution',
-           "kernel distance (piq KID, unbiased MMD², disjoint subsets) in the segmenter's encoder features; ≈ 0 for "
-           'matching distributions',
-           label='KID, segmenter features', better='lower',
-           floor='kid_seg_floor', floor_what='real validation vs real test'),
+           "kernel distance (piq KID, unbiased MMD², disjoint subsets) between real and generated test slices in the "
+           "segmenter's encoder features, patients paired with their own real slices; ≈ 0 for matching distributions"),
     Metric('kid_seg_floor', 'distribution',
-           'noise floor of kid_seg: KID between real validation and real test slices in the same features'),
+           'noise floor of kid_seg_vs_val: KID between real validation and real test slices in the same features'),
     Metric('kid_seg_vs_val', 'distribution',
-           'KID between generated test slices and real validation slices (compare with kid_seg_floor)'),
+           'KID between generated test slices and real validation slices (compare with kid_seg_floor)',
+           label='KID to unseen patients, segmenter features', better='lower',
+           floor='kid_seg_floor', floor_what='same comparison, real test slices'),
+    Metric('kid_seg_gap', 'distribution',
+           _gap_definition('kid_seg', 'segmenter features, KID')),
     Metric('fid_inception', 'distribution',
            'FID: Fréchet distance between real and generated test slices in InceptionV3 pool3 features (standard FID'
            ' Inception weights or a local file); null when no weights could be had',
-           headline=True, label='FID (Inception)', better='lower',
-           floor='fid_inception_floor', floor_what='real validation vs real test'),
+           headline=True, label='FID (Inception)', better='lower'),
     Metric('fid_inception_floor', 'distribution',
-           "noise floor of fid_inception: the same distance between real validation and real test slices (what 'as"
-           " good as real' gets)"),
+           "noise floor: the same distance between real validation and real test slices (what 'as good as real' "
+           'gets)'),
     Metric('fid_inception_vs_val', 'distribution',
            'Fréchet distance between generated test slices and real validation slices in InceptionV3 features: the'
-           " floor's comparison with generated slices in place of the real test slices"),
+           " floor's comparison with generated slices in place of the real test slices",
+           label='FID to unseen patients', better='lower',
+           floor='fid_inception_floor', floor_what='same comparison, real test slices'),
+    Metric('fid_inception_gap', 'distribution',
+           _gap_definition('fid_inception', 'InceptionV3 features')),
     Metric('kid_inception', 'distribution',
-           'kernel inception distance (piq KID, cubic polynomial kernel) in InceptionV3 pool3 features; null when no'
-           ' weights could be had',
-           label='KID (Inception)', better='lower',
-           floor='kid_inception_floor', floor_what='real validation vs real test'),
+           'kernel inception distance (piq KID, cubic polynomial kernel) between real and generated test slices in '
+           'InceptionV3 pool3 features; null when no weights could be had'),
     Metric('kid_inception_floor', 'distribution',
-           'noise floor of kid_inception: KID between real validation and real test slices'),
+           'noise floor of kid_inception_vs_val: KID between real validation and real test slices'),
     Metric('kid_inception_vs_val', 'distribution',
-           'KID between generated test slices and real validation slices in InceptionV3 features (compare with '
-           'kid_inception_floor)'),
+           'KID between generated test slices and real validation slices in InceptionV3 features',
+           label='KID to unseen patients (Inception)', better='lower',
+           floor='kid_inception_floor', floor_what='same comparison, real test slices'),
+    Metric('kid_inception_gap', 'distribution',
+           _gap_definition('kid_inception', 'InceptionV3 features, KID')),
     Metric('n_val_slices', 'counts',
            'number of real validation slices (the reference set of the noise floors)'),
     Metric('n_val_cases', 'counts',
            'number of validation patients the noise-floor slices come from'),
     Metric('privacy_threshold', 'privacy',
-           'privacy.max_similarity: SSIM to the nearest training slice above which a generated slice is withheld'),
+           'privacy.max_similarity: in-body SSIM to the nearest training slice above which a generated slice is '
+           'withheld'),
     Metric('privacy_generated_similarity_mean', 'privacy',
-           'mean over generated slices of the SSIM to their nearest training slice'),
+           'mean over generated slices of the in-body SSIM to their nearest training slice (SSIM map, 11-px '
+           'Gaussian window as ssim, averaged over the union of both slices\' bodies: HU > -500, largest connected '
+           'component, holes filled; against every training slice while privacy.exhaustive_budget allows, else '
+           'among the privacy.candidates nearest by low-res L2)'),
     Metric('privacy_generated_similarity_max', 'privacy',
-           'largest SSIM of any generated slice to its nearest training slice'),
+           'largest in-body SSIM of any generated slice to its nearest training slice'),
     Metric('privacy_generated_share_above', 'privacy',
-           'share of generated slices whose nearest-training-slice SSIM exceeds the threshold (withheld)',
+           'share of generated slices whose nearest-training-slice in-body SSIM exceeds the threshold (withheld)',
            headline=True),
     Metric('privacy_real_similarity_mean', 'privacy',
-           'baseline: mean SSIM of real test slices to their nearest training slice'),
+           'baseline: mean in-body SSIM of real test slices to their nearest training slice'),
     Metric('privacy_real_similarity_max', 'privacy',
-           'baseline: largest SSIM of any real test slice to its nearest training slice'),
+           'baseline: largest in-body SSIM of any real test slice to its nearest training slice'),
     Metric('privacy_real_share_above', 'privacy',
            'baseline: share of real test slices above the threshold'),
     Metric('zcons_ssim_ratio', 'throughplane',
-           'adjacent-slice consistency: mean SSIM (7-px uniform window) between neighbouring axial slices (z, z+1) '
-           'of the reassembled generated test volumes / the same for the real volumes (1 = as smooth along z as '
-           'real; < 1 = flicker)',
+           'adjacent-slice consistency inside the body: SSIM map (7-px uniform window) between neighbouring axial '
+           'slices (z, z+1) averaged over the body pixels of either slice (body of the real volume: HU > -500, '
+           'largest connected component, holes filled), generated test volumes / real ones (1 = as smooth along '
+           'z as real; < 1 = flicker)',
            headline=True),
     Metric('zcons_ssim_ratio_<S>', 'throughplane',
            'adjacent-slice consistency inside structure <S> (SSIM map averaged over its pixels in either slice of '
            'each pair), generated / real'),
     Metric('zcons_ssim_real', 'throughplane',
-           'mean SSIM between neighbouring axial slices of the real test volumes (denominator of zcons_ssim_ratio)'),
+           'mean in-body SSIM between neighbouring axial slices of the real test volumes (denominator of '
+           'zcons_ssim_ratio)'),
     Metric('zcons_ssim_generated', 'throughplane',
-           'mean SSIM between neighbouring axial slices of the generated test volumes (numerator of '
+           'mean in-body SSIM between neighbouring axial slices of the generated test volumes (numerator of '
            'zcons_ssim_ratio)'),
     Metric('zgrad_ratio', 'throughplane',
-           'through-plane gradient: mean |I(z+1) - I(z)| / dz inside the body (real HU > -500), generated / real '
-           '(1 = as real; > 1 = rougher along z)'),
+           'through-plane gradient: mean |I(z+1) - I(z)| / dz over the same body pixels as zcons_ssim_ratio, '
+           'generated / real (1 = as real; > 1 = rougher along z)'),
     Metric('zgrad_real', 'throughplane',
            'mean through-plane gradient |dI/dz| of the real test volumes inside the body, HU/mm'),
     Metric('zgrad_generated', 'throughplane',
            'mean through-plane gradient |dI/dz| of the generated test volumes inside the body, HU/mm'),
     Metric('fd_tri_rand_axial', 'throughplane',
            'Fréchet distance between real and generated axial slices in fixed random-CNN features (orientation-'
-           'agnostic: seeded, untrained, averaged over 8 rotations/flips)'),
+           'agnostic: seeded, untrained, averaged over 8 rotations/flips); every plane: the slices cutting a '
+           "structure, cropped to the body's bounding box of the real volume (no air padding) and resized to the "
+           "store's size, each case giving each plane the same number (its smallest plane's count, evenly spaced, "
+           'fixed seed)'),
     Metric('fd_tri_rand_coronal', 'throughplane',
-           'Fréchet distance between real and generated coronal slices (z resampled to isotropic pixels) in the '
-           'same random-CNN features; sees flicker along z'),
+           'Fréchet distance between real and generated coronal slices (body box, resized, as many as axial) in '
+           'the same random-CNN features; sees flicker along z'),
     Metric('fd_tri_rand_sagittal', 'throughplane',
-           'Fréchet distance between real and generated sagittal slices (z resampled to isotropic pixels) in the '
-           'same random-CNN features; sees flicker along z'),
+           'Fréchet distance between real and generated sagittal slices (body box, resized, as many as axial) in '
+           'the same random-CNN features; sees flicker along z'),
     Metric('fd_tri_rand_mean', 'throughplane',
            'tri-planar (2.5-D) Fréchet distance: mean of fd_tri_rand_axial, _coronal and _sagittal (MAISI-style)'),
     Metric('fid_tri_inception_axial', 'throughplane',
-           'FID on axial slices of the reassembled test volumes (InceptionV3 pool3); null without Inception weights'),
+           'FID on axial slices of the reassembled test volumes (InceptionV3 pool3; the same images as '
+           'fd_tri_rand_axial); null without Inception weights'),
     Metric('fid_tri_inception_coronal', 'throughplane',
-           'FID on coronal slices (isotropic pixels) of the reassembled test volumes; null without Inception '
-           'weights'),
+           'FID on coronal slices (body box, resized, as many as axial) of the reassembled test volumes; null '
+           'without Inception weights'),
     Metric('fid_tri_inception_sagittal', 'throughplane',
-           'FID on sagittal slices (isotropic pixels) of the reassembled test volumes; null without Inception '
-           'weights'),
+           'FID on sagittal slices (body box, resized, as many as axial) of the reassembled test volumes; null '
+           'without Inception weights'),
     Metric('fid_tri_inception_mean', 'throughplane',
            "tri-planar FID: mean of the axial, coronal and sagittal FIDs (MAISI's 2.5-D FID); null without "
            'Inception weights'),
     Metric('utility_dice_real', 'utility',
-           'downstream utility: mean Dice over structures on the REAL test slices of the segmenter trained on real'
-           " training slices only (the segmenter stage's model)"),
+           'downstream utility: mean Dice over the structures present in the test ground truth, on the REAL test '
+           "slices, of the segmenter trained on real training slices only (the segmenter stage's model)"),
     Metric('utility_dice_synthetic', 'utility',
            'downstream utility: mean Dice on the real test slices of the same segmenter (architecture, budget, '
            'seed) trained on the synthetic cases only'),
@@ -221,7 +247,8 @@ METRICS: tuple[Metric, ...] = (
     Metric('utility_n_real_train_slices', 'utility',
            'number of real training slices of the real-only and mixed utility segmenters'),
     Metric('privacy_n_shareable', 'privacy',
-           'number of generated slices at or below the threshold (listed in reports/shareable.json)'),
+           'number of generated slices whose in-body SSIM to the nearest training slice is at or below the '
+           'threshold (listed in reports/shareable.json)'),
 )
 _BY_KEY = {m.key: m for m in METRICS}
 

@@ -179,12 +179,13 @@ def dice_accumulator(model: Segmenter | nn.Module, store: ProcessedStore, rows: 
 
 def _validation_dice(model: SegUNet, store: ProcessedStore, cases: list[str]) -> dict:
     """Pooled Dice per selected structure on the validation cases ({} when there are none)."""
+    from ctsynth.evaluate.metrics import dice_mean
     rows = store.rows_for_cases(cases)
     if rows.size == 0:
         return {}
     dice = dice_accumulator(model, store, rows).summary()
     log.info("segmenter: validation Dice %s (mean %.3f)",
-             " ".join(f"{k} {v:.3f}" for k, v in dice.items()), float(np.mean(list(dice.values()))))
+             " ".join(f"{k} {v:.3f}" for k, v in dice.items()), dice_mean(dice))
     return dice
 
 
@@ -252,11 +253,11 @@ def run(params: Params, processed_dir: str | Path, split_path: str | Path,
         raise InputError(f"{split_path}: no training slices in {processed_dir} for the train cases")
     log.info("segmenter: %d training slices from %d cases, %d iterations, batch %d, width %d",
              train_rows.size, len(split["train"]), cfg.iterations, cfg.batch_size, cfg.width)
-    model, loss_ema = train_segmenter(cfg, params.seed, [(store, train_rows)])
+    model, loss_ema = train_segmenter(cfg, segmenter_seed(params), [(store, train_rows)])
     val_dice = _validation_dice(model, store, split.get("val", []))
     config = segmenter_config(cfg, store)
-    summary = {"iterations": cfg.iterations, "batch_size": cfg.batch_size, "lr": cfg.lr,
-               "seed": params.seed, "final_loss": loss_ema,
+    summary = {"iterations": cfg.iterations, "batch_size": cfg.batch_size, "lr": cfg.lr, "ema": cfg.ema,
+               "seed": segmenter_seed(params), "final_loss": loss_ema,
                "train_cases": list(split["train"]), "n_train_slices": int(train_rows.size),
                "val_dice": val_dice}
     save_segmenter(model, config, summary, out_path)
@@ -287,6 +288,37 @@ def check_segmenter(seg: Segmenter, store: ProcessedStore, split: dict, path) ->
     leak = set(seg.train.get("train_cases", [])) & set(split["test"])
     if leak:
         raise ModelFileError(f"{path}: segmenter was trained on test case(s) {sorted(leak)}")
+
+
+def segmenter_seed(params: Params) -> int:
+    """The seed the segmenter is trained with: ``segmenter.seed`` where the params have one that
+    is set, else the top-level ``seed``."""
+    own = getattr(params.segmenter, "seed", None)
+    return params.seed if own is None else int(own)
+
+
+def check_segmenter_params(seg: Segmenter, params: Params, path) -> None:
+    """A segmenter that is *reused* (the utility stage's real-only model) must have been trained
+    with the ``segmenter.*`` params and seed the other models of the comparison get, or the
+    comparison mixes two budgets. Compares every ``segmenter.*`` key the file records (``width``
+    in its config, the training keys in its summary) and the seed :func:`train_segmenter` was
+    given (the summary's ``seed``) with :func:`segmenter_seed`. InputError naming the file, every
+    differing key with the saved and the wanted value, and the fix."""
+    problems, unrecorded = [], []
+    wanted = {k: v for k, v in vars(params.segmenter).items() if k != "seed"}
+    wanted["seed"] = segmenter_seed(params)
+    for key, value in wanted.items():
+        source = seg.train if key in seg.train else seg.config if key in seg.config else None
+        if source is None:
+            unrecorded.append(key)
+        elif source[key] != value:
+            name = f"segmenter.{key}" if key != "seed" else "the seed train_segmenter was given"
+            problems.append(f"{path}: trained with {name} = {source[key]!r}, the params want {value!r}")
+    if unrecorded:
+        log.info("%s does not record segmenter %s; not checked", path, ", ".join(unrecorded))
+    if problems:
+        raise InputError(problems + [f"{path}: trained with other segmenter params than the current ones; "
+                                     f"run `dvc repro segmenter` to retrain it"])
 
 
 def load_segmenter(path: str | Path) -> Segmenter:

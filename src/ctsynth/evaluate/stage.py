@@ -45,6 +45,7 @@ from ctsynth.core.io import atomic_file, write_csv, write_json
 from ctsynth.core.progress import quiet
 from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore
+from ctsynth.evaluate import validation
 from ctsynth.evaluate.inception import InceptionFeatures
 from ctsynth.evaluate.intervals import PER_CASE_KEYS, FeatureSpace, describe, metric_intervals, per_case_intervals
 from ctsynth.evaluate.metrics import (
@@ -104,7 +105,7 @@ def merge_utility(path, res: Results, notes: dict) -> None:
         blob = json.loads(path.read_text())
         values = dict(blob["metrics"])
         intervals = {k.removesuffix(SUFFIX): Interval(v["lo"], v["hi"]) for k, v in blob.get("ci", {}).items()}
-        res.update(values)
+        res.update(values, blob.get("null_reasons"))
         res.add_intervals(intervals)
         notes.update(blob.get("notes", {}))
     except FileNotFoundError:
@@ -157,14 +158,16 @@ def _open_inception(setting, notes: dict):
 class _TestPass:
     """Everything gathered in the one pass over the generated test slices."""
 
-    def __init__(self, params: Params, store: ProcessedStore, split: dict, with_inception: bool):
+    def __init__(self, params: Params, store: ProcessedStore, split: dict, with_inception: bool, n_queries: int):
         labels = reported_structures(store.structures)
         self.paired = PairedAccumulator(store.meta["hu_window"], store.structures)
         self.dice = {"generated": DiceAccumulator(labels), "real": DiceAccumulator(labels)}
         self.feats = {space: {"generated": FeatureBank(), "real": FeatureBank()}
                       for space in (("seg", "inception") if with_inception else ("seg",))}
         self.search = NearestTrainingSearch(store.images, store.rows_for_cases(split["train"]),
-                                            params.privacy.downsample, params.privacy.candidates)
+                                            params.privacy.downsample, params.privacy.candidates,
+                                            hu_window=store.meta["hu_window"], budget=params.privacy.exhaustive_budget,
+                                            n_queries=n_queries)
         self.privacy = PrivacyAccumulator(params.privacy.max_similarity)
         self.shareable: list[dict] = []
 
@@ -173,7 +176,7 @@ def _test_pass(params: Params, store: ProcessedStore, split: dict, fake, index, 
                inception, out: Path) -> _TestPass:
     """Paired metrics, Dice, features and privacy of every generated test slice, in batches;
     per_slice.csv and privacy.csv are streamed to disk as they come."""
-    acc = _TestPass(params, store, split, inception is not None)
+    acc = _TestPass(params, store, split, inception is not None, 2 * len(index))   # generated + real queries
     case_of, z_of = store.slices["case"].to_numpy(), store.slices["z"].to_numpy()
     bs = params.evaluate.batch_size
     with atomic_file(out / "plots" / "per_slice.csv") as t1, atomic_file(out / "privacy.csv") as t2, \
@@ -239,6 +242,8 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
     out = Path(out_dir)
     acc = _test_pass(params, store, split, fake, index, generated_dir, seg, inception, out)
     val_feats, val_cases = _validation_features(store, split, seg, inception, params.evaluate.batch_size)
+    val_scores, val_nulls = validation.score(store, split, generated_dir, seg, params.evaluate.batch_size,
+                                             params.evaluate.kid_subset_size, params.seed)
 
     res, spaces = _metrics(params, store, index, acc, inception, val_feats, val_cases, notes)
     n_boot = params.evaluate.bootstrap
@@ -248,10 +253,11 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
     res.update(z_metrics, z_nulls)
     notes["throughplane"] = THROUGHPLANE_NOTE
     slices = acc.paired.per_slice()
+    method = params.evaluate.interval_method
     res.add_intervals(metric_intervals(res.metrics(), slices, {k: d.per_slice() for k, d in acc.dice.items()},
                                        acc.paired.labels, spaces, val_cases, n_boot, params.seed,
-                                       params.evaluate.kid_subset_size))
-    res.add_intervals(ratio_intervals(z_sums, labels, n_boot, params.seed))
+                                       params.evaluate.kid_subset_size, method))
+    res.add_intervals(ratio_intervals(z_sums, labels, n_boot, params.seed, method))
     if utility_path is not None:
         merge_utility(utility_path, res, notes)
     _write_tables(out, acc.paired, acc.dice, acc.privacy, per_case_intervals(slices, n_boot, params.seed),
@@ -259,8 +265,12 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
     write_json(out / "shareable.json", {"threshold": acc.privacy.threshold, "distance": acc.search.distance,
                                         "n_generated": res.value("n_test_slices"),
                                         "n_shareable": len(acc.shareable), "slices": acc.shareable})
-    notes.update({"privacy_distance": acc.search.distance, "intervals": describe(n_boot, params.seed),
+    n_val = None if val_cases is None else len(set(val_cases))
+    notes.update({"privacy_distance": acc.search.distance,
+                  "intervals": describe(method, n_boot, params.seed, res.value("n_test_cases"), n_val),
                   "feature_dims": {"seg": seg.dim, "inception": 2048 if inception is not None else None}})
+    notes["validation"] = {"about": validation.__doc__.split("\n\n")[0].replace("\n", " "), "null": val_nulls}
+    write_json(out / "validation.json", val_scores)
     res.write(out, notes)
     log.info("evaluate: %d slices of %d test patients in %.1f s; headline (95 %% patient-level intervals; "
              "floor = real validation vs real test slices):\n%s", len(index), res.value("n_test_cases"),
@@ -288,8 +298,9 @@ def _metrics(params: Params, store: ProcessedStore, index, acc, inception, val_f
     spaces.append(_feature_distances(res, notes, acc.feats["seg"], val_feats.get("seg"), "fd_seg", "kid_seg", params))
     dice_scores = {kind: d.summary() for kind, d in acc.dice.items()}
     for kind in ("generated", "real"):
-        res.update({f"dice_{kind}_{name}": value for name, value in dice_scores[kind].items()})
-        res.set(f"dice_{kind}_mean", float(np.mean(list(dice_scores[kind].values()))))
+        res.update({f"dice_{kind}_{name}": value for name, value in dice_scores[kind].items()},
+                   {f"dice_{kind}_{name}": why for name, why in acc.dice[kind].absent().items()})
+        res.set(f"dice_{kind}_mean", acc.dice[kind].mean(), DiceAccumulator.NONE_PRESENT)
     res.update(acc.privacy.summary())
     res.explain_nulls("undefined on this test set (e.g. structure absent from every test slice)")
     return res, spaces
@@ -340,7 +351,18 @@ def _feature_distances(res: Results, notes: dict, banks: dict, val, fd_key: str,
             res.set(key, compute())
         except MetricUnavailable as e:
             res.set(key, None, str(e))
+    for key in (fd_key, kid_key):          # like with like: generated vs real test, same validation patients
+        vs_val, floor = res.value(key + "_vs_val"), res.value(key + "_floor")
+        if vs_val is not None and floor is not None:
+            res.set(key + "_gap", vs_val - floor)
+        else:
+            why = _null_reason(res, key + "_vs_val") or _null_reason(res, key + "_floor") or _NO_VAL
+            res.set(key + "_gap", None, why)
     return FeatureSpace(fd_key, kid_key, gen.numpy(), real.numpy(), None if val is None else val.numpy())
+
+
+def _null_reason(res: Results, key: str) -> str | None:
+    return res[key].null_reason if key in res else None
 
 
 def _with_intervals(table: pd.DataFrame, intervals: pd.DataFrame) -> pd.DataFrame:

@@ -179,10 +179,13 @@ def save_orthogonal_views(path: Path, case: str, real, fake, centre, dz: float, 
 
 def fig_utility(frame: pd.DataFrame, path: Path) -> Path:
     """Downstream Dice on real test slices per structure (and their mean) for each training set,
-    bars with their 95 % intervals. frame: model, structure, dice, lo, hi (``reports/utility.csv``)."""
+    bars with their 95 % intervals. frame: model, structure, dice, lo, hi (``reports/utility.csv``).
+    A structure absent from the test ground truth (Dice blank for every model) gets no bars and
+    the tick label '<S> (absent)'."""
     plt = _plt()
     models = list(dict.fromkeys(frame.model))
     structures = [s for s in dict.fromkeys(frame.structure) if s != "mean"] + ["mean"]
+    scored = set(frame.structure[np.isfinite(frame.dice.to_numpy(float))])
     labels = {"real": "real only", "synthetic": "synthetic only", "mixed": "real + synthetic"}
     fig, ax = plt.subplots(figsize=(8.4, 3.4))
     width = 0.8 / max(1, len(models))
@@ -193,8 +196,9 @@ def fig_utility(frame: pd.DataFrame, path: Path) -> Path:
         err = np.vstack([d - rows.lo.to_numpy(float), rows.hi.to_numpy(float) - d])
         ax.bar(x, d, width, label=labels.get(model, model), color=f"C{i}",
                yerr=np.where(np.isfinite(err), np.clip(err, 0, None), 0), capsize=2, error_kw={"lw": .8})
-    lowest = np.nanmin(np.r_[frame.dice.to_numpy(float), frame.lo.to_numpy(float)])
-    ax.set_xticks(np.arange(len(structures)), structures)
+    values = np.r_[frame.dice.to_numpy(float), frame.lo.to_numpy(float)]
+    lowest = values[np.isfinite(values)].min(initial=1.0)
+    ax.set_xticks(np.arange(len(structures)), [s if s in scored else f"{s}\n(absent)" for s in structures])
     ax.set(ylabel="Dice on real test slices", ylim=(max(0.0, np.floor(10 * lowest - 0.5) / 10), 1.0),
            title="segmenter trained on … (bars: 95 % patient-level intervals)")
     ax.legend(fontsize=8, ncol=len(models), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)

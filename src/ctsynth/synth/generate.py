@@ -1,6 +1,8 @@
 """The generate stage: every selected slice of every *test* case through the trained generator.
 
 Writes ``fake.npy`` (float16 (N, S, S) in [-1, 1]) + ``index.npy`` (rows of the processed store),
+the same two files for the *validation* cases in ``val/`` (what every choice of a default or a
+variant is scored on: the test patients are scored only to report),
 a PNG grid per case (mask | real | generated | |difference|), the whole case re-assembled as a
 synthetic CT volume in HU on the *original* grid and affine (``<case>_synth.nii.gz``), and
 ``condition_subsets.npz``: a few test slices drawn from the full condition set and from each single
@@ -81,6 +83,19 @@ def _check_store_matches_model(store: ProcessedStore, meta: dict, model_path) ->
         raise ModelFileError(problems)
 
 
+def generate_slices(synth: MaskToCT, store: ProcessedStore, rows: np.ndarray, folder: Path, what: str) -> np.ndarray:
+    """The generator's slice for every store row: ``folder/fake.npy`` (float16 (N, S, S), returned
+    memory-mapped) and ``folder/index.npy`` (the rows)."""
+    context = neighbour_rows(store, rows, synth.context)                             # (N, 2k+1)
+    fake = open_memmap(folder / "fake.npy", mode="w+", dtype=np.float16, shape=(len(rows),) + store.images.shape[1:])
+    bs = synth.batch_size
+    for i in tqdm(range(0, len(rows), bs), desc=f"generate {what} slices", unit="batch", disable=quiet()):
+        fake[i:i + bs] = synth.unit(np.asarray(store.masks[context[i:i + bs]]))      # (B, 2k+1, S, S) -> (B, S, S)
+    fake.flush()
+    np.save(folder / "index.npy", rows.astype(np.int64))
+    return fake
+
+
 def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> dict:
     """Run the generator on the test cases; write fake.npy, index.npy, grids/, <case>_synth.nii.gz.
 
@@ -95,20 +110,19 @@ def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> 
     _check_store_matches_model(store, meta, model_path)
     synth = MaskToCT(model, meta, batch_size=params.generate.batch_size)
     rows = store.rows_for_cases(test)                                                # (N,)
-    context = neighbour_rows(store, rows, synth.context)                             # (N, 2k+1)
     window = synth.window
     log.info("generate: %d test slices of %d cases %s on %s", len(rows), len(test), test, synth.device)
 
+    val = [c for c in split.get("val", []) if c in store.meta["cases"]]
     with atomic_dir(out_dir) as tmp:
         (tmp / "grids").mkdir()
-        fake = open_memmap(tmp / "fake.npy", mode="w+", dtype=np.float16,
-                           shape=(len(rows),) + store.images.shape[1:])              # (N, S, S)
-        bs, start = synth.batch_size, time.perf_counter()
-        for i in tqdm(range(0, len(rows), bs), desc="generate slices", unit="batch", disable=quiet()):
-            fake[i:i + bs] = synth.unit(np.asarray(store.masks[context[i:i + bs]]))  # (B, 2k+1, S, S) -> (B, S, S)
-        fake.flush()
-        np.save(tmp / "index.npy", rows.astype(np.int64))
+        start = time.perf_counter()
+        fake = generate_slices(synth, store, rows, tmp, "test")
         slices_rate, wall_rate = synth.throughput(), len(rows) / (time.perf_counter() - start)
+        if val:
+            (tmp / "val").mkdir()
+            val_fake = generate_slices(synth, store, store.rows_for_cases(val), tmp / "val", "validation")
+            del val_fake                                                             # close the memory map
         for case in test:
             pos = np.flatnonzero(store.slices.case.to_numpy()[rows] == case)          # positions in fake
             pick = pos[evenly_spaced(len(pos), params.generate.grid_slices)]

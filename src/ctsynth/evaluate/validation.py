@@ -1,0 +1,111 @@
+"""Validation scoring: the generated *validation* slices, scored like the test slices.
+
+Every choice of a default or a variant (a param value, a generator design) is made on these
+numbers; the test patients are scored only to report (they never pick anything). The generate
+stage writes ``data/generated/val/{fake,index}.npy`` beside the test set; this pass gives the
+paired metrics (mse, psnr, ssim, mae_hu), the segmenter's Dice on generated and on real
+validation slices, and the Fréchet distance / KID between generated and real validation slices
+in the segmenter's features, as ``val_<key>`` (same definitions as ``<key>`` in
+docs/metrics.md, on the validation patients) in ``reports/validation.json``: a DVC metrics file,
+so ``dvc exp show`` and ``ctsynth compare`` see it beside the headline.
+
+No intervals here: a choice between variants needs the spread over training seeds
+(``ctsynth compare``), which a patient interval of one model does not hold.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ctsynth.core.errors import InputError, MetricUnavailable
+from ctsynth.core.progress import quiet
+from ctsynth.data.store import ProcessedStore
+from ctsynth.evaluate.metrics import (
+    DiceAccumulator,
+    FeatureBank,
+    PairedAccumulator,
+    frechet_distance,
+    kernel_distance,
+    reported_structures,
+)
+from ctsynth.evaluate.results import clean
+
+log = logging.getLogger("ctsynth.evaluate.validation")
+
+PREFIX = "val_"
+KEYS = ("n_slices", "n_cases", "mse", "psnr", "ssim", "mae_hu", "dice_generated_mean", "dice_real_mean",
+        "fd_seg", "kid_seg")
+NO_VAL = "no validation cases in the split (split.val is empty): nothing to choose defaults on"
+
+
+def load_val_generated(generated_dir, store: ProcessedStore, val_cases: list[str]):
+    """``<generated>/val/fake.npy`` + ``index.npy``, checked against the store and the split's
+    validation cases; (None, None) when the split has no validation case."""
+    if not val_cases:
+        return None, None
+    folder = Path(generated_dir) / "val"
+    problems = [f"{folder / n}: missing (run `dvc repro generate`)" for n in ("fake.npy", "index.npy")
+                if not (folder / n).exists()]
+    if problems:
+        raise InputError(problems)
+    try:
+        fake, index = np.load(folder / "fake.npy", mmap_mode="r"), np.load(folder / "index.npy")
+    except (ValueError, OSError) as e:
+        raise InputError(f"{folder}: fake.npy/index.npy not readable as .npy ({e})") from None
+    s = store.image_size
+    if fake.ndim != 3 or fake.shape[1:] != (s, s) or index.ndim != 1 or len(index) != len(fake):
+        problems.append(f"{folder}: fake.npy {fake.shape} and index.npy {index.shape} do not match (N, {s}, {s})/(N,)")
+    elif len(index) and (index.min() < 0 or index.max() >= len(store.slices)):
+        problems.append(f"{folder / 'index.npy'}: rows outside the processed store (0..{len(store.slices) - 1})")
+    elif set(store.slices["case"].to_numpy()[index]) != set(val_cases):
+        problems.append(f"{folder}: slices of cases {sorted(set(store.slices['case'].to_numpy()[index]))}, "
+                        f"the split's validation cases are {sorted(val_cases)}; rerun `dvc repro generate`")
+    if problems:
+        raise InputError(problems)
+    return fake, index.astype(np.int64)
+
+
+def score(store: ProcessedStore, split: dict, generated_dir, seg, batch: int, kid_subset: int,
+          seed: int) -> tuple[dict, dict]:
+    """``({val_<key>: value}, {val_<key>: reason of a null})`` for the generated validation slices."""
+    fake, index = load_val_generated(generated_dir, store, list(split.get("val") or []))
+    if fake is None:
+        return {PREFIX + k: (0 if k.startswith("n_") else None) for k in KEYS}, \
+            {PREFIX + k: NO_VAL for k in KEYS if not k.startswith("n_")}
+    labels = reported_structures(store.structures)
+    paired = PairedAccumulator(store.meta["hu_window"], store.structures)
+    dice = {"generated": DiceAccumulator(labels), "real": DiceAccumulator(labels)}
+    feats = {"generated": FeatureBank(), "real": FeatureBank()}
+    case_of, z_of = store.slices["case"].to_numpy(), store.slices["z"].to_numpy()
+    for s in tqdm(range(0, len(index), batch), desc="validation scores", disable=quiet(), unit="batch"):
+        rows = index[s:s + batch]
+        gen = torch.from_numpy(np.asarray(fake[s:s + batch], dtype=np.float32))          # (B, S, S)
+        real = torch.from_numpy(np.asarray(store.images[rows], dtype=np.float32))
+        masks = torch.from_numpy(np.asarray(store.masks[rows]).astype(np.int64))
+        cases = case_of[rows].tolist()
+        paired.update(gen, real, masks, cases, z_of[rows].tolist())
+        for kind, img in (("generated", gen), ("real", real)):
+            pred, f = seg.run(img)
+            dice[kind].update(pred, masks, cases)
+            feats[kind].add(f)
+    summary = paired.summary()
+    values = {"n_slices": len(index), "n_cases": len(set(case_of[index])),
+              **{k: summary[k] for k in ("mse", "psnr", "ssim", "mae_hu")},
+              "dice_generated_mean": dice["generated"].mean(), "dice_real_mean": dice["real"].mean()}
+    values = {k: clean(v) for k, v in values.items()}
+    reasons = {k: DiceAccumulator.NONE_PRESENT for k in ("dice_generated_mean", "dice_real_mean") if values[k] is None}
+    real_f, gen_f = feats["real"].tensor(), feats["generated"].tensor()
+    for key, compute in (("fd_seg", lambda: frechet_distance(real_f, gen_f)),
+                         ("kid_seg", lambda: kernel_distance(real_f, gen_f, kid_subset, seed=seed))):
+        try:
+            values[key] = clean(compute())
+        except MetricUnavailable as e:
+            values[key], reasons[key] = None, str(e)
+    log.info("validation: %d generated slices of %d patients: ssim %.4f, mae_hu %.1f, Dice %s, fd_seg %s",
+             len(index), values["n_cases"], values["ssim"], values["mae_hu"], values["dice_generated_mean"],
+             values["fd_seg"])
+    return {PREFIX + k: v for k, v in values.items()}, {PREFIX + k: v for k, v in reasons.items()}
