@@ -34,7 +34,9 @@ TINY = {
     "segmenter": {"iterations": 6, "batch_size": 4, "width": 4},
     "generate": {"batch_size": 8, "grid_slices": 3},
     "synthesize": {"cases": 3},
-    "evaluate": {"batch_size": 8, "kid_subset_size": 4},
+    # 5 cases = 1 test patient: the default jackknife rightly gives no patient-level interval from one patient
+    # (tests/test_evaluate.py and test_intervals.py cover it); the bootstrap keeps the interval plumbing under test
+    "evaluate": {"batch_size": 8, "kid_subset_size": 4, "interval_method": "bootstrap"},
     "privacy": {"downsample": 16},
 }
 
