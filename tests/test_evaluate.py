@@ -313,9 +313,9 @@ def test_validation_slices_are_checked(setup, tmp_path):
     store = ProcessedStore(setup / "processed")
     gen = write_generated(tmp_path / "noval", setup / "processed", 0.1, val=())
     with pytest.raises(InputError, match=r"val/fake.npy: missing \(run `dvc repro generate`\)"):
-        evaluate.validation.load_val_generated(gen, store, ["c4"])
+        evaluate.load_generated(gen / "val", store, ["c4"], "validation", exact=True)
     gen = write_generated(tmp_path / "wrong", setup / "processed", 0.1, val=("c5",))
     with pytest.raises(InputError, match=r"slices of cases \['c5'\], the split's validation cases are \['c4'\]"):
-        evaluate.validation.load_val_generated(gen, store, ["c4"])
-    values, reasons = evaluate.validation.score(store, {"val": []}, gen, None, 4, 4, 0)
+        evaluate.load_generated(gen / "val", store, ["c4"], "validation", exact=True)
+    values, reasons = evaluate.validation.empty()
     assert values["val_n_slices"] == 0 and values["val_ssim"] is None and "split.val is empty" in reasons["val_ssim"]

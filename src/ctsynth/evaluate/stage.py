@@ -66,12 +66,16 @@ from ctsynth.evaluate.throughplane import case_volumes, evaluate_volumes, per_ca
 log = logging.getLogger("ctsynth.evaluate.stage")
 
 
-def load_generated(generated_dir: str | Path, store: ProcessedStore, test_cases: list[str]):
-    """Open fake.npy (memory-mapped) and index.npy; check them against the store and split."""
+def load_generated(generated_dir: str | Path, store: ProcessedStore, cases: list[str], what: str = "test",
+                   exact: bool = False):
+    """Open fake.npy (memory-mapped) and index.npy; check them against the store and the split's
+    ``what`` cases (no other case; ``exact``: every one of them too). The generate stage writes the
+    test set in its folder and the validation set in ``val/``."""
     gen = Path(generated_dir)
-    missing = [n for n in ("fake.npy", "index.npy") if not (gen / n).exists()]
+    missing = [f"{gen / n}: missing (run `dvc repro generate`)" for n in ("fake.npy", "index.npy")
+               if not (gen / n).exists()]
     if missing:
-        raise InputError(f"{gen}: missing {missing} (run `dvc repro generate`)")
+        raise InputError(missing)
     try:
         fake = np.load(gen / "fake.npy", mmap_mode="r")
         index = np.load(gen / "index.npy")
@@ -90,9 +94,11 @@ def load_generated(generated_dir: str | Path, store: ProcessedStore, test_cases:
     elif index.min() < 0 or index.max() >= n_store:
         problems.append(f"{gen / 'index.npy'}: rows outside the processed store (0..{n_store - 1})")
     else:
-        leaked = sorted(set(store.slices["case"].to_numpy()[index]) - set(test_cases))
-        if leaked:
-            problems.append(f"{gen}: generated slices of non-test case(s) {leaked}; evaluate needs test cases only")
+        found = sorted(set(store.slices["case"].to_numpy()[index]))
+        leaked = sorted(set(found) - set(cases))
+        if leaked or (exact and found != sorted(cases)):
+            problems.append(f"{gen}: slices of cases {found}, the split's {what} cases are {sorted(cases)} "
+                            f"(non-{what} case(s) {leaked}); rerun `dvc repro generate`")
     if problems:
         raise InputError(problems)
     return fake, index.astype(np.int64)
@@ -242,8 +248,13 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
     out = Path(out_dir)
     acc = _test_pass(params, store, split, fake, index, generated_dir, seg, inception, out)
     val_feats, val_cases = _validation_features(store, split, seg, inception, params.evaluate.batch_size)
-    val_scores, val_nulls = validation.score(store, split, generated_dir, seg, params.evaluate.batch_size,
-                                             params.evaluate.kid_subset_size, params.seed)
+    val_split = list(split.get("val") or [])
+    if val_split:                        # the validation patients' generated slices: what defaults are chosen on
+        val_fake, val_index = load_generated(Path(generated_dir) / "val", store, val_split, "validation", exact=True)
+        val_scores, val_nulls = validation.score(store, val_fake, val_index, seg, params.evaluate.batch_size,
+                                                 params.evaluate.kid_subset_size, params.seed)
+    else:
+        val_scores, val_nulls = validation.empty()
 
     res, spaces = _metrics(params, store, index, acc, inception, val_feats, val_cases, notes)
     n_boot = params.evaluate.bootstrap

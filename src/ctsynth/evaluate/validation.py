@@ -15,13 +15,12 @@ No intervals here: a choice between variants needs the spread over training seed
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ctsynth.core.errors import InputError, MetricUnavailable
+from ctsynth.core.errors import MetricUnavailable
 from ctsynth.core.progress import quiet
 from ctsynth.data.store import ProcessedStore
 from ctsynth.evaluate.metrics import (
@@ -42,40 +41,17 @@ KEYS = ("n_slices", "n_cases", "mse", "psnr", "ssim", "mae_hu", "dice_generated_
 NO_VAL = "no validation cases in the split (split.val is empty): nothing to choose defaults on"
 
 
-def load_val_generated(generated_dir, store: ProcessedStore, val_cases: list[str]):
-    """``<generated>/val/fake.npy`` + ``index.npy``, checked against the store and the split's
-    validation cases; (None, None) when the split has no validation case."""
-    if not val_cases:
-        return None, None
-    folder = Path(generated_dir) / "val"
-    problems = [f"{folder / n}: missing (run `dvc repro generate`)" for n in ("fake.npy", "index.npy")
-                if not (folder / n).exists()]
-    if problems:
-        raise InputError(problems)
-    try:
-        fake, index = np.load(folder / "fake.npy", mmap_mode="r"), np.load(folder / "index.npy")
-    except (ValueError, OSError) as e:
-        raise InputError(f"{folder}: fake.npy/index.npy not readable as .npy ({e})") from None
-    s = store.image_size
-    if fake.ndim != 3 or fake.shape[1:] != (s, s) or index.ndim != 1 or len(index) != len(fake):
-        problems.append(f"{folder}: fake.npy {fake.shape} and index.npy {index.shape} do not match (N, {s}, {s})/(N,)")
-    elif len(index) and (index.min() < 0 or index.max() >= len(store.slices)):
-        problems.append(f"{folder / 'index.npy'}: rows outside the processed store (0..{len(store.slices) - 1})")
-    elif set(store.slices["case"].to_numpy()[index]) != set(val_cases):
-        problems.append(f"{folder}: slices of cases {sorted(set(store.slices['case'].to_numpy()[index]))}, "
-                        f"the split's validation cases are {sorted(val_cases)}; rerun `dvc repro generate`")
-    if problems:
-        raise InputError(problems)
-    return fake, index.astype(np.int64)
+def empty() -> tuple[dict, dict]:
+    """The scores of a split without validation cases: counts 0, everything else null with the reason."""
+    return ({PREFIX + k: (0 if k.startswith("n_") else None) for k in KEYS},
+            {PREFIX + k: NO_VAL for k in KEYS if not k.startswith("n_")})
 
 
-def score(store: ProcessedStore, split: dict, generated_dir, seg, batch: int, kid_subset: int,
+def score(store: ProcessedStore, fake, index: np.ndarray, seg, batch: int, kid_subset: int,
           seed: int) -> tuple[dict, dict]:
-    """``({val_<key>: value}, {val_<key>: reason of a null})`` for the generated validation slices."""
-    fake, index = load_val_generated(generated_dir, store, list(split.get("val") or []))
-    if fake is None:
-        return {PREFIX + k: (0 if k.startswith("n_") else None) for k in KEYS}, \
-            {PREFIX + k: NO_VAL for k in KEYS if not k.startswith("n_")}
+    """``({val_<key>: value}, {val_<key>: reason of a null})`` for the generated validation slices
+    ``fake`` (N, S, S) of the store rows ``index``, as checked by
+    :func:`ctsynth.evaluate.stage.load_generated`."""
     labels = reported_structures(store.structures)
     paired = PairedAccumulator(store.meta["hu_window"], store.structures)
     dice = {"generated": DiceAccumulator(labels), "real": DiceAccumulator(labels)}
