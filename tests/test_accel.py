@@ -57,6 +57,15 @@ def test_cpu_info_reads_this_machine():
     assert isinstance(isa, frozenset)
 
 
+def test_runtime_record_names_what_decides_the_bits(monkeypatch):
+    rec = accel.runtime_record("cpu")
+    assert rec["cpu"] == accel.cpu_info()[0] and rec["device"] == "cpu" and rec["torch"] == str(torch.__version__)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    assert accel.runtime_record()["torch_threads"] == 7
+    assert "7 threads" in accel.runtime_summary(accel.runtime_record()) and rec["cpu"] in accel.runtime_summary(rec)
+    assert accel.runtime_summary(None) == "not recorded"
+
+
 def test_pick_device():
     assert accel.pick_device("cpu") == CPU
     assert accel.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,3 +95,8 @@ def test_package_import_sets_passive_omp_waits_unless_set(given, expected):
     out = subprocess.run([sys.executable, "-c", "import ctsynth.train.loop, os; print(os.environ['OMP_WAIT_POLICY'])"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert out == expected
+
+
+def test_runtime_record_is_plain_types_for_weights_only_files():
+    rec = accel.runtime_record()
+    assert all(type(v) in (str, int, type(None)) for v in rec.values()), {k: type(v) for k, v in rec.items()}

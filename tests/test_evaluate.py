@@ -94,6 +94,9 @@ def test_stage_writes_every_output_without_nan(setup, tmp_path):
             assert isinstance(value, (int, float)) and math.isfinite(value), key
         assert notes["definitions"][key], key
     assert "not computed" in notes["fid_inception"]
+    runtime = notes["runtime"]                       # test fixtures have no model.json: said, not invented
+    assert runtime["evaluated_on"]["torch_threads"] >= 1 and runtime["generator_trained_on"] is None
+    assert "not recorded: generator_trained_on, generated_on" in runtime["about"]
     assert 0 <= notes["fd_seg_numerical_floor"] < metrics["fd_seg"]
     assert 0 < metrics["ssim"] < 1 and metrics["mse"] > 0 and metrics["fd_seg"] > 0
 
@@ -306,6 +309,7 @@ def test_validation_patients_are_scored_apart_from_the_test_patients(setup, tmp_
     assert val["val_ssim"] == pytest.approx(1.0) and val["val_mse"] == 0 and val["val_mae_hu"] == 0
     assert val["val_dice_generated_mean"] == pytest.approx(val["val_dice_real_mean"])
     assert val["val_fd_seg"] < 1e-6 * max(1.0, metrics["fd_seg"])
+    assert val["val_zcons_ssim_ratio"] == pytest.approx(1.0) and val["val_zgrad_ratio"] == pytest.approx(1.0)
     assert metrics["ssim"] < 0.99 and metrics["mse"] > 0                  # the test slices were noisy
 
 

@@ -121,6 +121,8 @@ def test_generate_test_set_outputs(world):
         data = np.asanyarray(img.dataobj)
         assert data.dtype == np.int16 and WINDOW[0] <= data.min() and data.max() <= WINDOW[1]
     assert not list(out.parent.glob(".generated.*"))                      # no temp dirs left
+    prov = json.loads((out / "model.json").read_text())                   # which training, on what machine
+    assert prov["generate_runtime"]["device"] == "cpu" and set(prov["generator"]) >= {"step", "seed", "runtime"}
 
     # A failing rerun leaves the previous outputs exactly as they were.
     before = (out / "fake.npy").read_bytes()

@@ -101,6 +101,10 @@ def test_outputs_and_metrics(repo):
     assert metrics.get("fid_inception") is None          # offline, empty torch hub: missing, never estimated
     notes = json.loads((repo / "reports" / "metrics_notes.json").read_text())
     assert "fid_inception" in json.dumps(notes)           # ... with the reason
+    runtime = notes["runtime"]                             # every step says where it ran
+    assert all(runtime[k]["torch_threads"] >= 1 for k in ("generator_trained_on", "generated_on",
+                                                          "segmenter_trained_on", "evaluated_on"))
+    assert "not recorded" not in runtime["about"] and "computed on" in (repo / "reports" / "report.html").read_text()
     intervals = json.loads((repo / "reports" / "metrics_ci.json").read_text())
     lo, hi = intervals["ssim_ci95"]["lo"], intervals["ssim_ci95"]["hi"]
     assert lo <= metrics["ssim"] <= hi and "fd_seg_floor" in metrics
@@ -144,6 +148,7 @@ def test_mlflow_run_has_params_metrics_and_model(repo):
     assert "ssim" in run.data.metrics and "g_l1" in run.data.metrics
     assert len(run.data.tags.get("git_commit", "")) == 40
     assert run.info.run_name.startswith("train-") and run.data.tags["ctsynth.data_hash"]
+    assert " threads, torch " in run.data.tags["ctsynth.runtime"]                        # where it ran
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert any(m.source_run_id == run.info.run_id for m in models)
 

@@ -289,3 +289,13 @@ def test_absent_structures_show_as_a_dash_or_absent_never_nan(tmp_path, monkeypa
     assert lv_row.count("—") == 3 and "0.8 [0.7, 0.85]" in parts["structures"]     # mae, both Dice: dashes
     assert "—" in parts["cases"] and "LV" not in parts["summary"]
     assert ticks == ["LV\n(absent)", "Ao", "mean"]
+
+
+def test_report_says_where_each_step_was_computed():
+    from ctsynth.report.html import runtime_lines
+
+    rec = {"cpu": "Test CPU @ 1GHz", "torch_threads": 3, "torch": "9.9", "device": "cpu"}
+    html = runtime_lines({"generator_trained_on": rec, "generated_on": None, "about": "repeat only where these match"})
+    assert "generator trained on: Test CPU @ 1GHz, 3 threads, torch 9.9, cpu" in html
+    assert "test slices generated on: not recorded" in html and "repeat only where these match" in html
+    assert runtime_lines(None) == ""                       # reports written before this was recorded

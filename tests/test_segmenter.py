@@ -123,7 +123,8 @@ def test_segmenter_stage_cli(tmp_path, tiny_store):
            "--out", str(tmp_path / "models" / "segmenter.pt")]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert load_segmenter(tmp_path / "models" / "segmenter.pt").dim == 48
+    seg = load_segmenter(tmp_path / "models" / "segmenter.pt")
+    assert seg.dim == 48 and seg.train["runtime"]["torch_threads"] == torch.get_num_threads()
     cmd[cmd.index("--split") + 1] = str(tmp_path / "nope.json")
     bad = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "split file not found" in bad.stderr and "Traceback" not in bad.stderr

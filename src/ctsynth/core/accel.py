@@ -121,12 +121,31 @@ def cpu_busy(seconds: float = 1.0) -> float | None:
     return 1.0 - (i1 - i0) / max(1, t1 - t0)
 
 
+def runtime_record(device: torch.device | str = "cpu") -> dict:
+    """What decides the bits of a CPU run besides the commit and the data: CPU model, thread count,
+    torch and numpy versions, device. Same record = same floating-point results (docs/design.md,
+    "Repeatability"); a different thread count alone changes how sums are split, hence the weights.
+    Written into generator.pt, segmenter.pt, data/generated/model.json and metrics_notes.json."""
+    import numpy
+
+    device = torch.device(device)
+    return {"cpu": cpu_info()[0], "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": str(torch.__version__), "numpy": str(numpy.__version__), "python": platform.python_version(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
+def runtime_summary(record: dict | None) -> str:
+    """One line for logs and the report: ``Intel Xeon @ 2.00GHz, 2 threads, torch 2.x, cpu``."""
+    if not record:
+        return "not recorded"
+    return (f"{record.get('cpu', '?')}, {record.get('torch_threads', '?')} threads, torch "
+            f"{record.get('torch', '?')}, {record.get('device', '?')}")
+
+
 def machine_info(device: torch.device) -> dict:
-    cpu, flags = cpu_info()
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch_interop_threads": torch.get_num_interop_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
+    flags = cpu_info()[1]
+    return {**runtime_record(device), "torch_interop_threads": torch.get_num_interop_threads(),
+            "platform": platform.platform(),
             "isa": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
                     if k in os.environ}, "loadavg_start": list(os.getloadavg()), "cpu_busy_start": cpu_busy()}

@@ -28,6 +28,9 @@ PATHS: dict[str, tuple[str, str]] = {
     "figures": ("reports/figures", "the report's figures as PNG files (report)"),
 }
 
+# inside the generated folder: which training made the slices, on what machine (generate -> evaluate)
+GENERATED_PROVENANCE = "model.json"
+
 
 def pipeline_path(name: str) -> str:
     """The pipeline path of ``name`` (a key of :data:`PATHS`)."""

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from ctsynth.core.accel import runtime_record
 from ctsynth.core.config import Params
 from ctsynth.core.errors import InputError, ModelFileError
 from ctsynth.core.io import save_torch
@@ -259,7 +260,7 @@ def run(params: Params, processed_dir: str | Path, split_path: str | Path,
     summary = {"iterations": cfg.iterations, "batch_size": cfg.batch_size, "lr": cfg.lr, "ema": cfg.ema,
                "seed": segmenter_seed(params), "final_loss": loss_ema,
                "train_cases": list(split["train"]), "n_train_slices": int(train_rows.size),
-               "val_dice": val_dice}
+               "val_dice": val_dice, "runtime": runtime_record("cpu")}
     save_segmenter(model, config, summary, out_path)
     return summary
 

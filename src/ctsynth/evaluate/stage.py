@@ -39,9 +39,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from ctsynth.core.accel import runtime_record
 from ctsynth.core.config import Params
 from ctsynth.core.errors import InputError, MetricUnavailable
 from ctsynth.core.io import atomic_file, write_csv, write_json
+from ctsynth.core.paths import GENERATED_PROVENANCE
 from ctsynth.core.progress import quiet
 from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore
@@ -280,6 +282,7 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
     notes.update({"privacy_distance": acc.search.distance,
                   "intervals": describe(method, n_boot, params.seed, res.value("n_test_cases"), n_val),
                   "feature_dims": {"seg": seg.dim, "inception": 2048 if inception is not None else None}})
+    notes["runtime"] = runtime_note(generated_dir, seg)
     notes["validation"] = {"about": validation.__doc__.split("\n\n")[0].replace("\n", " "), "null": val_nulls}
     write_json(out / "validation.json", val_scores)
     res.write(out, notes)
@@ -287,6 +290,26 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
              "floor = real validation vs real test slices):\n%s", len(index), res.value("n_test_cases"),
              time.time() - t0, res.headline_text())
     return res.metrics()
+
+
+def runtime_note(generated_dir, seg) -> dict:
+    """Where each result was computed (:func:`ctsynth.core.accel.runtime_record`): the generator's
+    training (from ``model.json`` of the generated folder), the segmenter's training, this stage.
+    A repeat run gives the same bits only with the same records (docs/design.md, "Repeatability")."""
+    path = Path(generated_dir) / GENERATED_PROVENANCE
+    try:
+        model = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        model = {}
+    note = {"generator_trained_on": (model.get("generator") or {}).get("runtime"),
+            "generated_on": model.get("generate_runtime"),
+            "segmenter_trained_on": seg.train.get("runtime"),
+            "evaluated_on": runtime_record("cpu")}
+    missing = [k for k, v in note.items() if not v]
+    note["about"] = ("CPU model, torch thread count and versions of each step; results repeat bit for bit "
+                     "only where these match" + (f" (not recorded: {', '.join(missing)}: files written "
+                                                 "before this was recorded)" if missing else ""))
+    return note
 
 
 def _metrics(params: Params, store: ProcessedStore, index, acc, inception, val_feats, val_cases,

@@ -4,10 +4,11 @@ Every choice of a default or a variant (a param value, a generator design) is ma
 numbers; the test patients are scored only to report (they never pick anything). The generate
 stage writes ``data/generated/val/{fake,index}.npy`` beside the test set; this pass gives the
 paired metrics (mse, psnr, ssim, mae_hu), the segmenter's Dice on generated and on real
-validation slices, and the Fréchet distance / KID between generated and real validation slices
-in the segmenter's features, as ``val_<key>`` (same definitions as ``<key>`` in
-docs/metrics.md, on the validation patients) in ``reports/validation.json``: a DVC metrics file,
-so ``dvc exp show`` and ``ctsynth compare`` see it beside the headline.
+validation slices, the Fréchet distance / KID between generated and real validation slices
+in the segmenter's features, and the through-plane ratios of the validation volumes (in-body
+adjacent-slice SSIM and |dI/dz|, :mod:`ctsynth.evaluate.throughplane`), as ``val_<key>`` (same
+definitions as ``<key>`` in docs/metrics.md, on the validation patients) in
+``reports/validation.json``: a DVC metrics file, so ``dvc exp show`` and ``ctsynth compare`` see it beside the headline.
 
 No intervals here: a choice between variants needs the spread over training seeds
 (``ctsynth compare``), which a patient interval of one model does not hold.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -32,12 +34,13 @@ from ctsynth.evaluate.metrics import (
     reported_structures,
 )
 from ctsynth.evaluate.results import clean
+from ctsynth.evaluate.throughplane import NO_RATIO, RATIO_KEYS, case_sums, case_volumes, consistency_metrics
 
 log = logging.getLogger("ctsynth.evaluate.validation")
 
 PREFIX = "val_"
 KEYS = ("n_slices", "n_cases", "mse", "psnr", "ssim", "mae_hu", "dice_generated_mean", "dice_real_mean",
-        "fd_seg", "kid_seg")
+        "fd_seg", "kid_seg", "zcons_ssim_ratio", "zgrad_ratio")
 NO_VAL = "no validation cases in the split (split.val is empty): nothing to choose defaults on"
 
 
@@ -81,6 +84,12 @@ def score(store: ProcessedStore, fake, index: np.ndarray, seg, batch: int, kid_s
             values[key] = clean(compute())
         except MetricUnavailable as e:
             values[key], reasons[key] = None, str(e)
+    z_values = consistency_metrics(pd.DataFrame([case_sums(v, labels, store.meta["hu_window"])
+                                                 for v in case_volumes(store, fake, index)]).fillna(0.0), labels)
+    for key in RATIO_KEYS:                                       # through-plane: the validation volumes
+        values[key] = clean(z_values[key])
+        if values[key] is None:
+            reasons[key] = NO_RATIO
     log.info("validation: %d generated slices of %d patients: ssim %.4f, mae_hu %.1f, Dice %s, fd_seg %s",
              len(index), values["n_cases"], values["ssim"], values["mae_hu"], values["dice_generated_mean"],
              values["fd_seg"])

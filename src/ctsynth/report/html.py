@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ctsynth.core.accel import runtime_summary
 from ctsynth.core.config import flatten, to_dict
 from ctsynth.core.errors import InputError
 from ctsynth.core.io import atomic_dir, canonical, write_text
@@ -204,7 +205,18 @@ def section_metrics(reports_dir: Path, res: Results | None) -> str:
     other = {k: v for k, v in notes.items() if k not in ("null_metrics", "definitions", "feature_dims")
              and isinstance(v, str) and k not in res}
     foot = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in other.items())
-    return "".join(parts) + (f"<ul class='muted'>{foot}</ul>" if foot else "")
+    return "".join(parts) + (f"<ul class='muted'>{foot}</ul>" if foot else "") + runtime_lines(notes.get("runtime"))
+
+
+def runtime_lines(runtime: dict | None) -> str:
+    """Where the numbers were computed (metrics_notes.json ``runtime``): one line per step."""
+    if not isinstance(runtime, dict):
+        return ""
+    steps = {"generator_trained_on": "generator trained on", "generated_on": "test slices generated on",
+             "segmenter_trained_on": "segmenter trained on", "evaluated_on": "evaluated on"}
+    rows = "".join(f"<li>{esc(label)}: {esc(runtime_summary(runtime.get(key)))}</li>" for key, label in steps.items())
+    return (f"<h3>computed on</h3><p class='muted'>{esc(runtime.get('about', ''))}</p>"
+            f"<ul class='muted'>{rows}</ul>")
 
 
 def merge_intervals(frame: pd.DataFrame) -> pd.DataFrame:

@@ -6,7 +6,8 @@ variant is scored on: the test patients are scored only to report),
 a PNG grid per case (mask | real | generated | |difference|), the whole case re-assembled as a
 synthetic CT volume in HU on the *original* grid and affine (``<case>_synth.nii.gz``), and
 ``condition_subsets.npz``: a few test slices drawn from the full condition set and from each single
-structure, which the report renders (the report never loads a model).
+structure, which the report renders (the report never loads a model), and ``model.json``: which
+training made the slices and on what machine (evaluate copies it into ``metrics_notes.json``).
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
+from ctsynth.core.accel import runtime_record
 from ctsynth.core.errors import InputError, ModelFileError
-from ctsynth.core.io import atomic_dir, from_canonical, load_nifti, save_nifti
+from ctsynth.core.io import atomic_dir, from_canonical, load_nifti, save_nifti, write_json
 from ctsynth.core.labels import WH
+from ctsynth.core.paths import GENERATED_PROVENANCE
 from ctsynth.core.progress import quiet
 from ctsynth.data.ingest import label_path
 from ctsynth.data.preprocess import kept_indices
@@ -96,6 +99,15 @@ def generate_slices(synth: MaskToCT, store: ProcessedStore, rows: np.ndarray, fo
     return fake
 
 
+def provenance(meta: dict, device) -> dict:
+    """``model.json``: which training made these slices (step, seed, fingerprint) and on what
+    machine it ran (:func:`ctsynth.core.accel.runtime_record`), and where generation ran."""
+    extra = meta.get("extra") or {}
+    return {"generator": {k: extra.get(k) for k in ("step", "seed", "fingerprint", "world_size", "precision",
+                                                     "runtime")},
+            "generate_runtime": runtime_record(device)}
+
+
 def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> dict:
     """Run the generator on the test cases; write fake.npy, index.npy, grids/, <case>_synth.nii.gz.
 
@@ -143,6 +155,7 @@ def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> 
                 raise InputError(f"{case}: reoriented volume {vol.shape} != original {info['orig_shape']}")
             save_nifti(tmp / f"{case}_synth.nii.gz", vol, orig_affine, dtype=np.int16)
         save_condition_subsets(tmp / SUBSETS_FILE, *condition_subset_panels(synth, store, rows))
+        write_json(tmp / GENERATED_PROVENANCE, provenance(meta, synth.device))
         del fake
     log.info("generate: %d test slices at %.1f slices/s (generator; %.1f slices/s with data loading), "
              "batch %d; %d volumes, %d grids -> %s", len(rows), slices_rate, wall_rate,

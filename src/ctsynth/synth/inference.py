@@ -38,13 +38,13 @@ def load_model(model_path: str | Path, device: str = "auto") -> tuple[torch.nn.M
     :func:`ctsynth.models.save_generator`; ModelFileError for a missing/corrupt file.
 
     The meta is flat: image_size, hu_window, structures, label_map, encoding (as the model was
-    trained) plus in_channels and model_cfg."""
+    trained) plus in_channels, model_cfg and extra (the training's step, seed, runtime, ...)."""
     from ctsynth.train.networks import load_generator
 
     path = Path(model_path)
     model, blob = load_generator(path, device=pick_device(device))
     meta = {**dict(blob.get("preprocess") or {}), "in_channels": blob.get("in_channels"),
-            "model_cfg": blob.get("model_cfg"),
+            "model_cfg": blob.get("model_cfg"), "extra": dict(blob.get("extra") or {}),
             "context_slices": int((blob.get("model_cfg") or {}).get("context_slices", 0))}  # older files: 0
     missing = [k for k in ("image_size", "hu_window", "structures", "encoding") if k not in meta]
     if missing:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DistributedSampler
 
-from ctsynth.core.accel import autocast, resolve_channels_last, resolve_precision
+from ctsynth.core.accel import autocast, resolve_channels_last, resolve_precision, runtime_record, runtime_summary
 from ctsynth.core.config import Params, to_dict, with_training_seeds
 from ctsynth.core.errors import ConfigError, InputError, TrainingError
 from ctsynth.core.labels import condition_channels
@@ -150,10 +150,10 @@ def _open_tracking(job: _Job, run_file: Path, split_path: Path, state: dict, his
                 every = job.params.train_run.log_every
                 for s in range(every, state["step"] + 1, every):
                     tracker.log_metrics(hist.mean(s - every, s), s)
-            tracker.set_tags({"ctsynth.world_size": job.d.world, "ctsynth.device": str(job.d.device),
-                              "ctsynth.precision": job.precision, "ctsynth.channels_last": job.channels_last,
-                              "ctsynth.fingerprint": job.fingerprint,
-                              "ctsynth.receptive_field_px": receptive_field(job.params.model)})
+            tracker.set_tags({f"ctsynth.{k}": v for k, v in dict(
+                world_size=job.d.world, device=str(job.d.device), precision=job.precision, fingerprint=job.fingerprint,
+                channels_last=job.channels_last, receptive_field_px=receptive_field(job.params.model),
+                runtime=runtime_summary(runtime_record(job.d.device))).items()})
         except TrainingError as e:
             problem = e
     ok = job.d.all_ok(problem is None)
@@ -284,7 +284,7 @@ def _finish(job: _Job, tracker: Tracker, hist: LossHistory, out_model: Path, rep
     extra = {"step": step, "iterations": cfg.iterations, "world_size": d.world, "device": d.device.type,
              "precision": job.precision, "channels_last": job.channels_last, "seed": job.params.train.seed,
              "rank_weight_hashes": digests, "receptive_field": receptive_field(job.D),
-             "fingerprint": job.fingerprint,
+             "fingerprint": job.fingerprint, "runtime": runtime_record(d.device),
              "losses": {"step": step, **hist.mean(step - 1, step)}}
     save_generator(out_model, job.G, to_dict(job.params.model), job.in_ch, meta, extra)
     log.info("wrote %s", out_model)
