@@ -50,6 +50,7 @@ def fake_inputs(root: Path) -> dict:
     pd.DataFrame({"model": ["real", "real", "synthetic", "synthetic"], "structure": ["Ao", "mean"] * 2,
                   "dice": [0.9, 0.9, 0.812, 0.812], "lo": [0.85, 0.85, 0.7, 0.7],
                   "hi": [0.95, 0.95, 0.9, 0.9]}).to_csv(reports / "utility.csv", index=False)
+    (reports / "utility.json").write_text(json.dumps({"notes": {"utility": "rests on ONE training per model"}}))
     synthesize.run(tiny_params(synthesize={"cases": 1}), w["model"], w["interim"], w["split"], root / "synthetic")
     (reports / "metrics_notes.json").write_text(json.dumps({
         "data_range": "PSNR/SSIM on images mapped to [0,1]",
@@ -96,6 +97,7 @@ def test_full_report(tmp_path):
     assert "synthetic case synth_0001" in synthetic and "warped from p3" in synthetic
     utility = page[page.index("id='utility'"):page.index("id='training'")]
     assert "0.812 [0.7, 0.9]" in utility and "synthetic only ÷ real only" in utility
+    assert "rests on ONE training per model" in utility                  # how many trainings it rests on
     ortho = page[page.index("id='orthogonal'"):page.index("id='subsets'")]
     assert ortho.count("data:image/png;base64,") == len(test_cases) and "coronal (top) and sagittal" in ortho
     assert not re.search(r"(src|href)\s*=\s*['\"]?(https?:|//)", page)

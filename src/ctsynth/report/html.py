@@ -420,6 +420,8 @@ def section_utility(reports_dir: Path, res: Results, figures: Path) -> str:
             f"{fmt(res.value('utility_n_real_train_slices'))} real training slices. Mean Dice over structures; "
             f"the three share one patient-level bootstrap, so the contrasts below have intervals of their own.</p>"
             f"<table><tr><th>segmenter trained on</th><th>mean Dice [95 % interval]</th></tr>{rows}{contrasts}</table>")
+    note = ((_read_json(reports_dir / "utility.json") or {}).get("notes") or {}).get("utility")
+    text += f"<p class='muted'>{esc(note)}</p>" if note else ""          # how many trainings, where the spread is
     return text + img_tag(fig_utility(frame, figures / "utility.png"), "Dice per structure on real test slices")
 
 
