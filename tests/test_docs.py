@@ -199,3 +199,44 @@ def test_the_module_map_and_the_folders_agree():
         named = set(re.findall(r"`(\w+)`", body))
         assert modules <= named, (pkg, sorted(modules - named))
         assert not {n for n in named if n.islower() and n not in modules} - {"ctsynth"}, (pkg, sorted(named - modules))
+
+
+def _committed(path: str) -> bytes:
+    """The HEAD version of ``path``: a local `dvc repro` rewrites the working copies of results."""
+    import subprocess
+
+    done = subprocess.run(["git", "show", f"HEAD:{path}"], cwd=REPO, capture_output=True, timeout=60)
+    assert done.returncode == 0, f"{path} is not committed: {done.stderr.decode().strip()}"
+    return done.stdout
+
+
+REFERENCE_FILES = ("metrics.json", "metrics_ci.json", "metrics_notes.json", "validation.json", "headline.json")
+
+
+def test_the_results_page_is_written_from_the_committed_reference_run(tmp_path):
+    """Every number docs/results.md quotes comes from result files of this commit, and those files
+    are the outputs dvc.lock names (same md5): traceable to what made them."""
+    import hashlib
+
+    import yaml
+
+    from ctsynth.report import reference
+
+    for name in REFERENCE_FILES:
+        (tmp_path / name).write_bytes(_committed(f"reports/{name}"))
+    assert reference.markdown(tmp_path) == _committed("docs/results.md").decode(), \
+        "docs/results.md is stale: python -m ctsynth.report.reference > docs/results.md"
+    outs = {o["path"]: o["md5"] for o in yaml.safe_load(_committed("dvc.lock"))["stages"]["evaluate"]["outs"]}
+    for name in REFERENCE_FILES:
+        assert hashlib.md5(_committed(f"reports/{name}")).hexdigest() == outs[f"reports/{name}"], name
+    assert "docs/results.md" in (REPO / "README.md").read_text()
+
+
+def test_a_changed_number_makes_the_results_page_stale(tmp_path):
+    from ctsynth.report import reference
+
+    for name in REFERENCE_FILES:
+        (tmp_path / name).write_bytes(_committed(f"reports/{name}"))
+    metrics = (tmp_path / "metrics.json").read_text()
+    (tmp_path / "metrics.json").write_text(metrics.replace('"ssim": 0.', '"ssim": 0.0', 1))
+    assert reference.markdown(tmp_path) != _committed("docs/results.md").decode()

@@ -57,7 +57,7 @@ def markdown(reports_dir: str | Path = "reports") -> str:
         "",
         "<!-- written by `python -m ctsynth.report.reference > docs/results.md`; tests/test_docs.py checks it -->",
         "",
-        "The default `params.yaml` run by `dvc repro` on the embedded phantom (20 patients, split 12 / 4 / 4).",
+        "The default `params.yaml` run by `dvc repro` on the default data (the embedded phantom).",
         "Every number below is read from the result files committed with this page (`reports/headline.json`,",
         "`metrics.json`, `metrics_ci.json`, `validation.json`, `metrics_notes.json`); `dvc.lock` of the same",
         "commit names their md5 and every input that made them. Where each step ran:",
