@@ -87,6 +87,8 @@ def test_mean_sd_and_the_paired_t_interval_by_hand():
     base, other = rows_by(rows, "ssim")[f"{K}=0"], rows_by(rows, "ssim")[f"{K}=1"]
     assert (base.n_seeds, base.seeds, base.note) == (3, "1,2,3", "baseline") and base.diff is None
     assert base.mean == pytest.approx(0.63) and base.sd == pytest.approx(math.sqrt(0.0003))
+    base_half = T_975[2] * math.sqrt(0.0003) / math.sqrt(3)             # the mean's own interval over seeds
+    assert (base.mean_lo, base.mean_hi) == (pytest.approx(0.63 - base_half), pytest.approx(0.63 + base_half))
     assert other.mean == pytest.approx(0.726667, abs=1e-6) and other.sd == pytest.approx(0.0057735, abs=1e-7)
     half = T_975[2] * 0.011547005 / math.sqrt(3)
     assert other.n_pairs == 3 and other.diff == pytest.approx(0.096667, abs=1e-6)

@@ -321,6 +321,8 @@ class Row:
     seeds: str
     mean: float | None
     sd: float | None
+    mean_lo: float | None = None       # t-interval of the mean over seeds (df = n_seeds − 1): for a metric
+    mean_hi: float | None = None       # that is itself a contrast (utility_gain_mixed), its training noise
     diff: float | None = None          # mean over paired seeds of (this − baseline)
     n_pairs: int = 0
     diff_lo: float | None = None       # t-interval of diff over the paired seeds (df = n_pairs − 1)
@@ -369,6 +371,7 @@ def summarise(study: Study, metrics: list[str], baseline: str) -> list[Row]:
             own = {s: e.metrics[metric] for s, e in study.runs[label].items() if metric in e.metrics}
             mean, sd = mean_sd([own[s] for s in _seed_order(own)])
             row = Row(metric, label, len(own), ",".join(_seed_order(own)), mean, sd)
+            row.mean_lo, row.mean_hi = paired_interval([own[s] for s in _seed_order(own)]) or (None, None)
             if not own:
                 row.note = "not reported by these experiments"
             elif label == baseline:
@@ -400,7 +403,8 @@ def _pair(row: Row, own: dict[str, float], base: dict[str, float]) -> None:
 
 # ---------------------------------------------------------------------------------- output
 
-COLUMNS = ("metric", "config", "n_seeds", "seeds", "mean", "sd", "diff", "n_pairs", "diff_lo", "diff_hi", "note")
+COLUMNS = ("metric", "config", "n_seeds", "seeds", "mean", "sd", "mean_lo", "mean_hi", "diff", "n_pairs", "diff_lo",
+           "diff_hi", "note")
 
 
 def _num(v: float | None) -> str:
@@ -410,12 +414,13 @@ def _num(v: float | None) -> str:
 def _cells(row: Row) -> list[str]:
     interval = "" if row.diff_lo is None else f"[{_num(row.diff_lo)}, {_num(row.diff_hi)}]"
     spread = _num(row.mean) + ("" if row.sd is None else f" ± {_num(row.sd)}")
-    return [row.metric, row.config, f"{row.n_seeds} ({row.seeds})" if row.n_seeds else "0", spread,
+    of_mean = "" if row.mean_lo is None else f"[{_num(row.mean_lo)}, {_num(row.mean_hi)}]"
+    return [row.metric, row.config, f"{row.n_seeds} ({row.seeds})" if row.n_seeds else "0", spread, of_mean,
             _num(row.diff), str(row.n_pairs) if row.diff is not None else "", interval, row.note]
 
 
-HEADERS = ["metric", "config", "seeds", "mean ± sd", "Δ vs baseline", "pairs", f"{CONFIDENCE:.0%} t-interval",
-           "note"]
+HEADERS = ["metric", "config", "seeds", "mean ± sd", f"mean's {CONFIDENCE:.0%} t-interval", "Δ vs baseline", "pairs",
+           f"Δ's {CONFIDENCE:.0%} t-interval", "note"]
 
 
 def text_table(rows: list[Row]) -> str:

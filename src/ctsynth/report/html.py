@@ -248,7 +248,8 @@ def section_per_structure(reports_dir: Path, res: Results) -> str:
             ivs = [res[key.format(s)].interval if key.format(s) in res else None for s in frame["structure"]]
             frame[f"{col}{SUFFIX}_lo"] = [iv.lo if iv else np.nan for iv in ivs]
             frame[f"{col}{SUFFIX}_hi"] = [iv.hi if iv else np.nan for iv in ivs]
-    return ("<p class='muted'>Brackets: 95 % patient-level bootstrap interval.</p>"
+    return ("<p class='muted'>Brackets: 95 % patient-level interval (how it is made: the intervals note "
+            "under Metrics).</p>"
             + table(merge_intervals(frame)))
 
 
@@ -418,7 +419,8 @@ def section_utility(reports_dir: Path, res: Results, figures: Path) -> str:
             f"training sets and scored on the <i>real</i> test slices: {fmt(res.value('utility_n_synthetic_cases'))} "
             f"synthetic cases ({fmt(res.value('utility_n_synthetic_slices'))} slices) against "
             f"{fmt(res.value('utility_n_real_train_slices'))} real training slices. Mean Dice over structures; "
-            f"the three share one patient-level bootstrap, so the contrasts below have intervals of their own.</p>"
+            f"the three share one patient-level resampling (the same replicates), so the contrasts below have "
+            f"intervals of their own.</p>"
             f"<table><tr><th>segmenter trained on</th><th>mean Dice [95 % interval]</th></tr>{rows}{contrasts}</table>")
     note = ((_read_json(reports_dir / "utility.json") or {}).get("notes") or {}).get("utility")
     text += f"<p class='muted'>{esc(note)}</p>" if note else ""          # how many trainings, where the spread is
