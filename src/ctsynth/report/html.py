@@ -208,13 +208,17 @@ def section_metrics(reports_dir: Path, res: Results | None) -> str:
     return "".join(parts) + (f"<ul class='muted'>{foot}</ul>" if foot else "") + runtime_lines(notes.get("runtime"))
 
 
+# the steps of metrics_notes.json ``runtime`` (ctsynth.evaluate.stage.runtime_note), as the report and
+# docs/results.md (ctsynth.report.reference) name them
+RUNTIME_STEPS = (("generator_trained_on", "generator trained on"), ("generated_on", "test slices generated on"),
+                 ("segmenter_trained_on", "segmenter trained on"), ("evaluated_on", "evaluated on"))
+
+
 def runtime_lines(runtime: dict | None) -> str:
     """Where the numbers were computed (metrics_notes.json ``runtime``): one line per step."""
     if not isinstance(runtime, dict):
         return ""
-    steps = {"generator_trained_on": "generator trained on", "generated_on": "test slices generated on",
-             "segmenter_trained_on": "segmenter trained on", "evaluated_on": "evaluated on"}
-    rows = "".join(f"<li>{esc(label)}: {esc(runtime_summary(runtime.get(key)))}</li>" for key, label in steps.items())
+    rows = "".join(f"<li>{esc(label)}: {esc(runtime_summary(runtime.get(key)))}</li>" for key, label in RUNTIME_STEPS)
     return (f"<h3>computed on</h3><p class='muted'>{esc(runtime.get('about', ''))}</p>"
             f"<ul class='muted'>{rows}</ul>")
 

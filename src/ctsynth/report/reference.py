@@ -11,26 +11,17 @@ the docs quote traces to files of a named commit, and to the lock that says what
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from ctsynth.core.accel import runtime_summary
 from ctsynth.evaluate.registry import lookup, short, table_rows
 from ctsynth.evaluate.results import Results, fmt
+from ctsynth.report.html import RUNTIME_STEPS, _read_json
 
-STEPS = (("generator_trained_on", "generator trained"), ("generated_on", "slices generated"),
-         ("segmenter_trained_on", "segmenter trained"), ("evaluated_on", "evaluated"))
 UTILITY_ROWS = (("utility_dice_real", "real training slices only"), ("utility_dice_synthetic", "synthetic cases only"),
                 ("utility_dice_mixed", "real + synthetic"), ("utility_ratio_synthetic", "synthetic ÷ real"),
                 ("utility_gain_mixed", "real + synthetic − real"))
-
-
-def _read(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _row(res: Results, key: str, label: str | None = None) -> str:
@@ -48,8 +39,8 @@ def markdown(reports_dir: str | Path = "reports") -> str:
     res = Results.read(reports_dir)
     if res is None:
         raise FileNotFoundError(f"{reports_dir / 'metrics.json'}: no results; run `dvc repro` first")
-    notes = _read(reports_dir / "metrics_notes.json") or {}
-    val = _read(reports_dir / "validation.json") or {}
+    notes = _read_json(reports_dir / "metrics_notes.json") or {}
+    val = _read_json(reports_dir / "validation.json") or {}
     runtime = notes.get("runtime") or {}
     head = "| metric | value | 95 % interval | as good as real gets |\n|---|---|---|---|"
     lines = [
@@ -62,7 +53,7 @@ def markdown(reports_dir: str | Path = "reports") -> str:
         "`metrics.json`, `metrics_ci.json`, `validation.json`, `metrics_notes.json`); `dvc.lock` of the same",
         "commit names their md5 and every input that made them. Where each step ran:",
         "",
-        *(f"- {label} on: {runtime_summary(runtime.get(key))}" for key, label in STEPS),
+        *(f"- {label}: {runtime_summary(runtime.get(key))}" for key, label in RUNTIME_STEPS),
         "",
         "Another CPU model or thread count gives other bits from the same commit, differences of the size",
         "of a training seed's ([design.md](design.md#repeatability-what-repeats-and-what-does-not)).",
