@@ -82,7 +82,8 @@ def test_stage_writes_every_output_without_nan(setup, tmp_path):
                 "privacy_generated_share_above", "privacy_real_share_above", "privacy_n_shareable",
                 "n_test_slices", "fid_inception", "kid_inception", "zcons_ssim_ratio", "zgrad_ratio",
                 "zcons_ssim_ratio_LV", "fd_tri_rand_axial", "fd_tri_rand_coronal", "fd_tri_rand_sagittal",
-                "fd_tri_rand_mean", "fid_tri_inception_mean"):
+                "fd_tri_rand_mean", "fid_tri_inception_mean", "flicker_ratio", "c2st_auc", "c2st_auc_control",
+                "texture_std_ratio", "texture_nps_ratio_band4", "contrast_bias_hu_LV", "contrast_spread_ratio"):
         assert key in metrics, key
     assert metrics["n_test_slices"] == 12 and metrics["n_test_cases"] == 2
     for key, value in metrics.items():
@@ -90,6 +91,12 @@ def test_stage_writes_every_output_without_nan(setup, tmp_path):
             assert value is None and "inception_weights" in notes["null_metrics"][key]
         elif value is None and key.startswith("zcons_ssim_ratio_"):   # random blobs: real neighbours unrelated
             assert "real sum <= 0" in notes["null_metrics"][key]
+        elif value is None and key.startswith("texture_std_ratio_"):    # tiny slices: no lung
+            assert "absent from every scored slice" in notes["null_metrics"][key]
+        elif value is None and key.startswith("contrast_spread_ratio"):  # fixture: every case alike, Myo in 1
+            assert "fewer than 2 patients" in notes["null_metrics"][key]
+        elif value is None and key == "c2st_auc_control":               # one validation patient: no two halves
+            assert "control needs >= 2 patients" in notes["null_metrics"][key]
         else:
             assert isinstance(value, (int, float)) and math.isfinite(value), key
         assert notes["definitions"][key], key

@@ -23,7 +23,7 @@ def test_declarations_are_complete_and_unique():
     assert all(m.group in GROUPS and m.definition for m in METRICS)
     assert 5 <= sum(m.headline for m in METRICS) <= 15           # what `dvc exp show` fits on a screen
     for m in table_rows():                                       # report rows name a direction and a real floor
-        assert m.better in ("higher", "lower") and (not m.floor or lookup(m.floor) is not None)
+        assert m.better in ("higher", "lower", "≈ 1", "≈ 0.5") and (not m.floor or lookup(m.floor) is not None)
 
 
 def test_structure_templates_resolve():

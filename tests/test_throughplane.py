@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import make_store
@@ -203,3 +204,22 @@ def test_case_volumes_reassemble_sorted_by_z(tmp_path):
         assert list(v.zs) == list(range(5))
         assert np.array_equal(v.fake, v.real.astype(np.float32) * 0.5)
         assert (v.dz, v.dxy) == (3.0, 2.0)
+
+
+def _flicker(real, fake, masks):
+    sums = tp.case_sums(vol(real, fake, masks), LABELS, WINDOW)
+    return tp.consistency_metrics(pd.DataFrame([sums]), LABELS)
+
+
+def test_flicker_known_answers_noise_is_blurred_away_content_jumps_are_not(smooth):
+    real, masks = smooth
+    same = _flicker(real, real.copy(), masks)
+    assert same["flicker_ratio"] == same["flicker_ratio_LV"] == 1.0
+    assert _flicker(real, shuffled(real), masks)["flicker_ratio"] > 3
+    rng = np.random.default_rng(7)
+    noisy = _flicker(real, np.clip(real + 0.01 * rng.standard_normal(real.shape), -1, 1).astype(np.float32), masks)
+    assert abs(noisy["flicker_ratio"] - 1) < 0.1 and noisy["zgrad_ratio"] > 1.15    # independent noise: ~1
+    jitter = real + (0.05 * rng.standard_normal((len(real), 1, 1))).astype(np.float32) * (masks > 0)
+    jumpy = _flicker(real, jitter, masks)                                              # content jumps slice to slice
+    assert jumpy["flicker_ratio"] > 1.4 and jumpy["flicker_ratio"] > jumpy["zgrad_ratio"]
+    assert jumpy["flicker_ratio_LV"] > 2

@@ -172,6 +172,14 @@ class PrivacyCfg:
 
 
 @dataclass
+class RealismCfg:
+    c2st_steps: int = 300                            # classifier two-sample test: Adam steps of the small CNN
+    c2st_batch_size: int = 32                        # slices per step, half real, half generated
+    c2st_lr: float = 0.001
+    c2st_width: int = 16                             # channels of its first conv (then 2x, 4x)
+
+
+@dataclass
 class TrackingCfg:
     uri: str | None = None                           # default: sqlite:///<repo>/mlflow.db
     experiment: str = "ctsynth"
@@ -195,6 +203,7 @@ class Params:
     synthesize: SynthesizeCfg = field(default_factory=SynthesizeCfg)
     evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
     privacy: PrivacyCfg = field(default_factory=PrivacyCfg)
+    realism: RealismCfg = field(default_factory=RealismCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)
 
 
@@ -391,6 +400,9 @@ def _check_evaluation_and_paths(p: Params, need) -> None:
     need(0 < p.privacy.max_similarity <= 1, "privacy.max_similarity: must be in (0, 1]")
     need(p.privacy.downsample >= 8, "privacy.downsample: must be >= 8")
     need(p.privacy.candidates >= 1, "privacy.candidates: must be >= 1")
+    need(p.realism.c2st_steps >= 1 and p.realism.c2st_batch_size >= 2 and p.realism.c2st_width >= 1,
+         "realism.c2st_steps/c2st_width: must be >= 1, realism.c2st_batch_size: >= 2")
+    need(p.realism.c2st_lr > 0, "realism.c2st_lr: must be > 0")
     need(p.privacy.exhaustive_budget >= 0, "privacy.exhaustive_budget: must be >= 0 (0: always pre-filter)")
     weights = p.evaluate.inception_weights
     for key, value in (("data.raw_dir", p.data.raw_dir),

@@ -244,3 +244,29 @@ def jackknife_interval(replicates, sizes: Sequence[int], level: float = LEVEL):
     df = var * var / denom if denom > 0 else float(min(sizes) - 1)
     half = stats.t.ppf(0.5 + level / 2, df) * np.sqrt(var)
     return float(point - half), float(point + half)
+
+
+def case_table_intervals(table, metrics_of, n_boot: int, seed: int, method: str = "jackknife") -> dict:
+    """``{key: (lo, hi)}`` for metrics computed from a per-case table (one row per patient; e.g.
+    per-case sums whose pooled ratio is the metric). ``metrics_of(table) -> {key: value}`` is
+    evaluated on every replicate's rows: jackknife = leave one case out, estimate ± t_{G−1}·SE;
+    bootstrap = percentiles of ``n_boot`` resamples of the cases. Keys whose estimate or a
+    replicate is not finite get no interval."""
+    n = len(table)
+    if n_boot < 1 or n == 0:
+        return {}
+    if method == "jackknife":
+        picks = [np.delete(np.arange(n), i) for i in range(n)] + [np.arange(n)]       # last: all cases
+    else:
+        picks = list(np.random.default_rng(seed).integers(0, n, size=(n_boot, n)))
+    reps = [metrics_of(table.iloc[p].reset_index(drop=True)) for p in picks]
+    point = metrics_of(table)
+    out = {}
+    for key, value in point.items():
+        if value is None or not np.isfinite(value):
+            continue
+        vals = np.array([np.nan if r.get(key) is None else r[key] for r in reps], np.float64)
+        lo, hi = jackknife_interval(vals, (n,)) if method == "jackknife" else percentile_interval(vals)
+        if lo is not None:
+            out[key] = (lo, hi)
+    return out

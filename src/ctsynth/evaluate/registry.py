@@ -33,6 +33,8 @@ GROUPS = {
     "privacy": "how close generated slices come to the training slices",
     "throughplane": "volumes, not a stack of slices: consistency along z and tri-planar distances",
     "utility": "does synthetic data help a segmenter (the utility stage)",
+    "realism": "what the paired metrics and the segmenter's features do not see: can a classifier tell generated "
+               "from real, texture, contrast between patients (flicker along z: flicker_ratio, throughplane)",
 }
 
 
@@ -45,7 +47,7 @@ class Metric:
     definition: str
     headline: bool = False        # headline.json / dvc exp show, MLflow's top section, the evaluate log
     label: str = ""               # a row of the report's headline table, named so
-    better: str = ""              # "higher" | "lower" (report table)
+    better: str = ""              # "higher" | "lower" | "≈ 1" | "≈ 0.5" (report table)
     floor: str = ""               # key of the reference shown beside it (noise floor or ceiling)
     floor_what: str = ""          # what that reference is
 
@@ -69,7 +71,7 @@ METRICS: tuple[Metric, ...] = (
     Metric('psnr', 'paired',
            'peak signal-to-noise ratio in dB, piq, data_range 1.0 = the HU window mapped to [0, 1], mean over slices'
            ' (higher is better)',
-           headline=True, label='PSNR (dB)', better='higher'),
+           label='PSNR (dB)', better='higher'),
     Metric('mae_hu', 'paired',
            'mean absolute error in Hounsfield units over all pixels of all slices (lower is better)',
            headline=True, label='MAE (HU)', better='lower'),
@@ -174,8 +176,8 @@ METRICS: tuple[Metric, ...] = (
            'adjacent-slice consistency inside the body: SSIM map (7-px uniform window) between neighbouring axial '
            'slices (z, z+1) averaged over the body pixels of either slice (body of the real volume: HU > -500, '
            'largest connected component, holes filled), generated test volumes / real ones (1 = as smooth along '
-           'z as real; < 1 = flicker)',
-           headline=True),
+           'z as real; < 1 = flicker; the air is out, but the real slices\' own noise still hides flicker: see '
+           'flicker_ratio)'),
     Metric('zcons_ssim_ratio_<S>', 'throughplane',
            'adjacent-slice consistency inside structure <S> (SSIM map averaged over its pixels in either slice of '
            'each pair), generated / real'),
@@ -192,6 +194,14 @@ METRICS: tuple[Metric, ...] = (
            'mean through-plane gradient |dI/dz| of the real test volumes inside the body, HU/mm'),
     Metric('zgrad_generated', 'throughplane',
            'mean through-plane gradient |dI/dz| of the generated test volumes inside the body, HU/mm'),
+    Metric('flicker_ratio', 'throughplane',
+           'flicker along z that noise cannot hide: mean |S(z+1) - S(z)| / dz over the body pixels of adjacent '
+           'slices, S = each slice blurred in-plane (Gaussian, σ 1.5 px) so the per-slice noise is out, generated '
+           '/ real (1 = as real; > 1 = the generated volume jumps from slice to slice: streaks in coronal and '
+           'sagittal views)',
+           headline=True, label='Flicker along z (generated / real)', better='≈ 1'),
+    Metric('flicker_ratio_<S>', 'throughplane',
+           'flicker_ratio over the pixels of structure <S> (in either slice of each pair)'),
     Metric('fd_tri_rand_axial', 'throughplane',
            'Fréchet distance between real and generated axial slices in fixed random-CNN features (orientation-'
            'agnostic: seeded, untrained, averaged over 8 rotations/flips); every plane: the slices cutting a '
@@ -246,6 +256,54 @@ METRICS: tuple[Metric, ...] = (
            'number of synthetic slices (after preprocess) in the utility training sets'),
     Metric('utility_n_real_train_slices', 'utility',
            'number of real training slices of the real-only and mixed utility segmenters'),
+    Metric('c2st_auc', 'realism',
+           'classifier two-sample test: ROC AUC of a small CNN (realism.c2st_*; seed: the top-level seed) trained '
+           'to tell real from generated slices of the validation patients, scored on the test patients\' real and '
+           'generated slices (0.5 = it cannot tell them apart, 1 = always right); interval: test patients left '
+           'out in turn, the classifier fixed',
+           headline=True, label='Classifier AUC, real vs generated', better='≈ 0.5',
+           floor='c2st_auc_control', floor_what='same classifier on real vs real patients'),
+    Metric('c2st_auc_control', 'realism',
+           'real-vs-real control of c2st_auc: the same classifier, budget and seed trained on real slices of two '
+           'disjoint halves of the validation patients, scored on real slices of two halves of the test patients'
+           ' (≈ 0.5; its spread is what patient differences alone give)'),
+    Metric('texture_std_ratio', 'realism',
+           'texture: standard deviation of the high-pass residual (slice − Gaussian blur, σ 1 px) inside '
+           'homogeneous regions of the real slice (each structure, lung, other soft tissue; eroded 1 px), the '
+           'same pixels of the generated slice, generated / real (1 = as real; > 1 a pattern of its own, < 1 '
+           'too smooth)',
+           label='Texture: residual std (generated / real)', better='≈ 1'),
+    Metric('texture_std_ratio_<S>', 'realism',
+           'texture_std_ratio inside structure <S>'),
+    Metric('texture_std_ratio_lung', 'realism',
+           'texture_std_ratio inside the lung (body pixels below -400 HU outside every structure)'),
+    Metric('texture_std_ratio_soft_tissue', 'realism',
+           'texture_std_ratio inside other soft tissue (body pixels within [-150, 250] HU outside every '
+           'structure)'),
+    Metric('texture_residual_std_real_hu', 'realism',
+           "standard deviation in HU of the real slices' high-pass residual in the texture regions (the scale of "
+           'texture_std_ratio)'),
+    Metric('texture_nps_ratio_band1', 'realism',
+           'noise power spectrum of the high-pass residual in the texture regions (|FFT(residual · region)|² / '
+           'region pixels, radially averaged), generated / real, frequencies (0, 0.125] cycles/px'),
+    Metric('texture_nps_ratio_band2', 'realism',
+           'the same spectrum ratio at (0.125, 0.25] cycles/px'),
+    Metric('texture_nps_ratio_band3', 'realism',
+           'the same spectrum ratio at (0.25, 0.375] cycles/px'),
+    Metric('texture_nps_ratio_band4', 'realism',
+           'the same spectrum ratio at (0.375, 0.5] cycles/px (the finest texture)'),
+    Metric('contrast_bias_hu_<S>', 'realism',
+           'contrast: mean over test patients of (generated − real) mean HU inside structure <S> (> 0: drawn too '
+           'bright); interval: t over patients'),
+    Metric('contrast_bias_hu_max_abs', 'realism',
+           'largest |contrast_bias_hu_<S>| over the structures'),
+    Metric('contrast_spread_ratio_<S>', 'realism',
+           "between-patient spread of structure <S>'s mean HU: sd over test patients of the generated means / sd "
+           'of the real means (1 = each patient keeps their own contrast level; 0 = every patient drawn alike)'),
+    Metric('contrast_spread_ratio', 'realism',
+           'between-patient contrast spread over all structures: sqrt(Σ_S var_generated / Σ_S var_real) of the '
+           "patients' mean HU per structure",
+           label='Contrast spread between patients (generated / real)', better='≈ 1'),
     Metric('privacy_n_shareable', 'privacy',
            'number of generated slices whose in-body SSIM to the nearest training slice is at or below the '
            'threshold (listed in reports/shareable.json)'),

@@ -47,7 +47,7 @@ from ctsynth.core.paths import GENERATED_PROVENANCE
 from ctsynth.core.progress import quiet
 from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore
-from ctsynth.evaluate import validation
+from ctsynth.evaluate import realism, validation
 from ctsynth.evaluate.inception import InceptionFeatures
 from ctsynth.evaluate.intervals import PER_CASE_KEYS, FeatureSpace, describe, metric_intervals, per_case_intervals
 from ctsynth.evaluate.metrics import (
@@ -63,7 +63,7 @@ from ctsynth.evaluate.privacy import NearestTrainingSearch, PrivacyAccumulator
 from ctsynth.evaluate.registry import SUFFIX
 from ctsynth.evaluate.results import Interval, Results, clean
 from ctsynth.evaluate.segmenter import check_segmenter, load_segmenter
-from ctsynth.evaluate.throughplane import case_volumes, evaluate_volumes, per_case_table, ratio_intervals
+from ctsynth.evaluate.throughplane import body_mask, case_volumes, evaluate_volumes, per_case_table, ratio_intervals
 
 log = logging.getLogger("ctsynth.evaluate.stage")
 
@@ -169,6 +169,7 @@ class _TestPass:
     def __init__(self, params: Params, store: ProcessedStore, split: dict, with_inception: bool, n_queries: int):
         labels = reported_structures(store.structures)
         self.paired = PairedAccumulator(store.meta["hu_window"], store.structures)
+        self.texture = realism.TextureAccumulator(store.meta["hu_window"], labels)
         self.dice = {"generated": DiceAccumulator(labels), "real": DiceAccumulator(labels)}
         self.feats = {space: {"generated": FeatureBank(), "real": FeatureBank()}
                       for space in (("seg", "inception") if with_inception else ("seg",))}
@@ -199,6 +200,7 @@ def _test_pass(params: Params, store: ProcessedStore, split: dict, fake, index, 
             masks = torch.from_numpy(np.asarray(store.masks[rows]).astype(np.int64))     # (B, S, S)
             cases, zs = case_of[rows].tolist(), z_of[rows].tolist()
             per_slice.write(acc.paired.update(gen, real, masks, cases, zs))
+            acc.texture.update(gen, real, masks, cases, body_mask(real.numpy(), store.meta["hu_window"]))
             for kind, img in (("generated", gen), ("real", real)):
                 pred, feats = seg.run(img)
                 acc.dice[kind].update(pred, masks, cases)
@@ -251,10 +253,12 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
     acc = _test_pass(params, store, split, fake, index, generated_dir, seg, inception, out)
     val_feats, val_cases = _validation_features(store, split, seg, inception, params.evaluate.batch_size)
     val_split = list(split.get("val") or [])
+    val_set = None
     if val_split:                        # the validation patients' generated slices: what defaults are chosen on
         val_fake, val_index = load_generated(Path(generated_dir) / "val", store, val_split, "validation", exact=True)
         val_scores, val_nulls = validation.score(store, val_fake, val_index, seg, params.evaluate.batch_size,
-                                                 params.evaluate.kid_subset_size, params.seed)
+                                                 params.evaluate.kid_subset_size, params.seed, params.realism)
+        val_set = realism.slice_set(store, val_fake, val_index)
     else:
         val_scores, val_nulls = validation.empty()
 
@@ -265,6 +269,12 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
                                                   store.meta["hu_window"], inception, notes.get("fid_inception", ""))
     res.update(z_metrics, z_nulls)
     notes["throughplane"] = THROUGHPLANE_NOTE
+    r_metrics, r_nulls, r_intervals = realism.evaluate(
+        acc.texture, acc.paired.pixel_sums, labels, realism.slice_set(store, fake, index), val_set,
+        params.realism, params.seed, n_boot, params.evaluate.interval_method)
+    res.update(r_metrics, r_nulls)
+    res.add_intervals(r_intervals)
+    notes["realism"] = realism.__doc__.split("\n\n")[0].replace("\n", " ")
     slices = acc.paired.per_slice()
     method = params.evaluate.interval_method
     res.add_intervals(metric_intervals(res.metrics(), slices, {k: d.per_slice() for k, d in acc.dice.items()},

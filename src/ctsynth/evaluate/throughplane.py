@@ -22,6 +22,13 @@ real or generated, so every measure below is taken inside the body or on the bod
   of sums.
 * **through-plane gradient** ``zgrad_ratio``: mean |I(z + 1) - I(z)| / dz in HU/mm over the same
   body pixels, generated / real; > 1 = rougher than real.
+* **flicker** ``flicker_ratio``: the same |I(z + 1) - I(z)| after an in-plane Gaussian blur
+  (σ = :data:`FLICKER_SIGMA` px) of every slice, generated / real, over the body pixels and per
+  structure (``flicker_ratio_<S>``). The blur takes out the real slices' independent per-slice
+  noise, which otherwise dominates |dI/dz| and hides a generated volume whose smooth content
+  jumps from slice to slice (a stack of 2-D predictions: horizontal streaks in coronal and
+  sagittal views). Known answers (tests): identical volumes 1; z-shuffled >> 1; independent
+  per-slice noise on the same smooth volume ~ 1 (where the unblurred ``zgrad_ratio`` is far above).
 * **tri-planar Fréchet distance** ``fd_tri_rand_<plane>`` (and ``fid_tri_inception_<plane>`` with
   Inception weights): the FD between real and generated 2-D slices taken separately along the
   axial, coronal and sagittal planes (MAISI's "2.5-D FID"), and their mean ``..._mean``. Like
@@ -56,7 +63,7 @@ from scipy import ndimage
 
 from ctsynth.core.errors import MetricUnavailable
 from ctsynth.data.preprocess import hu_to_unit
-from ctsynth.evaluate.bootstrap import jackknife_interval, percentile_interval
+from ctsynth.evaluate.bootstrap import case_table_intervals
 from ctsynth.evaluate.metrics import frechet_distance
 from ctsynth.evaluate.results import Interval
 
@@ -65,6 +72,7 @@ BODY_HU = -500.0            # body: HU above this (largest component, holes fill
 SSIM_WINDOW = 7             # uniform window of the adjacent-slice SSIM map
 FEATURE_SEED = 0            # fixed: the random feature space is the same in every run
 SAMPLE_SEED = 0             # fixed: the tri-planar FD uses the same slices in every run
+FLICKER_SIGMA = 1.5         # px: in-plane Gaussian blur before the flicker measure (per-slice noise out)
 
 
 @dataclass
@@ -169,17 +177,21 @@ def case_sums(vol: CaseVolume, labels: dict[int, str], window, body: np.ndarray 
     body = body_mask(vol.real, window) if body is None else body
     pair_body = body[i] | body[i + 1]                                              # (P, S, S)
     out["n_pix"] = out["n_body"] = float(pair_body.sum())
-    maps = {}
+    maps, flicker = {}, {}
     for kind, v in (("real", vol.real), ("fake", vol.fake)):
         maps[kind] = ssim_map(v[i], v[i + 1])                                      # (P, S, S)
         out[f"ssim_{kind}"] = float(maps[kind][pair_body].sum())
         grad = np.abs(v[i + 1].astype(np.float64) - v[i]) * 0.5 * (hi - lo) / vol.dz   # HU/mm
         out[f"grad_{kind}"] = float(grad[pair_body].sum())
+        smooth = ndimage.gaussian_filter(v.astype(np.float64), (0, FLICKER_SIGMA, FLICKER_SIGMA), mode="reflect")
+        flicker[kind] = np.abs(smooth[i + 1] - smooth[i]) * 0.5 * (hi - lo) / vol.dz   # HU/mm, blurred in-plane
+        out[f"flicker_{kind}"] = float(flicker[kind][pair_body].sum())
     for idx, name in labels.items():
         region = (vol.masks[i] == idx) | (vol.masks[i + 1] == idx)
         out[f"n_{name}"] = float(region.sum())
         for kind in ("real", "fake"):
             out[f"ssim_{kind}_{name}"] = float(maps[kind][region].sum())
+            out[f"flicker_{kind}_{name}"] = float(flicker[kind][region].sum())
     return out
 
 
@@ -196,40 +208,31 @@ def consistency_metrics(sums: pd.DataFrame, labels: dict[int, str]) -> dict[str,
            "zcons_ssim_ratio": _ratio(g("ssim_fake"), g("ssim_real")),
            "zgrad_real": _ratio(g("grad_real"), g("n_body")),
            "zgrad_generated": _ratio(g("grad_fake"), g("n_body")),
-           "zgrad_ratio": _ratio(g("grad_fake"), g("grad_real"))}
+           "zgrad_ratio": _ratio(g("grad_fake"), g("grad_real")),
+           "flicker_ratio": _ratio(g("flicker_fake"), g("flicker_real"))}
     for name in labels.values():
+        present = g(f"n_{name}") > 0
         out[f"zcons_ssim_ratio_{name}"] = (_ratio(g(f"ssim_fake_{name}"), g(f"ssim_real_{name}"))
-                                           if g(f"n_{name}") > 0 else float("nan"))
+                                           if present else float("nan"))
+        out[f"flicker_ratio_{name}"] = (_ratio(g(f"flicker_fake_{name}"), g(f"flicker_real_{name}"))
+                                        if present else float("nan"))
     return out
 
 
 NO_RATIO = ("undefined: no pair of consecutive slices, no body pixel or no pixel of the structure in the test "
             "volumes, or the real volumes' neighbouring slices are not similar at all there (real sum <= 0)")
-RATIO_KEYS = ("zcons_ssim_ratio", "zgrad_ratio")
+RATIO_KEYS = ("zcons_ssim_ratio", "zgrad_ratio", "flicker_ratio")
 
 
 def ratio_intervals(sums: pd.DataFrame, labels: dict[int, str], n_boot: int, seed: int,
                     method: str = "jackknife") -> dict:
     """``{key: Interval}`` of the consistency metrics over the test cases (each replicate's metric
-    is the ratio of its pooled per-case sums). jackknife: leave one case out, estimate ± t_{G−1}·SE;
-    bootstrap: percentiles of ``n_boot`` resamples of the cases (see :mod:`ctsynth.evaluate.intervals`)."""
-    if n_boot < 1 or sums.empty:
+    is the ratio of its pooled per-case sums; :func:`ctsynth.evaluate.bootstrap.case_table_intervals`)."""
+    if sums.empty:
         return {}
-    values = sums.drop(columns=["case"]).to_numpy(np.float64)                         # (C, K)
-    n = len(values)
-    if method == "jackknife":
-        picks = [np.delete(np.arange(n), i) for i in range(n)] + [np.arange(n)]       # last: all cases
-    else:
-        picks = list(np.random.default_rng(seed).integers(0, n, size=(n_boot, n)))
-    reps = [consistency_metrics(pd.DataFrame(values[p], columns=sums.columns[1:]), labels) for p in picks]
-    point = consistency_metrics(sums, labels)
-    out = {}
-    for key in (k for k, v in point.items() if np.isfinite(v)):      # none for an undefined estimate
-        vals = np.array([r[key] for r in reps], np.float64)
-        lo, hi = jackknife_interval(vals, (n,)) if method == "jackknife" else percentile_interval(vals)
-        if lo is not None:
-            out[key] = Interval(lo, hi)
-    return out
+    table = sums.drop(columns=["case"]).astype(np.float64)
+    found = case_table_intervals(table, lambda t: consistency_metrics(t, labels), n_boot, seed, method)
+    return {k: Interval(lo, hi) for k, (lo, hi) in found.items()}
 
 
 # ------------------------------------------------------------------------------ tri-planar FD
@@ -368,7 +371,7 @@ def evaluate_volumes(volumes: list[CaseVolume], labels: dict[int, str], window, 
 
 
 def per_case_table(sums: pd.DataFrame) -> pd.DataFrame:
-    """One row per case: zcons_ssim_ratio and zgrad_ratio of that case alone."""
+    """One row per case: zcons_ssim_ratio, zgrad_ratio and flicker_ratio of that case alone."""
     rows = [{"case": r["case"], **{k: consistency_metrics(pd.DataFrame([r]), {})[k] for k in RATIO_KEYS}}
             for _, r in sums.iterrows()]
     return pd.DataFrame(rows, columns=["case", *RATIO_KEYS])

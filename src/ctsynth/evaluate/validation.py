@@ -6,7 +6,9 @@ stage writes ``data/generated/val/{fake,index}.npy`` beside the test set; this p
 paired metrics (mse, psnr, ssim, mae_hu), the segmenter's Dice on generated and on real
 validation slices, the Fréchet distance / KID between generated and real validation slices
 in the segmenter's features, and the through-plane ratios of the validation volumes (in-body
-adjacent-slice SSIM and |dI/dz|, :mod:`ctsynth.evaluate.throughplane`), as ``val_<key>`` (same
+adjacent-slice SSIM, |dI/dz| and flicker, :mod:`ctsynth.evaluate.throughplane`) and the realism
+checks (:mod:`ctsynth.evaluate.realism`: texture, contrast, and a classifier two-sample test
+cross-fitted over two halves of the validation patients), as ``val_<key>`` (same
 definitions as ``<key>`` in docs/metrics.md, on the validation patients) in
 ``reports/validation.json``: a DVC metrics file, so ``dvc exp show`` and ``ctsynth compare`` see it beside the headline.
 
@@ -25,6 +27,7 @@ from tqdm import tqdm
 from ctsynth.core.errors import MetricUnavailable
 from ctsynth.core.progress import quiet
 from ctsynth.data.store import ProcessedStore
+from ctsynth.evaluate import realism
 from ctsynth.evaluate.metrics import (
     DiceAccumulator,
     FeatureBank,
@@ -34,13 +37,15 @@ from ctsynth.evaluate.metrics import (
     reported_structures,
 )
 from ctsynth.evaluate.results import clean
-from ctsynth.evaluate.throughplane import NO_RATIO, RATIO_KEYS, case_sums, case_volumes, consistency_metrics
+from ctsynth.evaluate.throughplane import NO_RATIO, RATIO_KEYS, body_mask, case_sums, case_volumes, consistency_metrics
 
 log = logging.getLogger("ctsynth.evaluate.validation")
 
 PREFIX = "val_"
 KEYS = ("n_slices", "n_cases", "mse", "psnr", "ssim", "mae_hu", "dice_generated_mean", "dice_real_mean",
-        "fd_seg", "kid_seg", "zcons_ssim_ratio", "zgrad_ratio")
+        "fd_seg", "kid_seg", "zcons_ssim_ratio", "zgrad_ratio", "flicker_ratio", "c2st_auc", "texture_std_ratio",
+        "texture_nps_ratio_band4", "contrast_bias_hu_max_abs", "contrast_spread_ratio")
+REALISM_KEYS = ("texture_std_ratio", "texture_nps_ratio_band4", "contrast_bias_hu_max_abs", "contrast_spread_ratio")
 NO_VAL = "no validation cases in the split (split.val is empty): nothing to choose defaults on"
 
 
@@ -51,12 +56,14 @@ def empty() -> tuple[dict, dict]:
 
 
 def score(store: ProcessedStore, fake, index: np.ndarray, seg, batch: int, kid_subset: int,
-          seed: int) -> tuple[dict, dict]:
+          seed: int, realism_cfg=None) -> tuple[dict, dict]:
     """``({val_<key>: value}, {val_<key>: reason of a null})`` for the generated validation slices
     ``fake`` (N, S, S) of the store rows ``index``, as checked by
-    :func:`ctsynth.evaluate.stage.load_generated`."""
+    :func:`ctsynth.evaluate.stage.load_generated`. ``realism_cfg``: ``params.realism`` (the
+    classifier's budget; None: ``val_c2st_auc`` is null)."""
     labels = reported_structures(store.structures)
     paired = PairedAccumulator(store.meta["hu_window"], store.structures)
+    texture = realism.TextureAccumulator(store.meta["hu_window"], labels)
     dice = {"generated": DiceAccumulator(labels), "real": DiceAccumulator(labels)}
     feats = {"generated": FeatureBank(), "real": FeatureBank()}
     case_of, z_of = store.slices["case"].to_numpy(), store.slices["z"].to_numpy()
@@ -67,6 +74,7 @@ def score(store: ProcessedStore, fake, index: np.ndarray, seg, batch: int, kid_s
         masks = torch.from_numpy(np.asarray(store.masks[rows]).astype(np.int64))
         cases = case_of[rows].tolist()
         paired.update(gen, real, masks, cases, z_of[rows].tolist())
+        texture.update(gen, real, masks, cases, body_mask(real.numpy(), store.meta["hu_window"]))
         for kind, img in (("generated", gen), ("real", real)):
             pred, f = seg.run(img)
             dice[kind].update(pred, masks, cases)
@@ -90,6 +98,18 @@ def score(store: ProcessedStore, fake, index: np.ndarray, seg, batch: int, kid_s
         values[key] = clean(z_values[key])
         if values[key] is None:
             reasons[key] = NO_RATIO
+    r_values = texture.metrics()
+    r_values.update(realism.contrast_metrics(realism.contrast_table(paired.pixel_sums, labels), list(labels.values())))
+    for key in REALISM_KEYS:
+        values[key] = clean(r_values[key])
+        if values[key] is None:
+            reasons[key] = realism.undefined_reason(key)
+    if realism_cfg is None:
+        values["c2st_auc"], reasons["c2st_auc"] = None, "no classifier budget given (params.realism)"
+    else:
+        values["c2st_auc"] = clean(realism.c2st_crossfit(realism.slice_set(store, fake, index), realism_cfg, seed))
+        if values["c2st_auc"] is None:
+            reasons["c2st_auc"] = "fewer than 2 validation patients: no two halves to cross-fit the classifier on"
     log.info("validation: %d generated slices of %d patients: ssim %.4f, mae_hu %.1f, Dice %s, fd_seg %s",
              len(index), values["n_cases"], values["ssim"], values["mae_hu"], values["dice_generated_mean"],
              values["fd_seg"])

@@ -1,7 +1,8 @@
 """The report's first screen: the answer before the details.
 
 One paragraph in plain words (how close generated slices are to real ones, relative to the
-noise floor; the weakest structure; the privacy verdict), the headline metrics with their
+noise floor; the weakest structure), the realism verdict (as good as real only when every
+realism check's interval reaches its reference), the privacy verdict, the headline metrics with their
 95 % intervals and noise floors, and one sample grid. Everything is read from what evaluate
 wrote (``metrics.json``, ``metrics_ci.json``, ``metrics_notes.json``) and generate's grids;
 nothing is recomputed, and a missing file leaves a short note instead.
@@ -43,6 +44,75 @@ def floor_reading(res: Results) -> str:
     return (f"Against unseen real patients (the validation set) in the segmenter's features, generated test "
             f"slices lie at FD {res.shown('fd_seg_vs_val')} and real test slices at {res.shown('fd_seg_floor')} "
             f"(the noise floor) — {verdict}. This feature space was trained to find structures, not to see texture.")
+
+
+def _reaches(res: Results, key: str, reference: float, one_sided_below: bool = False) -> bool | None:
+    """Does ``key``'s interval reach ``reference`` (contain it; ``one_sided_below``: its low end is at
+    or below it)? None when the value or its interval is missing."""
+    if key not in res or res.value(key) is None or res[key].interval is None:
+        return None
+    iv = res[key].interval
+    return iv.lo <= reference if one_sided_below else iv.lo <= reference <= iv.hi
+
+
+def realism_checks(res: Results) -> list[tuple[str, bool | None, str]]:
+    """The realism checks behind the verdict: (name, reaches its reference?, phrase). A check
+    passes only when its 95 % interval reaches the reference (AUC 0.5, ratio 1, bias 0)."""
+    out = []
+    if res.value("c2st_auc") is not None:
+        control = res.value("c2st_auc_control")
+        out.append(("classifier", _reaches(res, "c2st_auc", 0.5, one_sided_below=True),
+                    f"a classifier trained on the validation patients tells generated from real test slices with "
+                    f"AUC {res.shown('c2st_auc')} (0.5 = it cannot" + (f"; real vs real: {control:.2f}" if control
+                                                                        is not None else "") + ")"))
+    for key, what in (("texture_std_ratio", "texture: the fine residual is {v}× the real one"),
+                      ("flicker_ratio", "flicker along z: {v}× the real slice-to-slice change"),
+                      ("contrast_spread_ratio", "contrast: the between-patient spread is {v}× the real one")):
+        if res.value(key) is not None:
+            out.append((key, _reaches(res, key, 1.0), what.format(v=res.shown(key))))
+    bands = [k for k in (f"texture_nps_ratio_band{i}" for i in range(1, 9)) if res.value(k) is not None]
+    if bands:
+        missed = [k for k in bands if _reaches(res, k, 1.0) is not True]
+        out.append(("texture spectrum", not missed if all(_reaches(res, k, 1.0) is not None for k in bands) else None,
+                    f"texture spectrum: generated / real power {min(res.value(k) for k in bands):.2f}–"
+                    f"{max(res.value(k) for k in bands):.2f} over {len(bands)} frequency bands"))
+    biased = [(abs(res.value(f"contrast_bias_hu_{s}")), s) for s in STRUCTURES
+              if res.value(f"contrast_bias_hu_{s}") is not None]
+    if biased:
+        missed = [s for _, s in sorted(biased, reverse=True) if _reaches(res, f"contrast_bias_hu_{s}", 0.0) is False]
+        worst = max(biased)[1]
+        if missed:
+            way = "too bright" if res.value(f"contrast_bias_hu_{missed[0]}") > 0 else "too dark"
+            phrase = (f"contrast: {', '.join(missed)} drawn {way} (largest: {missed[0]} by "
+                      f"{res.shown(f'contrast_bias_hu_{missed[0]}')} HU)")
+        else:
+            phrase = (f"contrast: every structure's mean HU within reach of the real one (largest bias: {worst} "
+                      f"{res.shown(f'contrast_bias_hu_{worst}')} HU)")
+        known = all(_reaches(res, f"contrast_bias_hu_{s}", 0.0) is not None for _, s in biased)
+        out.append(("contrast bias", not missed if known else None, phrase))
+    return out
+
+
+def realism_reading(res: Results) -> str:
+    """The realism verdict (HTML): 'as good as real' only when every check's interval reaches its
+    reference; otherwise the checks that miss, then the ones that pass."""
+    checks = realism_checks(res)
+    if not checks:
+        return "<b>Realism</b>: not measured (no realism metrics in reports/metrics.json)."
+    missed = [phrase for _, ok, phrase in checks if ok is False]
+    unknown = [name for _, ok, name in ((None, ok, n) for n, ok, _ in checks) if ok is None]
+    passed = [phrase for _, ok, phrase in checks if ok is True]
+    if missed:
+        text = "; ".join(missed)
+        head = "<b>Realism: not as good as real.</b> " + text[:1].upper() + text[1:] + "."
+    elif unknown:
+        head = (f"<b>Realism: not shown to be as good as real</b> (no interval for {', '.join(unknown)}; "
+                f"evaluate.bootstrap 0 turns intervals off).")
+    else:
+        head = "<b>Realism: as good as real</b> on every check (each 95 % interval reaches its reference)."
+    tail = (f" Not told apart from real with {res.value('n_test_cases', '?')} test patients: " + "; ".join(passed)
+            + ".") if passed and (missed or unknown) else ""
+    return head + tail + " Intervals: the test patients of this one trained model (docs/metrics.md, realism)."
 
 
 def weakest_structure(res: Results) -> str | None:
@@ -94,10 +164,9 @@ def plain_reading(res: Results) -> str:
     weakest = weakest_structure(res)
     if weakest:
         parts.append(weakest)
-    if res.value("zcons_ssim_ratio") is not None and res.value("zgrad_ratio") is not None:
-        parts.append(f"Along z, stacked generated slices are {res.value('zcons_ssim_ratio'):.2f}× as consistent "
-                     f"between neighbours as real ones, with {res.value('zgrad_ratio'):.2f}× their through-plane "
-                     f"gradient (1 = as real).")
+    if res.value("flicker_ratio") is not None:
+        parts.append(f"Along z, with each slice's own noise blurred away, stacked generated slices change from one "
+                     f"slice to the next {res.shown('flicker_ratio')}× as much as real ones (1 = as real).")
     if res.value("utility_dice_synthetic") is not None and res.value("utility_dice_real") is not None:
         parts.append(utility_reading(res))
     if res.value("fid_inception") is not None:
@@ -150,6 +219,7 @@ def section_summary(res: Results | None, grid_html: str) -> str:
         return "<p class='note'>Summary not available — reports/metrics.json not found.</p>" + grid_html
     reading = plain_reading(res)
     return (f"<div class='summary'><div><p class='reading'>{reading}</p>"
+            f"<p class='realism'>{_esc_keep_b(realism_reading(res))}</p>"
             f"<p class='privacy'>{_esc_keep_b(privacy_sentence(res))}</p>"
             f"{headline_table(res)}</div><div>{grid_html}</div></div>")
 
