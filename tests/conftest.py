@@ -69,7 +69,8 @@ def tiny_params(**sections):
            "model": {"gen_depth": 5, "ngf": 8, "ndf": 8, "disc_layers": 2},
            "train": {"iterations": 4, "batch_size": 4},
            "train_run": {"checkpoint_every": 2, "log_every": 1},
-           "segmenter": {"iterations": 5, "batch_size": 4, "width": 4}}
+           "segmenter": {"iterations": 5, "batch_size": 4, "width": 4},
+           "realism": {"c2st_steps": 10, "c2st_width": 4}}
     for key, value in sections.items():
         raw.setdefault(key, {}).update(value)
     return params_from_dict(raw)

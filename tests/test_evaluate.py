@@ -20,7 +20,8 @@ from ctsynth.evaluate.segmenter import run as train_segmenter
 SPLIT = {"seed": 0, "train": ["c1", "c2", "c3"], "val": ["c4"], "test": ["c5", "c6"]}
 RAW = {"preprocess": {"image_size": 32}, "model": {"gen_depth": 5, "disc_layers": 2},
        "segmenter": {"iterations": 8, "batch_size": 4, "width": 4},
-       "evaluate": {"batch_size": 5, "kid_subset_size": 4}}
+       "evaluate": {"batch_size": 5, "kid_subset_size": 4},
+       "realism": {"c2st_steps": 10, "c2st_width": 4}}      # the classifier's known answers: tests/test_realism.py
 OUTPUTS = ("metrics.json", "metrics_ci.json", "validation.json", "metrics_notes.json", "per_case.csv",
            "per_structure.csv", "privacy.csv", "shareable.json", "plots/per_slice.csv", "plots/privacy_hist.csv",
            "plots/dice.csv")

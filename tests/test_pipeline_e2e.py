@@ -38,6 +38,7 @@ TINY = {
     # (tests/test_evaluate.py and test_intervals.py cover it); the bootstrap keeps the interval plumbing under test
     "evaluate": {"batch_size": 8, "kid_subset_size": 4, "interval_method": "bootstrap"},
     "privacy": {"downsample": 16},
+    "realism": {"c2st_steps": 10, "c2st_width": 4},
 }
 
 
