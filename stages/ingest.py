@@ -19,4 +19,4 @@ def add_args(p):
 
 
 if __name__ == "__main__":
-    stage_main("ingest", main, __doc__, add_args=add_args)
+    stage_main("ingest", main, __doc__, add_args=add_args, uses_torch=False)

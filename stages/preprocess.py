@@ -18,4 +18,4 @@ def add_args(p):
 
 
 if __name__ == "__main__":
-    stage_main("preprocess", main, __doc__, add_args=add_args)
+    stage_main("preprocess", main, __doc__, add_args=add_args, uses_torch=False)

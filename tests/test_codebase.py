@@ -78,3 +78,28 @@ def test_library_modules_never_import_the_stage_glue():
             continue
         for dep in imports_of(path):
             assert dep not in ("cli.py", "core/runner.py"), f"{rel} imports {dep}"
+
+
+def test_stages_start_without_what_they_do_not_use():
+    """Every stage process pays its imports: the torch-free stages never import torch, seeding
+    makes torch deterministic without importing the compiler stack (seconds per stage), and the
+    utility stage's metrics leave piq/torchvision (torch._dynamo) to the evaluate stage."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from ctsynth.core.runner import seed_everything
+import ctsynth.data.phantom, ctsynth.data.ingest, ctsynth.data.preprocess
+seed_everything(1, torch=False)
+assert "torch" not in sys.modules, "torch-free stages imported torch"
+seed_everything(1)
+import torch
+assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+import ctsynth.evaluate.utility
+heavy = sorted(m for m in ("torch._inductor", "torch._dynamo", "torchvision", "piq") if m in sys.modules)
+assert not heavy, heavy
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(SRC.parent), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -197,7 +197,7 @@ def test_run_dry_run_queues_only_the_missing_points(capsys):
                        run_dvc=run_dvc) == 0
     assert calls == [["exp", "show", "--json"]]
     out = capsys.readouterr().out
-    assert "8 grid points (1 keys x 4 seeds): 6 finished, 0 queued or running, 2 to queue" in out
+    assert "8 grid points (2 model.context_slices x 4 seeds): 6 finished, 0 queued or running, 2 to queue" in out
     assert "done    ctx-5: model.context_slices=1 train.seed=2" in out
     queued = [line.strip() for line in out.splitlines() if line.strip().startswith("dvc ")]
     assert queued == ["dvc exp run --queue -n ctx-7 -S model.context_slices=0 -S train.seed=4",

@@ -36,7 +36,7 @@ TINY = {
     "synthesize": {"cases": 3},
     # 5 cases = 1 test patient: the default jackknife rightly gives no patient-level interval from one patient
     # (tests/test_evaluate.py and test_intervals.py cover it); the bootstrap keeps the interval plumbing under test
-    "evaluate": {"batch_size": 8, "kid_subset_size": 4, "interval_method": "bootstrap"},
+    "evaluate": {"batch_size": 8, "kid_subset_size": 4, "interval_method": "bootstrap", "bootstrap": 200},
     "privacy": {"downsample": 16},
     "realism": {"c2st_steps": 10, "c2st_width": 4},
 }

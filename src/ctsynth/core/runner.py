@@ -42,14 +42,20 @@ def setup_logging(debug: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch; make torch CPU ops deterministic."""
-    import torch
+def seed_everything(seed: int, torch: bool = True) -> None:
+    """Seed python, numpy and (``torch``: for stages that use it) torch; make torch ops deterministic.
 
+    The deterministic flag is set with ``torch._C._set_deterministic_algorithms``, the call
+    ``torch.use_deterministic_algorithms`` makes after importing ``torch._inductor.config`` (which
+    pulls in the whole compiler stack: ~4 s of every stage's start on a 2-core CPU, for a setting
+    only ``torch.compile`` reads); training sets the compiler's flag too when it compiles."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if torch:
+        import torch as _torch
+
+        _torch.manual_seed(seed)
+        _torch._C._set_deterministic_algorithms(True, warn_only=True)
 
 
 def report_error(err: CtsynthError, where: str) -> None:
@@ -98,8 +104,9 @@ def add_output(parser: argparse.ArgumentParser, name: str, flag: str = "--out", 
 
 def stage_main(name: str, main: Callable, doc: str | None = None,
                add_args: Callable[[argparse.ArgumentParser], None] | None = None,
-               argv: list[str] | None = None) -> None:
-    """Entry point of ``stages/<name>.py``: parse args, load params, run, exit."""
+               argv: list[str] | None = None, uses_torch: bool = True) -> None:
+    """Entry point of ``stages/<name>.py``: parse args, load params, run, exit. ``uses_torch=False``
+    (stages that never touch torch) skips importing and seeding it: seconds per stage."""
     from ctsynth.core.config import load_params
 
     parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=doc,
@@ -115,7 +122,7 @@ def stage_main(name: str, main: Callable, doc: str | None = None,
 
     def run():
         params = load_params(args.params, args.set)
-        seed_everything(params.seed)
+        seed_everything(params.seed, torch=uses_torch)
         return main(args, params)
 
     sys.exit(guarded(name, run, args.debug))

@@ -620,7 +620,8 @@ def run(sets: list[str], seeds: str, seed_key: str = DEFAULT_SEED_KEY, name: str
     todo = [s for s in steps if s.action == "queue"]
     waiting = [s for s in steps if s.action == "pending"]
     finished = len(steps) - len(todo) - len(waiting)
-    print(f"{len(points)} grid points ({len(grid)} keys x {len(seed_list)} seeds): {finished} finished, "
+    configs = " x ".join(f"{len(values)} {key}" for key, values in grid.items()) or "1 configuration"
+    print(f"{len(points)} grid points ({configs} x {len(seed_list)} seeds): {finished} finished, "
           f"{len(waiting)} queued or running, {len(todo)} to queue")
     for step in steps:
         if step.action != "queue":

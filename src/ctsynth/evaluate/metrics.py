@@ -43,7 +43,6 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-import piq
 import torch
 
 from ctsynth.core.errors import MetricUnavailable
@@ -74,6 +73,8 @@ def to_unit_interval(x: torch.Tensor) -> torch.Tensor:
 
 def per_slice_metrics(fake: torch.Tensor, real: torch.Tensor, window) -> dict[str, torch.Tensor]:
     """Paired metrics per slice. fake, real (B,S,S) in [-1,1] → {mse, psnr, ssim, mae_hu}: (B,)."""
+    import piq  # here, not at the top: piq imports torchvision (seconds), which the utility stage never needs
+
     f01, r01 = to_unit_interval(fake), to_unit_interval(real)           # (B, 1, S, S)
     f, r = 2 * f01 - 1, 2 * r01 - 1
     return {
@@ -341,6 +342,8 @@ def kernel_distance(a: torch.Tensor, b: torch.Tensor, subset_size: int = 50, n_s
     m = min(subset_size, n // 2 if paired else n)
     if m < 2:
         raise MetricUnavailable(f"KID needs >= 4 samples per set, got {len(a)} and {len(b)}")
+    import piq
+
     gen = torch.Generator().manual_seed(seed)
     kid = piq.KID()
     values = []

@@ -156,6 +156,13 @@ def first_bad_step(first_bad: torch.Tensor, d: Dist) -> list[int]:
     return bad.tolist()
 
 
+def compile_models(*models: torch.nn.Module) -> tuple:
+    """``torch.compile`` each model, with inductor's kernels deterministic too (the stages' seeding
+    sets torch's flag without importing the compiler: :func:`ctsynth.core.runner.seed_everything`)."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return tuple(torch.compile(m) for m in models)
+
+
 def weights_hash(*modules: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for m in modules:

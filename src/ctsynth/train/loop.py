@@ -31,7 +31,7 @@ from ctsynth.data.augment import build_augment
 from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore, SliceDataset, train_batches
 from ctsynth.train.checkpoint import ckpt_files, load_latest_checkpoint, run_fingerprint, save_checkpoint, set_rng_state
-from ctsynth.train.distributed import Dist, StopFlag, first_bad_step, setup, sync_and_hash
+from ctsynth.train.distributed import Dist, StopFlag, compile_models, first_bad_step, setup, sync_and_hash
 from ctsynth.train.gan import gan_step, lr_factor, make_optimizer
 from ctsynth.train.history import LOSS_NAMES, LossHistory
 from ctsynth.train.networks import build_discriminator, build_generator, describe, receptive_field, save_generator
@@ -204,8 +204,7 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
           reports_dir: Path, stop_after: int | None) -> TrainResult:
     cfg, steer, d = job.params.train, job.params.train_run, job.d
     Gm, Dm, Dg = d.wrap(job.G), d.wrap(job.D), job.D          # Dg: G's step calls D unwrapped
-    if cfg.compile:
-        Gm, Dm, Dg = torch.compile(Gm), torch.compile(Dm), torch.compile(Dg)
+    Gm, Dm, Dg = compile_models(Gm, Dm, Dg) if cfg.compile else (Gm, Dm, Dg)
     amp, augment = autocast(job.precision, d.device), build_augment(cfg.augment)   # augment: on the device
     sampler = DistributedSampler(job.ds, num_replicas=d.world, rank=d.rank, shuffle=True,
                                  seed=job.params.train.seed, drop_last=True)
