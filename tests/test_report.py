@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_params
 from ctsynth.core.errors import InputError
 from ctsynth.core.labels import STRUCTURES
-from ctsynth.evaluate.results import Interval, Results
+from ctsynth.evaluate.results import Interval, Results, fmt
 from ctsynth.report.figures import fig_condition_subsets
 from ctsynth.report.html import read_condition_subsets
 from ctsynth.report.html import run as build_report
@@ -95,6 +95,9 @@ def test_full_report(tmp_path):
     assert len(images) == 11 + len(test_cases)
     synthetic = page[page.index("id='synthetic'"):page.index("id='utility'")]
     assert "synthetic case synth_0001" in synthetic and "warped from p3" in synthetic
+    row = pd.read_csv(inp["synthetic"] / "manifest.csv").iloc[0]                  # drawn at 16², grid finer
+    assert f"draws each axial slice at {row.model_size}² (resized to the label grid)" in synthetic
+    assert f"in-plane detail is {fmt(row.effective_spacing_x_mm)} × " in synthetic and "looks soft" in synthetic
     utility = page[page.index("id='utility'"):page.index("id='training'")]
     assert "0.812 [0.7, 0.9]" in utility and "synthetic only ÷ real only" in utility
     assert "rests on ONE training per model" in utility                  # how many trainings it rests on

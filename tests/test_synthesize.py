@@ -122,6 +122,12 @@ def test_stage_writes_ingestible_pairs_from_training_cases_only(world, tmp_path)
         source = nib.load(str(world["interim"] / f"{row.source}_label.nii"))
         assert image.shape == label.shape == source.shape and np.allclose(label.affine, source.affine)
         assert image.get_data_dtype() == np.int16
+        zooms = source.header.get_zooms()                      # the CT is drawn at model_size², then resized
+        assert (row.spacing_x_mm, row.spacing_y_mm) == pytest.approx(zooms[:2], abs=1e-4)
+        assert row.effective_spacing_x_mm == pytest.approx(max(zooms[0], zooms[0] * image.shape[0] / row.model_size),
+                                                           abs=1e-4)
+        assert row.effective_spacing_y_mm == pytest.approx(max(zooms[1], zooms[1] * image.shape[1] / row.model_size),
+                                                           abs=1e-4)
         hu = np.asanyarray(image.dataobj)
         assert -1000 <= hu.min() and hu.max() <= 1000
         values = set(np.unique(np.asanyarray(label.dataobj)).tolist())

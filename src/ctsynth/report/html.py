@@ -373,6 +373,19 @@ def section_privacy(reports_dir: Path, figures: Path, threshold: float) -> str:
     return text + ".</p>" + out + "<h3>Generated slices most similar to training</h3>" + table(worst)
 
 
+def _resolution_note(row) -> str:
+    """The effective in-plane resolution of a synthetic case (manifest columns of ``synthesize``)."""
+    if "effective_spacing_x_mm" not in row or pd.isna(row.effective_spacing_x_mm):
+        return ""
+    finer = row.effective_spacing_x_mm > row.spacing_x_mm * 1.01 or row.effective_spacing_y_mm > row.spacing_y_mm * 1.01
+    return (f"<p>Resolution: the generator draws each axial slice at {int(row.model_size)}² "
+            f"({'resized' if finer else 'matched'} to the label grid), so the CT's in-plane detail is "
+            f"{fmt(row.effective_spacing_x_mm)} × {fmt(row.effective_spacing_y_mm)} mm"
+            + (f" on a grid of {fmt(row.spacing_x_mm)} × {fmt(row.spacing_y_mm)} mm: it looks soft by "
+               f"construction (raise <code>preprocess.image_size</code> to draw finer)" if finer else "")
+            + " (manifest columns <code>effective_spacing_*_mm</code>).</p>")
+
+
 def section_synthetic(synthetic_dir: Path | None, figures: Path, label_map: dict, window) -> str:
     """One synthetic case of ``data/synthetic`` (mask | CT in three orthogonal views) and its draw."""
     import nibabel as nib
@@ -400,7 +413,7 @@ def section_synthetic(synthetic_dir: Path | None, figures: Path, label_map: dict
             f"the nnU-Net layout). Each is a <i>training</i> mask warped by a random 3-D affine and smooth "
             f"deformation, its CT drawn slice by slice by the generator. Shown: <b>{esc(row.case)}</b>, warped "
             f"from {esc(row.source)} (draw seed {esc(row.draw_seed)}, attempt {esc(row.attempt)}): "
-            f"{esc(draw)}.</p>")
+            f"{esc(draw)}.</p>" + _resolution_note(row))
     return text + img_tag(out, f"synthetic case {row.case}: axial, coronal, sagittal through the heart", width=480)
 
 

@@ -216,6 +216,7 @@ def synthesize_dataset(synth: MaskToCT, sources: list[Source], cfg: SynthesizeCf
             counts = np.bincount(warped.ravel(), minlength=len(STRUCTURES) + 1)
             rows.append({"case": case, "source": source.name, "draw_seed": f"{cfg.seed}:{i}",
                          "attempt": attempt, **draw.record(), "image_file": files[0], "label_file": files[1],
+                         **resolution_record(warped.shape, affine, synth.size),
                          **{f"vox_{STRUCTURES[k - 1]}": int(counts[k]) for k in keep}})
         manifest = pd.DataFrame(rows)
         write_csv(tmp / "manifest.csv", manifest)
@@ -225,6 +226,17 @@ def synthesize_dataset(synth: MaskToCT, sources: list[Source], cfg: SynthesizeCf
              len(rows), len(sources), out_dir, layout, int(manifest.attempt.sum() - len(rows)),
              synth.throughput())
     return manifest
+
+
+def resolution_record(shape, affine: np.ndarray, model_size: int) -> dict:
+    """What the CT's in-plane detail really is: the generator draws each axial slice at
+    ``model_size``² and the result is resized to the label grid, so the effective spacing is the
+    field of view over ``model_size`` (the grid's own spacing when the grid is not finer)."""
+    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)                      # mm per axis
+    eff = [max(float(spacing[a]), float(spacing[a]) * shape[a] / model_size) for a in (0, 1)]
+    return {"model_size": int(model_size), "spacing_x_mm": round(float(spacing[0]), 4),
+            "spacing_y_mm": round(float(spacing[1]), 4), "effective_spacing_x_mm": round(eff[0], 4),
+            "effective_spacing_y_mm": round(eff[1], 4)}
 
 
 def _accepted_draw(src: np.ndarray, affine: np.ndarray, cfg: SynthesizeCfg, i: int, name: str,
