@@ -34,7 +34,7 @@ def _generate(args) -> int:
     from ctsynth.synth.inference import generate_file
 
     stats = generate_file(args.model, args.mask, args.out, structures=args.structures,
-                          label_map=args.label_map)
+                          label_map=args.label_map, contrast_hu=args.contrast)
     print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
     return 0
 
@@ -44,7 +44,7 @@ def _synthesize(args) -> int:
 
     manifest = synthesize_folder(args.model, args.labels, args.out, cases=args.cases, seed=args.seed,
                                  label_map=args.label_map, layout=args.layout, pattern=args.pattern,
-                                 structures=args.structures)
+                                 structures=args.structures, contrast_hu=args.contrast)
     print(f"wrote {len(manifest)} synthetic cases ({args.layout} layout) from "
           f"{manifest.source.nunique()} label volumes to {args.out}; draws in {args.out}/manifest.csv")
     return 0
@@ -164,6 +164,13 @@ def _model_options(p: argparse.ArgumentParser, structures_help: str) -> None:
                         "(default: the model's training map)")
 
 
+def _contrast_option(p: argparse.ArgumentParser, default_help: str) -> None:
+    p.add_argument("--contrast", type=float, default=None, metavar="HU",
+                   help="contrast level (median HU of the blood pools) for a model trained with "
+                        "model.contrast_control; must lie in the range the model was trained on, which the "
+                        f"error names (default: {default_help})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctsynth", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", required=True, help="label NIfTI (any orientation)")
     p.add_argument("--out", required=True, help="output CT NIfTI (HU, same grid as the mask)")
     _model_options(p, "structures to condition on")
+    _contrast_option(p, "the training cases' mean level")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("synthesize", help="new labelled cases (warped masks + generated CT) from label NIfTIs",
@@ -200,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"case i draws from default_rng([seed, i]) (default {SynthesizeCfg.seed})")
     p.add_argument("--layout", default="pairs", help="pairs (ingestible, default) | nnunet")
     _model_options(p, "structures to keep and draw")
+    _contrast_option(p, "each case draws one from the training cases' distribution, recorded in manifest.csv")
     p.set_defaults(func=_synthesize)
 
     p = sub.add_parser("check-params", help="validate a params file and exit")

@@ -87,6 +87,7 @@ class ModelCfg:
     dropout: float = 0.0
     output: Literal["tanh", "sigmoid"] = "tanh"
     context_slices: int = 0                          # 2.5-D: neighbouring mask slices on each side in the condition
+    contrast_control: bool = False                   # + a channel: the case's contrast level (data/contrast.py)
 
 
 @dataclass
@@ -151,6 +152,7 @@ class SynthesizeCfg:
     deform_mm: float = 6.0                           # max displacement of the smooth deformation (0: affine only)
     deform_grid_mm: float = 50.0                     # control-point spacing of the deformation (larger: smoother)
     max_attempts: int = 20                           # redraws per case when a structure vanishes or splits
+    contrast: float | None = None                    # contrast level, HU (model.contrast_control); null: drawn
 
 
 @dataclass
@@ -355,6 +357,9 @@ def _check_model_and_split(p: Params, need) -> None:
     need(m.ngf >= 1 and m.ndf >= 1, "model.ngf/model.ndf: must be >= 1")
     need(0.0 <= m.dropout < 1.0, "model.dropout: must be in [0, 1)")
     need(0 <= m.context_slices <= 8, "model.context_slices: must be in 0..8")
+    need(not (m.contrast_control and "intensity" in p.train.augment),
+         f"model.contrast_control with train.augment {p.train.augment}: the intensity jitter changes the contrast the "
+         f"condition states; use train.augment affine or none")
     size = p.preprocess.image_size
     need(size >= 16 and size % (2 ** m.gen_depth) == 0,
          f"preprocess.image_size: {size} must be >= 16 and divisible by 2^model.gen_depth = {2 ** m.gen_depth}")

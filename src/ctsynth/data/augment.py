@@ -42,8 +42,9 @@ def _identity(cond: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, tor
 class PairedAugment(torch.nn.Module):
     """A kornia ``AugmentationSequential`` over (image, condition as a mask), then a clamp."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, constant_channels: int = 0):
         super().__init__()
+        self.constant = int(constant_channels)          # trailing condition planes that hold a per-slice value
         import kornia.augmentation as K
         from kornia.constants import DataKey, Resample
 
@@ -61,15 +62,21 @@ class PairedAugment(torch.nn.Module):
                                             extra_args={DataKey.MASK: mask_args})
 
     def forward(self, cond: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        real, cond = self.seq(real, cond)
-        return cond, real.clamp_(-1.0, 1.0)
+        if not self.constant:
+            real, cond = self.seq(real, cond)
+            return cond, real.clamp_(-1.0, 1.0)
+        masks, planes = cond[:, :-self.constant], cond[:, -self.constant:]     # a constant plane stays whole
+        real, masks = self.seq(real, masks)
+        return torch.cat([masks, planes], dim=1), real.clamp_(-1.0, 1.0)
 
 
-def build_augment(mode: str) -> Augment:
-    """The batch augmentation of ``train.augment`` (one of :data:`AUGMENTS`)."""
+def build_augment(mode: str, constant_channels: int = 0) -> Augment:
+    """The batch augmentation of ``train.augment`` (one of :data:`AUGMENTS`). The last
+    ``constant_channels`` of the condition (the contrast level's plane) are not warped: a
+    constant needs no geometry, and warping would fill its border with background."""
     if mode not in AUGMENTS:
         raise ConfigError(f"train.augment: {mode!r}; allowed: {', '.join(AUGMENTS)}")
-    return _identity if mode == "none" else PairedAugment(mode)
+    return _identity if mode == "none" else PairedAugment(mode, constant_channels)
 
 
 __all__ = ["AUGMENTS", "build_augment", "PairedAugment"]

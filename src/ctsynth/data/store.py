@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ctsynth.core.errors import InputError
-from ctsynth.core.labels import encode_condition
+from ctsynth.core.labels import condition_channels, encode_condition
 
 
 class ProcessedStore:
@@ -91,12 +91,18 @@ def context_masks(masks_zss: np.ndarray, k: int) -> np.ndarray:
 
 class SliceDataset(Dataset):
     """(condition, image) pairs for a subset of rows of a :class:`ProcessedStore`; with
-    ``context`` k > 0 the condition stacks the masks of the 2k + 1 neighbouring slices."""
+    ``context`` k > 0 the condition stacks the masks of the 2k + 1 neighbouring slices; with
+    ``contrast`` (N,) (each row's contrast-level plane, :mod:`ctsynth.data.contrast`) it ends with
+    that constant plane, and ``contrast_record`` says where the levels came from."""
 
-    def __init__(self, store: ProcessedStore, rows: np.ndarray, encoding: str = "onehot", context: int = 0):
+    def __init__(self, store: ProcessedStore, rows: np.ndarray, encoding: str = "onehot", context: int = 0,
+                 contrast: np.ndarray | None = None, contrast_record: dict | None = None):
         self.store, self.rows, self.encoding = store, np.asarray(rows), encoding
         self.structures = store.structures
         self.context_rows = neighbour_rows(store, self.rows, context)              # (N, 2k + 1)
+        self.contrast = None if contrast is None else np.asarray(contrast, np.float32)
+        self.contrast_record = contrast_record
+        self.constant_channels = int(contrast is not None)                         # trailing planes, never warped
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -105,15 +111,27 @@ class SliceDataset(Dataset):
         row = int(self.rows[i])
         image = np.asarray(self.store.images[row], dtype=np.float32)[None]           # (1, S, S)
         masks = np.asarray(self.store.masks[self.context_rows[i]])                   # (2k + 1, S, S)
-        cond = condition_batch(masks[None], self.structures, self.encoding)[0]       # ((2k + 1) C, S, S)
+        level = None if self.contrast is None else self.contrast[i:i + 1]
+        cond = condition_batch(masks[None], self.structures, self.encoding, level)[0]   # ((2k + 1) C [+ 1], S, S)
         return cond, torch.from_numpy(image)
 
 
-def condition_batch(masks: np.ndarray, structures: list[str], encoding: str) -> torch.Tensor:
+def condition_width(structures: list[str], encoding: str, context: int = 0, contrast: bool = False) -> int:
+    """Channels of the condition :func:`condition_batch` builds."""
+    return condition_channels(structures, encoding) * (2 * context + 1) + int(contrast)
+
+
+def condition_batch(masks: np.ndarray, structures: list[str], encoding: str,
+                    contrast: np.ndarray | None = None) -> torch.Tensor:
     """Structure-index masks (B, S, S), or (B, K, S, S) with K neighbouring slices each ->
-    condition tensor (B, C, S, S) or (B, K * C, S, S) float32 (slice-major channels)."""
+    condition tensor (B, C, S, S) or (B, K * C, S, S) float32 (slice-major channels); with
+    ``contrast`` (B,) one more channel, a constant plane of each slice's value."""
     cond = encode_condition(np.asarray(masks), structures, encoding)              # (B, [K,] C, S, S)
-    return torch.from_numpy(np.ascontiguousarray(cond.reshape(len(cond), -1, *cond.shape[-2:])))
+    cond = cond.reshape(len(cond), -1, *cond.shape[-2:])
+    if contrast is not None:
+        plane = np.broadcast_to(np.asarray(contrast, np.float32).reshape(-1, 1, 1, 1), (len(cond), 1, *cond.shape[2:]))
+        cond = np.concatenate([cond, plane], axis=1)
+    return torch.from_numpy(np.ascontiguousarray(cond))
 
 
 def train_batches(ds, sampler: DistributedSampler, batch: int, start_step: int,

@@ -26,6 +26,7 @@ from ctsynth.core.io import atomic_dir, from_canonical, load_nifti, save_nifti, 
 from ctsynth.core.labels import WH
 from ctsynth.core.paths import GENERATED_PROVENANCE
 from ctsynth.core.progress import quiet
+from ctsynth.data import contrast
 from ctsynth.data.ingest import label_path
 from ctsynth.data.preprocess import kept_indices
 from ctsynth.data.split import load_split
@@ -37,14 +38,16 @@ log = logging.getLogger(__name__)
 SUBSETS_FILE = "condition_subsets.npz"
 
 
-def condition_subset_panels(synth: MaskToCT, store: ProcessedStore, rows: np.ndarray, n_slices: int = 2):
+def condition_subset_panels(synth: MaskToCT, store: ProcessedStore, rows: np.ndarray, n_slices: int = 2,
+                            levels: dict[str, float] | None = None):
     """A few test slices generated from the full condition set and from each single structure.
 
     The richest slice of each of the first ``n_slices`` test cases (``rows`` of the store); single
     structures absent from those slices are left out. Returns ``(subsets, panels, titles)``: the
     subsets drawn, ``[(row name, masks (K, S, S), images (K, S, S) in [-1, 1])]`` with the real
     slices first, and ``[(case, z)]`` per column (rendered by
-    :func:`ctsynth.report.figures.fig_condition_subsets`)."""
+    :func:`ctsynth.report.figures.fig_condition_subsets`). ``levels``: each case's contrast level
+    (a model with the contrast control)."""
     cases = store.slices.case.to_numpy()[rows]
     picks = []                                        # the richest slice of each of the first cases
     for case in list(dict.fromkeys(cases))[: max(1, n_slices)]:
@@ -60,7 +63,8 @@ def condition_subset_panels(synth: MaskToCT, store: ProcessedStore, rows: np.nda
     for subset in subsets:
         one = MaskToCT(synth.model, synth.meta, batch_size=len(picks), structures=subset)
         kept = np.where(np.isin(masks, one.keep), masks, 0)
-        panels.append(("+".join(subset) if subset != full else f"all ({len(full)})", kept, one.unit(context)))
+        drawn = one.unit(context, None if levels is None else contrast.row_levels(store, picks, levels))
+        panels.append(("+".join(subset) if subset != full else f"all ({len(full)})", kept, drawn))
     titles = [(str(store.slices.case.iloc[r]), int(store.slices.z.iloc[r])) for r in picks]
     return subsets, panels, titles
 
@@ -86,26 +90,45 @@ def _check_store_matches_model(store: ProcessedStore, meta: dict, model_path) ->
         raise ModelFileError(problems)
 
 
-def generate_slices(synth: MaskToCT, store: ProcessedStore, rows: np.ndarray, folder: Path, what: str) -> np.ndarray:
+def generate_slices(synth: MaskToCT, store: ProcessedStore, rows: np.ndarray, folder: Path, what: str,
+                    levels: dict[str, float] | None = None) -> np.ndarray:
     """The generator's slice for every store row: ``folder/fake.npy`` (float16 (N, S, S), returned
-    memory-mapped) and ``folder/index.npy`` (the rows)."""
+    memory-mapped) and ``folder/index.npy`` (the rows). ``levels``: each case's contrast level."""
     context = neighbour_rows(store, rows, synth.context)                             # (N, 2k+1)
     fake = open_memmap(folder / "fake.npy", mode="w+", dtype=np.float16, shape=(len(rows),) + store.images.shape[1:])
     bs = synth.batch_size
     for i in tqdm(range(0, len(rows), bs), desc=f"generate {what} slices", unit="batch", disable=quiet()):
-        fake[i:i + bs] = synth.unit(np.asarray(store.masks[context[i:i + bs]]))      # (B, 2k+1, S, S) -> (B, S, S)
+        level = None if levels is None else contrast.row_levels(store, rows[i:i + bs], levels)
+        fake[i:i + bs] = synth.unit(np.asarray(store.masks[context[i:i + bs]]), level)   # (B, 2k+1, S, S) -> (B, S, S)
     fake.flush()
     np.save(folder / "index.npy", rows.astype(np.int64))
     return fake
 
 
-def provenance(meta: dict, device) -> dict:
+def provenance(meta: dict, device, contrast_used: dict | None = None) -> dict:
     """``model.json``: which training made these slices (step, seed, fingerprint) and on what
-    machine it ran (:func:`ctsynth.core.accel.runtime_record`), and where generation ran."""
+    machine it ran (:func:`ctsynth.core.accel.runtime_record`), where generation ran, and (contrast
+    control) the level each case was drawn at."""
     extra = meta.get("extra") or {}
     return {"generator": {k: extra.get(k) for k in ("step", "seed", "fingerprint", "world_size", "precision",
                                                      "runtime")},
-            "generate_runtime": runtime_record(device)}
+            "generate_runtime": runtime_record(device), "contrast": contrast_used}
+
+
+def measured_levels(synth: MaskToCT, store: ProcessedStore, cases: list[str]) -> tuple[dict | None, dict | None]:
+    """Contrast control: each case is drawn at the level measured on its real image (the control
+    set to the patient's own contrast), clipped into the model's trained range. Returns
+    ``(levels used, record for model.json)``; ``(None, None)`` without the control."""
+    if synth.contrast is None:
+        return None, None
+    measured = contrast.case_levels(store, cases)
+    used = {c: contrast.clip(v, synth.contrast)[0] for c, v in measured.items()}
+    clipped = sorted(c for c in cases if used[c] != measured[c])
+    if clipped:
+        log.warning("generate: contrast level of %s outside the trained range %s HU: clipped", clipped,
+                    synth.contrast["range_hu"])
+    return used, {"measure": synth.contrast["measure"], "measured_hu": {c: round(v, 2) for c, v in measured.items()},
+                  "used_hu": {c: round(v, 2) for c, v in used.items()}, "clipped": clipped}
 
 
 def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> dict:
@@ -126,14 +149,15 @@ def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> 
     log.info("generate: %d test slices of %d cases %s on %s", len(rows), len(test), test, synth.device)
 
     val = [c for c in split.get("val", []) if c in store.meta["cases"]]
+    levels, contrast_used = measured_levels(synth, store, test + val)
     with atomic_dir(out_dir) as tmp:
         (tmp / "grids").mkdir()
         start = time.perf_counter()
-        fake = generate_slices(synth, store, rows, tmp, "test")
+        fake = generate_slices(synth, store, rows, tmp, "test", levels)
         slices_rate, wall_rate = synth.throughput(), len(rows) / (time.perf_counter() - start)
         if val:
             (tmp / "val").mkdir()
-            val_fake = generate_slices(synth, store, store.rows_for_cases(val), tmp / "val", "validation")
+            val_fake = generate_slices(synth, store, store.rows_for_cases(val), tmp / "val", "validation", levels)
             del val_fake                                                             # close the memory map
         for case in test:
             pos = np.flatnonzero(store.slices.case.to_numpy()[rows] == case)          # positions in fake
@@ -148,14 +172,15 @@ def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> 
             if list(index_xyz.shape) != list(info["shape"]):
                 raise InputError(f"{labels_file}: shape {index_xyz.shape} differs from the processed "
                                  f"store's {info['shape']} for case {case}; rerun preprocess")
+            synth.set_level(None if levels is None else levels[case])
             canon = synth.volume(index_xyz, desc=f"volume {case}")
             orig_affine = np.asarray(info["orig_affine"], dtype=np.float64)
             vol = from_canonical(canon, orig_affine)
             if list(vol.shape) != list(info["orig_shape"]):
                 raise InputError(f"{case}: reoriented volume {vol.shape} != original {info['orig_shape']}")
             save_nifti(tmp / f"{case}_synth.nii.gz", vol, orig_affine, dtype=np.int16)
-        save_condition_subsets(tmp / SUBSETS_FILE, *condition_subset_panels(synth, store, rows))
-        write_json(tmp / GENERATED_PROVENANCE, provenance(meta, synth.device))
+        save_condition_subsets(tmp / SUBSETS_FILE, *condition_subset_panels(synth, store, rows, levels=levels))
+        write_json(tmp / GENERATED_PROVENANCE, provenance(meta, synth.device, contrast_used))
         del fake
     log.info("generate: %d test slices at %.1f slices/s (generator; %.1f slices/s with data loading), "
              "batch %d; %d volumes, %d grids -> %s", len(rows), slices_rate, wall_rate,

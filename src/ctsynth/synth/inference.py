@@ -24,11 +24,12 @@ from tqdm import tqdm
 from ctsynth.core.accel import pick_device
 from ctsynth.core.errors import InputError, ModelFileError
 from ctsynth.core.io import from_canonical, load_nifti, save_nifti, to_canonical
-from ctsynth.core.labels import condition_channels, parse_label_map
+from ctsynth.core.labels import parse_label_map
 from ctsynth.core.progress import quiet
+from ctsynth.data import contrast
 from ctsynth.data.masks import index_volume, parse_label_map_arg, structures_arg
 from ctsynth.data.preprocess import kept_indices, restore_slice, to_display
-from ctsynth.data.store import condition_batch, context_masks
+from ctsynth.data.store import condition_batch, condition_width, context_masks
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,12 @@ def load_model(model_path: str | Path, device: str = "auto") -> tuple[torch.nn.M
     if missing:
         raise ModelFileError(f"{path}: model file lacks preprocessing info {missing}; "
                              f"retrain with this version of ctsynth")
-    k = meta["context_slices"]
-    expected = condition_channels(list(meta["structures"]), meta["encoding"]) * (2 * k + 1)
+    k, controlled = meta["context_slices"], bool(meta.get("contrast"))
+    expected = condition_width(list(meta["structures"]), meta["encoding"], k, controlled)
     if meta["in_channels"] != expected:
         raise ModelFileError(f"{path}: model takes {meta['in_channels']} condition channels but its "
-                             f"structures {meta['structures']} ({meta['encoding']}, context_slices {k}) "
-                             f"need {expected}")
+                             f"structures {meta['structures']} ({meta['encoding']}, context_slices {k}, "
+                             f"contrast control {'on' if controlled else 'off'}) need {expected}")
     return model.eval(), meta
 
 
@@ -63,11 +64,13 @@ class MaskToCT:
     """A generator plus the exact preprocessing it was trained with.
 
     ``structures`` is the condition subset actually drawn (default: the model's); channels of
-    the model's other structures stay empty, so a subset needs no retraining.
+    the model's other structures stay empty, so a subset needs no retraining. ``contrast_hu``: the
+    contrast level to draw at (a model with the contrast control; default: its training cases'
+    mean), refused outside the levels it was trained on (:mod:`ctsynth.data.contrast`).
     """
 
     def __init__(self, model: torch.nn.Module, meta: dict, batch_size: int = 32,
-                 structures: list[str] | None = None):
+                 structures: list[str] | None = None, contrast_hu: float | None = None):
         self.meta = meta
         self.size = int(meta["image_size"])
         self.window = [float(v) for v in meta["hu_window"]]
@@ -80,11 +83,25 @@ class MaskToCT:
         self.device = next(model.parameters()).device
         self.model = model.eval().to(memory_format=torch.channels_last)
         self.slices_done, self.seconds = 0, 0.0
+        self.contrast = meta.get("contrast") or None                   # the model's contrast record
+        self.level = self.set_level(contrast_hu)
+
+    def set_level(self, contrast_hu: float | None, where: str = "contrast") -> float | None:
+        """Check and set the level (HU) every later slice is drawn at; returns it (None: no control)."""
+        if self.contrast is None:
+            if contrast_hu is not None:
+                raise InputError(f"{where} {contrast_hu:g} HU: this model has no contrast control "
+                                 f"(trained with model.contrast_control false)")
+            return None
+        self.level = float(self.contrast["mean_hu"]) if contrast_hu is None else \
+            contrast.check(float(contrast_hu), self.contrast, where)
+        return self.level
 
     # (N, S, S) uint8 structure indices, or (N, 2k+1, S, S) with each slice's neighbours (z-k..z+k)
-    # when the model has context_slices k -> (N, S, S) float32 in [-1, 1]
+    # when the model has context_slices k -> (N, S, S) float32 in [-1, 1]; levels (N,) HU: each
+    # slice's contrast level (default: the level set)
     @torch.inference_mode()
-    def unit(self, masks: np.ndarray) -> np.ndarray:
+    def unit(self, masks: np.ndarray, levels: np.ndarray | None = None) -> np.ndarray:
         masks = np.asarray(masks)
         if masks.ndim == 3 and self.context == 0:
             masks = masks[:, None]                                                  # (N, 1, S, S)
@@ -96,13 +113,19 @@ class MaskToCT:
         for i in range(0, len(masks), self.batch_size):
             chunk = masks[i:i + self.batch_size]
             chunk = np.where(np.isin(chunk, self.keep), chunk, 0)                    # (B, S, S)
-            cond = condition_batch(chunk, self.model_structures, self.encoding)      # (B, (2k+1)C, S, S)
+            cond = condition_batch(chunk, self.model_structures, self.encoding,     # (B, (2k+1)C [+1], S, S)
+                                   self._planes(len(chunk), None if levels is None else levels[i:i + len(chunk)]))
             cond = cond.to(self.device).contiguous(memory_format=torch.channels_last)
             fake = self.model(cond)                                                 # (B, 1, S, S)
             out[i:i + len(chunk)] = fake[:, 0].float().clamp_(-1, 1).cpu().numpy()
         self.seconds += time.perf_counter() - start
         self.slices_done += len(masks)
         return out
+
+    def _planes(self, n: int, levels: np.ndarray | None) -> np.ndarray | None:
+        if self.contrast is None:
+            return None
+        return contrast.planes(np.full(n, self.level, np.float32) if levels is None else levels, self.window)
 
     def mask_to_model(self, mask_xy: np.ndarray) -> np.ndarray:
         """Canonical structure-index slice (X, Y) -> model-size display slice (S, S) uint8.
@@ -136,11 +159,12 @@ class MaskToCT:
 
 
 def generate_file(model_path, mask_path, out_path, structures=None, label_map=None,
-                      batch_size: int = 32, device: str = "auto") -> dict:
+                  batch_size: int = 32, device: str = "auto", contrast_hu: float | None = None) -> dict:
     """Label NIfTI -> synthetic CT NIfTI (int16 HU), same shape, orientation and affine.
 
     ``label_map``: dict, inline JSON or JSON/YAML file (default: the model's); ``structures``:
-    subset of the model's structures to draw (default: all of them). Returns statistics."""
+    subset of the model's structures to draw (default: all of them); ``contrast_hu``: the contrast
+    level of a model with the contrast control (default: its training mean). Returns statistics."""
     model, meta = load_model(model_path, device)
     lmap = (parse_label_map_arg(label_map)
             or parse_label_map(meta.get("label_map") or {}, where=f"{model_path} label_map"))
@@ -148,13 +172,13 @@ def generate_file(model_path, mask_path, out_path, structures=None, label_map=No
     mask_path = Path(mask_path)
     img = load_nifti(mask_path, role="mask")
     index, info = index_volume(mask_path, np.asanyarray(img.dataobj), lmap, chosen)
-    synth = MaskToCT(model, meta, batch_size=batch_size, structures=chosen)
+    synth = MaskToCT(model, meta, batch_size=batch_size, structures=chosen, contrast_hu=contrast_hu)
     canon = synth.volume(to_canonical(index, img.affine), desc="generate")           # (X, Y, Z) RAS
     vol = from_canonical(canon, img.affine)                                          # input grid
     save_nifti(out_path, vol, img.affine, dtype=np.int16)
     stats = {"mask": str(mask_path), "out": str(out_path), "shape": list(vol.shape),
              "slices": int(vol.shape[2]), "structures": chosen, "slices_per_s": round(synth.throughput(), 1),
-             "hu_min": int(vol.min()), "hu_max": int(vol.max()), **info}
+             "hu_min": int(vol.min()), "hu_max": int(vol.max()), "contrast_hu": synth.level, **info}
     log.info("generate: %s -> %s, %d slices at %.1f slices/s, HU %d..%d", mask_path, out_path,
              stats["slices"], stats["slices_per_s"], stats["hu_min"], stats["hu_max"])
     return stats

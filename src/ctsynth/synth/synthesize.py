@@ -55,6 +55,7 @@ from ctsynth.core.errors import ConfigError, InputError, ModelFileError
 from ctsynth.core.io import atomic_dir, from_canonical, load_nifti, save_nifti, to_canonical, write_csv
 from ctsynth.core.labels import STRUCTURES, parse_label_map
 from ctsynth.core.progress import quiet
+from ctsynth.data import contrast
 from ctsynth.data.ingest import label_path
 from ctsynth.data.masks import index_volume, parse_label_map_arg, structures_arg
 from ctsynth.data.split import load_split
@@ -200,6 +201,7 @@ def synthesize_dataset(synth: MaskToCT, sources: list[Source], cfg: SynthesizeCf
     for idx, value in values.items():
         lut[idx] = value
     width = max(4, len(str(cfg.cases)))
+    synth.set_level(cfg.contrast, "synthesize.contrast")                 # refused before any work if out of range
     with atomic_dir(out_dir) as tmp:
         if layout == "nnunet":
             (tmp / "imagesTr").mkdir()
@@ -210,6 +212,7 @@ def synthesize_dataset(synth: MaskToCT, sources: list[Source], cfg: SynthesizeCf
             src = np.where(np.isin(index, keep), index, 0).astype(np.uint8)
             warped, draw, attempt = _accepted_draw(src, affine, cfg, i, source.name, keep)
             case = f"{prefix}_{i + 1:0{width}d}"
+            level = case_level(synth, cfg, i)
             image = synth.volume(warped, desc=case)                                  # (X, Y, Z) int16 HU
             files = _write_case(tmp, layout, case, from_canonical(image, affine),
                                 from_canonical(lut[warped], affine), affine, suffixes)
@@ -217,6 +220,7 @@ def synthesize_dataset(synth: MaskToCT, sources: list[Source], cfg: SynthesizeCf
             rows.append({"case": case, "source": source.name, "draw_seed": f"{cfg.seed}:{i}",
                          "attempt": attempt, **draw.record(), "image_file": files[0], "label_file": files[1],
                          **resolution_record(warped.shape, affine, synth.size),
+                         "contrast_hu": np.nan if level is None else round(level, 2),
                          **{f"vox_{STRUCTURES[k - 1]}": int(counts[k]) for k in keep}})
         manifest = pd.DataFrame(rows)
         write_csv(tmp / "manifest.csv", manifest)
@@ -226,6 +230,17 @@ def synthesize_dataset(synth: MaskToCT, sources: list[Source], cfg: SynthesizeCf
              len(rows), len(sources), out_dir, layout, int(manifest.attempt.sum() - len(rows)),
              synth.throughput())
     return manifest
+
+
+def case_level(synth: MaskToCT, cfg: SynthesizeCfg, i: int) -> float | None:
+    """Set and return case ``i``'s contrast level: ``cfg.contrast``, or a draw from the training
+    cases' distribution by ``default_rng([seed, i, 1])`` (apart from the spatial draws, which stay
+    what they were without the control). None: the model has no contrast control."""
+    if synth.contrast is None:
+        return None
+    if cfg.contrast is not None:
+        return synth.level
+    return synth.set_level(contrast.draw(np.random.default_rng([cfg.seed, i, 1]), synth.contrast))
 
 
 def resolution_record(shape, affine: np.ndarray, model_size: int) -> dict:
@@ -323,8 +338,11 @@ def label_sources(labels_dir, pattern: str, label_map: dict[int, str], structure
 
 def synthesize_folder(model_path, labels_dir, out_dir, cases: int, seed: int | None = None,
                       label_map=None, layout: str = "pairs", pattern: str = "*.nii*",
-                      structures: list[str] | None = None, batch_size: int = 32) -> pd.DataFrame:
-    """``ctsynth synthesize``: any folder of label NIfTIs -> ``cases`` new labelled cases."""
+                      structures: list[str] | None = None, batch_size: int = 32,
+                      contrast_hu: float | None = None) -> pd.DataFrame:
+    """``ctsynth synthesize``: any folder of label NIfTIs -> ``cases`` new labelled cases
+    (``contrast_hu``: one contrast level for all, for a model with the contrast control; default:
+    drawn per case)."""
     if not isinstance(cases, int) or cases < 1:
         raise ConfigError(f"--cases: must be a whole number >= 1, got {cases}")
     if layout not in LAYOUTS:
@@ -334,6 +352,6 @@ def synthesize_folder(model_path, labels_dir, out_dir, cases: int, seed: int | N
             or parse_label_map(meta.get("label_map") or {}, where=f"{model_path} label_map"))
     chosen = structures_arg(structures, meta["structures"])          # a subset of the model's
     sources = label_sources(labels_dir, pattern, lmap, chosen)
-    cfg = SynthesizeCfg(cases=cases, seed=SynthesizeCfg.seed if seed is None else seed)
+    cfg = SynthesizeCfg(cases=cases, seed=SynthesizeCfg.seed if seed is None else seed, contrast=contrast_hu)
     synth = MaskToCT(model, meta, batch_size=batch_size, structures=chosen)
     return synthesize_dataset(synth, sources, cfg, out_dir, lmap, layout=layout)

@@ -25,11 +25,11 @@ from torch.utils.data import DistributedSampler
 from ctsynth.core.accel import autocast, resolve_channels_last, resolve_precision, runtime_record, runtime_summary
 from ctsynth.core.config import Params, to_dict, with_training_seeds
 from ctsynth.core.errors import ConfigError, InputError, TrainingError
-from ctsynth.core.labels import condition_channels
 from ctsynth.core.tracking import Tracker
 from ctsynth.data.augment import build_augment
+from ctsynth.data.contrast import training_dataset
 from ctsynth.data.split import load_split
-from ctsynth.data.store import ProcessedStore, SliceDataset, train_batches
+from ctsynth.data.store import ProcessedStore, SliceDataset, condition_width, train_batches
 from ctsynth.train.checkpoint import ckpt_files, load_latest_checkpoint, run_fingerprint, save_checkpoint, set_rng_state
 from ctsynth.train.distributed import Dist, StopFlag, compile_models, first_bad_step, setup, sync_and_hash
 from ctsynth.train.gan import gan_step, lr_factor, make_optimizer
@@ -98,7 +98,8 @@ def _prepare(params: Params, d: Dist, processed_dir: Path, split_path: Path) -> 
     split = load_split(split_path, need=("train",))
     rows = store.rows_for_cases(split["train"])
     _check_sizes(cfg, mcfg, d, len(rows), store.image_size, split_path)
-    in_ch = condition_channels(store.structures, mcfg.encoding) * (2 * mcfg.context_slices + 1)
+    in_ch = condition_width(store.structures, mcfg.encoding, mcfg.context_slices, mcfg.contrast_control)
+    ds = training_dataset(store, rows, split["train"], mcfg)               # + contrast levels, if controlled
     precision = resolve_precision(cfg.precision, d.device)          # auto: bf16 only where native
     channels_last = resolve_channels_last(cfg.channels_last, d.device)
     data_hash = store.fingerprint(split["train"])
@@ -117,8 +118,8 @@ def _prepare(params: Params, d: Dist, processed_dir: Path, split_path: Path) -> 
         log.info("%d training slices, batch %d (%d per process x %d), %s %s%s%s", len(rows), cfg.batch_size,
                  cfg.batch_size // d.world, d.world, d.device, precision,
                  " channels_last" if channels_last else "", " compile" if cfg.compile else "")
-    return _Job(params, d, store, split, SliceDataset(store, rows, mcfg.encoding, mcfg.context_slices), in_ch,
-                cfg.batch_size // d.world, precision, channels_last, fp, data_hash, G, D, opt_g, opt_d)
+    return _Job(params, d, store, split, ds, in_ch, cfg.batch_size // d.world, precision, channels_last, fp,
+                data_hash, G, D, opt_g, opt_d)
 
 
 def _resume(job: _Job, ckpt_dir: Path) -> dict:
@@ -183,8 +184,8 @@ def run(params: Params, processed_dir: str | Path, split_path: str | Path, out_m
         state = _resume(job, ckpts)
         hist = LossHistory(params.train.iterations, d, state["losses"])
         tracker = _open_tracking(job, Path(run_file), Path(split_path), state, hist)
-        snaps = Snapshots(job.store, job.split, params.train, params.model, d.device,
-                          Path(reports_dir) / "snapshots", tracker, state["snapshots"])
+        snaps = Snapshots(job.store, job.split, params.train, params.model, d.device, Path(reports_dir) / "snapshots",
+                          tracker, state["snapshots"], job.ds.contrast_record)
         result = _loop(job, tracker, hist, snaps, state["step"], ckpts, Path(reports_dir), stop_after)
         if result.interrupted_by:
             log.warning("interrupted at step %d; checkpoint saved in %s; rerun to resume", result.step, ckpts)
@@ -205,7 +206,7 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
     cfg, steer, d = job.params.train, job.params.train_run, job.d
     Gm, Dm, Dg = d.wrap(job.G), d.wrap(job.D), job.D          # Dg: G's step calls D unwrapped
     Gm, Dm, Dg = compile_models(Gm, Dm, Dg) if cfg.compile else (Gm, Dm, Dg)
-    amp, augment = autocast(job.precision, d.device), build_augment(cfg.augment)   # augment: on the device
+    amp, augment = autocast(job.precision, d.device), build_augment(cfg.augment, job.ds.constant_channels)
     sampler = DistributedSampler(job.ds, num_replicas=d.world, rank=d.rank, shuffle=True,
                                  seed=job.params.train.seed, drop_last=True)
     batches = train_batches(job.ds, sampler, job.batch, step, num_workers=steer.num_workers,
@@ -279,7 +280,7 @@ def _finish(job: _Job, tracker: Tracker, hist: LossHistory, out_model: Path, rep
     step = cfg.iterations
     meta = {"image_size": job.store.image_size, "hu_window": job.store.meta["hu_window"],
             "structures": job.store.structures, "label_map": job.store.meta["label_map"],
-            "encoding": job.params.model.encoding}
+            "encoding": job.params.model.encoding, "contrast": job.ds.contrast_record}
     extra = {"step": step, "iterations": cfg.iterations, "world_size": d.world, "device": d.device.type,
              "precision": job.precision, "channels_last": job.channels_last, "seed": job.params.train.seed,
              "rank_weight_hashes": digests, "receptive_field": receptive_field(job.D),

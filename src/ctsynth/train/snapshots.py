@@ -15,6 +15,7 @@ import torch
 
 from ctsynth.core.io import atomic_dir, atomic_file
 from ctsynth.core.labels import STRUCTURE_COLOURS
+from ctsynth.data.contrast import measured_planes
 from ctsynth.data.store import ProcessedStore, condition_batch, evenly_spaced, neighbour_rows
 
 log = logging.getLogger(__name__)
@@ -35,12 +36,13 @@ def snapshot_rows(store: ProcessedStore, split: dict, count: int) -> np.ndarray:
 
 @torch.no_grad()
 def snapshot_images(G, store: ProcessedStore, rows: np.ndarray, encoding: str,
-                    device: torch.device, context: int = 0) -> torch.Tensor:
-    """Generator output (eval mode, fp32) for ``rows`` as uint8 (K, S, S)."""
+                    device: torch.device, context: int = 0, contrast: np.ndarray | None = None) -> torch.Tensor:
+    """Generator output (eval mode, fp32) for ``rows`` as uint8 (K, S, S); ``contrast``: the rows'
+    contrast-level planes (a model with the contrast control)."""
     was_training = G.training
     G.eval()
     masks = np.asarray(store.masks[neighbour_rows(store, rows, context)])               # (K, 2k+1, S, S)
-    cond = condition_batch(masks, store.structures, encoding).to(device)               # (K, C', S, S)
+    cond = condition_batch(masks, store.structures, encoding, contrast).to(device)     # (K, C', S, S)
     fake = G(cond).float()[:, 0]                                                        # (K, S, S)
     G.train(was_training)
     return ((fake.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
@@ -77,12 +79,13 @@ class Snapshots:
     resumed run re-renders the earlier snapshots instead of losing them."""
 
     def __init__(self, store: ProcessedStore, split: dict, cfg, model_cfg, device: torch.device,
-                 out_dir: Path, tracker, taken: dict | None = None):
+                 out_dir: Path, tracker, taken: dict | None = None, contrast_record: dict | None = None):
         self.store, self.device, self.out_dir = store, device, out_dir
         self.encoding, self.context = model_cfg.encoding, model_cfg.context_slices
         self.iterations, self.tracker = cfg.iterations, tracker
         self.steps = sorted({int(round(f * cfg.iterations)) for f in cfg.snapshot_at})
         self.rows = snapshot_rows(store, split, cfg.snapshot_count)
+        self.contrast = measured_planes(store, self.rows, contrast_record)       # their own levels, if controlled
         self.taken = dict(taken or {})
 
     def _path(self, folder: Path, step: int) -> Path:
@@ -93,7 +96,7 @@ class Snapshots:
             return
         if step not in self.taken:
             self.taken[step] = snapshot_images(G, self.store, self.rows, self.encoding, self.device,
-                                                    self.context)
+                                               self.context, self.contrast)
         png = render_snapshot(self._path(self.out_dir, step), self.store, self.rows,
                               self.taken[step], step, self.iterations)
         self.tracker.log_artifact(png, "snapshots")
@@ -111,7 +114,8 @@ class Snapshots:
         or drawn for another ``snapshot_count`` (neither is in the fingerprint) are not redrawn."""
         self.taken = {s: v for s, v in self.taken.items() if len(v) == len(self.rows)}   # else other rows
         if step in self.steps and step not in self.taken and len(self.rows):
-            self.taken[step] = snapshot_images(G, self.store, self.rows, self.encoding, self.device, self.context)
+            self.taken[step] = snapshot_images(G, self.store, self.rows, self.encoding, self.device, self.context,
+                                               self.contrast)
         drawn = [at for at in sorted(self.taken) if at in self.steps]
         with atomic_dir(self.out_dir) as tmp:
             for at in drawn:
