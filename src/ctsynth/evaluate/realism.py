@@ -381,16 +381,20 @@ def slice_set(store, fake, index: np.ndarray) -> dict:
             "real_cases": cases, "fake_cases": cases}
 
 
+def point_metrics(texture: TextureAccumulator, pixel_sums: dict, labels: dict[int, str]) -> tuple[dict, pd.DataFrame]:
+    """The texture and contrast metrics of one set of patients, and its per-case contrast table."""
+    contrast = contrast_table(pixel_sums, labels)
+    return {**texture.metrics(), **contrast_metrics(contrast, list(labels.values()))}, contrast
+
+
 def evaluate(texture: TextureAccumulator, pixel_sums: dict, labels: dict[int, str], test: dict,
              val: dict | None, cfg, seed: int, n_boot: int, method: str) -> tuple[dict, dict, dict]:
     """Every realism metric of one evaluation: (metrics, null reasons, intervals). ``texture``: the
     test pass's accumulator; ``pixel_sums``: the paired accumulator's per-case pixel sums;
     ``test``/``val``: :func:`slice_set` of the test and the validation patients (None: no
     validation cases)."""
-    metrics = texture.metrics()
+    metrics, contrast = point_metrics(texture, pixel_sums, labels)
     names = list(labels.values())
-    contrast = contrast_table(pixel_sums, labels)
-    metrics.update(contrast_metrics(contrast, names))
     intervals = table_intervals(texture.table(), texture.metrics, n_boot, seed, method)
     intervals.update(table_intervals(contrast, lambda t: contrast_metrics(t, names), n_boot, seed, method))
     nulls = {}

@@ -98,8 +98,7 @@ def score(store: ProcessedStore, fake, index: np.ndarray, seg, batch: int, kid_s
         values[key] = clean(z_values[key])
         if values[key] is None:
             reasons[key] = NO_RATIO
-    r_values = texture.metrics()
-    r_values.update(realism.contrast_metrics(realism.contrast_table(paired.pixel_sums, labels), list(labels.values())))
+    r_values, _ = realism.point_metrics(texture, paired.pixel_sums, labels)
     for key in REALISM_KEYS:
         values[key] = clean(r_values[key])
         if values[key] is None:
