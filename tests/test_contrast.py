@@ -59,6 +59,8 @@ def test_record_check_clip_and_draw():
         contrast.check(450.0, rec, "--contrast")
     assert contrast.clip(450.0, rec) == (400.0, True) and contrast.clip(350.0, rec) == (350.0, False)
     assert contrast.clip(float("nan"), rec) == (350.0, True)
+    assert contrast.clip_levels({"z": 450.0, "y": 320.0, "x": float("nan")}, rec) == (
+        {"z": 400.0, "y": 320.0, "x": 350.0}, ["x", "z"])
     draws = [contrast.draw(np.random.default_rng([1, i, 1]), rec) for i in range(200)]
     assert min(draws) >= 300 and max(draws) <= 400 and np.std(draws) > 20
     assert sum(d in (300.0, 400.0) for d in draws) == 0                  # truncated, not clipped

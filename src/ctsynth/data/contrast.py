@@ -28,7 +28,7 @@ MEASURE = "median HU inside the blood pools and vessels"
 
 
 def level_structures(structures: list[str]) -> list[str]:
-    """The structures whose mean HU is the contrast level: the blood pools among ``structures``
+    """The structures whose median HU is the contrast level: the blood pools among ``structures``
     (all of ``structures`` when there are none, e.g. a myocardium-only model)."""
     pool = [s for s in structures if s in BLOOD_POOL]
     return pool or list(structures)
@@ -95,6 +95,12 @@ def clip(level: float, rec: dict) -> tuple[float, bool]:
     return used, used != level
 
 
+def clip_levels(measured: dict[str, float], rec: dict) -> tuple[dict[str, float], list[str]]:
+    """:func:`clip` for every case of ``{case: measured level}``: (levels used, cases clipped, sorted)."""
+    done = {c: clip(v, rec) for c, v in measured.items()}
+    return {c: used for c, (used, _) in done.items()}, sorted(c for c, (_, moved) in done.items() if moved)
+
+
 def draw(rng: np.random.Generator, rec: dict) -> float:
     """A level from the training cases' distribution: normal with their mean and sd, truncated to
     their range (redrawn until inside; clipping would pile levels up at the range's ends)."""
@@ -116,7 +122,7 @@ def training_dataset(store, rows: np.ndarray, cases: list[str], model_cfg):
         return SliceDataset(store, rows, model_cfg.encoding, model_cfg.context_slices)
     measured = case_levels(store, cases)
     rec = record(measured, store.structures)
-    levels = {c: clip(v, rec)[0] for c, v in measured.items()}
+    levels, _ = clip_levels(measured, rec)
     values = planes(row_levels(store, rows, levels), store.meta["hu_window"])
     return SliceDataset(store, rows, model_cfg.encoding, model_cfg.context_slices, values, rec)
 
@@ -127,5 +133,5 @@ def measured_planes(store, rows: np.ndarray, rec: dict | None) -> np.ndarray | N
     if rec is None:
         return None
     cases = list(dict.fromkeys(store.slices["case"].to_numpy()[np.asarray(rows, np.int64)].tolist()))
-    levels = {c: clip(v, rec)[0] for c, v in case_levels(store, cases).items()}
+    levels, _ = clip_levels(case_levels(store, cases), rec)
     return planes(row_levels(store, rows, levels), store.meta["hu_window"])

@@ -122,8 +122,7 @@ def measured_levels(synth: MaskToCT, store: ProcessedStore, cases: list[str]) ->
     if synth.contrast is None:
         return None, None
     measured = contrast.case_levels(store, cases)
-    used = {c: contrast.clip(v, synth.contrast)[0] for c, v in measured.items()}
-    clipped = sorted(c for c in cases if used[c] != measured[c])
+    used, clipped = contrast.clip_levels(measured, synth.contrast)
     if clipped:
         log.warning("generate: contrast level of %s outside the trained range %s HU: clipped", clipped,
                     synth.contrast["range_hu"])
