@@ -80,6 +80,42 @@ def test_steps_on_a_fixed_batch_lower_l1():
     assert torch.isfinite(last).all()
 
 
+def test_feature_matching_is_the_mean_block_l1_and_steers_the_generator():
+    """train.lambda_fm: g_fm = mean over D's blocks of |D_k(fake) - D_k(real)|, real features from the
+    D step's D (before its update), fake ones from the updated D; it changes G's update only when on."""
+    import copy
+    p = params()
+    torch.manual_seed(0)
+    g, d = build_generator(p.model, 7), build_discriminator(p.model, 7)
+    cond = (torch.rand(4, 7, 32, 32) > 0.8).float()
+    real = cond.sum(1, keepdim=True).clamp(max=1) * 1.4 - 0.7
+    amp = torch.autocast("cpu", enabled=False)
+    scores, feats = d(real, cond, features=True)
+    assert torch.equal(scores, d(real, cond)) and len(feats) == p.model.disc_layers
+    assert [f.shape[-1] for f in feats] == [32 // 2 ** (i + 1) for i in range(p.model.disc_layers)]
+
+    def one_step(lambda_fm):
+        g1, d1 = copy.deepcopy(g), copy.deepcopy(d)
+        opt_g = make_optimizer(g1.parameters(), 2e-3, (0.5, 0.999))
+        opt_d = make_optimizer(d1.parameters(), 2e-4, (0.5, 0.999))
+        losses = gan_step(g1, d1, d1, opt_g, opt_d, cond, real, 100.0, amp, lambda_fm)
+        return losses, g1, d1
+
+    off, g_off, _ = one_step(0.0)
+    on, g_on, d_on = one_step(10.0)
+    assert off[LOSS_NAMES.index("g_fm")] == 0 and torch.equal(off[:2], on[:2])     # same G output, same D
+    with torch.no_grad():
+        fake = copy.deepcopy(g)(cond)                                  # G before its step (train-mode BN)
+        f_real = copy.deepcopy(d)(real, cond, features=True)[1]        # the D step's D
+        f_fake = d_on(fake, cond, features=True)[1]                    # the updated D of the G step
+        want = torch.stack([(a - b).abs().mean() for a, b in zip(f_fake, f_real)]).mean()
+    assert torch.allclose(on[LOSS_NAMES.index("g_fm")], want, rtol=1e-5) and want > 0
+    moved = [not torch.equal(a, b) for a, b in zip(g_off.state_dict().values(), g_on.state_dict().values())]
+    assert any(moved)
+    with pytest.raises(ConfigError, match="train.lambda_fm: must be >= 0"):
+        params(lambda_fm=-1.0)
+
+
 def test_train_writes_model_losses_snapshots_checkpoints(ws):
     result, out = run(ws, params(iterations=6, checkpoint_every=2, log_every=2, snapshot_at=[0, 0.5, 1]))
     assert result.step == 6 and result.exit_code == 0
@@ -89,7 +125,7 @@ def test_train_writes_model_losses_snapshots_checkpoints(ws):
     with torch.no_grad():
         assert model(torch.rand(2, 7, 32, 32)).shape == (2, 1, 32, 32)
     losses = pd.read_csv(out / "reports" / "losses.csv")
-    assert list(losses.columns[:7]) == ["step", *LOSS_NAMES]
+    assert list(losses.columns[:len(LOSS_NAMES) + 1]) == ["step", *LOSS_NAMES]
     assert losses["step"].tolist() == [1, 2, 3, 4, 5, 6]        # <= 200 rows: one per step here
     assert losses[["d_acc_real", "d_acc_fake"]].stack().between(0, 1).all()
     snaps = sorted(p.name for p in (out / "reports" / "snapshots").iterdir())

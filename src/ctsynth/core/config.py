@@ -108,6 +108,7 @@ class TrainCfg:
     beta1: float = 0.5
     beta2: float = 0.999
     lambda_l1: float = 100.0
+    lambda_fm: float = 0.0                           # feature matching (pix2pixHD) weight; 0: off (paper)
     augment: Literal["none", "affine", "affine+intensity"] = "affine"  # paired batch augmentation (ctsynth.augment)
     lr_decay_start: float | None = None              # fraction of iterations where linear decay to 0 starts
     sync_bn: bool = False
@@ -377,9 +378,10 @@ def _check_model_and_split(p: Params, need) -> None:
 
 
 def _check_train(t: TrainCfg, run: TrainRunCfg, need) -> None:
-    for name in ("lr_g", "lr_d", "lambda_l1"):
-        need(getattr(t, name) > 0 if name != "lambda_l1" else getattr(t, name) >= 0,
-             f"train.{name}: must be {'> 0' if name != 'lambda_l1' else '>= 0'}, got {getattr(t, name)}")
+    for name in ("lr_g", "lr_d", "lambda_l1", "lambda_fm"):
+        weight = name.startswith("lambda")
+        need(getattr(t, name) >= 0 if weight else getattr(t, name) > 0,
+             f"train.{name}: must be {'>= 0' if weight else '> 0'}, got {getattr(t, name)}")
     need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2: must be in [0, 1)")
     need(t.iterations >= 1, "train.iterations: must be >= 1")
     need(t.batch_size >= 1, "train.batch_size: must be >= 1")

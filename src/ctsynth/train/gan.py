@@ -8,16 +8,19 @@ import torch.nn.functional as F
 
 
 def gan_step(G, D, raw_D, opt_g, opt_d, cond: torch.Tensor, real: torch.Tensor,
-             lambda_l1: float, amp: torch.autocast) -> torch.Tensor:
+             lambda_l1: float, amp: torch.autocast, lambda_fm: float = 0.0) -> torch.Tensor:
     """One discriminator and one generator update (pix2pix order). Returns detached losses
-    (6,) in :data:`ctsynth.losses.LOSS_NAMES` order, on the device (no host sync).
+    (7,) in :data:`ctsynth.train.history.LOSS_NAMES` order, on the device (no host sync).
 
-    D: 0.5·[MSE(D(real,c), 1) + MSE(D(fake,c), 0)]  G: MSE(D(fake,c), 1) + λ·|fake - real|₁
+    D: 0.5·[MSE(D(real,c), 1) + MSE(D(fake,c), 0)]  G: MSE(D(fake,c), 1) + λ·|fake - real|₁ [+ λ_fm·FM]
+    FM (pix2pixHD's feature matching, ``lambda_fm`` > 0): the mean over D's blocks of
+    |D_k(fake,c) - D_k(real,c)|₁, the real features taken from the D step's forward pass (detached).
     The G step calls the unwrapped D with its parameters frozen (no DDP sync, no D grads).
     """
+    fm = lambda_fm > 0
     with amp:
         fake = G(cond)                                              # (B, 1, S, S)
-        p_real = D(real, cond).float()                              # (B, 1, P, P)
+        p_real, f_real = _judge(D, real, cond, fm)                  # (B, 1, P, P), [block features]
         p_fake = D(fake.detach(), cond).float()                     # (B, 1, P, P)
     d_real = F.mse_loss(p_real, torch.ones_like(p_real))
     d_fake = F.mse_loss(p_fake, torch.zeros_like(p_fake))
@@ -27,16 +30,29 @@ def gan_step(G, D, raw_D, opt_g, opt_d, cond: torch.Tensor, real: torch.Tensor,
 
     raw_D.requires_grad_(False)
     with amp:
-        p_gen = raw_D(fake, cond).float()                           # (B, 1, P, P)
+        p_gen, f_gen = _judge(raw_D, fake, cond, fm)                # (B, 1, P, P), [block features]
     g_adv = F.mse_loss(p_gen, torch.ones_like(p_gen))
     g_l1 = F.l1_loss(fake.float(), real)
+    loss_g = g_adv + lambda_l1 * g_l1
+    g_fm = torch.zeros((), device=g_l1.device)
+    if fm:
+        g_fm = torch.stack([F.l1_loss(a.float(), b.detach().float()) for a, b in zip(f_gen, f_real)]).mean()
+        loss_g = loss_g + lambda_fm * g_fm
     opt_g.zero_grad(set_to_none=True)
-    (g_adv + lambda_l1 * g_l1).backward()
+    loss_g.backward()
     opt_g.step()
     raw_D.requires_grad_(True)
     acc_real = (p_real.detach() > 0.5).float().mean()
     acc_fake = (p_fake.detach() < 0.5).float().mean()
-    return torch.stack([g_adv, g_l1, d_real, d_fake, acc_real, acc_fake]).detach()
+    return torch.stack([g_adv, g_l1, g_fm, d_real, d_fake, acc_real, acc_fake]).detach()
+
+
+def _judge(D, image: torch.Tensor, cond: torch.Tensor, features: bool) -> tuple[torch.Tensor, list | None]:
+    """D's patch scores (fp32) and, when ``features``, its block activations (else None)."""
+    if not features:
+        return D(image, cond).float(), None
+    scores, feats = D(image, cond, features=True)
+    return scores.float(), feats
 
 
 def make_optimizer(params, lr: float, betas: tuple[float, float], fused: bool = True) -> torch.optim.Adam:

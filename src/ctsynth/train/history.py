@@ -19,7 +19,7 @@ from ctsynth.train.distributed import Dist
 
 log = logging.getLogger("ctsynth.train.loop")
 
-LOSS_NAMES = ("g_adv", "g_l1", "d_real", "d_fake", "d_acc_real", "d_acc_fake")
+LOSS_NAMES = ("g_adv", "g_l1", "g_fm", "d_real", "d_fake", "d_acc_real", "d_acc_fake")
 TABLE_ROWS = 200          # losses.csv holds at most this many rows (bins of equal width)
 
 
@@ -29,7 +29,7 @@ def table_every(iterations: int) -> int:
 
 
 class LossHistory:
-    """Per-step losses ``(iterations, 6)`` on the device. ``record`` is a device write; ``sync``
+    """Per-step losses ``(iterations, len(LOSS_NAMES))`` on the device. ``record`` is a device write; ``sync``
     averages the steps since the last sync over the ranks (call it on every rank at once)."""
 
     def __init__(self, iterations: int, d: Dist, done: torch.Tensor | None = None):

@@ -153,9 +153,18 @@ class PatchDiscriminator(nn.Module):
         blocks += [nn.ZeroPad2d((1, 2, 1, 2)), nn.Conv2d(cin, 1, 4, 1, 0)]  # Keras 'same', stride 1
         self.net = nn.Sequential(*blocks)
 
-    def forward(self, image: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        # image (B, 1, S, S), cond (B, C, S, S) -> patch scores (B, 1, S/2^L, S/2^L)
-        return self.net(torch.cat([image, cond], dim=1))
+    def forward(self, image: torch.Tensor, cond: torch.Tensor, features: bool = False):
+        """image (B, 1, S, S), cond (B, C, S, S) -> patch scores (B, 1, S/2^L, S/2^L); with ``features``
+        also the activation of every block (after its LeakyReLU), for feature matching."""
+        x = torch.cat([image, cond], dim=1)
+        if not features:
+            return self.net(x)
+        feats = []
+        for layer in self.net:
+            x = layer(x)
+            if isinstance(layer, nn.LeakyReLU):
+                feats.append(x)
+        return x, feats
 
 
 # ------------------------------------------------------------------------------------ builders
