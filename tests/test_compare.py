@@ -125,6 +125,19 @@ def test_fewer_than_two_paired_seeds_give_a_difference_but_no_interval():
     assert row.diff is None and row.n_pairs == 0 and row.note.startswith("no seed in common with the baseline")
 
 
+def test_a_study_can_name_several_studies_and_run_says_which_it_reused(capsys):
+    """A grid over lr_g that reuses ctx's finished runs at the baseline lr: `show` needs both names
+    (the reused runs keep theirs), and `run` prints the show command with both."""
+    _, exps = experiments()
+    assert {e.name for runs in build_study(exps, ["train.seed"], ["ctx", "lr"]).runs.values()
+            for e in runs.values()} == {"lr-1", *(f"ctx-{i}" for i in range(1, 7))}
+    with pytest.raises(InputError, match="named nope-<i> or other-<i>"):
+        build_study(exps, ["train.seed"], ["nope", "other"])
+    run_dvc, _ = fake_dvc(doc())
+    assert compare.run([f"{K}=0"], "1,2,3", name="again", params_path=str(PARAMS), run_dvc=run_dvc) == 0
+    assert "compare them: ctsynth compare show --name again --name ctx" in capsys.readouterr().out
+
+
 def test_failed_experiments_never_count_though_dvc_shows_metrics_for_them():
     _, exps = experiments()
     assert next(e for e in exps if e.name == "big-1").metrics                # the baseline's, not its own

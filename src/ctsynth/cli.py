@@ -7,7 +7,7 @@
     ctsynth preset paper [--params params.yaml] [--out params.yaml]
     ctsynth bench [--quick] [--paths fp32_cl,compile]
     ctsynth compare run --set model.context_slices=0,1 --seeds 1,2,3 [--name ctx] [--jobs 2] [--dry-run]
-    ctsynth compare show [--name ctx] [--metrics ssim,mae_hu] [--baseline model.context_slices=0] [--out cmp.md]
+    ctsynth compare show [--name ctx ...] [--metrics ssim,mae_hu] [--baseline model.context_slices=0] [--out cmp.md]
 
 Pipeline stages are run by DVC (`dvc repro`), not from here; see README.
 """
@@ -145,7 +145,9 @@ def _compare_parser(sub) -> None:
     r.add_argument("--dry-run", action="store_true", help="print the plan and the dvc commands, run nothing")
     r.set_defaults(func=_compare_run)
     s = verbs.add_parser("show", help="mean +- sd over seeds and paired differences to a baseline, per metric")
-    s.add_argument("--name", default=None, help="study name (experiments <name>-<i>; default: every experiment)")
+    s.add_argument("--name", action="append", default=None,
+                   help="study name (experiments <name>-<i>; repeatable: a grid that reused another study's runs; "
+                        "default: every experiment)")
     s.add_argument("--metrics", default=None, metavar="A,B,...", help="metrics (default: every numeric one)")
     s.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE",
                    help="the baseline configuration (repeatable; default: the workspace's params)")

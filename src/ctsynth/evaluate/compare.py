@@ -227,10 +227,16 @@ class Study:
     duplicates: list[str] = field(default_factory=list)                       # names left out (older twin)
 
 
-def study_name_filter(name: str | None) -> Callable[[Experiment], bool]:
-    if name is None:
+def _names(name: str | list[str] | None) -> list[str]:
+    return [] if name is None else [name] if isinstance(name, str) else list(name)
+
+
+def study_name_filter(name: str | list[str] | None) -> Callable[[Experiment], bool]:
+    """Experiments ``<name>-<i>`` of one study or of several (a study that reused another's runs)."""
+    names = _names(name)
+    if not names:
         return lambda e: True
-    pattern = re.compile(rf"{re.escape(name)}-\d+")
+    pattern = re.compile(rf"(?:{'|'.join(map(re.escape, names))})-\d+")
     return lambda e: bool(e.name and pattern.fullmatch(e.name))
 
 
@@ -244,13 +250,13 @@ def config_label(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={show_value(v)}" for k, v in values.items()) or "(all)"
 
 
-def build_study(experiments: list[Experiment], seed_keys: list[str], name: str | None = None) -> Study:
-    """Group the finished experiments (of study ``name``: ``<name>-<i>``, or all) by the values of
+def build_study(experiments: list[Experiment], seed_keys: list[str], name: str | list[str] | None = None) -> Study:
+    """Group the finished experiments (of study ``name``: ``<name>-<i>``, of several names, or all) by the values of
     every param that differs between them but the seed keys. InputError when there are none, or
     when a seed key is missing or does not vary (a grid over something else is not a seed study)."""
     chosen = [e for e in experiments if e.state == "success" and study_name_filter(name)(e)]
     if not chosen:
-        which = f"named {name}-<i>" if name else "of HEAD"
+        which = f"named {' or '.join(f'{n}-<i>' for n in _names(name))}" if _names(name) else "of HEAD"
         raise InputError(f"`dvc exp show`: no finished experiments {which} (failed and queued ones do not "
                          f"count); run `ctsynth compare run ...` first, or check --name")
     problems = []
@@ -461,7 +467,7 @@ def describe(study: Study, baseline: str, n_experiments: int) -> str:
     return "\n".join(lines)
 
 
-def show(name: str | None = None, metrics: str | None = None, baseline: list[str] | None = None,
+def show(name: str | list[str] | None = None, metrics: str | None = None, baseline: list[str] | None = None,
          out: str | None = None, seed_key: str = DEFAULT_SEED_KEY,
          run_dvc: Callable[[list[str]], str] = dvc) -> list[Row]:
     """``ctsynth compare show``: print the table (and write ``out``); the rows."""
@@ -630,9 +636,10 @@ def run(sets: list[str], seeds: str, seed_key: str = DEFAULT_SEED_KEY, name: str
         print("  " + _shell(queue_command(step)))
     if todo or waiting:
         print(f"  {_shell(['queue', 'start', '-j', str(jobs)])}")
+    show_cmd = "ctsynth compare show " + " ".join(f"--name {n}" for n in _study_names(steps, name))
     if dry_run or not (todo or waiting):
         if not (todo or waiting):
-            print(f"nothing to run; compare them: ctsynth compare show --name {name}")
+            print(f"nothing to run; compare them: {show_cmd}")
         return 0
     for step in todo:
         run_dvc(queue_command(step))
@@ -643,8 +650,14 @@ def run(sets: list[str], seeds: str, seed_key: str = DEFAULT_SEED_KEY, name: str
               + "; ".join(f"dvc queue logs {n}" for n in failed) + "; rerun this command to retry them",
               file=sys.stderr)
         return 1
-    print(f"all {len(points)} grid points finished; compare them: ctsynth compare show --name {name}")
+    print(f"all {len(points)} grid points finished; compare them: {show_cmd}")
     return 0
+
+
+def _study_names(steps: list[Point], name: str) -> list[str]:
+    """``name`` and the studies whose finished runs the grid reused (``compare show`` needs them all)."""
+    reused = {m.group(1) for s in steps if s.action == "done" and (m := re.fullmatch(r"(.+)-\d+", s.name))}
+    return [name, *sorted(reused - {name})]
 
 
 def wait(names: set[str], run_dvc: Callable[[list[str]], str], poll_s: float) -> list[str]:
