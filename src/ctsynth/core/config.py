@@ -99,7 +99,7 @@ class TrainCfg:
     nnodes: int = not_in_fingerprint(1)              # nodes (torchrun c10d rendezvous when > 1); ditto
     device: Literal["auto", "cpu", "cuda"] = not_in_fingerprint("auto")   # fingerprint: resolved device type
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 where native (CUDA, AMX CPUs)
-    channels_last: Literal["auto", True, False] = "auto"   # auto: NHWC on CUDA, NCHW on CPU
+    channels_last: Literal["auto", True, False] = True     # auto: NHWC on CUDA, NCHW on CPU
     compile: bool = False
     iterations: int = 3000                           # generator steps (paper: 100000)
     batch_size: int = 8

@@ -66,6 +66,8 @@ class _Up(nn.Module):
         return self.conv(x + skip)
 
 
+NHWC = torch.channels_last   # training layout: 20-25 % faster steps than NCHW on CPU at 64² (docs/performance.md)
+
 class SegUNet(nn.Module):
     """Small UNet, 3 downsamplings, additive skips::
 
@@ -203,7 +205,7 @@ def train_segmenter(cfg, seed: int, pools: list[tuple[ProcessedStore, np.ndarray
     total = sum(len(rows) for _, rows in pools)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = SegUNet(width=cfg.width)
+    model = SegUNet(width=cfg.width).to(memory_format=NHWC)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
     model.train()
@@ -212,7 +214,7 @@ def train_segmenter(cfg, seed: int, pools: list[tuple[ProcessedStore, np.ndarray
     for step in bar:
         picks = rng.choice(total, cfg.batch_size, replace=total < cfg.batch_size)
         images, masks = _load_pooled(pools, picks)
-        logits = model(images[:, None])
+        logits = model(images[:, None].contiguous(memory_format=NHWC))
         loss = F.cross_entropy(logits, masks) + _soft_dice_loss(logits, masks)
         if not torch.isfinite(loss):
             raise InputError(f"{desc}: non-finite loss at step {step}; check the processed store")
