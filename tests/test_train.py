@@ -116,9 +116,12 @@ def test_feature_matching_is_the_mean_block_l1_and_steers_the_generator():
         params(lambda_fm=-1.0)
 
 
-def test_train_writes_model_losses_snapshots_checkpoints(ws):
-    result, out = run(ws, params(iterations=6, checkpoint_every=2, log_every=2, snapshot_at=[0, 0.5, 1]))
+def test_train_writes_model_losses_snapshots_checkpoints(ws, caplog):
+    with caplog.at_level("INFO", logger="ctsynth.train.loop"):
+        result, out = run(ws, params(iterations=6, checkpoint_every=2, log_every=2, snapshot_at=[0, 0.5, 1]))
     assert result.step == 6 and result.exit_code == 0
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]   # formats cleanly
+    assert len(progress) == 3 and "step 6/6 | g_adv" in progress[-1] and "g_fm" not in progress[-1]
     model, meta = load_generator(out / "generator.pt")
     assert meta["preprocess"]["image_size"] == 32 and meta["in_channels"] == 7
     assert meta["extra"]["step"] == 6 and meta["extra"]["receptive_field"] == 22

@@ -61,8 +61,11 @@ class LossHistory:
         now = time.perf_counter()
         means, n = self.mean(last, step), max(1, step - last)
         rate = n * batch_size / max(now - t_last, 1e-9)
-        log.info("step %d/%d | g_adv %.4f g_l1 %.4f | d_real %.4f d_fake %.4f | acc real %.2f fake %.2f | "
-                 "%.3f s/step %.1f img/s", step, iterations, *means.values(), (now - t_last) / n, rate)
+        m = means
+        fm = f" g_fm {m['g_fm']:.4f}" if m["g_fm"] else ""                 # feature matching, when on
+        log.info("step %d/%d | g_adv %.4f g_l1 %.4f%s | d_real %.4f d_fake %.4f | acc real %.2f fake %.2f | "
+                 "%.3f s/step %.1f img/s", step, iterations, m["g_adv"], m["g_l1"], fm, m["d_real"], m["d_fake"],
+                 m["d_acc_real"], m["d_acc_fake"], (now - t_last) / n, rate)
         tracker.log_metrics({**means, "lr_g": lrs[0], "s_per_step": (now - t_last) / n, "img_per_s": rate}, step)
         return now
 
