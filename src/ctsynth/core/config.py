@@ -101,7 +101,7 @@ class TrainCfg:
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 where native (CUDA, AMX CPUs)
     channels_last: Literal["auto", True, False] = True     # auto: NHWC on CUDA, NCHW on CPU
     compile: bool = False
-    iterations: int = 3000                           # generator steps (paper: 100000)
+    iterations: int = 1500                           # generator steps (paper: 100000)
     batch_size: int = 8
     lr_g: float = 2e-4
     lr_d: float = 2e-4
