@@ -13,7 +13,7 @@ from ctsynth.core.config import params_from_dict
 from ctsynth.core.labels import STRUCTURES
 from ctsynth.data import ingest
 from ctsynth.train.distributed import Dist
-from ctsynth.train.history import LossHistory
+from ctsynth.train.history import LOSS_NAMES, LossHistory
 
 CONTRACTS = (REPO / "docs" / "contracts.md").read_text()
 
@@ -46,7 +46,7 @@ def test_ingest_manifest_has_the_documented_columns(tmp_path):
 def test_loss_table_has_the_documented_columns(tmp_path):
     hist = LossHistory(3, Dist(False, 0, 1, torch.device("cpu")))
     for step in (1, 2, 3):
-        hist.record(step, torch.full((6,), float(step)))
+        hist.record(step, torch.full((len(LOSS_NAMES),), float(step)))
     hist.write(tmp_path / "losses.csv", 3, 3, lambda s: (1e-4, 2e-4))
     table = pd.read_csv(tmp_path / "losses.csv")
     assert list(table.columns) == documented_columns("`losses.csv`: columns")
