@@ -15,7 +15,7 @@ from conftest import tiny_params
 from ctsynth.core.errors import InputError
 from ctsynth.core.labels import STRUCTURES
 from ctsynth.evaluate.results import Interval, Results, fmt
-from ctsynth.report.figures import fig_condition_subsets
+from ctsynth.report.figures import fig_condition_subsets, fig_losses
 from ctsynth.report.html import read_condition_subsets
 from ctsynth.report.html import run as build_report
 from ctsynth.synth import synthesize
@@ -304,3 +304,13 @@ def test_report_says_where_each_step_was_computed():
     assert "generator trained on: Test CPU @ 1GHz, 3 threads, torch 9.9, cpu" in html
     assert "test slices generated on: not recorded" in html and "repeat only where these match" in html
     assert runtime_lines(None) == ""                       # reports written before this was recorded
+
+
+def test_loss_figure_draws_feature_matching_only_when_it_was_on(tmp_path):
+    steps = np.arange(10, 110, 10)
+    base = pd.DataFrame({"step": steps, "g_adv": np.linspace(0.8, 0.5, 10), "g_l1": np.linspace(0.6, 0.1, 10),
+                         "d_real": np.full(10, 0.2), "d_fake": np.full(10, 0.15)})
+    plain = fig_losses(base, tmp_path / "plain.png").read_bytes()
+    off = fig_losses(base.assign(g_fm=0.0), tmp_path / "off.png").read_bytes()
+    on = fig_losses(base.assign(g_fm=np.linspace(0.3, 0.1, 10)), tmp_path / "on.png").read_bytes()
+    assert off == plain and on != plain

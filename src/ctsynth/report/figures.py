@@ -33,8 +33,9 @@ def fig_losses(losses: pd.DataFrame, path: Path) -> Path:
     """Paper Fig. 2: generator and discriminator losses over generator steps."""
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for col, label in (("g_adv", "G adversarial"), ("d_real", "D real"), ("d_fake", "D fake")):
-        if col in losses:
+    for col, label in (("g_adv", "G adversarial"), ("d_real", "D real"), ("d_fake", "D fake"),
+                       ("g_fm", "G feature matching (unweighted)")):
+        if col in losses and (col != "g_fm" or losses[col].any()):      # g_fm: only when train.lambda_fm > 0
             a.plot(losses.step, losses[col], label=label, lw=1)
     a.set(title="adversarial losses (least squares)", xlabel="generator step", ylabel="loss")
     a.legend(fontsize=8)
