@@ -10,7 +10,7 @@ import yaml
 from conftest import REPO
 from ctsynth.core.config import flatten, load_params, params_from_dict, to_dict
 from ctsynth.core.errors import ConfigError
-from ctsynth.core.labels import encode_condition
+from ctsynth.core.labels import MMWHS_LABEL_MAP, encode_condition
 
 
 def problems_of(raw) -> str:
@@ -59,6 +59,15 @@ def test_structures_must_exist_in_label_map():
 def test_label_map_validation():
     text = problems_of({"data": {"label_map": {"x": "Ao", 0: "LV", 3: "Liver"}}})
     assert "'x' is not an integer" in text and "value 0 is background" in text and "'Liver'" in text
+
+
+def test_label_map_presets_resolve_and_unknown_names_are_listed():
+    assert params_from_dict({"data": {"label_map": "mmwhs"}}).data.label_map == MMWHS_LABEL_MAP
+    ts = params_from_dict({"data": {"label_map": "totalsegmentator-heartchambers"}}).data.label_map
+    assert ts == {1: "Myo", 2: "LA", 3: "LV", 4: "RA", 5: "RV", 6: "Ao", 7: "PA"}
+    text = problems_of({"data": {"label_map": "totalseg"}})
+    assert "'totalseg' is not a label-set preset" in text and "totalsegmentator-heartchambers" in text
+    assert "expected a mapping or a string" in problems_of({"data": {"label_map": 3}})
 
 
 def test_paths_cannot_escape_repo_unless_absolute(tmp_path):

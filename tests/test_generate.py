@@ -320,6 +320,8 @@ def test_parse_label_map_arg(tmp_path):
     assert masks.parse_label_map_arg('{"1": "LV", "2": "PA"}') == {1: "LV", 2: "PA"}
     assert masks.parse_label_map_arg({3: "Ao"}) == {3: "Ao"}
     assert masks.parse_label_map_arg(None) is None
+    assert masks.parse_label_map_arg("totalsegmentator-heartchambers")[6] == "Ao"
+    assert masks.parse_label_map_arg("mmwhs")[820] == "Ao"
     (tmp_path / "m.json").write_text('{"5": "RA"}')
     (tmp_path / "m.yaml").write_text("7: Myo\n8: WH_is_not_a_label\n")
     (tmp_path / "ok.yml").write_text("7: Myo\n")
@@ -329,7 +331,7 @@ def test_parse_label_map_arg(tmp_path):
         masks.parse_label_map_arg(str(tmp_path / "m.yaml"))
     with pytest.raises(ConfigError, match="not valid JSON"):
         masks.parse_label_map_arg('{"1": LV}')
-    with pytest.raises(ConfigError, match="neither inline JSON nor an existing file"):
+    with pytest.raises(ConfigError, match="neither a preset .*inline JSON nor an existing file"):
         masks.parse_label_map_arg(str(tmp_path / "missing.json"))
     (tmp_path / "evil.yaml").write_text("!!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ConfigError):

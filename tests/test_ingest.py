@@ -55,6 +55,21 @@ def test_good_pair_is_canonical_and_mapped(tmp_path):
     assert row.orig_axcodes == "LPS"
 
 
+def test_totalsegmentator_heartchambers_preset_maps_its_values(tmp_path):
+    """TotalSegmentator's heartchambers_highres values (3 = LV, 6 = Ao) through the named preset; the
+    same volume under the default MM-WHS map is refused with the values it does not know."""
+    raw = tmp_path / "raw"
+    _, label = volumes()
+    label[label == 500], label[label == 820] = 3, 6
+    write_case(raw, "ts", label=label)
+    manifest = ingest.run(params_for(raw, label_map="totalsegmentator-heartchambers"), tmp_path / "interim")
+    lab = np.asanyarray(nib.load(str(tmp_path / "interim" / "ts_label.nii")).dataobj)
+    assert set(np.unique(lab)) == {0, structure_index("LV"), structure_index("Ao")}
+    assert manifest.iloc[0].vox_LV == int((label == 3).sum()) and manifest.iloc[0].vox_Ao == int((label == 6).sum())
+    with pytest.raises(InputError, match=r"ts_label.nii.gz.*\[3, 6\]"):
+        ingest.run(params_for(raw, label_map="mmwhs"), tmp_path / "interim2")
+
+
 def test_label_on_other_grid_is_resampled(tmp_path):
     raw = tmp_path / "raw"
     image, label = volumes()

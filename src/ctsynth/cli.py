@@ -162,8 +162,8 @@ def _model_options(p: argparse.ArgumentParser, structures_help: str) -> None:
     p.add_argument("--structures", nargs="+", default=None,
                    help=f"{structures_help} (default: those the model was trained with)")
     p.add_argument("--label-map", default=None,
-                   help='mask value -> structure, inline JSON (\'{"1": "LV"}\') or a JSON/YAML file '
-                        "(default: the model's training map)")
+                   help="mask value -> structure: a preset (mmwhs, totalsegmentator-heartchambers), inline "
+                        'JSON (\'{"1": "LV"}\') or a JSON/YAML file (default: the model\'s training map)')
 
 
 def _contrast_option(p: argparse.ArgumentParser, default_help: str) -> None:

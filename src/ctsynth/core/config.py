@@ -46,7 +46,7 @@ class DataCfg:
     raw_dir: str = "data/phantom"                    # folder searched (recursively) for pairs
     label_suffix: str = "_label.nii.gz"              # partner label = image name with suffix swapped
     image_suffix: str = "_image.nii.gz"
-    label_map: dict = field(default_factory=lambda: dict(MMWHS_LABEL_MAP))  # raw value -> structure
+    label_map: dict | str = field(default_factory=lambda: dict(MMWHS_LABEL_MAP))  # value -> structure, or a preset
     unknown_labels: Literal["error", "background"] = "error"
     on_error: Literal["fail", "skip"] = "fail"
 
@@ -240,8 +240,10 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any, str]:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return True, None, ""
-        ok, v, desc = _type_ok(value, args[0])
-        return ok, v, desc + " or null"
+        checks = [_type_ok(value, a) for a in args]
+        ok, v, _ = next((c for c in checks if c[0]), checks[0])
+        desc = " or ".join(c[2] for c in checks)
+        return ok, v, desc + (" or null" if type(None) in typing.get_args(tp) else "")
     if tp is bool:
         return isinstance(value, bool), value, "true or false"
     if tp is int:

@@ -23,6 +23,13 @@ WH = "WH"
 ALL_CONDITIONS: tuple[str, ...] = STRUCTURES + (WH,)
 MMWHS_LABEL_MAP: dict[int, str] = {205: "Myo", 420: "LA", 500: "LV", 550: "RA", 600: "RV",
                                    820: "Ao", 850: "PA"}
+# Named label sets ``data.label_map`` / ``--label-map`` accept instead of a mapping. TotalSegmentator's
+# ``heartchambers_highres`` task writes 1 heart_myocardium, 2 heart_atrium_left, 3 heart_ventricle_left,
+# 4 heart_atrium_right, 5 heart_ventricle_right, 6 aorta, 7 pulmonary_artery.
+LABEL_PRESETS: dict[str, dict[int, str]] = {
+    "mmwhs": MMWHS_LABEL_MAP,
+    "totalsegmentator-heartchambers": {i + 1: name for i, name in enumerate(STRUCTURES)},
+}
 ENCODINGS = ("onehot", "index")
 # Colour-blind-safe (Okabe-Ito) colours, uint8 RGB, indexed by structure index (0 = background).
 STRUCTURE_COLOURS = np.array([[0, 0, 0], [230, 159, 0], [86, 180, 233], [0, 158, 115], [240, 228, 66],
@@ -34,11 +41,18 @@ def structure_index(name: str) -> int:
     return STRUCTURES.index(name) + 1
 
 
-def parse_label_map(raw: dict, where: str = "data.label_map") -> dict[int, str]:
-    """Validate ``{raw_value: structure_name}``; keys may be ints or numeric strings."""
+def parse_label_map(raw: dict | str, where: str = "data.label_map") -> dict[int, str]:
+    """Validate ``{raw_value: structure_name}`` (keys may be ints or numeric strings), or resolve a
+    preset name of :data:`LABEL_PRESETS` to its mapping."""
+    if isinstance(raw, str):
+        if raw not in LABEL_PRESETS:
+            raise ConfigError(f"{where}: {raw!r} is not a label-set preset; presets: {', '.join(LABEL_PRESETS)} "
+                              "(or give a mapping of label value -> structure name)")
+        return dict(LABEL_PRESETS[raw])
     problems, out = [], {}
     if not isinstance(raw, dict) or not raw:
-        raise ConfigError(f"{where}: must be a non-empty mapping of label value -> structure name")
+        raise ConfigError(f"{where}: must be a non-empty mapping of label value -> structure name, or a "
+                          f"preset name ({', '.join(LABEL_PRESETS)})")
     for key, name in raw.items():
         try:
             value = int(key)

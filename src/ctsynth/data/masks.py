@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from ctsynth.core.errors import ConfigError, InputError
-from ctsynth.core.labels import STRUCTURES, WH, parse_label_map, structure_index, validate_structures
+from ctsynth.core.labels import LABEL_PRESETS, STRUCTURES, WH, parse_label_map, structure_index, validate_structures
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +80,15 @@ def index_volume(path: Path, data: np.ndarray, label_map: dict[int, str], struct
 
 
 def parse_label_map_arg(value) -> dict[int, str] | None:
-    """``--label-map``: None, a dict, inline JSON (``'{"1": "LV"}'``) or a JSON/YAML file path.
+    """``--label-map``: None, a dict, a preset name (``mmwhs``, ``totalsegmentator-heartchambers``),
+    inline JSON (``'{"1": "LV"}'``) or a JSON/YAML file path.
 
     Files are read with json / yaml.safe_load only (no eval, no pickle)."""
     if value is None or isinstance(value, dict):
         return None if value is None else parse_label_map(value, where="--label-map")
     text = str(value).strip()
+    if text in LABEL_PRESETS:
+        return parse_label_map(text, where="--label-map")
     if text.startswith("{"):
         try:
             raw = json.loads(text)
@@ -94,7 +97,8 @@ def parse_label_map_arg(value) -> dict[int, str] | None:
         return parse_label_map(raw, where="--label-map")
     path = Path(text)
     if not path.is_file():
-        raise ConfigError(f"--label-map: {text!r} is neither inline JSON nor an existing file")
+        raise ConfigError(f"--label-map: {text!r} is neither a preset ({', '.join(LABEL_PRESETS)}), inline JSON "
+                          "nor an existing file")
     try:
         raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
