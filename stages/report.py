@@ -30,10 +30,13 @@ def main(args, params):
         return 0
     from ctsynth.core.tracking import log_evaluation
     from ctsynth.evaluate.results import Results
+    from ctsynth.evaluate.screening import mlflow_metrics
 
-    # every metric and interval under its registry name (headline first), the report and its figures
+    # every metric and interval under its registry name (headline first), the privacy stage's
+    # screening of the synthetic dataset, the report and its figures
     results = Results.read(Path(args.reports))
-    log_evaluation(args.run_file, params, results.mlflow() if results else {}, files)
+    log_evaluation(args.run_file, params, {**(results.mlflow() if results else {}), **mlflow_metrics(args.reports)},
+                   files)
     return 0
 
 

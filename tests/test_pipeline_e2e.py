@@ -90,7 +90,7 @@ def repo(tmp_path_factory) -> Path:
     root = make_repo(tmp_path_factory.mktemp("e2e"))
     out = sh(root, "dvc", "repro")
     assert stages_run(out.stdout) == ["phantom", "ingest", "preprocess", "split", "train", "segmenter",
-                                      "generate", "synthesize", "utility", "evaluate", "report"], out.stdout
+                                      "generate", "synthesize", "privacy", "utility", "evaluate", "report"], out.stdout
     return root
 
 
@@ -111,6 +111,12 @@ def test_outputs_and_metrics(repo):
     assert lo <= metrics["ssim"] <= hi and "fd_seg_floor" in metrics
     html = (repo / "reports" / "report.html").read_text()
     assert "data:image/png;base64," in html and 'src="http' not in html
+    cases = pd.read_csv(repo / "reports" / "privacy_cases.csv")            # the privacy stage: a verdict per case
+    synthetic = pd.read_csv(repo / "data" / "synthetic" / "manifest.csv")
+    assert sorted(cases.case) == sorted(synthetic.case) and set(cases.verdict) <= {"pass", "withheld"}
+    screening = json.loads((repo / "reports" / "privacy_synthetic.json").read_text())
+    assert screening["privacy_threshold"] == pytest.approx(metrics["privacy_threshold"], abs=1e-5)  # one rule
+    assert f"{screening['privacy_synthetic_n_pass']} of {len(cases)} cases pass" in html
     assert (repo / "models" / "generator.pt").stat().st_size > 0
     split = json.loads((repo / "data" / "split.json").read_text())
     synth = sorted(p.name for p in (repo / "data" / "generated").glob("*_synth.nii.gz"))

@@ -168,7 +168,11 @@ class EvaluateCfg:
 
 @dataclass
 class PrivacyCfg:
-    max_similarity: float = 0.95                     # in-body SSIM to nearest training slice above which: withheld
+    quantile: float | None = 0.99                    # threshold = this quantile of unseen (validation) real slices'
+                                                     # nearest-training similarity; null: the cap alone
+    max_similarity: float | None = 0.95              # hard cap on that threshold; null: none
+    max_mask_dice: float | None = 0.9                # privacy stage: a synthetic case whose mask overlaps its source
+                                                     # mask more (whole-heart Dice) is withheld; null: not checked
     exhaustive_budget: int = 10_000_000_000          # exhaustive while query x training slices x pixels <= this
     downsample: int = 32                             # above the budget: low-res L2 pre-filter resolution
     candidates: int = 50                             # above the budget: pre-filter candidates re-ranked by SSIM
@@ -406,7 +410,12 @@ def _check_evaluation_and_paths(p: Params, need) -> None:
     need(p.generate.batch_size >= 1 and p.evaluate.batch_size >= 1, "generate/evaluate.batch_size: must be >= 1")
     need(p.evaluate.kid_subset_size >= 2, "evaluate.kid_subset_size: must be >= 2")
     need(p.evaluate.bootstrap >= 0, "evaluate.bootstrap: must be >= 0 (0: no intervals)")
-    need(0 < p.privacy.max_similarity <= 1, "privacy.max_similarity: must be in (0, 1]")
+    pv = p.privacy
+    need(pv.max_similarity is None or 0 < pv.max_similarity <= 1, "privacy.max_similarity: must be in (0, 1] or null")
+    need(pv.quantile is None or 0 < pv.quantile <= 1, "privacy.quantile: must be in (0, 1] or null")
+    need(pv.quantile is not None or pv.max_similarity is not None,
+         "privacy.quantile and privacy.max_similarity: at least one must be set (no threshold otherwise)")
+    need(pv.max_mask_dice is None or 0 < pv.max_mask_dice <= 1, "privacy.max_mask_dice: must be in (0, 1] or null")
     need(p.privacy.downsample >= 8, "privacy.downsample: must be >= 8")
     need(p.privacy.candidates >= 1, "privacy.candidates: must be >= 1")
     need(p.realism.c2st_steps >= 1 and p.realism.c2st_batch_size >= 2 and p.realism.c2st_width >= 1,

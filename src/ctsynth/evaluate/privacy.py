@@ -44,6 +44,17 @@ candidates; generated / real test queries) was 91 % / 67 % with 5 candidates (th
 
 The same search run on the real test slices (patients never seen in training) is the
 baseline: generated slices should be no closer to training data than new real patients are.
+
+Threshold (:func:`privacy_rule`)
+--------------------------------
+Calibrated on the data, not a constant: the same search run on the real slices of the
+*validation* patients (never trained on, never reported on) gives how close unseen patients come
+to the training set; a slice is withheld when it is closer to a training slice than the
+``privacy.quantile`` of those (0.99: closer than 99 % of unseen real slices are).
+``privacy.max_similarity`` stays as an optional hard cap: the threshold is the smaller of the two
+(null turns either off; without validation patients only the cap is left). The evaluate stage
+(generated test slices) and the ``privacy`` stage (every slice of ``data/synthetic``,
+:mod:`ctsynth.evaluate.screening`) apply the same rule.
 """
 from __future__ import annotations
 
@@ -262,6 +273,52 @@ class NearestTrainingSearch:
                           for i in range(0, b, qb)])                               # (B, k)
         best, at = sims.max(1)
         return cand.gather(1, at[:, None])[:, 0], best
+
+
+@dataclass(frozen=True)
+class PrivacyRule:
+    """The withholding threshold and where it came from (:func:`privacy_rule`)."""
+    threshold: float
+    quantile: float | None            # privacy.quantile (None: not calibrated)
+    calibrated: float | None          # that quantile of the reference similarities (None: no reference)
+    cap: float | None                 # privacy.max_similarity (None: no cap)
+    n_reference: int                  # validation slices the quantile was taken over
+    reference_max: float | None
+
+    def describe(self) -> str:
+        parts = []
+        if self.calibrated is not None:
+            parts.append(f"the {self.quantile:g} quantile ({self.calibrated:.4f}) of the nearest-training similarity "
+                         f"of {self.n_reference} real validation slices (max {self.reference_max:.4f})")
+        if self.cap is not None:
+            parts.append(f"the cap privacy.max_similarity {self.cap:g}")
+        return (f"withheld above {self.threshold:.4f}: " + (" and ".join(parts) if len(parts) == 1 else
+                                                             "the smaller of " + " and ".join(parts)))
+
+    def summary(self, prefix: str = "privacy_") -> dict[str, float | None]:
+        return {f"{prefix}threshold": self.threshold, f"{prefix}threshold_calibrated": self.calibrated,
+                f"{prefix}reference_similarity_max": self.reference_max,
+                f"{prefix}n_reference_slices": self.n_reference}
+
+
+def privacy_rule(reference_sims, quantile: float | None, cap: float | None) -> PrivacyRule:
+    """The threshold: the ``quantile`` of ``reference_sims`` (unseen real slices' nearest-training
+    similarity), or ``cap``, whichever is smaller; ConfigError when neither is available."""
+    ref = np.asarray(reference_sims, dtype=np.float64).ravel()
+    calibrated = float(np.quantile(ref, quantile)) if quantile is not None and ref.size else None
+    options = [v for v in (calibrated, cap) if v is not None]
+    if not options:
+        raise ConfigError("privacy: no threshold: privacy.quantile needs validation patients (the split has none) "
+                          "and privacy.max_similarity is null; set one of them")
+    return PrivacyRule(min(options), quantile if calibrated is not None else None, calibrated, cap, int(ref.size),
+                       float(ref.max()) if ref.size else None)
+
+
+def reference_similarities(search: NearestTrainingSearch, images, rows: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Nearest-training similarity of the store ``rows`` (the validation patients' real slices)."""
+    out = [search.query(np.asarray(images[rows[i:i + batch]], dtype=np.float32))[1]
+           for i in tqdm(range(0, rows.size, batch), desc="privacy reference", disable=quiet(), unit="batch")]
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 class PrivacyAccumulator:

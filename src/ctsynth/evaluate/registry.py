@@ -154,8 +154,16 @@ METRICS: tuple[Metric, ...] = (
     Metric('n_val_cases', 'counts',
            'number of validation patients the noise-floor slices come from'),
     Metric('privacy_threshold', 'privacy',
-           'privacy.max_similarity: in-body SSIM to the nearest training slice above which a generated slice is '
-           'withheld'),
+           'in-body SSIM to the nearest training slice above which a generated slice is withheld: the smaller of '
+           'privacy_threshold_calibrated and the cap privacy.max_similarity (either may be off)'),
+    Metric('privacy_threshold_calibrated', 'privacy',
+           'the privacy.quantile (0.99 by default) of the nearest-training in-body SSIM of the real validation '
+           'slices: closer than this, a slice is closer to a training patient than that share of unseen patients '
+           'ever are (null without validation patients or with privacy.quantile null)'),
+    Metric('privacy_reference_similarity_max', 'privacy',
+           'largest nearest-training in-body SSIM of any real validation slice (the calibration reference)'),
+    Metric('privacy_n_reference_slices', 'privacy',
+           'number of real validation slices the threshold was calibrated on'),
     Metric('privacy_generated_similarity_mean', 'privacy',
            'mean over generated slices of the in-body SSIM to their nearest training slice (SSIM map, 11-px '
            'Gaussian window as ssim, averaged over the union of both slices\' bodies: HU > -500, largest connected '

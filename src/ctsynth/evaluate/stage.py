@@ -59,7 +59,7 @@ from ctsynth.evaluate.metrics import (
     kernel_distance,
     reported_structures,
 )
-from ctsynth.evaluate.privacy import NearestTrainingSearch, PrivacyAccumulator
+from ctsynth.evaluate.privacy import NearestTrainingSearch, PrivacyAccumulator, privacy_rule, reference_similarities
 from ctsynth.evaluate.registry import SUFFIX
 from ctsynth.evaluate.results import Interval, Results, clean
 from ctsynth.evaluate.segmenter import check_segmenter, load_segmenter
@@ -173,11 +173,14 @@ class _TestPass:
         self.dice = {"generated": DiceAccumulator(labels), "real": DiceAccumulator(labels)}
         self.feats = {space: {"generated": FeatureBank(), "real": FeatureBank()}
                       for space in (("seg", "inception") if with_inception else ("seg",))}
+        val_rows = store.rows_for_cases(split.get("val") or [])      # the threshold's reference: unseen patients
         self.search = NearestTrainingSearch(store.images, store.rows_for_cases(split["train"]),
                                             params.privacy.downsample, params.privacy.candidates,
                                             hu_window=store.meta["hu_window"], budget=params.privacy.exhaustive_budget,
-                                            n_queries=n_queries)
-        self.privacy = PrivacyAccumulator(params.privacy.max_similarity)
+                                            n_queries=n_queries + val_rows.size)
+        self.rule = privacy_rule(reference_similarities(self.search, store.images, val_rows),
+                                 params.privacy.quantile, params.privacy.max_similarity)
+        self.privacy = PrivacyAccumulator(self.rule.threshold)
         self.shareable: list[dict] = []
 
 
@@ -285,11 +288,12 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
         merge_utility(utility_path, res, notes)
     _write_tables(out, acc.paired, acc.dice, acc.privacy, per_case_intervals(slices, n_boot, params.seed),
                   per_case_table(z_sums))
-    write_json(out / "shareable.json", {"threshold": acc.privacy.threshold, "distance": acc.search.distance,
+    write_json(out / "shareable.json", {"threshold": acc.privacy.threshold, "rule": acc.rule.describe(),
+                                        "distance": acc.search.distance,
                                         "n_generated": res.value("n_test_slices"),
                                         "n_shareable": len(acc.shareable), "slices": acc.shareable})
     n_val = None if val_cases is None else len(set(val_cases))
-    notes.update({"privacy_distance": acc.search.distance,
+    notes.update({"privacy_distance": acc.search.distance, "privacy_threshold": acc.rule.describe(),
                   "intervals": describe(method, n_boot, params.seed, res.value("n_test_cases"), n_val),
                   "feature_dims": {"seg": seg.dim, "inception": 2048 if inception is not None else None}})
     notes["runtime"] = runtime_note(generated_dir, seg)
@@ -345,7 +349,7 @@ def _metrics(params: Params, store: ProcessedStore, index, acc, inception, val_f
         res.update({f"dice_{kind}_{name}": value for name, value in dice_scores[kind].items()},
                    {f"dice_{kind}_{name}": why for name, why in acc.dice[kind].absent().items()})
         res.set(f"dice_{kind}_mean", acc.dice[kind].mean(), DiceAccumulator.NONE_PRESENT)
-    res.update(acc.privacy.summary())
+    res.update({**acc.privacy.summary(), **acc.rule.summary()})
     res.explain_nulls("undefined on this test set (e.g. structure absent from every test slice)")
     return res, spaces
 

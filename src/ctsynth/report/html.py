@@ -350,18 +350,19 @@ def section_training(train_dir: Path, figures: Path, iterations: int) -> str:
     return "".join(parts)
 
 
-def section_privacy(reports_dir: Path, figures: Path, threshold: float) -> str:
-    """Histogram of nearest-training SSIM for generated slices vs the real-test baseline."""
+def section_privacy(reports_dir: Path, figures: Path, threshold: float, rule: str = "") -> str:
+    """Histogram of nearest-training SSIM for generated slices vs the real-test baseline, then the
+    privacy stage's screening of the synthetic dataset."""
     privacy = _read_csv(reports_dir / "privacy.csv")
     if privacy is None or privacy.empty or "similarity" not in privacy:
         return missing("Privacy check", reports_dir / "privacy.csv")
     gen = privacy.similarity.to_numpy(float)
     real = privacy.real_similarity.to_numpy(float) if "real_similarity" in privacy else None
     out = img_tag(fig_privacy(gen, real, threshold, figures / "privacy_hist.png"),
-                  "nearest-training-slice similarity; red line: privacy.max_similarity")
+                  "nearest-training-slice similarity; red line: the threshold")
     text = (f"<p>Each generated slice is compared with its nearest <i>training</i> slice; a generator "
-            f"that memorised its training data would pile up near 1. {len(gen)} generated slices, "
-            f"{(gen > threshold).mean():.1%} above <code>privacy.max_similarity</code> = {threshold:g}")
+            f"that memorised its training data would pile up near 1. Threshold: {esc(rule or f'{threshold:g}')}. "
+            f"{len(gen)} generated test slices, {(gen > threshold).mean():.1%} above {threshold:.3f}")
     if real is not None:
         text += f" (real test slices, the baseline: {(real > threshold).mean():.1%})"
         verdict = privacy_verdict(float(np.mean(gen)), float(np.mean(real)))
@@ -370,7 +371,33 @@ def section_privacy(reports_dir: Path, figures: Path, threshold: float) -> str:
     if "shareable" in privacy:
         text += f"; {int(privacy.shareable.astype(bool).sum())} generated slices are shareable"
     worst = privacy.sort_values("similarity", ascending=False).head(8)
-    return text + ".</p>" + out + "<h3>Generated slices most similar to training</h3>" + table(worst)
+    return (text + ".</p>" + out + "<h3>Generated slices most similar to training</h3>" + table(worst)
+            + _synthetic_screening(reports_dir))
+
+
+def _synthetic_screening(reports_dir: Path) -> str:
+    """The privacy stage's verdict on every case of the synthetic dataset (privacy_cases.csv)."""
+    cases, summary = _read_csv(reports_dir / "privacy_cases.csv"), _read_json(reports_dir / "privacy_synthetic.json")
+    if cases is None or summary is None:
+        return "<h3>Synthetic dataset</h3>" + missing("Synthetic dataset screening", reports_dir / "privacy_cases.csv")
+    n_pass = int((cases.verdict == "pass").sum())
+    text = (f"<h3>Synthetic dataset ({len(cases)} cases made from warped training masks)</h3><p>Every labelled "
+            f"slice of <code>data/synthetic</code> against every training slice, and each case's mask against the "
+            f"training mask it was warped from (whole-heart Dice, cap {summary.get('max_mask_dice')}): "
+            f"<b>{n_pass} of {len(cases)} cases pass</b>; "
+            f"{fmt(100 * (summary.get('privacy_synthetic_share_above') or 0))} % of "
+            f"{summary.get('privacy_synthetic_n_slices')} slices above the threshold, nearest-training similarity "
+            f"mean {fmt(summary.get('privacy_synthetic_similarity_mean'))}, max "
+            f"{fmt(summary.get('privacy_synthetic_similarity_max'))} (unseen validation patients' slices: max "
+            f"{fmt(summary.get('privacy_reference_similarity_max'))}). Per case: "
+            f"<code>reports/privacy_cases.csv</code>; per slice: <code>reports/privacy_synthetic.csv</code>.</p>")
+    return text + table(cases.sort_values("similarity_max", ascending=False))
+
+
+def _threshold(res: Results, params) -> float:
+    """The evaluate stage's privacy threshold (calibrated), else the params' cap (older reports)."""
+    value = res.value("privacy_threshold")
+    return float(value) if value is not None else float(params.privacy.max_similarity or 1.0)
 
 
 def _resolution_note(row) -> str:
@@ -481,7 +508,8 @@ def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, ou
             ("training", "Training (Figs. 2–3)",
              section_training(train_dir, figs, params.train.iterations)),
             ("privacy", "Privacy / memorization",
-             section_privacy(reports_dir, figs, params.privacy.max_similarity)),
+             section_privacy(reports_dir, figs, _threshold(known, params),
+                             (_read_json(reports_dir / "metrics_notes.json") or {}).get("privacy_threshold", ""))),
             ("data", "Data", section_data(processed_dir, Path(split_path), Path(manifest_path))),
             ("config", "Run configuration", section_config(params)),
         ]

@@ -1,0 +1,167 @@
+"""privacy stage: is any case of the synthetic dataset a copy of a training patient?
+
+``data/synthetic`` is made from lightly warped *training* masks, the likeliest place for copies, and
+it is what users share. Every case is checked twice:
+
+* **slices**: every labelled slice (read the way the pipeline reads any data: ``ingest`` +
+  ``preprocess`` into a temporary folder, so at the store's size and orientation) against the
+  training slices with the evaluation's in-body SSIM search (:class:`ctsynth.evaluate.privacy.
+  NearestTrainingSearch`: exhaustive while ``privacy.exhaustive_budget`` allows), withheld above
+  the evaluate stage's threshold (:func:`ctsynth.evaluate.privacy.privacy_rule`: the
+  ``privacy.quantile`` of the real validation slices' own nearest-training similarity, capped by
+  ``privacy.max_similarity``);
+* **volume**: the whole-heart Dice of the case's mask with the mask of the training case it was
+  warped from (``source`` in ``manifest.csv``; resampled onto the case's grid, nearest neighbour,
+  when the grids differ), so a near-identity draw is caught even where the generator draws a new
+  image; withheld above ``privacy.max_mask_dice``.
+
+A case passes when none of its slices is above the threshold and its mask overlap is at most the
+cap. Outputs (atomic): ``reports/privacy_synthetic.csv`` (one row per slice: case, z, similarity,
+nearest training case and slice, above), ``reports/privacy_cases.csv`` (one row per case: the scores,
+the nearest training case and slice of its closest slice, the verdict and why) and
+``reports/privacy_synthetic.json`` (the rule, counts; a DVC metrics file).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from ctsynth.core.config import Params
+from ctsynth.core.errors import InputError
+from ctsynth.core.io import write_csv, write_json
+from ctsynth.core.progress import quiet
+from ctsynth.data.split import load_split
+from ctsynth.data.store import ProcessedStore
+from ctsynth.evaluate.privacy import NearestTrainingSearch, privacy_rule, reference_similarities
+from ctsynth.evaluate.utility import synthetic_store
+
+log = logging.getLogger("ctsynth.evaluate.screening")
+
+PASS, WITHHELD = "pass", "withheld"
+
+
+def mask_overlap(case_label: Path, source_label: Path) -> float:
+    """Whole-heart Dice (every non-zero label value) of two label volumes; the source is resampled
+    onto the case's grid (nearest neighbour) when their shapes or affines differ."""
+    case, source = nib.load(str(case_label)), nib.load(str(source_label))
+    if case.shape != source.shape or not np.allclose(case.affine, source.affine, atol=1e-3):
+        from nibabel.processing import resample_from_to
+        source = resample_from_to(source, case, order=0)
+    a, b = np.asanyarray(case.dataobj) > 0, np.asanyarray(source.dataobj) > 0
+    total = int(a.sum()) + int(b.sum())
+    return float(2 * np.logical_and(a, b).sum() / total) if total else 0.0
+
+
+def _manifest(synthetic_dir: Path, interim_dir: Path, train: list[str]) -> pd.DataFrame:
+    """The synthesize manifest, checked: every case names a training source whose interim label exists
+    (all problems at once)."""
+    path = synthetic_dir / "manifest.csv"
+    if not path.is_file():
+        raise InputError(f"{path}: missing (the synthesize stage writes it: case, source, label_file, ...)")
+    manifest = pd.read_csv(path, dtype={"case": str, "source": str})
+    missing_cols = [c for c in ("case", "source", "label_file") if c not in manifest]
+    if missing_cols:
+        raise InputError(f"{path}: no column(s) {missing_cols}")
+    problems = []
+    for row in manifest.itertuples():
+        if row.source not in train:
+            problems.append(f"{path}: case {row.case}: source {row.source!r} is not a training case of the split")
+        elif not (interim_dir / f"{row.source}_label.nii").is_file():
+            problems.append(f"{interim_dir / (row.source + '_label.nii')}: missing (source of {row.case})")
+        if not (synthetic_dir / row.label_file).is_file():
+            problems.append(f"{synthetic_dir / row.label_file}: missing (label of {row.case})")
+    if problems:
+        raise InputError(problems)
+    return manifest
+
+
+def case_table(slices: pd.DataFrame, manifest: pd.DataFrame, overlaps: dict[str, float], threshold: float,
+               max_mask_dice: float | None) -> pd.DataFrame:
+    """One row per case of ``manifest`` from the per-slice rows (case, z, similarity, nn_case, nn_z,
+    above): scores, the nearest training slice of its closest slice, verdict and reason."""
+    rows = []
+    for case, source in zip(manifest.case, manifest.source):
+        mine = slices[slices.case == case]
+        dice = overlaps.get(case)
+        reasons = []
+        if len(mine) and mine.above.any():
+            reasons.append(f"{int(mine.above.sum())} slice(s) above {threshold:.4f}")
+        if max_mask_dice is not None and dice is not None and dice > max_mask_dice:
+            reasons.append(f"mask Dice with {source} {dice:.3f} > {max_mask_dice:g}")
+        if not len(mine):
+            reasons.append("no labelled slice to check")
+        top = mine.loc[mine.similarity.idxmax()] if len(mine) else None
+        rows.append({"case": case, "source": source, "n_slices": len(mine),
+                     "similarity_max": None if top is None else round(float(top.similarity), 4),
+                     "similarity_mean": round(float(mine.similarity.mean()), 4) if len(mine) else None,
+                     "nearest_case": None if top is None else top.nn_case,
+                     "nearest_z": None if top is None else int(top.nn_z),
+                     "slices_above": int(mine.above.sum()),
+                     "mask_dice_source": None if dice is None else round(dice, 4),
+                     "verdict": WITHHELD if reasons else PASS, "reason": "; ".join(reasons)})
+    return pd.DataFrame(rows)
+
+
+def run(params: Params, synthetic_dir, processed_dir, split_path, interim_dir, out_dir) -> dict:
+    """Screen every case of ``synthetic_dir``; write the three outputs; return the summary."""
+    synthetic_dir, interim_dir, out = Path(synthetic_dir), Path(interim_dir), Path(out_dir)
+    store = ProcessedStore(processed_dir)
+    split = load_split(split_path, need=("train",))
+    manifest = _manifest(synthetic_dir, interim_dir, list(split["train"]))
+    pv = params.privacy
+    overlaps = ({c: mask_overlap(synthetic_dir / f, interim_dir / f"{s}_label.nii")
+                 for c, s, f in zip(manifest.case, manifest.source, manifest.label_file)}
+                if pv.max_mask_dice is not None else {})
+    with tempfile.TemporaryDirectory(prefix="ctsynth-privacy-") as tmp:
+        synth = synthetic_store(params, synthetic_dir, Path(tmp))
+        if synth.image_size != store.image_size:
+            raise InputError(f"{synthetic_dir}: preprocessed to {synth.image_size}², the real store is "
+                             f"{store.image_size}²")
+        val_rows = store.rows_for_cases(split.get("val") or [])
+        n = len(synth.slices)
+        search = NearestTrainingSearch(store.images, store.rows_for_cases(split["train"]), pv.downsample,
+                                       pv.candidates, hu_window=store.meta["hu_window"],
+                                       budget=pv.exhaustive_budget, n_queries=n + val_rows.size)
+        rule = privacy_rule(reference_similarities(search, store.images, val_rows), pv.quantile, pv.max_similarity)
+        case_of, z_of = store.slices.case.to_numpy(), store.slices.z.to_numpy()
+        parts, bs = [], params.evaluate.batch_size
+        for s in tqdm(range(0, n, bs), desc="privacy (synthetic)", disable=quiet(), unit="batch"):
+            nn_rows, sims = search.query(np.asarray(synth.images[s:s + bs], dtype=np.float32))
+            parts.append(pd.DataFrame({"case": synth.slices.case.to_numpy()[s:s + bs],
+                                       "z": synth.slices.z.to_numpy()[s:s + bs],
+                                       "similarity": sims.round(5), "nn_case": case_of[nn_rows],
+                                       "nn_z": z_of[nn_rows], "above": sims > rule.threshold}))
+    slices = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        columns=["case", "z", "similarity", "nn_case", "nn_z", "above"])
+    cases = case_table(slices, manifest, overlaps, rule.threshold, pv.max_mask_dice)
+    summary = {**rule.summary(), "privacy_synthetic_n_cases": len(cases),
+               "privacy_synthetic_n_pass": int((cases.verdict == PASS).sum()),
+               "privacy_synthetic_n_slices": len(slices),
+               "privacy_synthetic_share_above": float(slices.above.mean()) if len(slices) else None,
+               "privacy_synthetic_similarity_mean": float(slices.similarity.mean()) if len(slices) else None,
+               "privacy_synthetic_similarity_max": float(slices.similarity.max()) if len(slices) else None,
+               "privacy_synthetic_mask_dice_max": max(overlaps.values()) if overlaps else None}
+    write_csv(out / "privacy_synthetic.csv", slices)
+    write_csv(out / "privacy_cases.csv", cases)
+    write_json(out / "privacy_synthetic.json", {**summary, "rule": rule.describe(), "distance": search.distance,
+                                                "max_mask_dice": pv.max_mask_dice})
+    log.info("privacy: %d of %d synthetic cases pass (%d of %d slices above %.4f; mask Dice with the source max "
+             "%s); %s", summary["privacy_synthetic_n_pass"], len(cases), int(slices.above.sum()), len(slices),
+             rule.threshold, "n/a" if not overlaps else f"{max(overlaps.values()):.3f}", rule.describe())
+    return summary
+
+
+def mlflow_metrics(reports_dir) -> dict[str, float]:
+    """The numbers of ``privacy_synthetic.json`` under MLflow names (``privacy/<key>``); {} when absent."""
+    path = Path(reports_dir) / "privacy_synthetic.json"
+    if not path.is_file():
+        return {}
+    return {f"privacy/{k}": v for k, v in json.loads(path.read_text()).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k.startswith("privacy_synthetic_")}
