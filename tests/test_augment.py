@@ -13,7 +13,7 @@ from conftest import make_store, tiny_params
 from ctsynth.core.config import params_from_dict
 from ctsynth.core.errors import ConfigError
 from ctsynth.core.labels import encode_condition
-from ctsynth.data.augment import AUGMENTS, build_augment
+from ctsynth.data.augment import AUGMENTS, augment_labelled, build_augment
 from ctsynth.train.loop import run as train
 
 
@@ -46,7 +46,7 @@ def test_none_is_the_identity_and_unknown_modes_are_refused():
     cond, real = pair()
     c, r = build_augment("none")(cond, real)
     assert c is cond and r is real
-    assert AUGMENTS == ("none", "affine", "affine+intensity")
+    assert AUGMENTS == ("none", "affine", "affine+intensity", "classic")
     with pytest.raises(ConfigError, match="train.augment"):
         build_augment("flip")
     with pytest.raises(ConfigError, match="train.augment"):
@@ -68,7 +68,7 @@ def test_affine_warps_image_and_condition_with_the_same_draw():
 @pytest.mark.parametrize("encoding", ["onehot", "index"])
 def test_condition_keeps_its_values_image_its_range(encoding):
     cond, real = pair(encoding)
-    for mode in ("affine", "affine+intensity"):
+    for mode in ("affine", "affine+intensity", "classic"):
         c, r = draw(mode, cond, real)
         assert set(c.unique().tolist()) <= set(cond.unique().tolist())
         assert r.min() >= -1 and r.max() <= 1
@@ -86,7 +86,7 @@ def test_fill_is_air_for_the_image_and_background_for_the_condition():
 
 def test_seeded_repeatability():
     cond, real = pair()
-    for mode in ("affine", "affine+intensity"):
+    for mode in ("affine", "affine+intensity", "classic"):
         a, b, other = draw(mode, cond, real, 1), draw(mode, cond, real, 1), draw(mode, cond, real, 2)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         assert not torch.equal(a[1], other[1])
@@ -99,6 +99,23 @@ def test_intensity_changes_the_image_not_the_condition():
     assert torch.equal(c_aff, c_int)              # same geometric draw comes first
     assert not torch.equal(r_aff, r_int)
     assert (r_int - r_aff).abs().max() < 0.3      # mild
+
+
+def test_classic_warps_a_labelled_batch_alike_and_keeps_its_labels():
+    """segmenter.augment classic: image and structure-index mask warped by one draw (elastic included),
+    the mask keeps exactly its label values, the image its range; unknown modes name segmenter.augment."""
+    masks = torch.from_numpy(blobs(b=16)).long()
+    images = torch.where(masks > 0, 0.5, -1.0).float()               # structures bright on air
+    torch.manual_seed(0)
+    aug_images, aug_masks = augment_labelled(build_augment("classic", key="segmenter.augment"), images, masks)
+    assert aug_images.shape == images.shape and aug_masks.dtype == torch.int64
+    assert set(aug_masks.unique().tolist()) <= {0, 1, 2, 3} and aug_images.abs().max() <= 1
+    moved = (aug_masks != masks).float().mean()
+    disagree = ((aug_images > -0.25) != (aug_masks > 0)).float().mean()  # image structure vs warped mask
+    assert moved > 0.02 and disagree < moved / 5, (moved, disagree)
+    with pytest.raises(ConfigError, match="segmenter.augment"):
+        build_augment("flip", key="segmenter.augment")
+    assert params_from_dict({"segmenter": {"augment": "classic"}}).segmenter.augment == "classic"
 
 
 def test_training_with_affine_runs_repeats_and_resumes(tmp_path):

@@ -72,14 +72,21 @@ def test_trained_segmenter_beats_untrained(trained):
     assert after > before + 0.1, (before, after)
 
 
-def test_segmenter_training_is_deterministic(tmp_path, tiny_store):
+@pytest.mark.parametrize("augment", ["none", "classic"])
+def test_segmenter_training_is_deterministic(tmp_path, tiny_store, augment):
     (tmp_path / "split.json").write_text(json.dumps({"train": ["c1", "c2"], "test": ["c4"]}))
-    params = tiny_params(segmenter={"iterations": 3, "batch_size": 4, "width": 4})
+    params = tiny_params(segmenter={"iterations": 3, "batch_size": 4, "width": 4, "augment": augment})
     for name in ("a.pt", "b.pt"):
         train_segmenter(params, tiny_store, tmp_path / "split.json", tmp_path / name)
-    a = torch.load(tmp_path / "a.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "b.pt", weights_only=True)["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["train"]["augment"] == augment
+    if augment == "classic":                    # the augmented batches train another model than plain ones
+        train_segmenter(tiny_params(segmenter={"iterations": 3, "batch_size": 4, "width": 4}), tiny_store,
+                        tmp_path / "split.json", tmp_path / "plain.pt")
+        plain = torch.load(tmp_path / "plain.pt", weights_only=True)["state_dict"]
+        assert any(not torch.equal(a["state_dict"][k], plain[k]) for k in plain if plain[k].is_floating_point())
 
 
 def test_fd_seg_grows_with_blur_and_noise(trained):

@@ -135,6 +135,8 @@ class SegmenterCfg:
     lr: float = 3e-3
     width: int = 16
     ema: float = 0.95                                # decay of the weight average kept as the model (0: last step)
+    augment: Literal["none", "affine", "affine+intensity", "classic"] = "none"   # batch augmentation (classic:
+                                                     # nnU-Net-style affine, elastic, intensity, blur, noise)
 
 
 @dataclass

@@ -13,6 +13,12 @@ training device; the same random geometric draw warps a slice's image and its co
 * ``affine+intensity``: then, on the image only, contrast ``a·x`` with a in [0.9, 1.1] (about the
   window centre, 0 HU by default) and brightness ``x + b`` with b in [-0.05, 0.05] (±50 HU),
   each with p = 0.5, and Gaussian noise of σ 0.02 (20 HU) with p = 0.5; clamped to [-1, 1].
+* ``classic``: the segmentation baseline's augmentation (``segmenter.augment``), after nnU-Net's
+  2-D pipeline: a wider ``RandomAffine`` (rotation ±15°, translation ±6 %, scale 0.85–1.25, p = 0.8),
+  an elastic deformation (kornia ``RandomElasticTransform``, Gaussian-smoothed random field of
+  σ 8 px and amplitude α = 1 in normalised coordinates, p = 0.2), then on the image only the
+  intensity steps of ``affine+intensity`` with stronger contrast (0.75–1.25), a Gaussian blur
+  (σ 0.5–1 px, p = 0.2) and Gaussian noise of σ 0.03 (p = 0.5).
 
 Randomness: kornia samples the parameters on the CPU from torch's global generator, which
 training seeds with ``train.seed`` and checkpoints save and restore, so CPU runs are bit-for-bit
@@ -27,8 +33,12 @@ import torch
 
 from ctsynth.core.errors import ConfigError
 
-AUGMENTS = ("none", "affine", "affine+intensity")
+AUGMENTS = ("none", "affine", "affine+intensity", "classic")
 AFFINE = {"degrees": 10.0, "translate": (0.06, 0.06), "scale": (0.9, 1.1), "p": 0.8}
+CLASSIC_AFFINE = {"degrees": 15.0, "translate": (0.06, 0.06), "scale": (0.85, 1.25), "p": 0.8}
+CLASSIC_ELASTIC = {"kernel_size": (33, 33), "sigma": (8.0, 8.0), "alpha": (1.0, 1.0), "p": 0.2}
+CLASSIC_CONTRAST, CLASSIC_NOISE_STD = (0.75, 1.25), 0.03
+CLASSIC_BLUR = {"kernel_size": 5, "sigma": (0.5, 1.0), "p": 0.2}
 CONTRAST, BRIGHTNESS, NOISE_STD, INTENSITY_P = (0.9, 1.1), (0.95, 1.05), 0.02, 0.5
 IMAGE_FILL, CONDITION_FILL = -1.0, 0.0
 
@@ -48,8 +58,15 @@ class PairedAugment(torch.nn.Module):
         import kornia.augmentation as K
         from kornia.constants import DataKey, Resample
 
-        steps = [K.RandomAffine(**AFFINE, resample="bilinear", padding_mode="fill",
+        classic = mode == "classic"
+        steps = [K.RandomAffine(**(CLASSIC_AFFINE if classic else AFFINE), resample="bilinear", padding_mode="fill",
                                 fill_value=torch.tensor(IMAGE_FILL))]
+        if classic:                         # elastic warps the mask too (nearest); the rest is the image's
+            steps += [K.RandomElasticTransform(**CLASSIC_ELASTIC, padding_mode="border"),
+                      K.RandomContrast(CLASSIC_CONTRAST, clip_output=False, p=INTENSITY_P),
+                      K.RandomBrightness(BRIGHTNESS, clip_output=False, p=INTENSITY_P),
+                      K.RandomGaussianBlur(**CLASSIC_BLUR),
+                      K.RandomGaussianNoise(std=CLASSIC_NOISE_STD, p=INTENSITY_P)]
         if mode == "affine+intensity":      # intensity steps leave the mask key untouched
             steps += [K.RandomContrast(CONTRAST, clip_output=False, p=INTENSITY_P),
                       K.RandomBrightness(BRIGHTNESS, clip_output=False, p=INTENSITY_P),
@@ -70,13 +87,21 @@ class PairedAugment(torch.nn.Module):
         return torch.cat([masks, planes], dim=1), real.clamp_(-1.0, 1.0)
 
 
-def build_augment(mode: str, constant_channels: int = 0) -> Augment:
-    """The batch augmentation of ``train.augment`` (one of :data:`AUGMENTS`). The last
-    ``constant_channels`` of the condition (the contrast level's plane) are not warped: a
+def build_augment(mode: str, constant_channels: int = 0, key: str = "train.augment") -> Augment:
+    """The batch augmentation of ``train.augment`` or ``segmenter.augment`` (one of :data:`AUGMENTS`).
+    The last ``constant_channels`` of the condition (the contrast level's plane) are not warped: a
     constant needs no geometry, and warping would fill its border with background."""
     if mode not in AUGMENTS:
-        raise ConfigError(f"train.augment: {mode!r}; allowed: {', '.join(AUGMENTS)}")
+        raise ConfigError(f"{key}: {mode!r}; allowed: {', '.join(AUGMENTS)}")
     return _identity if mode == "none" else PairedAugment(mode, constant_channels)
 
 
-__all__ = ["AUGMENTS", "build_augment", "PairedAugment"]
+def augment_labelled(augment: Augment, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A segmentation batch through a paired augmentation: images (B, S, S) in [-1, 1] and
+    structure-index masks (B, S, S) int64; the mask is warped as a one-plane condition
+    (nearest neighbour, filled with background), so it keeps exactly its label values."""
+    cond, real = augment(masks[:, None].float(), images[:, None])
+    return real[:, 0], cond[:, 0].round().long()
+
+
+__all__ = ["AUGMENTS", "PairedAugment", "augment_labelled", "build_augment"]
