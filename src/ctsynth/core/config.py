@@ -108,7 +108,7 @@ class TrainCfg:
     beta1: float = 0.5
     beta2: float = 0.999
     lambda_l1: float = 100.0
-    lambda_fm: float = 0.0                           # feature matching (pix2pixHD) weight; 0: off (paper)
+    lambda_fm: float = 10.0                          # feature matching (pix2pixHD) weight; 0: off (paper)
     augment: Literal["none", "affine", "affine+intensity"] = "affine"  # paired batch augmentation (ctsynth.augment)
     lr_decay_start: float | None = None              # fraction of iterations where linear decay to 0 starts
     sync_bn: bool = False
