@@ -71,7 +71,7 @@ def fig_privacy(generated: np.ndarray, real: np.ndarray | None, threshold: float
     ax.hist(generated, bins=bins, alpha=.6, label=f"generated (n={len(generated)})", color="C1")
     if real is not None and len(real):
         ax.hist(real, bins=bins, alpha=.5, label=f"real test (n={len(real)})", color="C0")
-    ax.axvline(threshold, color="red", ls="--", lw=1.2, label=f"max_similarity = {threshold:g}")
+    ax.axvline(threshold, color="red", ls="--", lw=1.2, label=f"threshold = {threshold:.3f}")
     ax.set(title="similarity to the nearest training slice", xlabel="similarity", ylabel="slices")
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
