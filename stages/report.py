@@ -3,13 +3,15 @@
 Reads (all optional except params): reports/metrics.json, metrics_notes.json, per_case.csv,
 per_structure.csv, privacy.csv, utility.csv; data/generated/grids; data/processed/meta.json; data/split.json;
 data/interim/manifest.csv; reports/train/losses.csv and snapshots; data/synthetic (one
-synthetic case). It renders files only: it never loads or runs a model. Writes
+synthetic case); reports/share.json and the card of data/share (logged to MLflow). It renders
+files only: it never loads or runs a model. Writes
 reports/report.html and reports/figures/*.png atomically, then logs them with all metrics into
 the training run named in --run-file (if tracking is on).
 
     python stages/report.py --out reports/report.html --figures reports/figures \\
         [--run-file models/mlflow_run.json]
 """
+import json
 import logging
 from pathlib import Path
 
@@ -33,15 +35,26 @@ def main(args, params):
     from ctsynth.evaluate.screening import mlflow_metrics
 
     # every metric and interval under its registry name (headline first), the privacy stage's
-    # screening of the synthetic dataset, the report and its figures
+    # screening of the synthetic dataset, the share stage's counts and card, the report and its figures
     results = Results.read(Path(args.reports))
-    log_evaluation(args.run_file, params, {**(results.mlflow() if results else {}), **mlflow_metrics(args.reports)},
-                   files)
+    log_evaluation(args.run_file, params, {**(results.mlflow() if results else {}), **mlflow_metrics(args.reports),
+                                           **share_counts(args.share_counts)}, files,
+                   artifacts={str(Path(args.share) / name): "share" for name in ("dataset_card.json", "DATASET.md")})
     return 0
 
 
+def share_counts(path) -> dict:
+    """The share stage's counts (reports/share.json) under MLflow names ``share/<key>``; {} when absent."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    counts = json.loads(path.read_text()).get("counts", {})
+    return {f"share/{k}": v for k, v in counts.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def add_args(p):
-    add_inputs(p, "reports", "generated", "processed", "split", "synthetic", "manifest", "train_reports")
+    add_inputs(p, "reports", "generated", "processed", "split", "synthetic", "manifest", "train_reports", "share",
+               "share_counts")
     add_output(p, "report")
     add_output(p, "figures", "--figures")
     add_path(p, "run_file", optional=True, help="MLflow run file written by train: log the report there")

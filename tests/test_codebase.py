@@ -20,6 +20,7 @@ LAYERS = {
     "evaluate": {"core", "data"},
     "synth": {"core", "data", "train", "report/__init__.py", "report/figures.py"},  # case grids
     "report": {"core", "data", "evaluate"},
+    "share": {"core", "data", "train", "synth"},   # the card reads the generator file; nnU-Net dataset.json
 }
 
 

@@ -3,8 +3,9 @@
 Checks the whole chain phantom -> ... -> report, the MLflow run, DVC's caching behaviour
 (no-op second repro, param edits rerun only dependent stages), metrics/plots commands,
 atomicity under SIGKILL, bit-for-bit repeatability of metrics.json on CPU, the experiment loop
-(compare, switch back without retraining, queue; every run in the repo's MLflow store) and a
-DVC remote round trip into a fresh clone.
+(compare, switch back without retraining, queue; every run in the repo's MLflow store), a
+DVC remote round trip into a fresh clone, and the expert review in a real headless Chromium
+followed by `dvc repro share`.
 """
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def repo(tmp_path_factory) -> Path:
     root = make_repo(tmp_path_factory.mktemp("e2e"))
     out = sh(root, "dvc", "repro")
     assert stages_run(out.stdout) == ["phantom", "ingest", "preprocess", "split", "train", "segmenter",
-                                      "generate", "synthesize", "privacy", "utility", "evaluate", "report"], out.stdout
+                                      "generate", "synthesize", "privacy", "utility", "evaluate", "share",
+                                      "report"], out.stdout
     return root
 
 
@@ -294,3 +296,102 @@ def test_remote_round_trip_into_a_fresh_clone(repo, tmp_path):
     assert (clone / "reports" / "metrics.json").read_bytes() == (repo / "reports" / "metrics.json").read_bytes()
     assert "data:image/png;base64," in (clone / "reports" / "report.html").read_text()
     assert (clone / "models" / "generator.pt").read_bytes() == (repo / "models" / "generator.pt").read_bytes()
+
+
+def _browser():
+    """Headless Debian Chromium driven by Selenium through Debian's chromedriver (no download:
+    Selenium Manager is not asked). `.ci/run` installs both and sets CTSYNTH_BROWSER_TESTS=required,
+    so in CI a missing browser fails this test instead of skipping it."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("CTSYNTH_BROWSER_TESTS") == "required":
+            pytest.fail("chromium and chromedriver are required (apt-get install chromium chromium-driver)")
+        pytest.skip("no chromium/chromedriver here: apt-get install chromium chromium-driver (.ci/run does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def test_review_in_the_browser_then_share_exports_exactly_the_accepted_passing_cases(repo, tmp_path):
+    """`ctsynth review` in a real headless Chromium: accept two cases (a click, a key), reject one
+    with a reason, reload and see the decisions kept; then with share.require_review, `dvc repro
+    share` exports exactly the accepted cases that passed privacy, with a card whose counts match."""
+    import socket
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _browser()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "ctsynth.cli", "review", "--reviewer", "alice", "--no-browser",
+                               "--port", str(port)], cwd=repo, env=_env(repo), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    verdicts = pd.read_csv(repo / "reports" / "privacy_cases.csv").set_index("case").verdict
+    cases = sorted(verdicts.index, key=lambda c: (verdicts[c] != "pass", c))      # passing cases first
+    accept, reject = cases[:2], cases[2]
+    try:
+        wait = WebDriverWait(browser, 30)
+        deadline = time.time() + 60
+        while True:
+            try:
+                browser.get(f"http://127.0.0.1:{port}/")
+                wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#cases li[data-case]")))
+                break
+            except Exception:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+
+        def open_case(case):
+            browser.find_element(By.CSS_SELECTOR, f'#cases li[data-case="{case}"]').click()
+            wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#detail h2"), case))
+            wait.until(lambda d: d.execute_script("return document.querySelector('#img-axial').complete"))
+
+        def saved(text):
+            wait.until(ec.text_to_be_present_in_element((By.ID, "status"), text))
+
+        open_case(accept[0])
+        browser.find_element(By.ID, "accept").click()                               # by click
+        saved("saved: accepted")
+        open_case(accept[1])
+        browser.find_element(By.TAG_NAME, "body").send_keys("a")                   # by keyboard
+        saved("saved: accepted")
+        open_case(reject)
+        browser.find_element(By.CSS_SELECTOR, 'button[data-reason="artefact"]').click()
+        saved("saved: rejected (artefact)")
+        browser.refresh()                                                           # decisions survive a reload
+        wait.until(ec.text_to_be_present_in_element((By.ID, "progress"), "3 of 3 reviewed"))
+        badges = {li.get_attribute("data-case"): li.text for li in
+                  browser.find_elements(By.CSS_SELECTOR, "#cases li[data-case]")}
+        assert all("accepted" in badges[c] for c in accept) and "rejected" in badges[reject], badges
+        browser.save_screenshot(str(tmp_path / "review.png"))
+        assert (tmp_path / "review.png").stat().st_size > 10_000
+    finally:
+        browser.quit()
+        server.terminate()
+        server.wait(10)
+    lines = [json.loads(x) for x in (repo / "reviews" / "alice.jsonl").read_text().splitlines()]
+    assert [(x["case"], x["decision"], x["reason"]) for x in lines] == [
+        (accept[0], "accept", None), (accept[1], "accept", None), (reject, "reject", "artefact")]
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["share"]["require_review"] = True
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_run(sh(repo, "dvc", "repro", "share").stdout) == ["share"]       # reviews and params: share only
+    expected = sorted(c for c in accept if verdicts[c] == "pass")
+    shared = sorted(p.name[:-len("_image.nii.gz")] for p in (repo / "data" / "share" / "pairs").glob("*_image.nii.gz"))
+    assert shared == expected
+    card = json.loads((repo / "data" / "share" / "dataset_card.json").read_text())
+    assert card["counts"] == {"made": len(verdicts), "passed_privacy": int((verdicts == "pass").sum()), "accepted": 2,
+                              "rejected": 1, "stale_decisions": 0, "shared": len(expected)}
+    assert card["reviews"]["reviewers"][0]["reviewer"] == "alice" and card["selection"]["review_required"]
+    assert json.loads((repo / "reports" / "share.json").read_text())["shared"] == expected

@@ -33,6 +33,7 @@ def dvc_workspace(root: Path, params_text: str) -> Path:
     shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "src" / "ctsynth", root / "src" / "ctsynth", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "reviews", root / "reviews")                  # git-tracked input of the share stage
     (root / "params.yaml").write_text(params_text)
     params = yaml.safe_load(params_text)
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]

@@ -3,6 +3,7 @@
     ctsynth phantom --out data/my_phantom --cases 4 --seed 1
     ctsynth generate --model models/generator.pt --mask mask.nii.gz --out synth.nii.gz
     ctsynth synthesize --labels data/phantom --pattern '*_label.nii.gz' --out synth/ --cases 50 [--layout nnunet]
+    ctsynth review --reviewer alice [--port 8765] [--no-browser]
     ctsynth check-params [--params params/paper.yaml]
     ctsynth preset paper [--params params.yaml] [--out params.yaml]
     ctsynth bench [--quick] [--paths fp32_cl,compile]
@@ -58,6 +59,29 @@ with the input's label values, the layout `ingest` reads: use the folder as data
 'nnunet' (imagesTr/<id>_0000.nii.gz, labelsTr/<id>.nii.gz with labels 1..K, dataset.json; put it
 in nnUNet_raw/DatasetXXX_Name). manifest.csv records each case's source and draw. The ranges
 are params.yaml's synthesize defaults; the pipeline's `synthesize` stage uses params.yaml itself."""
+
+
+REVIEW_HELP = """A local web page on which an expert reviews the synthetic cases (data/synthetic): CT and mask in
+axial, coronal and sagittal views with slice sliders, the privacy screening with the nearest
+training slice beside each screened slice, and the draw that made the case. Accept, or reject with
+a reason, by click or key (a, 1-4; j/k next/previous). Each decision is saved at once to
+reviews/<reviewer>.jsonl with the case's content hash: commit that file, and `dvc repro share`
+applies it (a decision on a case that has changed since is stale and not applied). Served on
+127.0.0.1 unless --host says otherwise; the page makes no external request."""
+
+
+def _review(args) -> int:
+    import getpass
+
+    from ctsynth.core.config import load_params
+    from ctsynth.share.review import ReviewData, serve
+
+    params = load_params(args.params)
+    reviewer = args.reviewer or getpass.getuser()
+    data = ReviewData(args.synthetic, args.reviews, reviewer, params.data.label_map,
+                      hu_window=params.preprocess.hu_window, privacy_dir=args.reports, processed_dir=args.processed)
+    serve(data, host=args.host, port=args.port, open_browser=not args.no_browser)
+    return 0
 
 
 def _check_params(args) -> int:
@@ -173,6 +197,27 @@ def _contrast_option(p: argparse.ArgumentParser, default_help: str) -> None:
                         f"error names (default: {default_help})")
 
 
+def _review_parser(sub) -> None:
+    p = sub.add_parser("review", help="review synthetic cases in the browser: accept or reject, saved per reviewer",
+                       description=REVIEW_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reviewer", default=None,
+                   help="your name: decisions go to reviews/<reviewer>.jsonl (default: the login name)")
+    p.add_argument("--synthetic", default=pipeline_path("synthetic"),
+                   help=f"synthetic dataset (default {pipeline_path('synthetic')})")
+    p.add_argument("--reviews", default=pipeline_path("reviews"),
+                   help=f"folder of review files (default {pipeline_path('reviews')})")
+    p.add_argument("--reports", default="reports",
+                   help="folder of the privacy stage's privacy_cases.csv, privacy_synthetic.csv (default reports)")
+    p.add_argument("--processed", default=pipeline_path("processed"),
+                   help=f"processed store: the training slices shown beside the synthetic ones "
+                        f"(default {pipeline_path('processed')})")
+    p.add_argument("--params", default="params.yaml", help="params file: label map, HU window (default params.yaml)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    p.add_argument("--no-browser", action="store_true", help="do not open the page in a browser")
+    p.set_defaults(func=_review)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctsynth", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p, "structures to keep and draw")
     _contrast_option(p, "each case draws one from the training cases' distribution, recorded in manifest.csv")
     p.set_defaults(func=_synthesize)
+
+    _review_parser(sub)
 
     p = sub.add_parser("check-params", help="validate a params file and exit")
     p.add_argument("--params", default="params.yaml")

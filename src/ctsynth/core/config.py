@@ -189,6 +189,14 @@ class RealismCfg:
 
 
 @dataclass
+class ShareCfg:
+    name: str = "ctsynth-synthetic-cardiac-ct"       # the dataset's name (card, nnU-Net dataset.json)
+    require_review: bool = False                     # true: a case is shared only once reviewers accepted it
+    min_accepts: int = 1                             # ... this many of them (a rejection always withholds)
+    license: str | None = None                       # the license you share under (the card says UNSET until set)
+
+
+@dataclass
 class TrackingCfg:
     uri: str | None = None                           # default: sqlite:///<repo>/mlflow.db
     experiment: str = "ctsynth"
@@ -213,6 +221,7 @@ class Params:
     evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
     privacy: PrivacyCfg = field(default_factory=PrivacyCfg)
     realism: RealismCfg = field(default_factory=RealismCfg)
+    share: ShareCfg = field(default_factory=ShareCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)
 
 
@@ -423,6 +432,8 @@ def _check_evaluation_and_paths(p: Params, need) -> None:
     need(p.realism.c2st_steps >= 1 and p.realism.c2st_batch_size >= 2 and p.realism.c2st_width >= 1,
          "realism.c2st_steps/c2st_width: must be >= 1, realism.c2st_batch_size: >= 2")
     need(p.realism.c2st_lr > 0, "realism.c2st_lr: must be > 0")
+    need(p.share.min_accepts >= 1, f"share.min_accepts: must be >= 1, got {p.share.min_accepts}")
+    need(bool(p.share.name.strip()), "share.name: must not be empty")
     need(p.privacy.exhaustive_budget >= 0, "privacy.exhaustive_budget: must be >= 0 (0: always pre-filter)")
     weights = p.evaluate.inception_weights
     for key, value in (("data.raw_dir", p.data.raw_dir),

@@ -336,13 +336,18 @@ def evaluation_run(run_file: str | Path, params: Any) -> Iterator[Tracker]:
         run.close("FINISHED")
 
 
-def log_evaluation(run_file: str | Path, params: Any, metrics: Mapping[str, Any], files: list) -> None:
+def log_evaluation(run_file: str | Path, params: Any, metrics: Mapping[str, Any], files: list,
+                   artifacts: Mapping[str, str] | None = None) -> None:
     """Log every numeric metric, the report (``.html``) and its figures into the evaluation run
-    of ``run_file``'s training (:func:`evaluation_run`)."""
+    of ``run_file``'s training (:func:`evaluation_run`); ``artifacts``: more files, path -> the
+    artifact folder they go to (e.g. the shared dataset's card: ``share``)."""
     with evaluation_run(run_file, params) as run:
         run.log_metrics({k: v for k, v in metrics.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
         for f in files:
             run.log_artifact(f, "report" if Path(f).suffix == ".html" else "report/figures")
+        for f, folder in (artifacts or {}).items():
+            if Path(f).is_file():
+                run.log_artifact(f, folder)
         if run.active:
             log.info("report and %d metrics logged to MLflow run %s", len(metrics), run.run_id)

@@ -390,7 +390,15 @@ def _synthetic_screening(reports_dir: Path) -> str:
             f"mean {fmt(summary.get('privacy_synthetic_similarity_mean'))}, max "
             f"{fmt(summary.get('privacy_synthetic_similarity_max'))} (unseen validation patients' slices: max "
             f"{fmt(summary.get('privacy_reference_similarity_max'))}). Per case: "
-            f"<code>reports/privacy_cases.csv</code>; per slice: <code>reports/privacy_synthetic.csv</code>.</p>")
+            f"<code>reports/privacy_cases.csv</code>; per slice: <code>reports/privacy_synthetic.csv</code>."
+            + (f" Case rule: {esc(summary['case_rule'])}." if summary.get("case_rule") else "") + "</p>")
+    share = _read_json(reports_dir / "share.json")
+    if share:
+        c = share["counts"]
+        text += (f"<p><b>Shared</b> (<code>data/share</code>, with its dataset card): {c['shared']} of {c['made']} "
+                 f"cases ({c['passed_privacy']} passed privacy; expert review "
+                 f"{'required' if share.get('require_review') else 'not required'}: {c['accepted']} accepted, "
+                 f"{c['rejected']} rejected by a reviewer, {c['stale_decisions']} stale decision(s)).</p>")
     return text + table(cases.sort_values("similarity_max", ascending=False))
 
 

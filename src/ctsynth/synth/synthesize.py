@@ -225,7 +225,7 @@ def synthesize_dataset(synth: MaskToCT, sources: list[Source], cfg: SynthesizeCf
         manifest = pd.DataFrame(rows)
         write_csv(tmp / "manifest.csv", manifest)
         if layout == "nnunet":
-            _write_dataset_json(tmp, values, len(rows), synth.meta)
+            write_dataset_json(tmp, values, len(rows), synth.meta)
     log.info("synthesize: %d cases from %d sources -> %s (%s layout), %d redraws, generator %.1f slices/s",
              len(rows), len(sources), out_dir, layout, int(manifest.attempt.sum() - len(rows)),
              synth.throughput())
@@ -271,9 +271,10 @@ def _accepted_draw(src: np.ndarray, affine: np.ndarray, cfg: SynthesizeCfg, i: i
                      f"last: {reasons[-1]}. Narrow the synthesize ranges or raise synthesize.max_attempts")
 
 
-def _write_dataset_json(out: Path, values: dict[int, int], n: int, meta: dict) -> None:
+def write_dataset_json(out: Path, values: dict[int, int], n: int, meta: dict, name: str = "ctsynth-synthetic") -> None:
+    """nnU-Net v2 ``dataset.json``: ``values`` maps structure index -> label value 1..K."""
     labels = {"background": 0, **{STRUCTURES[idx - 1]: k for idx, k in values.items()}}
-    dataset = {"name": "ctsynth-synthetic", "description": "synthetic CT from warped training masks "
+    dataset = {"name": name, "description": "synthetic CT from warped training masks "
                "(ctsynth synthesize)", "channel_names": {"0": "CT"}, "labels": labels,
                "numTraining": n, "file_ending": ".nii.gz",
                "ctsynth": {"structures": meta.get("structures"), "image_size": meta.get("image_size")}}
