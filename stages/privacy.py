@@ -5,7 +5,7 @@ above the threshold calibrated on the validation patients, as in the evaluate st
 case's mask against the training mask it was warped from. Writes ``reports/privacy_cases.csv``
 (one row per case: scores, nearest training case and slice, verdict, reason),
 ``reports/privacy_synthetic.csv`` (one row per slice) and ``reports/privacy_synthetic.json``
-(the rule and counts; dvc metrics). See ``ctsynth.evaluate.screening``.
+(the rules and counts). See ``ctsynth.evaluate.screening``.
 
     python stages/privacy.py --synthetic data/synthetic --processed data/processed \\
         --split data/split.json --interim data/interim --out reports

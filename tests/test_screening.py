@@ -122,3 +122,31 @@ def test_stage_reports_every_manifest_problem_at_once_and_writes_nothing(screene
     (bad / "manifest.csv").unlink()
     with pytest.raises(InputError, match="manifest.csv: missing"):
         screening.run(params, bad, w["processed"], w["split"], w["interim"], root / "out2")
+
+
+def test_case_rule_known_answers():
+    """reference: a case may have as large a share of too-close slices as the worst validation
+    patient; any: not one; a slice above the hard cap withholds its case whatever the share."""
+    assert screening.reference_share_above(np.array([0.1, 0.9, 0.2, 0.3]), np.array(["a", "a", "b", "b"]), 0.5) == 0.5
+    assert screening.reference_share_above(np.zeros(0), np.zeros(0), 0.5) is None
+    assert screening.case_allowance("any", np.array([0.9]), np.array(["a"]), 0.5) == 0.0
+    assert screening.case_allowance("reference", np.array([0.9, 0.1]), np.array(["a", "a"]), 0.5) == 0.5
+    assert screening.case_allowance("reference", np.zeros(0), np.zeros(0), 0.5) == 0.0    # no validation: strict
+    sims = np.r_[np.full(9, 0.4), 0.6]                                        # 1 of 10 slices above 0.5
+    slices = pd.DataFrame({"case": "s1", "z": range(10), "similarity": sims, "nn_case": "p3", "nn_z": range(10),
+                           "above": sims > 0.5})
+    manifest = pd.DataFrame({"case": ["s1"], "source": ["p3"]})
+
+    def verdict(allowed, cap=None, sims_override=None):
+        frame = slices if sims_override is None else slices.assign(similarity=sims_override)
+        return screening.case_table(frame, manifest, {}, 0.5, None, allowed, cap).iloc[0]
+
+    assert verdict(0.1).verdict == "pass" and verdict(0.1).share_above == 0.1
+    withheld = verdict(0.05)
+    assert withheld.verdict == "withheld"
+    assert "10% of its slices; no validation patient has more than 5%" in withheld.reason
+    assert verdict(0.0).verdict == "withheld"
+    near_copy = verdict(1.0, 0.95, np.r_[np.full(9, 0.4), 0.97])
+    assert near_copy.verdict == "withheld" and "above the cap privacy.max_similarity 0.95" in near_copy.reason
+    assert "any of its slices" in screening.describe_case_rule("any", 0.0)
+    assert "more than 5.0% of its slices" in screening.describe_case_rule("reference", 0.05)

@@ -173,6 +173,9 @@ class PrivacyCfg:
     quantile: float | None = 0.99                    # threshold = this quantile of unseen (validation) real slices'
                                                      # nearest-training similarity; null: the cap alone
     max_similarity: float | None = 0.95              # hard cap on that threshold; null: none
+    case_rule: Literal["reference", "any"] = "reference"   # privacy stage: a case is withheld when more of its slices
+                                                     # are above the threshold than any validation patient has
+                                                     # (reference) | when any slice is (any)
     max_mask_dice: float | None = 0.9                # privacy stage: a synthetic case whose mask overlaps its source
                                                      # mask more (whole-heart Dice) is withheld; null: not checked
     exhaustive_budget: int = 10_000_000_000          # exhaustive while query x training slices x pixels <= this

@@ -15,11 +15,13 @@ it is what users share. Every case is checked twice:
   when the grids differ), so a near-identity draw is caught even where the generator draws a new
   image; withheld above ``privacy.max_mask_dice``.
 
-A case passes when none of its slices is above the threshold and its mask overlap is at most the
-cap. Outputs (atomic): ``reports/privacy_synthetic.csv`` (one row per slice: case, z, similarity,
-nearest training case and slice, above), ``reports/privacy_cases.csv`` (one row per case: the scores,
+A case passes when no larger share of its slices is above the threshold than any validation
+patient has (``privacy.case_rule: reference``; ``any``: when none is), none is above the hard cap
+``privacy.max_similarity``, and its mask overlap is at most ``privacy.max_mask_dice``.
+Outputs (atomic): ``reports/privacy_synthetic.csv`` (one row per slice: case, z, similarity, nearest
+training case and slice, above), ``reports/privacy_cases.csv`` (one row per case: the scores,
 the nearest training case and slice of its closest slice, the verdict and why) and
-``reports/privacy_synthetic.json`` (the rule, counts; a DVC metrics file).
+``reports/privacy_synthetic.json`` (the rules, counts; git-tracked).
 """
 from __future__ import annotations
 
@@ -82,17 +84,36 @@ def _manifest(synthetic_dir: Path, interim_dir: Path, train: list[str]) -> pd.Da
     return manifest
 
 
+def reference_share_above(sims: np.ndarray, cases: np.ndarray, threshold: float) -> float | None:
+    """The largest share of slices above ``threshold`` that any one unseen (validation) patient has:
+    how many too-close slices a case may have and still be no closer to training than every unseen
+    patient. None without validation slices."""
+    if len(sims) == 0:
+        return None
+    frame = pd.DataFrame({"case": cases, "above": np.asarray(sims) > threshold})
+    return float(frame.groupby("case").above.mean().max())
+
+
 def case_table(slices: pd.DataFrame, manifest: pd.DataFrame, overlaps: dict[str, float], threshold: float,
-               max_mask_dice: float | None) -> pd.DataFrame:
+               max_mask_dice: float | None, max_share_above: float = 0.0,
+               hard_cap: float | None = None) -> pd.DataFrame:
     """One row per case of ``manifest`` from the per-slice rows (case, z, similarity, nn_case, nn_z,
-    above): scores, the nearest training slice of its closest slice, verdict and reason."""
+    above): scores, the nearest training slice of its closest slice, verdict and reason. A case is
+    withheld when more than ``max_share_above`` of its slices are above ``threshold`` (0: any slice),
+    or when any slice is above ``hard_cap`` (a near-copy withholds its case whatever the share)."""
     rows = []
     for case, source in zip(manifest.case, manifest.source):
         mine = slices[slices.case == case]
         dice = overlaps.get(case)
         reasons = []
-        if len(mine) and mine.above.any():
-            reasons.append(f"{int(mine.above.sum())} slice(s) above {threshold:.4f}")
+        share = float(mine.above.mean()) if len(mine) else 0.0
+        if len(mine) and share > max_share_above:
+            reasons.append(f"{int(mine.above.sum())} slice(s) above {threshold:.4f}"
+                           + (f" ({share:.0%} of its slices; no validation patient has more than "
+                              f"{max_share_above:.0%})" if max_share_above > 0 else ""))
+        if len(mine) and hard_cap is not None and mine.similarity.max() > hard_cap:
+            reasons.append(f"a slice at {mine.similarity.max():.4f} is above the cap privacy.max_similarity "
+                           f"{hard_cap:g}")
         if max_mask_dice is not None and dice is not None and dice > max_mask_dice:
             reasons.append(f"mask Dice with {source} {dice:.3f} > {max_mask_dice:g}")
         if not len(mine):
@@ -103,10 +124,27 @@ def case_table(slices: pd.DataFrame, manifest: pd.DataFrame, overlaps: dict[str,
                      "similarity_mean": round(float(mine.similarity.mean()), 4) if len(mine) else None,
                      "nearest_case": None if top is None else top.nn_case,
                      "nearest_z": None if top is None else int(top.nn_z),
-                     "slices_above": int(mine.above.sum()),
+                     "slices_above": int(mine.above.sum()), "share_above": round(share, 4),
                      "mask_dice_source": None if dice is None else round(dice, 4),
                      "verdict": WITHHELD if reasons else PASS, "reason": "; ".join(reasons)})
     return pd.DataFrame(rows)
+
+
+def case_allowance(case_rule: str, reference: np.ndarray, reference_cases: np.ndarray, threshold: float) -> float:
+    """The share of a case's slices that may lie above the slice threshold: ``any`` 0 (a single
+    slice withholds the case); ``reference`` the most any validation patient has (0 without them)."""
+    if case_rule == "any":
+        return 0.0
+    ref = reference_share_above(reference, reference_cases, threshold)
+    return 0.0 if ref is None else ref
+
+
+def describe_case_rule(case_rule: str, allowed: float) -> str:
+    if case_rule == "any" or allowed == 0:
+        return "a case is withheld when any of its slices is above the threshold" + (
+            "" if case_rule == "any" else " (no validation patient has a slice above it)")
+    return (f"a case is withheld when more than {allowed:.1%} of its slices are above the threshold: the most "
+            f"that any validation patient (unseen by the generator) has")
 
 
 def run(params: Params, synthetic_dir, processed_dir, split_path, interim_dir, out_dir) -> dict:
@@ -129,7 +167,9 @@ def run(params: Params, synthetic_dir, processed_dir, split_path, interim_dir, o
         search = NearestTrainingSearch(store.images, store.rows_for_cases(split["train"]), pv.downsample,
                                        pv.candidates, hu_window=store.meta["hu_window"],
                                        budget=pv.exhaustive_budget, n_queries=n + val_rows.size)
-        rule = privacy_rule(reference_similarities(search, store.images, val_rows), pv.quantile, pv.max_similarity)
+        reference = reference_similarities(search, store.images, val_rows)
+        rule = privacy_rule(reference, pv.quantile, pv.max_similarity)
+        allowed = case_allowance(pv.case_rule, reference, store.slices.case.to_numpy()[val_rows], rule.threshold)
         case_of, z_of = store.slices.case.to_numpy(), store.slices.z.to_numpy()
         parts, bs = [], params.evaluate.batch_size
         for s in tqdm(range(0, n, bs), desc="privacy (synthetic)", disable=quiet(), unit="batch"):
@@ -140,10 +180,11 @@ def run(params: Params, synthetic_dir, processed_dir, split_path, interim_dir, o
                                        "nn_z": z_of[nn_rows], "above": sims > rule.threshold}))
     slices = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
         columns=["case", "z", "similarity", "nn_case", "nn_z", "above"])
-    cases = case_table(slices, manifest, overlaps, rule.threshold, pv.max_mask_dice)
+    cases = case_table(slices, manifest, overlaps, rule.threshold, pv.max_mask_dice, allowed, pv.max_similarity)
     summary = {**rule.summary(), "privacy_synthetic_n_cases": len(cases),
                "privacy_synthetic_n_pass": int((cases.verdict == PASS).sum()),
                "privacy_synthetic_n_slices": len(slices),
+               "privacy_synthetic_case_share_allowed": allowed,
                "privacy_synthetic_share_above": float(slices.above.mean()) if len(slices) else None,
                "privacy_synthetic_similarity_mean": float(slices.similarity.mean()) if len(slices) else None,
                "privacy_synthetic_similarity_max": float(slices.similarity.max()) if len(slices) else None,
@@ -151,6 +192,7 @@ def run(params: Params, synthetic_dir, processed_dir, split_path, interim_dir, o
     write_csv(out / "privacy_synthetic.csv", slices)
     write_csv(out / "privacy_cases.csv", cases)
     write_json(out / "privacy_synthetic.json", {**summary, "rule": rule.describe(), "distance": search.distance,
+                                                "case_rule": describe_case_rule(pv.case_rule, allowed),
                                                 "max_mask_dice": pv.max_mask_dice})
     log.info("privacy: %d of %d synthetic cases pass (%d of %d slices above %.4f; mask Dice with the source max "
              "%s); %s", summary["privacy_synthetic_n_pass"], len(cases), int(slices.above.sum()), len(slices),
