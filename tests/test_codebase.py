@@ -21,6 +21,7 @@ LAYERS = {
     "synth": {"core", "data", "train", "report/__init__.py", "report/figures.py"},  # case grids
     "report": {"core", "data", "evaluate"},
     "share": {"core", "data", "train", "synth"},   # the card reads the generator file; nnU-Net dataset.json
+    "studies": {"core", "data", "train", "synth", "evaluate"},   # on-demand grids over the pipeline's parts
 }
 
 

@@ -4,8 +4,8 @@ Checks the whole chain phantom -> ... -> report, the MLflow run, DVC's caching b
 (no-op second repro, param edits rerun only dependent stages), metrics/plots commands,
 atomicity under SIGKILL, bit-for-bit repeatability of metrics.json on CPU, the experiment loop
 (compare, switch back without retraining, queue; every run in the repo's MLflow store), a
-DVC remote round trip into a fresh clone, and the expert review in a real headless Chromium
-followed by `dvc repro share`.
+DVC remote round trip into a fresh clone, the expert review in a real headless Chromium
+followed by `dvc repro share`, and the utility study as its own DVC pipeline.
 """
 from __future__ import annotations
 
@@ -67,7 +67,8 @@ def make_repo(dest: Path) -> Path:
                            capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
         src = REPO / rel
-        if src.is_file() and not rel.startswith(("dvc.lock", "reports/")):   # results of this checkout
+        if src.is_file() and not rel.startswith(("dvc.lock", "reports/", "studies/")):   # results of this checkout;
+            # the on-demand studies have pipelines of their own (their test copies them in)
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -394,4 +395,44 @@ def test_review_in_the_browser_then_share_exports_exactly_the_accepted_passing_c
     assert card["counts"] == {"made": len(verdicts), "passed_privacy": int((verdicts == "pass").sum()), "accepted": 2,
                               "rejected": 1, "stale_decisions": 0, "shared": len(expected)}
     assert card["reviews"]["reviewers"][0]["reviewer"] == "alice" and card["selection"]["review_required"]
+    run_id = json.loads((repo / "models" / "mlflow_run.json").read_text())["run_id"]
+    assert card["generator"]["mlflow"]["run_id"] == run_id
+    import mlflow
+
+    tags = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}").get_run(run_id).data.tags
+    assert card["training_data"]["data_hash"] == tags["ctsynth.data_hash"]       # what the training saw
     assert json.loads((repo / "reports" / "share.json").read_text())["shared"] == expected
+
+
+def test_the_utility_study_runs_as_its_own_resumable_dvc_pipeline(repo):
+    """`dvc repro studies/utility/dvc.yaml` on the pipeline's outputs: one stage per cell, then the
+    summary (table, figure, sentence); a second run does nothing, a lost cell reruns alone with the
+    summary, and a grid asking for more patients than the split has stops with one clear line."""
+    shutil.copytree(REPO / "studies", repo / "studies", ignore=shutil.ignore_patterns("cells", "results", "dvc.lock"))
+    spec = repo / "studies" / "utility" / "params.yaml"
+    spec.write_text(yaml.safe_dump({"study": {"n_real": [1, 0], "draws": [1, 2], "seeds": [1], "shares": [0.5],
+                                              "synthetic_cases": 1, "iterations": 4, "bootstrap": 50}}))
+    ran = stages_run(sh(repo, "dvc", "repro", "studies/utility/dvc.yaml").stdout)
+    cells = [f"studies/utility/dvc.yaml:cell@{n}-{d}" for n in (1, 0) for d in (1, 2)]
+    assert sorted(ran) == sorted(cells + ["studies/utility/dvc.yaml:summary"]) and ran[-1].endswith("summary")
+    results = repo / "studies" / "utility" / "results"
+    n_train = len(json.loads((repo / "data" / "split.json").read_text())["train"])
+    assert sorted(pd.read_csv(results / "curve.csv").n.unique()) == [1, n_train]
+    assert json.loads((results / "summary.json").read_text())["sentence"].startswith("At 1 real patient(s)")
+    assert (results / "curve.png").stat().st_size > 1000
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ctsynth-studies").experiment_id])
+    assert len(runs) == 1 and "gain_over_classic/n1" in runs[0].data.metrics
+    assert runs[0].info.run_name.startswith("utility-study-")
+    assert stages_run(sh(repo, "dvc", "repro", "studies/utility/dvc.yaml").stdout) == []
+    (repo / "studies" / "utility" / "cells" / "n1-d2.json").unlink()                # an interrupted study
+    assert stages_run(sh(repo, "dvc", "repro", "studies/utility/dvc.yaml").stdout) == [
+        "studies/utility/dvc.yaml:cell@1-2", "studies/utility/dvc.yaml:summary"]
+    before = (results / "curve.csv").read_bytes()
+    spec.write_text(spec.read_text().replace("- 1\n  - 0", f"- 1\n  - {n_train + 5}"))
+    out = sh(repo, "dvc", "repro", "studies/utility/dvc.yaml", check=False)
+    message = f"asks for {n_train + 5} real patients, the split has {n_train}"
+    assert out.returncode != 0 and message in out.stdout + out.stderr
+    assert (results / "curve.csv").read_bytes() == before

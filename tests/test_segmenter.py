@@ -228,3 +228,36 @@ def test_segmenter_seed_is_its_own_when_set_else_the_top_level_seed():
     assert segmenter_seed(SimpleNamespace(seed=42, segmenter=SimpleNamespace(seed=None))) == 42
     assert segmenter_seed(SimpleNamespace(seed=42, segmenter=SimpleNamespace(seed=5))) == 5
     assert segmenter_seed(SimpleNamespace(seed=42, segmenter=SimpleNamespace())) == 42   # no segmenter.seed key
+
+
+def test_a_batch_share_draws_that_fraction_from_the_second_pool():
+    from ctsynth.evaluate.segmenter import _share_picks
+
+    rng = np.random.default_rng(0)
+    picks = _share_picks(rng, [10, 3], 16, 0.25)                 # 4 of 16 from the 3 synthetic slices
+    assert picks.size == 16 and (picks >= 10).sum() == 4 and picks.max() < 13 and picks.min() >= 0
+    assert (_share_picks(rng, [10, 3], 16, 0.0) < 10).all() and (_share_picks(rng, [10, 3], 16, 1.0) >= 10).all()
+
+
+def test_share_and_init_change_the_training_and_bad_shares_are_refused(tiny_store):
+    """A share trains on other batches than drawing uniformly; init starts from given weights (a
+    zero-step continuation returns them); a share needs two pools and a value in [0, 1]."""
+    from ctsynth.core.errors import ConfigError
+    from ctsynth.evaluate.segmenter import train_segmenter as fit
+
+    store = ProcessedStore(tiny_store)
+    pools = [(store, store.rows_for_cases(["c1"])), (store, store.rows_for_cases(["c2"]))]
+    cfg = tiny_params(segmenter={"iterations": 3, "ema": 0.0}).segmenter
+    uniform, _ = fit(cfg, 0, pools)
+    shared, _ = fit(cfg, 0, pools, share=0.75)
+    again, _ = fit(cfg, 0, pools, share=0.75)
+    w_u, w_s, w_a = uniform.state_dict(), shared.state_dict(), again.state_dict()
+    assert any(not torch.equal(w_u[k], w_s[k]) for k in w_u if w_u[k].is_floating_point())
+    assert all(torch.equal(w_s[k], w_a[k]) for k in w_s)                      # seeded
+    start, _ = fit(dataclasses.replace(cfg, iterations=1), 1, pools[:1], init=shared)
+    fresh, _ = fit(dataclasses.replace(cfg, iterations=1), 1, pools[:1])
+    assert any(not torch.equal(start.state_dict()[k], fresh.state_dict()[k]) for k in w_s
+               if w_s[k].is_floating_point())                                  # not a fresh network
+    for bad in ({"share": 1.5}, {"share": 0.5, "pools": pools[:1]}):
+        with pytest.raises(ConfigError, match="a batch share needs exactly two pools"):
+            fit(cfg, 0, bad.get("pools", pools), share=bad["share"])

@@ -4,6 +4,7 @@
     ctsynth generate --model models/generator.pt --mask mask.nii.gz --out synth.nii.gz
     ctsynth synthesize --labels data/phantom --pattern '*_label.nii.gz' --out synth/ --cases 50 [--layout nnunet]
     ctsynth review --reviewer alice [--port 8765] [--no-browser]
+    ctsynth study utility-cell --n 2 --draw 1 --out cells/n2-d1.json   (run by studies/utility/dvc.yaml)
     ctsynth check-params [--params params/paper.yaml]
     ctsynth preset paper [--params params.yaml] [--out params.yaml]
     ctsynth bench [--quick] [--paths fp32_cl,compile]
@@ -82,6 +83,38 @@ def _review(args) -> int:
                       hu_window=params.preprocess.hu_window, privacy_dir=args.reports, processed_dir=args.processed)
     serve(data, host=args.host, port=args.port, open_browser=not args.no_browser)
     return 0
+
+
+def _study(args) -> int:
+    from ctsynth.core.config import load_params
+    from ctsynth.studies import utility
+
+    if args.study_command == "utility-summary":
+        summary = utility.summarize(args.cells, args.out, args.study, load_params(args.params))
+        print(summary["sentence"])
+        return 0
+    utility.run_cell(load_params(args.params), args.study, args.n, args.draw, args.processed, args.split,
+                     args.interim, args.model, args.out)
+    return 0
+
+
+def _study_parser(sub) -> None:
+    p = sub.add_parser("study", help="steps of the on-demand studies (run them with dvc repro studies/<name>/dvc.yaml)")
+    verbs = p.add_subparsers(dest="study_command", required=True)
+    c = verbs.add_parser("utility-cell", help="one cell of the utility study: n real patients, one draw")
+    c.add_argument("--n", type=int, required=True, help="real training patients (0: all)")
+    c.add_argument("--draw", type=int, required=True, help="which draw of n patients (1, 2, ...)")
+    c.add_argument("--out", required=True, help="the cell's JSON (written atomically)")
+    c.add_argument("--study", default="studies/utility/params.yaml", help="the study's params (its study section)")
+    c.add_argument("--params", default="params.yaml", help="the pipeline's params (segmenter, synthesize, ...)")
+    for name in ("processed", "split", "interim", "model"):
+        c.add_argument(f"--{name}", default=pipeline_path(name), help=f"default {pipeline_path(name)}")
+    s = verbs.add_parser("utility-summary", help="the utility study's table, figure and sentence from its cells")
+    s.add_argument("--cells", required=True, help="folder of cell JSON files")
+    s.add_argument("--out", required=True, help="output folder: curve.csv, contrasts.csv, summary.json, ...")
+    s.add_argument("--study", default="studies/utility/params.yaml", help="the study's params")
+    s.add_argument("--params", default="params.yaml", help="the pipeline's params (tracking: where MLflow logs)")
+    p.set_defaults(func=_study)
 
 
 def _check_params(args) -> int:
@@ -259,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_synthesize)
 
     _review_parser(sub)
+    _study_parser(sub)
 
     p = sub.add_parser("check-params", help="validate a params file and exit")
     p.add_argument("--params", default="params.yaml")

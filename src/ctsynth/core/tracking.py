@@ -351,3 +351,30 @@ def log_evaluation(run_file: str | Path, params: Any, metrics: Mapping[str, Any]
                 run.log_artifact(f, folder)
         if run.active:
             log.info("report and %d metrics logged to MLflow run %s", len(metrics), run.run_id)
+
+
+def log_study(params: Any, name: str, study_params: Mapping[str, Any], metrics: Mapping[str, float],
+              files: list) -> str | None:
+    """Log an on-demand study's summary as one run (named ``<name>-<commit>-<time>``) in experiment
+    ``<tracking.experiment>-studies``: its params, metrics and files. Returns the run id; None when
+    tracking is off or the store cannot be opened (a warning: the study's files are complete)."""
+    if not getattr(params.tracking, "enabled", True):
+        return None
+    try:
+        uri = tracking_uri(params)
+        client, exp_id = _connect(uri, f"{params.tracking.experiment}-studies")
+    except TrainingError as e:
+        log.warning("MLflow: study %s not logged (%s)", name, e)
+        return None
+    run = Tracker(client.create_run(exp_id, run_name=run_name(name)).info.run_id, uri,
+                  f"{params.tracking.experiment}-studies")
+    run.log_params({f"study.{k}": _plain(v) for k, v in study_params.items()})
+    run.set_tags(provenance_tags())
+    run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    for f in files:
+        if Path(f).is_file():
+            run.log_artifact(f, name)
+    run.close()
+    log.info("MLflow: study %s logged as run %s", name, run.run_id)
+    return run.run_id
+

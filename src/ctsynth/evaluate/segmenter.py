@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ctsynth.core.accel import runtime_record
 from ctsynth.core.config import Params
-from ctsynth.core.errors import InputError, ModelFileError
+from ctsynth.core.errors import ConfigError, InputError, ModelFileError
 from ctsynth.core.io import save_torch
 from ctsynth.core.labels import N_CLASSES
 from ctsynth.core.progress import quiet
@@ -194,7 +194,8 @@ def _validation_dice(model: SegUNet, store: ProcessedStore, cases: list[str]) ->
 
 
 def train_segmenter(cfg, seed: int, pools: list[tuple[ProcessedStore, np.ndarray]],
-                    desc: str = "segmenter") -> tuple[SegUNet, float]:
+                    desc: str = "segmenter", share: float | None = None,
+                    init: SegUNet | None = None) -> tuple[SegUNet, float]:
     """Train a fresh :class:`SegUNet` on the slices ``rows`` of each ``(store, rows)`` pool.
 
     Cross-entropy + soft Dice, Adam, ``cfg.iterations`` steps of ``cfg.batch_size`` slices drawn
@@ -204,19 +205,28 @@ def train_segmenter(cfg, seed: int, pools: list[tuple[ProcessedStore, np.ndarray
     mixed real + synthetic segmenter scored Dice 0.81 / 0.86 / 0.88 after 300 / 290 / 310 steps).
     ``cfg.augment`` (``segmenter.augment``): each batch through :mod:`ctsynth.data.augment` (image and
     mask warped alike; ``classic`` is the nnU-Net-style baseline). Deterministic on CPU. Returns the
-    model (train mode) and the final loss (running mean)."""
+    model (train mode) and the final loss (running mean).
+
+    ``share`` (two pools only): that fraction of every batch comes from the second pool (e.g. the
+    synthetic slices), the rest from the first, instead of drawing from both together. ``init``:
+    start from a copy of these weights (fine-tuning) instead of a fresh network."""
     total = sum(len(rows) for _, rows in pools)
+    if share is not None and (len(pools) != 2 or not 0 <= share <= 1):
+        raise ConfigError(f"{desc}: a batch share needs exactly two pools and a value in [0, 1], got {share}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     augment = build_augment(cfg.augment, key="segmenter.augment")     # draws from torch's seeded generator
     model = SegUNet(width=cfg.width).to(memory_format=NHWC)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
     model.train()
     loss_ema = None
     bar = tqdm(range(cfg.iterations), desc=desc, disable=quiet(), unit="step")
     for step in bar:
-        picks = rng.choice(total, cfg.batch_size, replace=total < cfg.batch_size)
+        picks = (rng.choice(total, cfg.batch_size, replace=total < cfg.batch_size) if share is None
+                 else _share_picks(rng, [len(r) for _, r in pools], cfg.batch_size, share))
         images, masks = _load_pooled(pools, picks)
         if cfg.augment != "none":
             images, masks = augment_labelled(augment, images, masks)
@@ -235,6 +245,14 @@ def train_segmenter(cfg, seed: int, pools: list[tuple[ProcessedStore, np.ndarray
             log.debug("%s step %d loss %.4f", desc, step, loss_ema)
     log.info("%s: final loss (running mean) %.4f", desc, loss_ema)
     return (model if ema is None else ema.module), float(loss_ema)
+
+
+def _share_picks(rng: np.random.Generator, sizes: list[int], batch: int, share: float) -> np.ndarray:
+    """Positions in the concatenation of two pools: ``round(share * batch)`` from the second."""
+    k = int(round(share * batch))
+    first = rng.choice(sizes[0], batch - k, replace=sizes[0] < batch - k)
+    second = rng.choice(sizes[1], k, replace=sizes[1] < k) + sizes[0]
+    return np.concatenate([first, second])
 
 
 def _load_pooled(pools: list[tuple[ProcessedStore, np.ndarray]], picks: np.ndarray):

@@ -293,10 +293,19 @@ def check_model_structures(meta: dict, structures: list[str], model_path) -> Non
 
 def run(params: Params, model_path, interim_dir, split_path, out_dir) -> pd.DataFrame:
     """The stage: ``synthesize.cases`` new pairs from the *training* cases into ``out_dir``."""
-    interim_dir = Path(interim_dir)
     train = load_split(split_path, need=("train",))["train"]
     model, meta = load_model(model_path)
     check_model_structures(meta, params.preprocess.structures, model_path)
+    synth = MaskToCT(model, meta, batch_size=params.generate.batch_size)
+    log.info("synthesize: %d cases from the %d training cases %s", params.synthesize.cases, len(train), train)
+    return synthesize_dataset(synth, interim_sources(interim_dir, train), params.synthesize, out_dir,
+                              params.data.label_map,
+                              suffixes=(params.data.image_suffix, params.data.label_suffix))
+
+
+def interim_sources(interim_dir, cases: list[str]) -> list[Source]:
+    """The ingested label volumes of ``cases`` (sorted) as sources, read when a case needs them."""
+    interim_dir = Path(interim_dir)
 
     def source(case: str) -> Source:
         def load():
@@ -304,11 +313,7 @@ def run(params: Params, model_path, interim_dir, split_path, out_dir) -> pd.Data
             return np.asarray(img.dataobj, dtype=np.uint8), img.affine
         return Source(case, load)
 
-    synth = MaskToCT(model, meta, batch_size=params.generate.batch_size)
-    log.info("synthesize: %d cases from the %d training cases %s", params.synthesize.cases, len(train), train)
-    return synthesize_dataset(synth, [source(c) for c in sorted(train)], params.synthesize, out_dir,
-                              params.data.label_map,
-                              suffixes=(params.data.image_suffix, params.data.label_suffix))
+    return [source(c) for c in sorted(cases)]
 
 
 def label_sources(labels_dir, pattern: str, label_map: dict[int, str], structures: list[str]) -> list[Source]:

@@ -1,0 +1,1 @@
+"""Studies the user runs on demand (their own DVC pipelines under studies/): grids over data and seeds."""
