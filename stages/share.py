@@ -8,7 +8,7 @@ SHA256SUMS; atomically) and ``reports/share.json`` (the counts). See ``ctsynth.s
 
     python stages/share.py --synthetic data/synthetic --reports reports --reviews reviews \\
         --metrics reports/metrics.json --model models/generator.pt --run-file models/mlflow_run.json \\
-        --out data/share --counts reports/share.json
+        --processed data/processed --split data/split.json --out data/share --counts reports/share.json
 """
 from ctsynth.core.runner import add_inputs, add_output, stage_main
 
@@ -17,12 +17,12 @@ def main(args, params):
     from ctsynth.share import export
     export.run(params, synthetic_dir=args.synthetic, privacy_dir=args.reports, reviews_dir=args.reviews,
                metrics_path=args.metrics, model_path=args.model, run_file=args.run_file, out_dir=args.out,
-               out_json=args.counts)
+               out_json=args.counts, processed_dir=args.processed, split_path=args.split)
     return 0
 
 
 def add_args(p):
-    add_inputs(p, "synthetic", "reports", "reviews", "metrics", "model", "run_file")
+    add_inputs(p, "synthetic", "reports", "reviews", "metrics", "model", "run_file", "processed", "split")
     add_output(p, "share")
     add_output(p, "share_counts", "--counts")
 

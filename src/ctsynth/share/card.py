@@ -121,7 +121,7 @@ def _structures(stats: dict[str, dict]) -> dict:
 
 
 def build(params: Params, *, table: pd.DataFrame, reviews: dict, stats: dict, privacy_dir: Path,
-          metrics: dict, model_path, run_file) -> dict:
+          metrics: dict, model_path, run_file, data_hash: str | None = None) -> dict:
     """The card as a JSON-able dict (see the module docstring)."""
     cfg = params.share
     shared = table.case[table.shared].tolist()
@@ -143,10 +143,11 @@ def build(params: Params, *, table: pd.DataFrame, reviews: dict, stats: dict, pr
                                if cfg.require_review else
                                "no current rejection (review NOT required: unreviewed cases are shared)")},
         "cases": shared,
-        "generator": (generator := _generator(model_path, run_file, params)),
-        "training_data": {"fingerprint": generator.get("training_fingerprint"),
-                          "about": "hash of the processed training slices, the training patients and every "
-                                   "param that shaped the generator (its checkpoint fingerprint)",
+        "generator": _generator(model_path, run_file, params),
+        "training_data": {"data_hash": data_hash,
+                          "about": "hash of the processed store's bytes and the training patients (the train "
+                                   "stage's ctsynth.data_hash); the generator's training_fingerprint adds every "
+                                   "param that shaped it",
                           "label_map": {str(k): v for k, v in params.data.label_map.items()},
                           "structures": list(params.preprocess.structures)},
         "reviews": _reviews(reviews),
@@ -174,7 +175,8 @@ def markdown(card: dict) -> str:
                   f"since) and were not applied.", ""]
     lines += ["## Generator", "",
               f"- model file `{g['file']}` sha256 `{g.get('sha256')}`",
-              f"- training fingerprint `{g.get('training_fingerprint')}`, seed {g.get('seed')}, "
+              f"- training data hash `{card['training_data']['data_hash']}` (processed store + training patients); "
+              f"training fingerprint `{g.get('training_fingerprint')}` (data + every param), seed {g.get('seed')}, "
               f"{g.get('steps')} steps ({g.get('precision')}), {g.get('image_size')}² slices, HU window "
               f"{g.get('hu_window')}",
               f"- git commit `{g.get('git_commit')}`"]

@@ -168,8 +168,19 @@ def export_case(src_dir: Path, row, out: Path, suffixes: tuple[str, str], lut: n
     return stats
 
 
+def training_data_hash(processed_dir, split_path) -> str | None:
+    """The hash the train stage records for its data (``ctsynth.data_hash`` in MLflow): the processed
+    store's bytes and the training patients; None when either file is not given."""
+    if not processed_dir or not split_path:
+        return None
+    from ctsynth.data.split import load_split
+    from ctsynth.data.store import ProcessedStore
+
+    return ProcessedStore(processed_dir).fingerprint(load_split(split_path, need=("train",))["train"])
+
+
 def run(params: Params, synthetic_dir, privacy_dir, reviews_dir, metrics_path, model_path, run_file,
-        out_dir, out_json) -> dict:
+        out_dir, out_json, processed_dir=None, split_path=None) -> dict:
     """Write ``out_dir`` (the shared dataset) and ``out_json`` (its counts); return the counts."""
     from ctsynth.data.preprocess import kept_indices
     from ctsynth.synth.synthesize import write_dataset_json
@@ -200,7 +211,7 @@ def run(params: Params, synthetic_dir, privacy_dir, reviews_dir, metrics_path, m
         write_csv(tmp / "manifest.csv", merged)
         card = card_mod.build(params, table=table, reviews=reviews, stats=stats, privacy_dir=privacy_dir,
                               metrics=_read_metrics(metrics_path), model_path=model_path,
-                              run_file=run_file)
+                              run_file=run_file, data_hash=training_data_hash(processed_dir, split_path))
         write_json(tmp / "dataset_card.json", card)
         write_text(tmp / "DATASET.md", card_mod.markdown(card))
         n_files = write_checksums(tmp)
