@@ -37,7 +37,7 @@ def test_a_cell_trains_every_arm_and_scores_validation_and_test_patients(world, 
     out = study.run_cell(params, spec, 1, 2, world["processed"], world["split"], world["interim"], world["model"],
                          tmp_path / "cells" / "n1-d2.json")
     assert out["patients"] in (["p3"], ["p4"]) and out["n_synthetic_cases"] == 1 and out["iterations"] == 4
-    assert set(out["results"]) == {"real", "classic", "synthetic@0.5", "pretrain"}
+    assert set(out["results"]) == {"real", "classic", "synthetic@0.5", "pretrain", "own-G@0.5"}   # n <= 2: own G
     scored = out["results"]["classic"]["1"]
     assert set(scored) == {"val", "test"} and set(scored["test"]) == {"p1"} and set(scored["val"]) == {"p2"}
     counts = np.asarray(scored["test"]["p1"])
@@ -59,10 +59,16 @@ def test_the_summary_writes_the_curve_contrast_figure_and_sentence(world, tmp_pa
     (tmp_path / "cells" / "again.json").unlink(missing_ok=True)
     summary = study.summarize(tmp_path / "cells", tmp_path / "results", spec)
     curve = pd.read_csv(tmp_path / "results" / "curve.csv")
-    assert sorted(curve.n.unique()) == [1, 2] and set(curve.arm) == {"real", "classic", "synthetic@0.5", "pretrain"}
+    assert sorted(curve.n.unique()) == [1, 2]
+    assert set(curve.arm) == {"real", "classic", "synthetic@0.5", "pretrain", "own-G@0.5"}
+    assert set(curve[curve.n == 2].arm) == {"real", "classic", "synthetic@0.5", "pretrain"}   # all: no own G
     assert ((curve.lo <= curve.dice + 1e-9) & (curve.dice <= curve.hi + 1e-9)).all()
     contrasts = pd.read_csv(tmp_path / "results" / "contrasts.csv")
-    assert list(contrasts.n) == [1, 2] and set(contrasts.arm) <= {"synthetic@0.5", "pretrain"}
+    main = contrasts[~contrasts.arm.str.startswith("own-G")]
+    assert list(main.n) == [1, 2] and set(main.arm) <= {"synthetic@0.5", "pretrain"} and set(main.minus) == {"classic"}
+    own = contrasts[contrasts.arm == "own-G@0.5"]
+    assert list(own.n) == [1, 1] and set(own.minus) == {"classic", "synthetic@0.5"}
+    assert own[own.minus != "classic"].worth_patients.isna().all()       # worth: against classic only
     assert summary["sentence"].startswith("At 1 real patient(s), synthetic data (")
     assert "over classic augmentation" in summary["sentence"]
     saved = json.loads((tmp_path / "results" / "summary.json").read_text())
@@ -84,16 +90,18 @@ def test_two_way_bootstrap_and_worth_known_answers():
     assert study.worth(curve, 1, 0.7) == pytest.approx(1.0)              # reaches 2 patients' Dice: worth +1
     assert study.worth(curve, 1, 0.75) == pytest.approx(2 ** 1.5 - 1)    # log-linear between 2 and 4
     assert study.worth(curve, 1, 0.9) is None                            # beyond the grid
+    assert study.mlflow_name("synthetic@0.25") == "synthetic_share0.25"   # MLflow refuses '@' in metric names
 
 
 def test_bad_study_params_are_one_error_listing_every_problem(tmp_path):
     spec = write_study(tmp_path / "study.yaml", n_real=[1, 9], synthetic_cases=0, shares=[0.5, 1.5], draws=[0],
-                       bogus=1)
+                       own_generator_share=2, bogus=1)
     with pytest.raises(ConfigError) as err:
         study.load_study(spec, n_train=4)
     text = str(err.value)
     for bit in ("asks for 9 real patients, the split has 4", "study.synthetic_cases: must be >= 1",
-                "study.shares: synthetic shares per batch in [0, 1]", "study.draws", "study.bogus: unknown key"):
+                "study.shares: synthetic shares per batch in [0, 1]", "study.draws", "study.bogus: unknown key",
+                "study.own_generator_share"):
         assert bit in text, (bit, text)
 
 

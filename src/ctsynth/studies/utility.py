@@ -14,7 +14,10 @@ budget, ``study.iterations`` or ``segmenter.iterations``) is trained per trainin
 * ``synthetic@<share>``: classic augmentation, ``share`` of every batch from the synthetic slices
   (one arm per ``study.shares``; the share is chosen per ``n`` on the validation patients);
 * ``pretrain``: half the budget on the synthetic slices, then half on the real ones (classic
-  augmentation both), starting from the pre-trained weights.
+  augmentation both), starting from the pre-trained weights;
+* ``own-G@<share>`` (cells with ``n`` <= ``study.own_generator_max_n``): like ``synthetic@<share>``,
+  but the synthetic cases come from a generator trained (``model.*``, ``train.*``) on the same
+  ``n`` patients only: it separates "synthetic data helps" from "the generator knows more patients".
 
 Every model is scored on the real validation and test patients (pixel counts per patient and
 structure). The **summary** chooses on the validation patients (the share; the best synthetic arm)
@@ -54,6 +57,8 @@ class StudyCfg:
     shares: list = dataclasses.field(default_factory=lambda: [0.25, 0.5])       # synthetic share per batch
     synthetic_cases: int = 12               # synthetic cases per cell, from the drawn patients' masks
     iterations: int | None = None           # per arm; null: segmenter.iterations
+    own_generator_max_n: int = 2            # cells with n <= this also train a generator on their n patients
+    own_generator_share: float = 0.5        # ... and add the arm own-G@<share> (its synthetic cases, this share)
     seed: int = 7                           # draws of the patients and of the synthetic cases
     bootstrap: int = 2000                   # two-way bootstrap resamples of the summary's intervals
 
@@ -81,6 +86,11 @@ def load_study(path, n_train: int | None = None) -> StudyCfg:
                         f"got {cfg.synthetic_cases}")
     if not ints(cfg.draws) or min(cfg.draws) < 1:
         problems.append(f"{path}: study.draws: a list of draw ids >= 1, got {cfg.draws}")
+    if not isinstance(cfg.own_generator_max_n, int) or cfg.own_generator_max_n < 0:
+        problems.append(f"{path}: study.own_generator_max_n: must be >= 0 (0: never), got {cfg.own_generator_max_n}")
+    if not isinstance(cfg.own_generator_share, (int, float)) or not 0 <= cfg.own_generator_share <= 1:
+        problems.append(f"{path}: study.own_generator_share: a synthetic share per batch in [0, 1], got "
+                        f"{cfg.own_generator_share}")
     if cfg.iterations is not None and (not isinstance(cfg.iterations, int) or cfg.iterations < 2):
         problems.append(f"{path}: study.iterations: must be >= 2 or null, got {cfg.iterations}")
     if problems:
@@ -120,7 +130,7 @@ def _train_arm(arm: str, seg_cfg, seed: int, real, synth, iterations: int):
                                desc=f"study {arm} s{seed}")[0]
     if arm == "classic":
         return train_segmenter(classic, seed, [real], desc=f"study {arm} s{seed}")[0]
-    if arm.startswith("synthetic@"):
+    if arm.startswith(("synthetic@", "own-G@")):
         return train_segmenter(classic, seed, [real, synth], desc=f"study {arm} s{seed}",
                                share=float(arm.split("@")[1]))[0]
     half = dataclasses.replace(classic, iterations=iterations // 2)
@@ -131,9 +141,6 @@ def _train_arm(arm: str, seg_cfg, seed: int, real, synth, iterations: int):
 def run_cell(params: Params, study_path, n: int, draw: int, processed_dir, split_path, interim_dir,
              model_path, out_json) -> dict:
     """One cell of the grid: synthesize from the drawn patients, train every arm per seed, score."""
-    from ctsynth.evaluate.utility import synthetic_store
-    from ctsynth.synth import synthesize as syn
-
     t0 = time.time()
     split = load_split(split_path, need=("train", "test"))
     train = sorted(split["train"])
@@ -151,22 +158,22 @@ def run_cell(params: Params, study_path, n: int, draw: int, processed_dir, split
     real = (store, store.rows_for_cases(patients))
     iterations = cfg.iterations or params.segmenter.iterations
     scored = {"val": store.rows_for_cases(split.get("val") or []), "test": store.rows_for_cases(split["test"])}
-    results = {}
+    results, own = {}, n <= cfg.own_generator_max_n and n not in (0, len(train))
     with tempfile.TemporaryDirectory(prefix="ctsynth-study-") as tmp:
-        model, meta = syn.load_model(model_path)
-        syn.check_model_structures(meta, params.preprocess.structures, model_path)
         synth_cfg = dataclasses.replace(params.synthesize, cases=cfg.synthetic_cases,
                                         seed=int(np.random.default_rng([cfg.seed, n, draw, 1]).integers(2**31)))
-        syn.synthesize_dataset(syn.MaskToCT(model, meta, batch_size=params.generate.batch_size),
-                               syn.interim_sources(interim_dir, patients), synth_cfg, Path(tmp) / "synthetic",
-                               params.data.label_map, suffixes=(params.data.image_suffix, params.data.label_suffix))
-        synth_store = synthetic_store(params, Path(tmp) / "synthetic", Path(tmp))
-        synth = (synth_store, np.arange(len(synth_store.slices)))
+        pools = {"shared": _synthetic_pool(params, model_path, interim_dir, patients, synth_cfg, Path(tmp) / "shared")}
+        if own:                               # a generator that saw only these n patients
+            own_model = _train_own_generator(params, processed_dir, split, patients, Path(tmp) / "own-G")
+            pools["own"] = _synthetic_pool(params, own_model, interim_dir, patients, synth_cfg, Path(tmp) / "own")
+        todo = arms(cfg) + ([f"own-G@{cfg.own_generator_share:g}"] if own else [])
         for seed in cfg.seeds:
-            for arm in arms(cfg):
+            for arm in todo:
+                synth = pools["own" if arm.startswith("own-G@") else "shared"]
                 net = _train_arm(arm, params.segmenter, seed, real, synth, iterations)
                 results.setdefault(arm, {})[str(seed)] = {k: patient_counts(net, store, rows)
                                                           for k, rows in scored.items() if rows.size}
+        synth = pools["shared"]
     out = {**record, "patients": patients, "n_real_slices": int(real[1].size), "n_synthetic_cases": cfg.synthetic_cases,
            "n_synthetic_slices": int(synth[1].size), "iterations": iterations, "seeds": cfg.seeds,
            "structures": list(reported_structures(store.structures).values()), "results": results,
@@ -175,6 +182,35 @@ def run_cell(params: Params, study_path, n: int, draw: int, processed_dir, split
     log.info("study cell n=%d draw %d (%s): %d arms x %d seeds in %.0f s", n, draw, ", ".join(patients),
              len(results), len(cfg.seeds), out["wall_s"])
     return out
+
+
+def _synthetic_pool(params: Params, model_path, interim_dir, patients: list[str], synth_cfg, work: Path):
+    """``synth_cfg.cases`` cases warped from ``patients``' masks, drawn by the generator of
+    ``model_path``, read back through ingest + preprocess: (store, all its rows)."""
+    from ctsynth.evaluate.utility import synthetic_store
+    from ctsynth.synth import synthesize as syn
+
+    model, meta = syn.load_model(model_path)
+    syn.check_model_structures(meta, params.preprocess.structures, model_path)
+    syn.synthesize_dataset(syn.MaskToCT(model, meta, batch_size=params.generate.batch_size),
+                           syn.interim_sources(interim_dir, patients), synth_cfg, work / "synthetic",
+                           params.data.label_map, suffixes=(params.data.image_suffix, params.data.label_suffix))
+    store = synthetic_store(params, work / "synthetic", work)
+    return store, np.arange(len(store.slices))
+
+
+def _train_own_generator(params: Params, processed_dir, split: dict, patients: list[str], work: Path) -> Path:
+    """The pipeline's generator config (``model.*``, ``train.*``) trained on ``patients`` only, in
+    ``work`` (no MLflow run; checkpoints there too). Returns the model file."""
+    from ctsynth.train import loop
+
+    work.mkdir(parents=True)
+    own_split = work / "split.json"
+    write_json(own_split, {**split, "train": list(patients)})
+    quiet = dataclasses.replace(params, tracking=dataclasses.replace(params.tracking, enabled=False))
+    loop.run(quiet, processed_dir, own_split, work / "generator.pt", work / "checkpoints", work / "reports",
+             work / "run.json")
+    return work / "generator.pt"
 
 
 # ------------------------------------------------------------------------------ the summary
@@ -244,7 +280,7 @@ def summarize(cells_dir, out_dir, study_path, params: Params | None = None) -> d
         val = table[(table.n == n) & (table.set == "val")].groupby("arm").dice.mean()
         shares = [a for a in val.index if a.startswith("synthetic@")]
         share_arm = max(shares, key=lambda a: val[a]) if shares else None
-        candidates = [a for a in (share_arm, "pretrain") if a in val.index]
+        candidates = [a for a in (share_arm, "pretrain") if a in val.index]      # the shared generator's arms
         best = max(candidates, key=lambda a: val[a]) if candidates else None
         chosen[int(n)] = {"share_arm": share_arm, "best_synthetic": best,
                           "val_dice": {a: round(float(v), 4) for a, v in val.items()}}
@@ -257,14 +293,20 @@ def summarize(cells_dir, out_dir, study_path, params: Params | None = None) -> d
             sub = table[(table.n == n) & (table.arm == arm) & (table.set == "test")]
             per_structure.append({"n": int(n), "arm": arm, **{c[5:]: round(float(sub[c].mean()), 4)
                                                                for c in sub.columns if c.startswith("dice_")}})
-        if best is not None:
-            diff = _matrix(table, n, best, "test") - _matrix(table, n, "classic", "test")
+        owns = [a for a in val.index if a.startswith("own-G@")]
+        for arm, minus in [(best, "classic")] + [(a, "classic") for a in owns] + [(a, share_arm) for a in owns]:
+            if arm is None or minus is None:
+                continue
+            diff = _matrix(table, n, arm, "test") - _matrix(table, n, minus, "test")
             lo, hi = two_way_bootstrap(diff, cfg.bootstrap, cfg.seed)
-            contrasts.append({"n": int(n), "arm": best, "minus": "classic", "gain": float(diff.mean()), "lo": lo,
+            contrasts.append({"n": int(n), "arm": arm, "minus": minus, "gain": float(diff.mean()), "lo": lo,
                               "hi": hi, "excludes_0": bool(lo > 0 or hi < 0)})
     curve, contrasts = pd.DataFrame(curve), pd.DataFrame(contrasts)
     classic = curve[curve.arm == "classic"].set_index("n").dice.sort_index()
+    contrasts["worth_patients"] = None
     for i, row in contrasts.iterrows():
+        if row.minus != "classic":
+            continue
         best_dice = curve[(curve.n == row.n) & (curve.arm == row.arm)].dice.iloc[0]
         contrasts.loc[i, "worth_patients"] = worth(classic, row.n, best_dice)
     sentence = _sentence(contrasts, ns)
@@ -281,7 +323,7 @@ def summarize(cells_dir, out_dir, study_path, params: Params | None = None) -> d
     _figure(curve, out / "curve.png")
     if params is not None:
         from ctsynth.core.tracking import log_study
-        metrics = {f"dice/{r.arm}/n{r.n}": r.dice for r in curve.itertuples()}
+        metrics = {f"dice/{mlflow_name(r.arm)}/n{r.n}": r.dice for r in curve.itertuples()}
         metrics.update({f"gain_over_classic/n{r.n}": r.gain for r in contrasts.itertuples()})
         log_study(params, "utility-study", dataclasses.asdict(cfg), metrics,
                   [out / f for f in ("summary.json", "results.md", "curve.csv", "contrasts.csv", "curve.png")])
@@ -289,10 +331,17 @@ def summarize(cells_dir, out_dir, study_path, params: Params | None = None) -> d
     return summary
 
 
+def mlflow_name(arm: str) -> str:
+    """An arm's name as MLflow accepts it in a metric name (no '@'): synthetic@0.5 -> synthetic_share0.5."""
+    return arm.replace("@", "_share")
+
+
 def _sentence(contrasts: pd.DataFrame, ns) -> str:
-    if contrasts.empty:
+    main = contrasts[(contrasts.minus == "classic") & ~contrasts.arm.str.startswith("own-G@")] \
+        if not contrasts.empty else contrasts
+    if main.empty:
         return "no synthetic arm was run"
-    row = contrasts.sort_values("n").iloc[0]
+    row = main.sort_values("n").iloc[0]
     k = row.worth_patients
     worth_text = ("it is worth fewer real patients than the grid resolves" if k is None or not np.isfinite(k)
                   else f"i.e. it is worth {k:+.1f} real patients")
@@ -305,6 +354,7 @@ def _markdown(curve, contrasts, chosen, sentence, summary) -> str:
     order = [a for a in ("real", "classic") if a in set(curve.arm)]
     order += sorted(a for a in set(curve.arm) if a.startswith("synthetic@")) + [a for a in ("pretrain",)
                                                                                   if a in set(curve.arm)]
+    order += sorted(a for a in set(curve.arm) if a.startswith("own-G@"))
     lines = ["# Utility study: results", "", f"**{sentence}**", "",
              "Test patients; choices (share, best synthetic arm) made on the validation patients. Mean Dice "
              "over structures, mean over replicates (draws x seeds) and test patients, 95 % two-way bootstrap "
@@ -312,11 +362,15 @@ def _markdown(curve, contrasts, chosen, sentence, summary) -> str:
     for n, sub in curve.groupby("n"):
         cells = {r.arm: f"{r.dice:.3f} [{r.lo:.3f}, {r.hi:.3f}]" for r in sub.itertuples()}
         lines.append(f"| {n} | " + " | ".join(cells.get(a, "") for a in order) + " |")
-    lines += ["", "| n real | best synthetic arm (validation) | − classic | 95 % | excludes 0 | worth (patients) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "Contrasts (test patients): the best synthetic arm of the shared generator (chosen on validation) "
+              "minus classic augmentation, and, where it ran, the own-generator arm minus classic and minus the "
+              "shared generator's chosen arm.", "",
+              "| n real | arm | minus | difference | 95 % | excludes 0 | worth (patients) |",
+              "|---|---|---|---|---|---|---|"]
     for r in contrasts.itertuples():
-        w = "n/a" if r.worth_patients is None or not np.isfinite(r.worth_patients) else f"{r.worth_patients:+.1f}"
-        lines.append(f"| {r.n} | {r.arm} | {r.gain:+.4f} | [{r.lo:+.4f}, {r.hi:+.4f}] | {r.excludes_0} | {w} |")
+        w = "" if r.worth_patients is None or not np.isfinite(r.worth_patients) else f"{r.worth_patients:+.1f}"
+        lines.append(f"| {r.n} | {r.arm} | {r.minus} | {r.gain:+.4f} | [{r.lo:+.4f}, {r.hi:+.4f}] | "
+                     f"{r.excludes_0} | {w} |")
     lines += ["", f"Cells: {summary['n_cells']}, {summary['wall_s_cells'] / 60:.1f} min of cell time; "
               f"segmenter iterations per arm: {summary['iterations']}.", ""]
     return "\n".join(lines)
