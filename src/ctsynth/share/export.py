@@ -42,6 +42,7 @@ from ctsynth.core.config import Params
 from ctsynth.core.errors import InputError
 from ctsynth.core.io import atomic_dir, write_csv, write_json, write_text
 from ctsynth.core.labels import STRUCTURES
+from ctsynth.data.masks import map_labels
 from ctsynth.share import card as card_mod
 from ctsynth.share import reviews as rv
 
@@ -125,34 +126,24 @@ def write_checksums(root: Path, name: str = "SHA256SUMS") -> int:
     return len(lines)
 
 
-def _structure_lut(label_map: dict[int, str], keep: list[int]) -> tuple[np.ndarray, dict[int, int]]:
-    """Raw label value -> structure index (0: background or not kept), and index -> nnU-Net 1..K."""
-    lut = np.zeros(max(label_map) + 1 if label_map else 1, np.int16)
-    for value, name in label_map.items():
-        idx = STRUCTURES.index(name) + 1
-        if idx in keep:
-            lut[value] = idx
-    return lut, {idx: k for k, idx in enumerate(keep, 1)}
-
-
-def export_case(src_dir: Path, row, out: Path, suffixes: tuple[str, str], lut: np.ndarray,
+def export_case(src_dir: Path, row, out: Path, suffixes: tuple[str, str], label_map: dict[int, str],
                 nn_values: dict[int, int]) -> dict[str, dict]:
-    """Copy one case into ``pairs/`` and ``nnunet/``; return its per-structure statistics
+    """Copy one case into ``pairs/`` and ``nnunet/`` (labels: ``nn_values``, structure index -> 1..K;
+    structures not in it become background); return its per-structure statistics
     ({structure: {voxels, ml, hu_mean, hu_sd}})."""
     image_path, label_path = src_dir / row.image_file, src_dir / row.label_file
     shutil.copyfile(image_path, out / "pairs" / f"{row.case}{suffixes[0]}")
     shutil.copyfile(label_path, out / "pairs" / f"{row.case}{suffixes[1]}")
     shutil.copyfile(image_path, out / "nnunet" / "imagesTr" / f"{row.case}_0000.nii.gz")
     label = nib.load(str(label_path))
-    raw = np.asarray(label.dataobj).astype(np.int64)
-    unknown = sorted(set(np.unique(raw).tolist()) - {0} - {v for v in range(len(lut)) if lut[v]})
-    if unknown:
-        raise InputError(f"{label_path}: label value(s) {unknown} are not in data.label_map")
-    index = lut[np.clip(raw, 0, len(lut) - 1)]
-    nn_lut = np.zeros(len(STRUCTURES) + 1, np.int16)
+    index, _, problems = map_labels(np.asanyarray(label.dataobj), label_map, label_path,
+                                    fix="the synthetic labels must use data.label_map's values")
+    if problems:
+        raise InputError(problems)
+    to_nnunet = np.zeros(len(STRUCTURES) + 1, np.int16)
     for idx, k in nn_values.items():
-        nn_lut[idx] = k
-    img = nib.Nifti1Image(nn_lut[index].astype(np.int16), label.affine, label.header)
+        to_nnunet[idx] = k
+    img = nib.Nifti1Image(to_nnunet[index], label.affine, label.header)
     img.set_data_dtype(np.int16)
     nib.save(img, str(out / "nnunet" / "labelsTr" / f"{row.case}.nii.gz"))
     hu = np.asarray(nib.load(str(image_path)).dataobj, dtype=np.float32)
@@ -183,7 +174,7 @@ def run(params: Params, synthetic_dir, privacy_dir, reviews_dir, metrics_path, m
         out_dir, out_json, processed_dir=None, split_path=None) -> dict:
     """Write ``out_dir`` (the shared dataset) and ``out_json`` (its counts); return the counts."""
     from ctsynth.data.preprocess import kept_indices
-    from ctsynth.synth.synthesize import write_dataset_json
+    from ctsynth.synth.synthesize import output_values, write_dataset_json
 
     synthetic_dir, privacy_dir = Path(synthetic_dir), Path(privacy_dir)
     cfg = params.share
@@ -194,13 +185,13 @@ def run(params: Params, synthetic_dir, privacy_dir, reviews_dir, metrics_path, m
     reviews = rv.load(reviews_dir, hashes)
     table = select(manifest, privacy, reviews, cfg.require_review, cfg.min_accepts)
     keep = kept_indices(params.preprocess.structures)
-    lut, nn_values = _structure_lut(params.data.label_map, keep)
+    nn_values = output_values(keep, params.data.label_map, "nnunet")
     suffixes = (params.data.image_suffix, params.data.label_suffix)
     shared = manifest[table.shared.to_numpy()]
     with atomic_dir(out_dir) as tmp:
         for sub in ("pairs", "nnunet/imagesTr", "nnunet/labelsTr"):
             (tmp / sub).mkdir(parents=True)
-        stats = {row.case: export_case(synthetic_dir, row, tmp, suffixes, lut, nn_values)
+        stats = {row.case: export_case(synthetic_dir, row, tmp, suffixes, params.data.label_map, nn_values)
                  for row in shared.itertuples()}
         write_dataset_json(tmp / "nnunet", nn_values, len(shared), {"structures": params.preprocess.structures,
                                                                       "image_size": params.preprocess.image_size},

@@ -27,6 +27,7 @@ import pandas as pd
 from ctsynth.core.errors import InputError
 from ctsynth.core.io import canonical
 from ctsynth.core.labels import STRUCTURE_COLOURS, STRUCTURES
+from ctsynth.data.masks import map_labels
 from ctsynth.share import reviews as rv
 from ctsynth.share.export import case_hashes, read_manifest
 
@@ -49,9 +50,7 @@ class ReviewData:
         self.manifest = read_manifest(self.synthetic_dir).set_index("case", drop=False)
         self.hashes = case_hashes(self.synthetic_dir, self.manifest.reset_index(drop=True))
         self.window = (float(hu_window[0]), float(hu_window[1]))
-        self.lut = np.zeros(max(label_map, default=0) + 1, np.uint8)
-        for value, name in label_map.items():
-            self.lut[value] = STRUCTURES.index(name) + 1
+        self.label_map = dict(label_map)
         privacy_dir = Path(privacy_dir) if privacy_dir else None
         self.cases_table = _read_optional(privacy_dir, "privacy_cases.csv")
         self.slices_table = _read_optional(privacy_dir, "privacy_synthetic.csv")
@@ -124,9 +123,7 @@ class ReviewData:
         row = self.case(case)
         img = canonical(nib.load(str(self.synthetic_dir / row.image_file)))
         lab = canonical(nib.load(str(self.synthetic_dir / row.label_file)))
-        raw = np.asarray(lab.dataobj).astype(np.int64)
-        index = self.lut[np.clip(raw, 0, len(self.lut) - 1)]
-        index[raw >= len(self.lut)] = 0
+        index = map_labels(np.asanyarray(lab.dataobj), self.label_map, row.label_file, unknown="background")[0]
         return (np.asarray(img.dataobj, np.float32), index,
                 np.asarray(img.header.get_zooms()[:3], float))
 
