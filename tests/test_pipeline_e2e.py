@@ -345,15 +345,15 @@ def test_review_in_the_browser_then_share_exports_exactly_the_accepted_passing_c
         while True:
             try:
                 browser.get(f"http://127.0.0.1:{port}/")
-                wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#cases li[data-case]")))
-                break
+                wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#detail h2")))  # first case open:
+                break                                                    # the list is not re-rendered under us
             except Exception:
                 if time.time() > deadline or server.poll() is not None:
                     raise
                 time.sleep(0.5)
 
         def open_case(case):
-            browser.find_element(By.CSS_SELECTOR, f'#cases li[data-case="{case}"]').click()
+            wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, f'#cases li[data-case="{case}"]'))).click()
             wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#detail h2"), case))
             wait.until(lambda d: d.execute_script("return document.querySelector('#img-axial').complete"))
 
@@ -371,6 +371,7 @@ def test_review_in_the_browser_then_share_exports_exactly_the_accepted_passing_c
         saved("saved: rejected (artefact)")
         browser.refresh()                                                           # decisions survive a reload
         wait.until(ec.text_to_be_present_in_element((By.ID, "progress"), "3 of 3 reviewed"))
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#detail h2")))     # the list's last render
         badges = {li.get_attribute("data-case"): li.text for li in
                   browser.find_elements(By.CSS_SELECTOR, "#cases li[data-case]")}
         assert all("accepted" in badges[c] for c in accept) and "rejected" in badges[reject], badges
