@@ -3,7 +3,8 @@
 Reads (all optional except params): reports/metrics.json, metrics_notes.json, per_case.csv,
 per_structure.csv, privacy.csv, utility.csv; data/generated/grids; data/processed/meta.json; data/split.json;
 data/interim/manifest.csv; reports/train/losses.csv and snapshots; data/synthetic (one
-synthetic case); reports/share.json and the card of data/share (logged to MLflow). It renders
+synthetic case); reports/share.json and the card of data/share (logged to MLflow); the utility
+study's studies/utility/published.json (the summary leads with its sentence). It renders
 files only: it never loads or runs a model. Writes
 reports/report.html and reports/figures/*.png atomically, then logs them with all metrics into
 the training run named in --run-file (if tracking is on).
@@ -26,7 +27,7 @@ def main(args, params):
                        processed_dir=args.processed, train_reports_dir=args.train_reports,
                        out_html=args.out, figures_dir=args.figures, split_path=args.split,
                        manifest_path=args.manifest,
-                       synthetic_dir=args.synthetic)
+                       synthetic_dir=args.synthetic, study_path=args.study_utility)
     if args.run_file is None or not Path(args.run_file).exists():
         log.info("no MLflow run file (%s): report not logged to MLflow", args.run_file)
         return 0
@@ -54,7 +55,7 @@ def share_counts(path) -> dict:
 
 def add_args(p):
     add_inputs(p, "reports", "generated", "processed", "split", "synthetic", "manifest", "train_reports", "share",
-               "share_counts")
+               "share_counts", "study_utility")
     add_output(p, "report")
     add_output(p, "figures", "--figures")
     add_path(p, "run_file", optional=True, help="MLflow run file written by train: log the report there")

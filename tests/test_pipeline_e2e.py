@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from html import escape
 from pathlib import Path
 
 import pandas as pd
@@ -67,7 +68,8 @@ def make_repo(dest: Path) -> Path:
                            capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
         src = REPO / rel
-        if src.is_file() and not rel.startswith(("dvc.lock", "reports/", "studies/")):   # results of this checkout;
+        if src.is_file() and (not rel.startswith(("dvc.lock", "reports/", "studies/"))   # results of this checkout;
+                              or rel == "studies/utility/published.json"):   # (the report's one study input)
             # the on-demand studies have pipelines of their own (their test copies them in)
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
@@ -164,6 +166,12 @@ def test_mlflow_run_has_params_metrics_and_model(repo):
 
 
 def test_second_repro_is_noop_and_param_edit_reruns_dependents(repo):
+    # importing the code outside a stage (the CLI, tests) writes byte-code caches into src/: .dvcignore
+    # keeps them out of the code deps' hashes, else every stage would look modified and rerun
+    env = {**_env(repo), "PYTHONPATH": str(repo / "src")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([sys.executable, "-c", "import ctsynth.data.masks"], cwd=repo, env=env, check=True)
+    assert list((repo / "src" / "ctsynth" / "data" / "__pycache__").glob("masks.*.pyc"))
     out = sh(repo, "dvc", "repro")
     assert stages_run(out.stdout) == [], out.stdout
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -409,7 +417,8 @@ def test_the_utility_study_runs_as_its_own_resumable_dvc_pipeline(repo):
     """`dvc repro studies/utility/dvc.yaml` on the pipeline's outputs: one stage per cell, then the
     summary (table, figure, sentence); a second run does nothing, a lost cell reruns alone with the
     summary, and a grid asking for more patients than the split has stops with one clear line."""
-    shutil.copytree(REPO / "studies", repo / "studies", ignore=shutil.ignore_patterns("cells", "results", "dvc.lock"))
+    shutil.copytree(REPO / "studies", repo / "studies", ignore=shutil.ignore_patterns("cells", "results", "dvc.lock"),
+                    dirs_exist_ok=True)
     spec = repo / "studies" / "utility" / "params.yaml"
     spec.write_text(yaml.safe_dump({"study": {"n_real": [1, 0], "draws": [1, 2], "seeds": [1], "shares": [0.5],
                                               "synthetic_cases": 1, "iterations": 4, "bootstrap": 50}}))
@@ -427,6 +436,14 @@ def test_the_utility_study_runs_as_its_own_resumable_dvc_pipeline(repo):
     runs = client.search_runs([client.get_experiment_by_name("ctsynth-studies").experiment_id])
     assert len(runs) == 1 and "gain_over_classic/n1" in runs[0].data.metrics
     assert runs[0].info.run_name.startswith("utility-study-")
+    # the study's answer reaches the pipeline's report through published.json alone: the report (and only
+    # the report) is stale, reruns without running the study, and leads with the new sentence
+    published = json.loads((repo / "studies" / "utility" / "published.json").read_text())
+    assert published["sentence"] == json.loads((results / "summary.json").read_text())["sentence"]
+    assert "report" in sh(repo, "dvc", "status").stdout
+    assert stages_run(sh(repo, "dvc", "repro").stdout) == ["report"]
+    page = (repo / "reports" / "report.html").read_text()
+    assert escape(published["sentence"], quote=True) in page.split("id='metrics'")[0]
     assert stages_run(sh(repo, "dvc", "repro", "studies/utility/dvc.yaml").stdout) == []
     (repo / "studies" / "utility" / "cells" / "n1-d2.json").unlink()                # an interrupted study
     assert stages_run(sh(repo, "dvc", "repro", "studies/utility/dvc.yaml").stdout) == [

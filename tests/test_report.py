@@ -204,6 +204,25 @@ def test_report_leads_with_the_answer_and_ends_with_the_configuration(tmp_path):
     assert "not computed — no local InceptionV3 weights" in summary
     assert "0.8 [0.78, 0.82]" in page[page.index("id='cases'"):]     # per-case row with its interval
     assert "40.5 [35, 46]" in page[page.index("id='structures'"):page.index("id='cases'")]   # per structure
+    assert "Utility study: not run in this checkout" in summary      # no studies/utility/published.json
+
+
+def test_the_summary_leads_with_the_utility_studys_sentence(tmp_path):
+    inp = fake_inputs(tmp_path)
+    sentence = "At 1 real patient(s), synthetic data (synthetic@0.5, chosen on validation) adds +0.047 Dice"
+    study = {"sentence": sentence, "measured_on": "test patients; share chosen on the validation patients",
+             "details": "docs/experiments/utility-study.md",
+             "curve": [{"n": n, "arm": arm, "dice": d, "lo": d - .05, "hi": d + .05}
+                       for n, arm, d in [(1, "classic", .736), (1, "synthetic@0.5", .783), (12, "classic", .913)]],
+             "contrasts": [{"n": 1, "arm": "synthetic@0.5", "minus": "classic", "gain": .047, "lo": -.002, "hi": .109}]}
+    (tmp_path / "published.json").write_text(json.dumps(study))
+    _, page = build(inp, tmp_path, study_path=tmp_path / "published.json")
+    summary = page[page.index("id='summary'"):page.index("id='metrics'")]
+    assert summary.index(sentence) < summary.index("class='summary'")          # before evaluate's reading
+    assert "validation patients" in summary
+    utility = page[page.index("id='utility'"):page.index("id='training'")]
+    assert "0.783 [0.733, 0.833]" in utility and "+0.047 [-0.002, +0.109]" in utility
+    assert "<td class='num'>12</td>" in utility                                 # one row per number of patients
 
 
 def results(metrics: dict, ci: dict | None = None, reasons: dict | None = None) -> Results:

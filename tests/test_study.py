@@ -57,7 +57,7 @@ def test_the_summary_writes_the_curve_contrast_figure_and_sentence(world, tmp_pa
         study.run_cell(params, spec, n, draw, world["processed"], world["split"], world["interim"], world["model"],
                        tmp_path / "cells" / f"n{n}-d{draw}.json")
     (tmp_path / "cells" / "again.json").unlink(missing_ok=True)
-    summary = study.summarize(tmp_path / "cells", tmp_path / "results", spec)
+    summary = study.summarize(tmp_path / "cells", tmp_path / "results", spec, publish=tmp_path / "published.json")
     curve = pd.read_csv(tmp_path / "results" / "curve.csv")
     assert sorted(curve.n.unique()) == [1, 2]
     assert set(curve.arm) == {"real", "classic", "synthetic@0.5", "pretrain", "own-G@0.5"}
@@ -75,6 +75,9 @@ def test_the_summary_writes_the_curve_contrast_figure_and_sentence(world, tmp_pa
     assert saved["chosen_on_validation"]["1"]["share_arm"] == "synthetic@0.5"
     assert saved["sentence"] == summary["sentence"]
     assert (tmp_path / "results" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    published = json.loads((tmp_path / "published.json").read_text())      # what the pipeline's report leads with
+    assert published["sentence"] == summary["sentence"] and "validation" in published["measured_on"]
+    assert len(published["curve"]) == len(curve) and len(published["contrasts"]) == len(contrasts)
     assert "| n real |" in (tmp_path / "results" / "results.md").read_text()
     structures = pd.read_csv(tmp_path / "results" / "per_structure.csv")
     assert {"n", "arm"} < set(structures.columns) and len(structures) == len(curve)

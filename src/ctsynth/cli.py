@@ -90,7 +90,7 @@ def _study(args) -> int:
     from ctsynth.studies import utility
 
     if args.study_command == "utility-summary":
-        summary = utility.summarize(args.cells, args.out, args.study, load_params(args.params))
+        summary = utility.summarize(args.cells, args.out, args.study, load_params(args.params), args.publish)
         print(summary["sentence"])
         return 0
     utility.run_cell(load_params(args.params), args.study, args.n, args.draw, args.processed, args.split,
@@ -114,6 +114,9 @@ def _study_parser(sub) -> None:
     s.add_argument("--out", required=True, help="output folder: curve.csv, contrasts.csv, summary.json, ...")
     s.add_argument("--study", default="studies/utility/params.yaml", help="the study's params")
     s.add_argument("--params", default="params.yaml", help="the pipeline's params (tracking: where MLflow logs)")
+    s.add_argument("--publish", default=None,
+                   help="also write the sentence, curve and contrasts the pipeline's report leads with here "
+                        "(studies/utility/published.json)")
     p.set_defaults(func=_study)
 
 

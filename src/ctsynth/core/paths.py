@@ -27,6 +27,8 @@ PATHS: dict[str, tuple[str, str]] = {
     "share_counts": ("reports/share.json", "what the share stage kept and why (share)"),
     "utility": ("reports/utility.json", "utility metrics, intervals and notes (utility)"),
     "utility_table": ("reports/utility.csv", "Dice per training set and structure (utility)"),
+    "study_utility": ("studies/utility/published.json", "the utility study's sentence, curve and contrasts "
+                      "(written by `./run repro studies/utility/dvc.yaml`; git-tracked, no stage's output)"),
     "reports": ("reports", "metrics, intervals, notes, per-case tables and plots (evaluate)"),
     "report": ("reports/report.html", "the HTML report (report)"),
     "figures": ("reports/figures", "the report's figures as PNG files (report)"),

@@ -56,6 +56,7 @@ h1{margin:.2em 0 .3em}#summary{margin-top:.6em}
 .summary figure{margin:0}.summary figure img{width:430px}
 .reading{font-size:1.02em;margin:.3em 0 .5em}.privacy{margin:.3em 0 .6em}
 table.headline td,table.headline th{padding:2px 8px}td.ci{white-space:nowrap}
+.study{background:#f4f8fb;border-left:4px solid #0072b2;padding:.4em .8em;margin:.4em 0 .8em}
 """
 
 
@@ -479,18 +480,49 @@ def section_utility(reports_dir: Path, res: Results, figures: Path) -> str:
     return text + img_tag(fig_utility(frame, figures / "utility.png"), "Dice per structure on real test slices")
 
 
-def _summary(res: Results | None, generated_dir: Path) -> str:
-    """The first screen (:mod:`ctsynth.summary`) from evaluate's files and the first sample grid."""
+def study_lead(study: dict | None) -> str:
+    """The sentence the report leads with: the utility study's answer (``studies/utility/published.json``)."""
+    if not study or not study.get("sentence"):
+        return ("<p class='study muted'>Utility study: not run in this checkout (<code>./run repro "
+                "studies/utility/dvc.yaml</code>, docs/experiments/utility-study.md).</p>")
+    return (f"<p class='study'><b>Does synthetic data save real patients?</b> {esc(study['sentence'])} "
+            f"<span class='muted'>(utility study, {esc(study.get('measured_on', ''))}; "
+            f"<a href='#utility'>curve below</a>, {esc(study.get('details', ''))})</span></p>")
+
+
+def section_study(study: dict | None) -> str:
+    """The utility study's curve (Dice per arm and number of real patients) and its contrasts."""
+    if not study or not study.get("curve"):
+        return ""
+    curve = pd.DataFrame(study["curve"])
+    curve["Dice [95 %]"] = [f"{r.dice:.3f} [{r.lo:.3f}, {r.hi:.3f}]" for r in curve.itertuples()]
+    wide = curve.pivot(index="n", columns="arm", values="Dice [95 %]").fillna("").reset_index()
+    wide = wide.rename(columns={"n": "real patients"})
+    contrasts = pd.DataFrame(study.get("contrasts") or [])
+    if not contrasts.empty:
+        contrasts["difference [95 %]"] = [f"{r.gain:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}]" for r in contrasts.itertuples()]
+        contrasts = contrasts[["n", "arm", "minus", "difference [95 %]"]].rename(columns={"n": "real patients"})
+    return (f"<h3>The utility study: over the number of real patients</h3><p>{esc(study['sentence'])}</p>"
+            f"<p class='muted'>Run on demand (<code>./run repro studies/utility/dvc.yaml</code>); "
+            f"{esc(study.get('measured_on', ''))}; mean Dice over structures, 95 % two-way bootstrap over "
+            f"replicates (patient draws × seeds) and test patients; {esc(study.get('details', ''))}.</p>"
+            f"{table(wide)}" + (f"<p>Paired differences (same replicates and patients):</p>{table(contrasts)}"
+                                if not contrasts.empty else ""))
+
+
+def _summary(res: Results | None, generated_dir: Path, study: dict | None = None) -> str:
+    """The first screen (:mod:`ctsynth.summary`): the utility study's sentence, then evaluate's
+    reading and headline, and the first sample grid."""
     grid = first_grid(generated_dir)
     grid_html = (img_tag(grid, f"test case {grid.stem}: mask | real | generated | |difference| (HU)")
                  if grid else missing("Sample grid", generated_dir / "grids"))
-    return section_summary(res, grid_html)
+    return study_lead(study) + section_summary(res, grid_html)
 
 
 # ------------------------------------------------------------------------------ the report
 
 def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, out_html,
-        figures_dir, split_path, manifest_path, synthetic_dir=None) -> list[Path]:
+        figures_dir, split_path, manifest_path, synthetic_dir=None, study_path=None) -> list[Path]:
     """Write ``out_html`` and ``figures_dir``; return the files written (for MLflow logging)."""
     reports_dir, generated_dir, processed_dir = Path(reports_dir), Path(generated_dir), Path(processed_dir)
     train_dir, out_html, figures_dir = Path(train_reports_dir), Path(out_html), Path(figures_dir)
@@ -498,9 +530,10 @@ def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, ou
     structures = list(meta.get("structures", params.preprocess.structures))
     res = Results.read(reports_dir)                    # None without metrics.json
     known = res or Results()
+    study = _read_json(Path(study_path)) if study_path else None
     with atomic_dir(figures_dir) as figs:
         sections = [
-            ("summary", "Summary", _summary(res, generated_dir)),
+            ("summary", "Summary", _summary(res, generated_dir, study)),
             ("metrics", "Metrics (test set)", section_metrics(reports_dir, res)),
             ("structures", "Per structure", section_per_structure(reports_dir, known)),
             ("cases", "Per case", section_per_case(reports_dir)),
@@ -512,7 +545,7 @@ def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, ou
             ("synthetic", "Synthetic labelled cases",
              section_synthetic(synthetic_dir and Path(synthetic_dir), figs, params.data.label_map,
                                meta.get("hu_window", [-1000, 1000]))),
-            ("utility", "Does synthetic data help segmentation?", section_utility(reports_dir, known, figs)),
+            ("utility", "Does synthetic data help segmentation?", section_utility(reports_dir, known, figs) + section_study(study)),
             ("training", "Training (Figs. 2–3)",
              section_training(train_dir, figs, params.train.iterations)),
             ("privacy", "Privacy / memorization",

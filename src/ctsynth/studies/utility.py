@@ -265,9 +265,10 @@ def worth(curve: pd.Series, n: int, value: float) -> float | None:
     return None
 
 
-def summarize(cells_dir, out_dir, study_path, params: Params | None = None) -> dict:
+def summarize(cells_dir, out_dir, study_path, params: Params | None = None, publish=None) -> dict:
     """Read every cell; write curve.csv, contrasts.csv, per_structure.csv, summary.json, results.md
     and curve.png into ``out_dir``; log them to MLflow (with ``params``: its tracking section);
+    with ``publish``, also write there what the pipeline's report leads with (:func:`published`);
     return the summary."""
     cfg = load_study(study_path)
     cells = [json.loads(p.read_text()) for p in sorted(Path(cells_dir).glob("*.json"))]
@@ -320,7 +321,9 @@ def summarize(cells_dir, out_dir, study_path, params: Params | None = None) -> d
                                                                         if "iterations" in c})}
     write_json(out / "summary.json", summary)
     write_text(out / "results.md", _markdown(curve, contrasts, chosen, sentence, summary))
-    _figure(curve, out / "curve.png")
+    _figure(curve, contrasts, out / "curve.png")
+    if publish is not None:
+        write_json(Path(publish), published(summary, curve, contrasts))
     if params is not None:
         from ctsynth.core.tracking import log_study
         metrics = {f"dice/{mlflow_name(r.arm)}/n{r.n}": r.dice for r in curve.itertuples()}
@@ -329,6 +332,19 @@ def summarize(cells_dir, out_dir, study_path, params: Params | None = None) -> d
                   [out / f for f in ("summary.json", "results.md", "curve.csv", "contrasts.csv", "curve.png")])
     log.info("study: %s", sentence)
     return summary
+
+
+def published(summary: dict, curve: pd.DataFrame, contrasts: pd.DataFrame) -> dict:
+    """What the pipeline's report shows of the study (``studies/utility/published.json``, a git-tracked
+    dependency of the report stage, so a new study result makes the report stale and nothing else):
+    the sentence, the set it was measured on, the curve and the contrasts with classic augmentation."""
+    keep = ["n", "arm", "minus", "gain", "lo", "hi", "excludes_0", "worth_patients"]
+    return {"study": "utility", "sentence": summary["sentence"],
+            "measured_on": "test patients; share and best synthetic arm chosen on the validation patients",
+            "iterations": summary["iterations"], "n_cells": summary["n_cells"],
+            "details": "studies/utility/results/results.md, docs/experiments/utility-study.md",
+            "curve": curve[["n", "arm", "dice", "lo", "hi"]].round(4).to_dict("records"),
+            "contrasts": contrasts[[c for c in keep if c in contrasts]].round(4).to_dict("records")}
 
 
 def mlflow_name(arm: str) -> str:
@@ -376,21 +392,44 @@ def _markdown(curve, contrasts, chosen, sentence, summary) -> str:
     return "\n".join(lines)
 
 
-def _figure(curve: pd.DataFrame, path: Path) -> None:
+def _figure(curve: pd.DataFrame, contrasts: pd.DataFrame, path: Path) -> None:
+    """Left: Dice per arm against the number of real patients (bands: 95 %). Right: the paired
+    contrasts (same replicates and patients) with their 95 % intervals: the question itself, which the
+    overlapping bands of the left panel cannot answer."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, (arm, sub) in enumerate(curve.sort_values("n").groupby("arm")):
-        ax.plot(sub.n, sub.dice, "-o", color=f"C{i}", label=arm, ms=4)
-        ax.fill_between(sub.n, sub.lo, sub.hi, color=f"C{i}", alpha=0.15)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(curve.n.unique()), [str(n) for n in sorted(curve.n.unique())])
+    ns = sorted(curve.n.unique())
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.25, 1]})
+    colours = {arm: f"C{i}" for i, arm in enumerate(sorted(curve.arm.unique()))}
+    for arm, sub in curve.sort_values("n").groupby("arm"):
+        ax.plot(sub.n, sub.dice, "-o", color=colours[arm], label=arm + (" (95 %)" if arm == "classic" else ""),
+                ms=4, lw=2.2 if arm == "classic" else 1.2)
+        if arm == "classic":                  # the baseline's band only: six overlapping bands hide the lines
+            ax.fill_between(sub.n, sub.lo, sub.hi, color=colours[arm], alpha=0.15)
     ax.set(xlabel="real training patients", ylabel="Dice on real test patients (mean over structures)",
-           title="Does synthetic data save real patients? (bands: 95 %)")
-    ax.grid(alpha=.3)
+           title="Dice per arm")
     ax.legend(fontsize=8)
+    if len(contrasts):
+        labels = (contrasts.arm.str.replace(r"@.*", "", regex=True) + " − "
+                  + contrasts.minus.str.replace(r"@.*", "", regex=True))
+        # side by side on the log axis, centred on n among the contrasts at that n
+        shift = 1.07 ** (contrasts.groupby("n").cumcount() - (contrasts.groupby("n").n.transform("size") - 1) / 2)
+        for label, sub in contrasts.groupby(labels, sort=False):
+            colour = colours.get(sub.arm.iloc[0], "k")
+            bx.errorbar(sub.n * shift[sub.index], sub.gain, yerr=[sub.gain - sub.lo, sub.hi - sub.gain], fmt="o", ms=5,
+                        color=colour, mfc=colour if label.endswith("classic") else "white", capsize=3,
+                        label=label + (" (best arm on validation)" if not label.startswith("own-G") else ""))
+        bx.legend(fontsize=7)
+    bx.axhline(0, color="k", lw=0.8)
+    bx.set(xlabel="real training patients", ylabel="Dice difference (paired)",
+           title="Does it beat classic augmentation? (95 %)")
+    for a in (ax, bx):
+        a.set_xscale("log", base=2)
+        a.set_xticks(ns, [str(n) for n in ns])
+        a.grid(alpha=.3)
+    fig.suptitle("Does synthetic data save real patients? Test patients", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     from ctsynth.core.io import atomic_file
