@@ -31,8 +31,7 @@ def test_write_dataset_layout_and_dtypes(tmp_path):
     out = tmp_path / "ph"
     ids = phantom.write_dataset(out, cases=2, seed=1, shape=SMALL, progress=False)
     assert ids == ["ct_train_1001", "ct_train_1002"]
-    assert _files(out) == ["ct_train_1001_image.nii.gz", "ct_train_1001_label.nii.gz",
-                           "ct_train_1002_image.nii.gz", "ct_train_1002_label.nii.gz"]
+    assert _files(out) == [f"ct_train_100{i}_{kind}.nii.gz" for i in (1, 2) for kind in ("anatomy", "image", "label")]
     img = nib.load(out / "ct_train_1001_image.nii.gz")
     lab = nib.load(out / "ct_train_1001_label.nii.gz")
     assert img.get_data_dtype() == np.int16 and lab.get_data_dtype() == np.uint16
@@ -60,7 +59,7 @@ def test_affine_is_anisotropic_lps(tmp_path):
 
 
 def test_default_case_has_all_structures(default_case):
-    image, label = default_case
+    image, label, _ = default_case
     assert image.shape == label.shape == (128, 128, 40)
     assert image.dtype == np.int16 and label.dtype == np.uint16
     present = set(np.unique(label).tolist()) - {0}
@@ -70,7 +69,7 @@ def test_default_case_has_all_structures(default_case):
 
 
 def test_hu_realism(default_case):
-    image, label = default_case
+    image, label, _ = default_case
     hu = image.astype(np.float32)
 
     def mean(name):
@@ -93,7 +92,7 @@ def test_hu_realism(default_case):
 
 def test_anatomy_is_oriented(default_case):
     """In world (RAS) coordinates: LV left of RA, RV anterior of LA, arch above the heart."""
-    _, label = default_case
+    _, label, _ = default_case
     affine = phantom.phantom_affine(label.shape, SPACING)
 
     def world(name):
@@ -125,7 +124,7 @@ def test_deterministic_bytes_and_seed_dependence(tmp_path):
 def test_cases_vary_in_size_and_contrast():
     lv_voxels, lv_hu = [], []
     for i in range(3):
-        image, label = phantom.make_case(np.random.default_rng([0, i]), (64, 64, 20), (5.2, 5.2, 8.0))
+        image, label, _ = phantom.make_case(np.random.default_rng([0, i]), (64, 64, 20), (5.2, 5.2, 8.0))
         lv = label == VALUE["LV"]
         lv_voxels.append(int(lv.sum()))
         lv_hu.append(float(image[lv].mean()))
@@ -138,7 +137,7 @@ def test_existing_folder_is_replaced_entirely(tmp_path):
     out.mkdir()
     (out / "marker.txt").write_text("old")
     phantom.write_dataset(out, cases=1, seed=0, shape=SMALL, progress=False)
-    assert _files(out) == ["ct_train_1001_image.nii.gz", "ct_train_1001_label.nii.gz"]
+    assert _files(out) == ["ct_train_1001_anatomy.nii.gz", "ct_train_1001_image.nii.gz", "ct_train_1001_label.nii.gz"]
     assert _files(tmp_path) == ["ph"]  # no temporary folders left behind
 
 

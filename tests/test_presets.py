@@ -34,6 +34,8 @@ def dvc_workspace(root: Path, params_text: str) -> Path:
     shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "src" / "ctsynth", root / "src" / "ctsynth", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "reviews", root / "reviews")                  # git-tracked input of the share stage
+    (root / "studies" / "utility").mkdir(parents=True)                   # git-tracked input of the report stage
+    shutil.copy2(REPO / "studies" / "utility" / "published.json", root / "studies" / "utility" / "published.json")
     (root / "params.yaml").write_text(params_text)
     params = yaml.safe_load(params_text)
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -105,11 +107,11 @@ def test_the_paper_preset_sets_its_keys_keeps_the_rest_and_every_comment(tmp_pat
     assert text == expanded.text and base.read_text() == (REPO / "params.yaml").read_text()
     assert _comments(text) == _comments(base.read_text())          # every comment, in order
     merged, overlay = load_params(out), yaml.safe_load(preset_path("paper").read_text())
-    default = load_params(base)
+    default = to_dict(load_params(base))
     for section, values in to_dict(merged).items():
         for key, value in (values.items() if isinstance(values, dict) else [(None, values)]):
-            want = (overlay.get(section) or {}).get(key, getattr(getattr(default, section), key)) \
-                if key is not None else overlay.get(section, getattr(default, section))
+            want = (overlay.get(section) or {}).get(key, default[section][key]) \
+                if key is not None else overlay.get(section, default[section])
             assert value == want, (section, key, value, want)
     assert (merged.preprocess.image_size, merged.model.gen_depth, merged.model.encoding) == (256, 7, "index")
     assert (merged.train.iterations, merged.train.lr_g, merged.train.lr_d) == (100000, 1.3e-4, 1.5e-4)

@@ -36,7 +36,8 @@ def _generate(args) -> int:
     from ctsynth.synth.inference import generate_file
 
     stats = generate_file(args.model, args.mask, args.out, structures=args.structures,
-                          label_map=args.label_map, contrast_hu=args.contrast)
+                          label_map=args.label_map, contrast_hu=args.contrast, anatomy=args.anatomy,
+                          anatomy_map=args.anatomy_map)
     print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
     return 0
 
@@ -276,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output CT NIfTI (HU, same grid as the mask)")
     _model_options(p, "structures to condition on")
     _contrast_option(p, "the training cases' mean level")
+    p.add_argument("--anatomy", default=None,
+                   help="anatomy label NIfTI on the mask's grid: body / lung / bone around the heart, for a model "
+                        "trained with model.anatomy (without it such a model draws from the heart alone if it was "
+                        "trained with train.anatomy_drop > 0, else it refuses)")
+    p.add_argument("--anatomy-map", default="ctsynth",
+                   help="values of --anatomy: a preset (ctsynth: 1 body, 2 lung, 3 bone; totalsegmentator-total; "
+                        "a map without body values needs them ... in the file), inline JSON or a JSON/YAML file")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("synthesize", help="new labelled cases (warped masks + generated CT) from label NIfTIs",

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from ctsynth.core.errors import ConfigError
-from ctsynth.core.labels import ALL_CONDITIONS, MMWHS_LABEL_MAP, parse_label_map
+from ctsynth.core.labels import ALL_CONDITIONS, MMWHS_LABEL_MAP, parse_anatomy_map, parse_label_map
 
 # ------------------------------------------------------------------- roles of the train keys
 # Every `train.*` key is a DVC param of the train stage (dvc.yaml lists the whole section): it
@@ -41,6 +41,16 @@ def fingerprint_exempt(cls) -> frozenset[str]:
 
 
 @dataclass
+class AnatomyCfg:
+    """The anatomy around the heart written at ingest (ctsynth.data.anatomy)."""
+    source: Literal["derived", "supplied", "none"] = "derived"   # derived: rules on the image; supplied: label files
+    label_suffix: str = "_anatomy.nii.gz"            # supplied: <case><label_suffix> beside the image
+    label_map: dict | str = "ctsynth"                # supplied: value -> body|lung|bone, or a preset
+    body_hu: float = -500.0                          # body = largest component above this; lung = air below it inside
+    bone_hu: float = 200.0                           # bone = above this inside the body, outside the heart labels
+
+
+@dataclass
 class DataCfg:
     source: Literal["phantom", "nifti"] = "phantom"  # phantom: generate data; nifti: use raw_dir
     raw_dir: str = "data/phantom"                    # folder searched (recursively) for pairs
@@ -49,6 +59,7 @@ class DataCfg:
     label_map: dict | str = field(default_factory=lambda: dict(MMWHS_LABEL_MAP))  # value -> structure, or a preset
     unknown_labels: Literal["error", "background"] = "error"
     on_error: Literal["fail", "skip"] = "fail"
+    anatomy: AnatomyCfg = field(default_factory=AnatomyCfg)
 
 
 @dataclass
@@ -88,6 +99,7 @@ class ModelCfg:
     output: Literal["tanh", "sigmoid"] = "tanh"
     context_slices: int = 0                          # 2.5-D: neighbouring mask slices on each side in the condition
     contrast_control: bool = False                   # + a channel: the case's contrast level (data/contrast.py)
+    anatomy: bool = False                            # + 3 channels: body outline, lung, bone (data/anatomy.py)
 
 
 @dataclass
@@ -109,6 +121,7 @@ class TrainCfg:
     beta2: float = 0.999
     lambda_l1: float = 100.0
     lambda_fm: float = 10.0                          # feature matching (pix2pixHD) weight; 0: off (paper)
+    anatomy_drop: float = 0.0                        # model.anatomy: share of slices trained with blank anatomy
     augment: Literal["none", "affine", "affine+intensity"] = "affine"  # paired batch augmentation (ctsynth.augment)
     lr_decay_start: float | None = None              # fraction of iterations where linear decay to 0 starts
     sync_bn: bool = False
@@ -358,6 +371,15 @@ def _check_data(p: Params, need, problems: list[str]) -> None:
     except ConfigError as e:
         problems.extend(e.problems)
         label_map = {}
+    a = p.data.anatomy
+    need(a.body_hu < a.bone_hu, f"data.anatomy: body_hu {a.body_hu:g} must be below bone_hu {a.bone_hu:g}")
+    if a.source == "supplied":
+        try:
+            a.label_map = parse_anatomy_map(a.label_map)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    need(not (p.model.anatomy and a.source == "none"),
+         "model.anatomy: true needs anatomy from ingest; data.anatomy.source is none (use derived or supplied)")
     structs = p.preprocess.structures
     bad = [s for s in structs if s not in ALL_CONDITIONS]
     if bad or not structs or len(set(structs)) != len(structs):

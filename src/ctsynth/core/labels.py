@@ -109,3 +109,43 @@ def encode_condition(index_mask: np.ndarray, structures: list[str], encoding: st
     return out[..., None, :, :]
 
 
+# ------------------------------------------------ anatomy around the heart (ctsynth.data.anatomy)
+OUTSIDE, BODY, LUNG, BONE = 0, 1, 2, 3
+ANATOMY_CLASSES = {"body": BODY, "lung": LUNG, "bone": BONE}
+
+# TotalSegmentator v2 `total` task: lung lobes 10-14 and trachea 16 (air inside the body), sacrum 25,
+# vertebrae 26-50, humerus/scapula/clavicula/femur/hip 69-78, skull 91, ribs 92-115, sternum 116,
+# costal cartilages 117. Its `body` task is separate: the body outline then comes from the image rule.
+_TOTALSEG_TOTAL = {**{v: "lung" for v in (10, 11, 12, 13, 14, 16)},
+                   **{v: "bone" for v in (25, *range(26, 51), *range(69, 79), 91, *range(92, 118))}}
+ANATOMY_PRESETS: dict[str, dict[int, str]] = {
+    "ctsynth": {BODY: "body", LUNG: "lung", BONE: "bone"},    # the classes above, as the phantom writes them
+    "totalsegmentator-total": _TOTALSEG_TOTAL,
+}
+
+
+def parse_anatomy_map(raw, where: str = "data.anatomy.label_map") -> dict[int, str]:
+    """``{value: body|lung|bone}`` or a preset name -> the mapping; ConfigError listing every problem."""
+    if isinstance(raw, str):
+        if raw not in ANATOMY_PRESETS:
+            raise ConfigError(f"{where}: {raw!r} is not an anatomy preset; presets: {', '.join(ANATOMY_PRESETS)} "
+                              f"(or give a mapping of label value -> {'|'.join(ANATOMY_CLASSES)})")
+        return dict(ANATOMY_PRESETS[raw])
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{where}: must be a preset name ({', '.join(ANATOMY_PRESETS)}) or a non-empty mapping "
+                          f"of label value -> {'|'.join(ANATOMY_CLASSES)}")
+    problems, out = [], {}
+    for key, name in raw.items():
+        try:
+            value = int(key)
+        except (TypeError, ValueError):
+            problems.append(f"{where}: key {key!r} is not an integer label value")
+            continue
+        if value == 0:
+            problems.append(f"{where}: value 0 is background and cannot name a class")
+        if name not in ANATOMY_CLASSES:
+            problems.append(f"{where}.{key}: {name!r} is not an anatomy class; allowed: {', '.join(ANATOMY_CLASSES)}")
+        out[value] = name
+    if problems:
+        raise ConfigError(problems)
+    return out

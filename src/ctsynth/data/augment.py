@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from ctsynth.core.errors import ConfigError
@@ -104,4 +105,42 @@ def augment_labelled(augment: Augment, images: torch.Tensor, masks: torch.Tensor
     return real[:, 0], cond[:, 0].round().long()
 
 
-__all__ = ["AUGMENTS", "PairedAugment", "augment_labelled", "build_augment"]
+
+def build_anatomy_drop(params, structures: list[str], rank: int = 0):
+    """``train.anatomy_drop`` > 0 with ``model.anatomy``: a function ``(cond, step) -> cond`` blanking the
+    anatomy channels of each slice with that probability, drawn from ``(train.seed, rank, step)`` (a
+    resumed run draws the same), so the model also learns to draw from heart labels alone (the
+    condition's anatomy channels all zero, as :class:`ctsynth.synth.inference.MaskToCT` passes them
+    when a user has none); None otherwise."""
+    rate, m = params.train.anatomy_drop, params.model
+    if not (m.anatomy and rate > 0):
+        return None
+    from ctsynth.data.store import anatomy_slice
+
+    where = anatomy_slice(structures, m.encoding, m.context_slices)
+    seed = params.seed if params.train.seed is None else params.train.seed
+
+    def drop(cond: torch.Tensor, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, step])
+                                              .generate_state(1)[0]))
+        keep = (torch.rand(len(cond), generator=g) >= rate).to(cond.device, cond.dtype)
+        cond = cond.clone()
+        cond[:, where] *= keep.view(-1, 1, 1, 1)
+        return cond
+    return drop
+
+
+def build_batch_transform(params, constant_channels: int, structures: list[str], rank: int = 0):
+    """What the training loop does to each batch: ``(cond, real, step) -> (cond, real)``, the paired
+    augmentation (``train.augment``), then the anatomy drop (``train.anatomy_drop``), if any."""
+    augment = build_augment(params.train.augment, constant_channels)
+    drop = build_anatomy_drop(params, structures, rank)
+
+    def transform(cond: torch.Tensor, real: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cond, real = augment(cond, real)
+        return (drop(cond, step) if drop else cond), real
+    return transform
+
+
+__all__ = ["AUGMENTS", "PairedAugment", "augment_labelled", "build_anatomy_drop", "build_augment",
+           "build_batch_transform"]

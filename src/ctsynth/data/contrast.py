@@ -112,19 +112,27 @@ def draw(rng: np.random.Generator, rec: dict) -> float:
     return float(np.clip(level, lo, hi))                 # sd 0 or a degenerate range
 
 
-def training_dataset(store, rows: np.ndarray, cases: list[str], model_cfg):
+def training_dataset(store, rows: np.ndarray, cases: list[str], model_cfg, anatomy_drop: float = 0.0):
     """The SliceDataset of ``rows`` (of ``cases``) for a model config: with ``contrast_control``
     each row's condition ends with its case's level (a case without any level structure gets the
-    training mean), and the dataset's ``contrast_record`` goes into the model file."""
+    training mean), and the dataset's ``contrast_record`` goes into the model file; with ``anatomy``
+    the slices' anatomy channels follow the masks and ``anatomy_record`` (with ``anatomy_drop``,
+    :func:`ctsynth.data.anatomy.record`) goes into the model file too."""
+    from ctsynth.data.anatomy import record
     from ctsynth.data.store import SliceDataset
 
+    anatomy = bool(getattr(model_cfg, "anatomy", False))
     if not model_cfg.contrast_control:
-        return SliceDataset(store, rows, model_cfg.encoding, model_cfg.context_slices)
+        ds = SliceDataset(store, rows, model_cfg.encoding, model_cfg.context_slices, anatomy=anatomy)
+        ds.anatomy_record = record(anatomy, store.meta.get("anatomy"), anatomy_drop)
+        return ds
     measured = case_levels(store, cases)
     rec = record(measured, store.structures)
     levels, _ = clip_levels(measured, rec)
     values = planes(row_levels(store, rows, levels), store.meta["hu_window"])
-    return SliceDataset(store, rows, model_cfg.encoding, model_cfg.context_slices, values, rec)
+    ds = SliceDataset(store, rows, model_cfg.encoding, model_cfg.context_slices, values, rec, anatomy=anatomy)
+    ds.anatomy_record = record(anatomy, store.meta.get("anatomy"), anatomy_drop)
+    return ds
 
 
 def measured_planes(store, rows: np.ndarray, rec: dict | None) -> np.ndarray | None:

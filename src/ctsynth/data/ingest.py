@@ -5,10 +5,12 @@ named ``<case><label_suffix>`` beside it, and checks every pair. All problems of
 collected; with ``data.on_error: fail`` any problem aborts before anything is written, with
 ``skip`` the bad cases are reported and left out (it still fails if none is left).
 
-Output (``data/interim``, written atomically): ``<case>_image.nii`` (int16 HU) and
-``<case>_label.nii`` (uint8 structure indices, see :mod:`ctsynth.labels`), both in canonical
-RAS+ orientation on the image grid and uncompressed so later stages can memory-map them, plus
-``manifest.csv``.
+Output (``data/interim``, written atomically): ``<case>_image.nii`` (int16 HU),
+``<case>_label.nii`` (uint8 structure indices, see :mod:`ctsynth.labels`) and, unless
+``data.anatomy.source`` is none, ``<case>_anatomy.nii`` (uint8 body / lung / bone classes, derived
+from the image or read from ``<case><data.anatomy.label_suffix>``: :mod:`ctsynth.data.anatomy`),
+all in canonical RAS+ orientation on the image grid and uncompressed so later stages can
+memory-map them, plus ``manifest.csv``.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from ctsynth.core.errors import InputError
 from ctsynth.core.io import atomic_dir, canonical, load_nifti, overlap_fraction, resample_nearest, write_csv
 from ctsynth.core.labels import STRUCTURES, structure_index
 from ctsynth.core.progress import quiet
+from ctsynth.data.anatomy import counts as anatomy_counts
+from ctsynth.data.anatomy import derive, from_labels
 from ctsynth.data.masks import map_labels
 
 log = logging.getLogger("ctsynth.data.ingest")
@@ -91,22 +95,25 @@ def _outside_share(label: np.ndarray, label_affine, shape, affine) -> float:
     return float(1 - inside.mean())
 
 
-def _label_on_image_grid(pair: Pair, raw_label: np.ndarray, lab, shape, img, problems: list[str]):
-    """A label on another grid, resampled onto the image grid (nearest neighbour, background
-    outside the label grid); the label unchanged with a problem appended when it cannot be."""
+def _label_on_image_grid(pair: Pair, raw_label: np.ndarray, lab, shape, img, problems: list[str],
+                         path: Path | None = None):
+    """A label (``path``, default the pair's label) on another grid, resampled onto the image grid
+    (nearest neighbour, background outside the label grid); the label unchanged with a problem
+    appended when it cannot be."""
+    path = pair.label if path is None else path
     if not (_has_affine(img) and _has_affine(lab)):
-        problems.append(f"{pair.label}: shape {raw_label.shape} differs from image {tuple(shape)} "
+        problems.append(f"{path}: shape {raw_label.shape} differs from image {tuple(shape)} "
                         f"and the files carry no usable affine to resample with")
         return raw_label
     cover = overlap_fraction(shape, img.affine, raw_label.shape, lab.affine)     # of the image
     inside = overlap_fraction(raw_label.shape, lab.affine, shape, img.affine)    # of the label grid
     if inside < MIN_INSIDE and cover < MIN_OVERLAP:
-        problems.append(f"{pair.label}: label grid does not overlap the image: {1 - inside:.0%} of the "
+        problems.append(f"{path}: label grid does not overlap the image: {1 - inside:.0%} of the "
                         f"label grid lies outside the image (it covers {cover:.0%} of the image); "
                         f"check the affines")
         return raw_label
     log.info("%s: label on another grid, resampled onto the image grid; it covers %.0f%% of the image "
-             "(%.0f%% of the label grid inside it), background elsewhere", pair.case, 100 * cover, 100 * inside)
+             "(%.0f%% of the label grid inside it), background elsewhere", path, 100 * cover, 100 * inside)
     lost = _outside_share(raw_label, lab.affine, shape, img.affine)
     if lost > 0:
         log.warning("%s: %.1f%% of the labelled voxels lie outside the image and are dropped",
@@ -114,8 +121,42 @@ def _label_on_image_grid(pair: Pair, raw_label: np.ndarray, lab, shape, img, pro
     return resample_nearest(raw_label, lab.affine, shape, img.affine)
 
 
-def check_pair(pair: Pair, params: Params) -> tuple[dict, np.ndarray, np.ndarray] | list[str]:
-    """Validate one pair; return (manifest row, canonical image, canonical label) or problems."""
+def anatomy_path(pair: Pair, suffix: str) -> Path:
+    """The supplied anatomy label file of a pair: ``<case><suffix>`` beside its image."""
+    return pair.image.with_name(pair.case + suffix)
+
+
+def _anatomy(pair: Pair, params: Params, data: np.ndarray, img, heart: np.ndarray,
+             problems: list[str]) -> np.ndarray | None:
+    """The case's anatomy classes on the image grid (original orientation), or None (none / a problem)."""
+    cfg = params.data.anatomy
+    if cfg.source == "none":
+        return None
+    if cfg.source == "derived":
+        return derive(data.astype(np.float32), heart, cfg.body_hu, cfg.bone_hu)
+    path = anatomy_path(pair, cfg.label_suffix)
+    if not path.exists():
+        problems.append(f"{path}: missing anatomy label file of case {pair.case} (data.anatomy.source: supplied "
+                        f"reads <case>{cfg.label_suffix} beside each image)")
+        return None
+    try:
+        lab = load_nifti(path, "label")
+    except InputError as e:
+        problems += e.problems
+        return None
+    raw = np.asanyarray(lab.dataobj)
+    if raw.shape != data.shape or not np.allclose(lab.affine, img.affine, atol=1e-3):
+        raw = _label_on_image_grid(pair, raw, lab, data.shape, img, problems, path)
+        if problems:
+            return None
+    classes, found = from_labels(raw, cfg.label_map, data.astype(np.float32), cfg.body_hu, path)
+    problems += found
+    return None if found else classes
+
+
+def check_pair(pair: Pair, params: Params) -> tuple[dict, np.ndarray, np.ndarray, object] | list[str]:
+    """Validate one pair; return (manifest row, canonical image, canonical label, canonical anatomy
+    or None) or problems."""
     problems: list[str] = []
     if pair.label is None:
         return problems
@@ -147,9 +188,13 @@ def check_pair(pair: Pair, params: Params) -> tuple[dict, np.ndarray, np.ndarray
         problems.append(f"{pair.label}: label volume is empty (no voxel of {sorted(params.data.label_map)})")
     if problems:
         return problems
+    classes = _anatomy(pair, params, data, img, mapped, problems)
+    if problems:
+        return problems
     hu = np.clip(np.rint(data), -32768, 32767).astype(np.int16) if data.dtype != np.int16 else data
     image_c = canonical(nib.Nifti1Image(hu, img.affine))
     label_c = canonical(nib.Nifti1Image(mapped, img.affine))
+    anatomy_c = None if classes is None else canonical(nib.Nifti1Image(classes, img.affine))
     row = {"case": pair.case, "source_image": str(pair.image), "source_label": str(pair.label),
            "image_file": f"{pair.case}_image.nii", "label_file": f"{pair.case}_label.nii",
            "orig_axcodes": "".join(nib.aff2axcodes(img.affine)),
@@ -160,7 +205,10 @@ def check_pair(pair: Pair, params: Params) -> tuple[dict, np.ndarray, np.ndarray
     row.update({"hu_min": int(hu.min()), "hu_max": int(hu.max())})
     counts = np.bincount(np.asarray(label_c.dataobj).ravel(), minlength=len(STRUCTURES) + 1)
     row.update({f"vox_{name}": int(counts[structure_index(name)]) for name in STRUCTURES})
-    return row, image_c, label_c
+    if anatomy_c is not None:
+        row.update({"anatomy_file": f"{pair.case}_anatomy.nii", "anatomy_source": params.data.anatomy.source,
+                    **{f"vox_{k}": v for k, v in anatomy_counts(classes).items()}})
+    return row, image_c, label_c, anatomy_c
 
 
 def run(params: Params, out_dir: str | Path, raw_dir: str | Path | None = None) -> pd.DataFrame:
@@ -179,9 +227,11 @@ def run(params: Params, out_dir: str | Path, raw_dir: str | Path | None = None) 
                 problems += result
                 bad_cases.add(pair.case)
                 continue
-            row, image_c, label_c = result
+            row, image_c, label_c, anatomy_c = result
             nib.save(image_c, str(tmp / row["image_file"]))
             nib.save(label_c, str(tmp / row["label_file"]))
+            if anatomy_c is not None:
+                nib.save(anatomy_c, str(tmp / row["anatomy_file"]))
             rows.append(row)
         if problems:
             if params.data.on_error == "fail" or not rows:
@@ -194,6 +244,18 @@ def run(params: Params, out_dir: str | Path, raw_dir: str | Path | None = None) 
     log.info("ingest: %d cases (%d skipped) -> %s; cases per structure %s",
              len(rows), len(bad_cases), out_dir, dict(counts))
     return manifest
+
+
+def interim_anatomy_path(interim_dir: str | Path, case: str) -> Path | None:
+    """The canonical anatomy file of ``case`` in the ingest folder, None when ingest wrote none."""
+    interim_dir = Path(interim_dir)
+    manifest = interim_dir / "manifest.csv"
+    if manifest.exists():
+        frame = pd.read_csv(manifest, dtype={"case": str})
+        row = frame.loc[frame.case == case]
+        if len(row) and "anatomy_file" in frame and isinstance(row.anatomy_file.iloc[0], str):
+            return interim_dir / row.anatomy_file.iloc[0]
+    return None
 
 
 def label_path(interim_dir: str | Path, case: str) -> Path:

@@ -14,7 +14,16 @@ import numpy as np
 import yaml
 
 from ctsynth.core.errors import ConfigError, InputError
-from ctsynth.core.labels import LABEL_PRESETS, STRUCTURES, WH, parse_label_map, structure_index, validate_structures
+from ctsynth.core.labels import (
+    ANATOMY_PRESETS,
+    LABEL_PRESETS,
+    STRUCTURES,
+    WH,
+    parse_anatomy_map,
+    parse_label_map,
+    structure_index,
+    validate_structures,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,31 +88,33 @@ def index_volume(path: Path, data: np.ndarray, label_map: dict[int, str], struct
                  "used": {v: expected[v] for v in sorted(set(values) & set(expected))}}
 
 
-def parse_label_map_arg(value) -> dict[int, str] | None:
-    """``--label-map``: None, a dict, a preset name (``mmwhs``, ``totalsegmentator-heartchambers``),
+def parse_label_map_arg(value, parse=parse_label_map, where: str = "--label-map") -> dict[int, str] | None:
+    """``--label-map`` (or, with ``parse=parse_anatomy_map``, ``--anatomy-map``): None, a dict, a preset
+    name (``mmwhs``, ``totalsegmentator-heartchambers``; anatomy: ``ctsynth``, ``totalsegmentator-total``),
     inline JSON (``'{"1": "LV"}'``) or a JSON/YAML file path.
 
     Files are read with json / yaml.safe_load only (no eval, no pickle)."""
+    presets = ANATOMY_PRESETS if parse is parse_anatomy_map else LABEL_PRESETS
     if value is None or isinstance(value, dict):
-        return None if value is None else parse_label_map(value, where="--label-map")
+        return None if value is None else parse(value, where=where)
     text = str(value).strip()
-    if text in LABEL_PRESETS:
-        return parse_label_map(text, where="--label-map")
+    if text in presets:
+        return parse(text, where=where)
     if text.startswith("{"):
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"--label-map: not valid JSON ({e}); example: '{{\"1\": \"Ao\"}}'") from None
-        return parse_label_map(raw, where="--label-map")
+            raise ConfigError(f"{where}: not valid JSON ({e}); example: '{{\"1\": \"Ao\"}}'") from None
+        return parse(raw, where=where)
     path = Path(text)
     if not path.is_file():
-        raise ConfigError(f"--label-map: {text!r} is neither a preset ({', '.join(LABEL_PRESETS)}), inline JSON "
+        raise ConfigError(f"{where}: {text!r} is neither a preset ({', '.join(presets)}), inline JSON "
                           "nor an existing file")
     try:
         raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: label map file is not valid JSON/YAML ({e})") from None
-    return parse_label_map(raw, where=str(path))
+    return parse(raw, where=str(path))
 
 
 def structures_arg(structures, model_structures: list[str]) -> list[str]:

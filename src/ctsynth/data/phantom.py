@@ -18,7 +18,10 @@ grid covering
 ``shape * spacing`` mm centred on the chest (z = 0 near the heart base): a smaller ``shape`` at
 the same spacing is a crop, a larger spacing shows the whole chest on fewer voxels. Files carry
 an LPS-style affine ``diag(-sx, -sy, sz)`` as DICOM-derived NIfTI do, so ingest's canonical
-reorientation is exercised. Labels hold raw MM-WHS values (``labels.MMWHS_LABEL_MAP``).
+reorientation is exercised. Labels hold raw MM-WHS values (``labels.MMWHS_LABEL_MAP``); a third file
+per case, ``<case>_anatomy.nii.gz``, holds the true body / lung / bone classes (the ``ctsynth``
+anatomy preset): what ``data.anatomy.source: supplied`` reads, and the known answer of the
+derived rules.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from scipy.ndimage import gaussian_filter, gaussian_filter1d
 from ctsynth.core.config import Params
 from ctsynth.core.errors import ConfigError
 from ctsynth.core.io import atomic_dir, save_nifti
-from ctsynth.core.labels import MMWHS_LABEL_MAP
+from ctsynth.core.labels import BODY, BONE, LUNG, MMWHS_LABEL_MAP
 from ctsynth.core.progress import quiet
 
 log = logging.getLogger(__name__)
@@ -127,9 +130,11 @@ def _check(shape, spacing) -> tuple[tuple[int, ...], tuple[float, ...]]:
 
 
 def make_case(rng: np.random.Generator, shape=(128, 128, 40),
-              spacing=(2.6, 2.6, 4.0)) -> tuple[np.ndarray, np.ndarray]:
-    """Return (image int16 HU, label uint16 with raw MM-WHS values 0/205/420/500/550/600/820/850),
-    both of ``shape`` (x, y, z) on the grid of :func:`phantom_affine`."""
+              spacing=(2.6, 2.6, 4.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (image int16 HU, label uint16 with raw MM-WHS values 0/205/420/500/550/600/820/850,
+    anatomy uint8: the true class of every voxel, 0 outside / 1 body / 2 lung and airways / 3 bone,
+    as :mod:`ctsynth.data.anatomy` defines them), all of ``shape`` (x, y, z) on the grid of
+    :func:`phantom_affine`."""
     shape, spacing = _check(shape, spacing)
     g = _Grid(shape, phantom_affine(shape, spacing))
     x, y, z = g.coords()                            # (nx,1,1), (1,ny,1), (1,1,nz) mm
@@ -137,6 +142,7 @@ def make_case(rng: np.random.Generator, shape=(128, 128, 40),
     U, N = rng.uniform, rng.normal
     hu = np.full(shape, -1000.0, np.float32)        # (nx,ny,nz) air
     lab = np.zeros(shape, np.uint16)                # (nx,ny,nz) MM-WHS values
+    anat = np.zeros(shape, np.uint8)                # (nx,ny,nz) what each voxel was last painted as
 
     def field(sigma_mm: float) -> np.ndarray:
         """Smooth unit-variance random field (nx,ny,nz) for tissue texture."""
@@ -144,9 +150,10 @@ def make_case(rng: np.random.Generator, shape=(128, 128, 40),
                             [sigma_mm / s for s in spacing], mode="nearest")
         return f / max(float(f.std()), 1e-6)
 
-    def paint(mask, value, label=None):
+    def paint(mask, value, label=None, tissue=BODY):
         mask = np.broadcast_to(mask, shape)
         hu[mask] = np.broadcast_to(value, shape)[mask] if isinstance(value, np.ndarray) else value
+        anat[mask] = np.broadcast_to(tissue, shape)[mask] if isinstance(tissue, np.ndarray) else tissue
         if label is not None:
             lab[mask] = label
 
@@ -175,8 +182,8 @@ def make_case(rng: np.random.Generator, shape=(128, 128, 40),
     band = (depth > wall + 1.5) & (depth < wall + 8.5)
     ribs = band & (np.sin(12 * th + z * 2 * np.pi / U(25, 35) + U(0, 6.3)) > 0.45)  # sloping ribs
     ribs &= ~((Y > 0) & (np.abs(X) < 25))              # costal cartilage gap beside the sternum
-    paint(ribs, bone_hu + 60 * tex)
-    paint(band & (Y > 0) & (np.abs(X) < 14), U(250, 400) + 40 * tex)  # sternum
+    paint(ribs, bone_hu + 60 * tex, tissue=BONE)
+    paint(band & (Y > 0) & (np.abs(X) < 14), U(250, 400) + 40 * tex, tissue=BONE)  # sternum
 
     # -- spine and paraspinal muscles
     sx, sy, rv = bx + N(0, 2), by - b + U(40, 46), U(15, 19)
@@ -187,15 +194,16 @@ def make_case(rng: np.random.Generator, shape=(128, 128, 40),
     spine_zone = np.broadcast_to(paraspinal | (rs < rv + 6), shape)
     paint(spine_zone & (depth > 0), mus_hu + 6 * tex)
     disc = ((z - U(0, 28)) % 28) < 6                   # (1,1,nz) intervertebral discs
-    paint(np.broadcast_to(rs < rv, shape), np.where(disc, 80.0, U(180, 260)) + 25 * tex)
-    paint(np.broadcast_to((rs < rv) & (rs > rv - 2.5), shape) & ~disc, bone_hu + 100)
+    paint(np.broadcast_to(rs < rv, shape), np.where(disc, 80.0, U(180, 260)) + 25 * tex,
+          tissue=np.where(disc, BODY, BONE).astype(np.uint8))
+    paint(np.broadcast_to((rs < rv) & (rs > rv - 2.5), shape) & ~disc, bone_hu + 100, tissue=BONE)
     post = ((rc > 7) & (rc < 12) & (y < sy - rv + 3)) \
         | ((np.abs(x - sx) < 4) & (y < cy_canal) & (y > cy_canal - 32))      # arch, spinous process
     for side in (-1, 1):  # transverse processes, angled posterolaterally
         along = side * (x - sx) * 0.9 - (y - cy_canal - 2) * 0.42
         across = side * (x - sx) * 0.42 + (y - cy_canal - 2) * 0.9
         post = post | ((np.abs(across) < 4.5) & (along > 8) & (along < 32))
-    paint(np.broadcast_to(post, shape), bone_hu + 40 * tex)
+    paint(np.broadcast_to(post, shape), bone_hu + 40 * tex, tissue=BONE)
     paint(np.broadcast_to(rc <= 7, shape), 15.0)       # spinal canal (CSF)
 
     # -- heart frame: long axis u (base -> apex, anterior-left-inferior), v toward the RV
@@ -275,13 +283,13 @@ def make_case(rng: np.random.Generator, shape=(128, 128, 40),
     vness = 1 - np.maximum(np.abs(f1), np.abs(f2)) / (0.12 + 0.16 * hilum)   # > 0 inside a vessel
     lung_val = lung_hu + 40 * np.clip(-Y / b, -1, 1) + 15 * lo + 12 * tex
     lung_val = np.where(vness > 0, -250 + 500 * np.clip(vness, 0, 0.6), lung_val)
-    paint(lung, lung_val)
+    paint(lung, lung_val, tissue=LUNG)
     paint(cavity & liver, liver_hu + 8 * lo)
     paint(cavity & spleen & ~liver, liver_hu + 15 + 8 * lo)
     paint(oes <= 0, mus_hu + 6 * tex)
-    paint(oes <= -5.5, -900.0)                          # a little air in the lumen
+    paint(oes <= -5.5, -900.0, tissue=LUNG)             # a little air in the lumen
     paint(air <= 2, mus_hu - 10)
-    paint(air <= 0, -1000.0)
+    paint(air <= 0, -1000.0, tissue=LUNG)
 
     # -- heart: unlabelled thin walls, then blood pools and myocardium (labelled)
     for _, c, rad, ax in chambers[:3]:
@@ -302,7 +310,7 @@ def make_case(rng: np.random.Generator, shape=(128, 128, 40),
     hu = gaussian_filter(hu, (0.7, 0.7, 0.5))
     noise = gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 0.6)
     hu += noise * (U(15, 25) / max(float(noise.std()), 1e-6))
-    return np.clip(np.rint(hu), *HU_RANGE).astype(np.int16), lab
+    return np.clip(np.rint(hu), *HU_RANGE).astype(np.int16), lab, anat
 
 
 def _show_progress(progress: bool) -> bool:
@@ -322,7 +330,7 @@ def run(params: Params, out_dir) -> list[str]:
 
 def write_dataset(out_dir, cases: int | None = None, seed: int | None = None, shape=None, spacing=None,
                   progress: bool = True) -> list[str]:
-    """Write ``ct_train_1001_image.nii.gz`` / ``ct_train_1001_label.nii.gz`` ... into ``out_dir``
+    """Write ``ct_train_1001_image.nii.gz`` / ``_label.nii.gz`` / ``_anatomy.nii.gz`` ... into ``out_dir``
     and return the case ids; unset arguments take params.yaml's defaults. The folder is built
     aside and swapped in whole (a killed run leaves the previous folder intact). Case ``i`` draws
     from ``np.random.default_rng([seed, i])``; the same seed gives byte-identical files (nibabel
@@ -347,8 +355,9 @@ def write_dataset(out_dir, cases: int | None = None, seed: int | None = None, sh
     with atomic_dir(out_dir) as tmp:
         bar = tqdm(ids, desc="phantom", unit="case", disable=not _show_progress(progress))
         for i, case in enumerate(bar):
-            image, label = make_case(np.random.default_rng([seed, i]), shape, spacing)
+            image, label, anatomy = make_case(np.random.default_rng([seed, i]), shape, spacing)
             save_nifti(Path(tmp) / f"{case}_image.nii.gz", image, affine, np.int16, header)
             save_nifti(Path(tmp) / f"{case}_label.nii.gz", label, affine, np.uint16, header)
+            save_nifti(Path(tmp) / f"{case}_anatomy.nii.gz", anatomy, affine, np.uint8, header)
     log.info("wrote %d phantom cases %s to %s", cases, "x".join(map(str, shape)), out_dir)
     return ids

@@ -10,7 +10,9 @@ For every case in ``data/interim/manifest.csv``:
 
 Slices are streamed one at a time from the uncompressed interim volumes (memory-mapped), into
 ``images.npy`` (float16) and ``masks.npy`` (uint8) opened with ``open_memmap``, so peak memory
-is independent of the volume size. float16 keeps < 0.5 HU error over a 2000 HU window.
+is independent of the volume size. float16 keeps < 0.5 HU error over a 2000 HU window. When
+ingest wrote anatomy volumes, ``anatomy.npy`` (uint8 body / lung / bone classes, nearest) holds
+them on the same slices (:mod:`ctsynth.data.anatomy`).
 """
 from __future__ import annotations
 
@@ -76,6 +78,12 @@ def prepare_slice(hu_xy: np.ndarray, mask_xy: np.ndarray, size: int, window,
     return image.astype(np.float32), mask
 
 
+def prepare_classes(classes_xy: np.ndarray, size: int) -> np.ndarray:
+    """One canonical class slice (X, Y) -> display slice (S, S) uint8 (nearest), as masks are."""
+    return resize(to_display(classes_xy), (size, size), order=0, anti_aliasing=False,
+                  preserve_range=True).astype(np.uint8)
+
+
 def restore_slice(unit_ss: np.ndarray, shape_xy, window) -> np.ndarray:
     """Model-space display slice (S, S) -> HU slice on the canonical grid ``shape_xy``."""
     rows, cols = shape_xy[1], shape_xy[0]
@@ -115,10 +123,13 @@ def run(params: Params, interim_dir: str | Path, out_dir: str | Path) -> dict:
     manifest = pd.read_csv(manifest_path, dtype={"case": str})
     keep, size = kept_indices(cfg.structures), cfg.image_size
 
-    volumes, plan = {}, []
+    volumes, plan, anatomy = {}, [], {}
+    with_anatomy = "anatomy_file" in manifest and manifest.anatomy_file.notna().all()
     for row in manifest.itertuples():
         image = nib.load(str(interim_dir / row.image_file))
         label = nib.load(str(interim_dir / row.label_file))
+        if with_anatomy:
+            anatomy[row.case] = nib.load(str(interim_dir / row.anatomy_file))
         lab = np.asanyarray(label.dataobj)  # memmap: uncompressed interim files
         zs = select_slices(lab, keep, cfg.slices, cfg.margin)
         if len(zs) == 0:
@@ -131,17 +142,24 @@ def run(params: Params, interim_dir: str | Path, out_dir: str | Path) -> dict:
 
     meta = {"image_size": size, "hu_window": list(map(float, cfg.hu_window)),
             "structures": list(cfg.structures), "slices": cfg.slices, "margin": cfg.margin,
-            "label_map": {str(k): v for k, v in params.data.label_map.items()}, "cases": {}}
+            "label_map": {str(k): v for k, v in params.data.label_map.items()},
+            "anatomy": str(manifest.anatomy_source.iloc[0]) if with_anatomy else None, "cases": {}}
     with atomic_dir(out_dir) as tmp:
         images = open_memmap(tmp / "images.npy", mode="w+", dtype=np.float16, shape=(len(plan), size, size))
         masks = open_memmap(tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(len(plan), size, size))
+        classes = open_memmap(tmp / "anatomy.npy", mode="w+", dtype=np.uint8,
+                              shape=(len(plan), size, size)) if with_anatomy else None
         for i, (case, z) in enumerate(tqdm(plan, desc="preprocess", unit="slice", disable=quiet())):
             image, label = volumes[case]
             hu = np.asarray(image.dataobj[:, :, z], dtype=np.float32)
             lab = np.asarray(label.dataobj[:, :, z])
             images[i], masks[i] = prepare_slice(hu, lab, size, cfg.hu_window, keep)
-        images.flush(), masks.flush()
-        del images, masks
+            if classes is not None:
+                classes[i] = prepare_classes(np.asarray(anatomy[case].dataobj[:, :, z]), size)
+        for array in (images, masks, classes):
+            if array is not None:
+                array.flush()
+        del images, masks, classes
         frame = pd.DataFrame(plan, columns=["case", "z"])
         frame.to_csv(tmp / "slices.csv", index=False)
         for row in manifest.itertuples():

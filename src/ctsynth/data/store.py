@@ -22,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ctsynth.core.errors import InputError
 from ctsynth.core.labels import condition_channels, encode_condition
+from ctsynth.data.anatomy import CHANNELS as ANATOMY_CHANNELS
+from ctsynth.data.anatomy import channels as anatomy_channels
 
 
 class ProcessedStore:
@@ -40,7 +42,8 @@ class ProcessedStore:
     def fingerprint(self, cases: list[str]) -> str:
         """Hash of the store's bytes and of ``cases`` (the training data of a run)."""
         h = hashlib.blake2b(digest_size=16)
-        for name in ("meta.json", "slices.csv", "images.npy", "masks.npy"):
+        for name in ("meta.json", "slices.csv", "images.npy", "masks.npy") + (("anatomy.npy",) if self.has_anatomy
+                                                                               else ()):
             with open(self.root / name, "rb") as fh:
                 while chunk := fh.read(1 << 24):
                     h.update(chunk)
@@ -54,6 +57,17 @@ class ProcessedStore:
     @cached_property
     def masks(self) -> np.ndarray:    # (N, S, S) uint8 structure indices
         return np.load(self.root / "masks.npy", mmap_mode="r")
+
+    @property
+    def has_anatomy(self) -> bool:
+        return (self.root / "anatomy.npy").exists()
+
+    @cached_property
+    def anatomy(self) -> np.ndarray:  # (N, S, S) uint8 body / lung / bone classes (ctsynth.data.anatomy)
+        if not self.has_anatomy:
+            raise InputError(f"{self.root}: no anatomy.npy in the processed store: ingest ran with "
+                             f"data.anatomy.source none; model.anatomy needs derived or supplied anatomy")
+        return np.load(self.root / "anatomy.npy", mmap_mode="r")
 
     @property
     def structures(self) -> list[str]:
@@ -92,12 +106,15 @@ def context_masks(masks_zss: np.ndarray, k: int) -> np.ndarray:
 class SliceDataset(Dataset):
     """(condition, image) pairs for a subset of rows of a :class:`ProcessedStore`; with
     ``context`` k > 0 the condition stacks the masks of the 2k + 1 neighbouring slices; with
+    ``anatomy`` the slice's body / lung / bone channels follow (:mod:`ctsynth.data.anatomy`); with
     ``contrast`` (N,) (each row's contrast-level plane, :mod:`ctsynth.data.contrast`) it ends with
     that constant plane, and ``contrast_record`` says where the levels came from."""
 
     def __init__(self, store: ProcessedStore, rows: np.ndarray, encoding: str = "onehot", context: int = 0,
-                 contrast: np.ndarray | None = None, contrast_record: dict | None = None):
+                 contrast: np.ndarray | None = None, contrast_record: dict | None = None, anatomy: bool = False):
         self.store, self.rows, self.encoding = store, np.asarray(rows), encoding
+        self.anatomy = bool(anatomy) and store.anatomy is not None               # raises without anatomy.npy
+        self.anatomy_record: dict | None = None                                  # set by contrast.training_dataset
         self.structures = store.structures
         self.context_rows = neighbour_rows(store, self.rows, context)              # (N, 2k + 1)
         self.contrast = None if contrast is None else np.asarray(contrast, np.float32)
@@ -112,22 +129,36 @@ class SliceDataset(Dataset):
         image = np.asarray(self.store.images[row], dtype=np.float32)[None]           # (1, S, S)
         masks = np.asarray(self.store.masks[self.context_rows[i]])                   # (2k + 1, S, S)
         level = None if self.contrast is None else self.contrast[i:i + 1]
-        cond = condition_batch(masks[None], self.structures, self.encoding, level)[0]   # ((2k + 1) C [+ 1], S, S)
+        classes = np.asarray(self.store.anatomy[row])[None] if self.anatomy else None    # (1, S, S)
+        cond = condition_batch(masks[None], self.structures, self.encoding, level,
+                               classes)[0]                                          # ((2k + 1) C [+ 3] [+ 1], S, S)
         return cond, torch.from_numpy(image)
 
 
-def condition_width(structures: list[str], encoding: str, context: int = 0, contrast: bool = False) -> int:
+def condition_width(structures: list[str], encoding: str, context: int = 0, contrast: bool = False,
+                    anatomy: bool = False) -> int:
     """Channels of the condition :func:`condition_batch` builds."""
-    return condition_channels(structures, encoding) * (2 * context + 1) + int(contrast)
+    return condition_channels(structures, encoding) * (2 * context + 1) + len(ANATOMY_CHANNELS) * anatomy \
+        + int(contrast)
+
+
+def anatomy_slice(structures: list[str], encoding: str, context: int = 0) -> slice:
+    """The anatomy channels' place in a condition (:func:`condition_batch`): after the masks."""
+    start = condition_channels(structures, encoding) * (2 * context + 1)
+    return slice(start, start + len(ANATOMY_CHANNELS))
 
 
 def condition_batch(masks: np.ndarray, structures: list[str], encoding: str,
-                    contrast: np.ndarray | None = None) -> torch.Tensor:
+                    contrast: np.ndarray | None = None, anatomy: np.ndarray | None = None) -> torch.Tensor:
     """Structure-index masks (B, S, S), or (B, K, S, S) with K neighbouring slices each ->
     condition tensor (B, C, S, S) or (B, K * C, S, S) float32 (slice-major channels); with
-    ``contrast`` (B,) one more channel, a constant plane of each slice's value."""
+    ``anatomy`` (B, S, S) classes three more channels (body outline, lung, bone of the slice itself;
+    all zero where a row's classes are all zero: no anatomy given); with ``contrast`` (B,) one more
+    channel, a constant plane of each slice's value."""
     cond = encode_condition(np.asarray(masks), structures, encoding)              # (B, [K,] C, S, S)
     cond = cond.reshape(len(cond), -1, *cond.shape[-2:])
+    if anatomy is not None:
+        cond = np.concatenate([cond, anatomy_channels(np.asarray(anatomy))], axis=1)
     if contrast is not None:
         plane = np.broadcast_to(np.asarray(contrast, np.float32).reshape(-1, 1, 1, 1), (len(cond), 1, *cond.shape[2:]))
         cond = np.concatenate([cond, plane], axis=1)

@@ -27,7 +27,7 @@ from ctsynth.core.labels import WH
 from ctsynth.core.paths import GENERATED_PROVENANCE
 from ctsynth.core.progress import quiet
 from ctsynth.data import contrast
-from ctsynth.data.ingest import label_path
+from ctsynth.data.ingest import interim_anatomy_path, label_path
 from ctsynth.data.preprocess import kept_indices
 from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore, evenly_spaced, neighbour_rows
@@ -60,10 +60,11 @@ def condition_subset_panels(synth: MaskToCT, store: ProcessedStore, rows: np.nda
     subsets = [full] + ([[s] for s in present] if len(full) > 1 else [])
     panels = [("real", masks, np.asarray(store.images[picks], np.float32))]
     context = np.asarray(store.masks[neighbour_rows(store, picks, synth.context)])  # (K, 2k+1, S, S)
+    anatomy = store_anatomy(synth, store, picks)
     for subset in subsets:
         one = MaskToCT(synth.model, synth.meta, batch_size=len(picks), structures=subset)
         kept = np.where(np.isin(masks, one.keep), masks, 0)
-        drawn = one.unit(context, None if levels is None else contrast.row_levels(store, picks, levels))
+        drawn = one.unit(context, None if levels is None else contrast.row_levels(store, picks, levels), anatomy)
         panels.append(("+".join(subset) if subset != full else f"all ({len(full)})", kept, drawn))
     titles = [(str(store.slices.case.iloc[r]), int(store.slices.z.iloc[r])) for r in picks]
     return subsets, panels, titles
@@ -90,6 +91,11 @@ def _check_store_matches_model(store: ProcessedStore, meta: dict, model_path) ->
         raise ModelFileError(problems)
 
 
+def store_anatomy(synth: MaskToCT, store: ProcessedStore, rows: np.ndarray) -> np.ndarray | None:
+    """The rows' anatomy classes (N, S, S) for a model conditioned on them; None otherwise."""
+    return np.asarray(store.anatomy[rows]) if synth.anatomy is not None else None
+
+
 def generate_slices(synth: MaskToCT, store: ProcessedStore, rows: np.ndarray, folder: Path, what: str,
                     levels: dict[str, float] | None = None) -> np.ndarray:
     """The generator's slice for every store row: ``folder/fake.npy`` (float16 (N, S, S), returned
@@ -99,7 +105,8 @@ def generate_slices(synth: MaskToCT, store: ProcessedStore, rows: np.ndarray, fo
     bs = synth.batch_size
     for i in tqdm(range(0, len(rows), bs), desc=f"generate {what} slices", unit="batch", disable=quiet()):
         level = None if levels is None else contrast.row_levels(store, rows[i:i + bs], levels)
-        fake[i:i + bs] = synth.unit(np.asarray(store.masks[context[i:i + bs]]), level)   # (B, 2k+1, S, S) -> (B, S, S)
+        fake[i:i + bs] = synth.unit(np.asarray(store.masks[context[i:i + bs]]), level,   # (B, 2k+1, S, S) -> (B, S, S)
+                                    store_anatomy(synth, store, rows[i:i + bs]))
     fake.flush()
     np.save(folder / "index.npy", rows.astype(np.int64))
     return fake
@@ -172,7 +179,9 @@ def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> 
                 raise InputError(f"{labels_file}: shape {index_xyz.shape} differs from the processed "
                                  f"store's {info['shape']} for case {case}; rerun preprocess")
             synth.set_level(None if levels is None else levels[case])
-            canon = synth.volume(index_xyz, desc=f"volume {case}")
+            anatomy_file = interim_anatomy_path(interim_dir, case) if synth.anatomy is not None else None
+            anatomy = None if anatomy_file is None else np.asanyarray(load_nifti(anatomy_file, role="label").dataobj)
+            canon = synth.volume(index_xyz, desc=f"volume {case}", anatomy_xyz=anatomy)
             orig_affine = np.asarray(info["orig_affine"], dtype=np.float64)
             vol = from_canonical(canon, orig_affine)
             if list(vol.shape) != list(info["orig_shape"]):

@@ -28,7 +28,7 @@ from ctsynth.core.labels import parse_label_map
 from ctsynth.core.progress import quiet
 from ctsynth.data import contrast
 from ctsynth.data.masks import index_volume, parse_label_map_arg, structures_arg
-from ctsynth.data.preprocess import kept_indices, restore_slice, to_display
+from ctsynth.data.preprocess import kept_indices, prepare_classes, restore_slice, to_display
 from ctsynth.data.store import condition_batch, condition_width, context_masks
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,13 @@ def load_model(model_path: str | Path, device: str = "auto") -> tuple[torch.nn.M
     if missing:
         raise ModelFileError(f"{path}: model file lacks preprocessing info {missing}; "
                              f"retrain with this version of ctsynth")
-    k, controlled = meta["context_slices"], bool(meta.get("contrast"))
-    expected = condition_width(list(meta["structures"]), meta["encoding"], k, controlled)
+    k, controlled, anatomy = meta["context_slices"], bool(meta.get("contrast")), bool(meta.get("anatomy"))
+    expected = condition_width(list(meta["structures"]), meta["encoding"], k, controlled, anatomy)
     if meta["in_channels"] != expected:
         raise ModelFileError(f"{path}: model takes {meta['in_channels']} condition channels but its "
                              f"structures {meta['structures']} ({meta['encoding']}, context_slices {k}, "
-                             f"contrast control {'on' if controlled else 'off'}) need {expected}")
+                             f"contrast control {'on' if controlled else 'off'}, anatomy "
+                             f"{'on' if anatomy else 'off'}) need {expected}")
     return model.eval(), meta
 
 
@@ -67,6 +68,9 @@ class MaskToCT:
     the model's other structures stay empty, so a subset needs no retraining. ``contrast_hu``: the
     contrast level to draw at (a model with the contrast control; default: its training cases'
     mean), refused outside the levels it was trained on (:mod:`ctsynth.data.contrast`).
+    A model conditioned on the anatomy around the heart (``model.anatomy``) takes each slice's body /
+    lung / bone classes; without them it draws from the heart labels alone when it was trained with
+    ``train.anatomy_drop`` > 0, and refuses otherwise, naming the missing channels.
     """
 
     def __init__(self, model: torch.nn.Module, meta: dict, batch_size: int = 32,
@@ -85,6 +89,7 @@ class MaskToCT:
         self.slices_done, self.seconds = 0, 0.0
         self.contrast = meta.get("contrast") or None                   # the model's contrast record
         self.level = self.set_level(contrast_hu)
+        self.anatomy = meta.get("anatomy") or None                     # the model's anatomy record
 
     def set_level(self, contrast_hu: float | None, where: str = "contrast") -> float | None:
         """Check and set the level (HU) every later slice is drawn at; returns it (None: no control)."""
@@ -100,9 +105,28 @@ class MaskToCT:
     # (N, S, S) uint8 structure indices, or (N, 2k+1, S, S) with each slice's neighbours (z-k..z+k)
     # when the model has context_slices k -> (N, S, S) float32 in [-1, 1]; levels (N,) HU: each
     # slice's contrast level (default: the level set)
+    def anatomy_for(self, n: int, anatomy: np.ndarray | None, where: str = "generation") -> np.ndarray | None:
+        """The anatomy classes (n, S, S) the condition gets: the given ones, blank ones (all zero: the
+        model draws from the heart alone, as ``train.anatomy_drop`` taught it), or None (no anatomy)."""
+        if self.anatomy is None:
+            if anatomy is not None:
+                raise InputError(f"{where}: anatomy given, but this model is not conditioned on the anatomy "
+                                 f"around the heart (trained with model.anatomy false)")
+            return None
+        if anatomy is not None:
+            return np.asarray(anatomy)
+        if float(self.anatomy.get("drop") or 0) <= 0:
+            raise InputError(f"{where}: this model is conditioned on the anatomy around the heart (channels "
+                             f"{', '.join(self.anatomy['channels'])}) and never learned to draw without it "
+                             f"(train.anatomy_drop 0); pass the anatomy (ctsynth generate --anatomy FILE, "
+                             f"body/lung/bone classes), or use a model trained with train.anatomy_drop > 0")
+        return np.zeros((n, self.size, self.size), np.uint8)
+
     @torch.inference_mode()
-    def unit(self, masks: np.ndarray, levels: np.ndarray | None = None) -> np.ndarray:
+    def unit(self, masks: np.ndarray, levels: np.ndarray | None = None,
+             anatomy: np.ndarray | None = None) -> np.ndarray:
         masks = np.asarray(masks)
+        anatomy = self.anatomy_for(len(masks), anatomy)                             # (N, S, S) or None
         if masks.ndim == 3 and self.context == 0:
             masks = masks[:, None]                                                  # (N, 1, S, S)
         if masks.ndim != 4 or masks.shape[1] != 2 * self.context + 1:
@@ -113,8 +137,9 @@ class MaskToCT:
         for i in range(0, len(masks), self.batch_size):
             chunk = masks[i:i + self.batch_size]
             chunk = np.where(np.isin(chunk, self.keep), chunk, 0)                    # (B, S, S)
-            cond = condition_batch(chunk, self.model_structures, self.encoding,     # (B, (2k+1)C [+1], S, S)
-                                   self._planes(len(chunk), None if levels is None else levels[i:i + len(chunk)]))
+            cond = condition_batch(chunk, self.model_structures, self.encoding,     # (B, (2k+1)C [+3] [+1], S, S)
+                                   self._planes(len(chunk), None if levels is None else levels[i:i + len(chunk)]),
+                                   None if anatomy is None else anatomy[i:i + len(chunk)])
             cond = cond.to(self.device).contiguous(memory_format=torch.channels_last)
             fake = self.model(cond)                                                 # (B, 1, S, S)
             out[i:i + len(chunk)] = fake[:, 0].float().clamp_(-1, 1).cpu().numpy()
@@ -135,20 +160,29 @@ class MaskToCT:
                       preserve_range=True)
         return np.where(np.isin(mask, self.keep), mask, 0).astype(np.uint8)
 
-    def volume(self, index_xyz: np.ndarray, desc: str = "volume") -> np.ndarray:
+    def volume(self, index_xyz: np.ndarray, desc: str = "volume", anatomy_xyz: np.ndarray | None = None) -> np.ndarray:
         """Canonical structure-index volume (X, Y, Z) -> synthetic CT (X, Y, Z) int16 HU.
 
         Streams ``batch_size`` slices at a time through the generator, so memory stays ~ one output
         volume plus the model-size uint8 masks. With ``context_slices`` k each slice's condition
-        holds its k neighbours on each side (the volume's end slices repeat past its ends)."""
+        holds its k neighbours on each side (the volume's end slices repeat past its ends);
+        ``anatomy_xyz``: the canonical body / lung / bone classes on the same grid (a model with
+        ``model.anatomy``)."""
         nx, ny, nz = index_xyz.shape
         lo, hi = self.window
         out = np.empty((nx, ny, nz), np.int16)
         masks = np.stack([self.mask_to_model(np.asarray(index_xyz[:, :, z])) for z in range(nz)])  # (Z, S, S)
         masks = context_masks(masks, self.context)                                    # (Z, 2k+1, S, S)
+        if anatomy_xyz is not None and tuple(anatomy_xyz.shape) != tuple(index_xyz.shape):
+            raise InputError(f"{desc}: anatomy {tuple(anatomy_xyz.shape)} and labels {tuple(index_xyz.shape)} "
+                             f"are on different grids")
+        classes = None if anatomy_xyz is None else np.stack(
+            [prepare_classes(np.asarray(anatomy_xyz[:, :, z]), self.size) for z in range(nz)])   # (Z, S, S)
+        classes = self.anatomy_for(nz, classes, desc)
         for z0 in tqdm(range(0, nz, self.batch_size), desc=desc, unit="batch", disable=quiet()):
             zs = range(z0, min(nz, z0 + self.batch_size))
-            fake = self.unit(masks[z0:zs.stop])                                      # (B, S, S)
+            fake = self.unit(masks[z0:zs.stop], None,
+                             None if classes is None else classes[z0:zs.stop])       # (B, S, S)
             for j, z in enumerate(zs):
                 hu = restore_slice(fake[j], (nx, ny), self.window)                   # (X, Y) HU
                 out[:, :, z] = np.rint(np.clip(hu, lo, hi)).astype(np.int16)
@@ -159,12 +193,15 @@ class MaskToCT:
 
 
 def generate_file(model_path, mask_path, out_path, structures=None, label_map=None,
-                  batch_size: int = 32, device: str = "auto", contrast_hu: float | None = None) -> dict:
+                  batch_size: int = 32, device: str = "auto", contrast_hu: float | None = None,
+                  anatomy=None, anatomy_map="ctsynth") -> dict:
     """Label NIfTI -> synthetic CT NIfTI (int16 HU), same shape, orientation and affine.
 
     ``label_map``: dict, inline JSON or JSON/YAML file (default: the model's); ``structures``:
     subset of the model's structures to draw (default: all of them); ``contrast_hu``: the contrast
-    level of a model with the contrast control (default: its training mean). Returns statistics."""
+    level of a model with the contrast control (default: its training mean); ``anatomy``: a label
+    NIfTI on the mask's grid with body / lung / bone values (``anatomy_map``: a preset, a dict, inline
+    JSON or a JSON/YAML file) for a model with ``model.anatomy``. Returns statistics."""
     model, meta = load_model(model_path, device)
     lmap = (parse_label_map_arg(label_map)
             or parse_label_map(meta.get("label_map") or {}, where=f"{model_path} label_map"))
@@ -173,12 +210,42 @@ def generate_file(model_path, mask_path, out_path, structures=None, label_map=No
     img = load_nifti(mask_path, role="mask")
     index, info = index_volume(mask_path, np.asanyarray(img.dataobj), lmap, chosen)
     synth = MaskToCT(model, meta, batch_size=batch_size, structures=chosen, contrast_hu=contrast_hu)
-    canon = synth.volume(to_canonical(index, img.affine), desc="generate")           # (X, Y, Z) RAS
+    classes = None if anatomy is None else read_anatomy(anatomy, anatomy_map, img)
+    canon = synth.volume(to_canonical(index, img.affine), desc="generate",            # (X, Y, Z) RAS
+                         anatomy_xyz=None if classes is None else to_canonical(classes, img.affine))
     vol = from_canonical(canon, img.affine)                                          # input grid
     save_nifti(out_path, vol, img.affine, dtype=np.int16)
     stats = {"mask": str(mask_path), "out": str(out_path), "shape": list(vol.shape),
              "slices": int(vol.shape[2]), "structures": chosen, "slices_per_s": round(synth.throughput(), 1),
-             "hu_min": int(vol.min()), "hu_max": int(vol.max()), "contrast_hu": synth.level, **info}
+             "hu_min": int(vol.min()), "hu_max": int(vol.max()), "contrast_hu": synth.level,
+             "anatomy": "given" if classes is not None else ("none (drawn from the heart alone)" if synth.anatomy
+                                                              else "not used by this model"), **info}
     log.info("generate: %s -> %s, %d slices at %.1f slices/s, HU %d..%d", mask_path, out_path,
              stats["slices"], stats["slices_per_s"], stats["hu_min"], stats["hu_max"])
     return stats
+
+
+def read_anatomy(path, anatomy_map, mask_img) -> np.ndarray:
+    """``ctsynth generate --anatomy``: a label NIfTI on the mask's grid -> anatomy classes (uint8, the
+    file's orientation); InputError naming the file and every problem."""
+    from ctsynth.core.labels import parse_anatomy_map
+    from ctsynth.data.anatomy import from_labels
+
+    path = Path(path)
+    amap = anatomy_map if isinstance(anatomy_map, dict) else parse_label_map_arg(anatomy_map, parse=parse_anatomy_map,
+                                                                                 where="--anatomy-map")
+    img = load_nifti(path, role="anatomy")
+    raw = np.asanyarray(img.dataobj)
+    problems = []
+    if raw.shape != mask_img.shape or not np.allclose(img.affine, mask_img.affine, atol=1e-3):
+        problems.append(f"{path}: anatomy grid {raw.shape} differs from the mask's {mask_img.shape} (or its affine "
+                        f"does); write the anatomy on the mask's grid")
+    if "body" not in amap.values():
+        problems.append(f"{path}: --anatomy-map names no body value; without the CT the body outline cannot be "
+                        f"derived, so the file must label the body")
+    if problems:
+        raise InputError(problems)
+    classes, problems = from_labels(raw, amap, None, 0.0, path)
+    if problems:
+        raise InputError(problems)
+    return classes

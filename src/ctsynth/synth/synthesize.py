@@ -56,7 +56,7 @@ from ctsynth.core.io import atomic_dir, from_canonical, load_nifti, save_nifti, 
 from ctsynth.core.labels import STRUCTURES, parse_label_map
 from ctsynth.core.progress import quiet
 from ctsynth.data import contrast
-from ctsynth.data.ingest import label_path
+from ctsynth.data.ingest import interim_anatomy_path, label_path
 from ctsynth.data.masks import index_volume, parse_label_map_arg, structures_arg
 from ctsynth.data.split import load_split
 from ctsynth.synth.inference import MaskToCT, load_model
@@ -154,9 +154,11 @@ def topology_problems(src: np.ndarray, out: np.ndarray, keep: list[int]) -> list
 @dataclass
 class Source:
     """A label volume to warp: ``load() -> (canonical structure indices (X, Y, Z) uint8, affine)``
-    where the affine is the source's own (the output is written in its orientation)."""
+    where the affine is the source's own (the output is written in its orientation); ``anatomy()``:
+    its canonical body / lung / bone classes on the same grid, warped with it (None: none)."""
     name: str
     load: Callable[[], tuple[np.ndarray, np.ndarray]]
+    anatomy: Callable[[], np.ndarray] | None = None
 
 
 def _write_case(out: Path, layout: str, case: str, image: np.ndarray, labels: np.ndarray,
@@ -184,10 +186,13 @@ def output_values(keep: list[int], label_map: dict[int, str], layout: str) -> di
 def synthesize_dataset(synth: MaskToCT, sources: list[Source], cfg: SynthesizeCfg, out_dir,
                        label_map: dict[int, str], layout: str = "pairs",
                        suffixes: tuple[str, str] = ("_image.nii.gz", "_label.nii.gz"),
-                       prefix: str = "synth") -> pd.DataFrame:
+                       prefix: str = "synth", anatomy_suffix: str = "_anatomy.nii.gz") -> pd.DataFrame:
     """Write ``cfg.cases`` new labelled cases into ``out_dir`` (atomically); return the manifest.
 
-    Case i warps ``sources[i % len(sources)]`` with a draw from ``default_rng([cfg.seed, i])``."""
+    Case i warps ``sources[i % len(sources)]`` with a draw from ``default_rng([cfg.seed, i])``; a
+    source's anatomy is warped by the same draw, conditions a model with ``model.anatomy`` and, in
+    the ``pairs`` layout, is written as ``<case><anatomy_suffix>`` (classes 1 body, 2 lung, 3 bone:
+    ingestible with ``data.anatomy.source: supplied``, preset ``ctsynth``)."""
     if layout not in LAYOUTS:
         raise ConfigError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     if not sources:
@@ -211,14 +216,20 @@ def synthesize_dataset(synth: MaskToCT, sources: list[Source], cfg: SynthesizeCf
             index, affine = source.load()
             src = np.where(np.isin(index, keep), index, 0).astype(np.uint8)
             warped, draw, attempt = _accepted_draw(src, affine, cfg, i, source.name, keep)
+            anatomy = None if source.anatomy is None else \
+                warp_labels(source.anatomy(), np.linalg.norm(np.asarray(affine)[:3, :3], axis=0), draw)
             case = f"{prefix}_{i + 1:0{width}d}"
             level = case_level(synth, cfg, i)
-            image = synth.volume(warped, desc=case)                                  # (X, Y, Z) int16 HU
+            image = synth.volume(warped, desc=case, anatomy_xyz=anatomy)             # (X, Y, Z) int16 HU
             files = _write_case(tmp, layout, case, from_canonical(image, affine),
                                 from_canonical(lut[warped], affine), affine, suffixes)
+            anatomy_file = case + anatomy_suffix if anatomy is not None and layout == "pairs" else ""
+            if anatomy_file:
+                save_nifti(tmp / anatomy_file, from_canonical(anatomy, affine), affine, dtype=np.uint8)
             counts = np.bincount(warped.ravel(), minlength=len(STRUCTURES) + 1)
             rows.append({"case": case, "source": source.name, "draw_seed": f"{cfg.seed}:{i}",
                          "attempt": attempt, **draw.record(), "image_file": files[0], "label_file": files[1],
+                         "anatomy_file": anatomy_file,
                          **resolution_record(warped.shape, affine, synth.size),
                          "contrast_hu": np.nan if level is None else round(level, 2),
                          **{f"vox_{STRUCTURES[k - 1]}": int(counts[k]) for k in keep}})
@@ -300,18 +311,22 @@ def run(params: Params, model_path, interim_dir, split_path, out_dir) -> pd.Data
     log.info("synthesize: %d cases from the %d training cases %s", params.synthesize.cases, len(train), train)
     return synthesize_dataset(synth, interim_sources(interim_dir, train), params.synthesize, out_dir,
                               params.data.label_map,
-                              suffixes=(params.data.image_suffix, params.data.label_suffix))
+                              suffixes=(params.data.image_suffix, params.data.label_suffix),
+                              anatomy_suffix=params.data.anatomy.label_suffix)
 
 
 def interim_sources(interim_dir, cases: list[str]) -> list[Source]:
-    """The ingested label volumes of ``cases`` (sorted) as sources, read when a case needs them."""
+    """The ingested label volumes of ``cases`` (sorted) as sources, with their anatomy when ingest
+    wrote it, read when a case needs them."""
     interim_dir = Path(interim_dir)
 
     def source(case: str) -> Source:
         def load():
             img = load_nifti(label_path(interim_dir, case), role="label")            # canonical indices
             return np.asarray(img.dataobj, dtype=np.uint8), img.affine
-        return Source(case, load)
+        path = interim_anatomy_path(interim_dir, case)
+        anatomy = None if path is None else (lambda: np.asarray(load_nifti(path, role="label").dataobj, np.uint8))
+        return Source(case, load, anatomy)
 
     return [source(c) for c in sorted(cases)]
 

@@ -6,10 +6,9 @@
 ``train.nproc`` > 1 or ``train.nnodes`` > 1 make ``stages/train.py`` start itself under torchrun
 (:mod:`ctsynth.train.distributed`). ``train.batch_size`` is the global batch (split evenly over ranks);
 ``train.iterations`` counts generator steps. World size 1 runs the very same code without a
-process group. Rank 0 alone writes files and talks to MLflow. SIGTERM / SIGINT (also when
-forwarded by torchrun or DVC) finish the current step, save a checkpoint and exit with
-128 + signal; rerunning resumes from it (``train_run.resume: auto``) and ends with the weights an
-uninterrupted run gets (on CPU).
+process group. Rank 0 alone writes files and talks to MLflow. SIGTERM / SIGINT (also when forwarded by
+torchrun or DVC) finish the current step, save a checkpoint and exit with 128 + signal; rerunning resumes
+from it (``train_run.resume: auto``) and ends with the weights an uninterrupted run gets (on CPU).
 """
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ from ctsynth.core.accel import autocast, resolve_channels_last, resolve_precisio
 from ctsynth.core.config import Params, to_dict, with_training_seeds
 from ctsynth.core.errors import ConfigError, InputError, TrainingError
 from ctsynth.core.tracking import Tracker
-from ctsynth.data.augment import build_augment
+from ctsynth.data.augment import build_batch_transform
 from ctsynth.data.contrast import training_dataset
 from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore, SliceDataset, condition_width, train_batches
@@ -98,8 +97,8 @@ def _prepare(params: Params, d: Dist, processed_dir: Path, split_path: Path) -> 
     split = load_split(split_path, need=("train",))
     rows = store.rows_for_cases(split["train"])
     _check_sizes(cfg, mcfg, d, len(rows), store.image_size, split_path)
-    in_ch = condition_width(store.structures, mcfg.encoding, mcfg.context_slices, mcfg.contrast_control)
-    ds = training_dataset(store, rows, split["train"], mcfg)               # + contrast levels, if controlled
+    in_ch = condition_width(store.structures, mcfg.encoding, mcfg.context_slices, mcfg.contrast_control, mcfg.anatomy)
+    ds = training_dataset(store, rows, split["train"], mcfg, cfg.anatomy_drop)   # + contrast levels, anatomy
     precision = resolve_precision(cfg.precision, d.device)          # auto: bf16 only where native
     channels_last = resolve_channels_last(cfg.channels_last, d.device)
     data_hash = store.fingerprint(split["train"])
@@ -206,7 +205,8 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
     cfg, steer, d = job.params.train, job.params.train_run, job.d
     Gm, Dm, Dg = d.wrap(job.G), d.wrap(job.D), job.D          # Dg: G's step calls D unwrapped
     Gm, Dm, Dg = compile_models(Gm, Dm, Dg) if cfg.compile else (Gm, Dm, Dg)
-    amp, augment = autocast(job.precision, d.device), build_augment(cfg.augment, job.ds.constant_channels)
+    amp = autocast(job.precision, d.device)
+    transform = build_batch_transform(job.params, job.ds.constant_channels, job.store.structures, d.rank)
     sampler = DistributedSampler(job.ds, num_replicas=d.world, rank=d.rank, shuffle=True,
                                  seed=job.params.train.seed, drop_last=True)
     batches = train_batches(job.ds, sampler, job.batch, step, num_workers=steer.num_workers,
@@ -222,7 +222,7 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
             for opt, base in ((job.opt_g, cfg.lr_g), (job.opt_d, cfg.lr_d)):   # linear decay, if any
                 for group in opt.param_groups:
                     group["lr"] = base * lr_factor(step, cfg)
-            cond, real = augment(*map(job.to_device, next(batches)))   # (B, C, S, S), (B, 1, S, S)
+            cond, real = transform(*map(job.to_device, next(batches)), step)   # (B, C, S, S), (B, 1, S, S)
             losses = gan_step(Gm, Dm, Dg, job.opt_g, job.opt_d, job.to_device(cond), job.to_device(real),
                               cfg.lambda_l1, amp, cfg.lambda_fm)
             step += 1
@@ -280,7 +280,7 @@ def _finish(job: _Job, tracker: Tracker, hist: LossHistory, out_model: Path, rep
     step = cfg.iterations
     meta = {"image_size": job.store.image_size, "hu_window": job.store.meta["hu_window"],
             "structures": job.store.structures, "label_map": job.store.meta["label_map"],
-            "encoding": job.params.model.encoding, "contrast": job.ds.contrast_record}
+            "encoding": job.params.model.encoding, "contrast": job.ds.contrast_record, "anatomy": job.ds.anatomy_record}
     extra = {"step": step, "iterations": cfg.iterations, "world_size": d.world, "device": d.device.type,
              "precision": job.precision, "channels_last": job.channels_last, "seed": job.params.train.seed,
              "rank_weight_hashes": digests, "receptive_field": receptive_field(job.D),

@@ -36,13 +36,16 @@ def snapshot_rows(store: ProcessedStore, split: dict, count: int) -> np.ndarray:
 
 @torch.no_grad()
 def snapshot_images(G, store: ProcessedStore, rows: np.ndarray, encoding: str,
-                    device: torch.device, context: int = 0, contrast: np.ndarray | None = None) -> torch.Tensor:
+                    device: torch.device, context: int = 0, contrast: np.ndarray | None = None,
+                    anatomy: bool = False) -> torch.Tensor:
     """Generator output (eval mode, fp32) for ``rows`` as uint8 (K, S, S); ``contrast``: the rows'
-    contrast-level planes (a model with the contrast control)."""
+    contrast-level planes (a model with the contrast control); ``anatomy``: a model conditioned on
+    the rows' body / lung / bone classes."""
     was_training = G.training
     G.eval()
     masks = np.asarray(store.masks[neighbour_rows(store, rows, context)])               # (K, 2k+1, S, S)
-    cond = condition_batch(masks, store.structures, encoding, contrast).to(device)     # (K, C', S, S)
+    classes = np.asarray(store.anatomy[rows]) if anatomy else None
+    cond = condition_batch(masks, store.structures, encoding, contrast, classes).to(device)   # (K, C', S, S)
     fake = G(cond).float()[:, 0]                                                        # (K, S, S)
     G.train(was_training)
     return ((fake.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
@@ -82,6 +85,7 @@ class Snapshots:
                  out_dir: Path, tracker, taken: dict | None = None, contrast_record: dict | None = None):
         self.store, self.device, self.out_dir = store, device, out_dir
         self.encoding, self.context = model_cfg.encoding, model_cfg.context_slices
+        self.anatomy = bool(getattr(model_cfg, "anatomy", False))
         self.iterations, self.tracker = cfg.iterations, tracker
         self.steps = sorted({int(round(f * cfg.iterations)) for f in cfg.snapshot_at})
         self.rows = snapshot_rows(store, split, cfg.snapshot_count)
@@ -96,7 +100,7 @@ class Snapshots:
             return
         if step not in self.taken:
             self.taken[step] = snapshot_images(G, self.store, self.rows, self.encoding, self.device,
-                                               self.context, self.contrast)
+                                               self.context, self.contrast, self.anatomy)
         png = render_snapshot(self._path(self.out_dir, step), self.store, self.rows,
                               self.taken[step], step, self.iterations)
         self.tracker.log_artifact(png, "snapshots")
@@ -115,7 +119,7 @@ class Snapshots:
         self.taken = {s: v for s, v in self.taken.items() if len(v) == len(self.rows)}   # else other rows
         if step in self.steps and step not in self.taken and len(self.rows):
             self.taken[step] = snapshot_images(G, self.store, self.rows, self.encoding, self.device, self.context,
-                                               self.contrast)
+                                               self.contrast, self.anatomy)
         drawn = [at for at in sorted(self.taken) if at in self.steps]
         with atomic_dir(self.out_dir) as tmp:
             for at in drawn:
