@@ -166,6 +166,15 @@ def test_generation_and_synthesis_use_the_anatomy_of_the_case(pipeline):
     generate.run(p, root / "generator.pt", root / "processed", root / "split.json", root / "interim", root / "gen")
     case = pipeline["split"]["test"][0]
     assert nib.load(root / "gen" / f"{case}_synth.nii.gz").shape == SMALL
+    # drop > 0: the validation slices are also drawn without the anatomy, and scored (val_heart_only_*)
+    from ctsynth.data.store import ProcessedStore
+    from ctsynth.evaluate import validation
+
+    with_anatomy, alone = (np.load(root / "gen" / "val" / sub / "fake.npy") for sub in (".", "heart_only"))
+    index = np.load(root / "gen" / "val" / "heart_only" / "index.npy")
+    assert alone.shape == with_anatomy.shape and not np.array_equal(alone, with_anatomy)
+    summary = validation.paired_only(ProcessedStore(root / "processed"), alone, index, 8)
+    assert 0 < summary["ssim"] < 1 and summary["mae_hu_background"] > 0
     import dataclasses
     p2 = dataclasses.replace(p, synthesize=SynthesizeCfg(cases=2, seed=3))
     manifest = synthesize.run(p2, root / "generator.pt", root / "interim", root / "split.json", root / "synth")
@@ -175,6 +184,16 @@ def test_generation_and_synthesis_use_the_anatomy_of_the_case(pipeline):
     assert warped.shape == label.shape and set(np.unique(warped)) <= {0, BODY, LUNG, BONE}
     assert (warped[label > 0] > 0).mean() > 0.95                      # warped with the heart: the heart is in the body
     assert pd.read_csv(root / "synth" / "manifest.csv").anatomy_file.notna().all()
+    # a heart-only model still writes each case's warped anatomy (and draws without it)
+    from test_generate import save_tiny_model
+
+    from ctsynth.synth.inference import MaskToCT, load_model
+
+    heart_only = MaskToCT(*load_model(save_tiny_model(root / "heart_only.pt")))
+    sources = synthesize.interim_sources(root / "interim", pipeline["split"]["train"])
+    out = synthesize.synthesize_dataset(heart_only, sources, SynthesizeCfg(cases=1, seed=3), root / "synth2",
+                                        p.data.label_map)
+    assert (root / "synth2" / out.anatomy_file.iloc[0]).is_file()
 
 
 def test_supplied_anatomy_missing_for_some_cases_is_one_error_naming_each(tmp_path):

@@ -36,6 +36,8 @@ PATHS: dict[str, tuple[str, str]] = {
 
 # inside the generated folder: which training made the slices, on what machine (generate -> evaluate)
 GENERATED_PROVENANCE = "model.json"
+# inside the generated folder's val/: the validation slices a model with anatomy draws without it (generate -> evaluate)
+HEART_ONLY = "heart_only"
 
 
 def pipeline_path(name: str) -> str:

@@ -43,7 +43,7 @@ from ctsynth.core.accel import runtime_record
 from ctsynth.core.config import Params
 from ctsynth.core.errors import InputError, MetricUnavailable
 from ctsynth.core.io import atomic_file, write_csv, write_json
-from ctsynth.core.paths import GENERATED_PROVENANCE
+from ctsynth.core.paths import GENERATED_PROVENANCE, HEART_ONLY
 from ctsynth.core.progress import quiet
 from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore
@@ -259,8 +259,10 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
     val_set = None
     if val_split:                        # the validation patients' generated slices: what defaults are chosen on
         val_fake, val_index = load_generated(Path(generated_dir) / "val", store, val_split, "validation", exact=True)
+        alone = Path(generated_dir) / "val" / HEART_ONLY
+        alone = load_generated(alone, store, val_split, "validation", exact=True) if alone.is_dir() else None
         val_scores, val_nulls = validation.score(store, val_fake, val_index, seg, params.evaluate.batch_size,
-                                                 params.evaluate.kid_subset_size, params.seed, params.realism)
+                                                 params.evaluate.kid_subset_size, params.seed, params.realism, alone)
         val_set = realism.slice_set(store, val_fake, val_index)
     else:
         val_scores, val_nulls = validation.empty()

@@ -42,11 +42,15 @@ from ctsynth.evaluate.throughplane import NO_RATIO, RATIO_KEYS, body_mask, case_
 log = logging.getLogger("ctsynth.evaluate.validation")
 
 PREFIX = "val_"
-KEYS = ("n_slices", "n_cases", "mse", "psnr", "ssim", "mae_hu", "dice_generated_mean", "dice_real_mean",
+KEYS = ("n_slices", "n_cases", "mse", "psnr", "ssim", "mae_hu", "mae_hu_background", "heart_only_ssim",
+        "heart_only_mae_hu", "heart_only_mae_hu_background", "dice_generated_mean", "dice_real_mean",
         "fd_seg", "kid_seg", "zcons_ssim_ratio", "zgrad_ratio", "flicker_ratio", "c2st_auc", "texture_std_ratio",
         "texture_nps_ratio_band4", "contrast_bias_hu_max_abs", "contrast_spread_ratio")
 REALISM_KEYS = ("texture_std_ratio", "texture_nps_ratio_band4", "contrast_bias_hu_max_abs", "contrast_spread_ratio")
 NO_VAL = "no validation cases in the split (split.val is empty): nothing to choose defaults on"
+HEART_ONLY_KEYS = ("ssim", "mae_hu", "mae_hu_background")
+NO_HEART_ONLY = ("the generator is not conditioned on the anatomy, or never learned to draw without it "
+                 "(model.anatomy false, or train.anatomy_drop 0): no heart-only slices")
 
 
 def empty() -> tuple[dict, dict]:
@@ -55,12 +59,26 @@ def empty() -> tuple[dict, dict]:
             {PREFIX + k: NO_VAL for k in KEYS if not k.startswith("n_")})
 
 
+def paired_only(store: ProcessedStore, fake, index: np.ndarray, batch: int) -> dict:
+    """The paired summary (ssim, mae_hu, mae_hu_<label>, ...) of generated slices ``fake`` of rows ``index``."""
+    paired = PairedAccumulator(store.meta["hu_window"], store.structures)
+    case_of, z_of = store.slices["case"].to_numpy(), store.slices["z"].to_numpy()
+    for s in range(0, len(index), batch):
+        rows = index[s:s + batch]
+        paired.update(torch.from_numpy(np.asarray(fake[s:s + batch], dtype=np.float32)),
+                      torch.from_numpy(np.asarray(store.images[rows], dtype=np.float32)),
+                      torch.from_numpy(np.asarray(store.masks[rows]).astype(np.int64)),
+                      case_of[rows].tolist(), z_of[rows].tolist())
+    return paired.summary()
+
+
 def score(store: ProcessedStore, fake, index: np.ndarray, seg, batch: int, kid_subset: int,
-          seed: int, realism_cfg=None) -> tuple[dict, dict]:
+          seed: int, realism_cfg=None, heart_only=None) -> tuple[dict, dict]:
     """``({val_<key>: value}, {val_<key>: reason of a null})`` for the generated validation slices
     ``fake`` (N, S, S) of the store rows ``index``, as checked by
     :func:`ctsynth.evaluate.stage.load_generated`. ``realism_cfg``: ``params.realism`` (the
-    classifier's budget; None: ``val_c2st_auc`` is null)."""
+    classifier's budget; None: ``val_c2st_auc`` is null). ``heart_only``: ``(fake, index)`` of the same
+    patients drawn without the anatomy (``val_heart_only_*``; None: null with the reason)."""
     labels = reported_structures(store.structures)
     paired = PairedAccumulator(store.meta["hu_window"], store.structures)
     texture = realism.TextureAccumulator(store.meta["hu_window"], labels)
@@ -81,10 +99,15 @@ def score(store: ProcessedStore, fake, index: np.ndarray, seg, batch: int, kid_s
             feats[kind].add(f)
     summary = paired.summary()
     values = {"n_slices": len(index), "n_cases": len(set(case_of[index])),
-              **{k: summary[k] for k in ("mse", "psnr", "ssim", "mae_hu")},
+              **{k: summary[k] for k in ("mse", "psnr", "ssim", "mae_hu", "mae_hu_background")},
               "dice_generated_mean": dice["generated"].mean(), "dice_real_mean": dice["real"].mean()}
     values = {k: clean(v) for k, v in values.items()}
     reasons = {k: DiceAccumulator.NONE_PRESENT for k in ("dice_generated_mean", "dice_real_mean") if values[k] is None}
+    alone = paired_only(store, *heart_only, batch) if heart_only is not None else {}
+    for key in HEART_ONLY_KEYS:                                  # the same patients, drawn without the anatomy
+        values[f"heart_only_{key}"] = clean(alone.get(key))
+        if values[f"heart_only_{key}"] is None:
+            reasons[f"heart_only_{key}"] = NO_HEART_ONLY
     real_f, gen_f = feats["real"].tensor(), feats["generated"].tensor()
     for key, compute in (("fd_seg", lambda: frechet_distance(real_f, gen_f)),
                          ("kid_seg", lambda: kernel_distance(real_f, gen_f, kid_subset, seed=seed))):

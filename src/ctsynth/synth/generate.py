@@ -2,7 +2,9 @@
 
 Writes ``fake.npy`` (float16 (N, S, S) in [-1, 1]) + ``index.npy`` (rows of the processed store),
 the same two files for the *validation* cases in ``val/`` (what every choice of a default or a
-variant is scored on: the test patients are scored only to report),
+variant is scored on: the test patients are scored only to report; for a model with anatomy
+trained with ``train.anatomy_drop`` > 0 also ``val/heart_only/``: the same slices drawn without
+the anatomy, what a user with heart labels only gets),
 a PNG grid per case (mask | real | generated | |difference|), the whole case re-assembled as a
 synthetic CT volume in HU on the *original* grid and affine (``<case>_synth.nii.gz``), and
 ``condition_subsets.npz``: a few test slices drawn from the full condition set and from each single
@@ -24,7 +26,7 @@ from ctsynth.core.accel import runtime_record
 from ctsynth.core.errors import InputError, ModelFileError
 from ctsynth.core.io import atomic_dir, from_canonical, load_nifti, save_nifti, write_json
 from ctsynth.core.labels import WH
-from ctsynth.core.paths import GENERATED_PROVENANCE
+from ctsynth.core.paths import GENERATED_PROVENANCE, HEART_ONLY
 from ctsynth.core.progress import quiet
 from ctsynth.data import contrast
 from ctsynth.data.ingest import interim_anatomy_path, label_path
@@ -97,16 +99,18 @@ def store_anatomy(synth: MaskToCT, store: ProcessedStore, rows: np.ndarray) -> n
 
 
 def generate_slices(synth: MaskToCT, store: ProcessedStore, rows: np.ndarray, folder: Path, what: str,
-                    levels: dict[str, float] | None = None) -> np.ndarray:
+                    levels: dict[str, float] | None = None, heart_only: bool = False) -> np.ndarray:
     """The generator's slice for every store row: ``folder/fake.npy`` (float16 (N, S, S), returned
-    memory-mapped) and ``folder/index.npy`` (the rows). ``levels``: each case's contrast level."""
+    memory-mapped) and ``folder/index.npy`` (the rows). ``levels``: each case's contrast level;
+    ``heart_only``: a model with anatomy draws without it (blank channels), as for a user who has
+    heart labels only."""
     context = neighbour_rows(store, rows, synth.context)                             # (N, 2k+1)
     fake = open_memmap(folder / "fake.npy", mode="w+", dtype=np.float16, shape=(len(rows),) + store.images.shape[1:])
     bs = synth.batch_size
     for i in tqdm(range(0, len(rows), bs), desc=f"generate {what} slices", unit="batch", disable=quiet()):
         level = None if levels is None else contrast.row_levels(store, rows[i:i + bs], levels)
         fake[i:i + bs] = synth.unit(np.asarray(store.masks[context[i:i + bs]]), level,   # (B, 2k+1, S, S) -> (B, S, S)
-                                    store_anatomy(synth, store, rows[i:i + bs]))
+                                    None if heart_only else store_anatomy(synth, store, rows[i:i + bs]))
     fake.flush()
     np.save(folder / "index.npy", rows.astype(np.int64))
     return fake
@@ -165,6 +169,11 @@ def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> 
             (tmp / "val").mkdir()
             val_fake = generate_slices(synth, store, store.rows_for_cases(val), tmp / "val", "validation", levels)
             del val_fake                                                             # close the memory map
+            if synth.anatomy is not None and float(synth.anatomy.get("drop") or 0) > 0:   # what drawing without costs
+                (tmp / "val" / HEART_ONLY).mkdir()
+                alone = generate_slices(synth, store, store.rows_for_cases(val), tmp / "val" / HEART_ONLY,
+                                        "validation (heart only)", levels, heart_only=True)
+                del alone                                                            # close the memory map
         for case in test:
             pos = np.flatnonzero(store.slices.case.to_numpy()[rows] == case)          # positions in fake
             pick = pos[evenly_spaced(len(pos), params.generate.grid_slices)]

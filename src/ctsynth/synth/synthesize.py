@@ -220,7 +220,8 @@ def synthesize_dataset(synth: MaskToCT, sources: list[Source], cfg: SynthesizeCf
                 warp_labels(source.anatomy(), np.linalg.norm(np.asarray(affine)[:3, :3], axis=0), draw)
             case = f"{prefix}_{i + 1:0{width}d}"
             level = case_level(synth, cfg, i)
-            image = synth.volume(warped, desc=case, anatomy_xyz=anatomy)             # (X, Y, Z) int16 HU
+            image = synth.volume(warped, desc=case,                                  # (X, Y, Z) int16 HU
+                                 anatomy_xyz=anatomy if synth.anatomy is not None else None)
             files = _write_case(tmp, layout, case, from_canonical(image, affine),
                                 from_canonical(lut[warped], affine), affine, suffixes)
             anatomy_file = case + anatomy_suffix if anatomy is not None and layout == "pairs" else ""
