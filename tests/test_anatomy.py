@@ -2,13 +2,28 @@
 true anatomy, supplied label files and presets, the condition channels."""
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import dataclasses
+import json
 
-from ctsynth.core.errors import ConfigError
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import tiny_params
+from ctsynth.core.config import SynthesizeCfg, params_from_dict
+from ctsynth.core.errors import ConfigError, InputError
 from ctsynth.core.labels import ANATOMY_PRESETS, BODY, BONE, LUNG, MMWHS_LABEL_MAP, parse_anatomy_map
-from ctsynth.data import anatomy, phantom
+from ctsynth.data import anatomy, ingest, phantom, preprocess, split
+from ctsynth.data.augment import build_anatomy_drop
 from ctsynth.data.masks import map_labels
+from ctsynth.data.store import ProcessedStore
+from ctsynth.evaluate import validation
+from ctsynth.synth import generate, synthesize
+from ctsynth.synth.inference import MaskToCT, load_model
+from ctsynth.train.loop import run as train
+from test_generate import save_tiny_model
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -97,12 +112,6 @@ SMALL, SPACING = (48, 48, 16), (6.0, 6.0, 8.0)
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """phantom -> ingest (derived anatomy) -> preprocess -> split -> train (model.anatomy, drop 0.5)."""
-    import json
-
-    from conftest import tiny_params
-    from ctsynth.data import ingest, preprocess, split
-    from ctsynth.train.loop import run as train
-
     root = tmp_path_factory.mktemp("anatomy")
     phantom.write_dataset(root / "raw", cases=4, seed=1, shape=SMALL, spacing=SPACING, progress=False)
     p = tiny_params(data={"source": "nifti", "raw_dir": str(root / "raw")}, split={"train": 0.5, "val": 0.25,
@@ -118,11 +127,6 @@ def pipeline(tmp_path_factory):
 
 
 def test_ingest_writes_the_anatomy_and_preprocess_stores_it(pipeline):
-    import nibabel as nib
-    import pandas as pd
-
-    from ctsynth.data.store import ProcessedStore
-
     root = pipeline["root"]
     manifest = pd.read_csv(root / "interim" / "manifest.csv")
     assert set(manifest.anatomy_source) == {"derived"} and (manifest.vox_lung > 0).all()
@@ -136,10 +140,6 @@ def test_ingest_writes_the_anatomy_and_preprocess_stores_it(pipeline):
 
 
 def test_a_model_with_anatomy_records_it_and_draws_with_or_without_it(pipeline):
-    from ctsynth.core.errors import InputError
-    from ctsynth.data.store import ProcessedStore
-    from ctsynth.synth.inference import MaskToCT, load_model
-
     root = pipeline["root"]
     model, meta = load_model(root / "generator.pt")
     assert meta["anatomy"] == {"channels": ["body", "lung", "bone"], "source": "derived", "drop": 0.5}
@@ -156,26 +156,16 @@ def test_a_model_with_anatomy_records_it_and_draws_with_or_without_it(pipeline):
 
 
 def test_generation_and_synthesis_use_the_anatomy_of_the_case(pipeline):
-    import nibabel as nib
-    import pandas as pd
-
-    from ctsynth.core.config import SynthesizeCfg
-    from ctsynth.synth import generate, synthesize
-
     root, p = pipeline["root"], pipeline["params"]
     generate.run(p, root / "generator.pt", root / "processed", root / "split.json", root / "interim", root / "gen")
     case = pipeline["split"]["test"][0]
     assert nib.load(root / "gen" / f"{case}_synth.nii.gz").shape == SMALL
     # drop > 0: the validation slices are also drawn without the anatomy, and scored (val_heart_only_*)
-    from ctsynth.data.store import ProcessedStore
-    from ctsynth.evaluate import validation
-
     with_anatomy, alone = (np.load(root / "gen" / "val" / sub / "fake.npy") for sub in (".", "heart_only"))
     index = np.load(root / "gen" / "val" / "heart_only" / "index.npy")
     assert alone.shape == with_anatomy.shape and not np.array_equal(alone, with_anatomy)
     summary = validation.paired_only(ProcessedStore(root / "processed"), alone, index, 8)
     assert 0 < summary["ssim"] < 1 and summary["mae_hu_background"] > 0
-    import dataclasses
     p2 = dataclasses.replace(p, synthesize=SynthesizeCfg(cases=2, seed=3))
     manifest = synthesize.run(p2, root / "generator.pt", root / "interim", root / "split.json", root / "synth")
     assert list(manifest.anatomy_file) == ["synth_0001_anatomy.nii.gz", "synth_0002_anatomy.nii.gz"]
@@ -185,10 +175,6 @@ def test_generation_and_synthesis_use_the_anatomy_of_the_case(pipeline):
     assert (warped[label > 0] > 0).mean() > 0.95                      # warped with the heart: the heart is in the body
     assert pd.read_csv(root / "synth" / "manifest.csv").anatomy_file.notna().all()
     # a heart-only model still writes each case's warped anatomy (and draws without it)
-    from test_generate import save_tiny_model
-
-    from ctsynth.synth.inference import MaskToCT, load_model
-
     heart_only = MaskToCT(*load_model(save_tiny_model(root / "heart_only.pt")))
     sources = synthesize.interim_sources(root / "interim", pipeline["split"]["train"])
     out = synthesize.synthesize_dataset(heart_only, sources, SynthesizeCfg(cases=1, seed=3), root / "synth2",
@@ -197,10 +183,6 @@ def test_generation_and_synthesis_use_the_anatomy_of_the_case(pipeline):
 
 
 def test_supplied_anatomy_missing_for_some_cases_is_one_error_naming_each(tmp_path):
-    from conftest import tiny_params
-    from ctsynth.core.errors import InputError
-    from ctsynth.data import ingest
-
     phantom.write_dataset(tmp_path / "raw", cases=3, seed=2, shape=SMALL, spacing=SPACING, progress=False)
     for case in ("ct_train_1001", "ct_train_1003"):
         (tmp_path / "raw" / f"{case}_anatomy.nii.gz").unlink()
@@ -220,8 +202,6 @@ def test_supplied_anatomy_missing_for_some_cases_is_one_error_naming_each(tmp_pa
 
 
 def test_bad_anatomy_settings_are_reported_together():
-    from ctsynth.core.config import params_from_dict
-
     with pytest.raises(ConfigError) as err:
         params_from_dict({"data": {"anatomy": {"source": "supplied", "label_map": "totalseg", "body_hu": 300}},
                           "model": {"anatomy": True}})
@@ -232,11 +212,6 @@ def test_bad_anatomy_settings_are_reported_together():
 
 
 def test_the_anatomy_drop_blanks_whole_slices_deterministically():
-    import torch
-
-    from conftest import tiny_params
-    from ctsynth.data.augment import build_anatomy_drop
-
     assert build_anatomy_drop(tiny_params(model={"anatomy": True}), ["Myo", "LV"]) is None      # drop 0
     assert build_anatomy_drop(tiny_params(train={"anatomy_drop": 0.5}), ["Myo", "LV"]) is None  # no anatomy
     drop = build_anatomy_drop(tiny_params(model={"anatomy": True}, train={"anatomy_drop": 0.5}), ["Myo", "LV"])

@@ -148,11 +148,11 @@ def test_failure_midway_leaves_previous_folder(tmp_path, monkeypatch):
     real = phantom.make_case
     calls = []
 
-    def flaky(rng, shape, spacing):
+    def flaky(rng, shape, spacing, modality="ct"):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("killed mid-way")
-        return real(rng, shape, spacing)
+        return real(rng, shape, spacing, modality)
 
     monkeypatch.setattr(phantom, "make_case", flaky)
     with pytest.raises(RuntimeError, match="killed mid-way"):

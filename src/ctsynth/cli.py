@@ -27,7 +27,7 @@ def _phantom(args) -> int:
     from ctsynth.data.phantom import write_dataset
 
     ids = write_dataset(args.out, cases=args.cases, seed=args.seed, shape=tuple(args.shape),
-                        spacing=tuple(args.spacing))
+                        spacing=tuple(args.spacing), modality=args.modality)
     print(f"wrote {len(ids)} phantom cases to {args.out}")
     return 0
 
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("phantom", help="write a procedural thoracic CT phantom (MM-WHS layout)")
+    p = sub.add_parser("phantom", help="write a procedural thoracic CT (or MR) phantom (MM-WHS layout)")
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
     ph, seed = PhantomCfg(), Params().seed              # the defaults of params.yaml
     p.add_argument("--cases", type=int, default=ph.cases, help=f"number of cases (default {ph.cases})")
@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"voxels (default {' '.join(map(str, ph.shape))})")
     p.add_argument("--spacing", type=float, nargs=3, default=list(ph.spacing), metavar=("SX", "SY", "SZ"),
                    help=f"mm (default {' '.join(map(str, ph.spacing))})")
+    p.add_argument("--modality", choices=("ct", "mr"), default="ct",
+                   help="ct (default) or mr: bright-blood cardiac MR of the same anatomy (mr_train_1001_image.nii.gz, "
+                        "...)")
     p.set_defaults(func=_phantom)
 
     p = sub.add_parser("generate", help="turn a label NIfTI into a synthetic CT NIfTI")

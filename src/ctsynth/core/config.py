@@ -40,6 +40,9 @@ def fingerprint_exempt(cls) -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("fingerprint", True) is False)
 
 
+MR_RANGE = (-1000.0, 1000.0)   # MR: normalised units (nu) the 0.5 / 99.5 % intensity percentiles map to
+
+
 @dataclass
 class AnatomyCfg:
     """The anatomy around the heart written at ingest (ctsynth.data.anatomy)."""
@@ -59,6 +62,7 @@ class DataCfg:
     label_map: dict | str = field(default_factory=lambda: dict(MMWHS_LABEL_MAP))  # value -> structure, or a preset
     unknown_labels: Literal["error", "background"] = "error"
     on_error: Literal["fail", "skip"] = "fail"
+    modality: Literal["ct", "mr"] = "ct"             # mr: per-volume percentile normalisation (ctsynth.data.modality)
     anatomy: AnatomyCfg = field(default_factory=AnatomyCfg)
 
 
@@ -373,6 +377,13 @@ def _check_data(p: Params, need, problems: list[str]) -> None:
         label_map = {}
     a = p.data.anatomy
     need(a.body_hu < a.bone_hu, f"data.anatomy: body_hu {a.body_hu:g} must be below bone_hu {a.bone_hu:g}")
+    if p.data.modality == "mr":                      # MR has no Hounsfield units: nothing may be set in HU
+        need(len(w) == 2 and [float(v) for v in w] == list(MR_RANGE),
+             f"data.modality mr: preprocess.hu_window {list(w)} is a window in HU, which MR does not have; MR "
+             f"intensities are normalised per volume to {list(MR_RANGE)} nu (leave the window at that)")
+        need(not p.model.contrast_control, "data.modality mr: model.contrast_control sets a blood-pool level in HU, "
+                                           "which MR does not have; set it false")
+        need(p.synthesize.contrast is None, "data.modality mr: synthesize.contrast is a level in HU; set it null")
     if a.source == "supplied":
         try:
             a.label_map = parse_anatomy_map(a.label_map)

@@ -56,15 +56,16 @@ def body_outline(hu: np.ndarray, body_hu: float) -> np.ndarray:
     return _fill_per_slice(labels == 1 + int(np.argmax(sizes)))
 
 
-def derive(hu: np.ndarray, heart: np.ndarray, body_hu: float = -500.0, bone_hu: float = 200.0) -> np.ndarray:
+def derive(hu: np.ndarray, heart: np.ndarray, body_hu: float = -500.0, bone_hu: float | None = 200.0) -> np.ndarray:
     """Anatomy classes (uint8, ``hu``'s shape) of a canonical CT volume (X, Y, Z) by the rules above;
-    ``heart``: its structure-index labels (the heart is body, never bone)."""
+    ``heart``: its structure-index labels (the heart is body, never bone); ``bone_hu`` None: no bone
+    class (MR, :mod:`ctsynth.data.modality`)."""
     body = body_outline(hu, body_hu)
     lung = _fill_per_slice(body & (hu <= body_hu)) & body
-    bone = body & ~lung & (hu > bone_hu) & ~ndimage.binary_dilation(heart > 0)
     out = body.astype(np.uint8)
     out[lung] = LUNG
-    out[bone] = BONE
+    if bone_hu is not None:
+        out[body & ~lung & (hu > bone_hu) & ~ndimage.binary_dilation(heart > 0)] = BONE
     return out
 
 

@@ -5,7 +5,8 @@ named ``<case><label_suffix>`` beside it, and checks every pair. All problems of
 collected; with ``data.on_error: fail`` any problem aborts before anything is written, with
 ``skip`` the bad cases are reported and left out (it still fails if none is left).
 
-Output (``data/interim``, written atomically): ``<case>_image.nii`` (int16 HU),
+Output (``data/interim``, written atomically): ``<case>_image.nii`` (int16 HU; MR: normalised units,
+:mod:`ctsynth.data.modality`),
 ``<case>_label.nii`` (uint8 structure indices, see :mod:`ctsynth.labels`) and, unless
 ``data.anatomy.source`` is none, ``<case>_anatomy.nii`` (uint8 body / lung / bone classes, derived
 from the image or read from ``<case><data.anatomy.label_suffix>``: :mod:`ctsynth.data.anatomy`),
@@ -30,6 +31,7 @@ from ctsynth.core.errors import InputError
 from ctsynth.core.io import atomic_dir, canonical, load_nifti, overlap_fraction, resample_nearest, write_csv
 from ctsynth.core.labels import STRUCTURES, structure_index
 from ctsynth.core.progress import quiet
+from ctsynth.data import modality
 from ctsynth.data.anatomy import counts as anatomy_counts
 from ctsynth.data.anatomy import derive, from_labels
 from ctsynth.data.masks import map_labels
@@ -128,12 +130,14 @@ def anatomy_path(pair: Pair, suffix: str) -> Path:
 
 def _anatomy(pair: Pair, params: Params, data: np.ndarray, img, heart: np.ndarray,
              problems: list[str]) -> np.ndarray | None:
-    """The case's anatomy classes on the image grid (original orientation), or None (none / a problem)."""
-    cfg = params.data.anatomy
+    """The case's anatomy classes on the image grid (original orientation), or None (none / a problem).
+    ``data``: the image in HU (CT) or nu (MR: the body rule's level is the modality's, no bone class)."""
+    cfg, mr = params.data.anatomy, params.data.modality == "mr"
+    body_hu = modality.body_level("mr") if mr else cfg.body_hu
     if cfg.source == "none":
         return None
     if cfg.source == "derived":
-        return derive(data.astype(np.float32), heart, cfg.body_hu, cfg.bone_hu)
+        return derive(data.astype(np.float32), heart, body_hu, None if mr else cfg.bone_hu)
     path = anatomy_path(pair, cfg.label_suffix)
     if not path.exists():
         problems.append(f"{path}: missing anatomy label file of case {pair.case} (data.anatomy.source: supplied "
@@ -149,7 +153,7 @@ def _anatomy(pair: Pair, params: Params, data: np.ndarray, img, heart: np.ndarra
         raw = _label_on_image_grid(pair, raw, lab, data.shape, img, problems, path)
         if problems:
             return None
-    classes, found = from_labels(raw, cfg.label_map, data.astype(np.float32), cfg.body_hu, path)
+    classes, found = from_labels(raw, cfg.label_map, data.astype(np.float32), body_hu, path)
     problems += found
     return None if found else classes
 
@@ -176,7 +180,9 @@ def check_pair(pair: Pair, params: Params) -> tuple[dict, np.ndarray, np.ndarray
     if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
         problems.append(f"{pair.image}: image contains {int((~np.isfinite(data)).sum())} NaN/Inf voxels")
     elif data.min() == data.max():
-        problems.append(f"{pair.image}: image is constant ({data.min()}); not a CT scan")
+        problems.append(f"{pair.image}: image is constant ({data.min()}); not a scan")
+    else:
+        problems += modality.problems(data, params.data.modality, pair.image)
     raw_label = np.asanyarray(lab.dataobj)
     if raw_label.shape != data.shape or not np.allclose(lab.affine, img.affine, atol=1e-3):
         raw_label = _label_on_image_grid(pair, raw_label, lab, data.shape, img, problems)
@@ -188,10 +194,13 @@ def check_pair(pair: Pair, params: Params) -> tuple[dict, np.ndarray, np.ndarray
         problems.append(f"{pair.label}: label volume is empty (no voxel of {sorted(params.data.label_map)})")
     if problems:
         return problems
-    classes = _anatomy(pair, params, data, img, mapped, problems)
+    if params.data.modality == "mr":                                         # nu: the percentiles -> -1000 / +1000
+        hu, p_lo, p_hi = modality.normalise_mr(data)
+    else:
+        hu = np.clip(np.rint(data), -32768, 32767).astype(np.int16) if data.dtype != np.int16 else data
+    classes = _anatomy(pair, params, hu, img, mapped, problems)
     if problems:
         return problems
-    hu = np.clip(np.rint(data), -32768, 32767).astype(np.int16) if data.dtype != np.int16 else data
     image_c = canonical(nib.Nifti1Image(hu, img.affine))
     label_c = canonical(nib.Nifti1Image(mapped, img.affine))
     anatomy_c = None if classes is None else canonical(nib.Nifti1Image(classes, img.affine))
@@ -202,7 +211,9 @@ def check_pair(pair: Pair, params: Params) -> tuple[dict, np.ndarray, np.ndarray
            "orig_affine": json.dumps(np.round(img.affine, 6).tolist())}
     row.update({f"shape_{a}": int(s) for a, s in zip("xyz", image_c.shape)})
     row.update({f"spacing_{a}": round(float(s), 4) for a, s in zip("xyz", image_c.header.get_zooms()[:3])})
-    row.update({"hu_min": int(hu.min()), "hu_max": int(hu.max())})
+    row.update({"hu_min": int(hu.min()), "hu_max": int(hu.max()), "modality": params.data.modality})
+    if params.data.modality == "mr":
+        row.update({"mr_p0_5": round(p_lo, 4), "mr_p99_5": round(p_hi, 4)})
     counts = np.bincount(np.asarray(label_c.dataobj).ravel(), minlength=len(STRUCTURES) + 1)
     row.update({f"vox_{name}": int(counts[structure_index(name)]) for name in STRUCTURES})
     if anatomy_c is not None:

@@ -130,11 +130,12 @@ def _check(shape, spacing) -> tuple[tuple[int, ...], tuple[float, ...]]:
 
 
 def make_case(rng: np.random.Generator, shape=(128, 128, 40),
-              spacing=(2.6, 2.6, 4.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              spacing=(2.6, 2.6, 4.0), modality: str = "ct") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return (image int16 HU, label uint16 with raw MM-WHS values 0/205/420/500/550/600/820/850,
     anatomy uint8: the true class of every voxel, 0 outside / 1 body / 2 lung and airways / 3 bone,
     as :mod:`ctsynth.data.anatomy` defines them), all of ``shape`` (x, y, z) on the grid of
-    :func:`phantom_affine`."""
+    :func:`phantom_affine`. ``modality`` "mr": the same anatomy as a bright-blood (bSSFP-like) MR
+    image instead (:func:`_as_mr`), int16 arbitrary units >= 0."""
     shape, spacing = _check(shape, spacing)
     g = _Grid(shape, phantom_affine(shape, spacing))
     x, y, z = g.coords()                            # (nx,1,1), (1,ny,1), (1,1,nz) mm
@@ -306,11 +307,38 @@ def make_case(rng: np.random.Generator, shape=(128, 128, 40),
     paint(pa <= 0, blood["PA"] + 15 * lo, LABEL["PA"])
     paint(ao <= 0, blood["Ao"] - 20 * np.clip(-z / 80, 0, 1) + 10 * lo, LABEL["Ao"])
 
+    if modality == "mr":
+        return _as_mr(hu, anat, lab, field, rng), lab, anat
+
     # -- scanner: partial-volume blur, then slightly correlated noise
     hu = gaussian_filter(hu, (0.7, 0.7, 0.5))
     noise = gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 0.6)
     hu += noise * (U(15, 25) / max(float(noise.std()), 1e-6))
     return np.clip(np.rint(hu), *HU_RANGE).astype(np.int16), lab, anat
+
+
+def _as_mr(hu: np.ndarray, anat: np.ndarray, lab: np.ndarray, field, rng: np.random.Generator) -> np.ndarray:
+    """The painted anatomy as a bright-blood (balanced SSFP-like) cardiac MR image: blood bright, fat
+    bright, myocardium and muscle dark grey, lungs and air dark, cortical bone dark and marrow grey;
+    then partial-volume blur, a smooth multiplicative bias field (coil sensitivity) and Rician
+    noise (magnitude of complex Gaussian noise). Returns int16 arbitrary units >= 0."""
+    U = rng.uniform
+    sig = np.full(hu.shape, U(0.26, 0.34), np.float32)                  # muscle, liver, other soft tissue
+    body = anat > 0
+    sig[body & (hu < -40)] = U(0.70, 0.80)                              # fat
+    sig[body & (hu > 150) & (lab == 0)] = U(0.75, 0.85)                 # unlabelled vessels: bright blood
+    for value, name in MMWHS_LABEL_MAP.items():                          # labelled blood pools, myocardium
+        sig[lab == value] = U(0.18, 0.24) if name == "Myo" else U(0.82, 0.95)
+    sig[anat == LUNG] = np.where(hu[anat == LUNG] > -500, U(0.45, 0.6), U(0.03, 0.05))   # lung vessels / air
+    bone = anat == BONE
+    sig[bone] = np.where(hu[bone] < 350, U(0.4, 0.5), U(0.06, 0.1))      # marrow / cortex
+    sig[anat == 0] = 0.0                                                 # air outside
+    sig = gaussian_filter(sig, (0.7, 0.7, 0.5)) * (1 + 0.04 * field(3.0))
+    sig *= np.exp(U(0.15, 0.3) * field(80.0))                            # coil bias field
+    sigma = U(0.015, 0.025)
+    real = sig + sigma * rng.standard_normal(hu.shape, dtype=np.float32)
+    imag = sigma * rng.standard_normal(hu.shape, dtype=np.float32)
+    return np.clip(np.rint(2000 * np.hypot(real, imag)), 0, 32767).astype(np.int16)
 
 
 def _show_progress(progress: bool) -> bool:
@@ -325,11 +353,12 @@ def run(params: Params, out_dir) -> list[str]:
             (tmp / "NOT_USED.txt").write_text("data.source is not 'phantom'; ingest reads data.raw_dir\n")
         return []
     ph = params.phantom
-    return write_dataset(out_dir, cases=ph.cases, seed=params.seed, shape=tuple(ph.shape), spacing=tuple(ph.spacing))
+    return write_dataset(out_dir, cases=ph.cases, seed=params.seed, shape=tuple(ph.shape), spacing=tuple(ph.spacing),
+                         modality=params.data.modality)
 
 
 def write_dataset(out_dir, cases: int | None = None, seed: int | None = None, shape=None, spacing=None,
-                  progress: bool = True) -> list[str]:
+                  progress: bool = True, modality: str = "ct") -> list[str]:
     """Write ``ct_train_1001_image.nii.gz`` / ``_label.nii.gz`` / ``_anatomy.nii.gz`` ... into ``out_dir``
     and return the case ids; unset arguments take params.yaml's defaults. The folder is built
     aside and swapped in whole (a killed run leaves the previous folder intact). Case ``i`` draws
@@ -351,11 +380,13 @@ def write_dataset(out_dir, cases: int | None = None, seed: int | None = None, sh
     affine = phantom_affine(shape, spacing)
     header = nib.Nifti1Header()
     header.set_xyzt_units("mm", "sec")
-    ids = [f"ct_train_{1001 + i}" for i in range(cases)]
+    if modality not in ("ct", "mr"):
+        raise ConfigError(f"modality: {modality!r}; expected ct or mr")
+    ids = [f"{modality}_train_{1001 + i}" for i in range(cases)]          # MM-WHS names: ct_train_1001, mr_train_1001
     with atomic_dir(out_dir) as tmp:
         bar = tqdm(ids, desc="phantom", unit="case", disable=not _show_progress(progress))
         for i, case in enumerate(bar):
-            image, label, anatomy = make_case(np.random.default_rng([seed, i]), shape, spacing)
+            image, label, anatomy = make_case(np.random.default_rng([seed, i]), shape, spacing, modality)
             save_nifti(Path(tmp) / f"{case}_image.nii.gz", image, affine, np.int16, header)
             save_nifti(Path(tmp) / f"{case}_label.nii.gz", label, affine, np.uint16, header)
             save_nifti(Path(tmp) / f"{case}_anatomy.nii.gz", anatomy, affine, np.uint8, header)

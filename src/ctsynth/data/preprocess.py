@@ -32,6 +32,7 @@ from ctsynth.core.errors import InputError
 from ctsynth.core.io import atomic_dir, write_json
 from ctsynth.core.labels import STRUCTURES, WH, structure_index
 from ctsynth.core.progress import quiet
+from ctsynth.data import modality
 
 log = logging.getLogger("ctsynth.data.preprocess")
 
@@ -143,7 +144,8 @@ def run(params: Params, interim_dir: str | Path, out_dir: str | Path) -> dict:
     meta = {"image_size": size, "hu_window": list(map(float, cfg.hu_window)),
             "structures": list(cfg.structures), "slices": cfg.slices, "margin": cfg.margin,
             "label_map": {str(k): v for k, v in params.data.label_map.items()},
-            "anatomy": str(manifest.anatomy_source.iloc[0]) if with_anatomy else None, "cases": {}}
+            "anatomy": str(manifest.anatomy_source.iloc[0]) if with_anatomy else None,
+            "modality": params.data.modality, "unit": modality.unit(params.data.modality), "cases": {}}
     with atomic_dir(out_dir) as tmp:
         images = open_memmap(tmp / "images.npy", mode="w+", dtype=np.float16, shape=(len(plan), size, size))
         masks = open_memmap(tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(len(plan), size, size))

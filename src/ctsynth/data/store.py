@@ -58,6 +58,11 @@ class ProcessedStore:
     def masks(self) -> np.ndarray:    # (N, S, S) uint8 structure indices
         return np.load(self.root / "masks.npy", mmap_mode="r")
 
+    def model_meta(self) -> dict:
+        """What a model file records of the data it was trained on (its preprocessing)."""
+        return {"image_size": self.image_size, "hu_window": self.meta["hu_window"], "structures": self.structures,
+                "label_map": self.meta["label_map"], "modality": self.meta.get("modality", "ct")}
+
     @property
     def has_anatomy(self) -> bool:
         return (self.root / "anatomy.npy").exists()

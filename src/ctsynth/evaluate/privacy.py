@@ -71,7 +71,7 @@ from tqdm import tqdm
 from ctsynth.core.config import PreprocessCfg
 from ctsynth.core.errors import ConfigError, InputError, MetricUnavailable
 from ctsynth.core.progress import quiet
-from ctsynth.evaluate.throughplane import body_mask
+from ctsynth.evaluate.throughplane import BODY_HU, body_mask
 
 log = logging.getLogger("ctsynth.evaluate.privacy")
 
@@ -134,13 +134,13 @@ class SliceStats:
         return SliceStats(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(SliceStats)))
 
 
-def slice_stats(images, hu_window=DEFAULT_WINDOW) -> SliceStats:
+def slice_stats(images, hu_window=DEFAULT_WINDOW, body_hu: float = BODY_HU) -> SliceStats:
     """:class:`SliceStats` of slices (B, S, S) in [-1, 1] (numpy, memory-mapped or torch)."""
     arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else images
     arr = np.asarray(arr, dtype=np.float32)
     x = ((torch.from_numpy(arr) + 1) / 2).clamp(0, 1)
     mu = _blur(x)
-    return SliceStats(x, mu, _blur(x * x) - mu * mu, torch.from_numpy(body_mask(arr, hu_window)))
+    return SliceStats(x, mu, _blur(x * x) - mu * mu, torch.from_numpy(body_mask(arr, hu_window, body_hu)))
 
 
 def similarity(q: SliceStats, t: SliceStats) -> torch.Tensor:
@@ -179,9 +179,9 @@ def _box(*bodies: torch.Tensor) -> tuple[slice, slice]:
     return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
-def body_ssim(x, y, hu_window=DEFAULT_WINDOW) -> torch.Tensor:
+def body_ssim(x, y, hu_window=DEFAULT_WINDOW, body_hu: float = BODY_HU) -> torch.Tensor:
     """In-body SSIM of x[i] and y[i]; x, y (B, S, S) in [-1, 1] → (B,)."""
-    return similarity(slice_stats(x, hu_window), slice_stats(y, hu_window))
+    return similarity(slice_stats(x, hu_window, body_hu), slice_stats(y, hu_window, body_hu))
 
 
 class NearestTrainingSearch:
@@ -198,7 +198,7 @@ class NearestTrainingSearch:
 
     def __init__(self, images: np.ndarray, rows: np.ndarray, downsample: int = 32, candidates: int = 50,
                  chunk: int = 2048, batch: int = 256, *, hu_window=DEFAULT_WINDOW, budget: int = EXHAUSTIVE_BUDGET,
-                 n_queries: int | None = None, pair_pixels: int = PAIR_PIXELS):
+                 n_queries: int | None = None, pair_pixels: int = PAIR_PIXELS, body_hu: float = BODY_HU):
         self.images, self.rows = images, np.asarray(rows, dtype=np.int64)
         if self.rows.size == 0:
             raise InputError("privacy: no training slices to compare against")
@@ -206,7 +206,7 @@ class NearestTrainingSearch:
             raise ConfigError(f"privacy.candidates: must be >= 1, got {candidates}")
         s, n = int(images.shape[-1]), self.rows.size
         self.size, self.k, self.chunk, self.pair_pixels = downsample, min(candidates, n), chunk, pair_pixels
-        self.hu_window = tuple(float(v) for v in hu_window)
+        self.hu_window, self.body_hu = tuple(float(v) for v in hu_window), float(body_hu)
         self.work = (n if n_queries is None else n_queries) * n * s * s              # SSIM-map pixels in all
         self.exhaustive = self.work <= budget and n * s * s <= BANK_MAX
         low, stats = [], []
@@ -214,7 +214,7 @@ class NearestTrainingSearch:
             part = np.asarray(images[self.rows[i:i + batch]], dtype=np.float32)      # (b, S, S)
             low.append(_lowres(torch.from_numpy(part), self.size))
             if self.exhaustive:
-                stats.append(slice_stats(part, self.hu_window))
+                stats.append(slice_stats(part, self.hu_window, self.body_hu))
         self.bank = torch.cat(low)                                                  # (N_train, d²)
         self.stats = SliceStats.cat(stats) if self.exhaustive else None             # (N_train, S, S) fields
         self.distance = DISTANCE["exhaustive" if self.exhaustive else "prefilter"].format(
@@ -241,7 +241,7 @@ class NearestTrainingSearch:
     def query(self, x) -> tuple[np.ndarray, np.ndarray]:
         """Query slices (B,S,S) in [-1,1] → (nearest training store rows (B,), in-body SSIM (B,))."""
         x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
-        q = slice_stats(x, self.hu_window)
+        q = slice_stats(x, self.hu_window, self.body_hu)
         pos, sims = self._exhaustive(q) if self.exhaustive else self._rerank(q, self.candidates(x))
         return self.rows[pos.numpy()], sims.numpy().astype(np.float64)
 
@@ -265,7 +265,7 @@ class NearestTrainingSearch:
     def _rerank(self, q: SliceStats, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The most similar of each query's candidates (B, k): position in ``rows`` and similarity (B,)."""
         uniq, inv = np.unique(self.rows[cand.numpy()], return_inverse=True)
-        train = slice_stats(np.asarray(self.images[uniq], dtype=np.float32), self.hu_window)   # (U, S, S)
+        train = slice_stats(np.asarray(self.images[uniq], dtype=np.float32), self.hu_window, self.body_hu)
         which = torch.from_numpy(inv.reshape(cand.shape))                          # (B, k) into uniq
         b, k = cand.shape
         qb = max(1, self.pair_pixels // (k * q.x.shape[-1] * q.x.shape[-2]))

@@ -106,12 +106,15 @@ def band_counts(size: int, n_bands: int = N_BANDS) -> np.ndarray:
 
 
 def texture_regions(real: torch.Tensor, masks: torch.Tensor, labels: dict[int, str], window,
-                    body: np.ndarray) -> dict[str, torch.Tensor]:
+                    body: np.ndarray, hu_bands: bool = True) -> dict[str, torch.Tensor]:
     """{region: (B, S, S) bool}: each structure's mask, the lung and other soft tissue (from the
-    real slice's HU, inside ``body``, outside every structure), all eroded by :data:`ERODE`."""
+    real slice's HU, inside ``body``, outside every structure), all eroded by :data:`ERODE`.
+    ``hu_bands`` False (MR: no HU): the structures only."""
     body_t = torch.as_tensor(body, dtype=torch.bool)
     free = body_t & (masks == 0)
     out = {name: masks == idx for idx, name in labels.items()}
+    if not hu_bands:
+        return {k: erode(v) for k, v in out.items()}
     out["lung"] = free & (real < float(hu_to_unit(LUNG_HU, window)))
     lo, hi = (float(hu_to_unit(v, window)) for v in SOFT_HU)
     out["soft_tissue"] = free & (real >= lo) & (real <= hi)
@@ -122,10 +125,10 @@ class TextureAccumulator:
     """Per-case sums of the high-pass residual of generated and real slices inside the texture
     regions: n, Σ r², and the band powers (pooled over regions); memory O(cases × regions)."""
 
-    def __init__(self, window, labels: dict[int, str]):
+    def __init__(self, window, labels: dict[int, str], hu_bands: bool = True):
         self.window = [float(v) for v in window]
-        self.labels = dict(labels)
-        self.regions = [*labels.values(), *CONTEXT_REGIONS]
+        self.labels, self.hu_bands = dict(labels), hu_bands
+        self.regions = [*labels.values(), *(CONTEXT_REGIONS if hu_bands else ())]
         self.sums: dict[str, dict[str, float]] = {}
         self.size = 0
 
@@ -134,7 +137,7 @@ class TextureAccumulator:
         bool body of the real slices (:func:`ctsynth.evaluate.throughplane.body_mask`)."""
         scale = 0.5 * (self.window[1] - self.window[0])                            # [-1, 1] → HU
         res = {"real": highpass(real.double()) * scale, "fake": highpass(fake.double()) * scale}
-        regions = texture_regions(real, masks, self.labels, self.window, body)
+        regions = texture_regions(real, masks, self.labels, self.window, body, self.hu_bands)
         self.size = real.shape[-1]
         cases = np.asarray(cases)
         for case in dict.fromkeys(cases.tolist()):

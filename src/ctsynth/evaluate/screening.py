@@ -39,6 +39,7 @@ from ctsynth.core.config import Params
 from ctsynth.core.errors import InputError
 from ctsynth.core.io import write_csv, write_json
 from ctsynth.core.progress import quiet
+from ctsynth.data import modality
 from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore
 from ctsynth.evaluate.privacy import NearestTrainingSearch, privacy_rule, reference_similarities
@@ -166,7 +167,8 @@ def run(params: Params, synthetic_dir, processed_dir, split_path, interim_dir, o
         n = len(synth.slices)
         search = NearestTrainingSearch(store.images, store.rows_for_cases(split["train"]), pv.downsample,
                                        pv.candidates, hu_window=store.meta["hu_window"],
-                                       budget=pv.exhaustive_budget, n_queries=n + val_rows.size)
+                                       budget=pv.exhaustive_budget, n_queries=n + val_rows.size,
+                                       body_hu=modality.body_level(store.meta))
         reference = reference_similarities(search, store.images, val_rows)
         rule = privacy_rule(reference, pv.quantile, pv.max_similarity)
         allowed = case_allowance(pv.case_rule, reference, store.slices.case.to_numpy()[val_rows], rule.threshold)

@@ -45,6 +45,7 @@ from ctsynth.core.errors import InputError, MetricUnavailable
 from ctsynth.core.io import atomic_file, write_csv, write_json
 from ctsynth.core.paths import GENERATED_PROVENANCE, HEART_ONLY
 from ctsynth.core.progress import quiet
+from ctsynth.data import modality
 from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore
 from ctsynth.evaluate import realism, validation
@@ -169,7 +170,7 @@ class _TestPass:
     def __init__(self, params: Params, store: ProcessedStore, split: dict, with_inception: bool, n_queries: int):
         labels = reported_structures(store.structures)
         self.paired = PairedAccumulator(store.meta["hu_window"], store.structures)
-        self.texture = realism.TextureAccumulator(store.meta["hu_window"], labels)
+        self.texture = realism.TextureAccumulator(store.meta["hu_window"], labels, modality.unit(store.meta) == "HU")
         self.dice = {"generated": DiceAccumulator(labels), "real": DiceAccumulator(labels)}
         self.feats = {space: {"generated": FeatureBank(), "real": FeatureBank()}
                       for space in (("seg", "inception") if with_inception else ("seg",))}
@@ -177,7 +178,8 @@ class _TestPass:
         self.search = NearestTrainingSearch(store.images, store.rows_for_cases(split["train"]),
                                             params.privacy.downsample, params.privacy.candidates,
                                             hu_window=store.meta["hu_window"], budget=params.privacy.exhaustive_budget,
-                                            n_queries=n_queries + val_rows.size)
+                                            n_queries=n_queries + val_rows.size,
+                                            body_hu=modality.body_level(store.meta))
         self.rule = privacy_rule(reference_similarities(self.search, store.images, val_rows),
                                  params.privacy.quantile, params.privacy.max_similarity)
         self.privacy = PrivacyAccumulator(self.rule.threshold)
@@ -203,7 +205,8 @@ def _test_pass(params: Params, store: ProcessedStore, split: dict, fake, index, 
             masks = torch.from_numpy(np.asarray(store.masks[rows]).astype(np.int64))     # (B, S, S)
             cases, zs = case_of[rows].tolist(), z_of[rows].tolist()
             per_slice.write(acc.paired.update(gen, real, masks, cases, zs))
-            acc.texture.update(gen, real, masks, cases, body_mask(real.numpy(), store.meta["hu_window"]))
+            acc.texture.update(gen, real, masks, cases, body_mask(real.numpy(), store.meta["hu_window"],
+                                                                  modality.body_level(store.meta)))
             for kind, img in (("generated", gen), ("real", real)):
                 pred, feats = seg.run(img)
                 acc.dice[kind].update(pred, masks, cases)
@@ -271,7 +274,8 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
     n_boot = params.evaluate.bootstrap
     labels = reported_structures(store.structures)
     z_metrics, z_nulls, z_sums = evaluate_volumes(case_volumes(store, fake, index), labels,
-                                                  store.meta["hu_window"], inception, notes.get("fid_inception", ""))
+                                                  store.meta["hu_window"], inception, notes.get("fid_inception", ""),
+                                                  body_hu=modality.body_level(store.meta))
     res.update(z_metrics, z_nulls)
     notes["throughplane"] = THROUGHPLANE_NOTE
     r_metrics, r_nulls, r_intervals = realism.evaluate(

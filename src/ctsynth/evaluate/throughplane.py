@@ -164,7 +164,8 @@ def body_box(body: np.ndarray) -> tuple[slice, slice, slice]:
     return tuple(box)
 
 
-def case_sums(vol: CaseVolume, labels: dict[int, str], window, body: np.ndarray | None = None) -> dict[str, float]:
+def case_sums(vol: CaseVolume, labels: dict[int, str], window, body: np.ndarray | None = None,
+              body_hu: float = BODY_HU) -> dict[str, float]:
     """Sums over one case's adjacent pairs: in-body SSIM-map sums of real and generated (and per
     structure), pixel counts, and |dI/dz| sums (HU/mm) in the body. ``body``: :func:`body_mask` of
     ``vol.real`` (computed when not given). ``n_pix`` and ``n_body`` both count the body pixels of
@@ -174,7 +175,7 @@ def case_sums(vol: CaseVolume, labels: dict[int, str], window, body: np.ndarray 
     if not len(i):
         return out
     lo, hi = (float(v) for v in window)
-    body = body_mask(vol.real, window) if body is None else body
+    body = body_mask(vol.real, window, body_hu) if body is None else body
     pair_body = body[i] | body[i + 1]                                              # (P, S, S)
     out["n_pix"] = out["n_body"] = float(pair_body.sum())
     maps, flicker = {}, {}
@@ -347,11 +348,12 @@ def triplanar_fd(sets: dict, extractor, prefix: str, batch: int = 64) -> tuple[d
 
 
 def evaluate_volumes(volumes: list[CaseVolume], labels: dict[int, str], window, inception=None,
-                     inception_reason: str = "", seed: int = SAMPLE_SEED) -> tuple[dict, dict, pd.DataFrame]:
+                     inception_reason: str = "", seed: int = SAMPLE_SEED,
+                     body_hu: float = BODY_HU) -> tuple[dict, dict, pd.DataFrame]:
     """All through-plane metrics of the reassembled test volumes: (metrics, reasons for nulls,
     per-case sums (one row per case: ``case`` + :func:`case_sums`)). ``seed``: the tri-planar
     slices' pick (:func:`plane_sets`)."""
-    bodies = [body_mask(v.real, window) for v in volumes]
+    bodies = [body_mask(v.real, window, body_hu) for v in volumes]
     sums = pd.DataFrame([{"case": v.case, **case_sums(v, labels, window, b)} for v, b in zip(volumes, bodies)])
     sums = sums.fillna(0.0)
     metrics = consistency_metrics(sums, labels)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ctsynth.core.errors import MetricUnavailable
 from ctsynth.core.progress import quiet
+from ctsynth.data import modality
 from ctsynth.data.store import ProcessedStore
 from ctsynth.evaluate import realism
 from ctsynth.evaluate.metrics import (
@@ -81,7 +82,8 @@ def score(store: ProcessedStore, fake, index: np.ndarray, seg, batch: int, kid_s
     patients drawn without the anatomy (``val_heart_only_*``; None: null with the reason)."""
     labels = reported_structures(store.structures)
     paired = PairedAccumulator(store.meta["hu_window"], store.structures)
-    texture = realism.TextureAccumulator(store.meta["hu_window"], labels)
+    texture = realism.TextureAccumulator(store.meta["hu_window"], labels, modality.unit(store.meta) == "HU")
+    body_hu = modality.body_level(store.meta)
     dice = {"generated": DiceAccumulator(labels), "real": DiceAccumulator(labels)}
     feats = {"generated": FeatureBank(), "real": FeatureBank()}
     case_of, z_of = store.slices["case"].to_numpy(), store.slices["z"].to_numpy()
@@ -92,7 +94,7 @@ def score(store: ProcessedStore, fake, index: np.ndarray, seg, batch: int, kid_s
         masks = torch.from_numpy(np.asarray(store.masks[rows]).astype(np.int64))
         cases = case_of[rows].tolist()
         paired.update(gen, real, masks, cases, z_of[rows].tolist())
-        texture.update(gen, real, masks, cases, body_mask(real.numpy(), store.meta["hu_window"]))
+        texture.update(gen, real, masks, cases, body_mask(real.numpy(), store.meta["hu_window"], body_hu))
         for kind, img in (("generated", gen), ("real", real)):
             pred, f = seg.run(img)
             dice[kind].update(pred, masks, cases)
@@ -115,7 +117,7 @@ def score(store: ProcessedStore, fake, index: np.ndarray, seg, batch: int, kid_s
             values[key] = clean(compute())
         except MetricUnavailable as e:
             values[key], reasons[key] = None, str(e)
-    z_values = consistency_metrics(pd.DataFrame([case_sums(v, labels, store.meta["hu_window"])
+    z_values = consistency_metrics(pd.DataFrame([case_sums(v, labels, store.meta["hu_window"], body_hu=body_hu)
                                                  for v in case_volumes(store, fake, index)]).fillna(0.0), labels)
     for key in RATIO_KEYS:                                       # through-plane: the validation volumes
         values[key] = clean(z_values[key])

@@ -117,8 +117,8 @@ def legend_handles(present) -> list:
             if structure_index(s) in set(int(v) for v in present)]
 
 
-def save_case_grid(path: Path, case: str, masks, reals, fakes, zs, window) -> None:
-    """Rows = slices; columns mask (colour) | real | generated | |difference| (HU window display).
+def save_case_grid(path: Path, case: str, masks, reals, fakes, zs, window, unit: str = "HU") -> None:
+    """Rows = slices; columns mask (colour) | real | generated | |difference| (window display, in ``unit``).
 
     masks (R, S, S) uint8; reals, fakes (R, S, S) in [-1, 1]."""
     import matplotlib
@@ -129,7 +129,7 @@ def save_case_grid(path: Path, case: str, masks, reals, fakes, zs, window) -> No
     diff_max = 0.25 * (hi - lo)
     n = len(zs)
     fig, axes = plt.subplots(n, 4, figsize=(8.4, 2.1 * n + 0.7), squeeze=False)
-    titles = ["mask", f"real  [{lo:g}, {hi:g}] HU", "generated", f"|difference|  0–{diff_max:g} HU"]
+    titles = ["mask", f"real  [{lo:g}, {hi:g}] {unit}", "generated", f"|difference|  0–{diff_max:g} {unit}"]
     for r in range(n):
         diff = np.abs(fakes[r].astype(np.float32) - reals[r].astype(np.float32)) * 0.5 * (hi - lo)
         panels = [(mask_rgb(masks[r]), {}), (reals[r], dict(cmap="gray", vmin=-1, vmax=1)),
@@ -151,7 +151,8 @@ def save_case_grid(path: Path, case: str, masks, reals, fakes, zs, window) -> No
     plt.close(fig)
 
 
-def save_orthogonal_views(path: Path, case: str, real, fake, centre, dz: float, dxy: float, window) -> Path:
+def save_orthogonal_views(path: Path, case: str, real, fake, centre, dz: float, dxy: float, window,
+                          unit: str = "HU") -> Path:
     """Rows coronal | sagittal through ``centre`` = (z, row, col) of a (Z, S, S) volume; columns
     real | generated | |difference| in HU. Pixels drawn at their physical aspect (dz : dxy),
     superior up."""
@@ -162,7 +163,7 @@ def save_orthogonal_views(path: Path, case: str, real, fake, centre, dz: float, 
     views = [("coronal", real[:, r, :], fake[:, r, :]), ("sagittal", real[:, :, c], fake[:, :, c])]
     fig, axes = plt.subplots(2, 3, figsize=(8.4, 1.2 + 2 * 2.8 * max(0.35, real.shape[0] * dz / (real.shape[1] * dxy))),
                              squeeze=False)
-    titles = ["real", "generated", f"|difference|  0–{diff_max:g} HU"]
+    titles = ["real", "generated", f"|difference|  0–{diff_max:g} {unit}"]
     for i, (name, a, b) in enumerate(views):
         diff = np.abs(b.astype(np.float32) - a.astype(np.float32)) * 0.5 * (hi - lo)
         for j, (img, kw) in enumerate([(a, dict(cmap="gray", vmin=-1, vmax=1)), (b, dict(cmap="gray", vmin=-1, vmax=1)),
@@ -207,7 +208,7 @@ def fig_utility(frame: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def save_synthetic_case(path: Path, case: str, image, labels, centre, spacing, window) -> Path:
+def save_synthetic_case(path: Path, case: str, image, labels, centre, spacing, window, unit: str = "HU") -> Path:
     """A synthetic case in three orthogonal views through ``centre`` (x, y, z voxel): rows axial |
     coronal | sagittal, columns mask | CT. ``image`` HU and ``labels`` structure indices, both
     canonical RAS (X, Y, Z); drawn at the physical aspect, anterior / superior up."""
@@ -230,7 +231,7 @@ def save_synthetic_case(path: Path, case: str, image, labels, centre, spacing, w
         for ax in axes[i]:
             ax.set_xticks([]), ax.set_yticks([])
     axes[0, 0].set_title("synthetic mask", fontsize=9)
-    axes[0, 1].set_title(f"synthetic CT ({lo:g} to {hi:g} HU)", fontsize=9)
+    axes[0, 1].set_title(f"synthetic {'MR' if unit == 'nu' else 'CT'} ({lo:g} to {hi:g} {unit})", fontsize=9)
     present = sorted(int(v) for v in np.unique(labels) if v)
     fig.legend(handles=legend_handles(present), loc="lower center", ncol=min(7, len(present)), fontsize=8,
                frameon=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ctsynth.core.accel import runtime_summary
 from ctsynth.core.config import flatten, to_dict
 from ctsynth.core.errors import InputError
 from ctsynth.core.io import atomic_dir, canonical, write_text
+from ctsynth.data import modality
 from ctsynth.data.masks import index_volume
 from ctsynth.data.store import evenly_spaced
 from ctsynth.evaluate.registry import GROUPS, SUFFIX, definition, lookup
@@ -284,7 +286,7 @@ _ORTHO_KEYS = ("zcons_ssim_ratio", "zgrad_ratio", "fd_tri_rand_axial", "fd_tri_r
 
 
 def section_orthogonal(res: Results, generated_dir: Path, processed_dir: Path, figures: Path,
-                       window) -> str:
+                       window, unit: str = "HU") -> str:
     """Coronal and sagittal views through the heart of every test case (real | generated |
     |difference|) and the through-plane numbers beside them."""
     from ctsynth.evaluate.throughplane import heart_centre, load_test_volumes
@@ -297,7 +299,8 @@ def section_orthogonal(res: Results, generated_dir: Path, processed_dir: Path, f
              f"{metric_rows(res, [k for k in _ORTHO_KEYS if k in res])}"]
     for vol in load_test_volumes(processed_dir, generated_dir):
         out = figures / f"orthogonal_{vol.case}.png"
-        save_orthogonal_views(out, vol.case, vol.real, vol.fake, heart_centre(vol.masks), vol.dz, vol.dxy, window)
+        save_orthogonal_views(out, vol.case, vol.real, vol.fake, heart_centre(vol.masks), vol.dz, vol.dxy, window,
+                              unit)
         parts.append(img_tag(out, f"test case {vol.case}: coronal (top) and sagittal (bottom)", width=560))
     return "".join(parts)
 
@@ -422,7 +425,7 @@ def _resolution_note(row) -> str:
             + " (manifest columns <code>effective_spacing_*_mm</code>).</p>")
 
 
-def section_synthetic(synthetic_dir: Path | None, figures: Path, label_map: dict, window) -> str:
+def section_synthetic(synthetic_dir: Path | None, figures: Path, label_map: dict, window, unit: str = "HU") -> str:
     """One synthetic case of ``data/synthetic`` (mask | CT in three orthogonal views) and its draw."""
     import nibabel as nib
 
@@ -441,7 +444,7 @@ def section_synthetic(synthetic_dir: Path | None, figures: Path, label_map: dict
     heart = np.argwhere(labels > 0)
     centre = heart.mean(0).round().astype(int) if len(heart) else np.array(labels.shape) // 2
     out = save_synthetic_case(figures / f"synthetic_{row.case}.png", row.case, np.asarray(image.dataobj),
-                              labels, centre, image.header.get_zooms()[:3], window)
+                              labels, centre, image.header.get_zooms()[:3], window, unit)
     draw = ", ".join(f"{k} {fmt(row[k])}" for k in manifest.columns
                      if k.startswith(("rot_", "scale_", "shift_", "deform_")))
     text = (f"<p><b>{len(manifest)}</b> new labelled cases in <code>{esc(synthetic_dir)}</code> (image/label "
@@ -478,6 +481,21 @@ def section_utility(reports_dir: Path, res: Results, figures: Path) -> str:
     note = ((_read_json(reports_dir / "utility.json") or {}).get("notes") or {}).get("utility")
     text += f"<p class='muted'>{esc(note)}</p>" if note else ""          # how many trainings, where the spread is
     return text + img_tag(fig_utility(frame, figures / "utility.png"), "Dice per structure on real test slices")
+
+
+def for_modality(page: str, meta: dict) -> str:
+    """An MR run's report (``data.modality: mr``): it says MR and names its unit; no Hounsfield unit is
+    shown (every "HU" becomes "nu", CT becomes MR in the prose; metric keys such as ``mae_hu`` keep their
+    names), and a note says what nu are."""
+    if modality.unit(meta) != "nu":
+        return page
+    page = re.sub(r"\bHU\b", "nu", page)
+    page = re.sub(r"\bCT\b", "MR", page)
+    note = ("<p class='study'><b>MR.</b> Intensities are normalised units (nu): each volume's 0.5 and 99.5 % "
+            "intensity percentiles at −1000 and +1000 nu. MR has no Hounsfield units: metrics named <code>_hu</code> "
+            "are in nu, the body outline is above −700 nu, texture is measured inside the heart structures only, "
+            "and derived anatomy has no bone class (docs/anatomy.md, ctsynth.data.modality).</p>")
+    return page.replace("</h1>", "</h1>" + note, 1)
 
 
 def study_lead(study: dict | None) -> str:
@@ -531,6 +549,7 @@ def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, ou
     res = Results.read(reports_dir)                    # None without metrics.json
     known = res or Results()
     study = _read_json(Path(study_path)) if study_path else None
+    unit = modality.unit(meta)
     with atomic_dir(figures_dir) as figs:
         sections = [
             ("summary", "Summary", _summary(res, generated_dir, study)),
@@ -540,11 +559,11 @@ def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, ou
             ("samples", "Sample test cases", section_samples(generated_dir, figs, structures,
                                                              shown_above=first_grid(generated_dir))),
             ("orthogonal", "Orthogonal views (through-plane)",
-             section_orthogonal(known, generated_dir, processed_dir, figs, meta.get("hu_window", [-1000, 1000]))),
+             section_orthogonal(known, generated_dir, processed_dir, figs, meta.get("hu_window", [-1000, 1000]), unit)),
             ("subsets", "Condition subsets", section_subsets(generated_dir, figs, structures)),
             ("synthetic", "Synthetic labelled cases",
              section_synthetic(synthetic_dir and Path(synthetic_dir), figs, params.data.label_map,
-                               meta.get("hu_window", [-1000, 1000]))),
+                               meta.get("hu_window", [-1000, 1000]), unit)),
             ("utility", "Does synthetic data help segmentation?",
              section_utility(reports_dir, known, figs) + section_study(study)),
             ("training", "Training (Figs. 2–3)",
@@ -560,6 +579,7 @@ def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, ou
         page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ctsynth report</title>"
                 f"<style>{CSS}</style></head><body><h1>ctsynth — mask-conditioned CT synthesis report</h1>"
                 f"<nav>{nav}</nav>{body}</body></html>")
+        page = for_modality(page, meta)
         written = sorted(p.name for p in figs.glob("*.png"))
     write_text(out_html, page)
     log.info("report: %s (%.0f kB) and %d figures in %s", out_html, out_html.stat().st_size / 1024,

@@ -28,7 +28,7 @@ from ctsynth.core.io import atomic_dir, from_canonical, load_nifti, save_nifti, 
 from ctsynth.core.labels import WH
 from ctsynth.core.paths import GENERATED_PROVENANCE, HEART_ONLY
 from ctsynth.core.progress import quiet
-from ctsynth.data import contrast
+from ctsynth.data import contrast, modality
 from ctsynth.data.ingest import interim_anatomy_path, label_path
 from ctsynth.data.preprocess import kept_indices
 from ctsynth.data.split import load_split
@@ -179,7 +179,7 @@ def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> 
             pick = pos[evenly_spaced(len(pos), params.generate.grid_slices)]
             save_case_grid(tmp / "grids" / f"{case}.png", case, np.asarray(store.masks[rows[pick]]),
                            np.asarray(store.images[rows[pick]]), np.asarray(fake[pick]),
-                           store.slices.z.to_numpy()[rows[pick]], window)
+                           store.slices.z.to_numpy()[rows[pick]], window, modality.unit(store.meta))
             labels_file = label_path(interim_dir, case)
             label = load_nifti(labels_file, role="label")
             info = store.meta["cases"][case]

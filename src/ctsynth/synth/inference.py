@@ -22,6 +22,7 @@ from skimage.transform import resize
 from tqdm import tqdm
 
 from ctsynth.core.accel import pick_device
+from ctsynth.core.config import MR_RANGE
 from ctsynth.core.errors import InputError, ModelFileError
 from ctsynth.core.io import from_canonical, load_nifti, save_nifti, to_canonical
 from ctsynth.core.labels import parse_label_map
@@ -90,6 +91,7 @@ class MaskToCT:
         self.contrast = meta.get("contrast") or None                   # the model's contrast record
         self.level = self.set_level(contrast_hu)
         self.anatomy = meta.get("anatomy") or None                     # the model's anatomy record
+        self.modality = meta.get("modality") or "ct"                   # mr: volumes written in nu + 1000 (>= 0)
 
     def set_level(self, contrast_hu: float | None, where: str = "contrast") -> float | None:
         """Check and set the level (HU) every later slice is drawn at; returns it (None: no control)."""
@@ -161,7 +163,8 @@ class MaskToCT:
         return np.where(np.isin(mask, self.keep), mask, 0).astype(np.uint8)
 
     def volume(self, index_xyz: np.ndarray, desc: str = "volume", anatomy_xyz: np.ndarray | None = None) -> np.ndarray:
-        """Canonical structure-index volume (X, Y, Z) -> synthetic CT (X, Y, Z) int16 HU.
+        """Canonical structure-index volume (X, Y, Z) -> synthetic CT (X, Y, Z) int16 HU (MR: nu + 1000,
+        0 to 2000, non-negative like the magnitude images MR data are, so ingest takes them back as MR).
 
         Streams ``batch_size`` slices at a time through the generator, so memory stays ~ one output
         volume plus the model-size uint8 masks. With ``context_slices`` k each slice's condition
@@ -186,7 +189,7 @@ class MaskToCT:
             for j, z in enumerate(zs):
                 hu = restore_slice(fake[j], (nx, ny), self.window)                   # (X, Y) HU
                 out[:, :, z] = np.rint(np.clip(hu, lo, hi)).astype(np.int16)
-        return out
+        return out + np.int16(-MR_RANGE[0]) if self.modality == "mr" else out
 
     def throughput(self) -> float:
         return self.slices_done / self.seconds if self.seconds > 0 else float("nan")

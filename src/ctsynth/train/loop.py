@@ -278,9 +278,8 @@ def _finish(job: _Job, tracker: Tracker, hist: LossHistory, out_model: Path, rep
     if d.world > 1:
         log.info("weights identical on all %d ranks (sha256 %s)", d.world, digests[0][:16])
     step = cfg.iterations
-    meta = {"image_size": job.store.image_size, "hu_window": job.store.meta["hu_window"],
-            "structures": job.store.structures, "label_map": job.store.meta["label_map"],
-            "encoding": job.params.model.encoding, "contrast": job.ds.contrast_record, "anatomy": job.ds.anatomy_record}
+    meta = {**job.store.model_meta(), "encoding": job.params.model.encoding, "contrast": job.ds.contrast_record,
+            "anatomy": job.ds.anatomy_record}
     extra = {"step": step, "iterations": cfg.iterations, "world_size": d.world, "device": d.device.type,
              "precision": job.precision, "channels_last": job.channels_last, "seed": job.params.train.seed,
              "rank_weight_hashes": digests, "receptive_field": receptive_field(job.D),
