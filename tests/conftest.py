@@ -76,6 +76,24 @@ def tiny_params(**sections):
     return params_from_dict(raw)
 
 
+def train_on_raw(raw: Path, root: Path, **sections):
+    """ingest -> preprocess -> split -> train (tiny, no tracking) of the NIfTI pairs in ``raw`` into
+    ``root`` (interim/, processed/, split.json, generator.pt); ``sections`` override tiny_params'.
+    Returns the params used."""
+    from ctsynth.data import ingest, preprocess, split
+    from ctsynth.train.loop import run as train
+
+    data = {"source": "nifti", "raw_dir": str(raw), **sections.pop("data", {})}
+    p = tiny_params(data=data, split={"train": 0.5, "val": 0.25, "test": 0.25},
+                    train={"snapshot_at": [], **sections.pop("train", {})}, tracking={"enabled": False}, **sections)
+    ingest.run(p, root / "interim")
+    preprocess.run(p, root / "interim", root / "processed")
+    split.run(p, root / "processed", root / "split.json")
+    train(p, root / "processed", root / "split.json", root / "generator.pt", root / "ckpt", root / "reports",
+          root / "run.json")
+    return p
+
+
 def load_stage(name: str):
     """Import ``stages/<name>.py`` as a module (stages are scripts, not a package)."""
     import importlib.util

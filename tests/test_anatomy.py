@@ -11,18 +11,17 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import tiny_params
+from conftest import tiny_params, train_on_raw
 from ctsynth.core.config import SynthesizeCfg, params_from_dict
 from ctsynth.core.errors import ConfigError, InputError
 from ctsynth.core.labels import ANATOMY_PRESETS, BODY, BONE, LUNG, MMWHS_LABEL_MAP, parse_anatomy_map
-from ctsynth.data import anatomy, ingest, phantom, preprocess, split
+from ctsynth.data import anatomy, ingest, phantom
 from ctsynth.data.augment import build_anatomy_drop
 from ctsynth.data.masks import map_labels
 from ctsynth.data.store import ProcessedStore
 from ctsynth.evaluate import validation
 from ctsynth.synth import generate, synthesize
 from ctsynth.synth.inference import MaskToCT, load_model
-from ctsynth.train.loop import run as train
 from test_generate import save_tiny_model
 
 
@@ -114,15 +113,7 @@ def pipeline(tmp_path_factory):
     """phantom -> ingest (derived anatomy) -> preprocess -> split -> train (model.anatomy, drop 0.5)."""
     root = tmp_path_factory.mktemp("anatomy")
     phantom.write_dataset(root / "raw", cases=4, seed=1, shape=SMALL, spacing=SPACING, progress=False)
-    p = tiny_params(data={"source": "nifti", "raw_dir": str(root / "raw")}, split={"train": 0.5, "val": 0.25,
-                                                                                     "test": 0.25},
-                    model={"anatomy": True}, train={"anatomy_drop": 0.5, "snapshot_at": []},
-                    tracking={"enabled": False})
-    ingest.run(p, root / "interim")
-    preprocess.run(p, root / "interim", root / "processed")
-    split.run(p, root / "processed", root / "split.json")
-    train(p, root / "processed", root / "split.json", root / "generator.pt", root / "ckpt", root / "reports",
-          root / "run.json")
+    p = train_on_raw(root / "raw", root, model={"anatomy": True}, train={"anatomy_drop": 0.5})
     return {"root": root, "params": p, "split": json.loads((root / "split.json").read_text())}
 
 

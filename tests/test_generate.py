@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REAL_CT, tiny_params
+from conftest import REAL_CT, tiny_params, train_on_raw
 from ctsynth.core import io as cio
 from ctsynth.core.errors import ConfigError, InputError, ModelFileError
 from ctsynth.core.labels import MMWHS_LABEL_MAP, STRUCTURES
@@ -336,3 +336,30 @@ def test_parse_label_map_arg(tmp_path):
     (tmp_path / "evil.yaml").write_text("!!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ConfigError):
         masks.parse_label_map_arg(str(tmp_path / "evil.yaml"))
+
+
+def test_a_totalsegmentator_labelled_dataset_trains_and_generates_with_only_its_preset_set(tmp_path):
+    """Heart labels as TotalSegmentator's heartchambers_highres writes them (1 Myo ... 7 PA): with only
+    ``data.label_map: totalsegmentator-heartchambers`` set, ingest -> preprocess -> split -> train ->
+    generate run, and ``ctsynth generate`` draws a CT from such a mask with the model's own label map."""
+    from ctsynth.core.labels import LABEL_PRESETS
+    from ctsynth.data import phantom
+
+    raw = tmp_path / "raw"
+    phantom.write_dataset(raw, cases=4, seed=5, shape=(48, 48, 16), spacing=(6.0, 6.0, 8.0), progress=False)
+    to_ts = {mmwhs: ts for ts, name in LABEL_PRESETS["totalsegmentator-heartchambers"].items()
+             for mmwhs, n in MMWHS_LABEL_MAP.items() if n == name}
+    for path in raw.glob("*_label.nii.gz"):
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+        nib.save(nib.Nifti1Image(np.vectorize(lambda v: to_ts.get(int(v), 0))(data).astype(np.uint8), img.affine),
+                 path)
+    p = train_on_raw(raw, tmp_path, data={"label_map": "totalsegmentator-heartchambers"})
+    stats = gen.run(p, tmp_path / "generator.pt", tmp_path / "processed", tmp_path / "split.json",
+                    tmp_path / "interim", tmp_path / "generated")
+    assert stats["slices"] > 0
+    mask = raw / "ct_train_1001_label.nii.gz"
+    out = inference.generate_file(tmp_path / "generator.pt", mask, tmp_path / "ct.nii.gz")   # the model's label map
+    assert out["used"] == {v: n for v, n in LABEL_PRESETS["totalsegmentator-heartchambers"].items()
+                           if v in out["values_found"]}
+    assert nib.load(tmp_path / "ct.nii.gz").shape == nib.load(mask).shape

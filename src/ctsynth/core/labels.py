@@ -44,15 +44,21 @@ def structure_index(name: str) -> int:
 def parse_label_map(raw: dict | str, where: str = "data.label_map") -> dict[int, str]:
     """Validate ``{raw_value: structure_name}`` (keys may be ints or numeric strings), or resolve a
     preset name of :data:`LABEL_PRESETS` to its mapping."""
+    return _parse_value_map(raw, STRUCTURES, LABEL_PRESETS, where, "structure", "a label-set preset")
+
+
+def _parse_value_map(raw, names, presets: dict, where: str, what: str, preset_kind: str) -> dict[int, str]:
+    """``{integer value: one of names}`` or a preset name -> the mapping; ConfigError listing every
+    problem (a key that is not an integer, value 0, a name not among ``names``)."""
     if isinstance(raw, str):
-        if raw not in LABEL_PRESETS:
-            raise ConfigError(f"{where}: {raw!r} is not a label-set preset; presets: {', '.join(LABEL_PRESETS)} "
-                              "(or give a mapping of label value -> structure name)")
-        return dict(LABEL_PRESETS[raw])
-    problems, out = [], {}
+        if raw not in presets:
+            raise ConfigError(f"{where}: {raw!r} is not {preset_kind}; presets: {', '.join(presets)} "
+                              f"(or give a mapping of label value -> {what} name)")
+        return dict(presets[raw])
     if not isinstance(raw, dict) or not raw:
-        raise ConfigError(f"{where}: must be a non-empty mapping of label value -> structure name, or a "
-                          f"preset name ({', '.join(LABEL_PRESETS)})")
+        raise ConfigError(f"{where}: must be a non-empty mapping of label value -> {what} name, or a "
+                          f"preset name ({', '.join(presets)})")
+    problems, out = [], {}
     for key, name in raw.items():
         try:
             value = int(key)
@@ -62,10 +68,10 @@ def parse_label_map(raw: dict | str, where: str = "data.label_map") -> dict[int,
             problems.append(f"{where}: key {key!r} is not an integer label value")
             continue
         if value == 0:
-            problems.append(f"{where}: value 0 is background and cannot name a structure")
-        if name not in STRUCTURES:
-            problems.append(f"{where}.{key}: {name!r} is not a structure; allowed: "
-                            f"{', '.join(STRUCTURES)}")
+            problems.append(f"{where}: value 0 is background and cannot name a {what}")
+        if name not in names:
+            problems.append(f"{where}.{key}: {name!r} is not a{'n' if what[0] in 'aeiou' else ''} {what}; allowed: "
+                            f"{', '.join(names)}")
         out[value] = name
     if problems:
         raise ConfigError(problems)
@@ -125,27 +131,6 @@ ANATOMY_PRESETS: dict[str, dict[int, str]] = {
 
 
 def parse_anatomy_map(raw, where: str = "data.anatomy.label_map") -> dict[int, str]:
-    """``{value: body|lung|bone}`` or a preset name -> the mapping; ConfigError listing every problem."""
-    if isinstance(raw, str):
-        if raw not in ANATOMY_PRESETS:
-            raise ConfigError(f"{where}: {raw!r} is not an anatomy preset; presets: {', '.join(ANATOMY_PRESETS)} "
-                              f"(or give a mapping of label value -> {'|'.join(ANATOMY_CLASSES)})")
-        return dict(ANATOMY_PRESETS[raw])
-    if not isinstance(raw, dict) or not raw:
-        raise ConfigError(f"{where}: must be a preset name ({', '.join(ANATOMY_PRESETS)}) or a non-empty mapping "
-                          f"of label value -> {'|'.join(ANATOMY_CLASSES)}")
-    problems, out = [], {}
-    for key, name in raw.items():
-        try:
-            value = int(key)
-        except (TypeError, ValueError):
-            problems.append(f"{where}: key {key!r} is not an integer label value")
-            continue
-        if value == 0:
-            problems.append(f"{where}: value 0 is background and cannot name a class")
-        if name not in ANATOMY_CLASSES:
-            problems.append(f"{where}.{key}: {name!r} is not an anatomy class; allowed: {', '.join(ANATOMY_CLASSES)}")
-        out[value] = name
-    if problems:
-        raise ConfigError(problems)
-    return out
+    """``{value: body|lung|bone}`` or a preset name of :data:`ANATOMY_PRESETS` -> the mapping; ConfigError
+    listing every problem."""
+    return _parse_value_map(raw, tuple(ANATOMY_CLASSES), ANATOMY_PRESETS, where, "anatomy class", "an anatomy preset")

@@ -5,9 +5,9 @@ named ``<case><label_suffix>`` beside it, and checks every pair. All problems of
 collected; with ``data.on_error: fail`` any problem aborts before anything is written, with
 ``skip`` the bad cases are reported and left out (it still fails if none is left).
 
-Output (``data/interim``, written atomically): ``<case>_image.nii`` (int16 HU; MR: normalised units,
-:mod:`ctsynth.data.modality`),
-``<case>_label.nii`` (uint8 structure indices, see :mod:`ctsynth.labels`) and, unless
+Output (``data/interim``, written atomically): ``<case>_image.nii`` (int16 HU; MR: normalised
+units, :mod:`ctsynth.data.modality`), ``<case>_label.nii`` (uint8 structure indices, see
+:mod:`ctsynth.labels`) and, unless
 ``data.anatomy.source`` is none, ``<case>_anatomy.nii`` (uint8 body / lung / bone classes, derived
 from the image or read from ``<case><data.anatomy.label_suffix>``: :mod:`ctsynth.data.anatomy`),
 all in canonical RAS+ orientation on the image grid and uncompressed so later stages can
