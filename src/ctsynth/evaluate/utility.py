@@ -60,9 +60,12 @@ KINDS = ("real", "synthetic", "mixed")
 
 
 def synthetic_store(params: Params, synthetic_dir, work_dir: Path) -> ProcessedStore:
-    """``ingest`` + ``preprocess`` of the synthetic folder with the pipeline's params."""
+    """``ingest`` + ``preprocess`` of the synthetic folder with the pipeline's params (no anatomy: the
+    segmenters and the privacy search read images and heart labels only)."""
+    from ctsynth.core.config import AnatomyCfg
     from ctsynth.data import ingest, preprocess
-    cfg = dataclasses.replace(params, data=dataclasses.replace(params.data, on_error="fail"))
+    cfg = dataclasses.replace(params, data=dataclasses.replace(params.data, on_error="fail",
+                                                               anatomy=AnatomyCfg(source="none")))
     ingest.run(cfg, work_dir / "interim", raw_dir=synthetic_dir)
     preprocess.run(cfg, work_dir / "interim", work_dir / "processed")
     return ProcessedStore(work_dir / "processed")
