@@ -66,7 +66,7 @@ def tiny_store(tmp_path) -> Path:
 def tiny_params(**sections):
     """Params for a tiny, fast model (32², depth 5, 8 filters); override sections by kwargs."""
     raw = {"preprocess": {"image_size": 32},
-           "model": {"gen_depth": 5, "ngf": 8, "ndf": 8, "disc_layers": 2},
+           "model": {"gen_depth": 5, "ngf": 8, "ndf": 8, "disc_layers": 2, "anatomy": False},   # stores without anatomy
            "train": {"iterations": 4, "batch_size": 4},
            "train_run": {"checkpoint_every": 2, "log_every": 1},
            "segmenter": {"iterations": 5, "batch_size": 4, "width": 4},

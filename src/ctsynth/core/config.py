@@ -103,7 +103,7 @@ class ModelCfg:
     output: Literal["tanh", "sigmoid"] = "tanh"
     context_slices: int = 0                          # 2.5-D: neighbouring mask slices on each side in the condition
     contrast_control: bool = False                   # + a channel: the case's contrast level (data/contrast.py)
-    anatomy: bool = False                            # + 3 channels: body outline, lung, bone (data/anatomy.py)
+    anatomy: bool = True                             # + 3 channels: body outline, lung, bone (data/anatomy.py)
 
 
 @dataclass
@@ -125,7 +125,7 @@ class TrainCfg:
     beta2: float = 0.999
     lambda_l1: float = 100.0
     lambda_fm: float = 10.0                          # feature matching (pix2pixHD) weight; 0: off (paper)
-    anatomy_drop: float = 0.0                        # model.anatomy: share of slices trained with blank anatomy
+    anatomy_drop: float = 0.25                       # model.anatomy: share of slices trained with blank anatomy
     augment: Literal["none", "affine", "affine+intensity"] = "affine"  # paired batch augmentation (ctsynth.augment)
     lr_decay_start: float | None = None              # fraction of iterations where linear decay to 0 starts
     sync_bn: bool = False
