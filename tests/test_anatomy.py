@@ -203,7 +203,7 @@ def test_bad_anatomy_settings_are_reported_together():
 
 
 def test_the_anatomy_drop_blanks_whole_slices_deterministically():
-    assert build_anatomy_drop(tiny_params(model={"anatomy": True}), ["Myo", "LV"]) is None      # drop 0
+    assert build_anatomy_drop(tiny_params(model={"anatomy": True}, train={"anatomy_drop": 0.0}), ["Myo", "LV"]) is None
     assert build_anatomy_drop(tiny_params(train={"anatomy_drop": 0.5}), ["Myo", "LV"]) is None  # no anatomy
     drop = build_anatomy_drop(tiny_params(model={"anatomy": True}, train={"anatomy_drop": 0.5}), ["Myo", "LV"])
     cond = torch.ones(64, 2 + 3, 4, 4)

@@ -118,20 +118,20 @@ def training_dataset(store, rows: np.ndarray, cases: list[str], model_cfg, anato
     training mean), and the dataset's ``contrast_record`` goes into the model file; with ``anatomy``
     the slices' anatomy channels follow the masks and ``anatomy_record`` (with ``anatomy_drop``,
     :func:`ctsynth.data.anatomy.record`) goes into the model file too."""
-    from ctsynth.data.anatomy import record
+    from ctsynth.data.anatomy import record as anatomy_record
     from ctsynth.data.store import SliceDataset
 
     anatomy = bool(getattr(model_cfg, "anatomy", False))
     if not model_cfg.contrast_control:
         ds = SliceDataset(store, rows, model_cfg.encoding, model_cfg.context_slices, anatomy=anatomy)
-        ds.anatomy_record = record(anatomy, store.meta.get("anatomy"), anatomy_drop)
+        ds.anatomy_record = anatomy_record(anatomy, store.meta.get("anatomy"), anatomy_drop)
         return ds
     measured = case_levels(store, cases)
     rec = record(measured, store.structures)
     levels, _ = clip_levels(measured, rec)
     values = planes(row_levels(store, rows, levels), store.meta["hu_window"])
     ds = SliceDataset(store, rows, model_cfg.encoding, model_cfg.context_slices, values, rec, anatomy=anatomy)
-    ds.anatomy_record = record(anatomy, store.meta.get("anatomy"), anatomy_drop)
+    ds.anatomy_record = anatomy_record(anatomy, store.meta.get("anatomy"), anatomy_drop)
     return ds
 
 
