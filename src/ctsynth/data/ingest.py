@@ -257,25 +257,22 @@ def run(params: Params, out_dir: str | Path, raw_dir: str | Path | None = None) 
     return manifest
 
 
-def interim_anatomy_path(interim_dir: str | Path, case: str) -> Path | None:
-    """The canonical anatomy file of ``case`` in the ingest folder, None when ingest wrote none."""
-    interim_dir = Path(interim_dir)
+def _manifest_file(interim_dir: Path, case: str, column: str) -> Path | None:
+    """The file the ingest manifest names in ``column`` for ``case``; None without manifest, case or entry."""
     manifest = interim_dir / "manifest.csv"
     if manifest.exists():
         frame = pd.read_csv(manifest, dtype={"case": str})
         row = frame.loc[frame.case == case]
-        if len(row) and "anatomy_file" in frame and isinstance(row.anatomy_file.iloc[0], str):
-            return interim_dir / row.anatomy_file.iloc[0]
+        if len(row) and column in frame and isinstance(row[column].iloc[0], str):
+            return interim_dir / row[column].iloc[0]
     return None
+
+
+def interim_anatomy_path(interim_dir: str | Path, case: str) -> Path | None:
+    """The canonical anatomy file of ``case`` in the ingest folder, None when ingest wrote none."""
+    return _manifest_file(Path(interim_dir), case, "anatomy_file")
 
 
 def label_path(interim_dir: str | Path, case: str) -> Path:
     """The canonical label file of ``case`` in the ingest folder (named by its manifest)."""
-    interim_dir = Path(interim_dir)
-    manifest = interim_dir / "manifest.csv"
-    if manifest.exists():
-        frame = pd.read_csv(manifest, dtype={"case": str})
-        row = frame.loc[frame.case == case]
-        if len(row) and "label_file" in frame:
-            return interim_dir / str(row.label_file.iloc[0])
-    return interim_dir / f"{case}_label.nii"
+    return _manifest_file(Path(interim_dir), case, "label_file") or Path(interim_dir) / f"{case}_label.nii"

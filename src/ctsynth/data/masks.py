@@ -15,11 +15,9 @@ import yaml
 
 from ctsynth.core.errors import ConfigError, InputError
 from ctsynth.core.labels import (
-    ANATOMY_PRESETS,
     LABEL_PRESETS,
     STRUCTURES,
     WH,
-    parse_anatomy_map,
     parse_label_map,
     structure_index,
     validate_structures,
@@ -88,13 +86,13 @@ def index_volume(path: Path, data: np.ndarray, label_map: dict[int, str], struct
                  "used": {v: expected[v] for v in sorted(set(values) & set(expected))}}
 
 
-def parse_label_map_arg(value, parse=parse_label_map, where: str = "--label-map") -> dict[int, str] | None:
+def parse_label_map_arg(value, parse=parse_label_map, where: str = "--label-map",
+                        presets: dict = LABEL_PRESETS) -> dict[int, str] | None:
     """``--label-map`` (or, with ``parse=parse_anatomy_map``, ``--anatomy-map``): None, a dict, a preset
     name (``mmwhs``, ``totalsegmentator-heartchambers``; anatomy: ``ctsynth``, ``totalsegmentator-total``),
     inline JSON (``'{"1": "LV"}'``) or a JSON/YAML file path.
 
     Files are read with json / yaml.safe_load only (no eval, no pickle)."""
-    presets = ANATOMY_PRESETS if parse is parse_anatomy_map else LABEL_PRESETS
     if value is None or isinstance(value, dict):
         return None if value is None else parse(value, where=where)
     text = str(value).strip()

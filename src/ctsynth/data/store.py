@@ -42,8 +42,8 @@ class ProcessedStore:
     def fingerprint(self, cases: list[str]) -> str:
         """Hash of the store's bytes and of ``cases`` (the training data of a run)."""
         h = hashlib.blake2b(digest_size=16)
-        for name in ("meta.json", "slices.csv", "images.npy", "masks.npy") + (("anatomy.npy",) if self.has_anatomy
-                                                                               else ()):
+        names = ("meta.json", "slices.csv", "images.npy", "masks.npy") + (("anatomy.npy",) if self.has_anatomy else ())
+        for name in names:
             with open(self.root / name, "rb") as fh:
                 while chunk := fh.read(1 << 24):
                     h.update(chunk)
@@ -118,7 +118,7 @@ class SliceDataset(Dataset):
     def __init__(self, store: ProcessedStore, rows: np.ndarray, encoding: str = "onehot", context: int = 0,
                  contrast: np.ndarray | None = None, contrast_record: dict | None = None, anatomy: bool = False):
         self.store, self.rows, self.encoding = store, np.asarray(rows), encoding
-        self.anatomy = bool(anatomy) and store.anatomy is not None               # raises without anatomy.npy
+        self.classes = store.anatomy if anatomy else None                         # raises without anatomy.npy
         self.anatomy_record: dict | None = None                                  # set by contrast.training_dataset
         self.structures = store.structures
         self.context_rows = neighbour_rows(store, self.rows, context)              # (N, 2k + 1)
@@ -134,7 +134,7 @@ class SliceDataset(Dataset):
         image = np.asarray(self.store.images[row], dtype=np.float32)[None]           # (1, S, S)
         masks = np.asarray(self.store.masks[self.context_rows[i]])                   # (2k + 1, S, S)
         level = None if self.contrast is None else self.contrast[i:i + 1]
-        classes = np.asarray(self.store.anatomy[row])[None] if self.anatomy else None    # (1, S, S)
+        classes = None if self.classes is None else np.asarray(self.classes[row])[None]   # (1, S, S)
         cond = condition_batch(masks[None], self.structures, self.encoding, level,
                                classes)[0]                                          # ((2k + 1) C [+ 3] [+ 1], S, S)
         return cond, torch.from_numpy(image)

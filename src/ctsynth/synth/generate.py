@@ -169,7 +169,7 @@ def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> 
             (tmp / "val").mkdir()
             val_fake = generate_slices(synth, store, store.rows_for_cases(val), tmp / "val", "validation", levels)
             del val_fake                                                             # close the memory map
-            if synth.anatomy is not None and float(synth.anatomy.get("drop") or 0) > 0:   # what drawing without costs
+            if synth.draws_heart_only:                                               # what drawing without costs
                 (tmp / "val" / HEART_ONLY).mkdir()
                 alone = generate_slices(synth, store, store.rows_for_cases(val), tmp / "val" / HEART_ONLY,
                                         "validation (heart only)", levels, heart_only=True)

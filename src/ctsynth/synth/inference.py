@@ -104,9 +104,11 @@ class MaskToCT:
             contrast.check(float(contrast_hu), self.contrast, where)
         return self.level
 
-    # (N, S, S) uint8 structure indices, or (N, 2k+1, S, S) with each slice's neighbours (z-k..z+k)
-    # when the model has context_slices k -> (N, S, S) float32 in [-1, 1]; levels (N,) HU: each
-    # slice's contrast level (default: the level set)
+    @property
+    def draws_heart_only(self) -> bool:
+        """A model with anatomy that learned to draw without it (``train.anatomy_drop`` > 0)."""
+        return self.anatomy is not None and float(self.anatomy.get("drop") or 0) > 0
+
     def anatomy_for(self, n: int, anatomy: np.ndarray | None, where: str = "generation") -> np.ndarray | None:
         """The anatomy classes (n, S, S) the condition gets: the given ones, blank ones (all zero: the
         model draws from the heart alone, as ``train.anatomy_drop`` taught it), or None (no anatomy)."""
@@ -117,13 +119,16 @@ class MaskToCT:
             return None
         if anatomy is not None:
             return np.asarray(anatomy)
-        if float(self.anatomy.get("drop") or 0) <= 0:
+        if not self.draws_heart_only:
             raise InputError(f"{where}: this model is conditioned on the anatomy around the heart (channels "
                              f"{', '.join(self.anatomy['channels'])}) and never learned to draw without it "
                              f"(train.anatomy_drop 0); pass the anatomy (ctsynth generate --anatomy FILE, "
                              f"body/lung/bone classes), or use a model trained with train.anatomy_drop > 0")
         return np.zeros((n, self.size, self.size), np.uint8)
 
+    # (N, S, S) uint8 structure indices, or (N, 2k+1, S, S) with each slice's neighbours (z-k..z+k)
+    # when the model has context_slices k -> (N, S, S) float32 in [-1, 1]; levels (N,) HU: each
+    # slice's contrast level (default: the level set); anatomy (N, S, S) classes (see anatomy_for)
     @torch.inference_mode()
     def unit(self, masks: np.ndarray, levels: np.ndarray | None = None,
              anatomy: np.ndarray | None = None) -> np.ndarray:
@@ -231,12 +236,11 @@ def generate_file(model_path, mask_path, out_path, structures=None, label_map=No
 def read_anatomy(path, anatomy_map, mask_img) -> np.ndarray:
     """``ctsynth generate --anatomy``: a label NIfTI on the mask's grid -> anatomy classes (uint8, the
     file's orientation); InputError naming the file and every problem."""
-    from ctsynth.core.labels import parse_anatomy_map
+    from ctsynth.core.labels import ANATOMY_PRESETS, parse_anatomy_map
     from ctsynth.data.anatomy import from_labels
 
     path = Path(path)
-    amap = anatomy_map if isinstance(anatomy_map, dict) else parse_label_map_arg(anatomy_map, parse=parse_anatomy_map,
-                                                                                 where="--anatomy-map")
+    amap = parse_label_map_arg(anatomy_map, parse=parse_anatomy_map, where="--anatomy-map", presets=ANATOMY_PRESETS)
     img = load_nifti(path, role="anatomy")
     raw = np.asanyarray(img.dataobj)
     problems = []
