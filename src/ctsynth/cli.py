@@ -285,8 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "trained with model.anatomy (without it such a model draws from the heart alone if it was "
                         "trained with train.anatomy_drop > 0, else it refuses)")
     p.add_argument("--anatomy-map", default="ctsynth",
-                   help="values of --anatomy: a preset (ctsynth: 1 body, 2 lung, 3 bone; totalsegmentator-total; "
-                        "a map without body values needs them ... in the file), inline JSON or a JSON/YAML file")
+                   help="values of --anatomy: a preset (default ctsynth: 1 body, 2 lung, 3 bone), inline JSON or a "
+                        "JSON/YAML file; it must name a body value, since without the CT the body outline cannot be "
+                        "derived (the totalsegmentator-total preset names none)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("synthesize", help="new labelled cases (warped masks + generated CT) from label NIfTIs",
