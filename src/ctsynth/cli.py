@@ -234,6 +234,23 @@ def _contrast_option(p: argparse.ArgumentParser, default_help: str) -> None:
                         f"error names (default: {default_help})")
 
 
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="turn a label NIfTI into a synthetic CT NIfTI")
+    p.add_argument("--mask", required=True, help="label NIfTI (any orientation)")
+    p.add_argument("--out", required=True, help="output CT NIfTI (HU, same grid as the mask)")
+    _model_options(p, "structures to condition on")
+    _contrast_option(p, "the training cases' mean level")
+    p.add_argument("--anatomy", default=None,
+                   help="anatomy label NIfTI on the mask's grid: body / lung / bone around the heart, for a model "
+                        "trained with model.anatomy (without it such a model draws from the heart alone if it was "
+                        "trained with train.anatomy_drop > 0, else it refuses)")
+    p.add_argument("--anatomy-map", default="ctsynth",
+                   help="values of --anatomy: a preset (default ctsynth: 1 body, 2 lung, 3 bone), inline JSON or a "
+                        "JSON/YAML file; it must name a body value, since without the CT the body outline cannot be "
+                        "derived (the totalsegmentator-total preset names none)")
+    p.set_defaults(func=_generate)
+
+
 def _review_parser(sub) -> None:
     p = sub.add_parser("review", help="review synthetic cases in the browser: accept or reject, saved per reviewer",
                        description=REVIEW_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -275,20 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "...)")
     p.set_defaults(func=_phantom)
 
-    p = sub.add_parser("generate", help="turn a label NIfTI into a synthetic CT NIfTI")
-    p.add_argument("--mask", required=True, help="label NIfTI (any orientation)")
-    p.add_argument("--out", required=True, help="output CT NIfTI (HU, same grid as the mask)")
-    _model_options(p, "structures to condition on")
-    _contrast_option(p, "the training cases' mean level")
-    p.add_argument("--anatomy", default=None,
-                   help="anatomy label NIfTI on the mask's grid: body / lung / bone around the heart, for a model "
-                        "trained with model.anatomy (without it such a model draws from the heart alone if it was "
-                        "trained with train.anatomy_drop > 0, else it refuses)")
-    p.add_argument("--anatomy-map", default="ctsynth",
-                   help="values of --anatomy: a preset (default ctsynth: 1 body, 2 lung, 3 bone), inline JSON or a "
-                        "JSON/YAML file; it must name a body value, since without the CT the body outline cannot be "
-                        "derived (the totalsegmentator-total preset names none)")
-    p.set_defaults(func=_generate)
+    _generate_parser(sub)
 
     p = sub.add_parser("synthesize", help="new labelled cases (warped masks + generated CT) from label NIfTIs",
                        description=SYNTHESIZE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
