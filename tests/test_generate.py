@@ -146,7 +146,7 @@ def test_batch_size_does_not_change_results(world):
 def test_volume_geometry_follows_the_mask(world, monkeypatch):
     """With a 'generator' that paints structures bright, the synthetic volume must light up exactly
     where the ORIGINAL-grid label is: proves canonical -> original reorientation and resizing."""
-    def paint(self, masks, levels=None, anatomy=None):                                  # (N, 2k+1, S, S): centre slice
+    def paint(self, masks, levels=None, anatomy=None, keys=None):                        # (N, 2k+1, S, S): centre slice
         centre = masks[:, masks.shape[1] // 2] if masks.ndim == 4 else masks
         return np.where(centre > 0, 0.5, -0.8).astype(np.float32)            # 500 HU / -800 HU
     monkeypatch.setattr(inference.MaskToCT, "unit", paint)

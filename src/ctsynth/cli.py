@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ctsynth.core.config import Params, PhantomCfg, SynthesizeCfg
+from ctsynth.core.config import GenerateCfg, Params, PhantomCfg, SynthesizeCfg
 from ctsynth.core.paths import pipeline_path
 from ctsynth.core.runner import guarded, setup_logging
 
@@ -37,7 +37,7 @@ def _generate(args) -> int:
 
     stats = generate_file(args.model, args.mask, args.out, structures=args.structures,
                           label_map=args.label_map, contrast_hu=args.contrast, anatomy=args.anatomy,
-                          anatomy_map=args.anatomy_map)
+                          anatomy_map=args.anatomy_map, seed=None if args.no_noise else args.seed)
     print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
     return 0
 
@@ -248,6 +248,11 @@ def _generate_parser(sub) -> None:
                    help="values of --anatomy: a preset (default ctsynth: 1 body, 2 lung, 3 bone), inline JSON or a "
                         "JSON/YAML file; it must name a body value, since without the CT the body outline cannot be "
                         "derived (the totalsegmentator-total preset names none)")
+    p.add_argument("--seed", type=int, default=GenerateCfg.seed,
+                   help=f"a model trained with model.noise nps: slice z gets the noise of (seed, z) (default "
+                        f"{GenerateCfg.seed}); other models are deterministic and ignore it")
+    p.add_argument("--no-noise", action="store_true",
+                   help="a model with model.noise nps: write the noise-free slice (the conditional mean) instead")
     p.set_defaults(func=_generate)
 
 

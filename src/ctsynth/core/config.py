@@ -104,6 +104,7 @@ class ModelCfg:
     context_slices: int = 0                          # 2.5-D: neighbouring mask slices on each side in the condition
     contrast_control: bool = False                   # + a channel: the case's contrast level (data/contrast.py)
     anatomy: bool = True                             # + 3 channels: body outline, lung, bone (data/anatomy.py)
+    noise: Literal["none", "nps"] = "none"           # nps: CT noise sampled from the training NPS (data/noise.py)
 
 
 @dataclass
@@ -159,6 +160,7 @@ class SegmenterCfg:
 @dataclass
 class GenerateCfg:
     batch_size: int = 32
+    seed: int = 0                                    # noise of a model.noise nps model, per slice (seed, case, z)
     grid_slices: int = 6                             # slices per case PNG grid
 
 
@@ -384,6 +386,8 @@ def _check_data(p: Params, need, problems: list[str]) -> None:
         need(not p.model.contrast_control, "data.modality mr: model.contrast_control sets a blood-pool level in HU, "
                                            "which MR does not have; set it false")
         need(p.synthesize.contrast is None, "data.modality mr: synthesize.contrast is a level in HU; set it null")
+        need(p.model.noise == "none", "data.modality mr: model.noise nps samples CT's additive, signal-independent "
+                                      "noise; MR noise is Rician (signal-dependent): set it none")
     if a.source == "supplied":
         try:
             a.label_map = parse_anatomy_map(a.label_map)

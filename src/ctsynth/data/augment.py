@@ -130,15 +130,24 @@ def build_anatomy_drop(params, structures: list[str], rank: int = 0):
     return drop
 
 
-def build_batch_transform(params, constant_channels: int, structures: list[str], rank: int = 0):
-    """What the training loop does to each batch: ``(cond, real, step) -> (cond, real)``, the paired
-    augmentation (``train.augment``), then the anatomy drop (``train.anatomy_drop``), if any."""
+def build_batch_transform(params, constant_channels: int, structures: list[str], rank: int = 0,
+                          noise_record: dict | None = None):
+    """What the training loop does to each batch: ``(cond, real, step) -> (cond, real, fake_noise)``,
+    the paired augmentation (``train.augment``), then the anatomy drop (``train.anatomy_drop``), if
+    any; ``fake_noise``: with a noise record (``model.noise``), a (B, 1, S, S) sample of
+    :class:`ctsynth.data.noise.NoiseModel` drawn from ``(train.seed, rank, step)`` for the
+    discriminator to see on the generated slices, else None."""
+    from ctsynth.data.noise import NoiseModel
+
     augment = build_augment(params.train.augment, constant_channels)
     drop = build_anatomy_drop(params, structures, rank)
+    noise = NoiseModel.from_record(noise_record)
+    seed = params.seed if params.train.seed is None else params.train.seed
 
-    def transform(cond: torch.Tensor, real: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def transform(cond: torch.Tensor, real: torch.Tensor, step: int):
         cond, real = augment(cond, real)
-        return (drop(cond, step) if drop else cond), real
+        fake_noise = None if noise is None else noise.batch(len(real), (seed, rank, step), real.device)
+        return (drop(cond, step) if drop else cond), real, fake_noise
     return transform
 
 

@@ -117,21 +117,24 @@ def training_dataset(store, rows: np.ndarray, cases: list[str], model_cfg, anato
     each row's condition ends with its case's level (a case without any level structure gets the
     training mean), and the dataset's ``contrast_record`` goes into the model file; with ``anatomy``
     the slices' anatomy channels follow the masks and ``anatomy_record`` (with ``anatomy_drop``,
-    :func:`ctsynth.data.anatomy.record`) goes into the model file too."""
+    :func:`ctsynth.data.anatomy.record`) goes into the model file too; with ``noise: nps``, so does
+    ``noise_record``, the noise measured on these rows (:func:`ctsynth.data.noise.measure`)."""
     from ctsynth.data.anatomy import record as anatomy_record
+    from ctsynth.data.noise import measure as measure_noise
     from ctsynth.data.store import SliceDataset
 
     anatomy = bool(getattr(model_cfg, "anatomy", False))
     if not model_cfg.contrast_control:
         ds = SliceDataset(store, rows, model_cfg.encoding, model_cfg.context_slices, anatomy=anatomy)
-        ds.anatomy_record = anatomy_record(anatomy, store.meta.get("anatomy"), anatomy_drop)
-        return ds
-    measured = case_levels(store, cases)
-    rec = record(measured, store.structures)
-    levels, _ = clip_levels(measured, rec)
-    values = planes(row_levels(store, rows, levels), store.meta["hu_window"])
-    ds = SliceDataset(store, rows, model_cfg.encoding, model_cfg.context_slices, values, rec, anatomy=anatomy)
+    else:
+        measured = case_levels(store, cases)
+        rec = record(measured, store.structures)
+        levels, _ = clip_levels(measured, rec)
+        values = planes(row_levels(store, rows, levels), store.meta["hu_window"])
+        ds = SliceDataset(store, rows, model_cfg.encoding, model_cfg.context_slices, values, rec, anatomy=anatomy)
     ds.anatomy_record = anatomy_record(anatomy, store.meta.get("anatomy"), anatomy_drop)
+    ds.noise_record = measure_noise(np.asarray(store.images[rows]), np.asarray(store.masks[rows])) \
+        if getattr(model_cfg, "noise", "none") == "nps" else None
     return ds
 
 

@@ -30,6 +30,7 @@ from ctsynth.core.paths import GENERATED_PROVENANCE, HEART_ONLY
 from ctsynth.core.progress import quiet
 from ctsynth.data import contrast, modality
 from ctsynth.data.ingest import interim_anatomy_path, label_path
+from ctsynth.data.noise import case_key
 from ctsynth.data.preprocess import kept_indices
 from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore, evenly_spaced, neighbour_rows
@@ -64,9 +65,10 @@ def condition_subset_panels(synth: MaskToCT, store: ProcessedStore, rows: np.nda
     context = np.asarray(store.masks[neighbour_rows(store, picks, synth.context)])  # (K, 2k+1, S, S)
     anatomy = store_anatomy(synth, store, picks)
     for subset in subsets:
-        one = MaskToCT(synth.model, synth.meta, batch_size=len(picks), structures=subset)
+        one = MaskToCT(synth.model, synth.meta, batch_size=len(picks), structures=subset, seed=synth.seed)
         kept = np.where(np.isin(masks, one.keep), masks, 0)
-        drawn = one.unit(context, None if levels is None else contrast.row_levels(store, picks, levels), anatomy)
+        drawn = one.unit(context, None if levels is None else contrast.row_levels(store, picks, levels), anatomy,
+                         slice_keys(store, picks))
         panels.append(("+".join(subset) if subset != full else f"all ({len(full)})", kept, drawn))
     titles = [(str(store.slices.case.iloc[r]), int(store.slices.z.iloc[r])) for r in picks]
     return subsets, panels, titles
@@ -98,6 +100,13 @@ def store_anatomy(synth: MaskToCT, store: ProcessedStore, rows: np.ndarray) -> n
     return np.asarray(store.anatomy[rows]) if synth.anatomy is not None else None
 
 
+def slice_keys(store: ProcessedStore, rows: np.ndarray) -> list[tuple[int, int]]:
+    """The noise key of each store row (``model.noise``): its case and z, as :meth:`MaskToCT.volume`
+    names the same slice of the case's volume (``key=(case_key(case),)``)."""
+    rows = np.asarray(rows, np.int64)
+    return [(case_key(c), int(z)) for c, z in zip(store.slices.case.to_numpy()[rows], store.slices.z.to_numpy()[rows])]
+
+
 def generate_slices(synth: MaskToCT, store: ProcessedStore, rows: np.ndarray, folder: Path, what: str,
                     levels: dict[str, float] | None = None, heart_only: bool = False) -> np.ndarray:
     """The generator's slice for every store row: ``folder/fake.npy`` (float16 (N, S, S), returned
@@ -110,20 +119,22 @@ def generate_slices(synth: MaskToCT, store: ProcessedStore, rows: np.ndarray, fo
     for i in tqdm(range(0, len(rows), bs), desc=f"generate {what} slices", unit="batch", disable=quiet()):
         level = None if levels is None else contrast.row_levels(store, rows[i:i + bs], levels)
         fake[i:i + bs] = synth.unit(np.asarray(store.masks[context[i:i + bs]]), level,   # (B, 2k+1, S, S) -> (B, S, S)
-                                    None if heart_only else store_anatomy(synth, store, rows[i:i + bs]))
+                                    None if heart_only else store_anatomy(synth, store, rows[i:i + bs]),
+                                    slice_keys(store, rows[i:i + bs]))
     fake.flush()
     np.save(folder / "index.npy", rows.astype(np.int64))
     return fake
 
 
-def provenance(meta: dict, device, contrast_used: dict | None = None) -> dict:
+def provenance(meta: dict, device, contrast_used: dict | None = None, noise_seed: int | None = None) -> dict:
     """``model.json``: which training made these slices (step, seed, fingerprint) and on what
-    machine it ran (:func:`ctsynth.core.accel.runtime_record`), where generation ran, and (contrast
-    control) the level each case was drawn at."""
-    extra = meta.get("extra") or {}
+    machine it ran (:func:`ctsynth.core.accel.runtime_record`), where generation ran, (contrast
+    control) the level each case was drawn at and (``model.noise``) the noise's seed and std."""
+    extra, noise = meta.get("extra") or {}, meta.get("noise")
     return {"generator": {k: extra.get(k) for k in ("step", "seed", "fingerprint", "world_size", "precision",
                                                      "runtime")},
-            "generate_runtime": runtime_record(device), "contrast": contrast_used}
+            "generate_runtime": runtime_record(device), "contrast": contrast_used,
+            "noise": None if not noise else {"seed": noise_seed, "std_units": noise["std"]}}
 
 
 def measured_levels(synth: MaskToCT, store: ProcessedStore, cases: list[str]) -> tuple[dict | None, dict | None]:
@@ -153,7 +164,7 @@ def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> 
         raise InputError(f"{split_path}: no test case found in the processed store {processed_dir}")
     model, meta = load_model(model_path)
     _check_store_matches_model(store, meta, model_path)
-    synth = MaskToCT(model, meta, batch_size=params.generate.batch_size)
+    synth = MaskToCT(model, meta, batch_size=params.generate.batch_size, seed=params.generate.seed)
     rows = store.rows_for_cases(test)                                                # (N,)
     window = synth.window
     log.info("generate: %d test slices of %d cases %s on %s", len(rows), len(test), test, synth.device)
@@ -190,14 +201,14 @@ def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> 
             synth.set_level(None if levels is None else levels[case])
             anatomy_file = interim_anatomy_path(interim_dir, case) if synth.anatomy is not None else None
             anatomy = None if anatomy_file is None else np.asanyarray(load_nifti(anatomy_file, role="label").dataobj)
-            canon = synth.volume(index_xyz, desc=f"volume {case}", anatomy_xyz=anatomy)
+            canon = synth.volume(index_xyz, desc=f"volume {case}", anatomy_xyz=anatomy, key=(case_key(case),))
             orig_affine = np.asarray(info["orig_affine"], dtype=np.float64)
             vol = from_canonical(canon, orig_affine)
             if list(vol.shape) != list(info["orig_shape"]):
                 raise InputError(f"{case}: reoriented volume {vol.shape} != original {info['orig_shape']}")
             save_nifti(tmp / f"{case}_synth.nii.gz", vol, orig_affine, dtype=np.int16)
         save_condition_subsets(tmp / SUBSETS_FILE, *condition_subset_panels(synth, store, rows, levels=levels))
-        write_json(tmp / GENERATED_PROVENANCE, provenance(meta, synth.device, contrast_used))
+        write_json(tmp / GENERATED_PROVENANCE, provenance(meta, synth.device, contrast_used, synth.seed))
         del fake
     log.info("generate: %d test slices at %.1f slices/s (generator; %.1f slices/s with data loading), "
              "batch %d; %d volumes, %d grids -> %s", len(rows), slices_rate, wall_rate,

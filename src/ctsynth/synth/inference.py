@@ -29,6 +29,7 @@ from ctsynth.core.labels import parse_label_map
 from ctsynth.core.progress import quiet
 from ctsynth.data import contrast
 from ctsynth.data.masks import index_volume, parse_label_map_arg, structures_arg
+from ctsynth.data.noise import NoiseModel
 from ctsynth.data.preprocess import kept_indices, prepare_classes, restore_slice, to_display
 from ctsynth.data.store import condition_batch, condition_width, context_masks
 
@@ -52,6 +53,10 @@ def load_model(model_path: str | Path, device: str = "auto") -> tuple[torch.nn.M
     if missing:
         raise ModelFileError(f"{path}: model file lacks preprocessing info {missing}; "
                              f"retrain with this version of ctsynth")
+    noise = meta.get("noise")
+    if noise and int(noise.get("size", -1)) != int(meta["image_size"]):
+        raise ModelFileError(f"{path}: its noise model is for {noise.get('size')}² slices but the model draws "
+                             f"{meta['image_size']}²; the file is inconsistent, retrain")
     k, controlled, anatomy = meta["context_slices"], bool(meta.get("contrast")), bool(meta.get("anatomy"))
     expected = condition_width(list(meta["structures"]), meta["encoding"], k, controlled, anatomy)
     if meta["in_channels"] != expected:
@@ -72,10 +77,13 @@ class MaskToCT:
     A model conditioned on the anatomy around the heart (``model.anatomy``) takes each slice's body /
     lung / bone classes; without them it draws from the heart labels alone when it was trained with
     ``train.anatomy_drop`` > 0, and refuses otherwise, naming the missing channels.
+    A model with a noise model (``model.noise``, :mod:`ctsynth.data.noise`) draws the noise-free slice;
+    with a ``seed`` (an int or a tuple of ints) each slice gets noise from ``(*seed, *key)``, its key
+    naming the slice (see :meth:`unit`, :meth:`volume`); without one, the noise-free slice comes out.
     """
 
     def __init__(self, model: torch.nn.Module, meta: dict, batch_size: int = 32,
-                 structures: list[str] | None = None, contrast_hu: float | None = None):
+                 structures: list[str] | None = None, contrast_hu: float | None = None, seed=None):
         self.meta = meta
         self.size = int(meta["image_size"])
         self.window = [float(v) for v in meta["hu_window"]]
@@ -92,6 +100,19 @@ class MaskToCT:
         self.level = self.set_level(contrast_hu)
         self.anatomy = meta.get("anatomy") or None                     # the model's anatomy record
         self.modality = meta.get("modality") or "ct"                   # mr: volumes written in nu + 1000 (>= 0)
+        self.noise = NoiseModel.from_record(meta.get("noise"))          # the model's noise model, if any
+        self.seed = seed
+
+    @property
+    def adds_noise(self) -> bool:
+        return self.noise is not None and self.seed is not None
+
+    def noise_for(self, keys) -> np.ndarray | None:
+        """(N, S, S) noise (model units) for slices named by ``keys`` (tuples of ints), or None."""
+        if not self.adds_noise:
+            return None
+        base = self.seed if isinstance(self.seed, (tuple, list)) else (self.seed,)
+        return self.noise.for_keys(base, keys)
 
     def set_level(self, contrast_hu: float | None, where: str = "contrast") -> float | None:
         """Check and set the level (HU) every later slice is drawn at; returns it (None: no control)."""
@@ -128,12 +149,15 @@ class MaskToCT:
 
     # (N, S, S) uint8 structure indices, or (N, 2k+1, S, S) with each slice's neighbours (z-k..z+k)
     # when the model has context_slices k -> (N, S, S) float32 in [-1, 1]; levels (N,) HU: each
-    # slice's contrast level (default: the level set); anatomy (N, S, S) classes (see anatomy_for)
+    # slice's contrast level (default: the level set); anatomy (N, S, S) classes (see anatomy_for);
+    # keys: (N,) tuples of ints naming the slices, the seed of each one's noise (see noise_for; default:
+    # a running count of the slices drawn, which depends on the order of the calls)
     @torch.inference_mode()
     def unit(self, masks: np.ndarray, levels: np.ndarray | None = None,
-             anatomy: np.ndarray | None = None) -> np.ndarray:
+             anatomy: np.ndarray | None = None, keys=None) -> np.ndarray:
         masks = np.asarray(masks)
         anatomy = self.anatomy_for(len(masks), anatomy)                             # (N, S, S) or None
+        noise = self.noise_for([(self.slices_done + j,) for j in range(len(masks))] if keys is None else keys)
         if masks.ndim == 3 and self.context == 0:
             masks = masks[:, None]                                                  # (N, 1, S, S)
         if masks.ndim != 4 or masks.shape[1] != 2 * self.context + 1:
@@ -148,8 +172,10 @@ class MaskToCT:
                                    self._planes(len(chunk), None if levels is None else levels[i:i + len(chunk)]),
                                    None if anatomy is None else anatomy[i:i + len(chunk)])
             cond = cond.to(self.device).contiguous(memory_format=torch.channels_last)
-            fake = self.model(cond)                                                 # (B, 1, S, S)
-            out[i:i + len(chunk)] = fake[:, 0].float().clamp_(-1, 1).cpu().numpy()
+            fake = self.model(cond)[:, 0].float().cpu()                            # (B, S, S)
+            if noise is not None:
+                fake += torch.from_numpy(noise[i:i + len(chunk)])
+            out[i:i + len(chunk)] = fake.clamp_(-1, 1).numpy()
         self.seconds += time.perf_counter() - start
         self.slices_done += len(masks)
         return out
@@ -167,7 +193,8 @@ class MaskToCT:
                       preserve_range=True)
         return np.where(np.isin(mask, self.keep), mask, 0).astype(np.uint8)
 
-    def volume(self, index_xyz: np.ndarray, desc: str = "volume", anatomy_xyz: np.ndarray | None = None) -> np.ndarray:
+    def volume(self, index_xyz: np.ndarray, desc: str = "volume", anatomy_xyz: np.ndarray | None = None,
+               key: tuple = ()) -> np.ndarray:
         """Canonical structure-index volume (X, Y, Z) -> synthetic CT (X, Y, Z) int16 HU (MR: nu + 1000,
         0 to 2000, non-negative like the magnitude images MR data are, so ingest takes them back as MR).
 
@@ -175,7 +202,7 @@ class MaskToCT:
         volume plus the model-size uint8 masks. With ``context_slices`` k each slice's condition
         holds its k neighbours on each side (the volume's end slices repeat past its ends);
         ``anatomy_xyz``: the canonical body / lung / bone classes on the same grid (a model with
-        ``model.anatomy``)."""
+        ``model.anatomy``). Noise (a seeded model with ``model.noise``): slice z has the key ``(*key, z)``."""
         nx, ny, nz = index_xyz.shape
         lo, hi = self.window
         out = np.empty((nx, ny, nz), np.int16)
@@ -189,8 +216,8 @@ class MaskToCT:
         classes = self.anatomy_for(nz, classes, desc)
         for z0 in tqdm(range(0, nz, self.batch_size), desc=desc, unit="batch", disable=quiet()):
             zs = range(z0, min(nz, z0 + self.batch_size))
-            fake = self.unit(masks[z0:zs.stop], None,
-                             None if classes is None else classes[z0:zs.stop])       # (B, S, S)
+            fake = self.unit(masks[z0:zs.stop], None, None if classes is None else classes[z0:zs.stop],
+                             [(*key, z) for z in zs])                                 # (B, S, S)
             for j, z in enumerate(zs):
                 hu = restore_slice(fake[j], (nx, ny), self.window)                   # (X, Y) HU
                 out[:, :, z] = np.rint(np.clip(hu, lo, hi)).astype(np.int16)
@@ -202,14 +229,15 @@ class MaskToCT:
 
 def generate_file(model_path, mask_path, out_path, structures=None, label_map=None,
                   batch_size: int = 32, device: str = "auto", contrast_hu: float | None = None,
-                  anatomy=None, anatomy_map="ctsynth") -> dict:
+                  anatomy=None, anatomy_map="ctsynth", seed: int | None = None) -> dict:
     """Label NIfTI -> synthetic CT NIfTI (int16 HU), same shape, orientation and affine.
 
     ``label_map``: dict, inline JSON or JSON/YAML file (default: the model's); ``structures``:
     subset of the model's structures to draw (default: all of them); ``contrast_hu``: the contrast
     level of a model with the contrast control (default: its training mean); ``anatomy``: a label
     NIfTI on the mask's grid with body / lung / bone values (``anatomy_map``: a preset, a dict, inline
-    JSON or a JSON/YAML file) for a model with ``model.anatomy``. Returns statistics."""
+    JSON or a JSON/YAML file) for a model with ``model.anatomy``; ``seed``: the noise of a model with
+    ``model.noise`` (slice z from ``(seed, z)``; None: the noise-free slice). Returns statistics."""
     model, meta = load_model(model_path, device)
     lmap = (parse_label_map_arg(label_map)
             or parse_label_map(meta.get("label_map") or {}, where=f"{model_path} label_map"))
@@ -217,7 +245,7 @@ def generate_file(model_path, mask_path, out_path, structures=None, label_map=No
     mask_path = Path(mask_path)
     img = load_nifti(mask_path, role="mask")
     index, info = index_volume(mask_path, np.asanyarray(img.dataobj), lmap, chosen)
-    synth = MaskToCT(model, meta, batch_size=batch_size, structures=chosen, contrast_hu=contrast_hu)
+    synth = MaskToCT(model, meta, batch_size=batch_size, structures=chosen, contrast_hu=contrast_hu, seed=seed)
     classes = None if anatomy is None else read_anatomy(anatomy, anatomy_map, img)
     canon = synth.volume(to_canonical(index, img.affine), desc="generate",            # (X, Y, Z) RAS
                          anatomy_xyz=None if classes is None else to_canonical(classes, img.affine))
@@ -227,7 +255,9 @@ def generate_file(model_path, mask_path, out_path, structures=None, label_map=No
              "slices": int(vol.shape[2]), "structures": chosen, "slices_per_s": round(synth.throughput(), 1),
              "hu_min": int(vol.min()), "hu_max": int(vol.max()), "contrast_hu": synth.level,
              "anatomy": "given" if classes is not None else ("none (drawn from the heart alone)" if synth.anatomy
-                                                              else "not used by this model"), **info}
+                                                              else "not used by this model"),
+             "noise": "not in this model" if synth.noise is None else
+             (f"seed {seed}" if synth.adds_noise else "none (the noise-free slice)"), **info}
     log.info("generate: %s -> %s, %d slices at %.1f slices/s, HU %d..%d", mask_path, out_path,
              stats["slices"], stats["slices_per_s"], stats["hu_min"], stats["hu_max"])
     return stats

@@ -192,7 +192,8 @@ def synthesize_dataset(synth: MaskToCT, sources: list[Source], cfg: SynthesizeCf
     Case i warps ``sources[i % len(sources)]`` with a draw from ``default_rng([cfg.seed, i])``; a
     source's anatomy is warped by the same draw, conditions a model with ``model.anatomy`` and, in
     the ``pairs`` layout, is written as ``<case><anatomy_suffix>`` (classes 1 body, 2 lung, 3 bone:
-    ingestible with ``data.anatomy.source: supplied``, preset ``ctsynth``)."""
+    ingestible with ``data.anatomy.source: supplied``, preset ``ctsynth``). A model with a noise model
+    (``model.noise``) adds it to every case, slice z of case i from ``(cfg.seed, i, 2, z)``."""
     if layout not in LAYOUTS:
         raise ConfigError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     if not sources:
@@ -207,6 +208,7 @@ def synthesize_dataset(synth: MaskToCT, sources: list[Source], cfg: SynthesizeCf
         lut[idx] = value
     width = max(4, len(str(cfg.cases)))
     synth.set_level(cfg.contrast, "synthesize.contrast")                 # refused before any work if out of range
+    synth.seed = cfg.seed                                                # the noise of model.noise, if any
     with atomic_dir(out_dir) as tmp:
         if layout == "nnunet":
             (tmp / "imagesTr").mkdir()
@@ -221,7 +223,7 @@ def synthesize_dataset(synth: MaskToCT, sources: list[Source], cfg: SynthesizeCf
             case = f"{prefix}_{i + 1:0{width}d}"
             level = case_level(synth, cfg, i)
             image = synth.volume(warped, desc=case,                                  # (X, Y, Z) int16 HU
-                                 anatomy_xyz=anatomy if synth.anatomy is not None else None)
+                                 anatomy_xyz=anatomy if synth.anatomy is not None else None, key=(i, 2))
             files = _write_case(tmp, layout, case, from_canonical(image, affine),
                                 from_canonical(lut[warped], affine), affine, suffixes)
             anatomy_file = case + anatomy_suffix if anatomy is not None and layout == "pairs" else ""

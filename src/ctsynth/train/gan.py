@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 
 def gan_step(G, D, raw_D, opt_g, opt_d, cond: torch.Tensor, real: torch.Tensor,
-             lambda_l1: float, amp: torch.autocast, lambda_fm: float = 0.0) -> torch.Tensor:
+             lambda_l1: float, amp: torch.autocast, lambda_fm: float = 0.0,
+             fake_noise: torch.Tensor | None = None) -> torch.Tensor:
     """One discriminator and one generator update (pix2pix order). Returns detached losses
     (7,) in :data:`ctsynth.train.history.LOSS_NAMES` order, on the device (no host sync).
 
@@ -16,12 +17,15 @@ def gan_step(G, D, raw_D, opt_g, opt_d, cond: torch.Tensor, real: torch.Tensor,
     FM (pix2pixHD's feature matching, ``lambda_fm`` > 0): the mean over D's blocks of
     |D_k(fake,c) - D_k(real,c)|₁, the real features taken from the D step's forward pass (detached).
     The G step calls the unwrapped D with its parameters frozen (no DDP sync, no D grads).
+    ``fake_noise`` (``model.noise``, :mod:`ctsynth.data.noise`): D judges ``fake + fake_noise`` (clamped
+    to the real slices' range), L1 the noise-free ``fake``.
     """
     fm = lambda_fm > 0
     with amp:
         fake = G(cond)                                              # (B, 1, S, S)
+        shown = fake if fake_noise is None else (fake.float() + fake_noise).clamp(-1, 1)
         p_real, f_real = _judge(D, real, cond, fm)                  # (B, 1, P, P), [block features]
-        p_fake = D(fake.detach(), cond).float()                     # (B, 1, P, P)
+        p_fake = D(shown.detach(), cond).float()                    # (B, 1, P, P)
     d_real = F.mse_loss(p_real, torch.ones_like(p_real))
     d_fake = F.mse_loss(p_fake, torch.zeros_like(p_fake))
     opt_d.zero_grad(set_to_none=True)
@@ -30,7 +34,7 @@ def gan_step(G, D, raw_D, opt_g, opt_d, cond: torch.Tensor, real: torch.Tensor,
 
     raw_D.requires_grad_(False)
     with amp:
-        p_gen, f_gen = _judge(raw_D, fake, cond, fm)                # (B, 1, P, P), [block features]
+        p_gen, f_gen = _judge(raw_D, shown, cond, fm)               # (B, 1, P, P), [block features]
     g_adv = F.mse_loss(p_gen, torch.ones_like(p_gen))
     g_l1 = F.l1_loss(fake.float(), real)
     loss_g = g_adv + lambda_l1 * g_l1

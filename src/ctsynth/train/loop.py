@@ -206,7 +206,8 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
     Gm, Dm, Dg = d.wrap(job.G), d.wrap(job.D), job.D          # Dg: G's step calls D unwrapped
     Gm, Dm, Dg = compile_models(Gm, Dm, Dg) if cfg.compile else (Gm, Dm, Dg)
     amp = autocast(job.precision, d.device)
-    transform = build_batch_transform(job.params, job.ds.constant_channels, job.store.structures, d.rank)
+    transform = build_batch_transform(job.params, job.ds.constant_channels, job.store.structures, d.rank,
+                                      job.ds.noise_record)                   # model.noise: D sees fake + noise
     sampler = DistributedSampler(job.ds, num_replicas=d.world, rank=d.rank, shuffle=True,
                                  seed=job.params.train.seed, drop_last=True)
     batches = train_batches(job.ds, sampler, job.batch, step, num_workers=steer.num_workers,
@@ -222,9 +223,9 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
             for opt, base in ((job.opt_g, cfg.lr_g), (job.opt_d, cfg.lr_d)):   # linear decay, if any
                 for group in opt.param_groups:
                     group["lr"] = base * lr_factor(step, cfg)
-            cond, real = transform(*map(job.to_device, next(batches)), step)   # (B, C, S, S), (B, 1, S, S)
+            cond, real, noise = transform(*map(job.to_device, next(batches)), step)   # (B, C|1, S, S), None
             losses = gan_step(Gm, Dm, Dg, job.opt_g, job.opt_d, job.to_device(cond), job.to_device(real),
-                              cfg.lambda_l1, amp, cfg.lambda_fm)
+                              cfg.lambda_l1, amp, cfg.lambda_fm, noise)
             step += 1
             hist.record(step, losses)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses), step, first_bad)
@@ -279,7 +280,7 @@ def _finish(job: _Job, tracker: Tracker, hist: LossHistory, out_model: Path, rep
         log.info("weights identical on all %d ranks (sha256 %s)", d.world, digests[0][:16])
     step = cfg.iterations
     meta = {**job.store.model_meta(), "encoding": job.params.model.encoding, "contrast": job.ds.contrast_record,
-            "anatomy": job.ds.anatomy_record}
+            "anatomy": job.ds.anatomy_record, "noise": job.ds.noise_record}
     extra = {"step": step, "iterations": cfg.iterations, "world_size": d.world, "device": d.device.type,
              "precision": job.precision, "channels_last": job.channels_last, "seed": job.params.train.seed,
              "rank_weight_hashes": digests, "receptive_field": receptive_field(job.D),
