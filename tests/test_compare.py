@@ -17,6 +17,7 @@ its baseline's metrics). No test here runs DVC: a real queued experiment takes ~
 from __future__ import annotations
 
 import copy
+import os
 import json
 import math
 
@@ -295,3 +296,14 @@ def test_the_cli_wires_both_verbs():
     assert args.func is _compare_run and args.set == [f"{K}=0,1"] and args.seed_key == "train.seed"
     args = build_parser().parse_args(["compare", "show", "--baseline", f"{K}=0", "--out", "x.md"])
     assert args.func is _compare_show and args.baseline == [f"{K}=0"] and args.name is None
+
+
+def test_parallel_jobs_share_the_cores_unless_the_user_chose(monkeypatch):
+    """Each queue worker's run would start one thread per core: --jobs N splits them (set for the
+    `dvc queue start` the workers inherit), and an OMP_NUM_THREADS the user set is kept."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert compare.share_cores(1, cores=8) is None and "OMP_NUM_THREADS" not in os.environ
+    assert compare.share_cores(2, cores=8) == 4 and os.environ["OMP_NUM_THREADS"] == "4"
+    assert compare.share_cores(3, cores=2) is None                  # already set: the user's (here, ours) stays
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert compare.share_cores(3, cores=2) == 1                     # never below one thread

@@ -27,6 +27,7 @@ import importlib.util
 import itertools
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -643,6 +644,9 @@ def run(sets: list[str], seeds: str, seed_key: str = DEFAULT_SEED_KEY, name: str
         return 0
     for step in todo:
         run_dvc(queue_command(step))
+    threads = share_cores(jobs)
+    if threads:
+        print(f"  each of the {jobs} queue workers' runs gets OMP_NUM_THREADS={threads} (set it to choose otherwise)")
     run_dvc(["queue", "start", "-j", str(jobs)])
     failed = wait({s.name for s in todo + waiting}, run_dvc, poll_s)
     if failed:
@@ -652,6 +656,17 @@ def run(sets: list[str], seeds: str, seed_key: str = DEFAULT_SEED_KEY, name: str
         return 1
     print(f"all {len(points)} grid points finished; compare them: {show_cmd}")
     return 0
+
+
+def share_cores(jobs: int, cores: int | None = None) -> int | None:
+    """With ``jobs`` > 1 and no ``OMP_NUM_THREADS`` set, set it to the cores per job (at least 1) for
+    the queue workers ``dvc queue start`` spawns, and return it (else None). Every run would otherwise
+    start one thread per core: two runs on two cores trained at 0.65 s per GAN step, at one thread each 0.075 s."""
+    if jobs <= 1 or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    threads = max(1, (cores or os.cpu_count() or 1) // jobs)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
 
 
 def _study_names(steps: list[Point], name: str) -> list[str]:
