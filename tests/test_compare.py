@@ -17,9 +17,9 @@ its baseline's metrics). No test here runs DVC: a real queued experiment takes ~
 from __future__ import annotations
 
 import copy
-import os
 import json
 import math
+import os
 
 import pandas as pd
 import pytest

@@ -94,7 +94,7 @@ def test_the_discriminator_sees_the_noise_and_l1_the_noise_free_slice():
     def step(fake_noise):
         G.load_state_dict(start[0])
         D.load_state_dict(start[1])
-        opt_g, opt_d = make_optimizer(G.parameters(), 1e-3, (0.5, 0.999)), make_optimizer(D.parameters(), 1e-3, (0.5, 0.999))
+        opt_g, opt_d = (make_optimizer(m.parameters(), 1e-3, (0.5, 0.999)) for m in (G, D))
         with torch.no_grad():
             expect_l1 = torch.nn.functional.l1_loss(G(cond), real)
         losses = gan_step(G, D, D, opt_g, opt_d, cond, real, 100.0, torch.autocast("cpu", enabled=False),

@@ -89,7 +89,7 @@ class NoiseModel:
         self._torch = {}
 
     @classmethod
-    def from_record(cls, rec: dict | None) -> "NoiseModel | None":
+    def from_record(cls, rec: dict | None) -> NoiseModel | None:
         return cls(rec) if rec else None
 
     def sample(self, rng: np.random.Generator) -> np.ndarray:
