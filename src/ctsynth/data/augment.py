@@ -32,6 +32,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ctsynth.core.config import with_training_seeds
 from ctsynth.core.errors import ConfigError
 
 AUGMENTS = ("none", "affine", "affine+intensity", "classic")
@@ -118,7 +119,7 @@ def build_anatomy_drop(params, structures: list[str], rank: int = 0):
     from ctsynth.data.store import anatomy_slice
 
     where = anatomy_slice(structures, m.encoding, m.context_slices)
-    seed = params.seed if params.train.seed is None else params.train.seed
+    seed = with_training_seeds(params).train.seed
 
     def drop(cond: torch.Tensor, step: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, step])
@@ -142,7 +143,7 @@ def build_batch_transform(params, constant_channels: int, structures: list[str],
     augment = build_augment(params.train.augment, constant_channels)
     drop = build_anatomy_drop(params, structures, rank)
     noise = NoiseModel.from_record(noise_record)
-    seed = params.seed if params.train.seed is None else params.train.seed
+    seed = with_training_seeds(params).train.seed
 
     def transform(cond: torch.Tensor, real: torch.Tensor, step: int):
         cond, real = augment(cond, real)

@@ -4,7 +4,7 @@ A CT slice is what the anatomy explains plus the scanner's noise, a random field
 every scan. A deterministic mask -> CT map cannot know the noise realisation; trained against a
 discriminator it draws a fixed pattern in its place (inside the heart structures the generated
 residual was 1.3-1.7x the real one, and 1.7-2.0x in every band of the noise power spectrum:
-``docs/realism.md``). With the noise model the generator draws the noise-free slice and the noise
+``docs/realism.md``). With the noise model the generator is to draw the noise-free slice and the noise
 is sampled from what was measured on the training slices:
 
 * **Measured** (:func:`measure`, at training, on the training slices only): inside each heart
@@ -18,8 +18,9 @@ is sampled from what was measured on the training slices:
   Fourier domain, a stationary field with that spectrum; its standard deviation is the measured one.
 * **Training** (:func:`ctsynth.train.gan.gan_step`): the discriminator judges the generated slice
   plus a fresh sample (drawn from ``(train.seed, rank, step)``, so a resumed run draws the same); L1
-  compares the noise-free output with the real slice. The generator has no reason left to draw
-  texture of its own.
+  compares the noise-free output with the real slice, so the generator has no reason left to draw
+  texture of its own. Measured, it still does (the residual stayed above the real one, with the
+  sample on top) and flicker rose: off by default (docs/experiments/generator-realism.md, grid 4).
 * **Generation** (:class:`ctsynth.synth.inference.MaskToCT`): output + a sample seeded per slice by
   ``(seed, *key)`` (the key names the case and z), so a slice's noise does not depend on batching;
   without a seed the noise-free slice (the conditional mean) comes out.
@@ -86,7 +87,7 @@ class NoiseModel:
         radial = np.asarray(rec["radial_nps"], np.float64)
         self.filter = np.sqrt(np.clip(radial, 0, None))[_radius(self.size)]    # (S, S) |H(f)|
         self.std = float(rec["std"])
-        self._torch = {}
+        self.filter_t = torch.from_numpy(self.filter)                         # the same, for batch()
 
     @classmethod
     def from_record(cls, rec: dict | None) -> NoiseModel | None:
@@ -108,9 +109,7 @@ class NoiseModel:
         ``(seed, rank, step)``): drawn on the CPU so every device draws the same."""
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([*map(int, seed_key), 17]).generate_state(1)[0]))
         white = torch.randn((n, 1, self.size, self.size), generator=g, dtype=torch.float64)
-        if "filter" not in self._torch:
-            self._torch["filter"] = torch.from_numpy(self.filter)
-        field = torch.fft.ifft2(torch.fft.fft2(white) * self._torch["filter"]).real
+        field = torch.fft.ifft2(torch.fft.fft2(white) * self.filter_t).real
         return field.to(device=device, dtype=torch.float32)
 
 

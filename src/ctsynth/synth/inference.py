@@ -78,12 +78,13 @@ class MaskToCT:
     lung / bone classes; without them it draws from the heart labels alone when it was trained with
     ``train.anatomy_drop`` > 0, and refuses otherwise, naming the missing channels.
     A model with a noise model (``model.noise``, :mod:`ctsynth.data.noise`) draws the noise-free slice;
-    with a ``seed`` (an int or a tuple of ints) each slice gets noise from ``(*seed, *key)``, its key
+    with a ``seed`` (an int) each slice gets noise from ``(seed, *key)``, its key
     naming the slice (see :meth:`unit`, :meth:`volume`); without one, the noise-free slice comes out.
     """
 
     def __init__(self, model: torch.nn.Module, meta: dict, batch_size: int = 32,
-                 structures: list[str] | None = None, contrast_hu: float | None = None, seed=None):
+                 structures: list[str] | None = None, contrast_hu: float | None = None,
+                 seed: int | None = None):
         self.meta = meta
         self.size = int(meta["image_size"])
         self.window = [float(v) for v in meta["hu_window"]]
@@ -111,8 +112,7 @@ class MaskToCT:
         """(N, S, S) noise (model units) for slices named by ``keys`` (tuples of ints), or None."""
         if not self.adds_noise:
             return None
-        base = self.seed if isinstance(self.seed, (tuple, list)) else (self.seed,)
-        return self.noise.for_keys(base, keys)
+        return self.noise.for_keys((self.seed,), keys)
 
     def set_level(self, contrast_hu: float | None, where: str = "contrast") -> float | None:
         """Check and set the level (HU) every later slice is drawn at; returns it (None: no control)."""
