@@ -261,3 +261,27 @@ def test_share_and_init_change_the_training_and_bad_shares_are_refused(tiny_stor
     for bad in ({"share": 1.5}, {"share": 0.5, "pools": pools[:1]}):
         with pytest.raises(ConfigError, match="a batch share needs exactly two pools"):
             fit(cfg, 0, bad.get("pools", pools), share=bad["share"])
+
+
+def test_bf16_training_keeps_fp32_weights_is_repeatable_and_is_recorded(tmp_path, tiny_store):
+    """segmenter.precision bf16: the forward pass under autocast (another model than fp32's), weights
+    still fp32, two runs bit-equal; the file records the asked and the resolved precision."""
+    from ctsynth.core.accel import resolve_precision
+    from ctsynth.evaluate.segmenter import train_segmenter as fit
+
+    store = ProcessedStore(tiny_store)
+    pool = [(store, store.rows_for_cases(["c1", "c2"]))]
+    cfg = {"iterations": 4, "batch_size": 4, "width": 4, "ema": 0.0}
+    fp32, _ = fit(tiny_params(segmenter={**cfg, "precision": "fp32"}).segmenter, 0, pool)
+    bf16, loss = fit(tiny_params(segmenter={**cfg, "precision": "bf16"}).segmenter, 0, pool)
+    again, _ = fit(tiny_params(segmenter={**cfg, "precision": "bf16"}).segmenter, 0, pool)
+    w32, w16, w16b = fp32.state_dict(), bf16.state_dict(), again.state_dict()
+    assert np.isfinite(loss)
+    assert all(v.dtype == w32[k].dtype for k, v in w16.items())
+    assert all(torch.equal(w16[k], w16b[k]) for k in w16)
+    assert any(not torch.equal(w32[k], w16[k]) for k in w32 if w32[k].is_floating_point())
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["c1", "c2"], "test": ["c4"]}))
+    summary = train_segmenter(tiny_params(segmenter={**cfg, "precision": "auto"}), tiny_store,
+                              tmp_path / "split.json", tmp_path / "seg.pt")
+    assert summary["precision"] == "auto"
+    assert summary["precision_used"] == resolve_precision("auto", torch.device("cpu"))

@@ -155,6 +155,7 @@ class SegmenterCfg:
     ema: float = 0.95                                # decay of the weight average kept as the model (0: last step)
     augment: Literal["none", "affine", "affine+intensity", "classic"] = "none"   # batch augmentation (classic:
                                                      # nnU-Net-style affine, elastic, intensity, blur, noise)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # training steps; auto: bf16 autocast where native
 
 
 @dataclass
