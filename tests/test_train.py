@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import kornia
 import pandas as pd
 import pytest
 import torch
@@ -114,6 +116,49 @@ def test_feature_matching_is_the_mean_block_l1_and_steers_the_generator():
     assert any(moved)
     with pytest.raises(ConfigError, match="train.lambda_fm: must be >= 0"):
         params(lambda_fm=-1.0)
+
+
+def test_radial_log_spectrum_known_answers():
+    """White noise of variance s² has a flat power spectrum at s² (orthonormal FFT): every ring's
+    log power is log s²; a blur takes power from the outer rings only."""
+    from ctsynth.train.gan import radial_log_spectrum
+    torch.manual_seed(0)
+    noise = 0.1 * torch.randn(64, 1, 32, 32)
+    prof = radial_log_spectrum(noise)
+    assert prof.shape == (16,)
+    assert torch.allclose(prof, torch.full_like(prof, math.log(0.01)), atol=0.15)
+    blurred = radial_log_spectrum(kornia.filters.gaussian_blur2d(noise, (5, 5), (1.0, 1.0)))
+    assert (prof[-4:] - blurred[-4:]).min() > 2.0 and (prof[:2] - blurred[:2]).max() < 1.0
+
+
+def test_spectral_term_is_the_log_spectrum_gap_and_steers_the_generator():
+    """train.lambda_spectral: g_spec = mean |log P_fake(r) - log P_real(r)| over rings; 0 and G's
+    update unchanged when off; another G update when on."""
+    import copy
+
+    from ctsynth.train.gan import radial_log_spectrum
+    p = params()
+    torch.manual_seed(0)
+    g, d = build_generator(p.model, 7), build_discriminator(p.model, 7)
+    cond = (torch.rand(4, 7, 32, 32) > 0.8).float()
+    real = cond.sum(1, keepdim=True).clamp(max=1) * 1.4 - 0.7 + 0.05 * torch.randn(4, 1, 32, 32)
+    amp = torch.autocast("cpu", enabled=False)
+
+    def one_step(lam):
+        g1, d1 = copy.deepcopy(g), copy.deepcopy(d)
+        opt_g = make_optimizer(g1.parameters(), 2e-3, (0.5, 0.999))
+        opt_d = make_optimizer(d1.parameters(), 2e-4, (0.5, 0.999))
+        return gan_step(g1, d1, d1, opt_g, opt_d, cond, real, 100.0, amp, 0.0, None, lam), g1
+
+    (off, g_off), (on, g_on) = one_step(0.0), one_step(1.0)
+    with torch.no_grad():
+        want = (radial_log_spectrum(copy.deepcopy(g)(cond)) - radial_log_spectrum(real)).abs().mean()
+    i = LOSS_NAMES.index("g_spec")
+    assert off[i] == 0 and torch.allclose(on[i], want, rtol=1e-5) and want > 0
+    assert torch.equal(off[:2], on[:2])                                  # same G output and D before G's step
+    assert any(not torch.equal(a, b) for a, b in zip(g_off.state_dict().values(), g_on.state_dict().values()))
+    with pytest.raises(ConfigError, match="train.lambda_spectral: must be >= 0"):
+        params(lambda_spectral=-1.0)
 
 
 def test_train_writes_model_losses_snapshots_checkpoints(ws, caplog):

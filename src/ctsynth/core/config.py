@@ -126,6 +126,7 @@ class TrainCfg:
     beta2: float = 0.999
     lambda_l1: float = 100.0
     lambda_fm: float = 10.0                          # feature matching (pix2pixHD) weight; 0: off (paper)
+    lambda_spectral: float = 0.0                     # radial log power spectrum term (Durall 2020); 0: off
     anatomy_drop: float = 0.25                       # model.anatomy: share of slices trained with blank anatomy
     augment: Literal["none", "affine", "affine+intensity"] = "affine"  # paired batch augmentation (ctsynth.augment)
     lr_decay_start: float | None = None              # fraction of iterations where linear decay to 0 starts
@@ -436,7 +437,7 @@ def _check_model_and_split(p: Params, need) -> None:
 
 
 def _check_train(t: TrainCfg, run: TrainRunCfg, need) -> None:
-    for name in ("lr_g", "lr_d", "lambda_l1", "lambda_fm"):
+    for name in ("lr_g", "lr_d", "lambda_l1", "lambda_fm", "lambda_spectral"):
         weight = name.startswith("lambda")
         need(getattr(t, name) >= 0 if weight else getattr(t, name) > 0,
              f"train.{name}: must be {'>= 0' if weight else '> 0'}, got {getattr(t, name)}")

@@ -34,8 +34,8 @@ def fig_losses(losses: pd.DataFrame, path: Path) -> Path:
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for col, label in (("g_adv", "G adversarial"), ("d_real", "D real"), ("d_fake", "D fake"),
-                       ("g_fm", "G feature matching (unweighted)")):
-        if col in losses and (col != "g_fm" or losses[col].any()):      # g_fm: only when train.lambda_fm > 0
+                       ("g_fm", "G feature matching (unweighted)"), ("g_spec", "G spectral (unweighted)")):
+        if col in losses and (col not in ("g_fm", "g_spec") or losses[col].any()):   # only when their λ > 0
             a.plot(losses.step, losses[col], label=label, lw=1)
     a.set(title="adversarial losses (least squares)", xlabel="generator step", ylabel="loss")
     a.legend(fontsize=8)

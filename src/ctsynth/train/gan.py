@@ -1,6 +1,6 @@
-"""The pix2pix objective: one discriminator + generator step (LSGAN + λ·L1), the optimizer and
-the learning-rate schedule. :mod:`ctsynth.train` runs the loop around them; ``ctsynth bench``
-times the very same step."""
+"""The pix2pix objective: one discriminator + generator step (LSGAN + λ·L1, optional feature
+matching and spectral term), the optimizer and the learning-rate schedule. :mod:`ctsynth.train` runs
+the loop around them; ``ctsynth bench`` times the very same step."""
 from __future__ import annotations
 
 import torch
@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 def gan_step(G, D, raw_D, opt_g, opt_d, cond: torch.Tensor, real: torch.Tensor,
              lambda_l1: float, amp: torch.autocast, lambda_fm: float = 0.0,
-             fake_noise: torch.Tensor | None = None) -> torch.Tensor:
+             fake_noise: torch.Tensor | None = None, lambda_spectral: float = 0.0) -> torch.Tensor:
     """One discriminator and one generator update (pix2pix order). Returns detached losses
-    (7,) in :data:`ctsynth.train.history.LOSS_NAMES` order, on the device (no host sync).
+    (8,) in :data:`ctsynth.train.history.LOSS_NAMES` order, on the device (no host sync).
 
     D: 0.5·[MSE(D(real,c), 1) + MSE(D(fake,c), 0)]  G: MSE(D(fake,c), 1) + λ·|fake - real|₁ [+ λ_fm·FM]
     FM (pix2pixHD's feature matching, ``lambda_fm`` > 0): the mean over D's blocks of
@@ -19,6 +19,9 @@ def gan_step(G, D, raw_D, opt_g, opt_d, cond: torch.Tensor, real: torch.Tensor,
     The G step calls the unwrapped D with its parameters frozen (no DDP sync, no D grads).
     ``fake_noise`` (``model.noise``, :mod:`ctsynth.data.noise`): D judges ``fake + fake_noise`` (clamped
     to the real slices' range), L1 the noise-free ``fake``.
+    Spectral term (``lambda_spectral`` > 0; Durall et al., CVPR 2020, "Watch your up-convolution"):
+    |log P_gen(r) - log P_real(r)|₁ averaged over the radial frequencies r of the batch's mean power
+    spectra (:func:`radial_log_spectrum`), on what D judges.
     """
     fm = lambda_fm > 0
     with amp:
@@ -42,13 +45,32 @@ def gan_step(G, D, raw_D, opt_g, opt_d, cond: torch.Tensor, real: torch.Tensor,
     if fm:
         g_fm = torch.stack([F.l1_loss(a.float(), b.detach().float()) for a, b in zip(f_gen, f_real)]).mean()
         loss_g = loss_g + lambda_fm * g_fm
+    g_spec = torch.zeros((), device=g_l1.device)
+    if lambda_spectral > 0:
+        g_spec = (radial_log_spectrum(shown) - radial_log_spectrum(real)).abs().mean()
+        loss_g = loss_g + lambda_spectral * g_spec
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
     raw_D.requires_grad_(True)
     acc_real = (p_real.detach() > 0.5).float().mean()
     acc_fake = (p_fake.detach() < 0.5).float().mean()
-    return torch.stack([g_adv, g_l1, g_fm, d_real, d_fake, acc_real, acc_fake]).detach()
+    return torch.stack([g_adv, g_l1, g_fm, g_spec, d_real, d_fake, acc_real, acc_fake]).detach()
+
+
+def radial_log_spectrum(images: torch.Tensor) -> torch.Tensor:
+    """Log of the batch's mean power spectrum averaged over rings of radius r = 1 .. S/2 (DC left
+    out): ``(S/2,)`` for images ``(B, C, S, S)``, in fp32 (FFT outside autocast); differentiable."""
+    x = images.float()
+    x = x - x.mean((-2, -1), keepdim=True)
+    power = torch.fft.rfft2(x, norm="ortho").abs().square().mean((0, 1))          # (S, S/2+1)
+    size = images.shape[-1]
+    fy = torch.fft.fftfreq(size, 1 / size, device=x.device)[:, None]
+    fx = torch.fft.rfftfreq(size, 1 / size, device=x.device)[None, :]
+    ring = torch.sqrt(fy ** 2 + fx ** 2).round().long().clamp(max=size // 2).flatten()
+    total = torch.zeros(size // 2 + 1, device=x.device).index_add(0, ring, power.flatten())
+    count = torch.zeros(size // 2 + 1, device=x.device).index_add(0, ring, torch.ones_like(power.flatten()))
+    return torch.log(total[1:] / count[1:] + 1e-10)
 
 
 def _judge(D, image: torch.Tensor, cond: torch.Tensor, features: bool) -> tuple[torch.Tensor, list | None]:

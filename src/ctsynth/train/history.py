@@ -19,7 +19,7 @@ from ctsynth.train.distributed import Dist
 
 log = logging.getLogger("ctsynth.train.loop")
 
-LOSS_NAMES = ("g_adv", "g_l1", "g_fm", "d_real", "d_fake", "d_acc_real", "d_acc_fake")
+LOSS_NAMES = ("g_adv", "g_l1", "g_fm", "g_spec", "d_real", "d_fake", "d_acc_real", "d_acc_fake")
 TABLE_ROWS = 200          # losses.csv holds at most this many rows (bins of equal width)
 
 
@@ -62,7 +62,7 @@ class LossHistory:
         means, n = self.mean(last, step), max(1, step - last)
         rate = n * batch_size / max(now - t_last, 1e-9)
         m = means
-        fm = f" g_fm {m['g_fm']:.4f}" if m["g_fm"] else ""                 # feature matching, when on
+        fm = "".join(f" {k} {m[k]:.4f}" for k in ("g_fm", "g_spec") if m[k])   # feature matching, spectral: when on
         log.info("step %d/%d | g_adv %.4f g_l1 %.4f%s | d_real %.4f d_fake %.4f | acc real %.2f fake %.2f | "
                  "%.3f s/step %.1f img/s", step, iterations, m["g_adv"], m["g_l1"], fm, m["d_real"], m["d_fake"],
                  m["d_acc_real"], m["d_acc_fake"], (now - t_last) / n, rate)

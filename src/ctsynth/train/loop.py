@@ -225,7 +225,7 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
                     group["lr"] = base * lr_factor(step, cfg)
             cond, real, noise = transform(*map(job.to_device, next(batches)), step)   # (B, C|1, S, S), None
             losses = gan_step(Gm, Dm, Dg, job.opt_g, job.opt_d, job.to_device(cond), job.to_device(real),
-                              cfg.lambda_l1, amp, cfg.lambda_fm, noise)
+                              cfg.lambda_l1, amp, cfg.lambda_fm, noise, cfg.lambda_spectral)
             step += 1
             hist.record(step, losses)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses), step, first_bad)
