@@ -151,6 +151,10 @@ def test_share_exports_the_privacy_passing_unrejected_cases_with_card_and_checks
     assert card["reviews"]["reviewers"][0]["reasons"] == {"anatomy wrong": 1}
     md = (out / "DATASET.md").read_text()
     assert "| 3 | 2 | 1 | 1 | 1 |" in md and "review NOT required" in md
+    assert card["modality"] == "CT" and "in CT:" in card["intended_use"] and "mean HU (sd" in md
+    from ctsynth.share.card import markdown
+    mr = markdown({**card, "modality": "MR", "unit": "nu"})          # an MR card names its unit, never HU
+    assert "mean nu (sd" in mr and "HU" not in mr.replace(card["description"], "").replace(card["intended_use"], "")
     sums = subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=out, capture_output=True, text=True)
     assert sums.returncode == 0, sums.stdout + sums.stderr
     assert len((out / "SHA256SUMS").read_text().splitlines()) == 8   # 2 pairs + 3 nnU-Net + 3 documents

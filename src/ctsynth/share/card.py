@@ -21,7 +21,7 @@ import pandas as pd
 from ctsynth.core.config import Params
 from ctsynth.core.labels import STRUCTURES
 
-INTENDED_USE = ("Research on segmentation of cardiac structures in CT: extra labelled training data, method "
+INTENDED_USE = ("Research on segmentation of cardiac structures in {modality}: extra labelled training data, method "
                 "development and teaching. Not for diagnosis, not for clinical decisions, not as a substitute for "
                 "real patient data in validating a clinical product.")
 LIMITATIONS = (
@@ -128,13 +128,17 @@ def build(params: Params, *, table: pd.DataFrame, reviews: dict, stats: dict, pr
     counts = {"made": int(len(table)), "passed_privacy": int((table.privacy == "pass").sum()),
               "accepted": int((table.accepts > 0).sum()), "rejected": int((table.rejects > 0).sum()),
               "stale_decisions": int(table.stale.sum()), "shared": len(shared)}
+    from ctsynth.data.modality import unit
+    kind = params.data.modality.upper()
     return {
         "name": cfg.name,
-        "description": ("Synthetic cardiac CT volumes with labels: training masks warped in 3-D, CT drawn slice by "
-                        "slice by a mask-conditioned GAN (ctsynth), screened for copies of training patients"
+        "modality": kind,
+        "unit": unit(params.data.modality),
+        "description": (f"Synthetic cardiac {kind} volumes with labels: training masks warped in 3-D, {kind} drawn "
+                        "slice by slice by a mask-conditioned GAN (ctsynth), screened for copies of training patients"
                         + (" and reviewed by experts" if cfg.require_review else "") + "."),
         "license": cfg.license or "UNSET: fill in share.license in params.yaml before you share this dataset",
-        "intended_use": INTENDED_USE,
+        "intended_use": INTENDED_USE.format(modality=kind),
         "limitations": list(LIMITATIONS),
         "counts": counts,
         "selection": {"privacy": "passed the privacy stage (reports/privacy_cases.csv verdict 'pass')",
@@ -177,8 +181,8 @@ def markdown(card: dict) -> str:
               f"- model file `{g['file']}` sha256 `{g.get('sha256')}`",
               f"- training data hash `{card['training_data']['data_hash']}` (processed store + training patients); "
               f"training fingerprint `{g.get('training_fingerprint')}` (data + every param), seed {g.get('seed')}, "
-              f"{g.get('steps')} steps ({g.get('precision')}), {g.get('image_size')}² slices, HU window "
-              f"{g.get('hu_window')}",
+              f"{g.get('steps')} steps ({g.get('precision')}), {g.get('image_size')}² slices, window "
+              f"{g.get('hu_window')} {card.get('unit', 'HU')}",
               f"- git commit `{g.get('git_commit')}`"]
     if g.get("mlflow"):
         m = g["mlflow"]
@@ -200,7 +204,9 @@ def markdown(card: dict) -> str:
                          f"percentile {q['p95']}, max {q['p100']}")
     lines += ["", "## Structures of the shared cases", ""]
     if card["structures"]:
-        lines += ["| structure | cases | volume ml (mean, min-max) | mean HU (sd between cases) |", "|---|---|---|---|"]
+        unit = card.get("unit", "HU")
+        lines += [f"| structure | cases | volume ml (mean, min-max) | mean {unit} (sd between cases) |",
+                  "|---|---|---|---|"]
         lines += [f"| {s} | {v['cases_present']} | {v['ml_mean']} ({v['ml_min']}-{v['ml_max']}) | {v['hu_mean']} "
                   f"({v['hu_mean_sd_between_cases']}) |" for s, v in card["structures"].items()]
     else:
