@@ -212,3 +212,35 @@ def test_the_anatomy_drop_blanks_whole_slices_deterministically():
     blank = out[:, 2:].flatten(1).sum(1) == 0
     assert torch.equal(out[~blank, 2:], cond[~blank, 2:]) and 15 < int(blank.sum()) < 49        # whole slices, ~half
     assert torch.equal(drop(cond, step=7), out) and not torch.equal(drop(cond, step=8), out)   # (seed, rank, step)
+
+
+def test_synthesize_from_a_label_folder_takes_the_anatomy_beside_each_label_file(pipeline, tmp_path):
+    """`ctsynth synthesize --anatomy-suffix`: each label file's anatomy is warped with it and conditions
+    the model; a missing file is named (all of them at once); a heart-only model refuses the option."""
+    import shutil
+
+    root = pipeline["root"]
+    kw = {"cases": 2, "seed": 3, "pattern": "*_label.nii.gz"}
+    given = synthesize.synthesize_folder(root / "generator.pt", root / "raw", tmp_path / "a", **kw,
+                                         anatomy_suffix="_anatomy.nii.gz", label_suffix="_label.nii.gz")
+    alone = synthesize.synthesize_folder(root / "generator.pt", root / "raw", tmp_path / "b", **kw)
+    assert list(given.anatomy_file) == ["synth_0001_anatomy.nii.gz", "synth_0002_anatomy.nii.gz"]
+    assert alone.anatomy_file.fillna("").eq("").all()
+    images = [np.asanyarray(nib.load(tmp_path / d / "synth_0001_image.nii.gz").dataobj) for d in ("a", "b")]
+    assert images[0].shape == images[1].shape and not np.array_equal(*images)    # the anatomy changed the drawing
+    warped = np.asanyarray(nib.load(tmp_path / "a" / "synth_0001_anatomy.nii.gz").dataobj)
+    label = np.asanyarray(nib.load(tmp_path / "a" / "synth_0001_label.nii.gz").dataobj)
+    assert (warped[label > 0] > 0).mean() > 0.95
+    folder = tmp_path / "labels"
+    shutil.copytree(root / "raw", folder)
+    gone = sorted(folder.glob("*_anatomy.nii.gz"))[:2]
+    for path in gone:
+        path.unlink()
+    with pytest.raises(InputError) as e:
+        synthesize.synthesize_folder(root / "generator.pt", folder, tmp_path / "c", **kw,
+                                     anatomy_suffix="_anatomy.nii.gz", label_suffix="_label.nii.gz")
+    assert all(any(p.name in line and "is missing" in line for line in e.value.problems) for p in gone)
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ConfigError, match="--anatomy-suffix: .* not conditioned on the anatomy"):
+        synthesize.synthesize_folder(save_tiny_model(tmp_path / "heart.pt"), root / "raw", tmp_path / "d", **kw,
+                                     anatomy_suffix="_anatomy.nii.gz")

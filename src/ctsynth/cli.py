@@ -47,7 +47,9 @@ def _synthesize(args) -> int:
 
     manifest = synthesize_folder(args.model, args.labels, args.out, cases=args.cases, seed=args.seed,
                                  label_map=args.label_map, layout=args.layout, pattern=args.pattern,
-                                 structures=args.structures, contrast_hu=args.contrast)
+                                 structures=args.structures, contrast_hu=args.contrast,
+                                 anatomy_suffix=args.anatomy_suffix, label_suffix=args.label_suffix,
+                                 anatomy_map=args.anatomy_map)
     print(f"wrote {len(manifest)} synthetic cases ({args.layout} layout) from "
           f"{manifest.source.nunique()} label volumes to {args.out}; draws in {args.out}/manifest.csv")
     return 0
@@ -256,6 +258,33 @@ def _generate_parser(sub) -> None:
     p.set_defaults(func=_generate)
 
 
+def _synthesize_parser(sub) -> None:
+    p = sub.add_parser("synthesize", help="new labelled cases (warped masks + generated CT) from label NIfTIs",
+                       description=SYNTHESIZE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--labels", required=True, help="folder of label NIfTIs (searched recursively)")
+    p.add_argument("--pattern", default="*.nii*",
+                   help="file name pattern of the label files (default '*.nii*'; e.g. '*_label.nii.gz' "
+                        "for a folder of image/label pairs)")
+    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--cases", type=int, default=SynthesizeCfg.cases,
+                   help=f"number of new cases (default {SynthesizeCfg.cases})")
+    p.add_argument("--seed", type=int, default=SynthesizeCfg.seed,
+                   help=f"case i draws from default_rng([seed, i]) (default {SynthesizeCfg.seed})")
+    p.add_argument("--layout", default="pairs", help="pairs (ingestible, default) | nnunet")
+    _model_options(p, "structures to keep and draw")
+    _contrast_option(p, "each case draws one from the training cases' distribution, recorded in manifest.csv")
+    p.add_argument("--anatomy-suffix", metavar="SUFFIX",
+                   help="a model with anatomy: each label file <id><label-suffix> has its body / lung / bone labels "
+                        "beside it as <id>SUFFIX, warped with it (e.g. _anatomy.nii.gz; default: none, the model "
+                        "draws from the heart alone)")
+    p.add_argument("--label-suffix", metavar="SUFFIX",
+                   help="the part of the label file names after <id> (e.g. _label.nii.gz; default: .nii[.gz])")
+    p.add_argument("--anatomy-map", default="ctsynth",
+                   help="anatomy value -> body|lung|bone: a preset (ctsynth, totalsegmentator-total), inline JSON "
+                        "or a JSON/YAML file naming a body value (default ctsynth: 1 body, 2 lung, 3 bone)")
+    p.set_defaults(func=_synthesize)
+
+
 def _review_parser(sub) -> None:
     p = sub.add_parser("review", help="review synthetic cases in the browser: accept or reject, saved per reviewer",
                        description=REVIEW_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -299,21 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _generate_parser(sub)
 
-    p = sub.add_parser("synthesize", help="new labelled cases (warped masks + generated CT) from label NIfTIs",
-                       description=SYNTHESIZE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--labels", required=True, help="folder of label NIfTIs (searched recursively)")
-    p.add_argument("--pattern", default="*.nii*",
-                   help="file name pattern of the label files (default '*.nii*'; e.g. '*_label.nii.gz' "
-                        "for a folder of image/label pairs)")
-    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
-    p.add_argument("--cases", type=int, default=SynthesizeCfg.cases,
-                   help=f"number of new cases (default {SynthesizeCfg.cases})")
-    p.add_argument("--seed", type=int, default=SynthesizeCfg.seed,
-                   help=f"case i draws from default_rng([seed, i]) (default {SynthesizeCfg.seed})")
-    p.add_argument("--layout", default="pairs", help="pairs (ingestible, default) | nnunet")
-    _model_options(p, "structures to keep and draw")
-    _contrast_option(p, "each case draws one from the training cases' distribution, recorded in manifest.csv")
-    p.set_defaults(func=_synthesize)
+    _synthesize_parser(sub)
 
     _review_parser(sub)
     _study_parser(sub)

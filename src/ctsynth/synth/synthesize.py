@@ -334,13 +334,22 @@ def interim_sources(interim_dir, cases: list[str]) -> list[Source]:
     return [source(c) for c in sorted(cases)]
 
 
-def label_sources(labels_dir, pattern: str, label_map: dict[int, str], structures: list[str]) -> list[Source]:
+def label_sources(labels_dir, pattern: str, label_map: dict[int, str], structures: list[str],
+                  anatomy_suffix: str | None = None, label_suffix: str | None = None,
+                  anatomy_map="ctsynth") -> list[Source]:
     """Every ``pattern`` file under ``labels_dir`` as a source; all problems of all files at once
-    (unreadable, no known structure, values outside the label map)."""
+    (unreadable, no known structure, values outside the label map, a missing or bad anatomy file).
+
+    ``anatomy_suffix``: each label file ``<id><label_suffix>`` has its anatomy (body / lung / bone
+    values, ``anatomy_map``) beside it as ``<id><anatomy_suffix>`` (without ``label_suffix``, ``<id>``
+    is the file name minus ``.nii[.gz]``); files ending in ``anatomy_suffix`` are not label files."""
+    from ctsynth.synth.inference import read_anatomy
+
     labels_dir = Path(labels_dir)
     if not labels_dir.is_dir():
         raise InputError(f"{labels_dir}: --labels is not a folder")
-    files = sorted(p for p in labels_dir.rglob(pattern) if p.is_file())
+    files = sorted(p for p in labels_dir.rglob(pattern) if p.is_file()
+                   and not (anatomy_suffix and p.name.endswith(anatomy_suffix)))
     if not files:
         raise InputError(f"{labels_dir}: no label NIfTI files matching {pattern!r}")
     problems, sources = [], []
@@ -349,12 +358,21 @@ def label_sources(labels_dir, pattern: str, label_map: dict[int, str], structure
             img = load_nifti(path, role="label")
             data = np.asanyarray(img.dataobj)
             index, _ = index_volume(path, data, label_map, structures, unknown="error")
+            anatomy = None
+            if anatomy_suffix:
+                stem = (path.name[:-len(label_suffix)] if label_suffix and path.name.endswith(label_suffix)
+                        else path.name.split(".nii")[0])
+                found = path.with_name(stem + anatomy_suffix)
+                if not found.is_file():
+                    raise InputError(f"{path}: its anatomy file {found.name} is missing (--anatomy-suffix "
+                                     f"{anatomy_suffix!r}: every label file needs one beside it)")
+                anatomy = to_canonical(read_anatomy(found, anatomy_map, img), img.affine)
         except InputError as e:
             problems += e.problems
             continue
         canon = to_canonical(index, img.affine)
-        sources.append(Source(path.name.split(".nii")[0],
-                              lambda canon=canon, affine=img.affine: (canon, affine)))
+        sources.append(Source(path.name.split(".nii")[0], lambda canon=canon, affine=img.affine: (canon, affine),
+                              None if anatomy is None else (lambda anatomy=anatomy: anatomy)))
     if problems:
         raise InputError(problems)
     return sources
@@ -363,10 +381,12 @@ def label_sources(labels_dir, pattern: str, label_map: dict[int, str], structure
 def synthesize_folder(model_path, labels_dir, out_dir, cases: int, seed: int | None = None,
                       label_map=None, layout: str = "pairs", pattern: str = "*.nii*",
                       structures: list[str] | None = None, batch_size: int = 32,
-                      contrast_hu: float | None = None) -> pd.DataFrame:
+                      contrast_hu: float | None = None, anatomy_suffix: str | None = None,
+                      label_suffix: str | None = None, anatomy_map="ctsynth") -> pd.DataFrame:
     """``ctsynth synthesize``: any folder of label NIfTIs -> ``cases`` new labelled cases
     (``contrast_hu``: one contrast level for all, for a model with the contrast control; default:
-    drawn per case)."""
+    drawn per case; ``anatomy_suffix`` etc.: the anatomy beside each label file, for a model with
+    ``model.anatomy``, see :func:`label_sources`; without it such a model draws from the heart alone)."""
     if not isinstance(cases, int) or cases < 1:
         raise ConfigError(f"--cases: must be a whole number >= 1, got {cases}")
     if layout not in LAYOUTS:
@@ -375,7 +395,10 @@ def synthesize_folder(model_path, labels_dir, out_dir, cases: int, seed: int | N
     lmap = (parse_label_map_arg(label_map)
             or parse_label_map(meta.get("label_map") or {}, where=f"{model_path} label_map"))
     chosen = structures_arg(structures, meta["structures"])          # a subset of the model's
-    sources = label_sources(labels_dir, pattern, lmap, chosen)
+    if anatomy_suffix and not meta.get("anatomy"):
+        raise ConfigError(f"--anatomy-suffix: {model_path} is not conditioned on the anatomy around the heart "
+                          f"(trained with model.anatomy false); leave the option out")
+    sources = label_sources(labels_dir, pattern, lmap, chosen, anatomy_suffix, label_suffix, anatomy_map)
     cfg = SynthesizeCfg(cases=cases, seed=SynthesizeCfg.seed if seed is None else seed, contrast=contrast_hu)
     synth = MaskToCT(model, meta, batch_size=batch_size, structures=chosen)
     return synthesize_dataset(synth, sources, cfg, out_dir, lmap, layout=layout)
