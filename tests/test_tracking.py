@@ -111,6 +111,23 @@ def test_unopenable_store_fails_before_training(ws, monkeypatch):
         _train(ws, tiny_params())
 
 
+def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
+    """Parallel queue workers on a fresh clone: without the store lock two of three processes failed
+    MLflow's schema migration ("duplicate column name"), every time we tried."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code = ("import sys, time; from ctsynth.core import tracking\n"
+            "while time.time() < float(sys.argv[1]): time.sleep(0.001)\n"
+            f"tracking._connect({uri!r}, 'exp')")
+    start = str(time.time() + 5)                          # the imports done, all three open it together
+    env = {**os.environ, "PYTHONPATH": str(Path(tracking.__file__).parents[2])}
+    procs = [subprocess.Popen([sys.executable, "-c", code, start], stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    client = __import__("mlflow").tracking.MlflowClient(uri)
+    assert [e.name for e in client.search_experiments() if e.name == "exp"] == ["exp"]   # created once
+
+
 def test_disabled_tracking_is_a_no_op(ws):
     p = tiny_params(tracking={"enabled": False})
     tracker = tracking.open_run(p, ws / "run.json")

@@ -210,7 +210,7 @@ def _connect(uri: str, experiment: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    artifacts = None
+    artifacts, db = None, None
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         if not db.parent.is_dir():
@@ -219,16 +219,37 @@ def _connect(uri: str, experiment: str):
             raise TrainingError(f"MLflow store {uri}: not writable")
         artifacts = (db.parent / "mlruns").as_uri()     # next to the db, not under a temp cwd
     try:
-        mlflow.set_tracking_uri(uri)
-        client = mlflow.tracking.MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifacts)
+        with _store_lock(db):            # parallel queue workers: one creates the schema and the experiment
+            mlflow.set_tracking_uri(uri)
+            client = mlflow.tracking.MlflowClient(uri)
+            exp = client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifacts)
     except (MlflowException, OSError, ValueError) as e:
         raise TrainingError(f"MLflow store {uri} cannot be opened: {str(e).splitlines()[0]}") from None
     except Exception as e:  # sqlalchemy / requests errors surface as many types
         raise TrainingError(f"MLflow store {uri} cannot be opened: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
     return client, exp_id
+
+
+@contextlib.contextmanager
+def _store_lock(db: Path | None) -> Iterator[None]:
+    """An exclusive lock on ``<db>.lock`` while a SQLite store is opened: two processes opening a new
+    store at once (``ctsynth compare run --jobs 2`` on a fresh clone) both ran MLflow's schema
+    migrations and one failed ("duplicate column name"). No lock for other stores or without fcntl."""
+    try:
+        import fcntl
+    except ImportError:                  # not POSIX: no lock (the race needs parallel first runs)
+        fcntl = None
+    if db is None or fcntl is None:
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _flat_params(params: Any) -> dict[str, str]:
