@@ -21,6 +21,7 @@ from ctsynth.data.store import ProcessedStore
 from ctsynth.synth import generate, synthesize
 from ctsynth.synth.inference import MaskToCT, generate_file, load_model
 from ctsynth.train.gan import gan_step, make_optimizer
+from ctsynth.train.history import LOSS_NAMES
 from ctsynth.train.networks import build_discriminator, build_generator
 
 S = 48
@@ -103,8 +104,9 @@ def test_the_discriminator_sees_the_noise_and_l1_the_noise_free_slice():
 
     clean, l1 = step(None)
     noisy, l1_again = step(torch.randn(2, 1, 32, 32) * 0.5)
-    assert noisy[1] == pytest.approx(float(l1_again), rel=1e-5) and clean[1] == pytest.approx(float(l1), rel=1e-5)
-    assert noisy[4] != pytest.approx(float(clean[4]), rel=1e-4)    # D's fake loss: it judged other pixels
+    i_l1, i_fake = LOSS_NAMES.index("g_l1"), LOSS_NAMES.index("d_fake")
+    assert noisy[i_l1] == pytest.approx(float(l1_again), rel=1e-5) and clean[i_l1] == pytest.approx(float(l1), rel=1e-5)
+    assert noisy[i_fake] != pytest.approx(float(clean[i_fake]), rel=1e-4)    # D's fake loss: it judged other pixels
 
 
 def test_the_batch_transform_draws_the_noise_from_seed_rank_and_step():
