@@ -31,6 +31,7 @@ The model file holds :func:`record` (``{"source", "radial_nps", "std", "size"}``
 """
 from __future__ import annotations
 
+import functools
 import zlib
 
 import numpy as np
@@ -42,10 +43,15 @@ MIN_PIXELS = 16           # a region smaller than this after erosion is left out
 MODES = ("none", "nps")
 
 
-def _radius(size: int) -> np.ndarray:
-    """(S, S) integer radial frequency bin of each FFT coefficient (0: DC)."""
+@functools.lru_cache(maxsize=8)
+def ring_index(size: int) -> np.ndarray:
+    """(S, S) integer radial frequency bin of each FFT coefficient (0: DC); cached, so read-only.
+    The rings of the noise power spectrum here and of the generator's spectral term
+    (:func:`ctsynth.train.gan.radial_log_spectrum`)."""
     f = np.fft.fftfreq(size) * size
-    return np.rint(np.hypot(*np.meshgrid(f, f, indexing="ij"))).astype(np.int64)
+    rings = np.rint(np.hypot(*np.meshgrid(f, f, indexing="ij"))).astype(np.int64)
+    rings.flags.writeable = False
+    return rings
 
 
 def measure(images: np.ndarray, masks: np.ndarray) -> dict:
@@ -66,7 +72,7 @@ def measure(images: np.ndarray, masks: np.ndarray) -> dict:
         raise ValueError(f"no structure region of >= {MIN_PIXELS} px after a {ERODE}-px erosion to measure the "
                          f"noise in")
     nps = power / pixels                                                       # (S, S), mean = variance
-    rings = _radius(size)
+    rings = ring_index(size)
     radial = np.bincount(rings.ravel(), nps.ravel()) / np.bincount(rings.ravel())
     radial[0] = 0.0                                                            # zero-mean noise
     return record(radial, size)
@@ -75,7 +81,7 @@ def measure(images: np.ndarray, masks: np.ndarray) -> dict:
 def record(radial: np.ndarray, size: int) -> dict:
     """The model file's noise record for a radial NPS (per ring, model units² per pixel)."""
     radial = np.asarray(radial, np.float64)
-    std = float(np.sqrt(radial[_radius(size)].mean()))
+    std = float(np.sqrt(radial[ring_index(size)].mean()))
     return {"source": "nps", "radial_nps": [float(v) for v in radial], "std": std, "size": int(size)}
 
 
@@ -85,7 +91,7 @@ class NoiseModel:
     def __init__(self, rec: dict):
         self.size = int(rec["size"])
         radial = np.asarray(rec["radial_nps"], np.float64)
-        self.filter = np.sqrt(np.clip(radial, 0, None))[_radius(self.size)]    # (S, S) |H(f)|
+        self.filter = np.sqrt(np.clip(radial, 0, None))[ring_index(self.size)]    # (S, S) |H(f)|
         self.std = float(rec["std"])
         self.filter_t = torch.from_numpy(self.filter)                         # the same, for batch()
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ctsynth.data.noise import ring_index
+
 
 def gan_step(G, D, raw_D, opt_g, opt_d, cond: torch.Tensor, real: torch.Tensor,
              lambda_l1: float, amp: torch.autocast, lambda_fm: float = 0.0,
@@ -65,9 +67,8 @@ def radial_log_spectrum(images: torch.Tensor) -> torch.Tensor:
     x = x - x.mean((-2, -1), keepdim=True)
     power = torch.fft.rfft2(x, norm="ortho").abs().square().mean((0, 1))          # (S, S/2+1)
     size = images.shape[-1]
-    fy = torch.fft.fftfreq(size, 1 / size, device=x.device)[:, None]
-    fx = torch.fft.rfftfreq(size, 1 / size, device=x.device)[None, :]
-    ring = torch.sqrt(fy ** 2 + fx ** 2).round().long().clamp(max=size // 2).flatten()
+    rings = ring_index(size)[:, :size // 2 + 1]                                    # the rfft half's rings
+    ring = torch.tensor(rings, device=x.device).clamp(max=size // 2).flatten()     # corners join the last
     total = torch.zeros(size // 2 + 1, device=x.device).index_add(0, ring, power.flatten())
     count = torch.zeros(size // 2 + 1, device=x.device).index_add(0, ring, torch.ones_like(power.flatten()))
     return torch.log(total[1:] / count[1:] + 1e-10)
