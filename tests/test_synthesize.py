@@ -240,6 +240,14 @@ def test_output_values():
     assert syn.output_values([1], {7: "Myo", 5: "Myo"}, "pairs") == {1: 5}
 
 
+def test_dataset_json_names_the_channel_by_modality(tmp_path):
+    """nnU-Net normalises a "CT" channel by HU statistics: an MR dataset must not be called CT."""
+    for meta, want in (({}, "CT"), ({"modality": "ct"}, "CT"), ({"modality": "mr"}, "MR")):
+        syn.write_dataset_json(tmp_path, {3: 1}, 1, meta)
+        dataset = json.loads((tmp_path / "dataset.json").read_text())
+        assert dataset["channel_names"] == {"0": want} and f"synthetic {want} " in dataset["description"]
+
+
 def test_params_ranges_are_validated():
     with pytest.raises(ConfigError) as e:
         params_from_dict({"synthesize": {"cases": 0, "scale": [1.2, 0.8], "rotation_deg": [90, 0, 0],

@@ -194,7 +194,8 @@ def run(params: Params, synthetic_dir, privacy_dir, reviews_dir, metrics_path, m
         stats = {row.case: export_case(synthetic_dir, row, tmp, suffixes, params.data.label_map, nn_values)
                  for row in shared.itertuples()}
         write_dataset_json(tmp / "nnunet", nn_values, len(shared), {"structures": params.preprocess.structures,
-                                                                      "image_size": params.preprocess.image_size},
+                                                                      "image_size": params.preprocess.image_size,
+                                                                      "modality": params.data.modality},
                            name=cfg.name)
         merged = shared.merge(privacy.drop(columns=["source"], errors="ignore"), on="case", how="left").merge(
             table[["case", "accepts", "rejects", "stale"]], on="case", how="left")

@@ -286,10 +286,13 @@ def _accepted_draw(src: np.ndarray, affine: np.ndarray, cfg: SynthesizeCfg, i: i
 
 
 def write_dataset_json(out: Path, values: dict[int, int], n: int, meta: dict, name: str = "ctsynth-synthetic") -> None:
-    """nnU-Net v2 ``dataset.json``: ``values`` maps structure index -> label value 1..K."""
+    """nnU-Net v2 ``dataset.json``: ``values`` maps structure index -> label value 1..K. The channel is
+    named by ``meta["modality"]`` (CT when absent): nnU-Net normalises "CT" by its HU statistics and
+    any other name (here "MR") per image."""
     labels = {"background": 0, **{STRUCTURES[idx - 1]: k for idx, k in values.items()}}
-    dataset = {"name": name, "description": "synthetic CT from warped training masks "
-               "(ctsynth synthesize)", "channel_names": {"0": "CT"}, "labels": labels,
+    kind = str(meta.get("modality") or "ct").upper()
+    dataset = {"name": name, "description": f"synthetic {kind} from warped training masks "
+               "(ctsynth synthesize)", "channel_names": {"0": kind}, "labels": labels,
                "numTraining": n, "file_ending": ".nii.gz",
                "ctsynth": {"structures": meta.get("structures"), "image_size": meta.get("image_size")}}
     (out / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
