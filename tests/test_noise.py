@@ -74,6 +74,54 @@ def test_a_structure_edge_is_not_noise_and_tiny_regions_are_left_out():
         noise.measure(images[:, :5, :5], masks[:, :5, :5])
 
 
+def _volume(sigma_z: float, n: int = 24, seed: int = 3) -> np.ndarray:
+    """(n, S, S) white noise filtered by a Gaussian of 1 px in-plane and ``sigma_z`` along z."""
+    raw = np.random.default_rng(seed).normal(0, 1, (n, S, S))
+    return ndimage.gaussian_filter(raw, (sigma_z, 1.0, 1.0), mode="wrap") * 0.05
+
+
+@pytest.mark.parametrize("sigma_z", [0.0, 0.6, 1.2])
+def test_the_correlation_along_z_is_measured_between_adjacent_slices(sigma_z):
+    """Known answer: Gaussian filtering along z with sigma s correlates neighbours by exp(-1 / (4 s^2))
+    at every in-plane frequency (0 for independent slices)."""
+    images, masks = _slices(_volume(sigma_z), n=24)
+    rec = noise.measure(images, masks, ["a"] * 24, np.arange(24))
+    rho = np.asarray(rec["z_corr"])
+    expect = 0.0 if sigma_z == 0 else np.exp(-1 / (4 * sigma_z ** 2))
+    assert rho[0] == 0.0 and len(rho) == len(rec["radial_nps"])
+    assert np.median(rho[2:S // 2]) == pytest.approx(expect, abs=0.08)
+    # the pairs are found by case and z, not by position: shuffled rows measure the same, and slices
+    # of two cases or two z apart are never paired
+    order = np.random.default_rng(0).permutation(24)
+    again = noise.measure(images[order], masks[order], ["a"] * 24, np.arange(24)[order])
+    assert np.allclose(again["z_corr"], rec["z_corr"])
+    apart = noise.measure(images, masks, ["a", "b"] * 12, np.arange(24))       # no two adjacent in one case
+    assert not np.any(apart["z_corr"])
+    assert "z_corr" not in noise.measure(images, masks)                        # without z: no correlation
+
+
+def test_samples_along_z_carry_the_measured_correlation_whatever_the_batching():
+    images, masks = _slices(_volume(0.9, n=32), n=32)
+    rec = noise.measure(images, masks, ["a"] * 32, np.arange(32))
+    model = noise.NoiseModel(rec)
+    keys = [(5, z) for z in range(40)]
+    whole = model.for_keys((3,), keys)
+    pieces = np.concatenate([noise.NoiseModel(rec).for_keys((3,), keys[i:i + 7]) for i in range(0, 40, 7)])
+    shuffled = np.random.default_rng(1).permutation(40)
+    assert np.array_equal(whole, pieces)                                       # batches continue the chain
+    assert np.array_equal(noise.NoiseModel(rec).for_keys((3,), [keys[i] for i in shuffled]), whole[shuffled])
+    assert np.array_equal(model.for_keys((3,), keys[10:12]), whole[10:12])     # a jump back recomputes
+    drawn = noise.measure(*_slices(whole, n=40), ["a"] * 40, np.arange(40))
+    assert drawn["std"] == pytest.approx(rec["std"], rel=0.15)               # the same spectrum in every slice
+    assert np.median(np.asarray(drawn["z_corr"])[2:20]) == pytest.approx(np.median(rec["z_corr"][2:20]), abs=0.1)
+    other = model.for_keys((3,), [(6, z) for z in range(40)])                 # another volume: its own chain
+    assert abs(np.corrcoef(other.ravel(), whole.ravel())[0, 1]) < 0.05
+    # a record without z_corr (older model files): every slice independent, from its own key
+    flat = noise.NoiseModel({k: v for k, v in rec.items() if k != "z_corr"})
+    assert np.array_equal(flat.for_keys((3,), keys[:3]),
+                          np.stack([flat.sample(np.random.default_rng([3, *k])) for k in keys[:3]]))
+
+
 def test_samples_are_seeded_per_key_not_per_batch():
     model = noise.NoiseModel(noise.record(np.r_[0.0, np.full(40, 1e-3)], S))
     keys = [(11, z) for z in range(5)]
@@ -144,7 +192,9 @@ def test_the_model_file_carries_the_measured_noise(pipeline):
     model, meta = load_model(root / "generator.pt")
     store = ProcessedStore(root / "processed")
     rows = store.rows_for_cases(pipeline["split"]["train"])
-    assert meta["noise"] == noise.measure(np.asarray(store.images[rows]), np.asarray(store.masks[rows]))
+    assert meta["noise"] == noise.measure(np.asarray(store.images[rows]), np.asarray(store.masks[rows]),
+                                          store.slices.case.to_numpy()[rows], store.slices.z.to_numpy()[rows])
+    assert len(meta["noise"]["z_corr"]) == len(meta["noise"]["radial_nps"])   # (32² slices: regions too small to pair)
     assert 0.002 < meta["noise"]["std"] < 0.05                       # the phantom's 15-25 HU, resized: units of 1000 HU
     masks = np.asarray(store.masks[rows[:6]])
     clean = MaskToCT(model, meta).unit(masks)                        # no seed: the noise-free slice

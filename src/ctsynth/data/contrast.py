@@ -133,7 +133,8 @@ def training_dataset(store, rows: np.ndarray, cases: list[str], model_cfg, anato
         values = planes(row_levels(store, rows, levels), store.meta["hu_window"])
         ds = SliceDataset(store, rows, model_cfg.encoding, model_cfg.context_slices, values, rec, anatomy=anatomy)
     ds.anatomy_record = anatomy_record(anatomy, store.meta.get("anatomy"), anatomy_drop)
-    ds.noise_record = measure_noise(np.asarray(store.images[rows]), np.asarray(store.masks[rows])) \
+    ds.noise_record = measure_noise(np.asarray(store.images[rows]), np.asarray(store.masks[rows]),
+                                    store.slices.case.to_numpy()[rows], store.slices.z.to_numpy()[rows]) \
         if getattr(model_cfg, "noise", "none") == "nps" else None
     return ds
 

@@ -14,20 +14,33 @@ is sampled from what was measured on the training slices:
   per pixel in model units², so its mean is the noise variance; a region's finite size blurs it,
   and removing each region's mean removes the power below ~1 / region size). It is then averaged
   over rings of equal spatial frequency: axial CT noise is close to isotropic.
+* **Correlated along z** (measured with the slices' case and z): scanner noise is not independent
+  from slice to slice (reconstruction kernels, overlapping slices, a 3-D noise texture). For every
+  pair of adjacent training slices, inside each structure present in both (eroded, as above), the
+  cross-spectrum of the two deviation fields over their mean power gives the lag-1 correlation per
+  ring of equal frequency, ``z_corr`` (1: the same field in both slices; 0: independent).
 * **Sampled** (:meth:`NoiseModel.sample`): white Gaussian noise filtered by sqrt(NPS) in the
   Fourier domain, a stationary field with that spectrum; its standard deviation is the measured one.
+  Along z (:meth:`NoiseModel.for_keys`, slices keyed ``(*volume, z)``) a first-order autoregression
+  per frequency, ``N_z = rho N_{z-1} + sqrt(1 - rho^2) E_z`` with ``E_z`` the slice's own sample: the
+  same spectrum in every slice and the measured correlation between neighbours (an AR(1) model of
+  the 3-D noise power spectrum: correlation rho^k at lag k).
 * **Training** (:func:`ctsynth.train.gan.gan_step`): the discriminator judges the generated slice
   plus a fresh sample (drawn from ``(train.seed, rank, step)``, so a resumed run draws the same); L1
   compares the noise-free output with the real slice, so the generator has no reason left to draw
   texture of its own. Measured, it still does (the residual stayed above the real one, with the
-  sample on top) and flicker rose: off by default (docs/experiments/generator-realism.md, grid 4).
-* **Generation** (:class:`ctsynth.synth.inference.MaskToCT`): output + a sample seeded per slice by
-  ``(seed, *key)`` (the key names the case and z), so a slice's noise does not depend on batching;
-  without a seed the noise-free slice (the conditional mean) comes out.
+  sample on top) and, with independent samples per slice, flicker rose (docs/experiments/
+  generator-realism.md, grid 4); ``model.output_blur`` takes the fine texture out of the generator's
+  reach (grid 7).
+* **Generation** (:class:`ctsynth.synth.inference.MaskToCT`): output + a sample whose innovation is
+  seeded per slice by ``(seed, *key)`` (the key names the case and z; the z chain runs from z 0), so a
+  slice's noise does not depend on batching; without a seed the noise-free slice (the conditional
+  mean) comes out.
 
 The noise is stationary and additive: a model of CT's signal-independent noise. MR's noise is
 Rician (signal-dependent, non-negative), so ``data.modality: mr`` refuses the option.
-The model file holds :func:`record` (``{"source", "radial_nps", "std", "size"}``).
+The model file holds :func:`record` (``{"source", "radial_nps", "std", "size"}``, and ``"z_corr"``
+when measured; a model file without it samples every slice independently, as before).
 """
 from __future__ import annotations
 
@@ -35,12 +48,15 @@ import functools
 import zlib
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy import ndimage
 
 ERODE = 1                 # px the structures are eroded by before measuring (their edges' partial volume)
 MIN_PIXELS = 16           # a region smaller than this after erosion is left out
 MODES = ("none", "nps")
+MAX_Z_CORR = 0.95         # |rho| cap: a chain of near-identical slices would be a measurement artefact
+CHAINS_KEPT = 64          # volumes whose last z-chain state is kept (generation walks z in order)
 
 
 @functools.lru_cache(maxsize=8)
@@ -54,35 +70,78 @@ def ring_index(size: int) -> np.ndarray:
     return rings
 
 
-def measure(images: np.ndarray, masks: np.ndarray) -> dict:
+def _fields(image: np.ndarray, mask: np.ndarray):
+    """(value, eroded region) of every structure of one slice big enough to measure in."""
+    for value in np.unique(mask[mask > 0]):
+        region = ndimage.binary_erosion(mask == value, iterations=ERODE)
+        if int(region.sum()) >= MIN_PIXELS:
+            yield value, region
+
+
+def _deviation(image: np.ndarray, region: np.ndarray) -> np.ndarray:
+    return np.where(region, image - image[region].mean(), 0.0)
+
+
+def _radial(values: np.ndarray, size: int) -> np.ndarray:
+    rings = ring_index(size)
+    return np.bincount(rings.ravel(), values.ravel()) / np.bincount(rings.ravel())
+
+
+def measure(images: np.ndarray, masks: np.ndarray, cases=None, zs=None) -> dict:
     """The noise record of real slices ``images`` (N, S, S) in model units with their structure
-    index ``masks`` (N, S, S): see the module doc. ValueError when no structure is big enough."""
+    index ``masks`` (N, S, S): see the module doc. With each slice's ``cases`` and ``zs`` (N,) the
+    record gets ``z_corr`` too, from the pairs of slices adjacent in one case (none adjacent: all
+    0). ValueError when no structure is big enough."""
     size = images.shape[-1]
+    images, masks = np.asarray(images, np.float64), np.asarray(masks)
     power, pixels = np.zeros((size, size)), 0
-    for image, mask in zip(np.asarray(images, np.float64), np.asarray(masks)):
-        for value in np.unique(mask[mask > 0]):
-            region = ndimage.binary_erosion(mask == value, iterations=ERODE)
-            n = int(region.sum())
-            if n < MIN_PIXELS:
-                continue
-            field = np.where(region, image - image[region].mean(), 0.0)
-            power += np.abs(np.fft.fft2(field)) ** 2
-            pixels += n
+    for image, mask in zip(images, masks):
+        for _, region in _fields(image, mask):
+            power += np.abs(np.fft.fft2(_deviation(image, region))) ** 2
+            pixels += int(region.sum())
     if pixels == 0:
         raise ValueError(f"no structure region of >= {MIN_PIXELS} px after a {ERODE}-px erosion to measure the "
                          f"noise in")
-    nps = power / pixels                                                       # (S, S), mean = variance
-    rings = ring_index(size)
-    radial = np.bincount(rings.ravel(), nps.ravel()) / np.bincount(rings.ravel())
+    radial = _radial(power / pixels, size)                                     # mean over the rings = variance
     radial[0] = 0.0                                                            # zero-mean noise
-    return record(radial, size)
+    z_corr = None if cases is None or zs is None else _z_correlation(images, masks, cases, zs)
+    return record(radial, size, z_corr)
 
 
-def record(radial: np.ndarray, size: int) -> dict:
-    """The model file's noise record for a radial NPS (per ring, model units² per pixel)."""
+def _z_correlation(images: np.ndarray, masks: np.ndarray, cases, zs) -> np.ndarray:
+    """Lag-1 correlation along z per ring (module doc), from the slices adjacent in their case."""
+    size = images.shape[-1]
+    table = pd.DataFrame({"case": np.asarray(cases), "z": np.asarray(zs, np.int64)})
+    where = {key: i for i, key in enumerate(zip(table.case, table.z))}
+    cross, power = np.zeros((size, size)), np.zeros((size, size))
+    for i, (case, z) in enumerate(zip(table.case, table.z)):
+        j = where.get((case, z + 1))
+        if j is None:
+            continue
+        below = dict(_fields(images[j], masks[j]))
+        for value, region in _fields(images[i], masks[i]):
+            both = region & below.get(value, False)
+            if int(both.sum()) < MIN_PIXELS:
+                continue
+            a, b = np.fft.fft2(_deviation(images[i], both)), np.fft.fft2(_deviation(images[j], both))
+            cross += (a * b.conj()).real
+            power += (np.abs(a) ** 2 + np.abs(b) ** 2) / 2
+    if not power.any():
+        return np.zeros(int(ring_index(size).max()) + 1)
+    rho = _radial(cross, size) / np.maximum(_radial(power, size), 1e-30)
+    rho[0] = 0.0
+    return np.clip(rho, -MAX_Z_CORR, MAX_Z_CORR)
+
+
+def record(radial: np.ndarray, size: int, z_corr: np.ndarray | None = None) -> dict:
+    """The model file's noise record for a radial NPS (per ring, model units² per pixel) and, when
+    measured, the lag-1 correlation along z per ring."""
     radial = np.asarray(radial, np.float64)
     std = float(np.sqrt(radial[ring_index(size)].mean()))
-    return {"source": "nps", "radial_nps": [float(v) for v in radial], "std": std, "size": int(size)}
+    rec = {"source": "nps", "radial_nps": [float(v) for v in radial], "std": std, "size": int(size)}
+    if z_corr is not None:
+        rec["z_corr"] = [float(v) for v in np.asarray(z_corr, np.float64)]
+    return rec
 
 
 class NoiseModel:
@@ -94,6 +153,9 @@ class NoiseModel:
         self.filter = np.sqrt(np.clip(radial, 0, None))[ring_index(self.size)]    # (S, S) |H(f)|
         self.std = float(rec["std"])
         self.filter_t = torch.from_numpy(self.filter)                         # the same, for batch()
+        rho = rec.get("z_corr")                                                # None: slices independent
+        self.rho = None if rho is None else np.asarray(rho, np.float64)[ring_index(self.size)]   # (S, S)
+        self._chains: dict[tuple, tuple[int, np.ndarray]] = {}                # volume -> (z, its spectrum)
 
     @classmethod
     def from_record(cls, rec: dict | None) -> NoiseModel | None:
@@ -104,11 +166,46 @@ class NoiseModel:
         white = rng.standard_normal((self.size, self.size))
         return np.fft.ifft2(np.fft.fft2(white) * self.filter).real.astype(np.float32)
 
+    def _spectrum(self, rng: np.random.Generator) -> np.ndarray:
+        return np.fft.fft2(rng.standard_normal((self.size, self.size))) * self.filter
+
     def for_keys(self, base, keys) -> np.ndarray:
-        """(N, S, S) noise, slice i from ``default_rng([*base, *keys[i]])``: the same slice gets the
-        same noise however the slices are batched."""
-        return np.stack([self.sample(np.random.default_rng([*base, *map(int, k)])) for k in keys]) \
-            if len(keys) else np.zeros((0, self.size, self.size), np.float32)
+        """(N, S, S) noise for the slices named by ``keys`` (tuples of ints, the last one z): the
+        same slice gets the same noise however the slices are batched. Independent slices: slice i
+        from ``default_rng([*base, *keys[i]])``. With ``z_corr``: the z chain of the slice's volume
+        (the key without z), whose innovation at z is drawn from that same seed."""
+        if not len(keys):
+            return np.zeros((0, self.size, self.size), np.float32)
+        keys = [tuple(map(int, k)) for k in keys]
+        if self.rho is None:
+            return np.stack([self.sample(np.random.default_rng([*base, *k])) for k in keys])
+        out = np.empty((len(keys), self.size, self.size), np.float32)
+        by_volume: dict[tuple, dict[int, list[int]]] = {}                   # volume -> z -> positions
+        for i, k in enumerate(keys):
+            by_volume.setdefault(k[:-1], {}).setdefault(k[-1], []).append(i)
+        for volume, wanted in by_volume.items():
+            for z, field in self._chain((*map(int, base), *volume), sorted(wanted)):
+                out[wanted[z]] = field
+        return out
+
+    def _chain(self, seed: tuple, zs: list[int]):
+        """Yields (z, field) for the increasing ``zs`` of one volume: its AR(1) chain from z 0,
+        continued from the state kept when the last call ended just below ``zs[0]``."""
+        if zs[0] < 0:
+            raise ValueError(f"noise keys need z >= 0, got {zs[0]}")
+        z, state = self._chains.get(seed, (-1, None))
+        if z >= zs[0]:
+            z, state = -1, None
+        keep = np.sqrt(1.0 - self.rho ** 2)
+        for target in zs:
+            while z < target:
+                z += 1
+                fresh = self._spectrum(np.random.default_rng([*seed, z]))
+                state = fresh if state is None else self.rho * state + keep * fresh
+            yield z, np.fft.ifft2(state).real.astype(np.float32)
+        if len(self._chains) >= CHAINS_KEPT:
+            self._chains.clear()
+        self._chains[seed] = (z, state)
 
     def batch(self, n: int, seed_key, device) -> torch.Tensor:
         """(n, 1, S, S) float32 noise on ``device`` for one training step, from ``seed_key`` (e.g.
