@@ -83,6 +83,27 @@ def test_options_resize_sigmoid_dropout():
     assert not any(isinstance(m, torch.nn.Dropout) for m in build_generator(ModelCfg(), 3).modules())
 
 
+def test_output_blur_low_passes_the_generators_own_output():
+    """model.output_blur: the same weights give the Gaussian-blurred slice, with its fine texture gone
+    (known answer: the finest frequencies of a Gaussian of sigma 1 px keep < 1 % of their power)."""
+    torch.manual_seed(0)
+    sharp = build_generator(ModelCfg(gen_depth=3, ngf=4), 3).eval()
+    soft = build_generator(ModelCfg(gen_depth=3, ngf=4, output_blur=1.0), 3).eval()
+    soft.load_state_dict(sharp.state_dict())                         # a fixed filter: no weights of its own
+    cond = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = sharp(cond), soft(cond)
+    radius = torch.arange(-3, 4, dtype=torch.float32)
+    k1 = torch.exp(-radius ** 2 / 2)
+    kernel = (k1[:, None] * k1[None]) / k1.sum() ** 2
+    padded = torch.nn.functional.pad(a, (3, 3, 3, 3), mode="reflect")
+    assert torch.allclose(b, torch.nn.functional.conv2d(padded, kernel[None, None]), atol=1e-6)
+    power = [torch.fft.fft2(x - x.mean()).abs()[..., 12:20, 12:20].pow(2).mean() for x in (a, b)]
+    assert power[1] < 0.01 * power[0] and b.abs().max() <= 1
+    with pytest.raises(ValueError, match="output_blur"):
+        build_generator(ModelCfg(output_blur=-1.0), 3)
+
+
 def test_init_is_pix2pix_normal():
     g = build_generator(ModelCfg(gen_depth=3, ngf=16), 2)
     w = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, torch.nn.Conv2d)])

@@ -105,6 +105,7 @@ class ModelCfg:
     contrast_control: bool = False                   # + a channel: the case's contrast level (data/contrast.py)
     anatomy: bool = True                             # + 3 channels: body outline, lung, bone (data/anatomy.py)
     noise: Literal["none", "nps"] = "none"           # nps: CT noise sampled from the training NPS (data/noise.py)
+    output_blur: float = 0.0                         # sigma px of a fixed Gaussian low-pass on the output; 0: off
 
 
 @dataclass
@@ -416,6 +417,7 @@ def _check_model_and_split(p: Params, need) -> None:
     need(1 <= m.disc_layers <= 6, "model.disc_layers: must be in 1..6")
     need(m.ngf >= 1 and m.ndf >= 1, "model.ngf/model.ndf: must be >= 1")
     need(0.0 <= m.dropout < 1.0, "model.dropout: must be in [0, 1)")
+    need(0.0 <= m.output_blur <= 4.0, "model.output_blur: a Gaussian sigma in px, 0 (off) to 4")
     need(0 <= m.context_slices <= 8, "model.context_slices: must be in 0..8")
     need(not (m.contrast_control and "intensity" in p.train.augment),
          f"model.contrast_control with train.augment {p.train.augment}: the intensity jitter changes the contrast the "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from kornia.filters import gaussian_blur2d
 from torch import nn
 
 from ctsynth.core.errors import ModelFileError
@@ -72,13 +74,16 @@ class Generator(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int = 1, depth: int = 7, ngf: int = 64,
                  skip_connections: bool = True, upsample: str = "transpose", dropout: float = 0.0,
-                 output: str = "tanh"):
+                 output: str = "tanh", output_blur: float = 0.0):
         super().__init__()
         if upsample not in ("transpose", "resize"):
             raise ValueError(f"upsample must be 'transpose' or 'resize', got {upsample!r}")
         if output not in ("tanh", "sigmoid"):
             raise ValueError(f"output must be 'tanh' or 'sigmoid', got {output!r}")
+        if output_blur < 0:
+            raise ValueError(f"output_blur must be >= 0 (a Gaussian sigma in px), got {output_blur!r}")
         self.depth, self.skip, self.output = depth, skip_connections, output
+        self.output_blur = float(output_blur)
         ch = [_filters(ngf, i) for i in range(depth)]               # encoder level widths
         self.down = nn.ModuleList()
         for i in range(depth):
@@ -122,9 +127,11 @@ class Generator(nn.Module):
             if self.skip:
                 x = torch.cat([x, feats[i]], dim=1)                 # (B, 2*ch[i], S/2^(i+1), ...)
             x = self.up[i](x)                                       # (B, ch[i-1] or 1, S/2^i, ...)
-        if self.output == "sigmoid":
-            return 2.0 * torch.sigmoid(x) - 1.0
-        return torch.tanh(x)
+        x = 2.0 * torch.sigmoid(x) - 1.0 if self.output == "sigmoid" else torch.tanh(x)
+        if self.output_blur > 0:                                    # fine texture out of the generator's reach
+            radius = math.ceil(3 * self.output_blur)
+            x = gaussian_blur2d(x, (2 * radius + 1,) * 2, (self.output_blur,) * 2, border_type="reflect")
+        return x
 
 
 # ------------------------------------------------------------------------------- discriminator
@@ -186,7 +193,7 @@ def build_generator(model_cfg: Any, in_channels: int) -> Generator:
     c = _cfg_dict(model_cfg)
     g = Generator(in_channels, 1, depth=c["gen_depth"], ngf=c["ngf"],
                   skip_connections=c["skip_connections"], upsample=c["upsample"],
-                  dropout=c["dropout"], output=c["output"])
+                  dropout=c["dropout"], output=c["output"], output_blur=c.get("output_blur", 0.0))
     init_weights(g)
     return g
 
