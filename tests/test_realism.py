@@ -192,6 +192,26 @@ def test_c2st_repeats_bit_for_bit_and_the_seed_matters(slices):
     assert np.array_equal(one, two) and not np.array_equal(one, other)
 
 
+def test_c2st_repeats_average_the_classifiers_of_consecutive_seeds(slices):
+    """c2st_repeats k: every AUC is the mean of the k single classifiers (seeds s .. s + k - 1), the
+    interval that of the mean AUC; k = 1 is one classifier of seed s, as before."""
+    (tr, tr_cases), (te, te_cases) = slices
+    rng = np.random.default_rng(3)
+    fake = lambda x: (x + rng.normal(0, 0.03, x.shape)).astype(np.float32)          # noqa: E731  (subtle)
+    train, test = _set(tr, fake(tr), tr_cases), _set(te, fake(te), te_cases)
+    single = [rl.c2st(train, test, CFG, seed=s)[0] for s in (7, 8, 9)]
+    three = SimpleNamespace(**vars(CFG), c2st_repeats=3)
+    mean, intervals, _ = rl.c2st(train, test, three, seed=7)
+    for key in ("c2st_auc", "c2st_auc_control"):
+        assert mean[key] == pytest.approx(np.mean([m[key] for m in single]), abs=1e-12)
+    assert len({round(m["c2st_auc"], 9) for m in single}) > 1                    # the classifiers do differ
+    assert intervals["c2st_auc"].lo <= mean["c2st_auc"] <= intervals["c2st_auc"].hi
+    assert rl.c2st(train, test, SimpleNamespace(**vars(CFG), c2st_repeats=1), seed=7)[0] == single[0]
+    folds = [rl.c2st_crossfit(train, CFG, s) for s in (7, 8, 9)]
+    assert rl.c2st_crossfit(train, three, 7) == pytest.approx(np.mean(folds), abs=1e-12)
+    assert rl.classifier_seeds(three, 7) == [7, 8, 9] and rl.classifier_seeds(CFG, 7) == [7]
+
+
 def test_c2st_crossfit_uses_validation_halves_only(slices):
     (tr, cases), _ = slices
     blurred = ndimage.gaussian_filter(tr, (0, 1.2, 1.2)).astype(np.float32)
@@ -211,6 +231,8 @@ def test_auc_interval_leaves_out_patients_and_stays_in_unit_range():
     four = rl.auc_interval(neg4, pos4, cases4, cases4)
     assert 0 < four.lo <= rl.roc_auc(neg4, pos4) <= four.hi < 1 and four.hi - four.lo < 0.5
     assert rl.auc_interval(neg, pos, np.repeat(["a"], 20), np.repeat(["a"], 20)) is None   # 1 patient: none
+    same = rl.auc_interval([neg4, neg4], [pos4, pos4], cases4, cases4)          # two identical classifiers: one
+    assert (same.lo, same.hi) == pytest.approx((four.lo, four.hi))
 
 
 # ------------------------------------------------------------------------------ the verdict

@@ -211,6 +211,7 @@ class RealismCfg:
     c2st_batch_size: int = 32                        # slices per step, half real, half generated
     c2st_lr: float = 0.001
     c2st_width: int = 16                             # channels of its first conv (then 2x, 4x)
+    c2st_repeats: int = 3                            # classifiers (seeds seed, seed + 1, ...) whose AUCs are averaged
 
 
 @dataclass
@@ -476,6 +477,7 @@ def _check_evaluation_and_paths(p: Params, need) -> None:
     need(p.realism.c2st_steps >= 1 and p.realism.c2st_batch_size >= 2 and p.realism.c2st_width >= 1,
          "realism.c2st_steps/c2st_width: must be >= 1, realism.c2st_batch_size: >= 2")
     need(p.realism.c2st_lr > 0, "realism.c2st_lr: must be > 0")
+    need(1 <= p.realism.c2st_repeats <= 20, "realism.c2st_repeats: must be in 1..20")
     need(p.share.min_accepts >= 1, f"share.min_accepts: must be >= 1, got {p.share.min_accepts}")
     need(bool(p.share.name.strip()), "share.name: must not be empty")
     need(p.privacy.exhaustive_budget >= 0, "privacy.exhaustive_budget: must be >= 0 (0: always pre-filter)")

@@ -18,6 +18,10 @@ each with a known answer in ``tests/test_realism.py``. (Flicker along z needs vo
   AUC away from 0.5 is what patient differences alone give with this many patients).
   ``val_c2st_auc`` (validation.json, for choosing): two folds over the validation patients, each
   fold's classifier trained on one half and scored on the other, the AUCs averaged.
+  Every AUC is the mean over ``realism.c2st_repeats`` classifiers, trained with seeds ``seed``,
+  ``seed + 1``, ...: on the same slices one classifier's seed alone moved the AUC by up to 0.18,
+  as much as the generator options it is to choose between (docs/experiments/generator-realism.md);
+  the intervals leave a patient out of every classifier's AUC and average them.
 * **Texture** (:class:`TextureAccumulator`): the high-pass residual r = x − G_σ * x (Gaussian,
   σ = :data:`TEXTURE_SIGMA` px) inside homogeneous regions of the *real* slice, the same pixels
   for the generated one: each structure's mask, the lung (body below -400 HU) and other soft
@@ -299,11 +303,17 @@ def roc_auc(neg: np.ndarray, pos: np.ndarray) -> float:
 
 def auc_interval(neg, pos, neg_cases, pos_cases) -> Interval | None:
     """Jackknife-t interval of the AUC over the patients (a patient left out drops all of their
-    slices, of either class); the scores are fixed."""
-    neg, pos = np.asarray(neg), np.asarray(pos)
+    slices, of either class); the scores are fixed. ``neg``/``pos``: one classifier's scores, or a
+    list of several classifiers' scores of the same slices (their mean AUC)."""
+    negs, poss = (neg, pos) if isinstance(neg, list) else ([neg], [pos])
     neg_cases, pos_cases = np.asarray(neg_cases), np.asarray(pos_cases)
     patients = sorted(set(neg_cases.tolist()) | set(pos_cases.tolist()))
-    reps = [roc_auc(neg[neg_cases != p], pos[pos_cases != p]) for p in patients] + [roc_auc(neg, pos)]
+
+    def mean_auc(keep_neg, keep_pos) -> float:
+        return float(np.mean([roc_auc(np.asarray(n)[keep_neg], np.asarray(p)[keep_pos]) for n, p in zip(negs, poss)]))
+
+    reps = [mean_auc(neg_cases != p, pos_cases != p) for p in patients] + \
+        [mean_auc(np.ones(len(neg_cases), bool), np.ones(len(pos_cases), bool))]
     lo, hi = jackknife_interval(reps, (len(patients),))
     return None if lo is None else Interval(max(lo, 0.0), min(hi, 1.0))        # an AUC lies in [0, 1]
 
@@ -314,17 +324,30 @@ def halves(cases) -> tuple[list[str], list[str]]:
     return ordered[0::2], ordered[1::2]
 
 
+def classifier_seeds(cfg, seed: int) -> list[int]:
+    """The seeds of the ``cfg.c2st_repeats`` classifiers whose AUCs are averaged: seed, seed + 1, ..."""
+    return [int(seed) + r for r in range(max(1, int(getattr(cfg, "c2st_repeats", 1))))]
+
+
+def _scored(fit_neg, fit_pos, score_neg, score_pos, cfg, seed: int) -> tuple[list, list, float]:
+    """Each classifier's scores of ``score_neg``/``score_pos``, and their mean AUC."""
+    negs, poss = [], []
+    for s in classifier_seeds(cfg, seed):
+        net = fit_classifier(fit_neg, fit_pos, cfg, s)
+        negs.append(classifier_scores(net, score_neg))
+        poss.append(classifier_scores(net, score_pos))
+    return negs, poss, float(np.mean([roc_auc(n, p) for n, p in zip(negs, poss)]))
+
+
 def c2st(train: dict, test: dict, cfg, seed: int) -> tuple[dict, dict, dict]:
     """The test and its control. ``train``/``test``: {"real", "fake": (N, S, S) arrays,
     "real_cases", "fake_cases": (N,) case ids}. → (metrics, intervals, null reasons):
     ``c2st_auc`` (generated vs real, trained on ``train``, scored on ``test``) and
     ``c2st_auc_control`` (real vs real: two halves of the train patients, scored on two halves
-    of the test patients)."""
+    of the test patients); each the mean over the classifiers of :func:`classifier_seeds`."""
     metrics, intervals, nulls = {}, {}, {}
     try:
-        net = fit_classifier(train["real"], train["fake"], cfg, seed)
-        neg, pos = classifier_scores(net, test["real"]), classifier_scores(net, test["fake"])
-        metrics["c2st_auc"] = roc_auc(neg, pos)
+        neg, pos, metrics["c2st_auc"] = _scored(train["real"], train["fake"], test["real"], test["fake"], cfg, seed)
         intervals["c2st_auc"] = auc_interval(neg, pos, test["real_cases"], test["fake_cases"])
     except MetricUnavailable as e:
         metrics["c2st_auc"], nulls["c2st_auc"] = None, str(e)
@@ -336,27 +359,27 @@ def c2st(train: dict, test: dict, cfg, seed: int) -> tuple[dict, dict, dict]:
                                      "scored set")
     else:
         rc_tr, rc_te = np.asarray(train["real_cases"]), np.asarray(test["real_cases"])
-        net = fit_classifier(train["real"][np.isin(rc_tr, a)], train["real"][np.isin(rc_tr, b)], cfg, seed)
         neg_sel, pos_sel = np.isin(rc_te, c), np.isin(rc_te, d)
-        neg, pos = classifier_scores(net, test["real"][neg_sel]), classifier_scores(net, test["real"][pos_sel])
-        metrics["c2st_auc_control"] = roc_auc(neg, pos)
+        neg, pos, metrics["c2st_auc_control"] = _scored(
+            train["real"][np.isin(rc_tr, a)], train["real"][np.isin(rc_tr, b)],
+            test["real"][neg_sel], test["real"][pos_sel], cfg, seed)
         intervals["c2st_auc_control"] = auc_interval(neg, pos, rc_te[neg_sel], rc_te[pos_sel])
     return metrics, {k: v for k, v in intervals.items() if v is not None}, nulls
 
 
 def c2st_crossfit(data: dict, cfg, seed: int) -> float | None:
-    """Validation AUC without the test patients: the patients in two halves; a classifier
-    trained on each half's real vs generated slices scores the other half; the two AUCs
-    averaged. None with fewer than 2 patients."""
+    """Validation AUC without the test patients: the patients in two halves; the classifiers
+    trained on each half's real vs generated slices score the other half; the AUCs averaged
+    (over the two folds and the classifiers of :func:`classifier_seeds`). None with fewer than 2
+    patients."""
     h1, h2 = halves(data["real_cases"])
     if not h1 or not h2:
         return None
     rc, fc = np.asarray(data["real_cases"]), np.asarray(data["fake_cases"])
     aucs = []
     for fit, score in ((h1, h2), (h2, h1)):
-        net = fit_classifier(data["real"][np.isin(rc, fit)], data["fake"][np.isin(fc, fit)], cfg, seed)
-        aucs.append(roc_auc(classifier_scores(net, data["real"][np.isin(rc, score)]),
-                            classifier_scores(net, data["fake"][np.isin(fc, score)])))
+        aucs.append(_scored(data["real"][np.isin(rc, fit)], data["fake"][np.isin(fc, fit)],
+                            data["real"][np.isin(rc, score)], data["fake"][np.isin(fc, score)], cfg, seed)[2])
     return float(np.mean(aucs))
 
 

@@ -265,10 +265,11 @@ METRICS: tuple[Metric, ...] = (
     Metric('utility_n_real_train_slices', 'utility',
            'number of real training slices of the real-only and mixed utility segmenters'),
     Metric('c2st_auc', 'realism',
-           'classifier two-sample test: ROC AUC of a small CNN (realism.c2st_*; seed: the top-level seed) trained '
-           'to tell real from generated slices of the validation patients, scored on the test patients\' real and '
-           'generated slices (0.5 = it cannot tell them apart, 1 = always right); interval: test patients left '
-           'out in turn, the classifier fixed',
+           'classifier two-sample test: ROC AUC of a small CNN (realism.c2st_*) trained to tell real from '
+           'generated slices of the validation patients, scored on the test patients\' real and generated slices '
+           '(0.5 = it cannot tell them apart, 1 = always right), the mean over realism.c2st_repeats classifiers '
+           '(seeds: the top-level seed, seed + 1, ...); interval: test patients left out in turn, the classifiers '
+           'fixed',
            headline=True, label='Classifier AUC, real vs generated', better='≈ 0.5',
            floor='c2st_auc_control', floor_what='same classifier on real vs real patients'),
     Metric('c2st_auc_control', 'realism',
