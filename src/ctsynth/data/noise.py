@@ -48,7 +48,6 @@ import functools
 import zlib
 
 import numpy as np
-import pandas as pd
 import torch
 from scipy import ndimage
 
@@ -70,12 +69,14 @@ def ring_index(size: int) -> np.ndarray:
     return rings
 
 
-def _fields(image: np.ndarray, mask: np.ndarray):
-    """(value, eroded region) of every structure of one slice big enough to measure in."""
+def _regions(mask: np.ndarray) -> dict:
+    """{structure value: eroded region} of every structure of one slice big enough to measure in."""
+    regions = {}
     for value in np.unique(mask[mask > 0]):
         region = ndimage.binary_erosion(mask == value, iterations=ERODE)
         if int(region.sum()) >= MIN_PIXELS:
-            yield value, region
+            regions[value] = region
+    return regions
 
 
 def _deviation(image: np.ndarray, region: np.ndarray) -> np.ndarray:
@@ -94,9 +95,10 @@ def measure(images: np.ndarray, masks: np.ndarray, cases=None, zs=None) -> dict:
     0). ValueError when no structure is big enough."""
     size = images.shape[-1]
     images, masks = np.asarray(images, np.float64), np.asarray(masks)
+    regions = [_regions(mask) for mask in masks]                              # each slice's, once
     power, pixels = np.zeros((size, size)), 0
-    for image, mask in zip(images, masks):
-        for _, region in _fields(image, mask):
+    for image, own in zip(images, regions):
+        for region in own.values():
             power += np.abs(np.fft.fft2(_deviation(image, region))) ** 2
             pixels += int(region.sum())
     if pixels == 0:
@@ -104,23 +106,23 @@ def measure(images: np.ndarray, masks: np.ndarray, cases=None, zs=None) -> dict:
                          f"noise in")
     radial = _radial(power / pixels, size)                                     # mean over the rings = variance
     radial[0] = 0.0                                                            # zero-mean noise
-    z_corr = None if cases is None or zs is None else _z_correlation(images, masks, cases, zs)
+    z_corr = None if cases is None or zs is None else _z_correlation(images, regions, cases, zs)
     return record(radial, size, z_corr)
 
 
-def _z_correlation(images: np.ndarray, masks: np.ndarray, cases, zs) -> np.ndarray:
-    """Lag-1 correlation along z per ring (module doc), from the slices adjacent in their case."""
+def _z_correlation(images: np.ndarray, regions: list[dict], cases, zs) -> np.ndarray:
+    """Lag-1 correlation along z per ring (module doc), from the slices adjacent in their case;
+    ``regions``: each slice's :func:`_regions`."""
     size = images.shape[-1]
-    table = pd.DataFrame({"case": np.asarray(cases), "z": np.asarray(zs, np.int64)})
-    where = {key: i for i, key in enumerate(zip(table.case, table.z))}
+    keys = list(zip(np.asarray(cases).tolist(), np.asarray(zs, np.int64).tolist()))
+    where = {key: i for i, key in enumerate(keys)}
     cross, power = np.zeros((size, size)), np.zeros((size, size))
-    for i, (case, z) in enumerate(zip(table.case, table.z)):
+    for i, (case, z) in enumerate(keys):
         j = where.get((case, z + 1))
         if j is None:
             continue
-        below = dict(_fields(images[j], masks[j]))
-        for value, region in _fields(images[i], masks[i]):
-            both = region & below.get(value, False)
+        for value, region in regions[i].items():
+            both = region & regions[j].get(value, False)
             if int(both.sum()) < MIN_PIXELS:
                 continue
             a, b = np.fft.fft2(_deviation(images[i], both)), np.fft.fft2(_deviation(images[j], both))
@@ -155,6 +157,7 @@ class NoiseModel:
         self.filter_t = torch.from_numpy(self.filter)                         # the same, for batch()
         rho = rec.get("z_corr")                                                # None: slices independent
         self.rho = None if rho is None else np.asarray(rho, np.float64)[ring_index(self.size)]   # (S, S)
+        self.keep = None if rho is None else np.sqrt(1.0 - self.rho ** 2)   # the innovation's share
         self._chains: dict[tuple, tuple[int, np.ndarray]] = {}                # volume -> (z, its spectrum)
 
     @classmethod
@@ -163,10 +166,10 @@ class NoiseModel:
 
     def sample(self, rng: np.random.Generator) -> np.ndarray:
         """One (S, S) float32 noise field from ``rng``."""
-        white = rng.standard_normal((self.size, self.size))
-        return np.fft.ifft2(np.fft.fft2(white) * self.filter).real.astype(np.float32)
+        return np.fft.ifft2(self._spectrum(rng)).real.astype(np.float32)
 
     def _spectrum(self, rng: np.random.Generator) -> np.ndarray:
+        """The Fourier transform of one sample: white noise's, filtered by sqrt(NPS)."""
         return np.fft.fft2(rng.standard_normal((self.size, self.size))) * self.filter
 
     def for_keys(self, base, keys) -> np.ndarray:
@@ -196,12 +199,11 @@ class NoiseModel:
         z, state = self._chains.get(seed, (-1, None))
         if z >= zs[0]:
             z, state = -1, None
-        keep = np.sqrt(1.0 - self.rho ** 2)
         for target in zs:
             while z < target:
                 z += 1
                 fresh = self._spectrum(np.random.default_rng([*seed, z]))
-                state = fresh if state is None else self.rho * state + keep * fresh
+                state = fresh if state is None else self.rho * state + self.keep * fresh
             yield z, np.fft.ifft2(state).real.astype(np.float32)
         if len(self._chains) >= CHAINS_KEPT:
             self._chains.clear()

@@ -312,8 +312,7 @@ def auc_interval(neg, pos, neg_cases, pos_cases) -> Interval | None:
     def mean_auc(keep_neg, keep_pos) -> float:
         return float(np.mean([roc_auc(np.asarray(n)[keep_neg], np.asarray(p)[keep_pos]) for n, p in zip(negs, poss)]))
 
-    reps = [mean_auc(neg_cases != p, pos_cases != p) for p in patients] + \
-        [mean_auc(np.ones(len(neg_cases), bool), np.ones(len(pos_cases), bool))]
+    reps = [mean_auc(neg_cases != p, pos_cases != p) for p in patients] + [mean_auc(slice(None), slice(None))]
     lo, hi = jackknife_interval(reps, (len(patients),))
     return None if lo is None else Interval(max(lo, 0.0), min(hi, 1.0))        # an AUC lies in [0, 1]
 
