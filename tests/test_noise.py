@@ -216,9 +216,12 @@ def test_generation_is_noisy_seeded_and_slices_match_their_volume(pipeline):
     again = dataclasses.replace(p, generate=dataclasses.replace(p.generate, batch_size=3))
     generate.run(again, root / "generator.pt", root / "processed", root / "split.json", root / "interim", root / "gen2")
     first, second = (np.load(root / g / "fake.npy") for g in ("gen", "gen2"))
-    assert np.array_equal(first, second)                             # the noise does not depend on batching
     prov = json.loads((root / "gen" / "model.json").read_text())
-    assert prov["noise"]["seed"] == p.generate.seed and prov["noise"]["std_units"] > 0
+    assert prov["noise"]["seed"] == p.generate.seed and prov["noise"]["std_units"] > 0.005
+    # the noise does not depend on batching (bit for bit: test_samples_are_seeded_per_key_not_per_batch);
+    # the generator's own output may differ in its last bits between batch sizes on some CPUs (AMD EPYC:
+    # test_generate's batch-size test), so a float16 ulp here, a small fraction of the noise's std
+    np.testing.assert_allclose(first.astype(np.float32), second.astype(np.float32), rtol=0, atol=1e-3)
     other = dataclasses.replace(p, generate=dataclasses.replace(p.generate, seed=p.generate.seed + 1))
     generate.run(other, root / "generator.pt", root / "processed", root / "split.json", root / "interim", root / "gen3")
     assert not np.array_equal(first, np.load(root / "gen3" / "fake.npy"))
