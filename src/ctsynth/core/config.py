@@ -80,6 +80,8 @@ class PreprocessCfg:
     structures: list = field(default_factory=lambda: ["Myo", "LA", "LV", "RA", "RV", "Ao", "PA"])
     slices: Literal["all", "structures"] = "structures"
     margin: int = 2                                  # extra slices around the structures
+    partial_volume: int = 1                          # k > 1: condition pixels are area fractions of k x k
+                                                     # nearest sub-pixels (labels also stored at k * image_size)
 
 
 @dataclass
@@ -424,6 +426,8 @@ def _check_model_and_split(p: Params, need) -> None:
          f"model.contrast_control with train.augment {p.train.augment}: the intensity jitter changes the contrast the "
          f"condition states; use train.augment affine or none")
     size = p.preprocess.image_size
+    need(1 <= p.preprocess.partial_volume <= 8, "preprocess.partial_volume: sub-pixels per side, 1 (nearest "
+         "classes) to 8")
     need(size >= 16 and size % (2 ** m.gen_depth) == 0,
          f"preprocess.image_size: {size} must be >= 16 and divisible by 2^model.gen_depth = {2 ** m.gen_depth}")
     need(size % (2 ** m.disc_layers) == 0,

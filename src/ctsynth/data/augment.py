@@ -9,7 +9,8 @@ training device; the same random geometric draw warps a slice's image and its co
   ±6 % of the side, isotropic scale 0.9–1.1 about the centre (mild, anatomy-plausible). The image
   is resampled bilinearly and filled with -1 outside the warped field (air: -1000 HU at the
   default window); the condition is resampled nearest-neighbour, so it keeps exactly its values
-  (one-hot or label indices), and filled with 0 (background).
+  (one-hot or label indices), and filled with 0 (background); a condition of partial-volume
+  fractions (``preprocess.partial_volume`` > 1) is resampled bilinearly, as the image is.
 * ``affine+intensity``: then, on the image only, contrast ``a·x`` with a in [0.9, 1.1] (about the
   window centre, 0 HU by default) and brightness ``x + b`` with b in [-0.05, 0.05] (±50 HU),
   each with p = 0.5, and Gaussian noise of σ 0.02 (20 HU) with p = 0.5; clamped to [-1, 1].
@@ -54,7 +55,7 @@ def _identity(cond: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, tor
 class PairedAugment(torch.nn.Module):
     """A kornia ``AugmentationSequential`` over (image, condition as a mask), then a clamp."""
 
-    def __init__(self, mode: str, constant_channels: int = 0):
+    def __init__(self, mode: str, constant_channels: int = 0, soft_condition: bool = False):
         super().__init__()
         self.constant = int(constant_channels)          # trailing condition planes that hold a per-slice value
         import kornia.augmentation as K
@@ -74,8 +75,9 @@ class PairedAugment(torch.nn.Module):
                       K.RandomBrightness(BRIGHTNESS, clip_output=False, p=INTENSITY_P),
                       K.RandomGaussianNoise(std=NOISE_STD, p=INTENSITY_P)]
         # A one-element fill_value pads masks too unless the mask's extra_args name their own; these
-        # extra_args replace kornia's default for masks, so nearest resampling is named again.
-        mask_args = {"resample": Resample.NEAREST, "align_corners": None,
+        # extra_args replace kornia's default for masks, so the resampling is named again: nearest keeps
+        # class values exact; partial-volume fractions are resampled like the image (bilinear).
+        mask_args = {"resample": Resample.BILINEAR if soft_condition else Resample.NEAREST, "align_corners": None,
                      "fill_value": torch.tensor(CONDITION_FILL)}
         self.seq = K.AugmentationSequential(*steps, data_keys=["input", "mask"],
                                             extra_args={DataKey.MASK: mask_args})
@@ -89,13 +91,14 @@ class PairedAugment(torch.nn.Module):
         return torch.cat([masks, planes], dim=1), real.clamp_(-1.0, 1.0)
 
 
-def build_augment(mode: str, constant_channels: int = 0, key: str = "train.augment") -> Augment:
+def build_augment(mode: str, constant_channels: int = 0, key: str = "train.augment",
+                  soft_condition: bool = False) -> Augment:
     """The batch augmentation of ``train.augment`` or ``segmenter.augment`` (one of :data:`AUGMENTS`).
     The last ``constant_channels`` of the condition (the contrast level's plane) are not warped: a
     constant needs no geometry, and warping would fill its border with background."""
     if mode not in AUGMENTS:
         raise ConfigError(f"{key}: {mode!r}; allowed: {', '.join(AUGMENTS)}")
-    return _identity if mode == "none" else PairedAugment(mode, constant_channels)
+    return _identity if mode == "none" else PairedAugment(mode, constant_channels, soft_condition)
 
 
 def augment_labelled(augment: Augment, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,15 +135,16 @@ def build_anatomy_drop(params, structures: list[str], rank: int = 0):
 
 
 def build_batch_transform(params, constant_channels: int, structures: list[str], rank: int = 0,
-                          noise_record: dict | None = None):
+                          noise_record: dict | None = None, soft_condition: bool = False):
     """What the training loop does to each batch: ``(cond, real, step) -> (cond, real, fake_noise)``,
     the paired augmentation (``train.augment``), then the anatomy drop (``train.anatomy_drop``), if
     any; ``fake_noise``: with a noise record (``model.noise``), a (B, 1, S, S) sample of
     :class:`ctsynth.data.noise.NoiseModel` drawn from ``(train.seed, rank, step)`` for the
-    discriminator to see on the generated slices, else None."""
+    discriminator to see on the generated slices, else None. ``soft_condition``: the condition holds
+    partial-volume fractions (``preprocess.partial_volume`` > 1), resampled bilinearly."""
     from ctsynth.data.noise import NoiseModel
 
-    augment = build_augment(params.train.augment, constant_channels)
+    augment = build_augment(params.train.augment, constant_channels, soft_condition=soft_condition)
     drop = build_anatomy_drop(params, structures, rank)
     noise = NoiseModel.from_record(noise_record)
     seed = with_training_seeds(params).train.seed

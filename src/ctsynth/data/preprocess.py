@@ -6,7 +6,11 @@ For every case in ``data/interim/manifest.csv``:
 2. HU window -> [-1, 1] (:func:`hu_to_unit`; :func:`unit_to_hu` is the one inverse);
 3. put the slice in radiological display orientation (:func:`to_display`: anterior up, patient
    right on the image left) and resize to ``image_size``² — image anti-aliased, mask nearest;
-4. keep only the selected structures in the mask (all seven when ``WH`` is selected).
+4. keep only the selected structures in the mask (all seven when ``WH`` is selected);
+5. with ``partial_volume`` k > 1, also the mask (and anatomy) at ``k * image_size``², nearest, in
+   ``masks_fine.npy`` (``anatomy_fine.npy``): the model's condition averages each k x k block of it
+   into the area fraction of every class (:func:`ctsynth.data.store.condition_batch`), so a
+   condition pixel on an edge says how much of it each side covers, as the anti-aliased image does.
 
 Slices are streamed one at a time from the uncompressed interim volumes (memory-mapped), into
 ``images.npy`` (float16) and ``masks.npy`` (uint8) opened with ``open_memmap``, so peak memory
@@ -73,10 +77,14 @@ def prepare_slice(hu_xy: np.ndarray, mask_xy: np.ndarray, size: int, window,
     """
     image = hu_to_unit(to_display(hu_xy), window)
     image = resize(image, (size, size), order=1, anti_aliasing=True, preserve_range=True)
-    mask = to_display(mask_xy)
-    mask = resize(mask, (size, size), order=0, anti_aliasing=False, preserve_range=True)
-    mask = np.where(np.isin(mask, keep), mask, 0).astype(np.uint8)
-    return image.astype(np.float32), mask
+    return image.astype(np.float32), prepare_mask(mask_xy, size, keep)
+
+
+def prepare_mask(mask_xy: np.ndarray, size: int, keep: list[int]) -> np.ndarray:
+    """One canonical structure-index slice (X, Y) -> display slice (size, size) uint8 (nearest),
+    structures not in ``keep`` set to background."""
+    mask = resize(to_display(mask_xy), (size, size), order=0, anti_aliasing=False, preserve_range=True)
+    return np.where(np.isin(mask, keep), mask, 0).astype(np.uint8)
 
 
 def prepare_classes(classes_xy: np.ndarray, size: int) -> np.ndarray:
@@ -146,22 +154,35 @@ def run(params: Params, interim_dir: str | Path, out_dir: str | Path) -> dict:
             "label_map": {str(k): v for k, v in params.data.label_map.items()},
             "anatomy": str(manifest.anatomy_source.iloc[0]) if with_anatomy else None,
             "modality": params.data.modality, "unit": modality.unit(params.data.modality), "cases": {}}
+    pv = cfg.partial_volume
+    if pv > 1:                       # (absent: 1, so a store without partial volumes stays byte-identical)
+        meta["partial_volume"] = pv
     with atomic_dir(out_dir) as tmp:
         images = open_memmap(tmp / "images.npy", mode="w+", dtype=np.float16, shape=(len(plan), size, size))
         masks = open_memmap(tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(len(plan), size, size))
         classes = open_memmap(tmp / "anatomy.npy", mode="w+", dtype=np.uint8,
                               shape=(len(plan), size, size)) if with_anatomy else None
+        fine = pv * size                                    # partial volume: the condition's sub-pixel grid
+        fine_masks = open_memmap(tmp / "masks_fine.npy", mode="w+", dtype=np.uint8,
+                                 shape=(len(plan), fine, fine)) if pv > 1 else None
+        fine_classes = open_memmap(tmp / "anatomy_fine.npy", mode="w+", dtype=np.uint8,
+                                   shape=(len(plan), fine, fine)) if pv > 1 and with_anatomy else None
         for i, (case, z) in enumerate(tqdm(plan, desc="preprocess", unit="slice", disable=quiet())):
             image, label = volumes[case]
             hu = np.asarray(image.dataobj[:, :, z], dtype=np.float32)
             lab = np.asarray(label.dataobj[:, :, z])
             images[i], masks[i] = prepare_slice(hu, lab, size, cfg.hu_window, keep)
+            if fine_masks is not None:
+                fine_masks[i] = prepare_mask(lab, fine, keep)
             if classes is not None:
-                classes[i] = prepare_classes(np.asarray(anatomy[case].dataobj[:, :, z]), size)
-        for array in (images, masks, classes):
+                body = np.asarray(anatomy[case].dataobj[:, :, z])
+                classes[i] = prepare_classes(body, size)
+                if fine_classes is not None:
+                    fine_classes[i] = prepare_classes(body, fine)
+        for array in (images, masks, classes, fine_masks, fine_classes):
             if array is not None:
                 array.flush()
-        del images, masks, classes
+        del images, masks, classes, fine_masks, fine_classes
         frame = pd.DataFrame(plan, columns=["case", "z"])
         frame.to_csv(tmp / "slices.csv", index=False)
         for row in manifest.itertuples():

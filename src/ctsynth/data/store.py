@@ -42,7 +42,9 @@ class ProcessedStore:
     def fingerprint(self, cases: list[str]) -> str:
         """Hash of the store's bytes and of ``cases`` (the training data of a run)."""
         h = hashlib.blake2b(digest_size=16)
-        names = ("meta.json", "slices.csv", "images.npy", "masks.npy") + (("anatomy.npy",) if self.has_anatomy else ())
+        names = ["meta.json", "slices.csv", "images.npy", "masks.npy"] + ["anatomy.npy"] * self.has_anatomy
+        if self.partial_volume > 1:
+            names += ["masks_fine.npy"] + ["anatomy_fine.npy"] * self.has_anatomy
         for name in names:
             with open(self.root / name, "rb") as fh:
                 while chunk := fh.read(1 << 24):
@@ -58,10 +60,24 @@ class ProcessedStore:
     def masks(self) -> np.ndarray:    # (N, S, S) uint8 structure indices
         return np.load(self.root / "masks.npy", mmap_mode="r")
 
+    @property
+    def partial_volume(self) -> int:
+        """Sub-pixels per side of the condition's partial-volume fractions (1: nearest classes)."""
+        return int(self.meta.get("partial_volume", 1))
+
+    @cached_property
+    def condition_masks(self) -> np.ndarray:   # (N, kS, kS) uint8: what the model's condition is built from
+        return self.masks if self.partial_volume == 1 else np.load(self.root / "masks_fine.npy", mmap_mode="r")
+
+    @cached_property
+    def condition_anatomy(self) -> np.ndarray:  # (N, kS, kS) uint8 anatomy classes, likewise
+        return self.anatomy if self.partial_volume == 1 else np.load(self.root / "anatomy_fine.npy", mmap_mode="r")
+
     def model_meta(self) -> dict:
         """What a model file records of the data it was trained on (its preprocessing)."""
-        return {"image_size": self.image_size, "hu_window": self.meta["hu_window"], "structures": self.structures,
+        meta = {"image_size": self.image_size, "hu_window": self.meta["hu_window"], "structures": self.structures,
                 "label_map": self.meta["label_map"], "modality": self.meta.get("modality", "ct")}
+        return meta | ({"partial_volume": self.partial_volume} if self.partial_volume > 1 else {})
 
     @property
     def has_anatomy(self) -> bool:
@@ -118,7 +134,7 @@ class SliceDataset(Dataset):
     def __init__(self, store: ProcessedStore, rows: np.ndarray, encoding: str = "onehot", context: int = 0,
                  contrast: np.ndarray | None = None, contrast_record: dict | None = None, anatomy: bool = False):
         self.store, self.rows, self.encoding = store, np.asarray(rows), encoding
-        self.classes = store.anatomy if anatomy else None                         # raises without anatomy.npy
+        self.classes = store.condition_anatomy if anatomy else None               # raises without anatomy.npy
         self.anatomy_record: dict | None = None                                  # set by contrast.training_dataset
         self.structures = store.structures
         self.context_rows = neighbour_rows(store, self.rows, context)              # (N, 2k + 1)
@@ -132,11 +148,11 @@ class SliceDataset(Dataset):
     def __getitem__(self, i: int):
         row = int(self.rows[i])
         image = np.asarray(self.store.images[row], dtype=np.float32)[None]           # (1, S, S)
-        masks = np.asarray(self.store.masks[self.context_rows[i]])                   # (2k + 1, S, S)
+        masks = np.asarray(self.store.condition_masks[self.context_rows[i]])         # (2k + 1, pS, pS)
         level = None if self.contrast is None else self.contrast[i:i + 1]
-        classes = None if self.classes is None else np.asarray(self.classes[row])[None]   # (1, S, S)
-        cond = condition_batch(masks[None], self.structures, self.encoding, level,
-                               classes)[0]                                          # ((2k + 1) C [+ 3] [+ 1], S, S)
+        classes = None if self.classes is None else np.asarray(self.classes[row])[None]   # (1, pS, pS)
+        cond = condition_batch(masks[None], self.structures, self.encoding, level, classes,
+                               self.store.partial_volume)[0]                        # ((2k + 1) C [+ 3] [+ 1], S, S)
         return cond, torch.from_numpy(image)
 
 
@@ -154,20 +170,33 @@ def anatomy_slice(structures: list[str], encoding: str, context: int = 0) -> sli
 
 
 def condition_batch(masks: np.ndarray, structures: list[str], encoding: str,
-                    contrast: np.ndarray | None = None, anatomy: np.ndarray | None = None) -> torch.Tensor:
+                    contrast: np.ndarray | None = None, anatomy: np.ndarray | None = None,
+                    partial_volume: int = 1) -> torch.Tensor:
     """Structure-index masks (B, S, S), or (B, K, S, S) with K neighbouring slices each ->
     condition tensor (B, C, S, S) or (B, K * C, S, S) float32 (slice-major channels); with
     ``anatomy`` (B, S, S) classes three more channels (body outline, lung, bone of the slice itself;
     all zero where a row's classes are all zero: no anatomy given); with ``contrast`` (B,) one more
-    channel, a constant plane of each slice's value."""
-    cond = encode_condition(np.asarray(masks), structures, encoding)              # (B, [K,] C, S, S)
+    channel, a constant plane of each slice's value. With ``partial_volume`` p > 1 the masks and
+    anatomy come at p·S (``preprocess.partial_volume``) and every channel is averaged over p x p
+    blocks: the fraction of each condition pixel that a class covers."""
+    cond = _block_mean(encode_condition(np.asarray(masks), structures, encoding), partial_volume)  # (B, [K,] C, S, S)
     cond = cond.reshape(len(cond), -1, *cond.shape[-2:])
     if anatomy is not None:
-        cond = np.concatenate([cond, anatomy_channels(np.asarray(anatomy))], axis=1)
+        cond = np.concatenate([cond, _block_mean(anatomy_channels(np.asarray(anatomy)), partial_volume)], axis=1)
     if contrast is not None:
         plane = np.broadcast_to(np.asarray(contrast, np.float32).reshape(-1, 1, 1, 1), (len(cond), 1, *cond.shape[2:]))
         cond = np.concatenate([cond, plane], axis=1)
     return torch.from_numpy(np.ascontiguousarray(cond))
+
+
+def _block_mean(x: np.ndarray, p: int) -> np.ndarray:
+    """(..., pH, pW) -> (..., H, W): the mean of every p x p block (p = 1: ``x`` itself)."""
+    if p == 1:
+        return x
+    h, w = x.shape[-2] // p, x.shape[-1] // p
+    if (h * p, w * p) != x.shape[-2:]:
+        raise ValueError(f"partial volume {p}: the condition grid {x.shape[-2:]} is not a multiple of it")
+    return x.reshape(*x.shape[:-2], h, p, w, p).mean(axis=(-3, -1), dtype=np.float32)
 
 
 def train_batches(ds, sampler: DistributedSampler, batch: int, start_step: int,

@@ -62,7 +62,7 @@ def condition_subset_panels(synth: MaskToCT, store: ProcessedStore, rows: np.nda
     present = [s for s in full if s != WH and np.isin(masks, kept_indices([s])).any()]
     subsets = [full] + ([[s] for s in present] if len(full) > 1 else [])
     panels = [("real", masks, np.asarray(store.images[picks], np.float32))]
-    context = np.asarray(store.masks[neighbour_rows(store, picks, synth.context)])  # (K, 2k+1, S, S)
+    context = np.asarray(store.condition_masks[neighbour_rows(store, picks, synth.context)])  # (K, 2k+1, pS, pS)
     anatomy = store_anatomy(synth, store, picks)
     for subset in subsets:
         one = MaskToCT(synth.model, synth.meta, batch_size=len(picks), structures=subset, seed=synth.seed)
@@ -84,8 +84,8 @@ def save_condition_subsets(path: Path, subsets, panels, titles) -> None:
 
 def _check_store_matches_model(store: ProcessedStore, meta: dict, model_path) -> None:
     problems = []
-    for key in ("image_size", "hu_window", "structures"):
-        a, b = store.meta.get(key), meta.get(key)
+    for key in ("image_size", "hu_window", "structures", "partial_volume"):
+        a, b = store.meta.get(key, 1), meta.get(key, 1)                  # (partial_volume absent: 1)
         if key == "hu_window":
             a, b = [float(v) for v in a], [float(v) for v in b]
         if a != b:
@@ -96,8 +96,8 @@ def _check_store_matches_model(store: ProcessedStore, meta: dict, model_path) ->
 
 
 def store_anatomy(synth: MaskToCT, store: ProcessedStore, rows: np.ndarray) -> np.ndarray | None:
-    """The rows' anatomy classes (N, S, S) for a model conditioned on them; None otherwise."""
-    return np.asarray(store.anatomy[rows]) if synth.anatomy is not None else None
+    """The rows' anatomy classes (N, pS, pS) for a model conditioned on them; None otherwise."""
+    return np.asarray(store.condition_anatomy[rows]) if synth.anatomy is not None else None
 
 
 def slice_keys(store: ProcessedStore, rows: np.ndarray) -> list[tuple[int, int]]:
@@ -118,7 +118,7 @@ def generate_slices(synth: MaskToCT, store: ProcessedStore, rows: np.ndarray, fo
     bs = synth.batch_size
     for i in tqdm(range(0, len(rows), bs), desc=f"generate {what} slices", unit="batch", disable=quiet()):
         level = None if levels is None else contrast.row_levels(store, rows[i:i + bs], levels)
-        fake[i:i + bs] = synth.unit(np.asarray(store.masks[context[i:i + bs]]), level,   # (B, 2k+1, S, S) -> (B, S, S)
+        fake[i:i + bs] = synth.unit(np.asarray(store.condition_masks[context[i:i + bs]]), level,   # (B, 2k+1, pS, pS)
                                     None if heart_only else store_anatomy(synth, store, rows[i:i + bs]),
                                     slice_keys(store, rows[i:i + bs]))
     fake.flush()

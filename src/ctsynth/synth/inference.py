@@ -7,7 +7,8 @@ shape, orientation and affine. The generate stage (:mod:`ctsynth.synth.generate`
 ``ctsynth synthesize`` (:mod:`ctsynth.synth.synthesize`) use the same engine.
 
 Geometry of one volume: original grid --io_orientation--> canonical RAS ``(X, Y, Z)`` -> per axial
-slice :func:`ctsynth.data.preprocess.to_display` + nearest resize to ``S x S`` -> generator ->
+slice :func:`ctsynth.data.preprocess.to_display` + nearest resize to ``S x S`` (``pS x pS`` with
+``partial_volume`` p, averaged to S x S fractions) -> generator ->
 :func:`ctsynth.data.preprocess.restore_slice` (resize back, HU) -> canonical -> original orientation.
 """
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from skimage.transform import resize
 from tqdm import tqdm
 
 from ctsynth.core.accel import pick_device
@@ -30,7 +30,7 @@ from ctsynth.core.progress import quiet
 from ctsynth.data import contrast
 from ctsynth.data.masks import index_volume, parse_label_map_arg, structures_arg
 from ctsynth.data.noise import NoiseModel
-from ctsynth.data.preprocess import kept_indices, prepare_classes, restore_slice, to_display
+from ctsynth.data.preprocess import kept_indices, prepare_classes, prepare_mask, restore_slice
 from ctsynth.data.store import condition_batch, condition_width, context_masks
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class MaskToCT:
                  seed: int | None = None):
         self.meta = meta
         self.size = int(meta["image_size"])
+        self.partial_volume = int(meta.get("partial_volume", 1))   # masks come at partial_volume * size
         self.window = [float(v) for v in meta["hu_window"]]
         self.model_structures = list(meta["structures"])
         self.encoding = meta["encoding"]
@@ -131,7 +132,7 @@ class MaskToCT:
         return self.anatomy is not None and float(self.anatomy.get("drop") or 0) > 0
 
     def anatomy_for(self, n: int, anatomy: np.ndarray | None, where: str = "generation") -> np.ndarray | None:
-        """The anatomy classes (n, S, S) the condition gets: the given ones, blank ones (all zero: the
+        """The anatomy classes (n, M, M) the condition gets: the given ones, blank ones (all zero: the
         model draws from the heart alone, as ``train.anatomy_drop`` taught it), or None (no anatomy)."""
         if self.anatomy is None:
             if anatomy is not None:
@@ -145,32 +146,41 @@ class MaskToCT:
                              f"{', '.join(self.anatomy['channels'])}) and never learned to draw without it "
                              f"(train.anatomy_drop 0); pass the anatomy (ctsynth generate --anatomy FILE, "
                              f"body/lung/bone classes), or use a model trained with train.anatomy_drop > 0")
-        return np.zeros((n, self.size, self.size), np.uint8)
+        return np.zeros((n, self.mask_size, self.mask_size), np.uint8)
 
-    # (N, S, S) uint8 structure indices, or (N, 2k+1, S, S) with each slice's neighbours (z-k..z+k)
-    # when the model has context_slices k -> (N, S, S) float32 in [-1, 1]; levels (N,) HU: each
-    # slice's contrast level (default: the level set); anatomy (N, S, S) classes (see anatomy_for);
+    @property
+    def mask_size(self) -> int:
+        """Side of the masks and anatomy classes this model's condition is built from."""
+        return self.size * self.partial_volume
+
+    # (N, M, M) uint8 structure indices, or (N, 2k+1, M, M) with each slice's neighbours (z-k..z+k)
+    # when the model has context_slices k -> (N, S, S) float32 in [-1, 1] (M = mask_size: S, or
+    # partial_volume * S); levels (N,) HU: each slice's contrast level (default: the level set);
+    # anatomy (N, M, M) classes (see anatomy_for);
     # keys: (N,) tuples of ints naming the slices, the seed of each one's noise (see noise_for; default:
     # a running count of the slices drawn, which depends on the order of the calls)
     @torch.inference_mode()
     def unit(self, masks: np.ndarray, levels: np.ndarray | None = None,
              anatomy: np.ndarray | None = None, keys=None) -> np.ndarray:
         masks = np.asarray(masks)
-        anatomy = self.anatomy_for(len(masks), anatomy)                             # (N, S, S) or None
+        anatomy = self.anatomy_for(len(masks), anatomy)                             # (N, M, M) or None
         noise = self.noise_for([(self.slices_done + j,) for j in range(len(masks))] if keys is None else keys)
         if masks.ndim == 3 and self.context == 0:
             masks = masks[:, None]                                                  # (N, 1, S, S)
         if masks.ndim != 4 or masks.shape[1] != 2 * self.context + 1:
             raise InputError(f"generator with context_slices={self.context} needs masks (N, "
                              f"{2 * self.context + 1}, S, S) of each slice and its neighbours, got {masks.shape}")
-        out = np.empty((len(masks),) + masks.shape[2:], np.float32)
+        if masks.shape[2:] != (self.mask_size, self.mask_size):
+            raise InputError(f"this model draws from {self.mask_size}² masks (image_size {self.size}, partial_volume "
+                             f"{self.partial_volume}), got {masks.shape[2:]}")
+        out = np.empty((len(masks), self.size, self.size), np.float32)
         start = time.perf_counter()
         for i in range(0, len(masks), self.batch_size):
             chunk = masks[i:i + self.batch_size]
             chunk = np.where(np.isin(chunk, self.keep), chunk, 0)                    # (B, S, S)
             cond = condition_batch(chunk, self.model_structures, self.encoding,     # (B, (2k+1)C [+3] [+1], S, S)
                                    self._planes(len(chunk), None if levels is None else levels[i:i + len(chunk)]),
-                                   None if anatomy is None else anatomy[i:i + len(chunk)])
+                                   None if anatomy is None else anatomy[i:i + len(chunk)], self.partial_volume)
             cond = cond.to(self.device).contiguous(memory_format=torch.channels_last)
             fake = self.model(cond)[:, 0].float().cpu()                            # (B, S, S)
             if noise is not None:
@@ -186,12 +196,10 @@ class MaskToCT:
         return contrast.planes(np.full(n, self.level, np.float32) if levels is None else levels, self.window)
 
     def mask_to_model(self, mask_xy: np.ndarray) -> np.ndarray:
-        """Canonical structure-index slice (X, Y) -> model-size display slice (S, S) uint8.
+        """Canonical structure-index slice (X, Y) -> display slice (M, M) uint8 (M = :attr:`mask_size`).
 
-        Same geometry as :func:`ctsynth.preprocess.prepare_slice` (display orientation, nearest)."""
-        mask = resize(to_display(mask_xy), (self.size, self.size), order=0, anti_aliasing=False,
-                      preserve_range=True)
-        return np.where(np.isin(mask, self.keep), mask, 0).astype(np.uint8)
+        Same geometry as :func:`ctsynth.data.preprocess.prepare_mask` (display orientation, nearest)."""
+        return prepare_mask(mask_xy, self.mask_size, self.keep)
 
     def volume(self, index_xyz: np.ndarray, desc: str = "volume", anatomy_xyz: np.ndarray | None = None,
                key: tuple = ()) -> np.ndarray:
@@ -206,13 +214,13 @@ class MaskToCT:
         nx, ny, nz = index_xyz.shape
         lo, hi = self.window
         out = np.empty((nx, ny, nz), np.int16)
-        masks = np.stack([self.mask_to_model(np.asarray(index_xyz[:, :, z])) for z in range(nz)])  # (Z, S, S)
-        masks = context_masks(masks, self.context)                                    # (Z, 2k+1, S, S)
+        masks = np.stack([self.mask_to_model(np.asarray(index_xyz[:, :, z])) for z in range(nz)])  # (Z, M, M)
+        masks = context_masks(masks, self.context)                                    # (Z, 2k+1, M, M)
         if anatomy_xyz is not None and tuple(anatomy_xyz.shape) != tuple(index_xyz.shape):
             raise InputError(f"{desc}: anatomy {tuple(anatomy_xyz.shape)} and labels {tuple(index_xyz.shape)} "
                              f"are on different grids")
         classes = None if anatomy_xyz is None else np.stack(
-            [prepare_classes(np.asarray(anatomy_xyz[:, :, z]), self.size) for z in range(nz)])   # (Z, S, S)
+            [prepare_classes(np.asarray(anatomy_xyz[:, :, z]), self.mask_size) for z in range(nz)])   # (Z, M, M)
         classes = self.anatomy_for(nz, classes, desc)
         for z0 in tqdm(range(0, nz, self.batch_size), desc=desc, unit="batch", disable=quiet()):
             zs = range(z0, min(nz, z0 + self.batch_size))

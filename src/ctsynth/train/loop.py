@@ -207,7 +207,7 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
     Gm, Dm, Dg = compile_models(Gm, Dm, Dg) if cfg.compile else (Gm, Dm, Dg)
     amp = autocast(job.precision, d.device)
     transform = build_batch_transform(job.params, job.ds.constant_channels, job.store.structures, d.rank,
-                                      job.ds.noise_record)                   # model.noise: D sees fake + noise
+                                      job.ds.noise_record, job.store.partial_volume > 1)    # noise, soft cond
     sampler = DistributedSampler(job.ds, num_replicas=d.world, rank=d.rank, shuffle=True,
                                  seed=job.params.train.seed, drop_last=True)
     batches = train_batches(job.ds, sampler, job.batch, step, num_workers=steer.num_workers,

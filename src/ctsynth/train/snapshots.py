@@ -43,9 +43,10 @@ def snapshot_images(G, store: ProcessedStore, rows: np.ndarray, encoding: str,
     the rows' body / lung / bone classes."""
     was_training = G.training
     G.eval()
-    masks = np.asarray(store.masks[neighbour_rows(store, rows, context)])               # (K, 2k+1, S, S)
-    classes = np.asarray(store.anatomy[rows]) if anatomy else None
-    cond = condition_batch(masks, store.structures, encoding, contrast, classes).to(device)   # (K, C', S, S)
+    masks = np.asarray(store.condition_masks[neighbour_rows(store, rows, context)])     # (K, 2k+1, pS, pS)
+    classes = np.asarray(store.condition_anatomy[rows]) if anatomy else None
+    cond = condition_batch(masks, store.structures, encoding, contrast, classes,
+                           store.partial_volume).to(device)                              # (K, C', S, S)
     fake = G(cond).float()[:, 0]                                                        # (K, S, S)
     G.train(was_training)
     return ((fake.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
