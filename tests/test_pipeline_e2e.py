@@ -261,23 +261,37 @@ def test_sigkill_mid_stage_leaves_previous_outputs(repo):
 
 
 def _mlflow_runs(root: Path) -> dict[str, object]:
-    """Runs of the repo's store by name."""
+    """Runs of the repo's store by name; of runs sharing a name, a finished one (a queued experiment
+    killed when the queue hung, then run again, leaves a run RUNNING)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ctsynth")
-    return {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    runs = {}
+    for run in client.search_runs([exp.experiment_id]):
+        if run.info.run_name not in runs or run.info.status == "FINISHED":
+            runs[run.info.run_name] = run
+    return runs
 
 
 def _exp_metrics(root: Path) -> dict[str, dict]:
-    """{baseline or experiment name: headline.json content} from `dvc exp show --json`."""
+    """{baseline or experiment name: headline.json content} from `dvc exp show --json` (None: no
+    metrics, e.g. queued; a name shown twice, finished and as a stale queue entry, keeps its metrics)."""
     found = {}
     for rev in json.loads(sh(root, "dvc", "exp", "show", "--json").stdout):
         revs = [rev] + [r for e in rev.get("experiments") or [] for r in e.get("revs", [])]
         for r in revs:
             data = ((r.get("data") or {}).get("metrics") or {}).get("reports/headline.json", {})
-            found[r.get("name") or r["rev"]] = data.get("data")
+            name = r.get("name") or r["rev"]
+            found[name] = found.get(name) or data.get("data")
     return found
+
+
+def _finished_exps(root: Path) -> set[str]:
+    """Names of the experiments of HEAD that finished (`dvc exp list`: their refs; a queued, running
+    or failed one has none, though `exp show` may list it with the metrics its copy of the workspace
+    holds)."""
+    return set(sh(root, "dvc", "exp", "list", "--name-only").stdout.split())
 
 
 QUEUE_TIMEOUT_S = 600     # three tiny experiments on two workers: about 2 minutes on 2 cores
@@ -296,8 +310,7 @@ def run_queue(root: Path, queued: dict[str, str], jobs: int) -> None:
         return
     except CommandHung as err:
         hang = str(err)
-    shown = _exp_metrics(root)
-    missing = [name for name in queued if not shown.get(name)]     # queued, running, failed: no metrics
+    missing = [name for name in queued if name not in _finished_exps(root)]
     warnings.warn(f"DVC's queue hung with {missing} unfinished; running those in the workspace:\n{hang[-3000:]}",
                   stacklevel=2)
     for name in missing:
@@ -347,8 +360,9 @@ def test_experiment_loop_compare_switch_back_queue(repo, tmp_path):
 
     queued = {"q-long": "train.iterations=8", "q-l1": "train.lambda_l1=20", "q-eval": "evaluate.kid_subset_size=3"}
     run_queue(other, queued, jobs=2)
+    assert set(queued) <= _finished_exps(other)
     shown = _exp_metrics(other)
-    assert all(shown.get(name) for name in queued), shown
+    assert all(shown[name] for name in queued), shown
     runs = _mlflow_runs(other)
     baseline_run = json.loads((other / "models" / "mlflow_run.json").read_text())["run_id"]
     assert runs["q-eval"].data.tags["ctsynth.train_run_id"] == baseline_run    # cached training,
