@@ -363,3 +363,18 @@ def test_a_totalsegmentator_labelled_dataset_trains_and_generates_with_only_its_
     assert out["used"] == {v: n for v, n in LABEL_PRESETS["totalsegmentator-heartchambers"].items()
                            if v in out["values_found"]}
     assert nib.load(tmp_path / "ct.nii.gz").shape == nib.load(mask).shape
+
+
+def test_store_and_model_mismatches_are_listed_together():
+    """Every setting that differs is named at once; a setting the model file lacks reads None (only
+    ``partial_volume`` has a default when absent: 1, as a store of classes omits it)."""
+    from types import SimpleNamespace
+    store = SimpleNamespace(meta={"image_size": 64, "hu_window": [-1000, 1000], "structures": ["LV"]})
+    gen._check_store_matches_model(store, {"image_size": 64, "hu_window": [-1000.0, 1000.0],
+                                           "structures": ["LV"], "partial_volume": 1}, "g.pt")
+    with pytest.raises(ModelFileError) as err:
+        gen._check_store_matches_model(store, {"hu_window": [-500, 500], "structures": ["LV"],
+                                               "partial_volume": 2}, "g.pt")
+    text = str(err.value)
+    assert "image_size=None but the processed store has image_size=64" in text
+    assert "hu_window=[-500.0, 500.0]" in text and "partial_volume=2" in text and "structures" not in text

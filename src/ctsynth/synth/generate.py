@@ -84,9 +84,10 @@ def save_condition_subsets(path: Path, subsets, panels, titles) -> None:
 
 def _check_store_matches_model(store: ProcessedStore, meta: dict, model_path) -> None:
     problems = []
+    absent = {"partial_volume": 1}                    # written only when > 1; the others always are
     for key in ("image_size", "hu_window", "structures", "partial_volume"):
-        a, b = store.meta.get(key, 1), meta.get(key, 1)                  # (partial_volume absent: 1)
-        if key == "hu_window":
+        a, b = store.meta.get(key, absent.get(key)), meta.get(key, absent.get(key))
+        if key == "hu_window" and a is not None and b is not None:
             a, b = [float(v) for v in a], [float(v) for v in b]
         if a != b:
             problems.append(f"{model_path}: trained with {key}={b} but the processed store has "
