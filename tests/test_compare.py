@@ -257,10 +257,28 @@ def test_run_requeues_failed_points_waits_for_queued_ones_and_names_failures(cap
     assert "1 experiment(s) failed: ctx-7" in err and "dvc queue logs ctx-7" in err
 
 
-def test_waiting_stops_when_no_queue_worker_is_left():
-    run_dvc, _ = fake_dvc(_with_states({"ctx-5": "queued"}), workers="Worker status: 0 active, 0 idle")
-    with pytest.raises(InputError, match="still queued but no queue worker runs"):
+def test_waiting_restarts_a_queue_whose_workers_stopped_and_then_gives_up():
+    """Workers gone, ctx-5 still queued: the queue is started again (restarts times), then an error."""
+    run_dvc, calls = fake_dvc(_with_states({"ctx-5": "queued"}), workers="Worker status: 0 active, 0 idle")
+    with pytest.raises(InputError, match="queued: ctx-5 \\(restarted the queue, it stopped again\\)"):
+        compare.wait({"ctx-5"}, run_dvc, poll_s=0, jobs=2, restarts=2)
+    assert calls.count(["queue", "start", "-j", "2"]) == 2
+
+
+def test_waiting_resumes_after_a_restart():
+    """Workers gone with ctx-5 queued; after one restart it finishes: no error, one restart."""
+    queued = _with_states({"ctx-5": "queued"})
+    run_dvc, calls = fake_dvc(queued, queued, queued, doc(), workers="Worker status: 0 active, 0 idle")
+    assert compare.wait({"ctx-5"}, run_dvc, poll_s=0, jobs=2) == []
+    assert calls.count(["queue", "start", "-j", "2"]) == 1
+
+
+def test_waiting_names_a_running_experiment_whose_worker_died():
+    """Shown running with no worker alive: restarting cannot help (DVC keeps the task active)."""
+    run_dvc, calls = fake_dvc(_with_states({"ctx-5": "running"}), workers="Worker status: 0 active, 0 idle")
+    with pytest.raises(InputError, match="shown running with no worker left \\(it died\\): ctx-5"):
         compare.wait({"ctx-5"}, run_dvc, poll_s=0)
+    assert ["queue", "start", "-j", "1"] not in calls
 
 
 def test_run_refuses_unknown_keys_invalid_values_and_bad_options_before_queueing():

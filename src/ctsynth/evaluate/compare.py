@@ -648,7 +648,7 @@ def run(sets: list[str], seeds: str, seed_key: str = DEFAULT_SEED_KEY, name: str
     if threads:
         print(f"  each of the {jobs} queue workers' runs gets OMP_NUM_THREADS={threads} (set it to choose otherwise)")
     run_dvc(["queue", "start", "-j", str(jobs)])
-    failed = wait({s.name for s in todo + waiting}, run_dvc, poll_s)
+    failed = wait({s.name for s in todo + waiting}, run_dvc, poll_s, jobs)
     if failed:
         print(f"{len(failed)} experiment(s) failed: {', '.join(failed)}; see why with "
               + "; ".join(f"dvc queue logs {n}" for n in failed) + "; rerun this command to retry them",
@@ -675,9 +675,12 @@ def _study_names(steps: list[Point], name: str) -> list[str]:
     return [name, *sorted(reused - {name})]
 
 
-def wait(names: set[str], run_dvc: Callable[[list[str]], str], poll_s: float) -> list[str]:
+def wait(names: set[str], run_dvc: Callable[[list[str]], str], poll_s: float, jobs: int = 1,
+         restarts: int = 3) -> list[str]:
     """Poll ``dvc exp show`` until none of ``names`` is queued or running (progress bar); the
-    names that failed. InputError when experiments stay queued with no queue worker left."""
+    names that failed. DVC's workers can exit with experiments still queued (seen between two rounds
+    of ``-j 2``): then the queue is started again, up to ``restarts`` times. InputError when no
+    worker is left and restarting does not help, naming what is stuck."""
     from tqdm import tqdm
 
     idle = 0
@@ -695,8 +698,21 @@ def wait(names: set[str], run_dvc: Callable[[list[str]], str], poll_s: float) ->
                 return failed
             idle = idle + 1 if not _workers_alive(run_dvc) else 0
             if idle >= 3:
-                raise InputError(f"{len(names) - finished} experiment(s) still queued but no queue worker runs; "
-                                 f"start one with `dvc queue start`, then rerun this command to wait for them")
+                queued = sorted(n for n in names if states.get(n) == "queued")
+                if queued and restarts > 0:
+                    restarts -= 1
+                    bar.write(f"the queue's workers stopped with {len(queued)} experiment(s) still queued "
+                              f"({', '.join(queued)}); starting them again")
+                    run_dvc(["queue", "start", "-j", str(jobs)])
+                    idle = 0
+                else:
+                    stuck = sorted(n for n in names if states.get(n) not in DONE and n not in queued)
+                    raise InputError(
+                        f"{len(names) - finished} experiment(s) not finished and no queue worker runs"
+                        + (f"; queued: {', '.join(queued)} (restarted the queue, it stopped again)" if queued else "")
+                        + (f"; shown running with no worker left (it died): {', '.join(stuck)}, remove "
+                           f"them with `dvc queue kill` or `dvc exp remove`" if stuck else "")
+                        + ". Start the queue with `dvc queue start`, then rerun this command to wait for them")
             time.sleep(poll_s)
     except KeyboardInterrupt:
         print("stopped waiting; the queue keeps running (`dvc queue status`); rerun the same command to "
