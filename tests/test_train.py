@@ -435,3 +435,40 @@ def test_model_file_is_bit_for_bit_repeatable_with_tracking_on(ws, monkeypatch):
     ids = [json.loads((o / "mlflow_run.json").read_text())["run_id"] for o in (a, b)]
     assert ids[0] and ids[0] != ids[1]
     assert (a / "generator.pt").read_bytes() == (b / "generator.pt").read_bytes()
+
+
+def test_ema_is_the_moving_average_of_weights_and_batchnorm_statistics():
+    """Known answer: the first update copies, the next gives decay * old + (1 - decay) * new, for the
+    weights and the BatchNorm running statistics alike; decay 0 keeps no average."""
+    from ctsynth.train.gan import make_ema
+    assert make_ema(torch.nn.Linear(2, 2), 0.0) is None
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    ema = make_ema(net, 0.9)
+    ema.update_parameters(net)
+    w1, m1 = net[0].weight.detach().clone(), net[1].running_mean.clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net.train()(torch.randn(4, 1, 5, 5) + 3)                      # moves the running mean
+    ema.update_parameters(net)
+    torch.testing.assert_close(ema.module[0].weight, 0.9 * w1 + 0.1 * net[0].weight.detach())
+    torch.testing.assert_close(ema.module[1].running_mean, 0.9 * m1 + 0.1 * net[1].running_mean)
+    assert not torch.equal(ema.module[0].weight, net[0].weight)
+
+
+def test_ema_generator_is_saved_and_resumes_bit_for_bit(ws):
+    """train.ema > 0: the model file holds the average (not the last step's weights) and records the
+    decay; a run interrupted and resumed ends with the same average as an uninterrupted one."""
+    p = params(iterations=6, checkpoint_every=2, log_every=2, ema=0.5)
+    _, full = run(ws, p, "full")
+    _, plain = run(ws, params(iterations=6, checkpoint_every=2, log_every=2), "plain")
+    averaged, last = state(full / "generator.pt"), state(plain / "generator.pt")
+    assert averaged.keys() == last.keys()                          # a plain generator's state, loadable as one
+    assert not torch.equal(averaged["down.0.0.weight"], last["down.0.0.weight"])
+    model, meta = load_generator(full / "generator.pt")
+    assert meta["extra"]["ema"] == 0.5 and isinstance(model, torch.nn.Module)
+    first, part = run(ws, p, "part", stop_after=3)
+    assert first.step == 3 and "G_ema" in torch.load(ckpts(part)[-1], weights_only=True)
+    run(ws, p, "part")
+    assert_same(averaged, state(part / "generator.pt"))
+    with pytest.raises(ConfigError, match=r"train.ema: must be in \[0, 1\)"):
+        params(ema=1.0)

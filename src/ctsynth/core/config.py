@@ -131,6 +131,7 @@ class TrainCfg:
     lambda_fm: float = 10.0                          # feature matching (pix2pixHD) weight; 0: off (paper)
     lambda_spectral: float = 0.0                     # radial log power spectrum term (Durall 2020); 0: off
     anatomy_drop: float = 0.25                       # model.anatomy: share of slices trained with blank anatomy
+    ema: float = 0.0                                 # decay of the generator weights' moving average, saved; 0: off
     augment: Literal["none", "affine", "affine+intensity"] = "affine"  # paired batch augmentation (ctsynth.augment)
     lr_decay_start: float | None = None              # fraction of iterations where linear decay to 0 starts
     sync_bn: bool = False
@@ -449,6 +450,7 @@ def _check_train(t: TrainCfg, run: TrainRunCfg, need) -> None:
         need(getattr(t, name) >= 0 if weight else getattr(t, name) > 0,
              f"train.{name}: must be {'>= 0' if weight else '> 0'}, got {getattr(t, name)}")
     need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2: must be in [0, 1)")
+    need(0 <= t.ema < 1, f"train.ema: must be in [0, 1) (0: the last step's weights), got {t.ema}")
     need(t.iterations >= 1, "train.iterations: must be >= 1")
     need(t.batch_size >= 1, "train.batch_size: must be >= 1")
     need(t.nproc >= 1 and t.nnodes >= 1, "train.nproc/nnodes: must be >= 1")

@@ -73,7 +73,7 @@ def ckpt_files(ckpt_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(ckpt_dir: Path, *, step: int, fingerprint: str, G, D, opt_g, opt_d,
-                    losses: torch.Tensor, snapshots: dict, run_id: str | None) -> Path:
+                    losses: torch.Tensor, snapshots: dict, run_id: str | None, G_ema=None) -> Path:
     """Atomically write ``step_XXXXXXX.pt`` (never with non-finite weights); keep the newest 2."""
     finite = torch.stack([torch.isfinite(p).all() for m in (G, D) for p in m.parameters()]).all()
     if not finite:
@@ -81,6 +81,7 @@ def save_checkpoint(ckpt_dir: Path, *, step: int, fingerprint: str, G, D, opt_g,
                             f"one is kept")
     blob = {"format": CKPT_FORMAT, "step": step, "fingerprint": fingerprint,
             "G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+            "G_ema": None if G_ema is None else G_ema.state_dict(),
             "rng": rng_state(), "losses": losses, "snapshots": {str(k): v for k, v in snapshots.items()},
             "mlflow_run_id": run_id}
     path = ckpt_dir / f"step_{step:07d}.pt"

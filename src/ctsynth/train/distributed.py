@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ctsynth.core.accel import pick_device
-from ctsynth.core.errors import ConfigError
+from ctsynth.core.errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -145,15 +145,20 @@ class StopFlag:
         return int(d.reduce(torch.tensor([self.poll()], device=d.device), dist.ReduceOp.MAX))
 
 
-def first_bad_step(first_bad: torch.Tensor, d: Dist) -> list[int]:
-    """Per loss, the first step with a non-finite value on any rank (-1: none)."""
+def check_finite(first_bad: torch.Tensor, d: Dist, names: Sequence[str]) -> None:
+    """Raise TrainingError naming the first non-finite loss and its step, agreed over ranks
+    (``first_bad``: per loss of ``names``, the first step with a non-finite value; -1: none)."""
     bad = first_bad.clone()
     if d.ddp:
         big = torch.iinfo(torch.long).max
         bad = torch.where(bad < 0, big, bad)
         dist.all_reduce(bad, op=dist.ReduceOp.MIN)
         bad = torch.where(bad == big, -1, bad)
-    return bad.tolist()
+    hits = [(s, n) for s, n in zip(bad.tolist(), names) if s >= 0]
+    if hits:
+        s, name = min(hits)
+        raise TrainingError(f"non-finite {name} loss at step {s}; stopped; the last good checkpoint "
+                            f"is kept (lower the learning rates or check the data)")
 
 
 def compile_models(*models: torch.nn.Module) -> tuple:

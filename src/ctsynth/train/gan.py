@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ctsynth.data.noise import ring_index
 
@@ -80,6 +81,16 @@ def _judge(D, image: torch.Tensor, cond: torch.Tensor, features: bool) -> tuple[
         return D(image, cond).float(), None
     scores, feats = D(image, cond, features=True)
     return scores.float(), feats
+
+
+def make_ema(G: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """The generator's exponential moving average (``train.ema`` > 0; None when 0): after every step
+    W_ema <- decay * W_ema + (1 - decay) * W, BatchNorm statistics included (``use_buffers``), as
+    progressive GANs and StyleGAN keep the generator they sample from (Karras et al. 2018; Yazici et
+    al. 2019, "The unusual effectiveness of averaging in GAN training"). ``.module`` is the average."""
+    if decay <= 0:
+        return None
+    return AveragedModel(G, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def make_optimizer(params, lr: float, betas: tuple[float, float], fused: bool = True) -> torch.optim.Adam:

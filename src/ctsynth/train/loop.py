@@ -30,8 +30,8 @@ from ctsynth.data.contrast import training_dataset
 from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore, SliceDataset, condition_width, train_batches
 from ctsynth.train.checkpoint import ckpt_files, load_latest_checkpoint, run_fingerprint, save_checkpoint, set_rng_state
-from ctsynth.train.distributed import Dist, StopFlag, compile_models, first_bad_step, setup, sync_and_hash
-from ctsynth.train.gan import gan_step, lr_factor, make_optimizer
+from ctsynth.train.distributed import Dist, StopFlag, check_finite, compile_models, setup, sync_and_hash
+from ctsynth.train.gan import gan_step, lr_factor, make_ema, make_optimizer
 from ctsynth.train.history import LOSS_NAMES, LossHistory
 from ctsynth.train.networks import build_discriminator, build_generator, describe, receptive_field, save_generator
 from ctsynth.train.snapshots import Snapshots
@@ -67,6 +67,12 @@ class _Job:
     D: torch.nn.Module
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
+    G_ema: torch.nn.Module | None    # train.ema > 0: the weights' moving average (AveragedModel)
+
+    @property
+    def G_out(self) -> torch.nn.Module:
+        """The generator saved and shown: the moving average with ``train.ema`` > 0, else G."""
+        return self.G if self.G_ema is None else self.G_ema.module
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         mem = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -118,7 +124,7 @@ def _prepare(params: Params, d: Dist, processed_dir: Path, split_path: Path) -> 
                  cfg.batch_size // d.world, d.world, d.device, precision,
                  " channels_last" if channels_last else "", " compile" if cfg.compile else "")
     return _Job(params, d, store, split, ds, in_ch, cfg.batch_size // d.world, precision, channels_last, fp,
-                data_hash, G, D, opt_g, opt_d)
+                data_hash, G, D, opt_g, opt_d, make_ema(G, cfg.ema))
 
 
 def _resume(job: _Job, ckpt_dir: Path) -> dict:
@@ -130,7 +136,7 @@ def _resume(job: _Job, ckpt_dir: Path) -> dict:
             for old in ckpt_files(ckpt_dir):
                 old.unlink()
         return {"step": 0, "losses": None, "snapshots": {}, "mlflow_run_id": None}
-    for name in ("G", "D", "opt_g", "opt_d"):
+    for name in ("G", "D", "opt_g", "opt_d") + (("G_ema",) if job.G_ema is not None else ()):
         getattr(job, name).load_state_dict(state[name])
     set_rng_state(state["rng"])
     if job.d.is_main:
@@ -213,7 +219,7 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
     batches = train_batches(job.ds, sampler, job.batch, step, num_workers=steer.num_workers,
                             pin_memory=d.device.type == "cuda")
     if d.is_main:
-        snaps.start(job.G, step)
+        snaps.start(job.G_out, step)
         hist.write(reports_dir / "losses.csv", step, cfg.iterations, lambda s: _lrs(s, cfg))
     first_bad = torch.full((len(LOSS_NAMES),), -1, dtype=torch.long, device=d.device)
     poll_every = 1 if d.device.type == "cpu" else steer.log_every     # GPU: no host sync per step
@@ -227,6 +233,8 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
             losses = gan_step(Gm, Dm, Dg, job.opt_g, job.opt_d, job.to_device(cond), job.to_device(real),
                               cfg.lambda_l1, amp, cfg.lambda_fm, noise, cfg.lambda_spectral)
             step += 1
+            if job.G_ema is not None:
+                job.G_ema.update_parameters(job.G)
             hist.record(step, losses)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses), step, first_bad)
             if stop_after is not None and step >= stop_after and not flag.signum:
@@ -237,7 +245,7 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
                 interrupted = flag.agreed(d)
             if not (log_now or ckpt_now or interrupted or step in snaps.steps):
                 continue
-            _check_finite(first_bad, d)
+            check_finite(first_bad, d, LOSS_NAMES)
             hist.sync(step)
             if d.is_main and log_now:
                 t_log = hist.log_window(last_log, step, t_log, cfg.batch_size, cfg.iterations, _lrs(step - 1, cfg),
@@ -245,11 +253,11 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
                 last_log = step
                 hist.write(reports_dir / "losses.csv", step, cfg.iterations, lambda s: _lrs(s, cfg))
             if d.is_main:
-                snaps.take(job.G, step)
+                snaps.take(job.G_out, step)
             if d.is_main and (ckpt_now or interrupted):
                 save_checkpoint(ckpts, step=step, fingerprint=job.fingerprint, G=job.G, D=job.D,
                                 opt_g=job.opt_g, opt_d=job.opt_d, losses=hist.done(step),
-                                snapshots=snaps.taken, run_id=tracker.run_id)
+                                snapshots=snaps.taken, run_id=tracker.run_id, G_ema=job.G_ema)
             if interrupted:
                 return TrainResult(step, interrupted)
     return TrainResult(step)
@@ -257,15 +265,6 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
 
 def _lrs(step: int, cfg) -> tuple[float, float]:
     return cfg.lr_g * lr_factor(step, cfg), cfg.lr_d * lr_factor(step, cfg)
-
-
-def _check_finite(first_bad: torch.Tensor, d: Dist) -> None:
-    """Raise TrainingError naming the first non-finite loss and its step (agreed over ranks)."""
-    hits = [(s, n) for s, n in zip(first_bad_step(first_bad, d), LOSS_NAMES) if s >= 0]
-    if hits:
-        s, name = min(hits)
-        raise TrainingError(f"non-finite {name} loss at step {s}; stopped; the last good checkpoint "
-                            f"is kept (lower the learning rates or check the data)")
 
 
 def _finish(job: _Job, tracker: Tracker, hist: LossHistory, out_model: Path, reports_dir: Path) -> None:
@@ -283,15 +282,16 @@ def _finish(job: _Job, tracker: Tracker, hist: LossHistory, out_model: Path, rep
             "anatomy": job.ds.anatomy_record, "noise": job.ds.noise_record}
     extra = {"step": step, "iterations": cfg.iterations, "world_size": d.world, "device": d.device.type,
              "precision": job.precision, "channels_last": job.channels_last, "seed": job.params.train.seed,
+             "ema": cfg.ema,
              "rank_weight_hashes": digests, "receptive_field": receptive_field(job.D),
              "fingerprint": job.fingerprint, "runtime": runtime_record(d.device),
              "losses": {"step": step, **hist.mean(step - 1, step)}}
-    save_generator(out_model, job.G, to_dict(job.params.model), job.in_ch, meta, extra)
+    save_generator(out_model, job.G_out, to_dict(job.params.model), job.in_ch, meta, extra)
     log.info("wrote %s", out_model)
     if job.params.tracking.log_model and tracker.active:
         t0 = time.perf_counter()
         example = torch.stack([job.ds[0][0], job.ds[len(job.ds) - 1][0]])
-        tracker.log_generator(job.G, example, registered_model=job.params.tracking.registered_model)
+        tracker.log_generator(job.G_out, example, registered_model=job.params.tracking.registered_model)
         log.info("logged the generator to MLflow in %.1f s", time.perf_counter() - t0)
     tracker.log_artifact(reports_dir / "losses.csv")
 
