@@ -346,7 +346,8 @@ def _env() -> dict:
 
 
 def test_ddp_two_cpu_processes_end_with_identical_weights(ws):
-    pf = _write_params(ws / "params.yaml", params(iterations=4, log_every=2, checkpoint_every=2))
+    """(With the weights' moving average on: the path a DDP run with train.ema takes.)"""
+    pf = _write_params(ws / "params.yaml", params(iterations=4, log_every=2, checkpoint_every=2, ema=0.5))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     proc = subprocess.run(_stage_cmd(ws, launcher, pf, "ddp"), cwd=ws, env=_env(), capture_output=True,
                           text=True, timeout=240)
@@ -354,6 +355,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(ws):
     _, meta = load_generator(ws / "ddp" / "generator.pt")
     hashes = meta["extra"]["rank_weight_hashes"]
     assert meta["extra"]["world_size"] == 2 and len(hashes) == 2 and hashes[0] == hashes[1]
+    assert meta["extra"]["ema"] == 0.5
     assert "weights identical on all 2 ranks" in proc.stderr
 
 
