@@ -468,9 +468,29 @@ def test_ema_generator_is_saved_and_resumes_bit_for_bit(ws):
     assert not torch.equal(averaged["down.0.0.weight"], last["down.0.0.weight"])
     model, meta = load_generator(full / "generator.pt")
     assert meta["extra"]["ema"] == 0.5 and isinstance(model, torch.nn.Module)
+    averaged_stats = torch.load(ckpts(full)[-1], weights_only=True)["G_ema"]      # step 6: before recalibration
+    bn = next(k for k in averaged if k.endswith("running_var"))
+    assert not torch.equal(averaged[bn], averaged_stats[f"module.{bn}"])       # the model file's are measured anew
     first, part = run(ws, p, "part", stop_after=3)
     assert first.step == 3 and "G_ema" in torch.load(ckpts(part)[-1], weights_only=True)
     run(ws, p, "part")
     assert_same(averaged, state(part / "generator.pt"))
     with pytest.raises(ConfigError, match=r"train.ema: must be in \[0, 1\)"):
         params(ema=1.0)
+
+
+def test_recalibrated_batchnorm_statistics_are_those_of_the_data():
+    """Known answer: after one ordered pass, BatchNorm's running mean and variance are the mean and
+    (unbiased) variance of what enters it over the whole dataset (equal batches)."""
+    from ctsynth.train.gan import recalibrate_bn
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2)).eval()
+    data = [(torch.randn(1, 3, 3) * 2 + 1, torch.zeros(1)) for _ in range(8)]
+    recalibrate_bn(net, data, batch_size=4)
+    with torch.no_grad():
+        feats = net[0](torch.stack([x for x, _ in data]))                  # (8, 2, 3, 3)
+    torch.testing.assert_close(net[1].running_mean, feats.mean((0, 2, 3)))
+    per_batch = [feats[i:i + 4].transpose(0, 1).reshape(2, -1).var(1) for i in (0, 4)]
+    torch.testing.assert_close(net[1].running_var, (per_batch[0] + per_batch[1]) / 2)
+    assert not net.training                                                    # the mode is restored
+

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+from torch.utils.data import DataLoader
 
 from ctsynth.data.noise import ring_index
 
@@ -87,10 +88,21 @@ def make_ema(G: torch.nn.Module, decay: float) -> AveragedModel | None:
     """The generator's exponential moving average (``train.ema`` > 0; None when 0): after every step
     W_ema <- decay * W_ema + (1 - decay) * W, BatchNorm statistics included (``use_buffers``), as
     progressive GANs and StyleGAN keep the generator they sample from (Karras et al. 2018; Yazici et
-    al. 2019, "The unusual effectiveness of averaging in GAN training"). ``.module`` is the average."""
+    al. 2019, "The unusual effectiveness of averaging in GAN training"). ``.module`` is the average;
+    its BatchNorm statistics are averaged too, until :func:`recalibrate_bn` measures them afresh."""
     if decay <= 0:
         return None
     return AveragedModel(G, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def recalibrate_bn(model: torch.nn.Module, dataset, batch_size: int, channels_last: bool = False) -> None:
+    """Recompute ``model``'s BatchNorm running statistics as the plain mean over one ordered pass of
+    ``dataset``'s conditions (items ``(condition, ...)``): the weight average's own statistics, which
+    the average of the live model's statistics is not (SWA's ``update_bn``, Izmailov et al. 2018)."""
+    device = next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    mem = torch.channels_last if channels_last else torch.contiguous_format
+    update_bn((item[0].to(device).contiguous(memory_format=mem) for item in loader), model)
 
 
 def make_optimizer(params, lr: float, betas: tuple[float, float], fused: bool = True) -> torch.optim.Adam:
@@ -104,3 +116,8 @@ def lr_factor(step: int, cfg) -> float:
         return 1.0
     start = int(cfg.lr_decay_start * cfg.iterations)
     return 1.0 if step < start else max(0.0, 1.0 - (step - start) / max(1, cfg.iterations - start))
+
+
+def learning_rates(step: int, cfg) -> tuple[float, float]:
+    """(generator, discriminator) learning rates at ``step`` (:func:`lr_factor` applied)."""
+    return cfg.lr_g * lr_factor(step, cfg), cfg.lr_d * lr_factor(step, cfg)

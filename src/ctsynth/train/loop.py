@@ -31,7 +31,7 @@ from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore, SliceDataset, condition_width, train_batches
 from ctsynth.train.checkpoint import ckpt_files, load_latest_checkpoint, run_fingerprint, save_checkpoint, set_rng_state
 from ctsynth.train.distributed import Dist, StopFlag, check_finite, compile_models, setup, sync_and_hash
-from ctsynth.train.gan import gan_step, lr_factor, make_ema, make_optimizer
+from ctsynth.train.gan import gan_step, learning_rates, lr_factor, make_ema, make_optimizer, recalibrate_bn
 from ctsynth.train.history import LOSS_NAMES, LossHistory
 from ctsynth.train.networks import build_discriminator, build_generator, describe, receptive_field, save_generator
 from ctsynth.train.snapshots import Snapshots
@@ -220,7 +220,7 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
                             pin_memory=d.device.type == "cuda")
     if d.is_main:
         snaps.start(job.G_out, step)
-        hist.write(reports_dir / "losses.csv", step, cfg.iterations, lambda s: _lrs(s, cfg))
+        hist.write(reports_dir / "losses.csv", step, cfg.iterations, lambda s: learning_rates(s, cfg))
     first_bad = torch.full((len(LOSS_NAMES),), -1, dtype=torch.long, device=d.device)
     poll_every = 1 if d.device.type == "cpu" else steer.log_every     # GPU: no host sync per step
     last_log, t_log, interrupted = step, time.perf_counter(), 0
@@ -248,10 +248,10 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
             check_finite(first_bad, d, LOSS_NAMES)
             hist.sync(step)
             if d.is_main and log_now:
-                t_log = hist.log_window(last_log, step, t_log, cfg.batch_size, cfg.iterations, _lrs(step - 1, cfg),
-                                        tracker)
+                t_log = hist.log_window(last_log, step, t_log, cfg.batch_size, cfg.iterations,
+                                        learning_rates(step - 1, cfg), tracker)
                 last_log = step
-                hist.write(reports_dir / "losses.csv", step, cfg.iterations, lambda s: _lrs(s, cfg))
+                hist.write(reports_dir / "losses.csv", step, cfg.iterations, lambda s: learning_rates(s, cfg))
             if d.is_main:
                 snaps.take(job.G_out, step)
             if d.is_main and (ckpt_now or interrupted):
@@ -261,10 +261,6 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
             if interrupted:
                 return TrainResult(step, interrupted)
     return TrainResult(step)
-
-
-def _lrs(step: int, cfg) -> tuple[float, float]:
-    return cfg.lr_g * lr_factor(step, cfg), cfg.lr_d * lr_factor(step, cfg)
 
 
 def _finish(job: _Job, tracker: Tracker, hist: LossHistory, out_model: Path, reports_dir: Path) -> None:
@@ -277,6 +273,8 @@ def _finish(job: _Job, tracker: Tracker, hist: LossHistory, out_model: Path, rep
         return
     if d.world > 1:
         log.info("weights identical on all %d ranks (sha256 %s)", d.world, digests[0][:16])
+    if job.G_ema is not None:                  # the average's own BatchNorm statistics, on the training slices
+        recalibrate_bn(job.G_out, job.ds, cfg.batch_size, job.channels_last)
     step = cfg.iterations
     meta = {**job.store.model_meta(), "encoding": job.params.model.encoding, "contrast": job.ds.contrast_record,
             "anatomy": job.ds.anatomy_record, "noise": job.ds.noise_record}
