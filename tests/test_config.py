@@ -45,10 +45,12 @@ def test_all_problems_at_once():
 def test_range_problems_at_once():
     text = problems_of({"train": {"lr_g": -1.0},
                         "preprocess": {"image_size": 100, "structures": ["LV", "Heart"], "partial_volume": 0},
-                        "split": {"test": 0.0, "train": 0.8, "val": 0.2}, "model": {"output_blur": -0.5}})
+                        "split": {"test": 0.0, "train": 0.8, "val": 0.2},
+                        "model": {"output_blur": -0.5, "head_layers": 5}})
     assert "train.lr_g: must be > 0" in text
     assert "preprocess.partial_volume: sub-pixels per side, 1 (nearest classes) to 8" in text
     assert "model.output_blur: a Gaussian sigma in px, 0 (off) to 4" in text
+    assert "model.head_layers: 3x3 convs at full resolution, 0 (pix2pix) to 4" in text
     assert "preprocess.image_size: 100 must be >= 16 and divisible by 2^model.gen_depth" in text
     assert "preprocess.structures" in text and "Heart" in text
     assert "split: train/val/test fractions" in text

@@ -58,18 +58,19 @@ def test_paper_discriminator_gives_16x16_patches_and_94px_field():
     assert emp == 94
 
 
-@pytest.mark.parametrize("skips,upsample", [(True, "transpose"), (False, "resize")])
-def test_generator_receptive_field_matches_gradient_footprint(skips, upsample):
-    cfg = ModelCfg(gen_depth=3, ngf=4, skip_connections=skips, upsample=upsample)
+@pytest.mark.parametrize("skips,upsample,head,field", [(True, "transpose", 0, 38), (False, "resize", 0, 38),
+                                                       (True, "transpose", 2, 46), (False, "resize", 1, 38)])
+def test_generator_receptive_field_matches_gradient_footprint(skips, upsample, head, field):
+    cfg = ModelCfg(gen_depth=3, ngf=4, skip_connections=skips, upsample=upsample, head_layers=head)
     g = build_generator(cfg, 1).eval()
     widths = []
     for o in range(48, 56):                                  # one period (2^(depth+1)) of positions
         x = torch.randn(1, 1, 128, 128, requires_grad=True)
         g(x)[0, 0, 64, o].backward()
         cols = torch.nonzero(x.grad.abs().sum(dim=(0, 1, 2)) > 0)
-        assert (int(cols.min()), int(cols.max())) == _generator_footprint(3, skips, upsample, o)
+        assert (int(cols.min()), int(cols.max())) == _generator_footprint(3, skips, upsample, o, head)
         widths.append(int(cols.max() - cols.min() + 1))
-    assert receptive_field(cfg, "generator") == receptive_field(g) == max(widths) == 38
+    assert receptive_field(cfg, "generator") == receptive_field(g) == max(widths) == field
     assert receptive_field(PAPER, "generator") == 638        # paper preset: sees the whole 256² slice
 
 
@@ -104,6 +105,28 @@ def test_output_blur_low_passes_the_generators_own_output():
         build_generator(ModelCfg(output_blur=-1.0), 3)
 
 
+def test_head_layers_read_the_condition_at_full_resolution():
+    """model.head_layers: known answer — with the head's weights on the up path zeroed and one
+    condition channel's centre tap set, the output is tanh(w * that channel + b) pixel for pixel (a
+    one-pixel checkerboard no stride-2 layer can place); 0 adds no module (pix2pix's weights)."""
+    assert not any("head" in k for k in build_generator(ModelCfg(gen_depth=3, ngf=4), 3).state_dict())
+    g = build_generator(ModelCfg(gen_depth=3, ngf=4, head_layers=1), 3).eval()
+    conv = g.head[0]
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (4 + 3, 1, (3, 3))
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 4 + 1, 1, 1] = 1.5                     # condition channel 1, after ngf up-path features
+        conv.bias.fill_(-0.25)
+        cond = torch.zeros(2, 3, 32, 32)
+        cond[:, 1, ::2, ::2] = cond[:, 1, 1::2, 1::2] = 1.0   # one-pixel checkerboard
+        assert torch.equal(g(cond), torch.tanh(1.5 * cond[:, 1:2] - 0.25))
+    two = build_generator(ModelCfg(gen_depth=3, ngf=4, head_layers=2), 3)
+    assert two(torch.rand(2, 3, 32, 32)).shape == (2, 1, 32, 32)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in two.head) == 1
+    with pytest.raises(ValueError, match="head_layers"):
+        build_generator(ModelCfg(head_layers=-1), 3)
+
+
 def test_init_is_pix2pix_normal():
     g = build_generator(ModelCfg(gen_depth=3, ngf=16), 2)
     w = torch.cat([m.weight.flatten() for m in g.modules() if isinstance(m, torch.nn.Conv2d)])
@@ -112,8 +135,9 @@ def test_init_is_pix2pix_normal():
     assert isinstance(build_discriminator(ModelCfg(), 2), PatchDiscriminator)
 
 
-def test_model_file_round_trip_with_weights_only(tmp_path):
-    cfg = ModelCfg(gen_depth=5, ngf=8)
+@pytest.mark.parametrize("head", [0, 2])
+def test_model_file_round_trip_with_weights_only(tmp_path, head):
+    cfg = ModelCfg(gen_depth=5, ngf=8, head_layers=head)
     g = build_generator(cfg, 2)
     g(torch.rand(4, 2, 32, 32))                           # move BN running stats off their init
     g = g.to(memory_format=torch.channels_last).eval()

@@ -108,6 +108,7 @@ class ModelCfg:
     anatomy: bool = True                             # + 3 channels: body outline, lung, bone (data/anatomy.py)
     noise: Literal["none", "nps"] = "none"           # nps: CT noise sampled from the training NPS (data/noise.py)
     output_blur: float = 0.0                         # sigma px of a fixed Gaussian low-pass on the output; 0: off
+    head_layers: int = 0                             # 3x3 convs at full resolution reading the condition; 0: pix2pix
 
 
 @dataclass
@@ -423,6 +424,7 @@ def _check_model_and_split(p: Params, need) -> None:
     need(0.0 <= m.dropout < 1.0, "model.dropout: must be in [0, 1)")
     need(0.0 <= m.output_blur <= 4.0, "model.output_blur: a Gaussian sigma in px, 0 (off) to 4")
     need(0 <= m.context_slices <= 8, "model.context_slices: must be in 0..8")
+    need(0 <= m.head_layers <= 4, "model.head_layers: 3x3 convs at full resolution, 0 (pix2pix) to 4")
     need(not (m.contrast_control and "intensity" in p.train.augment),
          f"model.contrast_control with train.augment {p.train.augment}: the intensity jitter changes the contrast the "
          f"condition states; use train.augment affine or none")

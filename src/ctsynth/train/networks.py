@@ -69,12 +69,15 @@ class Generator(nn.Module):
                                  |  skip                 |  skip
         out (B,1,S,S) <-up0- [u1 ++ e0] <-up1- [u2 ++ e1] ... <-up[d-1]- e[d-1]
 
-    ``++`` is channel concatenation (only with skip connections).
+    ``++`` is channel concatenation (only with skip connections). With ``head_layers`` k > 0, up0
+    gives ngf features at S (BatchNorm, LeakyReLU) and k 3x3 convs at S read them beside the
+    condition itself (a full-resolution skip, as the original UNet's top level): pix2pix's output is
+    a stride-2 transposed conv of S/2 features, so no layer sees the mask at the output's resolution.
     """
 
     def __init__(self, in_channels: int, out_channels: int = 1, depth: int = 7, ngf: int = 64,
                  skip_connections: bool = True, upsample: str = "transpose", dropout: float = 0.0,
-                 output: str = "tanh", output_blur: float = 0.0):
+                 output: str = "tanh", output_blur: float = 0.0, head_layers: int = 0):
         super().__init__()
         if upsample not in ("transpose", "resize"):
             raise ValueError(f"upsample must be 'transpose' or 'resize', got {upsample!r}")
@@ -82,6 +85,8 @@ class Generator(nn.Module):
             raise ValueError(f"output must be 'tanh' or 'sigmoid', got {output!r}")
         if output_blur < 0:
             raise ValueError(f"output_blur must be >= 0 (a Gaussian sigma in px), got {output_blur!r}")
+        if head_layers < 0:
+            raise ValueError(f"head_layers must be >= 0 (3x3 convs at full resolution), got {head_layers!r}")
         self.depth, self.skip, self.output = depth, skip_connections, output
         self.output_blur = float(output_blur)
         ch = [_filters(ngf, i) for i in range(depth)]               # encoder level widths
@@ -98,8 +103,8 @@ class Generator(nn.Module):
         self.up = nn.ModuleList()
         for i in range(depth):
             cin = ch[i] if (i == depth - 1 or not skip_connections) else 2 * ch[i]
-            last = i == 0
-            cout = out_channels if last else ch[i - 1]
+            last = i == 0 and head_layers == 0
+            cout = out_channels if last else (ch[i - 1] if i > 0 else ngf)
             layers: list[nn.Module] = [self._upconv(cin, cout, upsample, bias=last)]
             if not last:
                 layers += [nn.BatchNorm2d(cout)]
@@ -107,6 +112,18 @@ class Generator(nn.Module):
                     layers += [nn.Dropout(dropout)]
                 layers += [nn.LeakyReLU(0.2, True)]
             self.up.append(nn.Sequential(*layers))
+        self.head = self._head(ngf + in_channels, ngf, out_channels, head_layers) if head_layers else None
+
+    @staticmethod
+    def _head(cin: int, width: int, cout: int, layers: int) -> nn.Sequential:
+        """``layers`` 3x3 convs at full resolution: (BatchNorm, LeakyReLU) between, a bias on the last."""
+        blocks: list[nn.Module] = []
+        for i in range(layers):
+            last = i == layers - 1
+            blocks.append(nn.Conv2d(cin if i == 0 else width, cout if last else width, 3, 1, 1, bias=last))
+            if not last:
+                blocks += [nn.BatchNorm2d(width), nn.LeakyReLU(0.2, True)]
+        return nn.Sequential(*blocks)
 
     @staticmethod
     def _upconv(cin: int, cout: int, mode: str, bias: bool) -> nn.Module:
@@ -127,6 +144,8 @@ class Generator(nn.Module):
             if self.skip:
                 x = torch.cat([x, feats[i]], dim=1)                 # (B, 2*ch[i], S/2^(i+1), ...)
             x = self.up[i](x)                                       # (B, ch[i-1] or 1, S/2^i, ...)
+        if self.head is not None:                                   # (B, ngf + C, S, S) -> (B, 1, S, S)
+            x = self.head(torch.cat([x, cond], dim=1))
         x = 2.0 * torch.sigmoid(x) - 1.0 if self.output == "sigmoid" else torch.tanh(x)
         if self.output_blur > 0:                                    # fine texture out of the generator's reach
             radius = math.ceil(3 * self.output_blur)
@@ -193,7 +212,8 @@ def build_generator(model_cfg: Any, in_channels: int) -> Generator:
     c = _cfg_dict(model_cfg)
     g = Generator(in_channels, 1, depth=c["gen_depth"], ngf=c["ngf"],
                   skip_connections=c["skip_connections"], upsample=c["upsample"],
-                  dropout=c["dropout"], output=c["output"], output_blur=c.get("output_blur", 0.0))
+                  dropout=c["dropout"], output=c["output"], output_blur=c.get("output_blur", 0.0),
+                  head_layers=c.get("head_layers", 0))
     init_weights(g)
     return g
 
@@ -221,8 +241,10 @@ def _rf(kernels_strides: list[tuple[int, int]]) -> tuple[int, int]:
     return rf, jump
 
 
-def _generator_footprint(depth: int, skip: bool, upsample: str, o: int) -> tuple[int, int]:
-    """Input pixels [lo, hi] (one axis, no borders) that output pixel ``o`` depends on."""
+def _generator_footprint(depth: int, skip: bool, upsample: str, o: int, head: int = 0) -> tuple[int, int]:
+    """Input pixels [lo, hi] (one axis, no borders) that output pixel ``o`` depends on (``head``: 3x3
+    convs at full resolution after up0, which also read the condition: they widen every path by 1 px
+    a side each)."""
     def up_back(a: int, b: int) -> tuple[int, int]:               # one up layer, output -> input
         if upsample == "transpose":                                # k4 s2 p1: i*2-1 <= o <= i*2+2
             return -((-(a - 2)) // 2), (b + 1) // 2
@@ -243,7 +265,7 @@ def _generator_footprint(depth: int, skip: bool, upsample: str, o: int) -> tuple
             lo, hi = min(lo, slo), max(hi, shi)
         return lo, hi
 
-    return dec(o, o, 0)
+    return dec(o - head, o + head, 0)
 
 
 def receptive_field(module_or_cfg: Any, net: str = "discriminator") -> int:
@@ -259,7 +281,7 @@ def receptive_field(module_or_cfg: Any, net: str = "discriminator") -> int:
         return _rf([(m.kernel_size[0], m.stride[0]) for m in convs])[0]
     if isinstance(module_or_cfg, Generator):
         g = module_or_cfg
-        depth, skip = g.depth, g.skip
+        depth, skip, head = g.depth, g.skip, sum(isinstance(m, nn.Conv2d) for m in (g.head or []))
         upsample = "transpose" if any(isinstance(m, nn.ConvTranspose2d) for m in g.modules()) else "resize"
     else:
         c = _cfg_dict(module_or_cfg)
@@ -268,7 +290,8 @@ def receptive_field(module_or_cfg: Any, net: str = "discriminator") -> int:
         if net != "generator":
             raise ValueError(f"net must be 'discriminator' or 'generator', got {net!r}")
         depth, skip, upsample = c["gen_depth"], c["skip_connections"], c["upsample"]
-    spans = [_generator_footprint(depth, skip, upsample, o) for o in range(2 ** (depth + 1))]
+        head = c.get("head_layers", 0)
+    spans = [_generator_footprint(depth, skip, upsample, o, head) for o in range(2 ** (depth + 1))]
     return max(hi - lo + 1 for lo, hi in spans)
 
 
@@ -278,7 +301,8 @@ def receptive_field(module_or_cfg: Any, net: str = "discriminator") -> int:
 def describe(G: nn.Module, D: nn.Module, model_cfg: Any, size: int) -> str:
     """One line on the two networks (for the training log)."""
     return (f"generator: {count_parameters(G):,} parameters, depth {model_cfg.gen_depth}, skips "
-            f"{model_cfg.skip_connections}, receptive field {receptive_field(model_cfg, 'generator')} px; "
+            f"{model_cfg.skip_connections}, full-resolution head {model_cfg.head_layers}, "
+            f"receptive field {receptive_field(model_cfg, 'generator')} px; "
             f"discriminator: {count_parameters(D):,} parameters, {(size // 2 ** model_cfg.disc_layers) ** 2} "
             f"patches of {receptive_field(D)} px receptive field")
 
