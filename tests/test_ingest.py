@@ -55,6 +55,25 @@ def test_good_pair_is_canonical_and_mapped(tmp_path):
     assert row.orig_axcodes == "LPS"
 
 
+def test_manifest_names_sources_relative_to_the_project_so_a_clone_s_place_does_not_change_it(tmp_path,
+                                                                                                monkeypatch):
+    """Sources under the working directory (the repo root) are recorded relative to it: two clones
+    at different places write the same manifest. Sources elsewhere stay absolute."""
+    manifests = []
+    for place in ("clone_a", "clone_b/deeper"):
+        root = tmp_path / place
+        write_case(root / "raw", "p1")
+        monkeypatch.chdir(root)
+        ingest.run(params_for("raw"), root / "interim")
+        manifests.append((root / "interim" / "manifest.csv").read_bytes())
+    assert manifests[0] == manifests[1]
+    row = pd.read_csv(tmp_path / "clone_a" / "interim" / "manifest.csv").iloc[0]
+    assert (row.source_image, row.source_label) == ("raw/p1_image.nii.gz", "raw/p1_label.nii.gz")
+    monkeypatch.chdir(tmp_path / "clone_b")
+    outside = ingest.run(params_for(tmp_path / "clone_a" / "raw"), tmp_path / "elsewhere").iloc[0]
+    assert outside.source_image == str(tmp_path / "clone_a" / "raw" / "p1_image.nii.gz")
+
+
 def test_totalsegmentator_heartchambers_preset_maps_its_values(tmp_path):
     """TotalSegmentator's heartchambers_highres values (3 = LV, 6 = Ao) through the named preset; the
     same volume under the default MM-WHS map is refused with the values it does not know."""

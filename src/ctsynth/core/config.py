@@ -555,3 +555,14 @@ def resolve_path(value: str | os.PathLike) -> Path:
     """Params paths are relative to the working directory (the repo root, where DVC runs stages)."""
     p = Path(value)
     return p if p.is_absolute() else Path.cwd() / p
+
+
+def project_relative(path: str | os.PathLike) -> str:
+    """The inverse of :func:`resolve_path` for what outputs record: a path under the working directory
+    (the repo root) relative to it, so an output does not change with the clone's location; any other
+    path absolute."""
+    p = Path(path).absolute()
+    try:
+        return p.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return str(p)

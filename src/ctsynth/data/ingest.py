@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ctsynth.core.config import Params, resolve_path
+from ctsynth.core.config import Params, project_relative, resolve_path
 from ctsynth.core.errors import InputError
 from ctsynth.core.io import atomic_dir, canonical, load_nifti, overlap_fraction, resample_nearest, write_csv
 from ctsynth.core.labels import STRUCTURES, structure_index
@@ -204,7 +204,8 @@ def check_pair(pair: Pair, params: Params) -> tuple[dict, np.ndarray, np.ndarray
     image_c = canonical(nib.Nifti1Image(hu, img.affine))
     label_c = canonical(nib.Nifti1Image(mapped, img.affine))
     anatomy_c = None if classes is None else canonical(nib.Nifti1Image(classes, img.affine))
-    row = {"case": pair.case, "source_image": str(pair.image), "source_label": str(pair.label),
+    row = {"case": pair.case, "source_image": project_relative(pair.image),
+           "source_label": project_relative(pair.label),
            "image_file": f"{pair.case}_image.nii", "label_file": f"{pair.case}_label.nii",
            "orig_axcodes": "".join(nib.aff2axcodes(img.affine)),
            "orig_shape_x": data.shape[0], "orig_shape_y": data.shape[1], "orig_shape_z": data.shape[2],
