@@ -281,6 +281,34 @@ def test_waiting_names_a_running_experiment_whose_worker_died():
     assert ["queue", "start", "-j", "1"] not in calls
 
 
+def test_run_follows_its_experiments_on_their_commit_when_head_moves_while_they_run(capsys):
+    """Seen on a real grid: a commit made while the queue ran hid the finished experiments from
+    `dvc exp show` (HEAD's only), and waiting called them dead. The wait reads the queued commit."""
+    queued_on = doc()[1]["rev"]
+    before = _with_states({"ctx-5": "queued"})
+    moved = [copy.deepcopy(doc()[0]), {**copy.deepcopy(doc()[1]), "rev": "f" * 40, "experiments": []}]
+    calls: list = []
+    shown = iter([before])
+
+    def run_dvc(args):
+        calls.append(args)
+        if args[:2] == ["exp", "show"]:
+            if "--rev" not in args:                                   # HEAD: the first call, then a new commit
+                return json.dumps(next(shown, moved))
+            assert args[args.index("--rev") + 1] == queued_on
+            return json.dumps(doc())                                  # on their commit: ctx-5 finished
+        return "Worker status: 0 active, 0 idle" if args[:2] == ["queue", "status"] else ""
+    assert compare.run([f"{K}=0,1"], "1,2,3", name="ctx", params_path=str(PARAMS), run_dvc=run_dvc, poll_s=0) == 0
+    assert ["exp", "show", "--json", "--rev", queued_on] in calls
+    assert "all 6 grid points finished" in capsys.readouterr().out
+
+
+def test_waiting_names_an_experiment_no_longer_listed():
+    run_dvc, _ = fake_dvc(doc(), workers="Worker status: 0 active, 0 idle")
+    with pytest.raises(InputError, match="not listed by `dvc exp show --rev abc`: gone-1 \\(removed\\?\\)"):
+        compare.wait({"gone-1"}, run_dvc, poll_s=0, rev="abc")
+
+
 def test_run_refuses_unknown_keys_invalid_values_and_bad_options_before_queueing():
     run_dvc, calls = fake_dvc(doc())
     with pytest.raises(InputError, match="no key model.context_slice "):

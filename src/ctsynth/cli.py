@@ -177,7 +177,8 @@ def _compare_run(args) -> int:
 def _compare_show(args) -> int:
     from ctsynth.evaluate.compare import show
 
-    show(name=args.name, metrics=args.metrics, baseline=args.baseline, out=args.out, seed_key=args.seed_key)
+    show(name=args.name, metrics=args.metrics, baseline=args.baseline, out=args.out, seed_key=args.seed_key,
+         rev=args.rev)
     return 0
 
 
@@ -216,6 +217,8 @@ def _compare_parser(sub) -> None:
                    help="the baseline configuration (repeatable; default: the workspace's params)")
     s.add_argument("--seed-key", default=DEFAULT_SEED_KEY, help=seed_help)
     s.add_argument("--out", default=None, help="also write the table: .csv (every field) or .md")
+    s.add_argument("--rev", default=None, metavar="COMMIT",
+                   help="the experiments of that commit (default: HEAD's; `dvc exp show` lists only those)")
     s.set_defaults(func=_compare_show)
 
 

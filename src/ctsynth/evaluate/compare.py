@@ -141,14 +141,27 @@ def dvc(args: list[str]) -> str:
     return done.stdout
 
 
-def read_show(run_dvc: Callable[[list[str]], str] = dvc) -> tuple[dict[str, Any], list[Experiment]]:
-    """The experiments of HEAD (``dvc exp show --json``: queued, running and failed ones too)."""
-    text = run_dvc(["exp", "show", "--json"])
+def read_doc(run_dvc: Callable[[list[str]], str] = dvc, rev: str | None = None) -> Any:
+    """``dvc exp show --json`` of HEAD, or of commit ``rev`` (the document, parsed from JSON)."""
+    args = ["exp", "show", "--json", *(["--rev", rev] if rev else [])]
+    text = run_dvc(args)
     try:
-        doc = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(f"`dvc exp show --json`: not JSON ({e})") from None
-    return parse_show(doc)
+        raise InputError(f"`dvc {' '.join(args)}`: not JSON ({e})") from None
+
+
+def read_show(run_dvc: Callable[[list[str]], str] = dvc,
+              rev: str | None = None) -> tuple[dict[str, Any], list[Experiment]]:
+    """The experiments of HEAD, or of commit ``rev`` (``dvc exp show --json``: queued, running and
+    failed ones too)."""
+    return parse_show(read_doc(run_dvc, rev))
+
+
+def baseline_rev(doc: Any) -> str | None:
+    """The commit a ``dvc exp show --json`` document lists experiments of (HEAD's, at the time)."""
+    revs = [c.get("rev") for c in doc if isinstance(c, dict)] if isinstance(doc, list) else []
+    return next((str(r) for r in revs if r and r != "workspace"), None)
 
 
 # ------------------------------------------------------------------------------------ values
@@ -470,11 +483,12 @@ def describe(study: Study, baseline: str, n_experiments: int) -> str:
 
 def show(name: str | list[str] | None = None, metrics: str | None = None, baseline: list[str] | None = None,
          out: str | None = None, seed_key: str = DEFAULT_SEED_KEY,
-         run_dvc: Callable[[list[str]], str] = dvc) -> list[Row]:
-    """``ctsynth compare show``: print the table (and write ``out``); the rows."""
+         run_dvc: Callable[[list[str]], str] = dvc, rev: str | None = None) -> list[Row]:
+    """``ctsynth compare show``: print the table (and write ``out``); the rows. ``rev``: the
+    experiments of that commit (default HEAD's)."""
     if out and Path(out).suffix not in (".csv", ".md"):
         raise InputError(f"--out {out}: write .csv or .md")
-    workspace, experiments = read_show(run_dvc)
+    workspace, experiments = read_show(run_dvc, rev)
     study = build_study(experiments, seed_keys_of(seed_key), name)
     known = metric_names(study)
     chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else known
@@ -622,7 +636,8 @@ def run(sets: list[str], seeds: str, seed_key: str = DEFAULT_SEED_KEY, name: str
     check_keys(Path(params_path), [*grid, *seed_keys])
     points = grid_points(grid, seed_list, seed_keys)
     validate_points(Path(params_path), points, seed_keys)
-    workspace, experiments = read_show(run_dvc)
+    shown = read_doc(run_dvc)
+    workspace, experiments = parse_show(shown)
     steps = plan(points, workspace, experiments, name)
     todo = [s for s in steps if s.action == "queue"]
     waiting = [s for s in steps if s.action == "pending"]
@@ -648,7 +663,9 @@ def run(sets: list[str], seeds: str, seed_key: str = DEFAULT_SEED_KEY, name: str
     if threads:
         print(f"  each of the {jobs} queue workers' runs gets OMP_NUM_THREADS={threads} (set it to choose otherwise)")
     run_dvc(["queue", "start", "-j", str(jobs)])
-    failed = wait({s.name for s in todo + waiting}, run_dvc, poll_s, jobs)
+    # The experiments are queued on HEAD's commit: follow them there, so that a commit made while
+    # they run does not hide them (`dvc exp show` lists the experiments of HEAD only).
+    failed = wait({s.name for s in todo + waiting}, run_dvc, poll_s, jobs, rev=baseline_rev(shown))
     if failed:
         print(f"{len(failed)} experiment(s) failed: {', '.join(failed)}; see why with "
               + "; ".join(f"dvc queue logs {n}" for n in failed) + "; rerun this command to retry them",
@@ -676,18 +693,19 @@ def _study_names(steps: list[Point], name: str) -> list[str]:
 
 
 def wait(names: set[str], run_dvc: Callable[[list[str]], str], poll_s: float, jobs: int = 1,
-         restarts: int = 3) -> list[str]:
-    """Poll ``dvc exp show`` until none of ``names`` is queued or running (progress bar); the
-    names that failed. DVC's workers can exit with experiments still queued (seen between two rounds
-    of ``-j 2``): then the queue is started again, up to ``restarts`` times. InputError when no
-    worker is left and restarting does not help, naming what is stuck."""
+         restarts: int = 3, rev: str | None = None) -> list[str]:
+    """Poll ``dvc exp show`` (of commit ``rev``: the one the experiments were queued on; None: HEAD)
+    until none of ``names`` is queued or running (progress bar); the names that failed. DVC's
+    workers can exit with experiments still queued (seen between two rounds of ``-j 2``): then the
+    queue is started again, up to ``restarts`` times. InputError when no worker is left and
+    restarting does not help, naming what is stuck."""
     from tqdm import tqdm
 
     idle = 0
     bar = tqdm(total=len(names), desc="experiments", unit="exp", disable=quiet())
     try:
         while True:
-            _, experiments = read_show(run_dvc)
+            _, experiments = read_show(run_dvc, rev)
             states = {e.name: e.state for e in experiments if e.name in names and e.state != "failed"}
             states.update({e.name: "failed" for e in experiments if e.name in names and e.name not in states})
             finished = sum(states.get(n) in DONE for n in names)
@@ -706,12 +724,15 @@ def wait(names: set[str], run_dvc: Callable[[list[str]], str], poll_s: float, jo
                     run_dvc(["queue", "start", "-j", str(jobs)])
                     idle = 0
                 else:
-                    stuck = sorted(n for n in names if states.get(n) not in DONE and n not in queued)
+                    stuck = sorted(n for n in names if states.get(n) == "running")
+                    gone = sorted(n for n in names if n not in states)
                     raise InputError(
                         f"{len(names) - finished} experiment(s) not finished and no queue worker runs"
                         + (f"; queued: {', '.join(queued)} (restarted the queue, it stopped again)" if queued else "")
                         + (f"; shown running with no worker left (it died): {', '.join(stuck)}, remove "
                            f"them with `dvc queue kill` or `dvc exp remove`" if stuck else "")
+                        + (f"; not listed by `dvc exp show{' --rev ' + rev if rev else ''}`: {', '.join(gone)} "
+                           f"(removed?)" if gone else "")
                         + ". Start the queue with `dvc queue start`, then rerun this command to wait for them")
             time.sleep(poll_s)
     except KeyboardInterrupt:
