@@ -18,7 +18,7 @@ from ctsynth.train.networks import (
     save_generator,
 )
 
-PAPER = ModelCfg(gen_depth=7, ngf=64, ndf=64, disc_layers=4, skip_connections=False)
+PAPER = ModelCfg(gen_depth=7, ngf=64, ndf=64, disc_layers=4, skip_connections=False, head_layers=0)
 META = {"image_size": 32, "hu_window": [-1000.0, 1000.0], "structures": ["LV", "Ao"],
         "label_map": {205: "Myo", 500: "LV", 820: "Ao"}, "encoding": "onehot"}
 
@@ -109,7 +109,7 @@ def test_head_layers_read_the_condition_at_full_resolution():
     """model.head_layers: known answer — with the head's weights on the up path zeroed and one
     condition channel's centre tap set, the output is tanh(w * that channel + b) pixel for pixel (a
     one-pixel checkerboard no stride-2 layer can place); 0 adds no module (pix2pix's weights)."""
-    assert not any("head" in k for k in build_generator(ModelCfg(gen_depth=3, ngf=4), 3).state_dict())
+    assert not any("head" in k for k in build_generator(ModelCfg(gen_depth=3, ngf=4, head_layers=0), 3).state_dict())
     g = build_generator(ModelCfg(gen_depth=3, ngf=4, head_layers=1), 3).eval()
     conv = g.head[0]
     assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (4 + 3, 1, (3, 3))

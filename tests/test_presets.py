@@ -173,7 +173,7 @@ def test_cli_preset_writes_the_merged_file(tmp_path, capsys):
         cli_main(["preset", "paper", "--params", str(base), "--out", str(out)])
     assert exit_info.value.code == 0
     shown = capsys.readouterr().out
-    assert "values changed" in shown and "train.iterations: 1500 -> 100000" in shown
+    assert "values changed" in shown and "train.iterations: 1250 -> 100000" in shown
     assert to_dict(load_params(out)) == to_dict(expand("paper", base).params)
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["preset", "nope", "--params", str(base), "--out", str(out)])

@@ -108,7 +108,7 @@ class ModelCfg:
     anatomy: bool = True                             # + 3 channels: body outline, lung, bone (data/anatomy.py)
     noise: Literal["none", "nps"] = "none"           # nps: CT noise sampled from the training NPS (data/noise.py)
     output_blur: float = 0.0                         # sigma px of a fixed Gaussian low-pass on the output; 0: off
-    head_layers: int = 0                             # 3x3 convs at full resolution reading the condition; 0: pix2pix
+    head_layers: int = 1                             # 3x3 convs at full resolution reading the condition; 0: pix2pix
 
 
 @dataclass
@@ -122,7 +122,7 @@ class TrainCfg:
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 where native (CUDA, AMX CPUs)
     channels_last: Literal["auto", True, False] = True     # auto: NHWC on CUDA, NCHW on CPU
     compile: bool = False
-    iterations: int = 1500                           # generator steps (paper: 100000)
+    iterations: int = 1250                           # generator steps (paper: 100000)
     batch_size: int = 8
     lr_g: float = 2e-4
     lr_d: float = 2e-4
