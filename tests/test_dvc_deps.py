@@ -164,3 +164,16 @@ def test_training_code_enters_the_checkpoint_fingerprint(tmp_path, monkeypatch):
     assert imports.source_hash("train/loop.py") == before
     gan.write_text(gan.read_text() + "\n# a change to the GAN step\n")
     assert imports.source_hash("train/loop.py") != before
+
+
+def test_study_cells_list_the_generator_config_they_train():
+    """A utility-study cell with n <= study.own_generator_max_n trains a generator of the
+    pipeline's config (`_train_own_generator` -> train.loop.run): every params section the train
+    stage lists must be a params dep of the cell too, else editing model.* or train.* would leave
+    those cells called up to date with another generator's results."""
+    study = yaml.safe_load((REPO / "studies" / "utility" / "dvc.yaml").read_text())["stages"]["cell"]
+    listed = set()
+    for entry in study["params"]:
+        if isinstance(entry, dict):
+            listed |= {key.split(".")[0] for key in entry.get("../../params.yaml", [])}
+    assert set(_stages()["train"]["params"]) <= listed, sorted(set(_stages()["train"]["params"]) - listed)
