@@ -69,6 +69,20 @@ def test_record_check_clip_and_draw():
         contrast.record({"a": float("nan")}, ["LV"])
 
 
+def test_plane_is_the_standardized_level_and_old_model_files_keep_theirs():
+    """New records say ``plane: standardized``: the plane is (level - training mean) / sd, so the
+    training levels span about +-1, as the mask channels' 0 / 1 do; a record written before the key
+    existed keeps the image-scale plane it was trained with (hu_to_unit)."""
+    rec = contrast.record({"a": 300.0, "b": 400.0, "c": 350.0}, ["LV"])
+    assert rec["plane"] == "standardized" and rec["sd_hu"] == 50.0
+    z = contrast.planes([300.0, 350.0, 400.0, 425.0], rec, WINDOW)
+    assert z.dtype == np.float32 and z.tolist() == [-1.0, 0.0, 1.0, 1.5]
+    old = {k: v for k, v in rec.items() if k != "plane"}
+    assert np.array_equal(contrast.planes([300.0, 400.0], old, WINDOW), hu_to_unit(np.float32([300.0, 400.0]), WINDOW))
+    one = contrast.record({"a": 300.0}, ["LV"])                          # one training level: sd 0
+    assert contrast.planes([300.0], one, WINDOW).tolist() == [0.0]
+
+
 def test_condition_plane_and_augmentation_keep_the_level_whole():
     masks = np.zeros((4, 16, 16), np.uint8)
     masks[:, 4:12, 4:12] = 3
@@ -105,6 +119,10 @@ def test_training_records_the_range_and_the_model_refuses_levels_outside(tmp_pat
     masks = np.asarray(ProcessedStore(tmp_path / "processed").masks[:3])
     low, high = synth.unit(masks, np.full(3, 260.0)), synth.unit(masks, np.full(3, 410.0))
     assert not np.array_equal(low, high)                                   # the plane reaches the output
+    assert rec["plane"] == "standardized"
+    rows = ProcessedStore(tmp_path / "processed").rows_for_cases(["c1", "c2"])
+    seen = contrast.measured_planes(ProcessedStore(tmp_path / "processed"), rows, rec)
+    assert sorted(set(seen.round(3).tolist())) == pytest.approx([-0.707, 0.707], abs=0.01)   # two levels, sd ddof 1
     with pytest.raises(InputError, match=r"contrast 600 HU: outside the contrast levels .* \(250 to 419\.9\d HU"):
         MaskToCT(model, meta, contrast_hu=600.0)
     plain, plain_meta = load_model(save_tiny_model(tmp_path / "plain.pt"))

@@ -25,6 +25,7 @@ from ctsynth.data.preprocess import hu_to_unit, unit_to_hu
 
 BLOOD_POOL = ("LA", "LV", "RA", "RV", "Ao", "PA")
 MEASURE = "median HU inside the blood pools and vessels"
+PLANE = "standardized"              # the record's ``plane``: (level - mean) / sd, see :func:`planes`
 
 
 def level_structures(structures: list[str]) -> list[str]:
@@ -59,9 +60,19 @@ def row_levels(store, rows: np.ndarray, levels: dict[str, float]) -> np.ndarray:
     return np.array([levels[c] for c in cases], np.float32)
 
 
-def planes(levels_hu, window) -> np.ndarray:
-    """Levels (B,) HU -> the condition channel's value (B,) in [-1, 1] (the image's own scale)."""
-    return hu_to_unit(np.asarray(levels_hu, np.float32), window)
+def planes(levels_hu, rec: dict, window) -> np.ndarray:
+    """Levels (B,) HU -> the condition channel's value (B,) for the model of record ``rec``.
+
+    A record with ``plane: standardized`` (every model trained since 2026-12-03) says the plane
+    holds (level - training mean) / training sd: the training levels span a few units, as the 0/1
+    mask channels do. Older model files saw the level on the image's own scale (``hu_to_unit``):
+    a spread of about 0.2 beside channels of 0 and 1, which a short training barely learnt to read
+    (0.27 HU drawn per HU asked at 1 250 steps; docs/experiments/generator-realism.md, grid 14)."""
+    levels = np.asarray(levels_hu, np.float32)
+    if rec.get("plane") == PLANE:
+        sd = float(rec["sd_hu"]) or 1.0                    # one training level: every plane 0
+        return ((levels - float(rec["mean_hu"])) / sd).astype(np.float32)
+    return hu_to_unit(levels, window)
 
 
 def record(levels: dict[str, float], structures: list[str]) -> dict:
@@ -71,7 +82,7 @@ def record(levels: dict[str, float], structures: list[str]) -> dict:
         raise InputError(f"model.contrast_control: no training case has any of {level_structures(structures)} "
                          f"to measure a contrast level on")
     values = list(found.values())
-    return {"measure": MEASURE, "structures": level_structures(structures), "train_levels_hu": found,
+    return {"measure": MEASURE, "plane": PLANE, "structures": level_structures(structures), "train_levels_hu": found,
             "range_hu": [min(values), max(values)], "mean_hu": round(float(np.mean(values)), 2),
             "sd_hu": round(float(np.std(values, ddof=1)), 2) if len(values) > 1 else 0.0}
 
@@ -130,7 +141,7 @@ def training_dataset(store, rows: np.ndarray, cases: list[str], model_cfg, anato
         measured = case_levels(store, cases)
         rec = record(measured, store.structures)
         levels, _ = clip_levels(measured, rec)
-        values = planes(row_levels(store, rows, levels), store.meta["hu_window"])
+        values = planes(row_levels(store, rows, levels), rec, store.meta["hu_window"])
         ds = SliceDataset(store, rows, model_cfg.encoding, model_cfg.context_slices, values, rec, anatomy=anatomy)
     ds.anatomy_record = anatomy_record(anatomy, store.meta.get("anatomy"), anatomy_drop)
     ds.noise_record = measure_noise(np.asarray(store.images[rows]), np.asarray(store.masks[rows]),
@@ -146,4 +157,4 @@ def measured_planes(store, rows: np.ndarray, rec: dict | None) -> np.ndarray | N
         return None
     cases = list(dict.fromkeys(store.slices["case"].to_numpy()[np.asarray(rows, np.int64)].tolist()))
     levels, _ = clip_levels(case_levels(store, cases), rec)
-    return planes(row_levels(store, rows, levels), store.meta["hu_window"])
+    return planes(row_levels(store, rows, levels), rec, store.meta["hu_window"])

@@ -193,7 +193,8 @@ class MaskToCT:
     def _planes(self, n: int, levels: np.ndarray | None) -> np.ndarray | None:
         if self.contrast is None:
             return None
-        return contrast.planes(np.full(n, self.level, np.float32) if levels is None else levels, self.window)
+        return contrast.planes(np.full(n, self.level, np.float32) if levels is None else levels, self.contrast,
+                               self.window)
 
     def mask_to_model(self, mask_xy: np.ndarray) -> np.ndarray:
         """Canonical structure-index slice (X, Y) -> display slice (M, M) uint8 (M = :attr:`mask_size`).
