@@ -109,6 +109,7 @@ class ModelCfg:
     noise: Literal["none", "nps"] = "none"           # nps: CT noise sampled from the training NPS (data/noise.py)
     output_blur: float = 0.0                         # sigma px of a fixed Gaussian low-pass on the output; 0: off
     head_layers: int = 1                             # 3x3 convs at full resolution reading the condition; 0: pix2pix
+    disc_slices: int = 1                             # > 1: D judges that many consecutive slices together (z-aware)
 
 
 @dataclass
@@ -425,6 +426,14 @@ def _check_model_and_split(p: Params, need) -> None:
     need(0.0 <= m.output_blur <= 4.0, "model.output_blur: a Gaussian sigma in px, 0 (off) to 4")
     need(0 <= m.context_slices <= 8, "model.context_slices: must be in 0..8")
     need(0 <= m.head_layers <= 4, "model.head_layers: 3x3 convs at full resolution, 0 (pix2pix) to 4")
+    need(1 <= m.disc_slices <= 4, "model.disc_slices: consecutive slices the discriminator judges together, "
+         "1 (pix2pix) to 4")
+    need(m.disc_slices == 1 or p.train.batch_size % m.disc_slices == 0,
+         f"model.disc_slices {m.disc_slices}: train.batch_size {p.train.batch_size} must be whole slabs "
+         f"(a multiple of it)")
+    need(m.disc_slices == 1 or m.noise == "none",
+         f"model.disc_slices {m.disc_slices} with model.noise {m.noise}: the noise is drawn per slice, so the "
+         f"discriminator would see generated slabs by their noise alone; use model.noise none")
     need(not (m.contrast_control and "intensity" in p.train.augment),
          f"model.contrast_control with train.augment {p.train.augment}: the intensity jitter changes the contrast the "
          f"condition states; use train.augment affine or none")

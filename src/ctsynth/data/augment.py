@@ -115,8 +115,10 @@ def build_anatomy_drop(params, structures: list[str], rank: int = 0):
     anatomy channels of each slice with that probability, drawn from ``(train.seed, rank, step)`` (a
     resumed run draws the same), so the model also learns to draw from heart labels alone (the
     condition's anatomy channels all zero, as :class:`ctsynth.synth.inference.MaskToCT` passes them
-    when a user has none); None otherwise."""
+    when a user has none); None otherwise. With ``model.disc_slices`` k > 1 one draw holds for each
+    slab of k consecutive batch slices (the discriminator sees the slab's conditions together)."""
     rate, m = params.train.anatomy_drop, params.model
+    k = getattr(m, "disc_slices", 1)
     if not (m.anatomy and rate > 0):
         return None
     from ctsynth.data.store import anatomy_slice
@@ -127,7 +129,7 @@ def build_anatomy_drop(params, structures: list[str], rank: int = 0):
     def drop(cond: torch.Tensor, step: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, step])
                                               .generate_state(1)[0]))
-        keep = (torch.rand(len(cond), generator=g) >= rate).to(cond.device, cond.dtype)
+        keep = (torch.rand(len(cond) // k, generator=g) >= rate).repeat_interleave(k).to(cond.device, cond.dtype)
         cond = cond.clone()
         cond[:, where] *= keep.view(-1, 1, 1, 1)
         return cond
@@ -141,19 +143,44 @@ def build_batch_transform(params, constant_channels: int, structures: list[str],
     any; ``fake_noise``: with a noise record (``model.noise``), a (B, 1, S, S) sample of
     :class:`ctsynth.data.noise.NoiseModel` drawn from ``(train.seed, rank, step)`` for the
     discriminator to see on the generated slices, else None. ``soft_condition``: the condition holds
-    partial-volume fractions (``preprocess.partial_volume`` > 1), resampled bilinearly."""
+    partial-volume fractions (``preprocess.partial_volume`` > 1), resampled bilinearly.
+    With ``model.disc_slices`` k > 1 the batch is slabs of k consecutive slices back to back
+    (:class:`ctsynth.data.store.SlabDataset`), and each slab is warped as one: one geometric (and
+    intensity) draw for all its slices, as one scanner position holds for neighbouring slices."""
     from ctsynth.data.noise import NoiseModel
 
     augment = build_augment(params.train.augment, constant_channels, soft_condition=soft_condition)
     drop = build_anatomy_drop(params, structures, rank)
     noise = NoiseModel.from_record(noise_record)
     seed = with_training_seeds(params).train.seed
+    k = getattr(params.model, "disc_slices", 1)
 
     def transform(cond: torch.Tensor, real: torch.Tensor, step: int):
-        cond, real = augment(cond, real)
+        if k == 1:
+            cond, real = augment(cond, real)
+        else:
+            cond, real = _from_slabs(*augment(*_to_slabs(cond, real, k, constant_channels)), k, constant_channels)
         fake_noise = None if noise is None else noise.batch(len(real), (seed, rank, step), real.device)
         return (drop(cond, step) if drop else cond), real, fake_noise
     return transform
+
+
+def _to_slabs(cond: torch.Tensor, real: torch.Tensor, k: int, constant: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slices (B, C, S, S), (B, 1, S, S), slabs of k back to back -> one item per slab: the slices'
+    warped channels stacked (B/k, k·(C - constant) + constant, S, S) with the slab's constant planes
+    (one case's contrast level: its first slice's) at the end, and the images (B/k, k, S, S)."""
+    n, c, size = len(cond), cond.shape[1] - constant, cond.shape[-2:]
+    warped = cond[:, :c].reshape(n // k, k * c, *size)
+    return torch.cat([warped, cond[::k, c:]], dim=1), real.reshape(n // k, k, *size)
+
+
+def _from_slabs(cond: torch.Tensor, real: torch.Tensor, k: int, constant: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`_to_slabs`: slabs back to (B, C, S, S), (B, 1, S, S)."""
+    n, size = len(cond), cond.shape[-2:]
+    c = (cond.shape[1] - constant) // k
+    warped = cond[:, :k * c].reshape(n * k, c, *size)
+    return (torch.cat([warped, cond[:, k * c:].repeat_interleave(k, dim=0)], dim=1),
+            real.reshape(n * k, 1, *size))
 
 
 __all__ = ["AUGMENTS", "PairedAugment", "augment_labelled", "build_anatomy_drop", "build_augment",

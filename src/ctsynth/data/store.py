@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from ctsynth.core.errors import InputError
+from ctsynth.core.errors import ConfigError, InputError
 from ctsynth.core.labels import condition_channels, encode_condition
 from ctsynth.data.anatomy import CHANNELS as ANATOMY_CHANNELS
 from ctsynth.data.anatomy import channels as anatomy_channels
@@ -156,6 +156,45 @@ class SliceDataset(Dataset):
         return cond, torch.from_numpy(image)
 
 
+class SlabDataset(Dataset):
+    """Runs of ``k`` consecutive slices of one case from a :class:`SliceDataset` (``model.disc_slices``:
+    the z-aware discriminator judges them together): item i -> (conditions (k, C, S, S), images
+    (k, 1, S, S)) of the slices z, z + 1, .., z + k - 1. A slab starts at every slice whose k - 1
+    successors are stored too (in the same case, at consecutive z: a gap in the stored z ends a run)."""
+
+    def __init__(self, slices: SliceDataset, k: int):
+        self.slices, self.k = slices, int(k)
+        table = slices.store.slices
+        case = table["case"].to_numpy()[slices.rows]
+        z = table["z"].to_numpy()[slices.rows].astype(np.int64)
+        where = {(c, int(zz)): i for i, (c, zz) in enumerate(zip(case, z))}
+        runs = [[where.get((c, int(zz) + j)) for j in range(self.k)] for c, zz in zip(case, z)]
+        self.index = np.array([r for r in runs if None not in r], np.int64).reshape(-1, self.k)   # (M, k)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        conds, images = zip(*(self.slices[int(j)] for j in self.index[i]))
+        return torch.stack(conds), torch.stack(images)
+
+
+def slabs_of(ds: SliceDataset, k: int, per_process: int, where: Path) -> SliceDataset | SlabDataset:
+    """What training batches draw from: ``ds`` itself (k = 1), or its runs of k consecutive slices
+    (``model.disc_slices`` k > 1), refused when ``per_process`` slices are not whole slabs or more
+    than the slabs there are."""
+    if k == 1:
+        return ds
+    if per_process % k:
+        raise ConfigError(f"model.disc_slices {k}: {per_process} slices per process (train.batch_size over the "
+                          f"processes) are not whole slabs")
+    slabs = SlabDataset(ds, k)
+    if len(slabs) < per_process // k:
+        raise InputError(f"{where}: {len(slabs)} runs of {k} consecutive stored slices in the training cases, "
+                         f"fewer than one batch ({per_process // k} per process); lower model.disc_slices")
+    return slabs
+
+
 def condition_width(structures: list[str], encoding: str, context: int = 0, contrast: bool = False,
                     anatomy: bool = False) -> int:
     """Channels of the condition :func:`condition_batch` builds."""
@@ -202,7 +241,9 @@ def _block_mean(x: np.ndarray, p: int) -> np.ndarray:
 def train_batches(ds, sampler: DistributedSampler, batch: int, start_step: int,
                   **loader_kw) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (cond, image) batches; batch k of epoch e depends only on (seed, e, k), so a
-    resumed run continues exactly where it stopped (the sampler position is the step).
+    resumed run continues exactly where it stopped (the sampler position is the step). Items that
+    are slabs (:class:`SlabDataset`) come flattened: ``batch`` slabs of k slices are a batch of
+    ``batch`` · k slices, each slab's slices consecutive.
 
     Each epoch's loader gets its own generator: a DataLoader iterator otherwise draws its worker
     base seed from torch's global RNG, which would shift the augmentation draws (ctsynth.augment)
@@ -212,8 +253,9 @@ def train_batches(ds, sampler: DistributedSampler, batch: int, start_step: int,
     while True:
         sampler.set_epoch(epoch)
         idx = list(sampler)[skip * batch: per_epoch * batch]
-        yield from DataLoader(Subset(ds, idx), batch_size=batch, shuffle=False, drop_last=True,
-                              generator=torch.Generator().manual_seed(epoch), **loader_kw)
+        for cond, image in DataLoader(Subset(ds, idx), batch_size=batch, shuffle=False, drop_last=True,
+                                      generator=torch.Generator().manual_seed(epoch), **loader_kw):
+            yield (cond.flatten(0, 1), image.flatten(0, 1)) if cond.dim() == 5 else (cond, image)
         epoch, skip = epoch + 1, 0
 
 

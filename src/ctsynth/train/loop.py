@@ -28,7 +28,7 @@ from ctsynth.core.tracking import Tracker
 from ctsynth.data.augment import build_batch_transform
 from ctsynth.data.contrast import training_dataset
 from ctsynth.data.split import load_split
-from ctsynth.data.store import ProcessedStore, SliceDataset, condition_width, train_batches
+from ctsynth.data.store import ProcessedStore, SlabDataset, SliceDataset, condition_width, slabs_of, train_batches
 from ctsynth.train.checkpoint import ckpt_files, load_latest_checkpoint, run_fingerprint, save_checkpoint, set_rng_state
 from ctsynth.train.distributed import Dist, StopFlag, check_finite, compile_models, setup, sync_and_hash
 from ctsynth.train.gan import gan_step, learning_rates, lr_factor, make_ema, make_optimizer, recalibrate_bn
@@ -57,6 +57,7 @@ class _Job:
     store: ProcessedStore
     split: dict
     ds: SliceDataset
+    batches_from: SliceDataset | SlabDataset   # what batches draw: ds, or its slabs (model.disc_slices > 1)
     in_ch: int
     batch: int                       # per process
     precision: str
@@ -123,8 +124,9 @@ def _prepare(params: Params, d: Dist, processed_dir: Path, split_path: Path) -> 
         log.info("%d training slices, batch %d (%d per process x %d), %s %s%s%s", len(rows), cfg.batch_size,
                  cfg.batch_size // d.world, d.world, d.device, precision,
                  " channels_last" if channels_last else "", " compile" if cfg.compile else "")
-    return _Job(params, d, store, split, ds, in_ch, cfg.batch_size // d.world, precision, channels_last, fp,
-                data_hash, G, D, opt_g, opt_d, make_ema(G, cfg.ema))
+    batches_from = slabs_of(ds, mcfg.disc_slices, cfg.batch_size // d.world, split_path)   # k = 1: ds
+    return _Job(params, d, store, split, ds, batches_from, in_ch, cfg.batch_size // d.world, precision,
+                channels_last, fp, data_hash, G, D, opt_g, opt_d, make_ema(G, cfg.ema))
 
 
 def _resume(job: _Job, ckpt_dir: Path) -> dict:
@@ -214,10 +216,10 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
     amp = autocast(job.precision, d.device)
     transform = build_batch_transform(job.params, job.ds.constant_channels, job.store.structures, d.rank,
                                       job.ds.noise_record, job.store.partial_volume > 1)    # noise, soft cond
-    sampler = DistributedSampler(job.ds, num_replicas=d.world, rank=d.rank, shuffle=True,
+    sampler = DistributedSampler(job.batches_from, num_replicas=d.world, rank=d.rank, shuffle=True,
                                  seed=job.params.train.seed, drop_last=True)
-    batches = train_batches(job.ds, sampler, job.batch, step, num_workers=steer.num_workers,
-                            pin_memory=d.device.type == "cuda")
+    batches = train_batches(job.batches_from, sampler, job.batch // job.params.model.disc_slices, step,   # slabs
+                            num_workers=steer.num_workers, pin_memory=d.device.type == "cuda")
     if d.is_main:
         snaps.start(job.G_out, step)
         hist.write(reports_dir / "losses.csv", step, cfg.iterations, lambda s: learning_rates(s, cfg))

@@ -193,6 +193,36 @@ class PatchDiscriminator(nn.Module):
         return x, feats
 
 
+class SlabDiscriminator(nn.Module):
+    """A z-aware PatchGAN (``model.disc_slices`` k > 1): judges k consecutive slices of one case
+    together, so a slice-to-slice change real volumes do not make (flicker) is something it can see.
+
+    The batch holds slabs back to back (slices ``i·k .. i·k + k - 1`` are one slab, as
+    :class:`ctsynth.data.store.SlabDataset` and :func:`ctsynth.data.augment.build_batch_transform` lay
+    them out); each slab's k images and k conditions become the channels of one
+    :class:`PatchDiscriminator` input, ``concat(image_1..k, cond_1..k)``. Patch scores and block
+    features are per slab: (B / k, 1, P, P). The generator stays 2-D: it draws every slice alone."""
+
+    def __init__(self, in_channels: int, slices: int, ndf: int = 64, layers: int = 4):
+        super().__init__()
+        if slices < 2:
+            raise ValueError(f"a slab discriminator judges >= 2 slices together, got {slices!r}")
+        self.slices = slices
+        self.patch = PatchDiscriminator(slices * in_channels, ndf=ndf, layers=layers)
+
+    def forward(self, image: torch.Tensor, cond: torch.Tensor, features: bool = False):
+        """image (B, 1, S, S), cond (B, C, S, S), B a multiple of k -> what :class:`PatchDiscriminator`
+        returns for the B / k slabs."""
+        k, n = self.slices, image.shape[0]
+        if n % k:
+            raise ValueError(f"a batch of {n} slices is not whole slabs of {k}")
+        slab = (n // k, -1, *image.shape[2:])
+        w = self.patch.net[0].weight                                 # the slabs in the weights' memory format
+        mem = torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return self.patch(image.reshape(slab).contiguous(memory_format=mem),
+                          cond.reshape(slab).contiguous(memory_format=mem), features)
+
+
 # ------------------------------------------------------------------------------------ builders
 
 def init_weights(module: nn.Module, gain: float = 0.02) -> None:
@@ -218,10 +248,13 @@ def build_generator(model_cfg: Any, in_channels: int) -> Generator:
     return g
 
 
-def build_discriminator(model_cfg: Any, in_channels: int) -> PatchDiscriminator:
-    """PatchGAN for ``in_channels`` condition channels (+1 image channel)."""
+def build_discriminator(model_cfg: Any, in_channels: int) -> PatchDiscriminator | SlabDiscriminator:
+    """PatchGAN for ``in_channels`` condition channels (+1 image channel); with ``disc_slices`` k > 1
+    the z-aware :class:`SlabDiscriminator` over k such slices."""
     c = _cfg_dict(model_cfg)
-    d = PatchDiscriminator(in_channels + 1, ndf=c["ndf"], layers=c["disc_layers"])
+    k = c.get("disc_slices", 1)
+    d = PatchDiscriminator(in_channels + 1, ndf=c["ndf"], layers=c["disc_layers"]) if k == 1 else \
+        SlabDiscriminator(in_channels + 1, k, ndf=c["ndf"], layers=c["disc_layers"])
     init_weights(d)
     return d
 
@@ -276,6 +309,8 @@ def receptive_field(module_or_cfg: Any, net: str = "discriminator") -> int:
     * a :class:`Generator` (or ``net="generator"``): the input interval each output pixel reads,
       propagated back through every path (skips included), maximised over output positions.
     """
+    if isinstance(module_or_cfg, SlabDiscriminator):
+        module_or_cfg = module_or_cfg.patch
     if isinstance(module_or_cfg, PatchDiscriminator):
         convs = [m for m in module_or_cfg.modules() if isinstance(m, nn.Conv2d)]
         return _rf([(m.kernel_size[0], m.stride[0]) for m in convs])[0]
@@ -304,7 +339,8 @@ def describe(G: nn.Module, D: nn.Module, model_cfg: Any, size: int) -> str:
             f"{model_cfg.skip_connections}, full-resolution head {model_cfg.head_layers}, "
             f"receptive field {receptive_field(model_cfg, 'generator')} px; "
             f"discriminator: {count_parameters(D):,} parameters, {(size // 2 ** model_cfg.disc_layers) ** 2} "
-            f"patches of {receptive_field(D)} px receptive field")
+            f"patches of {receptive_field(D)} px receptive field"
+            + (f", judging {D.slices} consecutive slices together" if isinstance(D, SlabDiscriminator) else ""))
 
 def _check_plain(obj: Any, where: str) -> None:
     """Only tensors and plain python values may go into a model file (weights_only loading)."""
