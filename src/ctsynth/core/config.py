@@ -110,6 +110,7 @@ class ModelCfg:
     output_blur: float = 0.0                         # sigma px of a fixed Gaussian low-pass on the output; 0: off
     head_layers: int = 1                             # 3x3 convs at full resolution reading the condition; 0: pix2pix
     disc_slices: int = 1                             # > 1: D judges that many consecutive slices together (z-aware)
+    disc_scales: int = 1                             # > 1: pix2pixHD's multi-scale D (each scale 2x coarser)
 
 
 @dataclass
@@ -428,6 +429,8 @@ def _check_model_and_split(p: Params, need) -> None:
     need(0 <= m.head_layers <= 4, "model.head_layers: 3x3 convs at full resolution, 0 (pix2pix) to 4")
     need(1 <= m.disc_slices <= 4, "model.disc_slices: consecutive slices the discriminator judges together, "
          "1 (pix2pix) to 4")
+    need(1 <= m.disc_scales <= 3, "model.disc_scales: discriminators at 1, 1/2, 1/4 of the slice size, 1 (pix2pix) "
+         "to 3")
     need(m.disc_slices == 1 or p.train.batch_size % m.disc_slices == 0,
          f"model.disc_slices {m.disc_slices}: train.batch_size {p.train.batch_size} must be whole slabs "
          f"(a multiple of it)")
@@ -442,8 +445,9 @@ def _check_model_and_split(p: Params, need) -> None:
          "classes) to 8")
     need(size >= 16 and size % (2 ** m.gen_depth) == 0,
          f"preprocess.image_size: {size} must be >= 16 and divisible by 2^model.gen_depth = {2 ** m.gen_depth}")
-    need(size % (2 ** m.disc_layers) == 0,
-         f"preprocess.image_size: {size} must be divisible by 2^model.disc_layers = {2 ** m.disc_layers}")
+    coarse = 2 ** (m.disc_layers + max(1, m.disc_scales) - 1)
+    need(size % coarse == 0, f"preprocess.image_size: {size} must be divisible by 2^(model.disc_layers + "
+         f"model.disc_scales - 1) = {coarse}")
     s = p.split
     if s.cases is None:
         need(s.train > 0 and s.val >= 0 and s.test > 0 and abs(s.train + s.val + s.test - 1) < 1e-6,

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from kornia.filters import gaussian_blur2d
 from torch import nn
+from torch.nn import functional as F
 
 from ctsynth.core.errors import ModelFileError
 from ctsynth.core.io import save_torch
@@ -223,6 +224,35 @@ class SlabDiscriminator(nn.Module):
                           cond.reshape(slab).contiguous(memory_format=mem), features)
 
 
+class MultiScaleDiscriminator(nn.Module):
+    """pix2pixHD's multi-scale discriminator (``model.disc_scales`` n > 1; Wang et al. 2018): n
+    discriminators of one architecture (PatchGAN, or slab), the i-th judging image and condition
+    downsampled i times (3x3 average pool, stride 2, padding 1 not counted, as pix2pixHD), so the
+    coarser ones see more of the slice per patch with the same weights budget.
+
+    Scores: each scale's patch scores, the coarser ones repeated (nearest) onto the finest scale's
+    grid, as channels (B', n, P, P): an LSGAN loss averaged over them is the mean of the per-scale
+    losses (pix2pixHD sums them: the same up to 1/n). Block features: every scale's, finest first."""
+
+    def __init__(self, scales: list[nn.Module]):
+        super().__init__()
+        if len(scales) < 2:
+            raise ValueError(f"a multi-scale discriminator has >= 2 scales, got {len(scales)}")
+        self.scales = nn.ModuleList(scales)
+
+    def forward(self, image: torch.Tensor, cond: torch.Tensor, features: bool = False):
+        scores, feats = [], []
+        for i, d in enumerate(self.scales):
+            if i:
+                image, cond = (F.avg_pool2d(t, 3, 2, 1, count_include_pad=False) for t in (image, cond))
+            out = d(image, cond, features)
+            s, f = out if features else (out, [])
+            scores.append(s if i == 0 else F.interpolate(s, size=scores[0].shape[-2:], mode="nearest"))
+            feats += f
+        joined = torch.cat(scores, dim=1)
+        return (joined, feats) if features else joined
+
+
 # ------------------------------------------------------------------------------------ builders
 
 def init_weights(module: nn.Module, gain: float = 0.02) -> None:
@@ -248,13 +278,18 @@ def build_generator(model_cfg: Any, in_channels: int) -> Generator:
     return g
 
 
-def build_discriminator(model_cfg: Any, in_channels: int) -> PatchDiscriminator | SlabDiscriminator:
+def build_discriminator(model_cfg: Any, in_channels: int) -> nn.Module:
     """PatchGAN for ``in_channels`` condition channels (+1 image channel); with ``disc_slices`` k > 1
-    the z-aware :class:`SlabDiscriminator` over k such slices."""
+    the z-aware :class:`SlabDiscriminator` over k such slices; with ``disc_scales`` n > 1 n of them in
+    a :class:`MultiScaleDiscriminator`."""
     c = _cfg_dict(model_cfg)
-    k = c.get("disc_slices", 1)
-    d = PatchDiscriminator(in_channels + 1, ndf=c["ndf"], layers=c["disc_layers"]) if k == 1 else \
-        SlabDiscriminator(in_channels + 1, k, ndf=c["ndf"], layers=c["disc_layers"])
+    k, n = c.get("disc_slices", 1), c.get("disc_scales", 1)
+
+    def one() -> nn.Module:
+        if k == 1:
+            return PatchDiscriminator(in_channels + 1, ndf=c["ndf"], layers=c["disc_layers"])
+        return SlabDiscriminator(in_channels + 1, k, ndf=c["ndf"], layers=c["disc_layers"])
+    d = one() if n == 1 else MultiScaleDiscriminator([one() for _ in range(n)])
     init_weights(d)
     return d
 
@@ -305,15 +340,20 @@ def receptive_field(module_or_cfg: Any, net: str = "discriminator") -> int:
     """Receptive field in input pixels of one output element, computed analytically.
 
     * a :class:`PatchDiscriminator` (or ``net="discriminator"`` with a ModelCfg/dict): its conv
-      chain; the paper preset (4 x k4s2 + k4s1) gives 1 + 3·(1+2+4+8+16) = 94.
+      chain; the paper preset (4 x k4s2 + k4s1) gives 1 + 3·(1+2+4+8+16) = 94. A slab discriminator
+      has its PatchGAN's field in-plane; a multi-scale one its coarsest scale's (the pools included).
     * a :class:`Generator` (or ``net="generator"``): the input interval each output pixel reads,
       propagated back through every path (skips included), maximised over output positions.
     """
+    pools: list[tuple[int, int]] = []                             # multi-scale: the coarsest scale's pooling
+    if isinstance(module_or_cfg, MultiScaleDiscriminator):
+        pools = [(3, 2)] * (len(module_or_cfg.scales) - 1)
+        module_or_cfg = module_or_cfg.scales[0]
     if isinstance(module_or_cfg, SlabDiscriminator):
         module_or_cfg = module_or_cfg.patch
     if isinstance(module_or_cfg, PatchDiscriminator):
         convs = [m for m in module_or_cfg.modules() if isinstance(m, nn.Conv2d)]
-        return _rf([(m.kernel_size[0], m.stride[0]) for m in convs])[0]
+        return _rf(pools + [(m.kernel_size[0], m.stride[0]) for m in convs])[0]
     if isinstance(module_or_cfg, Generator):
         g = module_or_cfg
         depth, skip, head = g.depth, g.skip, sum(isinstance(m, nn.Conv2d) for m in (g.head or []))
@@ -321,7 +361,7 @@ def receptive_field(module_or_cfg: Any, net: str = "discriminator") -> int:
     else:
         c = _cfg_dict(module_or_cfg)
         if net == "discriminator":
-            return _rf([(4, 2)] * c["disc_layers"] + [(4, 1)])[0]
+            return _rf([(3, 2)] * (c.get("disc_scales", 1) - 1) + [(4, 2)] * c["disc_layers"] + [(4, 1)])[0]
         if net != "generator":
             raise ValueError(f"net must be 'discriminator' or 'generator', got {net!r}")
         depth, skip, upsample = c["gen_depth"], c["skip_connections"], c["upsample"]
@@ -335,12 +375,15 @@ def receptive_field(module_or_cfg: Any, net: str = "discriminator") -> int:
 
 def describe(G: nn.Module, D: nn.Module, model_cfg: Any, size: int) -> str:
     """One line on the two networks (for the training log)."""
+    scales = len(D.scales) if isinstance(D, MultiScaleDiscriminator) else 1
     return (f"generator: {count_parameters(G):,} parameters, depth {model_cfg.gen_depth}, skips "
             f"{model_cfg.skip_connections}, full-resolution head {model_cfg.head_layers}, "
             f"receptive field {receptive_field(model_cfg, 'generator')} px; "
             f"discriminator: {count_parameters(D):,} parameters, {(size // 2 ** model_cfg.disc_layers) ** 2} "
-            f"patches of {receptive_field(D)} px receptive field"
-            + (f", judging {D.slices} consecutive slices together" if isinstance(D, SlabDiscriminator) else ""))
+            + (f"patches of {receptive_field(D)} px receptive field" if scales == 1 else
+               f"patches at the finest of {scales} scales, receptive field up to {receptive_field(D)} px")
+            + (f", judging {model_cfg.disc_slices} consecutive slices together" if model_cfg.disc_slices > 1 else ""))
+
 
 def _check_plain(obj: Any, where: str) -> None:
     """Only tensors and plain python values may go into a model file (weights_only loading)."""

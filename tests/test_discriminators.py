@@ -1,6 +1,7 @@
-"""The z-aware discriminator (model.disc_slices): slabs of consecutive slices in the data, one
-augmentation draw per slab, the discriminator judging a slab's slices together, the config's
-checks, and a training that runs, repeats and resumes bit for bit."""
+"""Discriminator options. The z-aware discriminator (model.disc_slices): slabs of consecutive slices
+in the data, one augmentation draw per slab, the discriminator judging a slab's slices together,
+the config's checks, and a training that runs, repeats and resumes bit for bit. The multi-scale
+discriminator (model.disc_scales): known answers per scale, receptive field, config, training."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,13 @@ from ctsynth.core.errors import ConfigError
 from ctsynth.data.augment import _from_slabs, _to_slabs, build_batch_transform
 from ctsynth.data.store import ProcessedStore, SlabDataset, SliceDataset, train_batches
 from ctsynth.train.loop import run as train
-from ctsynth.train.networks import PatchDiscriminator, SlabDiscriminator, build_discriminator, receptive_field
+from ctsynth.train.networks import (
+    MultiScaleDiscriminator,
+    PatchDiscriminator,
+    SlabDiscriminator,
+    build_discriminator,
+    receptive_field,
+)
 
 SPLIT = {"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}
 
@@ -168,8 +175,9 @@ def ws(tmp_path):
     return tmp_path
 
 
-def _train(ws, name: str, **kw):
-    p = tiny_params(model={"disc_slices": 2}, train={"iterations": 5, "batch_size": 4, "augment": "affine"},
+def _train(ws, name: str, model: dict | None = None, **kw):
+    p = tiny_params(model=model or {"disc_slices": 2},
+                    train={"iterations": 5, "batch_size": 4, "augment": "affine"},
                     train_run={"checkpoint_every": 2, "log_every": 1}, tracking={"enabled": False})
     out = ws / name
     result = train(p, ws / "processed", ws / "split.json", out / "generator.pt", out / "ckpt", out / "reports",
@@ -207,3 +215,60 @@ def test_too_few_slabs_or_broken_slabs_are_refused_naming_the_split(tmp_path):
         slabs_of(ds, 2, 4, tmp_path / "split.json")
     with pytest.raises(ConfigError, match="3 slices per process .* not whole slabs"):
         slabs_of(ds, 2, 3, tmp_path / "split.json")
+
+
+# -------------------------------------------------------------------------------- multi-scale
+
+def test_multi_scale_scores_are_each_scales_on_the_finest_grid():
+    """Known answer: channel 0 is the first discriminator on the slice, channel 1 the second on the
+    slice average-pooled 3x3 / 2 (padding not counted), each of its scores repeated 2x2; the block
+    features are the first scale's then the second's."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    d = build_discriminator({"ndf": 4, "disc_layers": 2, "disc_scales": 2}, 3).eval()
+    assert isinstance(d, MultiScaleDiscriminator) and len(d.scales) == 2
+    image, cond = torch.randn(2, 1, 32, 32), torch.rand(2, 3, 32, 32)
+    scores, feats = d(image, cond, features=True)
+    assert scores.shape == (2, 2, 8, 8) and len(feats) == 4
+    assert torch.allclose(scores[:, :1], d.scales[0](image, cond))
+    pool = lambda t: F.avg_pool2d(t, 3, 2, 1, count_include_pad=False)          # noqa: E731
+    coarse = d.scales[1](pool(image), pool(cond))                               # (2, 1, 4, 4)
+    assert torch.allclose(scores[:, 1:], coarse.repeat_interleave(2, -1).repeat_interleave(2, -2))
+    assert feats[2].shape[-1] == feats[0].shape[-1] // 2
+    assert not torch.allclose(scores[:, 0], scores[:, 1])                       # two discriminators, two answers
+
+
+def test_multi_scale_receptive_field_and_slabs_compose():
+    one = build_discriminator({"ndf": 4, "disc_layers": 2}, 3)
+    two = build_discriminator({"ndf": 4, "disc_layers": 2, "disc_scales": 2}, 3)
+    assert receptive_field(one) == 22 and receptive_field(two) == 1 + 2 + 2 * 21 == 45   # pool then the convs at /2
+    assert receptive_field({"ndf": 4, "disc_layers": 2, "disc_scales": 2}) == 45
+    both = build_discriminator({"ndf": 4, "disc_layers": 2, "disc_scales": 2, "disc_slices": 2}, 3)
+    assert all(isinstance(s, SlabDiscriminator) for s in both.scales)
+    assert both(torch.randn(4, 1, 16, 16), torch.rand(4, 3, 16, 16)).shape == (2, 2, 4, 4)
+    with pytest.raises(ValueError, match=">= 2 scales"):
+        MultiScaleDiscriminator([one])
+
+
+def test_config_refuses_scales_the_slice_cannot_hold():
+    with pytest.raises(ConfigError) as err:
+        params_from_dict({"model": {"disc_scales": 4}})
+    assert "model.disc_scales: discriminators at 1, 1/2, 1/4 of the slice size, 1 (pix2pix) to 3" in str(err.value)
+    with pytest.raises(ConfigError, match=r"by 2\^\(model.disc_layers \+ model.disc_scales - 1\) = 32"):
+        params_from_dict({"preprocess": {"image_size": 16}, "model": {"gen_depth": 4, "disc_layers": 3,
+                                                                      "disc_scales": 3}})
+
+
+def test_training_with_two_scales_runs_and_resumes_bit_for_bit(ws, caplog):
+    model = {"disc_scales": 2}
+    with caplog.at_level("INFO", logger="ctsynth.train.loop"):
+        _, a = _train(ws, "a", model)
+    assert "patches at the finest of 2 scales, receptive field up to 45 px" in caplog.text
+    ckpt = torch.load(sorted((a / "ckpt").glob("*/step_*.pt"))[-1], weights_only=True)
+    assert {k.split(".")[1] for k in ckpt["D"] if k.startswith("scales.")} == {"0", "1"}
+    _train(ws, "b", model, stop_after=3)
+    _train(ws, "b", model)
+    ga = torch.load(a / "generator.pt", weights_only=True)["state_dict"]
+    gb = torch.load(ws / "b" / "generator.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(ga[k], gb[k]) for k in ga)
