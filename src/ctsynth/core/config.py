@@ -126,8 +126,8 @@ class TrainCfg:
     compile: bool = False
     iterations: int = 1250                           # generator steps (paper: 100000)
     batch_size: int = 8
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
+    lr_g: float = 4e-4                               # Adam step size of G and D (generator-realism.md, grid 21)
+    lr_d: float = 4e-4
     beta1: float = 0.5
     beta2: float = 0.999
     lambda_l1: float = 100.0
