@@ -10,6 +10,7 @@ followed by `dvc repro share`, and the utility study as its own DVC pipeline.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -485,7 +486,14 @@ def test_review_in_the_browser_then_share_exports_exactly_the_accepted_passing_c
     assert stages_run(sh(repo, "dvc", "repro", "share").stdout) == ["share"]       # reviews and params: share only
     expected = sorted(c for c in accept if verdicts[c] == "pass")
     shared = sorted(p.name[:-len("_image.nii.gz")] for p in (repo / "data" / "share" / "pairs").glob("*_image.nii.gz"))
-    assert shared == expected
+    shared_as = json.loads((repo / "reports" / "share.json").read_text())["shared_as"]      # internal -> shared name
+    assert sorted(shared_as) == expected and shared == sorted(shared_as.values())
+    split = json.loads((repo / "data" / "split.json").read_text())
+    patients = [c for cases in split.values() if isinstance(cases, list) for c in cases]
+    for path in (repo / "data" / "share").rglob("*"):                 # no patient, no internal name leaves the site
+        if path.is_file():
+            data = path.read_bytes() + (gzip.decompress(path.read_bytes())[:352] if path.suffix == ".gz" else b"")
+            assert not [c for c in patients + list(verdicts.index) if c.encode() in data], path
     card = json.loads((repo / "data" / "share" / "dataset_card.json").read_text())
     assert card["counts"] == {"made": len(verdicts), "passed_privacy": int((verdicts == "pass").sum()), "accepted": 2,
                               "rejected": 1, "stale_decisions": 0, "shared": len(expected)}

@@ -24,6 +24,10 @@ from ctsynth.share import reviews as rv
 from ctsynth.share.review import ReviewData, create_app
 
 CASES = ("synth_0001", "synth_0002", "synth_0003")
+PATIENTS = ("ct_train_1000", "ct_train_1001", "ct_train_1002", "ct_train_1008", "ct_train_1009")   # sources, nearest
+DRAW = {"rot_x_deg": 7.123, "rot_y_deg": -3.456, "rot_z_deg": 11.789, "scale_x": 1.0432, "scale_y": 0.9176,
+        "scale_z": 1.0688, "shift_x_mm": 4.37, "shift_y_mm": -8.61, "shift_z_mm": 2.93, "deform_max_mm": 5.72,
+        "deform_grid": "4x4x3"}
 
 
 def make_synthetic(root: Path, verdicts=("pass", "pass", "withheld")) -> dict:
@@ -42,11 +46,13 @@ def make_synthetic(root: Path, verdicts=("pass", "pass", "withheld")) -> dict:
         nib.save(nib.Nifti1Image(image, affine), str(syn / f"{case}_image.nii.gz"))
         nib.save(nib.Nifti1Image(label, affine), str(syn / f"{case}_label.nii.gz"))
         rows.append({"case": case, "source": f"ct_train_100{i}", "draw_seed": f"1:{i}", "attempt": 1,
-                     "image_file": f"{case}_image.nii.gz", "label_file": f"{case}_label.nii.gz"})
-        slices += [{"case": case, "z": z, "similarity": 0.5 + 0.05 * z, "nn_case": "ct_train_1000", "nn_z": z,
+                     **DRAW, "image_file": f"{case}_image.nii.gz", "label_file": f"{case}_label.nii.gz",
+                     "model_size": 16, "effective_spacing_x_mm": 2.0, "effective_spacing_y_mm": 2.0})
+        slices += [{"case": case, "z": z, "similarity": 0.5 + 0.05 * z, "nn_case": "ct_train_1009", "nn_z": z,
                     "above": verdicts[i] != "pass" and z == 4} for z in range(1, 5)]
     pd.DataFrame(rows).to_csv(syn / "manifest.csv", index=False)
-    pd.DataFrame([{"case": c, "source": r["source"], "similarity_max": 0.7, "verdict": v,
+    pd.DataFrame([{"case": c, "source": r["source"], "similarity_max": 0.7, "nearest_case": "ct_train_1008",
+                   "nearest_z": 3, "mask_dice_source": 0.8123, "verdict": v,
                    "reason": "" if v == "pass" else "1 slice(s) above 0.69"}
                   for c, r, v in zip(CASES, rows, verdicts)]).to_csv(reports / "privacy_cases.csv", index=False)
     pd.DataFrame(slices).to_csv(reports / "privacy_synthetic.csv", index=False)
@@ -138,13 +144,13 @@ def test_share_exports_the_privacy_passing_unrejected_cases_with_card_and_checks
     out = tmp_path / "share"
     assert counts == {"made": 3, "passed_privacy": 2, "accepted": 1, "rejected": 1, "stale_decisions": 0,
                       "shared": 1, "share_files": 8}
-    assert sorted(p.name for p in (out / "pairs").iterdir()) == ["synth_0001_image.nii.gz", "synth_0001_label.nii.gz"]
-    labels = np.asarray(nib.load(str(out / "nnunet" / "labelsTr" / "synth_0001.nii.gz")).dataobj)
+    assert sorted(p.name for p in (out / "pairs").iterdir()) == ["case_0001_image.nii.gz", "case_0001_label.nii.gz"]
+    labels = np.asarray(nib.load(str(out / "nnunet" / "labelsTr" / "case_0001.nii.gz")).dataobj)
     assert set(np.unique(labels)) == {0, 1, 3}                         # Myo, LV -> nnU-Net 1..K (K = 7 structures)
     dataset = json.loads((out / "nnunet" / "dataset.json").read_text())
     assert dataset["labels"]["LV"] == 3 and dataset["numTraining"] == 1
     card = json.loads((out / "dataset_card.json").read_text())
-    assert card["cases"] == ["synth_0001"] and card["counts"]["shared"] == 1
+    assert card["cases"] == ["case_0001"] and card["counts"]["shared"] == 1
     assert card["license"].startswith("UNSET") and card["selection"]["review_required"] is False
     assert card["structures"]["Myo"]["cases_present"] == 1 and card["structures"]["LV"]["hu_mean"] == 300.0
     assert card["privacy"]["similarity_shared_cases"]["n"] == 4 and card["performance"]["ssim"] == 0.64
@@ -159,6 +165,7 @@ def test_share_exports_the_privacy_passing_unrejected_cases_with_card_and_checks
     assert sums.returncode == 0, sums.stdout + sums.stderr
     assert len((out / "SHA256SUMS").read_text().splitlines()) == 8   # 2 pairs + 3 nnU-Net + 3 documents
     report = json.loads((tmp_path / "share.json").read_text())
+    assert report["shared_as"] == {"synth_0001": "case_0001"}                     # the internal key stays internal
     assert report["not_shared"]["synth_0002"] == "rejected by 1 reviewer(s)"
     assert report["not_shared"]["synth_0003"].startswith("privacy: 1 slice(s) above")
 
@@ -195,6 +202,91 @@ def test_a_failed_share_leaves_the_previous_dataset_intact(tmp_path):
     with pytest.raises(InputError, match=r"unscreened: \['synth_0003'\]"):     # privacy results of another dataset
         run_share(paths, tmp_path)
     assert (tmp_path / "share" / "SHA256SUMS").read_text() == before
+
+
+def _every_byte(path: Path) -> bytes:
+    """A file's bytes, and for a gzipped file its decompressed bytes too (voxels included)."""
+    import gzip
+
+    raw = path.read_bytes()
+    return raw + (gzip.decompress(raw) if path.name.endswith(".gz") else b"")
+
+
+def test_the_shared_folder_names_no_patient_no_internal_case_and_no_draw(tmp_path):
+    """Every file of data/share, searched byte by byte (decompressed too), holds none of the patient ids
+    the synthetic dataset knows, no internal case name and no draw parameter (names or values); the
+    NIfTI files are centred on the world origin and their gzip streams carry no file name."""
+    paths = make_synthetic(tmp_path, verdicts=("pass", "pass", "pass"))
+    decide(paths, "alice", "synth_0002", "accept")
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 6), np.int16), np.diag([2.0, 2.0, 3.0, 1.0])),   # a stale decision
+             str(paths["synthetic"] / "synth_0002_label.nii.gz"))
+    assert run_share(paths, tmp_path)["shared"] == 3
+    out = tmp_path / "share"
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    assert len(files) == 3 * 4 + 5                          # + card (json, md), manifest, checksums, dataset.json
+    internal = pd.read_csv(paths["synthetic"] / "manifest.csv")
+    internal_columns = {"draw_seed", "attempt", "nearest_case", "nearest_z", "mask_dice_source", "similarity_max"}
+    forbidden = set(PATIENTS) | set(CASES) | set(DRAW) | internal_columns | {str(v) for v in DRAW.values()}
+    for path in files:
+        data = _every_byte(path).lower()
+        hits = [f for f in forbidden if f.lower().encode() in data or f.lower() in path.name.lower()]
+        assert not hits, (path.relative_to(out), hits)
+
+    def keys(obj):
+        return set(obj) | {k for v in obj.values() for k in keys(v)} if isinstance(obj, dict) else \
+            {k for v in obj for k in keys(v)} if isinstance(obj, list) else set()
+    card_keys = keys(json.loads((out / "dataset_card.json").read_text()))
+    assert not card_keys & (set(internal.columns) - {"case"}), card_keys & set(internal.columns)
+    assert not set(pd.read_csv(out / "manifest.csv").columns) & (set(internal.columns) - set(export.SHARED_COLUMNS)
+                                                                 - {"case", "image_file", "label_file"})
+    for image in (out / "pairs").glob("*.nii.gz"):
+        assert image.read_bytes()[3] & 0x08 == 0                                   # gzip FNAME flag unset
+        img = nib.load(str(image))
+        centre = img.affine @ np.array([7.5, 7.5, 2.5, 1.0])
+        assert np.allclose(centre[:3], 0) and np.allclose(np.abs(np.diag(img.affine))[:3], [2, 2, 3])
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert list(manifest.case) == ["case_0001", "case_0002", "case_0003"]
+    assert {"accepts", "ml_Myo", "ml_LV", "effective_spacing_x_mm"} <= set(manifest.columns)
+    report = json.loads((tmp_path / "share.json").read_text())
+    assert sorted(report["shared_as"]) == list(CASES) and sorted(report["shared_as"].values()) == list(manifest.case)
+    assert report["stale"][0]["case"] == "synth_0002"                               # internal: names it
+    run_share(paths, tmp_path)
+    assert (out / "SHA256SUMS").read_text() == (tmp_path / "share" / "SHA256SUMS").read_text()
+    again = tmp_path / "again"
+    export.run(tiny_params(), paths["synthetic"], paths["reports"], paths["reviews"], paths["reports"] / "metrics.json",
+               tmp_path / "no-model.pt", None, again, tmp_path / "again.json")
+    same = [p.relative_to(again).as_posix() for p in again.rglob("*.nii.gz")
+            if p.read_bytes() == (out / p.relative_to(again)).read_bytes()]
+    assert len(same) == 12                                                           # byte for byte reproducible
+
+
+def test_the_share_stage_refuses_to_export_a_file_that_names_a_patient(tmp_path):
+    paths = make_synthetic(tmp_path)
+    run_share(paths, tmp_path)
+    before = (tmp_path / "share" / "SHA256SUMS").read_text()
+    with pytest.raises(InputError) as err:                                          # the dataset's name is a param
+        run_share(paths, tmp_path, name="ct_train_1001 follow-up")
+    text = "\n".join(err.value.problems)
+    assert "refusing to export" in text
+    for where in ("dataset_card.json: names ct_train_1001", "DATASET.md: names ct_train_1001",
+                  "nnunet/dataset.json: names ct_train_1001"):
+        assert where in text, text
+    assert (tmp_path / "share" / "SHA256SUMS").read_text() == before
+
+
+def test_identifier_search_finds_whole_tokens_in_paths_bytes_and_nifti_headers(tmp_path):
+    root = tmp_path / "root"
+    (root / "pairs").mkdir(parents=True)
+    (root / "notes.txt").write_text("made from CT_TRAIN_1004; ct_train_10040 and xct_train_1004 are other words; "
+                                    "7 structures, 12 cases")
+    (root / "pairs" / "p7_image.txt").write_text("nothing")
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4))
+    img.header["descrip"] = b"from ct_train_1005"
+    nib.save(img, str(root / "pairs" / "a.nii.gz"))
+    problems = export.identifier_problems(root, {"ct_train_1004", "ct_train_1005", "7", "12", "p7"})
+    assert problems == ["notes.txt: names CT_TRAIN_1004", "pairs/a.nii.gz: names ct_train_1005",
+                        "pairs/p7_image.txt: names p7"]                              # short ids: paths only
+    assert export.identifier_problems(root, set()) == []
 
 
 def test_the_share_stage_refuses_bad_params():

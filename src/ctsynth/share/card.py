@@ -7,7 +7,9 @@ on (the processed store's fingerprint of the training patients), how many cases 
 distribution of the nearest-training similarity, per-structure statistics of the shared cases, the
 generator's measured performance on the held-out test patients, intended use, limitations, and a
 license the user fills in (``share.license``). Everything in it is read from files the stage
-depends on, so the card changes exactly when its inputs do.
+depends on, so the card changes exactly when its inputs do. It names cases by their shared names
+only, and holds no patient id, no internal case name and no per-case privacy score: distributions
+over cases only (see ``ctsynth.share.export``).
 """
 from __future__ import annotations
 
@@ -88,10 +90,12 @@ def _privacy(privacy_dir: Path, shared: list[str]) -> dict:
 
 
 def _reviews(reviews: dict) -> dict:
+    """Per reviewer: counts, first and last decision, reasons; stale decisions without their case (an
+    internal name: reports/share.json lists them)."""
     people, stale = [], []
     for name, per_case in sorted(reviews.items()):
         current = [d for d, is_stale in per_case.values() if not is_stale]
-        stale += [{"reviewer": name, "case": d.case, "time": d.time} for d, s in per_case.values() if s]
+        stale += [{"reviewer": name, "time": d.time} for d, s in per_case.values() if s]
         times = sorted(d.time for d, _ in per_case.values())
         people.append({"reviewer": name, "accepted": sum(d.decision == "accept" for d in current),
                        "rejected": sum(d.decision == "reject" for d in current),
@@ -120,9 +124,9 @@ def _structures(stats: dict[str, dict]) -> dict:
     return out
 
 
-def build(params: Params, *, table: pd.DataFrame, reviews: dict, stats: dict, privacy_dir: Path,
-          metrics: dict, model_path, run_file, data_hash: str | None = None) -> dict:
-    """The card as a JSON-able dict (see the module docstring)."""
+def build(params: Params, *, table: pd.DataFrame, names: dict[str, str], reviews: dict, stats: dict,
+          privacy_dir: Path, metrics: dict, model_path, run_file, data_hash: str | None = None) -> dict:
+    """The card as a JSON-able dict (see the module docstring); ``names``: internal case -> shared name."""
     cfg = params.share
     shared = table.case[table.shared].tolist()
     counts = {"made": int(len(table)), "passed_privacy": int((table.privacy == "pass").sum()),
@@ -146,7 +150,7 @@ def build(params: Params, *, table: pd.DataFrame, reviews: dict, stats: dict, pr
                       "rule": ("no current rejection, and at least share.min_accepts acceptances"
                                if cfg.require_review else
                                "no current rejection (review NOT required: unreviewed cases are shared)")},
-        "cases": shared,
+        "cases": sorted(names[c] for c in shared),
         "generator": _generator(model_path, run_file, params),
         "training_data": {"data_hash": data_hash,
                           "about": "hash of the processed store's bytes and the training patients (the train "
@@ -216,6 +220,7 @@ def markdown(card: dict) -> str:
     lines += [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in perf.items()]
     lines += ["", "## Limitations", ""] + [f"- {x}" for x in card["limitations"]]
     lines += ["", "## Files", "", f"- {card['layouts']['pairs']}", f"- {card['layouts']['nnunet']}",
-              "- manifest.csv: per case, the draw that made it, its privacy scores and review counts",
+              "- manifest.csv: per case its files, structure volumes, effective resolution and review counts "
+              "(which patient a case was made from, and how, is not shared)",
               f"- {card['checksums']}", ""]
     return "\n".join(lines)

@@ -16,22 +16,35 @@ counted and listed, never applied. ``data/share/`` (written atomically) holds:
   ``data.label_map`` (ingestible: point ``data.raw_dir`` at it);
 * ``nnunet/``: ``imagesTr/<case>_0000.nii.gz``, ``labelsTr/<case>.nii.gz`` with labels 1..K and
   ``dataset.json`` (nnU-Net v2);
-* ``manifest.csv``: one row per shared case: the draw that made it, its privacy scores, its
-  review counts;
+* ``manifest.csv``: one row per shared case: its files, structure volumes, effective resolution
+  and review counts;
 * ``dataset_card.json`` and ``DATASET.md``: what the dataset is (generator, training data,
   counts per step, reviewers, privacy rule and score distribution, per-structure statistics,
   performance of the generator, intended use, limitations, license);
 * ``SHA256SUMS``: the SHA-256 of every other file (``sha256sum -c SHA256SUMS`` checks them).
 
-``reports/share.json`` (git-tracked) holds the counts; the report stage logs them and the card
-to the MLflow run.
+**Nothing in ``data/share/`` links a case to a patient.** The synthetic dataset's own manifest
+(which training patient each case warps, the draw, the nearest training slice) stays internal, in
+``data/synthetic`` and ``reports/``. A shared case is renamed ``case_<k>``, numbered in the order of
+its content hash (the internal number follows the order of the training patients, so it would name
+the source); its NIfTI files are written anew with a fresh header (no description, intent or file
+name fields), the volume centred on the world origin (a scan's origin is patient-specific) and a
+gzip header without file name or time. Before the folder is swapped in, every file in it is
+searched for every patient id the stage knows (the split's cases, the synthetic cases' sources and
+nearest training cases) and every internal case name; one found refuses the export
+(:func:`identifier_problems`) and leaves the previous folder in place.
+
+``reports/share.json`` (git-tracked, internal) holds the counts and which internal case became
+which shared one; the report stage logs the counts and the card to the MLflow run.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
-import shutil
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import nibabel as nib
@@ -126,27 +139,62 @@ def write_checksums(root: Path, name: str = "SHA256SUMS") -> int:
     return len(lines)
 
 
-def export_case(src_dir: Path, row, out: Path, suffixes: tuple[str, str], label_map: dict[int, str],
+SHARED_PREFIX = "case"
+SHARED_COLUMNS = ("model_size", "effective_spacing_x_mm", "effective_spacing_y_mm")   # of the internal manifest
+
+
+def shared_names(hashes: dict[str, str], cases: list[str]) -> dict[str, str]:
+    """Internal case -> shared name ``case_<k>``, numbered in the order of the cases' content hashes:
+    the internal number follows the training patients' order (case i warps patient i mod n), so it
+    must not travel; the hash order is reproducible and says nothing about i."""
+    width = max(4, len(str(len(cases))))
+    return {c: f"{SHARED_PREFIX}_{k:0{width}d}" for k, c in enumerate(sorted(cases, key=lambda c: hashes[c]), 1)}
+
+
+def centred_affine(affine: np.ndarray, shape) -> np.ndarray:
+    """``affine`` with the origin moved so that the volume's centre sits at world (0, 0, 0): the same
+    voxel size and orientation, none of the scanner position that is particular to the source scan."""
+    out = np.array(affine, dtype=float)
+    out[:3, 3] = -out[:3, :3] @ ((np.asarray(shape[:3], float) - 1) / 2)
+    return out
+
+
+def write_shared_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype) -> None:
+    """A NIfTI with a fresh header (nothing carried over from the source file: no description, aux
+    file or intent name), units mm, and a gzip stream without file name or time stamp, so the same
+    volume always gives the same bytes and no internal name rides along."""
+    img = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
+    img.set_data_dtype(dtype)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    with open(path, "wb") as fh, gzip.GzipFile(filename="", mode="wb", fileobj=fh, mtime=0) as gz:
+        gz.write(img.to_bytes())
+
+
+def export_case(src_dir: Path, row, name: str, out: Path, suffixes: tuple[str, str], label_map: dict[int, str],
                 nn_values: dict[int, int]) -> dict[str, dict]:
-    """Copy one case into ``pairs/`` and ``nnunet/`` (labels: ``nn_values``, structure index -> 1..K;
-    structures not in it become background); return its per-structure statistics
-    ({structure: {voxels, ml, hu_mean, hu_sd}})."""
+    """Write one case as ``name`` into ``pairs/`` and ``nnunet/`` (labels: ``nn_values``, structure
+    index -> 1..K; structures not in it become background), anonymised by :func:`write_shared_nifti`
+    on :func:`centred_affine`; return its per-structure statistics ({structure: {voxels, ml, hu_mean,
+    hu_sd}})."""
     image_path, label_path = src_dir / row.image_file, src_dir / row.label_file
-    shutil.copyfile(image_path, out / "pairs" / f"{row.case}{suffixes[0]}")
-    shutil.copyfile(label_path, out / "pairs" / f"{row.case}{suffixes[1]}")
-    shutil.copyfile(image_path, out / "nnunet" / "imagesTr" / f"{row.case}_0000.nii.gz")
-    label = nib.load(str(label_path))
-    index, _, problems = map_labels(np.asanyarray(label.dataobj), label_map, label_path,
+    image, label = nib.load(str(image_path)), nib.load(str(label_path))
+    raw = np.asarray(label.dataobj)
+    index, _, problems = map_labels(raw, label_map, label_path,
                                     fix="the synthetic labels must use data.label_map's values")
     if problems:
         raise InputError(problems)
+    affine = centred_affine(label.affine, label.shape)
+    hu = np.asarray(image.dataobj)
+    write_shared_nifti(out / "pairs" / f"{name}{suffixes[0]}", hu, affine, np.int16)
+    write_shared_nifti(out / "pairs" / f"{name}{suffixes[1]}", raw, affine, np.int16)
+    write_shared_nifti(out / "nnunet" / "imagesTr" / f"{name}_0000.nii.gz", hu, affine, np.int16)
     to_nnunet = np.zeros(len(STRUCTURES) + 1, np.int16)
     for idx, k in nn_values.items():
         to_nnunet[idx] = k
-    img = nib.Nifti1Image(to_nnunet[index], label.affine, label.header)
-    img.set_data_dtype(np.int16)
-    nib.save(img, str(out / "nnunet" / "labelsTr" / f"{row.case}.nii.gz"))
-    hu = np.asarray(nib.load(str(image_path)).dataobj, dtype=np.float32)
+    write_shared_nifti(out / "nnunet" / "labelsTr" / f"{name}.nii.gz", to_nnunet[index], affine, np.int16)
+    hu = hu.astype(np.float32)
     voxel_ml = float(abs(np.linalg.det(label.affine[:3, :3]))) / 1000.0
     stats = {}
     for idx in nn_values:
@@ -157,6 +205,77 @@ def export_case(src_dir: Path, row, out: Path, suffixes: tuple[str, str], label_
                                       "hu_mean": round(float(values.mean()), 1) if n else None,
                                       "hu_sd": round(float(values.std()), 1) if n else None}
     return stats
+
+
+def shared_manifest(shared: pd.DataFrame, names: dict[str, str], table: pd.DataFrame, stats: dict,
+                    suffixes: tuple[str, str]) -> pd.DataFrame:
+    """``manifest.csv`` of the shared folder, built from an allow-list: per case its shared name, files,
+    structure volumes (ml), the generator's effective resolution and the review counts. Never the
+    source patient, the draw, the internal name or the nearest-slice search."""
+    reviews = table.set_index("case")
+    rows = []
+    for row in shared.itertuples():
+        name = names[row.case]
+        rows.append({"case": name, "image_file": f"pairs/{name}{suffixes[0]}",
+                     "label_file": f"pairs/{name}{suffixes[1]}",
+                     **{c: getattr(row, c) for c in SHARED_COLUMNS if c in shared},
+                     **{f"ml_{s}": v["ml"] for s, v in stats[row.case].items()},
+                     "accepts": int(reviews.accepts[row.case]), "rejects": int(reviews.rejects[row.case])})
+    return pd.DataFrame(rows, columns=None if rows else ["case", "image_file", "label_file"]).sort_values("case")
+
+
+def linked_identifiers(manifest: pd.DataFrame, privacy: pd.DataFrame, privacy_dir: Path, split_path) -> set[str]:
+    """Every name that would link a shared case to a patient: the internal case names, their sources,
+    the privacy search's nearest training cases, and every case of the split (when given)."""
+    ids = set(manifest.case) | set(manifest.get("source", pd.Series(dtype=str)).dropna())
+    ids |= set(privacy.get("nearest_case", pd.Series(dtype=str)).dropna())
+    slices = privacy_dir / "privacy_synthetic.csv"
+    if slices.is_file():
+        table = pd.read_csv(slices, dtype=str)
+        for col in ("nn_case", "nearest_case", "source"):
+            ids |= set(table[col].dropna()) if col in table else set()
+    if split_path and Path(split_path).is_file():
+        from ctsynth.data.split import load_split
+        ids |= {c for cases in load_split(split_path).values() if isinstance(cases, list) for c in cases}
+    return {str(i) for i in ids if str(i).strip()}
+
+
+def _token_pattern(ids: list[str]) -> re.Pattern | None:
+    """One regex for all ``ids`` as whole tokens (no letter or digit either side), case-insensitive."""
+    if not ids:
+        return None
+    alternatives = b"|".join(re.escape(i.encode()) for i in sorted(ids, key=len, reverse=True))
+    return re.compile(rb"(?<![A-Za-z0-9])(" + alternatives + rb")(?![A-Za-z0-9])", re.IGNORECASE)
+
+
+def identifier_problems(root: Path, identifiers: Iterable[str]) -> list[str]:
+    """``"<file>: names <id>, ..."`` for every file under ``root`` that holds one of ``identifiers``
+    as a whole token (case-insensitive): in its path, and, for distinctive ids (4 characters or more,
+    not only digits), in its bytes (of a NIfTI: the first 64 KiB, its gzip header, and the
+    decompressed header and extensions, everything before the voxels). A short or numeric id such as
+    ``7`` would match numbers in any text, so it is searched for in paths only."""
+    ids = {i for i in identifiers if i}
+    everywhere = _token_pattern([i for i in ids if len(i) >= 4 and not i.isdigit()])
+    in_paths = _token_pattern(sorted(ids))
+    if in_paths is None:
+        return []
+    problems = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        found = {m.group(1).decode() for m in in_paths.finditer(rel.encode())}
+        if everywhere is not None:
+            nifti = path.name.endswith((".nii", ".nii.gz"))
+            with open(path, "rb") as fh:
+                blobs = [fh.read(1 << 16) if nifti else fh.read()]
+            if nifti:
+                header = nib.load(str(path)).header                   # vox_offset may read 0: count it
+                offset = max(int(header.get_data_offset()), 352 + sum(e.get_sizeondisk() for e in header.extensions))
+                with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as fh:
+                    blobs.append(fh.read(offset))
+            found |= {m.group(1).decode(errors="replace") for blob in blobs for m in everywhere.finditer(blob)}
+        if found:
+            problems.append(f"{rel}: names {', '.join(sorted(found))}")
+    return problems
 
 
 def training_data_hash(processed_dir, split_path) -> str | None:
@@ -188,30 +307,35 @@ def run(params: Params, synthetic_dir, privacy_dir, reviews_dir, metrics_path, m
     nn_values = output_values(keep, params.data.label_map, "nnunet")
     suffixes = (params.data.image_suffix, params.data.label_suffix)
     shared = manifest[table.shared.to_numpy()]
+    names = shared_names(hashes, shared.case.tolist())
+    forbidden = linked_identifiers(manifest, privacy, privacy_dir, split_path)
     with atomic_dir(out_dir) as tmp:
         for sub in ("pairs", "nnunet/imagesTr", "nnunet/labelsTr"):
             (tmp / sub).mkdir(parents=True)
-        stats = {row.case: export_case(synthetic_dir, row, tmp, suffixes, params.data.label_map, nn_values)
-                 for row in shared.itertuples()}
+        stats = {row.case: export_case(synthetic_dir, row, names[row.case], tmp, suffixes, params.data.label_map,
+                                       nn_values) for row in shared.itertuples()}
         write_dataset_json(tmp / "nnunet", nn_values, len(shared), {"structures": params.preprocess.structures,
                                                                       "image_size": params.preprocess.image_size,
                                                                       "modality": params.data.modality},
                            name=cfg.name)
-        merged = shared.merge(privacy.drop(columns=["source"], errors="ignore"), on="case", how="left").merge(
-            table[["case", "accepts", "rejects", "stale"]], on="case", how="left")
-        merged.insert(1, "case_sha256", [hashes[c] for c in merged.case])
-        write_csv(tmp / "manifest.csv", merged)
-        card = card_mod.build(params, table=table, reviews=reviews, stats=stats, privacy_dir=privacy_dir,
-                              metrics=_read_metrics(metrics_path), model_path=model_path,
+        write_csv(tmp / "manifest.csv", shared_manifest(shared, names, table, stats, suffixes))
+        card = card_mod.build(params, table=table, names=names, reviews=reviews, stats=stats,
+                              privacy_dir=privacy_dir, metrics=_read_metrics(metrics_path), model_path=model_path,
                               run_file=run_file, data_hash=training_data_hash(processed_dir, split_path))
         write_json(tmp / "dataset_card.json", card)
         write_text(tmp / "DATASET.md", card_mod.markdown(card))
         n_files = write_checksums(tmp)
+        leaks = identifier_problems(tmp, forbidden)
+        if leaks:                               # a bug, not a user error: refuse rather than share it
+            raise InputError([f"share: refusing to export files that name a patient or an internal case "
+                              f"(searched for {len(forbidden)} names):"] + leaks)
     counts = {**card["counts"], "share_files": n_files}
     write_json(out_json, {"counts": counts, "require_review": cfg.require_review, "min_accepts": cfg.min_accepts,
-                          "shared": shared.case.tolist(),
+                          "shared": shared.case.tolist(), "shared_as": names,
                           "not_shared": {c: w for c, w in zip(table.case, table.why) if w},
-                          "stale": card["reviews"]["stale_decisions"]})
+                          "stale": [{"reviewer": who, "case": d.case, "time": d.time}
+                                    for who, per_case in sorted(reviews.items()) for d, stale in per_case.values()
+                                    if stale]})
     log.info("share: %d of %d synthetic cases shared -> %s (%d passed privacy, %d accepted, %d rejected by a "
              "reviewer, review %s); card: %s", counts["shared"], counts["made"], out_dir, counts["passed_privacy"],
              counts["accepted"], counts["rejected"], "required" if cfg.require_review else "not required",
