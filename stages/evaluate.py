@@ -16,7 +16,7 @@ from ctsynth.core.runner import add_inputs, add_output, add_path, stage_main
 
 
 def main(args, params):
-    from ctsynth.evaluate import stage as evaluate
+    from ctsynth.evaluate import evaluate
     evaluate.run(params, processed_dir=args.processed, split_path=args.split,
                  generated_dir=args.generated, segmenter_path=args.segmenter, out_dir=args.out,
                  utility_path=args.utility)

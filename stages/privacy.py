@@ -5,7 +5,7 @@ above the threshold calibrated on the validation patients, as in the evaluate st
 case's mask against the training mask it was warped from. Writes ``reports/privacy_cases.csv``
 (one row per case: scores, nearest training case and slice, verdict, reason),
 ``reports/privacy_synthetic.csv`` (one row per slice) and ``reports/privacy_synthetic.json``
-(the rules and counts). See ``ctsynth.evaluate.screening``.
+(the rules and counts). See ``ctsynth.privacy.privacy``.
 
     python stages/privacy.py --synthetic data/synthetic --processed data/processed \\
         --split data/split.json --interim data/interim --out reports
@@ -14,8 +14,8 @@ from ctsynth.core.runner import add_inputs, add_output, stage_main
 
 
 def main(args, params):
-    from ctsynth.evaluate import screening
-    screening.run(params, synthetic_dir=args.synthetic, processed_dir=args.processed, split_path=args.split,
+    from ctsynth.privacy import privacy
+    privacy.run(params, synthetic_dir=args.synthetic, processed_dir=args.processed, split_path=args.split,
                   interim_dir=args.interim, out_dir=args.out)
     return 0
 

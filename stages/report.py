@@ -18,11 +18,11 @@ from pathlib import Path
 
 from ctsynth.core.runner import add_inputs, add_output, add_path, stage_main
 
-log = logging.getLogger("ctsynth.report.html")
+log = logging.getLogger("ctsynth.report.report")
 
 
 def main(args, params):
-    from ctsynth.report import html as report
+    from ctsynth.report import report
     files = report.run(params, reports_dir=args.reports, generated_dir=args.generated,
                        processed_dir=args.processed, train_reports_dir=args.train_reports,
                        out_html=args.out, figures_dir=args.figures, split_path=args.split,
@@ -33,7 +33,7 @@ def main(args, params):
         return 0
     from ctsynth.core.tracking import log_evaluation
     from ctsynth.evaluate.results import Results
-    from ctsynth.evaluate.screening import mlflow_metrics
+    from ctsynth.privacy.privacy import mlflow_metrics
 
     # every metric and interval under its registry name (headline first), the privacy stage's
     # screening of the synthetic dataset, the share stage's counts and card, the report and its figures

@@ -1,7 +1,7 @@
 """segmenter stage: a small UNet trained on REAL training slices -> ``models/segmenter.pt``.
 
 Its encoder features give ``fd_seg``/``kid_seg`` and its predictions the segmentation-consistency
-Dice in the evaluate stage (see ``ctsynth.evaluate.segmenter``).
+Dice in the evaluate stage (see ``ctsynth.segmenter.segmenter``).
 
     python stages/segmenter.py --processed data/processed --split data/split.json --out models/segmenter.pt
 """
@@ -9,7 +9,7 @@ from ctsynth.core.runner import add_inputs, add_output, stage_main
 
 
 def main(args, params):
-    from ctsynth.evaluate import segmenter
+    from ctsynth.segmenter import segmenter
     segmenter.run(params, processed_dir=args.processed, split_path=args.split, out_path=args.out)
     return 0
 

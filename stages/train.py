@@ -39,7 +39,7 @@ def main(args, params) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(argv[0], argv)
-    from ctsynth.train import loop as train
+    from ctsynth.train import train
     ckpts = project_root() / args.checkpoints   # an absolute --checkpoints stays as given
     result = train.run(params, processed_dir=args.processed, split_path=args.split, out_model=args.model,
                        ckpt_dir=ckpts, reports_dir=args.reports, run_file=args.run_file)

@@ -81,7 +81,7 @@ def train_on_raw(raw: Path, root: Path, **sections):
     ``root`` (interim/, processed/, split.json, generator.pt); ``sections`` override tiny_params'.
     Returns the params used."""
     from ctsynth.data import ingest, preprocess, split
-    from ctsynth.train.loop import run as train
+    from ctsynth.train.train import run as train
 
     data = {"source": "nifti", "raw_dir": str(raw), **sections.pop("data", {})}
     p = tiny_params(data=data, split={"train": 0.5, "val": 0.25, "test": 0.25},
@@ -90,7 +90,7 @@ def train_on_raw(raw: Path, root: Path, **sections):
     preprocess.run(p, root / "interim", root / "processed")
     split.run(p, root / "processed", root / "split.json")
     train(p, root / "processed", root / "split.json", root / "generator.pt", root / "ckpt", root / "reports",
-          root / "run.json")
+          run_file=root / "run.json")
     return p
 
 

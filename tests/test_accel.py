@@ -92,7 +92,7 @@ def test_package_import_sets_passive_omp_waits_unless_set(given, expected):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if given:
         env["OMP_WAIT_POLICY"] = given
-    out = subprocess.run([sys.executable, "-c", "import ctsynth.train.loop, os; print(os.environ['OMP_WAIT_POLICY'])"],
+    out = subprocess.run([sys.executable, "-c", "import ctsynth.train.train, os; print(os.environ['OMP_WAIT_POLICY'])"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert out == expected
 

@@ -14,7 +14,7 @@ from ctsynth.core.config import params_from_dict
 from ctsynth.core.errors import ConfigError
 from ctsynth.core.labels import encode_condition
 from ctsynth.data.augment import AUGMENTS, augment_labelled, build_augment
-from ctsynth.train.loop import run as train
+from ctsynth.train.train import run as train
 
 
 def blobs(b: int = 8, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -127,7 +127,7 @@ def test_training_with_affine_runs_repeats_and_resumes(tmp_path):
                         tracking={"enabled": False})
         out = tmp_path / name
         res = train(p, tmp_path / "processed", tmp_path / "split.json", out / "generator.pt", out / "ckpt",
-                    out / "reports", out / "mlflow_run.json", **kw)
+                    out / "reports", run_file=out / "mlflow_run.json", **kw)
         return res, out
 
     def weights(out):

@@ -9,10 +9,10 @@ import sys
 import pytest
 
 from conftest import REPO
-from ctsynth.bench import suite as bench
 from ctsynth.cli import BENCH_PATHS
 from ctsynth.cli import main as cli_main
 from ctsynth.core.errors import ConfigError
+from ctsynth.tools.bench import suite as bench
 
 TINY = {"encoding": "index", "gen_depth": 5, "ngf": 8, "ndf": 8, "disc_layers": 2,
         "skip_connections": True, "upsample": "transpose", "dropout": 0.0, "output": "tanh"}
@@ -99,7 +99,7 @@ def test_unknown_path_is_rejected():
 
 
 def test_cli_help_names_every_path(capsys):
-    """`ctsynth bench --help` (and `python -m ctsynth.bench.suite --help`) list every --paths name."""
+    """`ctsynth bench --help` (and `python -m ctsynth.tools.bench.suite --help`) list every --paths name."""
     assert set(BENCH_PATHS) == set(bench.EXTRA_PATHS)
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["bench", "--help"])
@@ -107,7 +107,7 @@ def test_cli_help_names_every_path(capsys):
     shown = " ".join(capsys.readouterr().out.split())
     assert "usage: ctsynth bench" in shown and "--quick" in shown and "--threads" in shown
     assert all(name in shown for name in bench.EXTRA_PATHS)
-    as_module = subprocess.run([sys.executable, "-m", "ctsynth.bench.suite", "--help"], capture_output=True,
+    as_module = subprocess.run([sys.executable, "-m", "ctsynth.tools.bench.suite", "--help"], capture_output=True,
                                text=True, timeout=120)
     assert as_module.returncode == 0 and " ".join(as_module.stdout.split()) == shown
 

@@ -26,8 +26,8 @@ import pytest
 
 from conftest import REPO
 from ctsynth.core.errors import ConfigError, InputError
-from ctsynth.evaluate import compare
-from ctsynth.evaluate.compare import build_study, parse_show, pick_baseline, summarise
+from ctsynth.tools import compare
+from ctsynth.tools.compare import build_study, parse_show, pick_baseline, summarise
 
 FIXTURE = REPO / "tests" / "data" / "dvc_exp_show_seed_grid.json"
 PARAMS = REPO / "params.yaml"

@@ -199,9 +199,9 @@ def test_training_draws_from_train_seed_and_the_segmenter_from_segmenter_seed(tm
     import torch
 
     from conftest import make_store, tiny_params
-    from ctsynth.evaluate import segmenter
-    from ctsynth.evaluate.segmenter import SegUNet
-    from ctsynth.train import loop
+    from ctsynth.segmenter import segmenter
+    from ctsynth.segmenter.segmenter import SegUNet
+    from ctsynth.train import train
 
     make_store(tmp_path / "processed")
     (tmp_path / "split.json").write_text(json.dumps({"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}))
@@ -218,15 +218,15 @@ def test_training_draws_from_train_seed_and_the_segmenter_from_segmenter_seed(tm
         seen.append(seed)
         return SegUNet(width=cfg.width), 0.0
 
-    monkeypatch.setattr(loop, "DistributedSampler", sampler)
+    monkeypatch.setattr(train, "DistributedSampler", sampler)
     monkeypatch.setattr(segmenter, "train_segmenter", fake_train_segmenter)
     for top, own in ((42, 7), (42, None)):
         p = tiny_params(train={"seed": own}, segmenter={"seed": own}, tracking={"enabled": False})
         p.seed = top
         out = tmp_path / f"{top}-{own}"
         with pytest.raises(Stop):
-            loop.run(p, tmp_path / "processed", tmp_path / "split.json", out / "g.pt", out / "ckpt", out / "rep",
-                     out / "run.json")
+            train.run(p, tmp_path / "processed", tmp_path / "split.json", out / "g.pt", out / "ckpt", out / "rep",
+                     run_file=out / "run.json")
         summary = segmenter.run(p, tmp_path / "processed", tmp_path / "split.json", out / "seg.pt")
         assert summary["seed"] == (own if own is not None else top)
     assert seen == [(7, 7), 7, (42, 42), 42]

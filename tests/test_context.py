@@ -112,7 +112,7 @@ def test_generate_stage_with_context(tmp_path):
 def test_training_with_context_records_k_and_generates(tmp_path):
     import json
 
-    from ctsynth.train.loop import run as train
+    from ctsynth.train.train import run as train
 
     make_store(tmp_path / "processed")
     (tmp_path / "split.json").write_text(json.dumps({"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}))
@@ -120,7 +120,7 @@ def test_training_with_context_records_k_and_generates(tmp_path):
                     train={"iterations": 3, "snapshot_at": [0, 1]}, train_run={"checkpoint_every": 100, "log_every": 1})
     out = tmp_path / "run"
     result = train(p, tmp_path / "processed", tmp_path / "split.json", out / "generator.pt", out / "ckpt",
-                   out / "reports", out / "mlflow_run.json")
+                   out / "reports", run_file=out / "mlflow_run.json")
     assert result.step == 3 and len(list((out / "reports" / "snapshots").glob("*.png"))) == 2
     model, meta = inference.load_model(out / "generator.pt")
     assert meta["context_slices"] == 1 and meta["in_channels"] == 3 * 7

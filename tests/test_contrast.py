@@ -20,8 +20,8 @@ from ctsynth.data.store import ProcessedStore, condition_batch, condition_width
 from ctsynth.synth import generate as gen
 from ctsynth.synth import synthesize as syn
 from ctsynth.synth.inference import MaskToCT, load_model
-from ctsynth.train.loop import run as train
 from ctsynth.train.networks import build_generator, save_generator
+from ctsynth.train.train import run as train
 from test_generate import SIZE, WINDOW, make_world, save_tiny_model
 
 LEVELS = {"c1": 250.0, "c2": 420.0, "c3": 330.0, "c4": 600.0}
@@ -109,7 +109,7 @@ def test_training_records_the_range_and_the_model_refuses_levels_outside(tmp_pat
     p = tiny_params(model={"contrast_control": True}, train={"iterations": 2}, tracking={"enabled": False})
     out = tmp_path / "run"
     train(p, tmp_path / "processed", tmp_path / "split.json", out / "g.pt", out / "ckpt", out / "reports",
-          out / "run.json")
+          run_file=out / "run.json")
     model, meta = load_model(out / "g.pt")
     rec = meta["contrast"]
     assert meta["in_channels"] == 8 and rec["range_hu"] == pytest.approx([250, 420], abs=1)

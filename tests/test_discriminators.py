@@ -16,7 +16,6 @@ from ctsynth.core.config import params_from_dict
 from ctsynth.core.errors import ConfigError
 from ctsynth.data.augment import _from_slabs, _to_slabs, build_batch_transform
 from ctsynth.data.store import ProcessedStore, SlabDataset, SliceDataset, train_batches
-from ctsynth.train.loop import run as train
 from ctsynth.train.networks import (
     MultiScaleDiscriminator,
     PatchDiscriminator,
@@ -24,6 +23,7 @@ from ctsynth.train.networks import (
     build_discriminator,
     receptive_field,
 )
+from ctsynth.train.train import run as train
 
 SPLIT = {"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}
 
@@ -181,12 +181,12 @@ def _train(ws, name: str, model: dict | None = None, **kw):
                     train_run={"checkpoint_every": 2, "log_every": 1}, tracking={"enabled": False})
     out = ws / name
     result = train(p, ws / "processed", ws / "split.json", out / "generator.pt", out / "ckpt", out / "reports",
-                   out / "run.json", **kw)
+                   run_file=out / "run.json", **kw)
     return result, out
 
 
 def test_training_with_slabs_runs_repeats_and_resumes_bit_for_bit(ws, caplog):
-    with caplog.at_level("INFO", logger="ctsynth.train.loop"):
+    with caplog.at_level("INFO", logger="ctsynth.train.train"):
         full, a = _train(ws, "a")
     assert full.step == 5 and "judging 2 consecutive slices together" in caplog.text
     ckpt = torch.load(sorted((a / "ckpt").glob("*/step_*.pt"))[-1], weights_only=True)
@@ -262,7 +262,7 @@ def test_config_refuses_scales_the_slice_cannot_hold():
 
 def test_training_with_two_scales_runs_and_resumes_bit_for_bit(ws, caplog):
     model = {"disc_scales": 2}
-    with caplog.at_level("INFO", logger="ctsynth.train.loop"):
+    with caplog.at_level("INFO", logger="ctsynth.train.train"):
         _, a = _train(ws, "a", model)
     assert "patches at the finest of 2 scales, receptive field up to 45 px" in caplog.text
     ckpt = torch.load(sorted((a / "ckpt").glob("*/step_*.pt"))[-1], weights_only=True)

@@ -1,8 +1,8 @@
 """dvc.yaml's dependencies are correct by construction: each stage's code deps are exactly the
-package folders holding the modules its script imports (transitively, function-level imports
-included), and
-the train stage's params are exactly the keys that change its outputs. A new import without a dep
-would let `dvc status` call a stale result up to date; these tests fail first."""
+package files its script imports (transitively, function-level imports included; a complete
+folder as the folder: ctsynth.tools.deps computes them, `python -m ctsynth.tools.deps --write`
+writes them), and the train stage's params are exactly the keys that change its outputs. A new
+import without a dep would let `dvc status` call a stale result up to date; these tests fail first."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,24 +13,14 @@ import yaml
 from conftest import REPO
 from ctsynth.core.config import Params, TrainCfg, fingerprint_exempt, to_dict
 from ctsynth.core.imports import closure, imports_of, script_closure
+from ctsynth.tools.deps import code_deps, rewrite
 
 PKG = REPO / "src" / "ctsynth"
-FOLDERS = sorted(p.name for p in PKG.iterdir() if (p / "__init__.py").is_file())
 
 
 def import_closure(script: Path) -> set[str]:
     """``src/ctsynth/...`` files that running ``script`` may import."""
     return {f"src/ctsynth/{m}" for m in script_closure(script)}
-
-
-def needed_deps(script: Path) -> set[str]:
-    """The code deps a stage needs: ``src/ctsynth/__init__.py`` and every package folder holding
-    a module of the script's import closure."""
-    deps = set()
-    for path in import_closure(script):
-        parts = Path(path).relative_to("src/ctsynth").parts
-        deps.add(path if len(parts) == 1 else f"src/ctsynth/{parts[0]}")
-    return deps
 
 
 def test_no_import_circle_in_the_package():
@@ -54,23 +44,42 @@ def _code_deps(stage: dict) -> set[str]:
 
 
 @pytest.mark.parametrize("name", sorted(_stages()))
-def test_stage_code_deps_are_the_folders_its_imports_need(name):
-    """Every module the script may import lies in a listed folder (else `dvc status` could call a
-    stale result up to date), and no folder is listed that it does not import from (else an
-    unrelated edit, e.g. of the report, would rerun it -- for train: retrain)."""
+def test_stage_code_deps_are_exactly_what_its_script_imports(name):
+    """Every module the script may import is a listed file or inside a listed folder (else `dvc
+    status` could call a stale result up to date), and nothing else is listed (else an unrelated
+    edit, e.g. of the report or a tool, would rerun it -- for train: retrain)."""
     stage = _stages()[name]
     script = REPO / "stages" / f"{name}.py"
     assert f"stages/{name}.py" in stage["deps"]
-    want, have = needed_deps(script), _code_deps(stage)
-    assert have == want, (f"dvc.yaml stage {name!r}: add deps {sorted(want - have)}, "
-                          f"remove deps {sorted(have - want)}")
+    want, have = code_deps(script), sorted(_code_deps(stage))
+    assert have == want, (f"dvc.yaml stage {name!r}: add deps {sorted(set(want) - set(have))}, remove deps "
+                          f"{sorted(set(have) - set(want))} (python -m ctsynth.tools.deps --write)")
     covered = {p for p in import_closure(script) if any(p == d or p.startswith(d + "/") for d in have)}
     assert covered == import_closure(script)
+    listed_files = {p for d in have for p in ([d] if d.endswith(".py") else
+                                              [f"src/ctsynth/{m.relative_to(PKG).as_posix()}"
+                                               for m in (REPO / d).rglob("*.py")])}
+    assert listed_files == import_closure(script)
 
 
-def test_a_report_edit_never_retrains():
+def test_no_stage_runs_a_tool_and_a_report_edit_never_retrains():
+    """compare, presets, bench, review and the studies' runners (ctsynth.tools) are imported by no
+    stage: editing them leaves `dvc status` clean."""
+    for name, stage in _stages().items():
+        tools = [d for d in _code_deps(stage) if d.startswith("src/ctsynth/tools") or d == "src/ctsynth/cli.py"]
+        assert not tools, name
     deps = _code_deps(_stages()["train"])
-    assert "src/ctsynth/report" not in deps and "src/ctsynth/evaluate" not in deps, deps
+    assert not [d for d in deps if d.startswith(("src/ctsynth/report", "src/ctsynth/evaluate"))], deps
+
+
+def test_the_deps_writer_replaces_only_the_code_deps():
+    text = ("stages:\n  a:\n    cmd: x\n    deps:\n      - stages/a.py\n      - src/ctsynth/core\n"
+            "      - data/in   # keep\n    outs:\n      - out\n  b:\n    deps:\n      - stages/b.py\n"
+            "      - src/ctsynth/old.py\n")
+    new = rewrite(text, {"a": ["src/ctsynth/__init__.py", "src/ctsynth/core/io.py"], "b": ["src/ctsynth/data"]})
+    assert new == ("stages:\n  a:\n    cmd: x\n    deps:\n      - stages/a.py\n      - src/ctsynth/__init__.py\n"
+                   "      - src/ctsynth/core/io.py\n      - data/in   # keep\n    outs:\n      - out\n  b:\n"
+                   "    deps:\n      - stages/b.py\n      - src/ctsynth/data\n")
 
 
 def test_stages_run_the_code_of_their_own_checkout():
@@ -83,17 +92,17 @@ def test_stages_run_the_code_of_their_own_checkout():
 
 def test_the_closure_sees_function_level_and_relative_imports(tmp_path):
     """The checker itself: an import added inside a function widens the closure by the imported
-    module and everything it imports (so the test above fails until dvc.yaml lists its folder)."""
+    module and everything it imports (so the test above fails until dvc.yaml lists it)."""
     base = import_closure(REPO / "stages" / "split.py")
     assert "src/ctsynth/data/split.py" in base and "src/ctsynth/__init__.py" in base
-    assert "src/ctsynth/evaluate/privacy.py" not in base
+    assert "src/ctsynth/evaluate/nearest.py" not in base
     script = tmp_path / "split.py"
     script.write_text((REPO / "stages" / "split.py").read_text()
-                      + "\n\ndef later():\n    from ctsynth.evaluate import privacy\n")
+                      + "\n\ndef later():\n    from ctsynth.evaluate import nearest\n")
     wider = import_closure(script)
-    assert "src/ctsynth/evaluate/privacy.py" in wider and "src/ctsynth/evaluate/__init__.py" in wider
-    assert "src/ctsynth/evaluate" in needed_deps(script) - needed_deps(REPO / "stages" / "split.py")
-    assert closure({"evaluate/privacy.py"}) >= {"core/errors.py", "core/__init__.py"}
+    assert "src/ctsynth/evaluate/nearest.py" in wider and "src/ctsynth/evaluate/__init__.py" in wider
+    assert "src/ctsynth/evaluate/nearest.py" in set(code_deps(script)) - set(code_deps(REPO / "stages" / "split.py"))
+    assert closure({"evaluate/nearest.py"}) >= {"core/errors.py", "core/__init__.py"}
 
 
 def test_train_params_are_exactly_the_keys_that_change_its_outputs():
@@ -156,19 +165,19 @@ def test_training_code_enters_the_checkpoint_fingerprint(tmp_path, monkeypatch):
     copy = tmp_path / "ctsynth"
     shutil.copytree(PKG, copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(imports, "PKG", copy)
-    before = imports.source_hash("train/loop.py")
-    assert "train/gan.py" in imports.closure({"train/loop.py"})
-    assert "evaluate/privacy.py" not in imports.closure({"train/loop.py"})
-    privacy, gan = copy / "evaluate" / "privacy.py", copy / "train" / "gan.py"
+    before = imports.source_hash("train/train.py")
+    assert "train/gan.py" in imports.closure({"train/train.py"})
+    assert "evaluate/nearest.py" not in imports.closure({"train/train.py"})
+    privacy, gan = copy / "evaluate" / "nearest.py", copy / "train" / "gan.py"
     privacy.write_text(privacy.read_text() + "\n# unrelated edit\n")
-    assert imports.source_hash("train/loop.py") == before
+    assert imports.source_hash("train/train.py") == before
     gan.write_text(gan.read_text() + "\n# a change to the GAN step\n")
-    assert imports.source_hash("train/loop.py") != before
+    assert imports.source_hash("train/train.py") != before
 
 
 def test_study_cells_list_the_generator_config_they_train():
     """A utility-study cell with n <= study.own_generator_max_n trains a generator of the
-    pipeline's config (`_train_own_generator` -> train.loop.run): every params section the train
+    pipeline's config (`_train_own_generator` -> train.train.run): every params section the train
     stage lists must be a params dep of the cell too, else editing model.* or train.* would leave
     those cells called up to date with another generator's results."""
     study = yaml.safe_load((REPO / "studies" / "utility" / "dvc.yaml").read_text())["stages"]["cell"]
@@ -177,3 +186,14 @@ def test_study_cells_list_the_generator_config_they_train():
         if isinstance(entry, dict):
             listed |= {key.split(".")[0] for key in entry.get("../../params.yaml", [])}
     assert set(_stages()["train"]["params"]) <= listed, sorted(set(_stages()["train"]["params"]) - listed)
+
+
+def test_every_pipeline_file_lists_exact_code_deps():
+    """dvc.yaml and the on-demand studies' pipelines hold what ctsynth.tools.deps computes (the study
+    cells: the closure of their runner, never compare, presets or bench)."""
+    from ctsynth.tools.deps import expected
+
+    for path, text in expected().items():
+        assert path.read_text() == text, f"{path}: code deps differ; python -m ctsynth.tools.deps --write"
+    study = yaml.safe_load((REPO / "studies" / "utility" / "dvc.yaml").read_text())["stages"]["cell"]["deps"]
+    assert not [d for d in study if d.endswith(("tools/compare.py", "tools/presets.py")) or "tools/bench" in d]

@@ -14,8 +14,8 @@ import yaml
 from conftest import REPO, make_store, standin_inception_weights, tiny_params
 from ctsynth.core.errors import InputError, ModelFileError
 from ctsynth.data.store import ProcessedStore
-from ctsynth.evaluate import stage as evaluate
-from ctsynth.evaluate.segmenter import run as train_segmenter
+from ctsynth.evaluate import evaluate
+from ctsynth.segmenter.segmenter import run as train_segmenter
 
 SPLIT = {"seed": 0, "train": ["c1", "c2", "c3"], "val": ["c4"], "test": ["c5", "c6"]}
 RAW = {"preprocess": {"image_size": 32}, "model": {"gen_depth": 5, "disc_layers": 2},

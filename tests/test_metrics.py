@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_params
 from ctsynth.core.errors import MetricUnavailable
 from ctsynth.data.store import ProcessedStore
-from ctsynth.evaluate import stage
+from ctsynth.evaluate import evaluate
 from ctsynth.evaluate.bootstrap import dice_replicates
 from ctsynth.evaluate.metrics import (
     DiceAccumulator,
@@ -27,7 +27,7 @@ from ctsynth.evaluate.metrics import (
     per_slice_metrics,
     reported_structures,
 )
-from ctsynth.evaluate.privacy import PrivacyAccumulator, privacy_rule
+from ctsynth.evaluate.nearest import PrivacyAccumulator, privacy_rule
 from ctsynth.evaluate.registry import METRICS, definition
 
 WINDOW = [-1000.0, 1000.0]
@@ -212,14 +212,15 @@ def test_evaluate_nulls_an_absent_structure_and_means_the_present_ones(tmp_path)
     acc = SimpleNamespace(paired=paired, dice=dice, privacy=privacy, rule=privacy_rule([], None, 0.95),
                           feats={"seg": {"generated": FeatureBank(), "real": FeatureBank()}})
     store = SimpleNamespace(slices=pd.DataFrame({"case": cases}))
-    res, _ = stage._metrics(tiny_params(), store, np.arange(4), acc, None, {}, None, {"fid_inception": "none"})
+    res, _ = evaluate._metrics(tiny_params(), store, np.arange(4), acc, None, {}, val_cases=None,
+                               notes={"fid_inception": "none"})
     for kind in ("generated", "real"):
         assert res.value(f"dice_{kind}_LV") is None
         assert "LV absent from the ground truth" in res.null_reasons()[f"dice_{kind}_LV"]
     assert res.value("dice_generated_mean") == pytest.approx(0.9)      # (0.8 + 1) / 2; was (0 + 0.8 + 1) / 3
     assert res.value("dice_real_mean") == 1.0
     assert res.value("privacy_threshold") == 0.95 and res.value("privacy_threshold_calibrated") is None
-    stage._write_tables(tmp_path, paired, dice, privacy, pd.DataFrame())
+    evaluate._write_tables(tmp_path, paired, dice, privacy, pd.DataFrame())
     per_case = pd.read_csv(tmp_path / "per_case.csv").set_index("case")
     assert per_case.loc["a", "dice_real_PA"] == 1.0 and np.isnan(per_case.loc["b", "dice_real_PA"])
     assert per_case["dice_generated_LV"].isna().all()

@@ -13,7 +13,7 @@ from ctsynth.core.config import params_from_dict
 from ctsynth.core.errors import ConfigError, InputError
 from ctsynth.core.labels import BODY, BONE, LUNG, MMWHS_LABEL_MAP
 from ctsynth.data import anatomy, ingest, modality, phantom
-from ctsynth.report.html import for_modality
+from ctsynth.report.report import for_modality
 
 SMALL, SPACING = (48, 48, 16), (6.0, 6.0, 8.0)
 VALUE = {name: value for value, name in MMWHS_LABEL_MAP.items()}

@@ -20,7 +20,7 @@ from ctsynth.data.augment import build_batch_transform
 from ctsynth.data.store import ProcessedStore
 from ctsynth.synth import generate, synthesize
 from ctsynth.synth.inference import MaskToCT, generate_file, load_model
-from ctsynth.train.gan import gan_step, make_optimizer
+from ctsynth.train.gan import GanPair, LossWeights, gan_step, make_optimizer
 from ctsynth.train.history import LOSS_NAMES
 from ctsynth.train.networks import build_discriminator, build_generator
 
@@ -146,8 +146,8 @@ def test_the_discriminator_sees_the_noise_and_l1_the_noise_free_slice():
         opt_g, opt_d = (make_optimizer(m.parameters(), 1e-3, (0.5, 0.999)) for m in (G, D))
         with torch.no_grad():
             expect_l1 = torch.nn.functional.l1_loss(G(cond), real)
-        losses = gan_step(G, D, D, opt_g, opt_d, cond, real, 100.0, torch.autocast("cpu", enabled=False),
-                          fake_noise=fake_noise)
+        losses = gan_step(GanPair(G, D, D, opt_g, opt_d), cond, real, LossWeights(l1=100.0),
+                          torch.autocast("cpu", enabled=False), fake_noise=fake_noise)
         return losses, expect_l1
 
     clean, l1 = step(None)

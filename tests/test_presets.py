@@ -18,7 +18,7 @@ import yaml
 from conftest import REPO
 from ctsynth.core.config import Params, load_params, to_dict
 from ctsynth.core.errors import ConfigError
-from ctsynth.core.presets import apply_preset, expand, preset_path
+from ctsynth.tools.presets import apply_preset, expand, preset_path
 
 STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
 
@@ -181,7 +181,7 @@ def test_cli_preset_writes_the_merged_file(tmp_path, capsys):
 
 
 def test_the_bench_expands_the_paper_preset_the_same_way():
-    from ctsynth.bench.training import paper_preset
+    from ctsynth.tools.bench.training import paper_preset
 
     model, hp = paper_preset()
     paper = expand("paper", REPO / "params.yaml").params

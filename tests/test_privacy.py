@@ -1,163 +1,152 @@
-"""Memorisation check: copies of training slices are flagged, new patients are not; the similarity
-is in-body SSIM against every training slice."""
+"""privacy stage (ctsynth.privacy.privacy) and the calibrated threshold (ctsynth.evaluate.nearest)."""
 from __future__ import annotations
 
+import json
+import shutil
+
+import nibabel as nib
 import numpy as np
-import piq
+import pandas as pd
 import pytest
-import torch
-from scipy.ndimage import gaussian_filter
 
+from conftest import tiny_params
 from ctsynth.core.errors import ConfigError, InputError
-from ctsynth.data.store import ProcessedStore
-from ctsynth.evaluate.privacy import NearestTrainingSearch, PrivacyAccumulator, body_ssim, similarity, slice_stats
+from ctsynth.core.labels import MMWHS_LABEL_MAP, structure_index
+from ctsynth.evaluate.nearest import privacy_rule
+from ctsynth.privacy import privacy
+from ctsynth.synth import synthesize
+from test_generate import make_world
 
-TRAIN, TEST = ("c1", "c2", "c3"), ("c4",)
+
+def test_privacy_rule_is_the_reference_quantile_or_the_smaller_cap():
+    ref = np.linspace(0.0, 1.0, 101)
+    rule = privacy_rule(ref, 0.9, 0.95)
+    assert rule.threshold == pytest.approx(0.9) and rule.calibrated == pytest.approx(0.9)
+    assert rule.n_reference == 101 and rule.reference_max == 1.0
+    assert "0.9 quantile" in rule.describe() and "the smaller of" in rule.describe()
+    assert privacy_rule(ref, 0.9, 0.5).threshold == 0.5                     # the cap is smaller
+    assert privacy_rule(ref, 0.9, None).threshold == pytest.approx(0.9)
+    no_ref = privacy_rule([], 0.99, 0.95)                                      # no validation patients
+    assert no_ref.threshold == 0.95 and no_ref.calibrated is None and "cap" in no_ref.describe()
+    assert privacy_rule(ref, None, 0.7).calibrated is None
+    with pytest.raises(ConfigError, match="no threshold"):
+        privacy_rule([], 0.99, None)
+
+
+def _save(path, data, affine=None):
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def test_mask_overlap_known_answers(tmp_path):
+    lab = np.zeros((10, 10, 4), np.uint8)
+    lab[2:6, 2:6] = 1                                                          # 64 voxels
+    a = _save(tmp_path / "a.nii", lab)
+    assert privacy.mask_overlap(a, a) == 1.0
+    shifted = np.roll(lab, 2, axis=0)                                          # overlaps half: Dice 0.5
+    assert privacy.mask_overlap(a, _save(tmp_path / "b.nii", shifted * 7)) == pytest.approx(0.5)
+    assert privacy.mask_overlap(a, _save(tmp_path / "c.nii", np.zeros_like(lab))) == 0.0
+    fine = np.repeat(np.repeat(lab, 2, 0), 2, 1)                               # the same mask at half the spacing
+    other_grid = _save(tmp_path / "d.nii", fine, np.diag([0.5, 0.5, 1.0, 1.0]) @ np.eye(4))
+    other_grid_affine = nib.load(str(other_grid)).affine.copy()
+    other_grid_affine[:2, 3] = -0.25                                           # voxel centres line up
+    nib.save(nib.Nifti1Image(fine, other_grid_affine), str(other_grid))
+    assert privacy.mask_overlap(a, other_grid) == pytest.approx(1.0)
+
+
+def _plant_copy(world, out, case, source):
+    """A 'synthetic' case that is the training case ``source`` itself (image and label, raw values)."""
+    image = nib.load(str(world["interim"] / f"{source}_image.nii"))
+    label = nib.load(str(world["interim"] / f"{source}_label.nii"))
+    raw = {structure_index(name): value for value, name in MMWHS_LABEL_MAP.items()}
+    idx = np.asanyarray(label.dataobj)
+    values = np.zeros(idx.shape, np.uint16)
+    for i, v in raw.items():
+        values[idx == i] = v
+    nib.save(image, str(out / f"{case}_image.nii.gz"))
+    nib.save(nib.Nifti1Image(values, label.affine), str(out / f"{case}_label.nii.gz"))
+    manifest = pd.read_csv(out / "manifest.csv")
+    row = {c: None for c in manifest.columns} | {"case": case, "source": source, "image_file": f"{case}_image.nii.gz",
+                                                 "label_file": f"{case}_label.nii.gz"}
+    pd.concat([manifest, pd.DataFrame([row])]).to_csv(out / "manifest.csv", index=False)
 
 
 @pytest.fixture
-def store(tiny_store):
-    return ProcessedStore(tiny_store)
+def screened(tmp_path):
+    """A tiny world (train p3 p4, val p2, test p1), two synthesized cases and a planted copy of p3."""
+    w = make_world(tmp_path)
+    w["split"].write_text(json.dumps({"seed": 0, "train": ["p3", "p4"], "val": ["p2"], "test": ["p1"]}))
+    params = tiny_params(synthesize={"cases": 2})
+    synthesize.run(params, w["model"], w["interim"], w["split"], tmp_path / "synthetic")
+    _plant_copy(w, tmp_path / "synthetic", "copy_p3", "p3")
+    summary = privacy.run(params, tmp_path / "synthetic", w["processed"], w["split"], w["interim"], tmp_path / "out")
+    return w, params, tmp_path, summary
 
 
-def _images(store, rows):
-    return torch.from_numpy(np.asarray(store.images[rows], np.float32))
+def test_stage_withholds_a_copied_training_case_and_names_its_source(screened):
+    w, params, root, summary = screened
+    cases = pd.read_csv(root / "out" / "privacy_cases.csv").set_index("case")
+    slices = pd.read_csv(root / "out" / "privacy_synthetic.csv")
+    copy = cases.loc["copy_p3"]
+    assert copy.verdict == "withheld" and copy.nearest_case == "p3" and copy.similarity_max > 0.999
+    p3_slices = (pd.read_csv(w["processed"] / "slices.csv").case == "p3").sum()     # every one is in the store
+    copied = slices[(slices.case == "copy_p3") & (slices.similarity > 0.999)]
+    assert len(copied) == p3_slices and (copied.nn_case == "p3").all()         # (its slices are alike in z)
+    assert copied.above.all()
+    assert copy.mask_dice_source == 1.0
+    assert "slice(s) above" in copy.reason and "mask Dice with p3 1.000 > 0.9" in copy.reason
+    made = cases.drop(index="copy_p3")
+    assert len(made) == 2 and (made.mask_dice_source < 1.0).all() and set(made.source) <= {"p3", "p4"}
+    assert set(slices.case) == set(cases.index) and set(slices.nn_case) <= {"p3", "p4"}
+    assert (slices.above == (slices.similarity > summary["privacy_threshold"])).all()
+    assert summary["privacy_synthetic_n_pass"] == int((cases.verdict == "pass").sum())
+    assert summary["privacy_n_reference_slices"] > 0                          # calibrated on p2
+    assert summary["privacy_threshold"] == min(summary["privacy_threshold_calibrated"], params.privacy.max_similarity)
+    saved = json.loads((root / "out" / "privacy_synthetic.json").read_text())
+    assert saved["privacy_synthetic_n_cases"] == 3 and "quantile" in saved["rule"]
 
 
-def test_copying_generator_is_flagged_and_new_patients_are_not(store):
-    train_rows = store.rows_for_cases(TRAIN)
-    search = NearestTrainingSearch(store.images, train_rows, downsample=16, candidates=3)
-    copied = train_rows[[0, 5, 7, 12, 17]]
-    fake = _images(store, copied)                                   # a "generator" that memorised
-    g = torch.Generator().manual_seed(0)
-    near_copy = (fake + 0.01 * torch.randn(fake.shape, generator=g)).clamp(-1, 1)
-    real_test = _images(store, store.rows_for_cases(TEST))
-
-    acc = PrivacyAccumulator(threshold=0.95)
-    rows, sims = search.query(fake)
-    np.testing.assert_array_equal(rows, copied)                     # finds the very slice it copied
-    np.testing.assert_allclose(sims, 1.0, atol=1e-5)
-    acc.update("generated", sims)
-    rows_nc, sims_nc = search.query(near_copy)
-    np.testing.assert_array_equal(rows_nc, copied)
-    assert (sims_nc > 0.95).all()                                   # a little noise does not hide a copy
-    _, real_sims = search.query(real_test)
-    acc.update("real", real_sims)
-    s = acc.summary()
-    assert s["privacy_generated_share_above"] == 1.0
-    assert s["privacy_real_share_above"] == 0.0
-    assert s["privacy_n_shareable"] == 0
-    assert s["privacy_real_similarity_max"] < 0.95
-    assert not acc.shareable(sims).any() and acc.shareable(real_sims).all()
+def test_stage_reports_every_manifest_problem_at_once_and_writes_nothing(screened):
+    w, params, root, _ = screened
+    bad = root / "bad"
+    shutil.copytree(root / "synthetic", bad)
+    manifest = pd.read_csv(bad / "manifest.csv")
+    manifest.loc[0, "source"] = "p1"                                            # a test patient
+    manifest.to_csv(bad / "manifest.csv", index=False)
+    (bad / manifest.label_file[1]).unlink()
+    with pytest.raises(InputError) as err:
+        privacy.run(params, bad, w["processed"], w["split"], w["interim"], root / "out2")
+    text = str(err.value)
+    assert "source 'p1' is not a training case" in text and f"{manifest.label_file[1]}: missing" in text
+    assert not (root / "out2").exists()
+    (bad / "manifest.csv").unlink()
+    with pytest.raises(InputError, match="manifest.csv: missing"):
+        privacy.run(params, bad, w["processed"], w["split"], w["interim"], root / "out2")
 
 
-def test_search_matches_brute_force_ssim(store):
-    train_rows = store.rows_for_cases(TRAIN)
-    queries = _images(store, store.rows_for_cases(TEST))
-    train = _images(store, train_rows)
-    exact = NearestTrainingSearch(store.images, train_rows)
-    stepwise = NearestTrainingSearch(store.images, train_rows, pair_pixels=3 * 32 * 32)     # 3 pairs a step
-    assert exact.exhaustive and "every training slice" in exact.distance
-    rows, sims = exact.query(queries)
-    np.testing.assert_array_equal(rows, stepwise.query(queries)[0])
-    for q, row, sim in zip(queries, rows, sims):
-        all_sims = body_ssim(q.expand(len(train), -1, -1), train)       # (N_train,) one pair at a time
-        assert sim == pytest.approx(float(all_sims.max()), abs=1e-5)
-        assert row == train_rows[int(all_sims.argmax())]
+def test_case_rule_known_answers():
+    """reference: a case may have as large a share of too-close slices as the worst validation
+    patient; any: not one; a slice above the hard cap withholds its case whatever the share."""
+    assert privacy.reference_share_above(np.array([0.1, 0.9, 0.2, 0.3]), np.array(["a", "a", "b", "b"]), 0.5) == 0.5
+    assert privacy.reference_share_above(np.zeros(0), np.zeros(0), 0.5) is None
+    assert privacy.case_allowance("any", np.array([0.9]), np.array(["a"]), 0.5) == 0.0
+    assert privacy.case_allowance("reference", np.array([0.9, 0.1]), np.array(["a", "a"]), 0.5) == 0.5
+    assert privacy.case_allowance("reference", np.zeros(0), np.zeros(0), 0.5) == 0.0    # no validation: strict
+    sims = np.r_[np.full(9, 0.4), 0.6]                                        # 1 of 10 slices above 0.5
+    slices = pd.DataFrame({"case": "s1", "z": range(10), "similarity": sims, "nn_case": "p3", "nn_z": range(10),
+                           "above": sims > 0.5})
+    manifest = pd.DataFrame({"case": ["s1"], "source": ["p3"]})
 
+    def verdict(allowed, cap=None, sims_override=None):
+        frame = slices if sims_override is None else slices.assign(similarity=sims_override)
+        return privacy.case_table(frame, manifest, {}, 0.5, None, allowed, hard_cap=cap).iloc[0]
 
-def test_similarity_is_the_ssim_metric_over_the_chosen_pixels(store):
-    a, b = _images(store, np.arange(4)), _images(store, np.arange(4, 8))
-    sa, sb = slice_stats(a), slice_stats(b)
-    sa.body[:], sb.body[:] = False, False
-    sa.body[:, 5:-5, 5:-5] = True             # piq's pixels: those whose whole 11 x 11 window is inside
-    expected = piq.ssim((a[:, None] + 1) / 2, (b[:, None] + 1) / 2, data_range=1.0, reduction="none")
-    torch.testing.assert_close(similarity(sa, sb), expected, atol=1e-5, rtol=0)
-
-
-def test_in_body_ssim_ignores_the_air():
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:32, :32] / 32
-    body = ((yy - 0.5) / 0.25) ** 2 + ((xx - 0.5) / 0.3) ** 2 < 1         # 23 % of the slice
-    tex = 0.1 + 0.3 * rng.standard_normal(body.shape)
-    noisy_air = [np.where(body, tex, -1 + 0.4 * rng.random(body.shape)) for _ in range(2)]   # air < -500 HU
-    new_body = [np.where(body, 0.1 + 0.3 * rng.standard_normal(body.shape), -1.0) for _ in range(2)]
-    x = torch.tensor(np.stack([noisy_air[0], new_body[0]]), dtype=torch.float32).clamp(-1, 1)
-    y = torch.tensor(np.stack([noisy_air[1], new_body[1]]), dtype=torch.float32).clamp(-1, 1)
-    ours = body_ssim(x, y)
-    whole = piq.ssim((x[:, None] + 1) / 2, (y[:, None] + 1) / 2, data_range=1.0, reduction="none")
-    assert ours[0] > 0.98 and whole[0] < 0.9                 # the same body: a copy, whatever the air does
-    assert ours[1] < 0.5 and whole[1] > ours[1] + 0.2         # a different body: identical air does not help
-    blank = torch.full((2, 32, 32), -1.0)
-    blank[1, :4, :4] = -0.9                                   # air only, a little different in a corner
-    alone = body_ssim(blank[:1], blank[1:])
-    assert body_ssim(blank[:1], blank[:1]).item() == pytest.approx(1.0) and alone.item() < 0.999   # every pixel
-    queries = slice_stats(blank[:1]).take((slice(None), None))                 # (1, 1, S, S)
-    beside_a_body = similarity(queries, slice_stats(torch.stack([blank[1], x[1]])).take((None,)))   # (1, 2)
-    assert beside_a_body[0, 0].item() == pytest.approx(alone.item(), abs=1e-6)   # still every pixel, not the body box
-
-
-def test_exhaustive_finds_the_nearest_a_low_res_prefilter_misses():
-    rng = np.random.default_rng(0)
-    body = np.hypot(*(np.mgrid[:32, :32] / 32 - 0.5)) < 0.38
-    tex = 0.1 + 0.3 * rng.standard_normal(body.shape)
-    copy = np.where(body, tex + 0.15, -1.0)                                 # the query's slice, a little brighter
-    decoys = [np.where(body, gaussian_filter(tex, 1.0 + 0.2 * i), -1.0) for i in range(3)]   # right means only
-    others = [np.where(body, 0.1 + 0.3 * rng.standard_normal(body.shape), -1.0) for _ in range(4)]
-    bank = np.clip(np.stack([*others, *decoys, copy]), -1, 1).astype(np.float32)
-    query = torch.tensor(np.where(body, tex, -1.0)[None], dtype=torch.float32).clamp(-1, 1)
-    rows = np.arange(len(bank))
-    exhaustive = NearestTrainingSearch(bank, rows, downsample=8, candidates=3)
-    prefilter = NearestTrainingSearch(bank, rows, downsample=8, candidates=3, budget=0)
-    assert exhaustive.exhaustive and not prefilter.exhaustive and "L2 at 8x8" in prefilter.distance
-    assert set(prefilter.candidates(query)[0].tolist()) == {4, 5, 6}       # the decoys are nearer at low res
-    row, sim = exhaustive.query(query)
-    assert row[0] == 7 and sim[0] > 0.95                                    # the copy, flagged
-    row, sim = prefilter.query(query)
-    assert row[0] in (4, 5, 6) and sim[0] < 0.95                            # missed: the copy would be shared
-
-
-def test_budget_chooses_the_search(store):
-    rows = store.rows_for_cases(TRAIN)
-    work = len(rows) * len(rows) * 32 * 32                     # n_queries None: as many as training slices
-    assert NearestTrainingSearch(store.images, rows, budget=work).exhaustive
-    assert not NearestTrainingSearch(store.images, rows, budget=work - 1).exhaustive
-    assert NearestTrainingSearch(store.images, rows, budget=work - 1, n_queries=len(rows) - 1).exhaustive
-
-
-def test_chunked_prefilter_equals_one_chunk(store):
-    train_rows = store.rows_for_cases(TRAIN)
-    queries = _images(store, store.rows_for_cases(TEST))
-    one = NearestTrainingSearch(store.images, train_rows, downsample=8, candidates=4, chunk=10_000, budget=0)
-    many = NearestTrainingSearch(store.images, train_rows, downsample=8, candidates=4, chunk=3, batch=5, budget=0,
-                                 pair_pixels=5 * 32 * 32)
-    torch.testing.assert_close(one.candidates(queries), many.candidates(queries))
-    a, b = one.query(queries), many.query(queries)
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_allclose(a[1], b[1], atol=1e-6)   # float32: steps differ in their crop
-    assert "SSIM" in one.distance and "8x8" in one.distance
-
-
-def test_accumulator_histogram_and_streaming():
-    sims = np.array([0.1, 0.5, 0.96, 0.99, -0.2, 0.95])
-    whole, parts = PrivacyAccumulator(0.95), PrivacyAccumulator(0.95)
-    whole.update("generated", sims)
-    for chunk in (sims[:2], sims[2:5], sims[5:]):
-        parts.update("generated", chunk)
-    parts.update("real", np.array([0.3]))
-    whole.update("real", np.array([0.3]))
-    assert whole.summary() == parts.summary()
-    s = whole.summary()
-    assert s["privacy_generated_share_above"] == pytest.approx(2 / 6)   # 0.95 itself passes
-    assert s["privacy_n_shareable"] == 4
-    assert s["privacy_generated_similarity_max"] == pytest.approx(0.99)
-    hist = whole.histogram()
-    assert hist["generated"].sum() == 6 and hist["real"].sum() == 1
-    assert hist.loc[0, "generated"] == 1                                # −0.2 counted in the first bin
-
-
-def test_bad_search_inputs(store):
-    with pytest.raises(InputError):
-        NearestTrainingSearch(store.images, np.array([], np.int64))
-    with pytest.raises(ConfigError):
-        NearestTrainingSearch(store.images, store.rows_for_cases(TRAIN), candidates=0)
+    assert verdict(0.1).verdict == "pass" and verdict(0.1).share_above == 0.1
+    withheld = verdict(0.05)
+    assert withheld.verdict == "withheld"
+    assert "10% of its slices; no validation patient has more than 5%" in withheld.reason
+    assert verdict(0.0).verdict == "withheld"
+    near_copy = verdict(1.0, 0.95, np.r_[np.full(9, 0.4), 0.97])
+    assert near_copy.verdict == "withheld" and "above the cap privacy.max_similarity 0.95" in near_copy.reason
+    assert "any of its slices" in privacy.describe_case_rule("any", 0.0)
+    assert "more than 5.0% of its slices" in privacy.describe_case_rule("reference", 0.05)

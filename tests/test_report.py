@@ -16,8 +16,8 @@ from ctsynth.core.errors import InputError
 from ctsynth.core.labels import STRUCTURES
 from ctsynth.evaluate.results import Interval, Results, fmt
 from ctsynth.report.figures import fig_condition_subsets, fig_losses
-from ctsynth.report.html import read_condition_subsets
-from ctsynth.report.html import run as build_report
+from ctsynth.report.report import read_condition_subsets
+from ctsynth.report.report import run as build_report
 from ctsynth.synth import synthesize
 from ctsynth.synth.generate import run as generate_test_set
 from test_generate import make_world
@@ -78,7 +78,7 @@ def fake_inputs(root: Path) -> dict:
 def build(inp: dict, root: Path, **kw) -> tuple[list[Path], str]:
     out = root / "reports" / "report.html"
     files = build_report(tiny_params(train={"iterations": 100}), inp["reports"], inp["out"], inp["processed"],
-                         inp["train"], out, root / "reports" / "figures", split_path=inp["split"],
+                         inp["train"], out, figures_dir=root / "reports" / "figures", split_path=inp["split"],
                          manifest_path=inp["interim"] / "manifest.csv", **kw)
     return files, out.read_text()
 
@@ -278,7 +278,7 @@ def test_absent_structures_show_as_a_dash_or_absent_never_nan(tmp_path, monkeypa
     """A structure absent from the test ground truth (Dice null with its reason, blank CSV cells) is
     shown as '—' in the tables and left out of the text, and as '<S> (absent)' under the utility
     chart: never 'nan', never a crash."""
-    from ctsynth.report import figures, html
+    from ctsynth.report import figures, report
     from ctsynth.report.summary import plain_reading
 
     why = "LV absent from the ground truth of every scored slice (Σ|T| = 0): Dice cannot be scored"
@@ -305,8 +305,8 @@ def test_absent_structures_show_as_a_dash_or_absent_never_nan(tmp_path, monkeypa
         return path
     monkeypatch.setattr(figures, "_save", save)
     (tmp_path / "figures").mkdir()
-    parts = {"structures": html.section_per_structure(tmp_path, res), "cases": html.section_per_case(tmp_path),
-             "utility": html.section_utility(tmp_path, res, tmp_path / "figures"), "summary": plain_reading(res)}
+    parts = {"structures": report.section_per_structure(tmp_path, res), "cases": report.section_per_case(tmp_path),
+             "utility": report.section_utility(tmp_path, res, tmp_path / "figures"), "summary": plain_reading(res)}
     for name, text in parts.items():
         assert not re.search(r"\bnan\b", text, re.IGNORECASE), name
     lv_row = re.search(r"<tr><td>LV</td>.*?</tr>", parts["structures"]).group(0)
@@ -316,7 +316,7 @@ def test_absent_structures_show_as_a_dash_or_absent_never_nan(tmp_path, monkeypa
 
 
 def test_report_says_where_each_step_was_computed():
-    from ctsynth.report.html import runtime_lines
+    from ctsynth.report.report import runtime_lines
 
     rec = {"cpu": "Test CPU @ 1GHz", "torch_threads": 3, "torch": "9.9", "device": "cpu"}
     html = runtime_lines({"generator_trained_on": rec, "generated_on": None, "about": "repeat only where these match"})

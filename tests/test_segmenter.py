@@ -18,8 +18,8 @@ from ctsynth.core.errors import InputError, MetricUnavailable, ModelFileError
 from ctsynth.data.store import ProcessedStore
 from ctsynth.evaluate.inception import INCEPTION_REASON, InceptionFeatures, inception_module
 from ctsynth.evaluate.metrics import dice_scores, frechet_distance
-from ctsynth.evaluate.segmenter import Segmenter, SegUNet, check_segmenter_params, load_segmenter, segmenter_seed
-from ctsynth.evaluate.segmenter import run as train_segmenter
+from ctsynth.segmenter.segmenter import Segmenter, SegUNet, check_segmenter_params, load_segmenter, segmenter_seed
+from ctsynth.segmenter.segmenter import run as train_segmenter
 
 SPLIT = {"seed": 0, "train": ["c1", "c2", "c3"], "val": ["c4"], "test": ["c5"]}
 SEG = {"iterations": 60, "batch_size": 8, "width": 16, "lr": 0.003, "ema": 0.0}   # the plain last-step model
@@ -166,7 +166,7 @@ def test_inception_loads_a_local_state_dict(tmp_path, flavour):
 
 def test_weight_average_is_the_model_returned(tiny_store):
     """segmenter.ema > 0: the model is the moving average of the weights, not the last step's."""
-    from ctsynth.evaluate.segmenter import train_segmenter as fit
+    from ctsynth.segmenter.segmenter import train_segmenter as fit
 
     store = ProcessedStore(tiny_store)
     pool = [(store, store.rows_for_cases(["c1", "c2"]))]
@@ -185,7 +185,7 @@ def test_weight_average_is_the_exact_ema_of_the_step_weights(tiny_store):
     from the last-step models of 1, 2 and 3-step trainings (the same seeded trajectory). d = 0.7, not
     0.5, so swapping d and 1 − d, starting from the initial weights or leaving the BN statistics
     unaveraged all fail (each off by > 1e-3 somewhere; float32 rounding: < 1e-6)."""
-    from ctsynth.evaluate.segmenter import train_segmenter as fit
+    from ctsynth.segmenter.segmenter import train_segmenter as fit
 
     store = ProcessedStore(tiny_store)
     pool = [(store, store.rows_for_cases(["c1", "c2"]))]
@@ -231,7 +231,7 @@ def test_segmenter_seed_is_its_own_when_set_else_the_top_level_seed():
 
 
 def test_a_batch_share_draws_that_fraction_from_the_second_pool():
-    from ctsynth.evaluate.segmenter import _share_picks
+    from ctsynth.segmenter.segmenter import _share_picks
 
     rng = np.random.default_rng(0)
     picks = _share_picks(rng, [10, 3], 16, 0.25)                 # 4 of 16 from the 3 synthetic slices
@@ -243,7 +243,7 @@ def test_share_and_init_change_the_training_and_bad_shares_are_refused(tiny_stor
     """A share trains on other batches than drawing uniformly; init starts from given weights (a
     zero-step continuation returns them); a share needs two pools and a value in [0, 1]."""
     from ctsynth.core.errors import ConfigError
-    from ctsynth.evaluate.segmenter import train_segmenter as fit
+    from ctsynth.segmenter.segmenter import train_segmenter as fit
 
     store = ProcessedStore(tiny_store)
     pools = [(store, store.rows_for_cases(["c1"])), (store, store.rows_for_cases(["c2"]))]
@@ -267,7 +267,7 @@ def test_bf16_training_keeps_fp32_weights_is_repeatable_and_is_recorded(tmp_path
     """segmenter.precision bf16: the forward pass under autocast (another model than fp32's), weights
     still fp32, two runs bit-equal; the file records the asked and the resolved precision."""
     from ctsynth.core.accel import resolve_precision
-    from ctsynth.evaluate.segmenter import train_segmenter as fit
+    from ctsynth.segmenter.segmenter import train_segmenter as fit
 
     store = ProcessedStore(tiny_store)
     pool = [(store, store.rows_for_cases(["c1", "c2"]))]

@@ -1,6 +1,6 @@
-"""Sharing: review decisions (ctsynth.share.reviews), the share stage and its card
-(ctsynth.share.export, ctsynth.share.card) and the review web app's server side
-(ctsynth.share.review). The page itself, in a real browser: tests/test_pipeline_e2e.py."""
+"""Sharing: review decisions (ctsynth.share.decisions), the share stage and its card
+(ctsynth.share.share, ctsynth.share.card) and the review web app's server side
+(ctsynth.tools.review). The page itself, in a real browser: tests/test_pipeline_e2e.py."""
 from __future__ import annotations
 
 import json
@@ -19,9 +19,9 @@ import pytest
 
 from conftest import tiny_params
 from ctsynth.core.errors import InputError
-from ctsynth.share import export
-from ctsynth.share import reviews as rv
-from ctsynth.share.review import ReviewData, create_app
+from ctsynth.share import decisions
+from ctsynth.share import share as share_stage
+from ctsynth.tools.review import ReviewData, create_app
 
 CASES = ("synth_0001", "synth_0002", "synth_0003")
 PATIENTS = ("ct_train_1000", "ct_train_1001", "ct_train_1002", "ct_train_1008", "ct_train_1009")   # sources, nearest
@@ -64,18 +64,19 @@ def make_synthetic(root: Path, verdicts=("pass", "pass", "withheld")) -> dict:
 
 
 def hashes_of(syn: Path) -> dict[str, str]:
-    return export.case_hashes(syn, export.read_manifest(syn))
+    return share_stage.case_hashes(syn, share_stage.read_manifest(syn))
 
 
 def decide(paths, reviewer, case, decision, reason=None, comment=""):
     h = hashes_of(paths["synthetic"])[case]
-    rv.append(paths["reviews"], rv.make_decision(case, decision, reason, comment, reviewer, h))
+    decisions.append(paths["reviews"], decisions.make_decision(case, decision, reason, comment, reviewer, h))
 
 
 def run_share(paths, tmp_path, **share):
     params = tiny_params(share=share) if share else tiny_params()
-    return export.run(params, paths["synthetic"], paths["reports"], paths["reviews"], paths["reports"] / "metrics.json",
-                      tmp_path / "no-model.pt", None, tmp_path / "share", tmp_path / "share.json")
+    return share_stage.run(params, paths["synthetic"], paths["reports"], paths["reviews"],
+                           paths["reports"] / "metrics.json", tmp_path / "no-model.pt", run_file=None,
+                           out_dir=tmp_path / "share", out_json=tmp_path / "share.json")
 
 
 # ------------------------------------------------------------------------------- decisions
@@ -86,18 +87,18 @@ def test_decisions_round_trip_latest_wins_and_a_changed_case_is_stale(tmp_path):
     decide(paths, "alice", "synth_0001", "accept")                       # changed her mind: the last line wins
     decide(paths, "alice", "synth_0002", "accept")
     decide(paths, "bob", "synth_0002", "reject", "other", "left atrium cut off")
-    loaded = rv.load(paths["reviews"], hashes_of(paths["synthetic"]))
+    loaded = decisions.load(paths["reviews"], hashes_of(paths["synthetic"]))
     assert loaded["alice"]["synth_0001"][0].decision == "accept" and loaded["alice"]["synth_0001"][1] is False
     assert loaded["bob"]["synth_0002"][0].comment == "left atrium cut off"
-    assert rv.verdicts(loaded, "synth_0002") == {"accepts": 1, "rejects": 1, "stale": 0}
+    assert decisions.verdicts(loaded, "synth_0002") == {"accepts": 1, "rejects": 1, "stale": 0}
     lines = (paths["reviews"] / "alice.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(x)["case_sha256"] == hashes_of(paths["synthetic"])[json.loads(x)["case"]]
                                    for x in lines)
     img = paths["synthetic"] / "synth_0001_image.nii.gz"          # the dataset is remade: synth_0001 changes
     nib.save(nib.Nifti1Image(np.full((16, 16, 6), 7, np.int16), np.eye(4)), str(img))
-    loaded = rv.load(paths["reviews"], hashes_of(paths["synthetic"]))
+    loaded = decisions.load(paths["reviews"], hashes_of(paths["synthetic"]))
     assert loaded["alice"]["synth_0001"][1] is True and loaded["alice"]["synth_0002"][1] is False
-    assert rv.verdicts(loaded, "synth_0001") == {"accepts": 0, "rejects": 0, "stale": 1}
+    assert decisions.verdicts(loaded, "synth_0001") == {"accepts": 0, "rejects": 0, "stale": 1}
 
 
 def test_a_broken_review_file_is_one_error_naming_every_file_and_line(tmp_path):
@@ -111,7 +112,7 @@ def test_a_broken_review_file_is_one_error_naming_every_file_and_line(tmp_path):
     (paths["reviews"] / "bob.jsonl").write_text(json.dumps({**good, "reviewer": "bob", "decision": "reject",
                                                             "reason": "nope"}) + "\n")
     with pytest.raises(InputError) as err:
-        rv.load(paths["reviews"], hashes_of(paths["synthetic"]))
+        decisions.load(paths["reviews"], hashes_of(paths["synthetic"]))
     text = "\n".join(err.value.problems)
     for where in ("alice.jsonl:2: not valid JSON", "alice.jsonl:3: case 'synth_9999' is not a case",
                   "alice.jsonl:4: decision 'maybe'", "alice.jsonl:5: reviewer 'mallory' differs",
@@ -122,15 +123,15 @@ def test_a_broken_review_file_is_one_error_naming_every_file_and_line(tmp_path):
 @pytest.mark.parametrize("name", ["../etc/passwd", "a/b", "", ".hidden", "x" * 65, "-rf"])
 def test_reviewer_names_are_plain_file_names(name):
     with pytest.raises(InputError, match="reviewer"):
-        rv.check_reviewer(name)
+        decisions.check_reviewer(name)
 
 
 def test_a_decision_is_validated_before_it_is_written(tmp_path):
     with pytest.raises(InputError, match="a rejection names one of"):
-        rv.make_decision("synth_0001", "reject", None, "", "alice", "ab")
+        decisions.make_decision("synth_0001", "reject", None, "", "alice", "ab")
     with pytest.raises(InputError, match="'other' needs a comment"):
-        rv.make_decision("synth_0001", "reject", "other", "  ", "alice", "ab")
-    accepted = rv.make_decision("synth_0001", "accept", "artefact", "", "alice", "ab")
+        decisions.make_decision("synth_0001", "reject", "other", "  ", "alice", "ab")
+    accepted = decisions.make_decision("synth_0001", "accept", "artefact", "", "alice", "ab")
     assert accepted.reason is None and accepted.time.endswith("Z")      # an acceptance carries no reason
 
 
@@ -237,7 +238,7 @@ def test_the_shared_folder_names_no_patient_no_internal_case_and_no_draw(tmp_pat
             {k for v in obj for k in keys(v)} if isinstance(obj, list) else set()
     card_keys = keys(json.loads((out / "dataset_card.json").read_text()))
     assert not card_keys & (set(internal.columns) - {"case"}), card_keys & set(internal.columns)
-    assert not set(pd.read_csv(out / "manifest.csv").columns) & (set(internal.columns) - set(export.SHARED_COLUMNS)
+    assert not set(pd.read_csv(out / "manifest.csv").columns) & (set(internal.columns) - set(share_stage.SHARED_COLUMNS)
                                                                  - {"case", "image_file", "label_file"})
     for image in (out / "pairs").glob("*.nii.gz"):
         assert image.read_bytes()[3] & 0x08 == 0                                   # gzip FNAME flag unset
@@ -253,8 +254,9 @@ def test_the_shared_folder_names_no_patient_no_internal_case_and_no_draw(tmp_pat
     run_share(paths, tmp_path)
     assert (out / "SHA256SUMS").read_text() == (tmp_path / "share" / "SHA256SUMS").read_text()
     again = tmp_path / "again"
-    export.run(tiny_params(), paths["synthetic"], paths["reports"], paths["reviews"], paths["reports"] / "metrics.json",
-               tmp_path / "no-model.pt", None, again, tmp_path / "again.json")
+    share_stage.run(tiny_params(), paths["synthetic"], paths["reports"], paths["reviews"],
+                    paths["reports"] / "metrics.json",
+               tmp_path / "no-model.pt", run_file=None, out_dir=again, out_json=tmp_path / "again.json")
     same = [p.relative_to(again).as_posix() for p in again.rglob("*.nii.gz")
             if p.read_bytes() == (out / p.relative_to(again)).read_bytes()]
     assert len(same) == 12                                                           # byte for byte reproducible
@@ -283,10 +285,10 @@ def test_identifier_search_finds_whole_tokens_in_paths_bytes_and_nifti_headers(t
     img = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4))
     img.header["descrip"] = b"from ct_train_1005"
     nib.save(img, str(root / "pairs" / "a.nii.gz"))
-    problems = export.identifier_problems(root, {"ct_train_1004", "ct_train_1005", "7", "12", "p7"})
+    problems = share_stage.identifier_problems(root, {"ct_train_1004", "ct_train_1005", "7", "12", "p7"})
     assert problems == ["notes.txt: names CT_TRAIN_1004", "pairs/a.nii.gz: names ct_train_1005",
                         "pairs/p7_image.txt: names p7"]                              # short ids: paths only
-    assert export.identifier_problems(root, set()) == []
+    assert share_stage.identifier_problems(root, set()) == []
 
 
 def test_the_share_stage_refuses_bad_params():

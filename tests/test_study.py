@@ -1,4 +1,4 @@
-"""The utility study (ctsynth.studies.utility): one cell end to end on a tiny world, the summary's
+"""The utility study (ctsynth.tools.utility_study): one cell end to end on a tiny world, the summary's
 table, contrast, figure and sentence, its statistics on known answers, and bad input. The DVC
 pipeline itself (studies/utility/dvc.yaml): tests/test_pipeline_e2e.py."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import yaml
 
 from conftest import tiny_params
 from ctsynth.core.errors import ConfigError
-from ctsynth.studies import utility as study
+from ctsynth.tools import utility_study as study
 from test_generate import make_world
 
 STUDY = {"n_real": [1, 0], "draws": [1, 2], "seeds": [1], "shares": [0.5], "synthetic_cases": 1, "iterations": 4,
@@ -34,19 +34,21 @@ def world(tmp_path):
 def test_a_cell_trains_every_arm_and_scores_validation_and_test_patients(world, tmp_path):
     params = tiny_params(synthesize={"cases": 1})
     spec = write_study(tmp_path / "study.yaml")
-    out = study.run_cell(params, spec, 1, 2, world["processed"], world["split"], world["interim"], world["model"],
-                         tmp_path / "cells" / "n1-d2.json")
+    out = study.run_cell(params, spec, 1, 2, world["processed"], world["split"], interim_dir=world["interim"],
+                         model_path=world["model"],
+                         out_json=tmp_path / "cells" / "n1-d2.json")
     assert out["patients"] in (["p3"], ["p4"]) and out["n_synthetic_cases"] == 1 and out["iterations"] == 4
     assert set(out["results"]) == {"real", "classic", "synthetic@0.5", "pretrain", "own-G@0.5"}   # n <= 2: own G
     scored = out["results"]["classic"]["1"]
     assert set(scored) == {"val", "test"} and set(scored["test"]) == {"p1"} and set(scored["val"]) == {"p2"}
     counts = np.asarray(scored["test"]["p1"])
     assert counts.shape == (3, 8) and (counts[2, 1:] > 0).any()          # Σ|T| of the structures present
-    again = study.run_cell(params, spec, 1, 2, world["processed"], world["split"], world["interim"], world["model"],
-                           tmp_path / "cells" / "again.json")
+    again = study.run_cell(params, spec, 1, 2, world["processed"], world["split"], interim_dir=world["interim"],
+                           model_path=world["model"],
+                           out_json=tmp_path / "cells" / "again.json")
     assert again["patients"] == out["patients"] and again["results"] == out["results"]   # seeded: repeatable
-    skipped = study.run_cell(params, spec, 0, 2, world["processed"], world["split"], world["interim"],
-                             world["model"], tmp_path / "cells" / "n0-d2.json")
+    skipped = study.run_cell(params, spec, 0, 2, world["processed"], world["split"], interim_dir=world["interim"],
+                             model_path=world["model"], out_json=tmp_path / "cells" / "n0-d2.json")
     assert skipped == {} and "one draw" in json.loads((tmp_path / "cells" / "n0-d2.json").read_text())["skipped"]
 
 
@@ -54,8 +56,9 @@ def test_the_summary_writes_the_curve_contrast_figure_and_sentence(world, tmp_pa
     params = tiny_params(synthesize={"cases": 1})
     spec = write_study(tmp_path / "study.yaml")
     for n, draw in ((1, 1), (0, 1), (0, 2)):
-        study.run_cell(params, spec, n, draw, world["processed"], world["split"], world["interim"], world["model"],
-                       tmp_path / "cells" / f"n{n}-d{draw}.json")
+        study.run_cell(params, spec, n, draw, world["processed"], world["split"], interim_dir=world["interim"],
+                       model_path=world["model"],
+                       out_json=tmp_path / "cells" / f"n{n}-d{draw}.json")
     (tmp_path / "cells" / "again.json").unlink(missing_ok=True)
     summary = study.summarize(tmp_path / "cells", tmp_path / "results", spec, publish=tmp_path / "published.json")
     curve = pd.read_csv(tmp_path / "results" / "curve.csv")
@@ -111,6 +114,6 @@ def test_bad_study_params_are_one_error_listing_every_problem(tmp_path):
 def test_a_bad_cell_writes_nothing(world, tmp_path):
     spec = write_study(tmp_path / "study.yaml", n_real=[1, 3])
     with pytest.raises(ConfigError, match="asks for 3 real patients, the split has 2"):
-        study.run_cell(tiny_params(), spec, 1, 1, world["processed"], world["split"], world["interim"],
-                       world["model"], tmp_path / "cells" / "n1-d1.json")
+        study.run_cell(tiny_params(), spec, 1, 1, world["processed"], world["split"], interim_dir=world["interim"],
+                       model_path=world["model"], out_json=tmp_path / "cells" / "n1-d1.json")
     assert not (tmp_path / "cells").exists()

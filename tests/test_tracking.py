@@ -17,8 +17,8 @@ import torch
 from conftest import make_store, tiny_params
 from ctsynth.core import tracking
 from ctsynth.core.errors import TrainingError
-from ctsynth.train.loop import run as train
 from ctsynth.train.networks import load_generator
+from ctsynth.train.train import run as train
 
 SPLIT = {"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}
 
@@ -34,7 +34,7 @@ def ws(tmp_path, monkeypatch) -> Path:
 
 def _train(ws: Path, p, **kw):
     return train(p, ws / "data/processed", ws / "data/split.json", ws / "models/generator.pt",
-                 ws / "models/checkpoints", ws / "reports/train", ws / "models/mlflow_run.json", **kw)
+                 ws / "models/checkpoints", ws / "reports/train", run_file=ws / "models/mlflow_run.json", **kw)
 
 
 def test_tracking_uri_precedence(ws, monkeypatch):

@@ -20,10 +20,10 @@ import yaml
 from conftest import REPO, make_store, tiny_params
 from ctsynth.core.config import TrainRunCfg, to_dict
 from ctsynth.core.errors import ConfigError, InputError, TrainingError
-from ctsynth.train.gan import gan_step, lr_factor, make_optimizer
+from ctsynth.train.gan import GanPair, LossWeights, gan_step, lr_factor, make_optimizer
 from ctsynth.train.history import LOSS_NAMES
-from ctsynth.train.loop import run as train
 from ctsynth.train.networks import build_discriminator, build_generator, load_generator
+from ctsynth.train.train import run as train
 
 SPLIT = {"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}
 
@@ -46,7 +46,7 @@ def params(**keys):
 def run(ws: Path, p, name: str = "run", **kw):
     out = ws / name
     result = train(p, ws / "processed", ws / "split.json", out / "generator.pt", out / "ckpt",
-                   out / "reports", out / "mlflow_run.json", **kw)
+                   out / "reports", run_file=out / "mlflow_run.json", **kw)
     return result, out
 
 
@@ -74,9 +74,9 @@ def test_steps_on_a_fixed_batch_lower_l1():
     cond = (torch.rand(4, 7, 32, 32) > 0.8).float()
     real = cond.sum(1, keepdim=True).clamp(max=1) * 1.4 - 0.7            # target depends on the mask
     amp = torch.autocast("cpu", enabled=False)
-    first = gan_step(g, d, d, opt_g, opt_d, cond, real, 100.0, amp)
+    first = gan_step(GanPair(g, d, d, opt_g, opt_d), cond, real, LossWeights(l1=100.0), amp)
     for _ in range(15):
-        last = gan_step(g, d, d, opt_g, opt_d, cond, real, 100.0, amp)
+        last = gan_step(GanPair(g, d, d, opt_g, opt_d), cond, real, LossWeights(l1=100.0), amp)
     assert first.shape == (len(LOSS_NAMES),)
     i = LOSS_NAMES.index("g_l1")
     assert last[i] < 0.7 * first[i]
@@ -101,7 +101,7 @@ def test_feature_matching_is_the_mean_block_l1_and_steers_the_generator():
         g1, d1 = copy.deepcopy(g), copy.deepcopy(d)
         opt_g = make_optimizer(g1.parameters(), 2e-3, (0.5, 0.999))
         opt_d = make_optimizer(d1.parameters(), 2e-4, (0.5, 0.999))
-        losses = gan_step(g1, d1, d1, opt_g, opt_d, cond, real, 100.0, amp, lambda_fm)
+        losses = gan_step(GanPair(g1, d1, d1, opt_g, opt_d), cond, real, LossWeights(l1=100.0, fm=lambda_fm), amp)
         return losses, g1, d1
 
     off, g_off, _ = one_step(0.0)
@@ -149,7 +149,7 @@ def test_spectral_term_is_the_log_spectrum_gap_and_steers_the_generator():
         g1, d1 = copy.deepcopy(g), copy.deepcopy(d)
         opt_g = make_optimizer(g1.parameters(), 2e-3, (0.5, 0.999))
         opt_d = make_optimizer(d1.parameters(), 2e-4, (0.5, 0.999))
-        return gan_step(g1, d1, d1, opt_g, opt_d, cond, real, 100.0, amp, 0.0, None, lam), g1
+        return gan_step(GanPair(g1, d1, d1, opt_g, opt_d), cond, real, LossWeights(l1=100.0, spectral=lam), amp), g1
 
     (off, g_off), (on, g_on) = one_step(0.0), one_step(1.0)
     with torch.no_grad():
@@ -163,7 +163,7 @@ def test_spectral_term_is_the_log_spectrum_gap_and_steers_the_generator():
 
 
 def test_train_writes_model_losses_snapshots_checkpoints(ws, caplog):
-    with caplog.at_level("INFO", logger="ctsynth.train.loop"):
+    with caplog.at_level("INFO", logger="ctsynth.train.train"):
         result, out = run(ws, params(iterations=6, checkpoint_every=2, log_every=2, snapshot_at=[0, 0.5, 1],
                                      lambda_fm=0.0))
     assert result.step == 6 and result.exit_code == 0

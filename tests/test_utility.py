@@ -10,10 +10,11 @@ import torch
 
 from conftest import make_store, tiny_params
 from ctsynth.core.errors import InputError
-from ctsynth.evaluate import segmenter, utility
+from ctsynth.evaluate.evaluate import merge_utility
 from ctsynth.evaluate.results import Results
-from ctsynth.evaluate.stage import merge_utility
+from ctsynth.segmenter import segmenter
 from ctsynth.synth import synthesize
+from ctsynth.utility import utility
 from test_generate import make_world
 
 LABELS = {1: "Myo", 3: "LV"}
@@ -99,7 +100,7 @@ def pipeline(tmp_path):
 def test_stage_scores_three_segmenters_on_real_test_slices(pipeline):
     w, params, root = pipeline
     metrics = utility.run(params, root / "synthetic", w["processed"], w["split"], root / "segmenter.pt",
-                          root / "utility.json", root / "utility.csv")
+                          root / "utility.json", out_csv=root / "utility.csv")
     for kind in utility.KINDS:
         assert 0 <= metrics[f"utility_dice_{kind}"] <= 1
     assert metrics["utility_n_synthetic_cases"] == 2 and metrics["utility_n_synthetic_slices"] > 0
@@ -119,7 +120,7 @@ def test_stage_refuses_synthetic_data_at_another_size(pipeline):
     params.preprocess.image_size = 16
     with pytest.raises(InputError, match="preprocessed to 16"):
         utility.run(params, root / "synthetic", w["processed"], w["split"], root / "segmenter.pt",
-                    root / "u.json", root / "u.csv")
+                    root / "u.json", out_csv=root / "u.csv")
     assert not (root / "u.json").exists()
 
 
@@ -179,7 +180,7 @@ def recorded(tmp_path, monkeypatch):
 
     def run(p=params):
         return utility.run(p, tmp_path / "synthetic", real_dir, tmp_path / "split.json", tmp_path / "seg.pt",
-                           tmp_path / "u.json", tmp_path / "u.csv")
+                           tmp_path / "u.json", out_csv=tmp_path / "u.csv")
     return run, params, calls, ProcessedStore(real_dir), ProcessedStore(synth_dir)
 
 

@@ -78,7 +78,7 @@ def _review(args) -> int:
     import getpass
 
     from ctsynth.core.config import load_params
-    from ctsynth.share.review import ReviewData, serve
+    from ctsynth.tools.review import ReviewData, serve
 
     params = load_params(args.params)
     reviewer = args.reviewer or getpass.getuser()
@@ -90,14 +90,14 @@ def _review(args) -> int:
 
 def _study(args) -> int:
     from ctsynth.core.config import load_params
-    from ctsynth.studies import utility
+    from ctsynth.tools import utility_study
 
     if args.study_command == "utility-summary":
-        summary = utility.summarize(args.cells, args.out, args.study, load_params(args.params), args.publish)
+        summary = utility_study.summarize(args.cells, args.out, args.study, load_params(args.params), args.publish)
         print(summary["sentence"])
         return 0
-    utility.run_cell(load_params(args.params), args.study, args.n, args.draw, args.processed, args.split,
-                     args.interim, args.model, args.out)
+    utility_study.run_cell(load_params(args.params), args.study, args.n, args.draw, args.processed, args.split,
+                     interim_dir=args.interim, model_path=args.model, out_json=args.out)
     return 0
 
 
@@ -132,7 +132,7 @@ def _check_params(args) -> int:
 
 
 def _preset(args) -> int:
-    from ctsynth.core.presets import apply_preset
+    from ctsynth.tools.presets import apply_preset
 
     expanded = apply_preset(args.preset, args.params, args.out)
     print(f"{args.out}: {args.params} + {expanded.overlay}: {len(expanded.changed)} values changed, "
@@ -150,7 +150,7 @@ then. Prints the values that changed."""
 
 
 def _bench(args) -> int:
-    from ctsynth.bench.suite import main as bench_main
+    from ctsynth.tools.bench.suite import main as bench_main
 
     paths = tuple(n for n in args.paths.split(",") if n) + (("compile",) if args.compile else ())
     return bench_main(quick=args.quick, out=args.out, device=args.device, paths=paths, repeats=args.repeats,
@@ -169,13 +169,13 @@ measures the GPU. The full run takes about 10 minutes on 2 CPU cores; --quick ab
 
 
 def _compare_run(args) -> int:
-    from ctsynth.evaluate.compare import run
+    from ctsynth.tools.compare import run
 
     return run(args.set, args.seeds, seed_key=args.seed_key, name=args.name, jobs=args.jobs, dry_run=args.dry_run)
 
 
 def _compare_show(args) -> int:
-    from ctsynth.evaluate.compare import show
+    from ctsynth.tools.compare import show
 
     show(name=args.name, metrics=args.metrics, baseline=args.baseline, out=args.out, seed_key=args.seed_key,
          rev=args.rev)
@@ -192,8 +192,8 @@ a t-interval over seeds: training noise on the same patients, not a patient-leve
 
 
 def _compare_parser(sub) -> None:
-    """``ctsynth compare run|show`` (ctsynth.evaluate.compare)."""
-    from ctsynth.evaluate.compare import DEFAULT_NAME, DEFAULT_SEED_KEY
+    """``ctsynth compare run|show`` (ctsynth.tools.compare)."""
+    from ctsynth.tools.compare import DEFAULT_NAME, DEFAULT_SEED_KEY
 
     p = sub.add_parser("compare", help="seed grids of DVC experiments: run them, compare configurations over seeds",
                        description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

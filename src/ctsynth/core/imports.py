@@ -78,7 +78,7 @@ def script_closure(script: Path) -> set[str]:
 
 
 def source_hash(module: str) -> str:
-    """Hash of the source of ``module`` (e.g. ``"train/loop.py"``) and of everything it imports."""
+    """Hash of the source of ``module`` (e.g. ``"train/train.py"``) and of everything it imports."""
     h = hashlib.sha256()
     for name in sorted(closure({module})):
         h.update(name.encode())

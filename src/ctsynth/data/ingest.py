@@ -98,7 +98,7 @@ def _outside_share(label: np.ndarray, label_affine, shape, affine) -> float:
 
 
 def _label_on_image_grid(pair: Pair, raw_label: np.ndarray, lab, shape, img, problems: list[str],
-                         path: Path | None = None):
+                         *, path: Path | None = None):
     """A label (``path``, default the pair's label) on another grid, resampled onto the image grid
     (nearest neighbour, background outside the label grid); the label unchanged with a problem
     appended when it cannot be."""
@@ -150,7 +150,7 @@ def _anatomy(pair: Pair, params: Params, data: np.ndarray, img, heart: np.ndarra
         return None
     raw = np.asanyarray(lab.dataobj)
     if raw.shape != data.shape or not np.allclose(lab.affine, img.affine, atol=1e-3):
-        raw = _label_on_image_grid(pair, raw, lab, data.shape, img, problems, path)
+        raw = _label_on_image_grid(pair, raw, lab, data.shape, img, problems, path=path)
         if problems:
             return None
     classes, found = from_labels(raw, cfg.label_map, data.astype(np.float32), body_hu, path)

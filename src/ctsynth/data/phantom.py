@@ -419,7 +419,7 @@ def run(params: Params, out_dir) -> list[str]:
 
 
 def write_dataset(out_dir, cases: int | None = None, seed: int | None = None, shape=None, spacing=None,
-                  progress: bool = True, modality: str = "ct") -> list[str]:
+                  progress: bool = True, *, modality: str = "ct") -> list[str]:
     """Write ``ct_train_1001_image.nii.gz`` / ``_label.nii.gz`` / ``_anatomy.nii.gz`` ... into ``out_dir``
     and return the case ids; unset arguments take params.yaml's defaults. The folder is built
     aside and swapped in whole (a killed run leaves the previous folder intact). Case ``i`` draws

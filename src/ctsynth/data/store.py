@@ -132,7 +132,7 @@ class SliceDataset(Dataset):
     that constant plane, and ``contrast_record`` says where the levels came from."""
 
     def __init__(self, store: ProcessedStore, rows: np.ndarray, encoding: str = "onehot", context: int = 0,
-                 contrast: np.ndarray | None = None, contrast_record: dict | None = None, anatomy: bool = False):
+                 contrast: np.ndarray | None = None, contrast_record: dict | None = None, *, anatomy: bool = False):
         self.store, self.rows, self.encoding = store, np.asarray(rows), encoding
         self.classes = store.condition_anatomy if anatomy else None               # raises without anatomy.npy
         self.anatomy_record: dict | None = None                                  # set by contrast.training_dataset

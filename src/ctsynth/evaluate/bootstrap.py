@@ -163,7 +163,7 @@ def _subset_mean(K: torch.Tensor, rows: np.ndarray, cols: np.ndarray, skip_same:
 
 
 def kid_replicates(x, y, Wx: np.ndarray, Wy: np.ndarray, paired: bool, subset_size: int = 50,
-                   n_subsets: int = 50, seed: int = 0) -> np.ndarray:
+                   *, n_subsets: int = 50, seed: int = 0) -> np.ndarray:
     """KID of every resample with the point estimate's estimator (:func:`ctsynth.metrics.kernel_distance`):
     unbiased MMD² (piq's kernel) averaged over ``n_subsets`` random subsets of the resampled slices.
 

@@ -1,6 +1,6 @@
 """Which metrics get a 95 % interval, and how, from the per-slice statistics of one evaluation.
 
-:func:`metric_intervals` turns what :mod:`ctsynth.evaluate.stage` collected once (per-slice paired
+:func:`metric_intervals` turns what :mod:`ctsynth.evaluate.evaluate` collected once (per-slice paired
 values, pixel and Dice counts, feature matrices) into ``{metric: Interval}``. Every interval
 resamples the test *patients* (the independent units) through one :class:`Resampling`, a weight
 matrix over the test slices that every metric's replicate function accepts:
@@ -214,7 +214,7 @@ def _distances(out: _Out, W: np.ndarray, space: FeatureSpace, metrics: dict, kid
 
 def metric_intervals(metrics: dict, slices: dict, dice_counts: dict[str, np.ndarray],
                      labels: dict[int, str], spaces: list[FeatureSpace], val_cases: np.ndarray | None,
-                     n_boot: int, seed: int, kid_subset: int = 50, method: str = "jackknife") -> dict[str, Interval]:
+                     *, n_boot: int, seed: int, kid_subset: int = 50, method: str = "jackknife") -> dict[str, Interval]:
     """``{metric: Interval}`` for the paired metrics, HU errors, Dice and every feature
     distance with its floors and gaps. slices: :meth:`PairedAccumulator.per_slice`; dice_counts:
     {"generated"|"real": :meth:`DiceAccumulator.per_slice`}; labels: {label index: name}

@@ -413,7 +413,7 @@ def point_metrics(texture: TextureAccumulator, pixel_sums: dict, labels: dict[in
 
 
 def evaluate(texture: TextureAccumulator, pixel_sums: dict, labels: dict[int, str], test: dict,
-             val: dict | None, cfg, seed: int, n_boot: int, method: str) -> tuple[dict, dict, dict]:
+             val: dict | None, cfg, *, seed: int, n_boot: int, method: str) -> tuple[dict, dict, dict]:
     """Every realism metric of one evaluation: (metrics, null reasons, intervals). ``texture``: the
     test pass's accumulator; ``pixel_sums``: the paired accumulator's per-case pixel sums;
     ``test``/``val``: :func:`slice_set` of the test and the validation patients (None: no

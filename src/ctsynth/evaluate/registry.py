@@ -10,7 +10,7 @@ evaluate log; metrics with a ``label`` are rows of the report's first table, bes
 * ``metrics.json`` (every value, or null), ``metrics_ci.json`` (``{"<key>_ci95": {"lo", "hi"}}``),
   ``headline.json`` and the null reasons in ``metrics_notes.json``: ``Results.write``;
 * MLflow names, grouped by prefix so the run page opens on the headline: ``Results.mlflow``;
-* the report's tables (:mod:`ctsynth.report.html`, :mod:`ctsynth.report.summary`);
+* the report's tables (:mod:`ctsynth.report.report`, :mod:`ctsynth.report.summary`);
 * ``docs/metrics.md``: ``python -m ctsynth.evaluate.registry > docs/metrics.md`` (a test holds
   the file to the registry).
 

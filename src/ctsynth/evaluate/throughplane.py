@@ -349,7 +349,7 @@ def triplanar_fd(sets: dict, extractor, prefix: str, batch: int = 64) -> tuple[d
 
 def evaluate_volumes(volumes: list[CaseVolume], labels: dict[int, str], window, inception=None,
                      inception_reason: str = "", seed: int = SAMPLE_SEED,
-                     body_hu: float = BODY_HU) -> tuple[dict, dict, pd.DataFrame]:
+                     *, body_hu: float = BODY_HU) -> tuple[dict, dict, pd.DataFrame]:
     """All through-plane metrics of the reassembled test volumes: (metrics, reasons for nulls,
     per-case sums (one row per case: ``case`` + :func:`case_sums`)). ``seed``: the tri-planar
     slices' pick (:func:`plane_sets`)."""

@@ -74,10 +74,10 @@ def paired_only(store: ProcessedStore, fake, index: np.ndarray, batch: int) -> d
 
 
 def score(store: ProcessedStore, fake, index: np.ndarray, seg, batch: int, kid_subset: int,
-          seed: int, realism_cfg=None, heart_only=None) -> tuple[dict, dict]:
+          *, seed: int, realism_cfg=None, heart_only=None) -> tuple[dict, dict]:
     """``({val_<key>: value}, {val_<key>: reason of a null})`` for the generated validation slices
     ``fake`` (N, S, S) of the store rows ``index``, as checked by
-    :func:`ctsynth.evaluate.stage.load_generated`. ``realism_cfg``: ``params.realism`` (the
+    :func:`ctsynth.evaluate.evaluate.load_generated`. ``realism_cfg``: ``params.realism`` (the
     classifier's budget; None: ``val_c2st_auc`` is null). ``heart_only``: ``(fake, index)`` of the same
     patients drawn without the anatomy (``val_heart_only_*``; None: null with the reason)."""
     labels = reported_structures(store.structures)

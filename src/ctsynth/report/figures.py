@@ -117,7 +117,7 @@ def legend_handles(present) -> list:
             if structure_index(s) in set(int(v) for v in present)]
 
 
-def save_case_grid(path: Path, case: str, masks, reals, fakes, zs, window, unit: str = "HU") -> None:
+def save_case_grid(path: Path, case: str, masks, reals, fakes, zs, *, window, unit: str = "HU") -> None:
     """Rows = slices; columns mask (colour) | real | generated | |difference| (window display, in ``unit``).
 
     masks (R, S, S) uint8; reals, fakes (R, S, S) in [-1, 1]."""
@@ -151,7 +151,7 @@ def save_case_grid(path: Path, case: str, masks, reals, fakes, zs, window, unit:
     plt.close(fig)
 
 
-def save_orthogonal_views(path: Path, case: str, real, fake, centre, dz: float, dxy: float, window,
+def save_orthogonal_views(path: Path, case: str, real, fake, centre, dz: float, *, dxy: float, window,
                           unit: str = "HU") -> Path:
     """Rows coronal | sagittal through ``centre`` = (z, row, col) of a (Z, S, S) volume; columns
     real | generated | |difference| in HU. Pixels drawn at their physical aspect (dz : dxy),
@@ -208,7 +208,7 @@ def fig_utility(frame: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def save_synthetic_case(path: Path, case: str, image, labels, centre, spacing, window, unit: str = "HU") -> Path:
+def save_synthetic_case(path: Path, case: str, image, labels, centre, spacing, *, window, unit: str = "HU") -> Path:
     """A synthetic case in three orthogonal views through ``centre`` (x, y, z voxel): rows axial |
     coronal | sagittal, columns mask | CT. ``image`` HU and ``labels`` structure indices, both
     canonical RAS (X, Y, Z); drawn at the physical aspect, anterior / superior up."""

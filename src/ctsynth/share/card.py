@@ -9,7 +9,7 @@ generator's measured performance on the held-out test patients, intended use, li
 license the user fills in (``share.license``). Everything in it is read from files the stage
 depends on, so the card changes exactly when its inputs do. It names cases by their shared names
 only, and holds no patient id, no internal case name and no per-case privacy score: distributions
-over cases only (see ``ctsynth.share.export``).
+over cases only (see ``ctsynth.share.share``).
 """
 from __future__ import annotations
 

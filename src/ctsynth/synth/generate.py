@@ -109,7 +109,7 @@ def slice_keys(store: ProcessedStore, rows: np.ndarray) -> list[tuple[int, int]]
 
 
 def generate_slices(synth: MaskToCT, store: ProcessedStore, rows: np.ndarray, folder: Path, what: str,
-                    levels: dict[str, float] | None = None, heart_only: bool = False) -> np.ndarray:
+                    levels: dict[str, float] | None = None, *, heart_only: bool = False) -> np.ndarray:
     """The generator's slice for every store row: ``folder/fake.npy`` (float16 (N, S, S), returned
     memory-mapped) and ``folder/index.npy`` (the rows). ``levels``: each case's contrast level;
     ``heart_only``: a model with anatomy draws without it (blank channels), as for a user who has
@@ -191,7 +191,7 @@ def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> 
             pick = pos[evenly_spaced(len(pos), params.generate.grid_slices)]
             save_case_grid(tmp / "grids" / f"{case}.png", case, np.asarray(store.masks[rows[pick]]),
                            np.asarray(store.images[rows[pick]]), np.asarray(fake[pick]),
-                           store.slices.z.to_numpy()[rows[pick]], window, modality.unit(store.meta))
+                           store.slices.z.to_numpy()[rows[pick]], window=window, unit=modality.unit(store.meta))
             labels_file = label_path(interim_dir, case)
             label = load_nifti(labels_file, role="label")
             info = store.meta["cases"][case]

@@ -237,7 +237,7 @@ class MaskToCT:
 
 
 def generate_file(model_path, mask_path, out_path, structures=None, label_map=None,
-                  batch_size: int = 32, device: str = "auto", contrast_hu: float | None = None,
+                  batch_size: int = 32, *, device: str = "auto", contrast_hu: float | None = None,
                   anatomy=None, anatomy_map="ctsynth", seed: int | None = None) -> dict:
     """Label NIfTI -> synthetic CT NIfTI (int16 HU), same shape, orientation and affine.
 

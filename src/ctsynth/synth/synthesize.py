@@ -162,7 +162,7 @@ class Source:
 
 
 def _write_case(out: Path, layout: str, case: str, image: np.ndarray, labels: np.ndarray,
-                affine: np.ndarray, suffixes: tuple[str, str]) -> tuple[str, str]:
+                affine: np.ndarray, *, suffixes: tuple[str, str]) -> tuple[str, str]:
     if layout == "nnunet":
         files = (f"imagesTr/{case}_0000.nii.gz", f"labelsTr/{case}.nii.gz")
     else:
@@ -185,7 +185,7 @@ def output_values(keep: list[int], label_map: dict[int, str], layout: str) -> di
 
 def synthesize_dataset(synth: MaskToCT, sources: list[Source], cfg: SynthesizeCfg, out_dir,
                        label_map: dict[int, str], layout: str = "pairs",
-                       suffixes: tuple[str, str] = ("_image.nii.gz", "_label.nii.gz"),
+                       *, suffixes: tuple[str, str] = ("_image.nii.gz", "_label.nii.gz"),
                        prefix: str = "synth", anatomy_suffix: str = "_anatomy.nii.gz") -> pd.DataFrame:
     """Write ``cfg.cases`` new labelled cases into ``out_dir`` (atomically); return the manifest.
 
@@ -225,7 +225,7 @@ def synthesize_dataset(synth: MaskToCT, sources: list[Source], cfg: SynthesizeCf
             image = synth.volume(warped, desc=case,                                  # (X, Y, Z) int16 HU
                                  anatomy_xyz=anatomy if synth.anatomy is not None else None, key=(i, 2))
             files = _write_case(tmp, layout, case, from_canonical(image, affine),
-                                from_canonical(lut[warped], affine), affine, suffixes)
+                                from_canonical(lut[warped], affine), affine, suffixes=suffixes)
             anatomy_file = case + anatomy_suffix if anatomy is not None and layout == "pairs" else ""
             if anatomy_file:
                 save_nifti(tmp / anatomy_file, from_canonical(anatomy, affine), affine, dtype=np.uint8)
@@ -339,7 +339,7 @@ def interim_sources(interim_dir, cases: list[str]) -> list[Source]:
 
 def label_sources(labels_dir, pattern: str, label_map: dict[int, str], structures: list[str],
                   anatomy_suffix: str | None = None, label_suffix: str | None = None,
-                  anatomy_map="ctsynth") -> list[Source]:
+                  *, anatomy_map="ctsynth") -> list[Source]:
     """Every ``pattern`` file under ``labels_dir`` as a source; all problems of all files at once
     (unreadable, no known structure, values outside the label map, a missing or bad anatomy file).
 
@@ -382,7 +382,7 @@ def label_sources(labels_dir, pattern: str, label_map: dict[int, str], structure
 
 
 def synthesize_folder(model_path, labels_dir, out_dir, cases: int, seed: int | None = None,
-                      label_map=None, layout: str = "pairs", pattern: str = "*.nii*",
+                      label_map=None, *, layout: str = "pairs", pattern: str = "*.nii*",
                       structures: list[str] | None = None, batch_size: int = 32,
                       contrast_hu: float | None = None, anatomy_suffix: str | None = None,
                       label_suffix: str | None = None, anatomy_map="ctsynth") -> pd.DataFrame:
@@ -401,7 +401,7 @@ def synthesize_folder(model_path, labels_dir, out_dir, cases: int, seed: int | N
     if anatomy_suffix and not meta.get("anatomy"):
         raise ConfigError(f"--anatomy-suffix: {model_path} is not conditioned on the anatomy around the heart "
                           f"(trained with model.anatomy false); leave the option out")
-    sources = label_sources(labels_dir, pattern, lmap, chosen, anatomy_suffix, label_suffix, anatomy_map)
+    sources = label_sources(labels_dir, pattern, lmap, chosen, anatomy_suffix, label_suffix, anatomy_map=anatomy_map)
     cfg = SynthesizeCfg(cases=cases, seed=SynthesizeCfg.seed if seed is None else seed, contrast=contrast_hu)
     synth = MaskToCT(model, meta, batch_size=batch_size, structures=chosen)
     return synthesize_dataset(synth, sources, cfg, out_dir, lmap, layout=layout)

@@ -43,7 +43,7 @@ def run_fingerprint(params, data_fp: str, world: int, device: torch.device, prec
     if params.train.lr_decay_start is None:
         tr.pop("iterations")                 # no decay: more iterations = the same run, longer
     blob = {"seed": params.seed, "model": to_dict(params.model), "train": tr, "data": data_fp,
-            "world": world, "device": device.type, "precision": precision, "code": source_hash("train/loop.py")}
+            "world": world, "device": device.type, "precision": precision, "code": source_hash("train/train.py")}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -3,6 +3,8 @@ matching and spectral term), the optimizer and the learning-rate schedule. :mod:
 the loop around them; ``ctsynth bench`` times the very same step."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
@@ -11,22 +13,48 @@ from torch.utils.data import DataLoader
 from ctsynth.data.noise import ring_index
 
 
-def gan_step(G, D, raw_D, opt_g, opt_d, cond: torch.Tensor, real: torch.Tensor,
-             lambda_l1: float, amp: torch.autocast, lambda_fm: float = 0.0,
-             fake_noise: torch.Tensor | None = None, lambda_spectral: float = 0.0) -> torch.Tensor:
+@dataclass
+class GanPair:
+    """The two networks of one training and their optimisers. ``D`` is what the D step calls (the
+    DDP-wrapped or compiled discriminator), ``raw_D`` the plain module the G step calls with its
+    parameters frozen (no DDP sync, no D grads); the same object without DDP."""
+    G: torch.nn.Module
+    D: torch.nn.Module
+    raw_D: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The generator loss's weights (``train.lambda_*``)."""
+    l1: float = 100.0
+    fm: float = 0.0
+    spectral: float = 0.0
+
+    @classmethod
+    def of(cls, cfg) -> LossWeights:
+        """From a :class:`ctsynth.core.config.TrainCfg`."""
+        return cls(l1=cfg.lambda_l1, fm=cfg.lambda_fm, spectral=cfg.lambda_spectral)
+
+
+def gan_step(nets: GanPair, cond: torch.Tensor, real: torch.Tensor, weights: LossWeights, amp: torch.autocast,
+             fake_noise: torch.Tensor | None = None) -> torch.Tensor:
     """One discriminator and one generator update (pix2pix order). Returns detached losses
     (8,) in :data:`ctsynth.train.history.LOSS_NAMES` order, on the device (no host sync).
 
     D: 0.5·[MSE(D(real,c), 1) + MSE(D(fake,c), 0)]  G: MSE(D(fake,c), 1) + λ·|fake - real|₁ [+ λ_fm·FM]
-    FM (pix2pixHD's feature matching, ``lambda_fm`` > 0): the mean over D's blocks of
+    FM (pix2pixHD's feature matching, ``weights.fm`` > 0): the mean over D's blocks of
     |D_k(fake,c) - D_k(real,c)|₁, the real features taken from the D step's forward pass (detached).
     The G step calls the unwrapped D with its parameters frozen (no DDP sync, no D grads).
     ``fake_noise`` (``model.noise``, :mod:`ctsynth.data.noise`): D judges ``fake + fake_noise`` (clamped
     to the real slices' range), L1 the noise-free ``fake``.
-    Spectral term (``lambda_spectral`` > 0; Durall et al., CVPR 2020, "Watch your up-convolution"):
+    Spectral term (``weights.spectral`` > 0; Durall et al., CVPR 2020, "Watch your up-convolution"):
     |log P_gen(r) - log P_real(r)|₁ averaged over the radial frequencies r of the batch's mean power
     spectra (:func:`radial_log_spectrum`), on what D judges.
     """
+    G, D, raw_D, opt_g, opt_d = nets.G, nets.D, nets.raw_D, nets.opt_g, nets.opt_d
+    lambda_l1, lambda_fm, lambda_spectral = weights.l1, weights.fm, weights.spectral
     fm = lambda_fm > 0
     with amp:
         fake = G(cond)                                              # (B, 1, S, S)

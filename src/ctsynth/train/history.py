@@ -17,7 +17,7 @@ import torch
 from ctsynth.core.io import write_csv
 from ctsynth.train.distributed import Dist
 
-log = logging.getLogger("ctsynth.train.loop")
+log = logging.getLogger("ctsynth.train.train")
 
 LOSS_NAMES = ("g_adv", "g_l1", "g_fm", "g_spec", "d_real", "d_fake", "d_acc_real", "d_acc_fake")
 TABLE_ROWS = 200          # losses.csv holds at most this many rows (bins of equal width)
@@ -56,7 +56,7 @@ class LossHistory:
         return dict(zip(LOSS_NAMES, self.buf[start:stop].mean(0).tolist()))
 
     def log_window(self, last: int, step: int, t_last: float, batch_size: int, iterations: int,
-                   lrs: tuple[float, float], tracker) -> float:
+                   lrs: tuple[float, float], *, tracker) -> float:
         """Log the means of steps (last, step] to the console and ``tracker``; returns the time."""
         now = time.perf_counter()
         means, n = self.mean(last, step), max(1, step - last)

@@ -77,7 +77,7 @@ class Generator(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int = 1, depth: int = 7, ngf: int = 64,
-                 skip_connections: bool = True, upsample: str = "transpose", dropout: float = 0.0,
+                 skip_connections: bool = True, upsample: str = "transpose", *, dropout: float = 0.0,
                  output: str = "tanh", output_blur: float = 0.0, head_layers: int = 0):
         super().__init__()
         if upsample not in ("transpose", "resize"):

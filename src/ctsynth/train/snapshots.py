@@ -36,7 +36,7 @@ def snapshot_rows(store: ProcessedStore, split: dict, count: int) -> np.ndarray:
 
 @torch.no_grad()
 def snapshot_images(G, store: ProcessedStore, rows: np.ndarray, encoding: str,
-                    device: torch.device, context: int = 0, contrast: np.ndarray | None = None,
+                    device: torch.device, context: int = 0, *, contrast: np.ndarray | None = None,
                     anatomy: bool = False) -> torch.Tensor:
     """Generator output (eval mode, fp32) for ``rows`` as uint8 (K, S, S); ``contrast``: the rows'
     contrast-level planes (a model with the contrast control); ``anatomy``: a model conditioned on
@@ -83,7 +83,7 @@ class Snapshots:
     resumed run re-renders the earlier snapshots instead of losing them."""
 
     def __init__(self, store: ProcessedStore, split: dict, cfg, model_cfg, device: torch.device,
-                 out_dir: Path, tracker, taken: dict | None = None, contrast_record: dict | None = None):
+                 out_dir: Path, *, tracker, taken: dict | None = None, contrast_record: dict | None = None):
         self.store, self.device, self.out_dir = store, device, out_dir
         self.encoding, self.context = model_cfg.encoding, model_cfg.context_slices
         self.anatomy = bool(getattr(model_cfg, "anatomy", False))
@@ -101,7 +101,7 @@ class Snapshots:
             return
         if step not in self.taken:
             self.taken[step] = snapshot_images(G, self.store, self.rows, self.encoding, self.device,
-                                               self.context, self.contrast, self.anatomy)
+                                               self.context, contrast=self.contrast, anatomy=self.anatomy)
         png = render_snapshot(self._path(self.out_dir, step), self.store, self.rows,
                               self.taken[step], step, self.iterations)
         self.tracker.log_artifact(png, "snapshots")
@@ -120,7 +120,7 @@ class Snapshots:
         self.taken = {s: v for s, v in self.taken.items() if len(v) == len(self.rows)}   # else other rows
         if step in self.steps and step not in self.taken and len(self.rows):
             self.taken[step] = snapshot_images(G, self.store, self.rows, self.encoding, self.device, self.context,
-                                               self.contrast, self.anatomy)
+                                               contrast=self.contrast, anatomy=self.anatomy)
         drawn = [at for at in sorted(self.taken) if at in self.steps]
         with atomic_dir(self.out_dir) as tmp:
             for at in drawn:

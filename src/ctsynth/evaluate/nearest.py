@@ -54,7 +54,7 @@ to the training set; a slice is withheld when it is closer to a training slice t
 ``privacy.max_similarity`` stays as an optional hard cap: the threshold is the smaller of the two
 (null turns either off; without validation patients only the cap is left). The evaluate stage
 (generated test slices) and the ``privacy`` stage (every slice of ``data/synthetic``,
-:mod:`ctsynth.evaluate.screening`) apply the same rule.
+:mod:`ctsynth.privacy.privacy`) apply the same rule.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ from ctsynth.core.errors import ConfigError, InputError, MetricUnavailable
 from ctsynth.core.progress import quiet
 from ctsynth.evaluate.throughplane import BODY_HU, body_mask
 
-log = logging.getLogger("ctsynth.evaluate.privacy")
+log = logging.getLogger("ctsynth.evaluate.nearest")
 
 HIST_BINS = np.linspace(0.0, 1.0, 51)     # SSIM histogram for the report (values < 0 → first bin)
 GAUSS_SIZE, GAUSS_SIGMA = 11, 1.5         # piq's SSIM window (the ``ssim`` quality metric's)

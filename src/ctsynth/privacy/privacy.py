@@ -5,9 +5,9 @@ it is what users share. Every case is checked twice:
 
 * **slices**: every labelled slice (read the way the pipeline reads any data: ``ingest`` +
   ``preprocess`` into a temporary folder, so at the store's size and orientation) against the
-  training slices with the evaluation's in-body SSIM search (:class:`ctsynth.evaluate.privacy.
+  training slices with the evaluation's in-body SSIM search (:class:`ctsynth.evaluate.nearest.
   NearestTrainingSearch`: exhaustive while ``privacy.exhaustive_budget`` allows), withheld above
-  the evaluate stage's threshold (:func:`ctsynth.evaluate.privacy.privacy_rule`: the
+  the evaluate stage's threshold (:func:`ctsynth.evaluate.nearest.privacy_rule`: the
   ``privacy.quantile`` of the real validation slices' own nearest-training similarity, capped by
   ``privacy.max_similarity``);
 * **volume**: the whole-heart Dice of the case's mask with the mask of the training case it was
@@ -42,10 +42,10 @@ from ctsynth.core.progress import quiet
 from ctsynth.data import modality
 from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore
-from ctsynth.evaluate.privacy import NearestTrainingSearch, privacy_rule, reference_similarities
-from ctsynth.evaluate.utility import synthetic_store
+from ctsynth.evaluate.nearest import NearestTrainingSearch, privacy_rule, reference_similarities
+from ctsynth.utility.utility import synthetic_store
 
-log = logging.getLogger("ctsynth.evaluate.screening")
+log = logging.getLogger("ctsynth.privacy.privacy")
 
 PASS, WITHHELD = "pass", "withheld"
 
@@ -97,7 +97,7 @@ def reference_share_above(sims: np.ndarray, cases: np.ndarray, threshold: float)
 
 def case_table(slices: pd.DataFrame, manifest: pd.DataFrame, overlaps: dict[str, float], threshold: float,
                max_mask_dice: float | None, max_share_above: float = 0.0,
-               hard_cap: float | None = None) -> pd.DataFrame:
+               *, hard_cap: float | None = None) -> pd.DataFrame:
     """One row per case of ``manifest`` from the per-slice rows (case, z, similarity, nn_case, nn_z,
     above): scores, the nearest training slice of its closest slice, verdict and reason. A case is
     withheld when more than ``max_share_above`` of its slices are above ``threshold`` (0: any slice),
@@ -182,7 +182,8 @@ def run(params: Params, synthetic_dir, processed_dir, split_path, interim_dir, o
                                        "nn_z": z_of[nn_rows], "above": sims > rule.threshold}))
     slices = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
         columns=["case", "z", "similarity", "nn_case", "nn_z", "above"])
-    cases = case_table(slices, manifest, overlaps, rule.threshold, pv.max_mask_dice, allowed, pv.max_similarity)
+    cases = case_table(slices, manifest, overlaps, rule.threshold, pv.max_mask_dice, allowed,
+                       hard_cap=pv.max_similarity)
     summary = {**rule.summary(), "privacy_synthetic_n_cases": len(cases),
                "privacy_synthetic_n_pass": int((cases.verdict == PASS).sum()),
                "privacy_synthetic_n_slices": len(slices),

@@ -57,7 +57,7 @@ from ctsynth.core.io import atomic_dir, write_csv, write_json, write_text
 from ctsynth.core.labels import STRUCTURES
 from ctsynth.data.masks import map_labels
 from ctsynth.share import card as card_mod
-from ctsynth.share import reviews as rv
+from ctsynth.share import decisions
 
 log = logging.getLogger("ctsynth.share")
 
@@ -84,8 +84,8 @@ def read_manifest(synthetic_dir: Path) -> pd.DataFrame:
 
 
 def case_hashes(synthetic_dir: Path, manifest: pd.DataFrame) -> dict[str, str]:
-    """Each case's content hash (:func:`ctsynth.share.reviews.case_hash` of its image and label)."""
-    return {c: rv.case_hash(synthetic_dir / i, synthetic_dir / lab)
+    """Each case's content hash (:func:`ctsynth.share.decisions.case_hash` of its image and label)."""
+    return {c: decisions.case_hash(synthetic_dir / i, synthetic_dir / lab)
             for c, i, lab in zip(manifest.case, manifest.image_file, manifest.label_file)}
 
 
@@ -110,7 +110,7 @@ def select(manifest: pd.DataFrame, privacy: pd.DataFrame, reviews: dict, require
     """One row per case: privacy verdict, review counts, ``shared`` and ``why`` (when not shared)."""
     rows = []
     for case, verdict, reason in zip(privacy.case, privacy.verdict, privacy.get("reason", [""] * len(privacy))):
-        counts = rv.verdicts(reviews, case)
+        counts = decisions.verdicts(reviews, case)
         why = []
         if verdict != "pass":
             why.append(f"privacy: {reason}" if isinstance(reason, str) and reason else "privacy: withheld")
@@ -173,7 +173,7 @@ def write_shared_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype) 
 
 
 def export_case(src_dir: Path, row, name: str, out: Path, suffixes: tuple[str, str], label_map: dict[int, str],
-                nn_values: dict[int, int]) -> dict[str, dict]:
+                *, nn_values: dict[int, int]) -> dict[str, dict]:
     """Write one case as ``name`` into ``pairs/`` and ``nnunet/`` (labels: ``nn_values``, structure
     index -> 1..K; structures not in it become background), anonymised by :func:`write_shared_nifti`
     on :func:`centred_affine`; return its per-structure statistics ({structure: {voxels, ml, hu_mean,
@@ -289,7 +289,7 @@ def training_data_hash(processed_dir, split_path) -> str | None:
     return ProcessedStore(processed_dir).fingerprint(load_split(split_path, need=("train",))["train"])
 
 
-def run(params: Params, synthetic_dir, privacy_dir, reviews_dir, metrics_path, model_path, run_file,
+def run(params: Params, synthetic_dir, privacy_dir, reviews_dir, metrics_path, model_path, *, run_file,
         out_dir, out_json, processed_dir=None, split_path=None) -> dict:
     """Write ``out_dir`` (the shared dataset) and ``out_json`` (its counts); return the counts."""
     from ctsynth.data.preprocess import kept_indices
@@ -301,7 +301,7 @@ def run(params: Params, synthetic_dir, privacy_dir, reviews_dir, metrics_path, m
     cases = manifest.case.tolist()
     privacy = privacy_verdicts(privacy_dir / "privacy_cases.csv", cases)
     hashes = case_hashes(synthetic_dir, manifest)
-    reviews = rv.load(reviews_dir, hashes)
+    reviews = decisions.load(reviews_dir, hashes)
     table = select(manifest, privacy, reviews, cfg.require_review, cfg.min_accepts)
     keep = kept_indices(params.preprocess.structures)
     nn_values = output_values(keep, params.data.label_map, "nnunet")
@@ -313,7 +313,7 @@ def run(params: Params, synthetic_dir, privacy_dir, reviews_dir, metrics_path, m
         for sub in ("pairs", "nnunet/imagesTr", "nnunet/labelsTr"):
             (tmp / sub).mkdir(parents=True)
         stats = {row.case: export_case(synthetic_dir, row, names[row.case], tmp, suffixes, params.data.label_map,
-                                       nn_values) for row in shared.itertuples()}
+                                       nn_values=nn_values) for row in shared.itertuples()}
         write_dataset_json(tmp / "nnunet", nn_values, len(shared), {"structures": params.preprocess.structures,
                                                                       "image_size": params.preprocess.image_size,
                                                                       "modality": params.data.modality},

@@ -483,7 +483,7 @@ def describe(study: Study, baseline: str, n_experiments: int) -> str:
 
 def show(name: str | list[str] | None = None, metrics: str | None = None, baseline: list[str] | None = None,
          out: str | None = None, seed_key: str = DEFAULT_SEED_KEY,
-         run_dvc: Callable[[list[str]], str] = dvc, rev: str | None = None) -> list[Row]:
+         run_dvc: Callable[[list[str]], str] = dvc, *, rev: str | None = None) -> list[Row]:
     """``ctsynth compare show``: print the table (and write ``out``); the rows. ``rev``: the
     experiments of that commit (default HEAD's)."""
     if out and Path(out).suffix not in (".csv", ".md"):
@@ -623,7 +623,7 @@ def _shell(args: list[str]) -> str:
 
 
 def run(sets: list[str], seeds: str, seed_key: str = DEFAULT_SEED_KEY, name: str = DEFAULT_NAME, jobs: int = 1,
-        dry_run: bool = False, params_path: str = PARAMS_FILE, run_dvc: Callable[[list[str]], str] = dvc,
+        dry_run: bool = False, *, params_path: str = PARAMS_FILE, run_dvc: Callable[[list[str]], str] = dvc,
         poll_s: float = 10.0) -> int:
     """``ctsynth compare run``: plan the grid, queue what is missing, run the queue and wait.
     Returns the exit code: 0, or 1 when an experiment failed."""

@@ -1,6 +1,6 @@
 """Peak resident memory of the train step loop and of the evaluate stage, for ``ctsynth bench``.
 
-Each measurement runs in a fresh interpreter (``python -m ctsynth.bench.memory SPEC``) so the
+Each measurement runs in a fresh interpreter (``python -m ctsynth.tools.bench.memory SPEC``) so the
 peak belongs to that work alone; set-up done in the child before the measured work (writing a
 synthetic test set) is excluded by resetting the peak count first.
 """
@@ -64,8 +64,8 @@ def child(spec: dict) -> None:
     extra = {"import_rss_mb": peak_rss_mb()}
     params = load_params(spec["params"]) if spec.get("params") else Params()
     if spec["what"] == "train":                       # the default path's step loop, paper batch
-        from ctsynth.bench.training import default_path, make_trainer, paper_preset
         from ctsynth.core.accel import sync
+        from ctsynth.tools.bench.training import default_path, make_trainer, paper_preset
         step = make_trainer(default_path(params, device), spec["size"], spec["batch"], device, spec["model"],
                             paper_preset()[1])
         for _ in range(spec["steps"]):
@@ -75,8 +75,8 @@ def child(spec: dict) -> None:
         import pandas as pd
 
         from ctsynth.data.store import ProcessedStore
-        from ctsynth.evaluate import stage as evaluate
-        from ctsynth.evaluate.segmenter import SegUNet, save_segmenter
+        from ctsynth.evaluate import evaluate
+        from ctsynth.segmenter.segmenter import SegUNet, save_segmenter
         root, w = Path(spec["root"]), params.segmenter.width
         cases = sorted(pd.read_csv(root / "processed" / "slices.csv", dtype={"case": str})["case"].unique())
         split = {"train": cases[: len(cases) // 2], "val": [], "test": cases[len(cases) // 2:]}
@@ -108,7 +108,7 @@ def bench_memory(what: str, spec: dict) -> dict:
     """Run :func:`child` in a fresh interpreter; a memory record."""
     spec = {"what": what, **spec}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "ctsynth.bench.memory", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "ctsynth.tools.bench.memory", json.dumps(spec)],
                           capture_output=True, text=True, env={**os.environ, "CI": "1"})
     if proc.returncode != 0:
         raise RuntimeError(f"bench: memory run of {what} failed:\n{proc.stderr[-3000:]}")

@@ -60,13 +60,13 @@ from ctsynth.evaluate.metrics import (
     kernel_distance,
     reported_structures,
 )
-from ctsynth.evaluate.privacy import NearestTrainingSearch, PrivacyAccumulator, privacy_rule, reference_similarities
+from ctsynth.evaluate.nearest import NearestTrainingSearch, PrivacyAccumulator, privacy_rule, reference_similarities
 from ctsynth.evaluate.registry import SUFFIX
 from ctsynth.evaluate.results import Interval, Results, clean
-from ctsynth.evaluate.segmenter import check_segmenter, load_segmenter
 from ctsynth.evaluate.throughplane import body_mask, case_volumes, evaluate_volumes, per_case_table, ratio_intervals
+from ctsynth.segmenter.segmenter import check_segmenter, load_segmenter
 
-log = logging.getLogger("ctsynth.evaluate.stage")
+log = logging.getLogger("ctsynth.evaluate.evaluate")
 
 
 def load_generated(generated_dir: str | Path, store: ProcessedStore, cases: list[str], what: str = "test",
@@ -186,7 +186,7 @@ class _TestPass:
         self.shareable: list[dict] = []
 
 
-def _test_pass(params: Params, store: ProcessedStore, split: dict, fake, index, generated_dir, seg,
+def _test_pass(params: Params, store: ProcessedStore, split: dict, fake, index, generated_dir, *, seg,
                inception, out: Path) -> _TestPass:
     """Paired metrics, Dice, features and privacy of every generated test slice, in batches;
     per_slice.csv and privacy.csv are streamed to disk as they come."""
@@ -241,7 +241,7 @@ def _validation_features(store: ProcessedStore, split: dict, seg, inception, bat
 
 
 def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path, out_dir,
-        utility_path=None) -> dict:
+        *, utility_path=None) -> dict:
     """Evaluate the generated test set; write every report file; return the metrics dict.
 
     ``utility_path``: the utility stage's JSON, merged into metrics.json / metrics_ci.json."""
@@ -256,7 +256,7 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
                                  f"= HU window {store.meta['hu_window']}; MSE in [-1,1] space"}
     inception = _open_inception(params.evaluate.inception_weights, notes)
     out = Path(out_dir)
-    acc = _test_pass(params, store, split, fake, index, generated_dir, seg, inception, out)
+    acc = _test_pass(params, store, split, fake, index, generated_dir, seg=seg, inception=inception, out=out)
     val_feats, val_cases = _validation_features(store, split, seg, inception, params.evaluate.batch_size)
     val_split = list(split.get("val") or [])
     val_set = None
@@ -265,12 +265,13 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
         alone = Path(generated_dir) / "val" / HEART_ONLY
         alone = load_generated(alone, store, val_split, "validation", exact=True) if alone.is_dir() else None
         val_scores, val_nulls = validation.score(store, val_fake, val_index, seg, params.evaluate.batch_size,
-                                                 params.evaluate.kid_subset_size, params.seed, params.realism, alone)
+                                                 params.evaluate.kid_subset_size, seed=params.seed,
+                                                 realism_cfg=params.realism, heart_only=alone)
         val_set = realism.slice_set(store, val_fake, val_index)
     else:
         val_scores, val_nulls = validation.empty()
 
-    res, spaces = _metrics(params, store, index, acc, inception, val_feats, val_cases, notes)
+    res, spaces = _metrics(params, store, index, acc, inception, val_feats, val_cases=val_cases, notes=notes)
     n_boot = params.evaluate.bootstrap
     labels = reported_structures(store.structures)
     z_metrics, z_nulls, z_sums = evaluate_volumes(case_volumes(store, fake, index), labels,
@@ -280,15 +281,15 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
     notes["throughplane"] = THROUGHPLANE_NOTE
     r_metrics, r_nulls, r_intervals = realism.evaluate(
         acc.texture, acc.paired.pixel_sums, labels, realism.slice_set(store, fake, index), val_set,
-        params.realism, params.seed, n_boot, params.evaluate.interval_method)
+        params.realism, seed=params.seed, n_boot=n_boot, method=params.evaluate.interval_method)
     res.update(r_metrics, r_nulls)
     res.add_intervals(r_intervals)
     notes["realism"] = realism.__doc__.split("\n\n")[0].replace("\n", " ")
     slices = acc.paired.per_slice()
     method = params.evaluate.interval_method
     res.add_intervals(metric_intervals(res.metrics(), slices, {k: d.per_slice() for k, d in acc.dice.items()},
-                                       acc.paired.labels, spaces, val_cases, n_boot, params.seed,
-                                       params.evaluate.kid_subset_size, method))
+                                       acc.paired.labels, spaces, val_cases, n_boot=n_boot, seed=params.seed,
+                                       kid_subset=params.evaluate.kid_subset_size, method=method))
     res.add_intervals(ratio_intervals(z_sums, labels, n_boot, params.seed, method))
     if utility_path is not None:
         merge_utility(utility_path, res, notes)
@@ -332,7 +333,7 @@ def runtime_note(generated_dir, seg) -> dict:
     return note
 
 
-def _metrics(params: Params, store: ProcessedStore, index, acc, inception, val_feats, val_cases,
+def _metrics(params: Params, store: ProcessedStore, index, acc, inception, val_feats, *, val_cases,
              notes: dict) -> tuple[Results, list]:
     """The results of one test pass (values, reasons of null ones) and the feature spaces the
     intervals resample."""
@@ -348,8 +349,9 @@ def _metrics(params: Params, store: ProcessedStore, index, acc, inception, val_f
         res.set("kid_inception", None, notes["fid_inception"])
     else:
         spaces.append(_feature_distances(res, notes, acc.feats["inception"], val_feats.get("inception"),
-                                         "fid_inception", "kid_inception", params))
-    spaces.append(_feature_distances(res, notes, acc.feats["seg"], val_feats.get("seg"), "fd_seg", "kid_seg", params))
+                                         "fid_inception", "kid_inception", params=params))
+    spaces.append(_feature_distances(res, notes, acc.feats["seg"], val_feats.get("seg"), "fd_seg", "kid_seg",
+                  params=params))
     dice_scores = {kind: d.summary() for kind, d in acc.dice.items()}
     for kind in ("generated", "real"):
         res.update({f"dice_{kind}_{name}": value for name, value in dice_scores[kind].items()},
@@ -374,7 +376,7 @@ _NO_VAL = "no validation slices (split.val is empty): no noise floor"
 
 
 def _feature_distances(res: Results, notes: dict, banks: dict, val, fd_key: str, kid_key: str,
-                       params: Params) -> FeatureSpace:
+                       *, params: Params) -> FeatureSpace:
     """Fréchet distance and KID between real and generated test features, and the noise floors
     beside them: ``<key>_floor`` = real validation vs real test slices (what 'as good as real'
     gets), ``<key>_vs_val`` = real validation vs generated test slices (the same comparison with

@@ -1,8 +1,8 @@
-"""``ctsynth bench`` / ``python -m ctsynth.bench.suite``: training, generation and loader speed, peak memory.
+"""``ctsynth bench`` / ``python -m ctsynth.tools.bench.suite``: training, generation and loader speed, peak memory.
 
     ctsynth bench                # train 256² b1, 256² b4, 128² b8; generation; loader; memory
     ctsynth bench --quick        # the 256² batch-4 training pair and generation only
-    python -m ctsynth.bench.suite --compile --paths nchw_fused,bf16_cl   # extra paths beside the pair
+    python -m ctsynth.tools.bench.suite --compile --paths nchw_fused,bf16_cl   # extra paths beside the pair
 
 Model: the paper preset's architecture, read from ``params/paper.yaml`` (7 down / 7 up without
 skips as in the authors' config, ngf 64; PatchGAN 4+1, ndf 64; LSGAN + λ·L1, index condition,
@@ -35,8 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctsynth.bench.memory import bench_memory
-from ctsynth.bench.training import (  # noqa: F401
+from ctsynth.core.accel import clock, gemm_gflops, machine_info, pick_device
+from ctsynth.core.config import Params, load_params
+from ctsynth.core.io import write_json
+from ctsynth.tools.bench.memory import bench_memory
+from ctsynth.tools.bench.training import (  # noqa: F401
     BASELINE,
     EXTRA_PATHS,
     STRUCTURES,
@@ -48,9 +51,6 @@ from ctsynth.bench.training import (  # noqa: F401
     synthetic_slices,
     write_store,
 )
-from ctsynth.core.accel import clock, gemm_gflops, machine_info, pick_device
-from ctsynth.core.config import Params, load_params
-from ctsynth.core.io import write_json
 
 FULL_SIZES, QUICK_SIZES = [(256, 1), (256, 4), (128, 8)], [(256, 4)]
 FULL_MEMORY = {"size": 256, "batch": 8, "steps": 3, "n_slices": 400, "n_test": [50, 200]}
@@ -91,7 +91,7 @@ def roofline(sizes: list[int], device: torch.device, model: dict) -> list[dict]:
     return recs
 
 
-def bench_train(paths: list[TrainPath], size: int, batch: int, repeats: int, device, model, hp,
+def bench_train(paths: list[TrainPath], size: int, batch: int, repeats: int, device, model, *, hp,
                 block_s: float = 1.5) -> list[dict]:
     """Time ``paths`` side by side (interleaved repeats of ~``block_s`` s); one record per path."""
     was_det = torch.are_deterministic_algorithms_enabled()
@@ -186,7 +186,7 @@ def _fmt(r: dict) -> str:
 
 
 def run_bench(sizes=None, repeats: int = 5, quick: bool = False, out: str | Path = "reports/bench.json",
-              device: str = "auto", paths: tuple[str, ...] = (), model: dict | None = None,
+              device: str = "auto", paths: tuple[str, ...] = (), *, model: dict | None = None,
               gen_size: int = 256, gen_batch: int = 16, loader: tuple[int, int] | None = (512, 256),
               memory: dict | None = None, params_file: str | None = "params.yaml", block_s: float = 1.5,
               threads: int | None = None, with_roofline: bool = True, echo=print) -> dict:
@@ -221,7 +221,7 @@ def run_bench(sizes=None, repeats: int = 5, quick: bool = False, out: str | Path
                 if rec["case"] == "flops":
                     ceiling[rec["size"]] = rec
         for size, batch in train_sizes:
-            recs = bench_train(plist, size, batch, repeats, dev, model, paper_preset()[1], block_s)
+            recs = bench_train(plist, size, batch, repeats, dev, model, hp=paper_preset()[1], block_s=block_s)
             for rec in recs:
                 if size in ceiling:
                     rec["gflop_s"] = rec["img_per_s"] * ceiling[size]["train_gflop_per_img"]
@@ -269,7 +269,7 @@ def main(quick: bool = False, out: str = "reports/bench.json", device: str = "au
     return 0
 
 
-if __name__ == "__main__":                     # python -m ctsynth.bench.suite ARGS = ctsynth bench ARGS
+if __name__ == "__main__":                     # python -m ctsynth.tools.bench.suite ARGS = ctsynth bench ARGS
     from ctsynth.cli import main as cli_main
 
     cli_main(["bench", *sys.argv[1:]])

@@ -1,6 +1,6 @@
 """The training side of ``ctsynth bench``, shared with its memory child (:mod:`ctsynth.bench_memory`):
 the paper preset, the timed training paths, synthetic slices and stores, and a trainer closure
-that runs one real :func:`ctsynth.gan.gan_step`."""
+that runs one real :func:`ctsynth.train.gan.gan_step`."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +15,7 @@ import torch
 from ctsynth.core.accel import autocast, resolve_channels_last, resolve_precision
 from ctsynth.core.config import Params
 from ctsynth.core.errors import ConfigError
-from ctsynth.core.presets import PRESETS_DIR, expand
+from ctsynth.tools.presets import PRESETS_DIR, expand
 
 PAPER_PRESET = PRESETS_DIR / "paper.yaml"
 
@@ -119,7 +119,7 @@ def make_trainer(path: TrainPath, size: int, batch: int, device: torch.device, m
     """A closure running one real ``gan_step`` of the paper GAN on ``path``."""
     from ctsynth.core.labels import condition_channels
     from ctsynth.data.store import condition_batch
-    from ctsynth.train.gan import gan_step, make_optimizer
+    from ctsynth.train.gan import GanPair, LossWeights, gan_step, make_optimizer
     from ctsynth.train.networks import build_discriminator, build_generator
 
     torch.manual_seed(0)
@@ -144,7 +144,7 @@ def make_trainer(path: TrainPath, size: int, batch: int, device: torch.device, m
     def step() -> None:
         torch.use_deterministic_algorithms(path.deterministic, warn_only=True)
         torch.backends.mkldnn.enabled = path.mkldnn
-        losses = gan_step(Gm, Dm, Dg, opt_g, opt_d, cond, real, hp["lambda_l1"], amp)
+        losses = gan_step(GanPair(Gm, Dm, Dg, opt_g, opt_d), cond, real, LossWeights(l1=hp["lambda_l1"]), amp)
         if path.sync:
             losses.tolist()
     return step

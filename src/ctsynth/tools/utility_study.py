@@ -45,9 +45,9 @@ from ctsynth.core.io import write_csv, write_json, write_text
 from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore
 from ctsynth.evaluate.metrics import DiceAccumulator, reported_structures
-from ctsynth.evaluate.segmenter import Segmenter, train_segmenter
+from ctsynth.segmenter.segmenter import Segmenter, train_segmenter
 
-log = logging.getLogger("ctsynth.studies.utility")
+log = logging.getLogger("ctsynth.tools.utility_study")
 
 @dataclasses.dataclass
 class StudyCfg:
@@ -138,7 +138,7 @@ def _train_arm(arm: str, seg_cfg, seed: int, real, synth, iterations: int):
     return train_segmenter(half, seed, [real], desc=f"study finetune s{seed}", init=pre)[0]
 
 
-def run_cell(params: Params, study_path, n: int, draw: int, processed_dir, split_path, interim_dir,
+def run_cell(params: Params, study_path, n: int, draw: int, processed_dir, split_path, *, interim_dir,
              model_path, out_json) -> dict:
     """One cell of the grid: synthesize from the drawn patients, train every arm per seed, score."""
     t0 = time.time()
@@ -187,8 +187,8 @@ def run_cell(params: Params, study_path, n: int, draw: int, processed_dir, split
 def _synthetic_pool(params: Params, model_path, interim_dir, patients: list[str], synth_cfg, work: Path):
     """``synth_cfg.cases`` cases warped from ``patients``' masks, drawn by the generator of
     ``model_path``, read back through ingest + preprocess: (store, all its rows)."""
-    from ctsynth.evaluate.utility import synthetic_store
     from ctsynth.synth import synthesize as syn
+    from ctsynth.utility.utility import synthetic_store
 
     model, meta = syn.load_model(model_path)
     syn.check_model_structures(meta, params.preprocess.structures, model_path)
@@ -202,14 +202,14 @@ def _synthetic_pool(params: Params, model_path, interim_dir, patients: list[str]
 def _train_own_generator(params: Params, processed_dir, split: dict, patients: list[str], work: Path) -> Path:
     """The pipeline's generator config (``model.*``, ``train.*``) trained on ``patients`` only, in
     ``work`` (no MLflow run; checkpoints there too). Returns the model file."""
-    from ctsynth.train import loop
+    from ctsynth.train import train
 
     work.mkdir(parents=True)
     own_split = work / "split.json"
     write_json(own_split, {**split, "train": list(patients)})
     quiet = dataclasses.replace(params, tracking=dataclasses.replace(params.tracking, enabled=False))
-    loop.run(quiet, processed_dir, own_split, work / "generator.pt", work / "checkpoints", work / "reports",
-             work / "run.json")
+    train.run(quiet, processed_dir, own_split, work / "generator.pt", work / "checkpoints", work / "reports",
+             run_file=work / "run.json")
     return work / "generator.pt"
 
 

@@ -31,7 +31,16 @@ from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore, SlabDataset, SliceDataset, condition_width, slabs_of, train_batches
 from ctsynth.train.checkpoint import ckpt_files, load_latest_checkpoint, run_fingerprint, save_checkpoint, set_rng_state
 from ctsynth.train.distributed import Dist, StopFlag, check_finite, compile_models, setup, sync_and_hash
-from ctsynth.train.gan import gan_step, learning_rates, lr_factor, make_ema, make_optimizer, recalibrate_bn
+from ctsynth.train.gan import (
+    GanPair,
+    LossWeights,
+    gan_step,
+    learning_rates,
+    lr_factor,
+    make_ema,
+    make_optimizer,
+    recalibrate_bn,
+)
 from ctsynth.train.history import LOSS_NAMES, LossHistory
 from ctsynth.train.networks import build_discriminator, build_generator, describe, receptive_field, save_generator
 from ctsynth.train.snapshots import Snapshots
@@ -173,7 +182,7 @@ def _open_tracking(job: _Job, run_file: Path, split_path: Path, state: dict, his
 # ------------------------------------------------------------------------------------ the loop
 
 def run(params: Params, processed_dir: str | Path, split_path: str | Path, out_model: str | Path,
-        ckpt_dir: str | Path, reports_dir: str | Path, run_file: str | Path,
+        ckpt_dir: str | Path, reports_dir: str | Path, *, run_file: str | Path,
         stop_after: int | None = None) -> TrainResult:
     """Train and write ``out_model`` (see :func:`ctsynth.models.save_generator`),
     ``reports_dir/losses.csv``, ``reports_dir/snapshots/step_XXXXXXX.png`` and ``run_file``;
@@ -192,8 +201,9 @@ def run(params: Params, processed_dir: str | Path, split_path: str | Path, out_m
         hist = LossHistory(params.train.iterations, d, state["losses"])
         tracker = _open_tracking(job, Path(run_file), Path(split_path), state, hist)
         snaps = Snapshots(job.store, job.split, params.train, params.model, d.device, Path(reports_dir) / "snapshots",
-                          tracker, state["snapshots"], job.ds.contrast_record)
-        result = _loop(job, tracker, hist, snaps, state["step"], ckpts, Path(reports_dir), stop_after)
+                          tracker=tracker, taken=state["snapshots"], contrast_record=job.ds.contrast_record)
+        result = _loop(job, tracker, hist, snaps, state["step"], ckpts, reports_dir=Path(reports_dir),
+                       stop_after=stop_after)
         if result.interrupted_by:
             log.warning("interrupted at step %d; checkpoint saved in %s; rerun to resume", result.step, ckpts)
             tracker.close("KILLED")
@@ -209,10 +219,11 @@ def run(params: Params, processed_dir: str | Path, split_path: str | Path, out_m
 
 
 def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step: int, ckpts: Path,
-          reports_dir: Path, stop_after: int | None) -> TrainResult:
+          *, reports_dir: Path, stop_after: int | None) -> TrainResult:
     cfg, steer, d = job.params.train, job.params.train_run, job.d
     Gm, Dm, Dg = d.wrap(job.G), d.wrap(job.D), job.D          # Dg: G's step calls D unwrapped
     Gm, Dm, Dg = compile_models(Gm, Dm, Dg) if cfg.compile else (Gm, Dm, Dg)
+    nets, weights = GanPair(Gm, Dm, Dg, job.opt_g, job.opt_d), LossWeights.of(cfg)
     amp = autocast(job.precision, d.device)
     transform = build_batch_transform(job.params, job.ds.constant_channels, job.store.structures, d.rank,
                                       job.ds.noise_record, job.store.partial_volume > 1)    # noise, soft cond
@@ -232,8 +243,7 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
                 for group in opt.param_groups:
                     group["lr"] = base * lr_factor(step, cfg)
             cond, real, noise = transform(*map(job.to_device, next(batches)), step)   # (B, C|1, S, S), None
-            losses = gan_step(Gm, Dm, Dg, job.opt_g, job.opt_d, job.to_device(cond), job.to_device(real),
-                              cfg.lambda_l1, amp, cfg.lambda_fm, noise, cfg.lambda_spectral)
+            losses = gan_step(nets, job.to_device(cond), job.to_device(real), weights, amp, fake_noise=noise)
             step += 1
             if job.G_ema is not None:
                 job.G_ema.update_parameters(job.G)
@@ -251,7 +261,7 @@ def _loop(job: _Job, tracker: Tracker, hist: LossHistory, snaps: Snapshots, step
             hist.sync(step)
             if d.is_main and log_now:
                 t_log = hist.log_window(last_log, step, t_log, cfg.batch_size, cfg.iterations,
-                                        learning_rates(step - 1, cfg), tracker)
+                                        learning_rates(step - 1, cfg), tracker=tracker)
                 last_log = step
                 hist.write(reports_dir / "losses.csv", step, cfg.iterations, lambda s: learning_rates(s, cfg))
             if d.is_main:

@@ -39,7 +39,7 @@ from ctsynth.report.figures import (
 )
 from ctsynth.report.summary import esc, first_grid, privacy_verdict, section_summary
 
-log = logging.getLogger("ctsynth.report.html")
+log = logging.getLogger("ctsynth.report.report")
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1em auto;max-width:1320px;
@@ -211,8 +211,8 @@ def section_metrics(reports_dir: Path, res: Results | None) -> str:
     return "".join(parts) + (f"<ul class='muted'>{foot}</ul>" if foot else "") + runtime_lines(notes.get("runtime"))
 
 
-# the steps of metrics_notes.json ``runtime`` (ctsynth.evaluate.stage.runtime_note), as the report and
-# docs/results.md (ctsynth.report.reference) name them
+# the steps of metrics_notes.json ``runtime`` (ctsynth.evaluate.evaluate.runtime_note), as the report and
+# docs/results.md (ctsynth.tools.reference) name them
 RUNTIME_STEPS = (("generator_trained_on", "generator trained on"), ("generated_on", "test slices generated on"),
                  ("segmenter_trained_on", "segmenter trained on"), ("evaluated_on", "evaluated on"))
 
@@ -299,8 +299,8 @@ def section_orthogonal(res: Results, generated_dir: Path, processed_dir: Path, f
              f"{metric_rows(res, [k for k in _ORTHO_KEYS if k in res])}"]
     for vol in load_test_volumes(processed_dir, generated_dir):
         out = figures / f"orthogonal_{vol.case}.png"
-        save_orthogonal_views(out, vol.case, vol.real, vol.fake, heart_centre(vol.masks), vol.dz, vol.dxy, window,
-                              unit)
+        save_orthogonal_views(out, vol.case, vol.real, vol.fake, heart_centre(vol.masks), vol.dz, dxy=vol.dxy,
+                              window=window, unit=unit)
         parts.append(img_tag(out, f"test case {vol.case}: coronal (top) and sagittal (bottom)", width=560))
     return "".join(parts)
 
@@ -444,7 +444,7 @@ def section_synthetic(synthetic_dir: Path | None, figures: Path, label_map: dict
     heart = np.argwhere(labels > 0)
     centre = heart.mean(0).round().astype(int) if len(heart) else np.array(labels.shape) // 2
     out = save_synthetic_case(figures / f"synthetic_{row.case}.png", row.case, np.asarray(image.dataobj),
-                              labels, centre, image.header.get_zooms()[:3], window, unit)
+                              labels, centre, image.header.get_zooms()[:3], window=window, unit=unit)
     draw = ", ".join(f"{k} {fmt(row[k])}" for k in manifest.columns
                      if k.startswith(("rot_", "scale_", "shift_", "deform_")))
     text = (f"<p><b>{len(manifest)}</b> new labelled cases in <code>{esc(synthetic_dir)}</code> (image/label "
@@ -540,7 +540,7 @@ def _summary(res: Results | None, generated_dir: Path, study: dict | None = None
 # ------------------------------------------------------------------------------ the report
 
 def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, out_html,
-        figures_dir, split_path, manifest_path, synthetic_dir=None, study_path=None) -> list[Path]:
+        *, figures_dir, split_path, manifest_path, synthetic_dir=None, study_path=None) -> list[Path]:
     """Write ``out_html`` and ``figures_dir``; return the files written (for MLflow logging)."""
     reports_dir, generated_dir, processed_dir = Path(reports_dir), Path(generated_dir), Path(processed_dir)
     train_dir, out_html, figures_dir = Path(train_reports_dir), Path(out_html), Path(figures_dir)

@@ -33,7 +33,7 @@ from ctsynth.data.augment import augment_labelled, build_augment
 from ctsynth.data.split import load_split
 from ctsynth.data.store import ProcessedStore
 
-log = logging.getLogger("ctsynth.evaluate.segmenter")
+log = logging.getLogger("ctsynth.segmenter.segmenter")
 
 SEGMENTER_FORMAT = "ctsynth-segmenter"
 SEGMENTER_VERSION = 1

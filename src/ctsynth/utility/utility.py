@@ -16,7 +16,7 @@ structures leaves it out. The 95 % intervals (:class:`ctsynth.evaluate.intervals
 models, so the paired contrasts (``utility_ratio_synthetic`` = synthetic / real,
 ``utility_gain_mixed`` = mixed − real) get intervals of their own. The reused real-only model must
 have been trained with the current ``segmenter.*`` params and seed
-(:func:`ctsynth.evaluate.segmenter.check_segmenter_params`), else the three are not comparable.
+(:func:`ctsynth.segmenter.segmenter.check_segmenter_params`), else the three are not comparable.
 One training per model: the intervals hold patient sampling, not training noise; the seed spread
 of the contrasts comes from ``ctsynth compare`` over ``segmenter.seed`` (docs/experiments/utility.md).
 
@@ -45,7 +45,7 @@ from ctsynth.evaluate.intervals import Resampling
 from ctsynth.evaluate.metrics import DICE_ABSENT, DICE_NONE_PRESENT, dice_mean, reported_structures
 from ctsynth.evaluate.registry import SUFFIX
 from ctsynth.evaluate.results import fmt
-from ctsynth.evaluate.segmenter import (
+from ctsynth.segmenter.segmenter import (
     check_segmenter,
     check_segmenter_params,
     dice_accumulator,
@@ -54,7 +54,7 @@ from ctsynth.evaluate.segmenter import (
     train_segmenter,
 )
 
-log = logging.getLogger("ctsynth.evaluate.utility")
+log = logging.getLogger("ctsynth.utility.utility")
 
 KINDS = ("real", "synthetic", "mixed")
 
@@ -123,7 +123,7 @@ def summarise(counts: dict[str, np.ndarray], cases: np.ndarray, labels: dict[int
 
 
 def run(params: Params, synthetic_dir, processed_dir, split_path, segmenter_path,
-        out_json, out_csv) -> dict:
+        out_json, *, out_csv) -> dict:
     """Train the synthetic-only and mixed segmenters, score all three on the real test slices."""
     store = ProcessedStore(processed_dir)
     split = load_split(split_path, need=("train", "test"))

@@ -5,7 +5,7 @@ sagittal views with slice sliders, the privacy screening (verdict, the similarit
 its nearest training slice, that training slice beside the synthetic one) and the draw that made
 the case (``manifest.csv``). The expert accepts, or rejects with a reason (anatomy wrong, artefact,
 too similar, other + comment), by click or keyboard; each decision is appended at once, atomically,
-to ``reviews/<reviewer>.jsonl`` (:mod:`ctsynth.share.reviews`) with the case's content hash, so it
+to ``reviews/<reviewer>.jsonl`` (:mod:`ctsynth.share.decisions`) with the case's content hash, so it
 survives a reload or a restart and a decision about a case that has changed since shows as stale.
 
 Served by FastAPI + uvicorn (both come with MLflow) on 127.0.0.1 unless ``--host`` says otherwise;
@@ -28,10 +28,10 @@ from ctsynth.core.errors import InputError
 from ctsynth.core.io import canonical
 from ctsynth.core.labels import STRUCTURE_COLOURS, STRUCTURES
 from ctsynth.data.masks import map_labels
-from ctsynth.share import reviews as rv
-from ctsynth.share.export import case_hashes, read_manifest
+from ctsynth.share import decisions
+from ctsynth.share.share import case_hashes, read_manifest
 
-log = logging.getLogger("ctsynth.share.review")
+log = logging.getLogger("ctsynth.tools.review")
 
 VIEWS = ("axial", "coronal", "sagittal")
 PAGE = Path(__file__).with_name("static") / "review.html"
@@ -44,9 +44,9 @@ class ReviewData:
     the training slices they are compared with, and this reviewer's decisions."""
 
     def __init__(self, synthetic_dir, reviews_dir, reviewer: str, label_map: dict[int, str],
-                 hu_window=(-1000.0, 1000.0), privacy_dir=None, processed_dir=None):
+                 hu_window=(-1000.0, 1000.0), privacy_dir=None, *, processed_dir=None):
         self.synthetic_dir, self.reviews_dir = Path(synthetic_dir), Path(reviews_dir)
-        self.reviewer = rv.check_reviewer(reviewer)
+        self.reviewer = decisions.check_reviewer(reviewer)
         self.manifest = read_manifest(self.synthetic_dir).set_index("case", drop=False)
         self.hashes = case_hashes(self.synthetic_dir, self.manifest.reset_index(drop=True))
         self.window = (float(hu_window[0]), float(hu_window[1]))
@@ -59,7 +59,7 @@ class ReviewData:
             from ctsynth.data.store import ProcessedStore
             self.store = ProcessedStore(processed_dir)
             self.window = tuple(float(v) for v in self.store.meta["hu_window"])
-        rv.load(self.reviews_dir, self.hashes)               # refuse a broken review file before serving
+        decisions.load(self.reviews_dir, self.hashes)               # refuse a broken review file before serving
 
     # ------------------------------------------------------------------ cases and decisions
     def case(self, case: str) -> pd.Series:
@@ -68,12 +68,12 @@ class ReviewData:
             raise KeyError(case)
         return self.manifest.loc[case]
 
-    def decisions(self) -> dict[str, tuple[rv.Decision, bool]]:
-        return rv.load(self.reviews_dir, self.hashes).get(self.reviewer, {})
+    def my_decisions(self) -> dict[str, tuple[decisions.Decision, bool]]:
+        return decisions.load(self.reviews_dir, self.hashes).get(self.reviewer, {})
 
     def summary(self) -> dict:
         """Every case with its privacy verdict and this reviewer's decision; the progress counts."""
-        mine = self.decisions()
+        mine = self.my_decisions()
         rows = []
         for case in self.manifest.case:
             priv = self._privacy_row(case)
@@ -84,14 +84,15 @@ class ReviewData:
                          "decision": None if d is None else d.decision, "reason": None if d is None else d.reason,
                          "comment": "" if d is None else d.comment, "stale": bool(stale)})
         reviewed = sum(r["decision"] is not None and not r["stale"] for r in rows)
-        return {"reviewer": self.reviewer, "reasons": list(rv.REASONS), "cases": rows,
+        return {"reviewer": self.reviewer, "reasons": list(decisions.REASONS), "cases": rows,
                 "reviewed": reviewed, "total": len(rows)}
 
     def decide(self, case: str, decision: str, reason: str | None, comment: str) -> dict:
         """Record a decision on ``case`` (validated; the case re-hashed now) and return the summary."""
         row = self.case(case)
-        self.hashes[case] = rv.case_hash(self.synthetic_dir / row.image_file, self.synthetic_dir / row.label_file)
-        rv.append(self.reviews_dir, rv.make_decision(case, decision, reason, comment, self.reviewer,
+        self.hashes[case] = decisions.case_hash(self.synthetic_dir / row.image_file,
+                                                self.synthetic_dir / row.label_file)
+        decisions.append(self.reviews_dir, decisions.make_decision(case, decision, reason, comment, self.reviewer,
                                                      self.hashes[case]))
         return self.summary()
 

@@ -3,7 +3,7 @@
 After a reference ``dvc repro`` of the default ``params.yaml`` on main, commit ``dvc.lock`` and the
 small result files (``reports/*.json``, ``*.csv``: DVC outputs with ``cache: false``) and run::
 
-    python -m ctsynth.report.reference > docs/results.md
+    python -m ctsynth.tools.reference > docs/results.md
 
 ``tests/test_docs.py`` writes it again from the committed files and fails when the two differ,
 and checks that the committed files are the ones ``dvc.lock`` names (same md5). So every number
@@ -17,7 +17,7 @@ from pathlib import Path
 from ctsynth.core.accel import runtime_summary
 from ctsynth.evaluate.registry import lookup, short, table_rows
 from ctsynth.evaluate.results import Results, fmt
-from ctsynth.report.html import RUNTIME_STEPS, _read_json
+from ctsynth.report.report import RUNTIME_STEPS, _read_json
 
 UTILITY_ROWS = (("utility_dice_real", "real training slices only"), ("utility_dice_synthetic", "synthetic cases only"),
                 ("utility_dice_mixed", "real + synthetic"), ("utility_ratio_synthetic", "synthetic ÷ real"),
@@ -46,7 +46,7 @@ def markdown(reports_dir: str | Path = "reports") -> str:
     lines = [
         "# Results of the reference run",
         "",
-        "<!-- written by `python -m ctsynth.report.reference > docs/results.md`; tests/test_docs.py checks it -->",
+        "<!-- written by `python -m ctsynth.tools.reference > docs/results.md`; tests/test_docs.py checks it -->",
         "",
         "The default `params.yaml` run by `dvc repro` on the default data (the embedded phantom).",
         "Every number below is read from the result files committed with this page (`reports/headline.json`,",
