@@ -40,7 +40,9 @@ def main(args, params):
     results = Results.read(Path(args.reports))
     log_evaluation(args.run_file, params, {**(results.mlflow() if results else {}), **mlflow_metrics(args.reports),
                                            **share_counts(args.share_counts)}, files,
-                   artifacts={str(Path(args.share) / name): "share" for name in ("dataset_card.json", "DATASET.md")})
+                   artifacts={**{str(Path(args.share) / name): "share" for name in ("dataset_card.json", "DATASET.md")},
+                              **{str(Path(args.reports) / name): "metrics" for name in ("metrics.json",
+                                                                                         "metrics_ci.json")}})
     return 0
 
 

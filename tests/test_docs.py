@@ -256,3 +256,59 @@ def test_the_readme_stage_table_names_each_stages_code():
         assert (REPO / "src" / "ctsynth" / module).is_file(), module
         assert module in imports_of(REPO / "stages" / f"{name}.py"), (name, module)
         assert Path(module).stem == name, (name, module)              # named after the stage
+
+
+MODULE_NAME = re.compile(r"(?<![\w./-])ctsynth(?:\.[A-Za-z_]\w*)+")
+
+
+def _resolves(name: str) -> bool:
+    """``ctsynth.<module>[.<attribute>...]`` names an importable module and attributes of it."""
+    import importlib
+
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def _mlflow_tags() -> set[str]:
+    """The ``ctsynth.*`` MLflow tag names (quoted string literals in the sources), which are no modules."""
+    text = "".join(p.read_text() for p in (REPO / "src").rglob("*.py"))
+    named = {m for m in re.findall(r"[\"'](ctsynth\.\w+)[\"']", text) if not _resolves(m)}
+    train = (REPO / "src" / "ctsynth" / "train" / "train.py").read_text()            # set_tags({f"ctsynth.{k}": ...})
+    built = re.search(r'set_tags\(\{f"ctsynth\.\{k\}": v for k, v in dict\((.*?)\)\.items', train, flags=re.S)
+    return named | {f"ctsynth.{k}" for k in re.findall(r"(\w+)=", built.group(1))}
+
+
+def test_every_ctsynth_module_named_in_docs_and_docstrings_exists():
+    """README, docs/ and the sources (docstrings, comments) name only modules and attributes that
+    exist: a move or rename that leaves `ctsynth.metrics` behind fails here."""
+    tags = _mlflow_tags()
+    assert "ctsynth.data_hash" in tags
+    files = [README, *sorted((REPO / "docs").rglob("*.md")), *sorted((REPO / "src").rglob("*.py")),
+             *sorted((REPO / "stages").glob("*.py"))]
+    stale = sorted({f"{path.relative_to(REPO)}: {name}" for path in files
+                    for name in MODULE_NAME.findall(path.read_text()) if name not in tags and not _resolves(name)})
+    assert not stale, stale
+    assert not _resolves("ctsynth.metrics") and _resolves("ctsynth.evaluate.metrics.DiceAccumulator")
+
+
+def test_the_docs_index_links_every_page():
+    """docs/README.md indexes every page of docs/ (the seed-grid tables as their folder), under one
+    of its four kinds: how-to, reference, explanation, experiment logs."""
+    index = (REPO / "docs" / "README.md").read_text()
+    for kind in ("## How-to", "## Reference", "## Explanation", "## Experiment logs"):
+        assert kind in index, kind
+    linked = {(REPO / "docs" / target).resolve() for target in re.findall(r"\]\(([^)#]+)", index)}
+    pages = [p for p in (REPO / "docs").rglob("*.md") if p.name != "README.md"]
+    missing = [p.relative_to(REPO).as_posix() for p in pages
+               if p.resolve() not in linked and not any(folder in p.resolve().parents for folder in linked)]
+    assert not missing, f"docs/README.md does not index {missing}"

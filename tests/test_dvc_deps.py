@@ -156,7 +156,7 @@ def test_every_params_key_in_dvc_yaml_exists():
 
 
 def test_training_code_enters_the_checkpoint_fingerprint(tmp_path, monkeypatch):
-    """Editing code that training imports changes ctsynth.imports.source_hash("train") (so DVC's
+    """Editing code that training imports changes ctsynth.core.imports.source_hash("train") (so DVC's
     rerun of train starts afresh instead of resuming the old code's finished run); editing a
     module training does not import leaves it alone."""
     import shutil

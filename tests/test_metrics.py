@@ -1,4 +1,4 @@
-"""Known-answer tests for ctsynth.metrics: paired metrics, per-structure HU errors, Dice,
+"""Known-answer tests for ctsynth.evaluate.metrics: paired metrics, per-structure HU errors, Dice,
 Fréchet distance / KID, and streaming accumulators == all-at-once."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for the procedural thoracic CT phantom (ctsynth.phantom)."""
+"""Tests for the procedural thoracic CT phantom (ctsynth.data.phantom)."""
 from __future__ import annotations
 
 import sys

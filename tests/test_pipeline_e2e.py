@@ -204,7 +204,12 @@ def test_mlflow_run_has_params_metrics_and_model(repo):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     run = client.get_run(run_info["run_id"])
     assert run.data.params["train.iterations"] == "6"
-    assert "ssim" in run.data.metrics and "g_l1" in run.data.metrics
+    assert "Headline/ssim" in run.data.metrics and "g_l1" in run.data.metrics
+    assert not [k for k in run.data.metrics if "ci95" in k]                             # intervals: an artifact
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "metrics")} == {"metrics/metrics.json",
+                                                                                  "metrics/metrics_ci.json"}
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"       # opens as model training
     assert len(run.data.tags.get("git_commit", "")) == 40
     assert run.info.run_name.startswith("train-") and run.data.tags["ctsynth.data_hash"]
     assert " threads, torch " in run.data.tags["ctsynth.runtime"]                        # where it ran

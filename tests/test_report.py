@@ -107,7 +107,7 @@ def test_full_report(tmp_path):
     assert "<script" not in page and "<link" not in page
     assert "not computed — no local InceptionV3 weights" in page
     assert "a score defined only in the notes" in page                       # definition from notes
-    assert "Dice of the segmenter&#x27;s prediction on generated slices" in page  # from ctsynth.metrics
+    assert "Dice of the segmenter&#x27;s prediction on generated slices" in page  # from ctsynth.evaluate.metrics
     assert "p1" in page and "test" in page and "32²" in page                  # data summary
     names = sorted(p.name for p in files[1:])
     assert files[0].name == "report.html"
@@ -255,12 +255,14 @@ def test_floor_reading_and_weakest_structure():
 
 
 def test_mlflow_names_group_the_details_under_prefixes(tmp_path):
-    """MLflow's run page groups charts by the prefix before '/': headline metrics stay plain (the
-    first section), the rest go under their registry group, intervals under ci95/."""
+    """MLflow's run page groups charts by the prefix before '/' and orders the sections by code
+    unit: the headline goes under Headline/ (first, above every lower-case group), the rest under
+    their registry group; intervals are no charts (metrics_ci.json is an artifact)."""
     names = results({"ssim": 0.8, "mae_hu_LV": 80.0, "fid_inception": None, "zgrad_ratio": 1.1},
                     {"ssim_ci95": {"lo": 0.7, "hi": 0.9}}).mlflow()
-    assert names == {"ssim": 0.8, "paired/mae_hu_LV": 80.0, "throughplane/zgrad_ratio": 1.1,
-                     "ci95/ssim_lo": 0.7, "ci95/ssim_hi": 0.9}
+    assert names == {"Headline/ssim": 0.8, "paired/mae_hu_LV": 80.0, "throughplane/zgrad_ratio": 1.1}
+    sections = sorted({k.split("/")[0] for k in names} | {"counts", "distribution", "privacy", "share"})
+    assert sections[0] == "Headline"
 
 
 def test_headline_text_for_the_log():

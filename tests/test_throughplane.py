@@ -1,4 +1,4 @@
-"""Through-plane metrics (ctsynth.throughplane): known answers on a smooth synthetic volume."""
+"""Through-plane metrics (ctsynth.evaluate.throughplane): known answers on a smooth synthetic volume."""
 from __future__ import annotations
 
 import numpy as np

@@ -45,200 +45,267 @@ MR_RANGE = (-1000.0, 1000.0)   # MR: normalised units (nu) the 0.5 / 99.5 % inte
 
 @dataclass
 class AnatomyCfg:
-    """The anatomy around the heart written at ingest (ctsynth.data.anatomy)."""
-    source: Literal["derived", "supplied", "none"] = "derived"   # derived: rules on the image; supplied: label files
-    label_suffix: str = "_anatomy.nii.gz"            # supplied: <case><label_suffix> beside the image
-    label_map: dict | str = "ctsynth"                # supplied: value -> body|lung|bone, or a preset
-    body_hu: float = -500.0                          # body = largest component above this; lung = air below it inside
-    bone_hu: float = 200.0                           # bone = above this inside the body, outside the heart labels
+    """The anatomy around the heart, written at ingest (docs/anatomy.md)."""
+    #: derived: rules on the image | supplied: label files | none
+    source: Literal["derived", "supplied", "none"] = "derived"
+    #: supplied: the anatomy label file beside each image, <case><label_suffix>
+    label_suffix: str = "_anatomy.nii.gz"
+    #: supplied: value -> body|lung|bone, or a preset: ctsynth | totalsegmentator-total
+    label_map: dict | str = "ctsynth"
+    #: derived: body = largest component above this, holes filled; lung = air inside it
+    body_hu: float = -500.0
+    #: derived: bone = above this inside the body, outside the heart labels
+    bone_hu: float = 200.0
 
 
 @dataclass
 class DataCfg:
-    source: Literal["phantom", "nifti"] = "phantom"  # phantom: generate data; nifti: use raw_dir
-    raw_dir: str = "data/phantom"                    # folder searched (recursively) for pairs
-    label_suffix: str = "_label.nii.gz"              # partner label = image name with suffix swapped
-    image_suffix: str = "_image.nii.gz"
-    label_map: dict | str = field(default_factory=lambda: dict(MMWHS_LABEL_MAP))  # value -> structure, or a preset
-    unknown_labels: Literal["error", "background"] = "error"
-    on_error: Literal["fail", "skip"] = "fail"
-    modality: Literal["ct", "mr"] = "ct"             # mr: per-volume percentile normalisation (ctsynth.data.modality)
+    """Where the image/label pairs come from and how their labels read."""
+    #: phantom: generate the embedded phantom | nifti: use raw_dir as it is
+    source: Literal["phantom", "nifti"] = "phantom"
+    raw_dir: str = "data/phantom"                    # folder searched recursively for image/label pairs
+    label_suffix: str = "_label.nii.gz"              # partner label file: <case><label_suffix> beside the image
+    image_suffix: str = "_image.nii.gz"              # case id = file name minus this suffix
+    #: raw value -> structure (MM-WHS 2017) or a preset: mmwhs | totalsegmentator-heartchambers
+    label_map: dict | str = field(default_factory=lambda: dict(MMWHS_LABEL_MAP))
+    unknown_labels: Literal["error", "background"] = "error"  # error | background: label values missing from label_map
+    on_error: Literal["fail", "skip"] = "fail"       # fail | skip: report bad cases and go on with the rest
+    #: ct (HU) | mr (each volume's 0.5/99.5 % percentiles map to -1000/+1000: docs/anatomy.md)
+    modality: Literal["ct", "mr"] = "ct"
     anatomy: AnatomyCfg = field(default_factory=AnatomyCfg)
 
 
 @dataclass
 class PhantomCfg:
-    cases: int = 20                                  # synthetic patients (12 / 4 / 4 with the default split)
-    shape: list = field(default_factory=lambda: [128, 128, 40])  # voxels (x, y, z)
-    spacing: list = field(default_factory=lambda: [2.6, 2.6, 4.0])  # mm, anisotropic like CT
+    """The embedded procedural phantom (data.source: phantom)."""
+    cases: int = 20                                  # synthetic patients, split by split.* (12 / 4 / 4 by default)
+    shape: list = field(default_factory=lambda: [128, 128, 40])  # voxels x, y, z
+    spacing: list = field(default_factory=lambda: [2.6, 2.6, 4.0])  # mm; anisotropic like clinical CT
 
 
 @dataclass
 class PreprocessCfg:
-    hu_window: list = field(default_factory=lambda: [-1000.0, 1000.0])  # HU -> [-1, 1]
-    image_size: int = 64
+    """HU window, slices and their size; the conditions' structures."""
+    hu_window: list = field(default_factory=lambda: [-1000.0, 1000.0])  # HU mapped linearly to [-1, 1], clipped
+    image_size: int = 64                             # slices resized to image_size² (paper: 256)
+    #: any subset of Myo LA LV RA RV Ao PA WH (WH: their union)
     structures: list = field(default_factory=lambda: ["Myo", "LA", "LV", "RA", "RV", "Ao", "PA"])
-    slices: Literal["all", "structures"] = "structures"
-    margin: int = 2                                  # extra slices around the structures
-    partial_volume: int = 1                          # k > 1: condition pixels are area fractions of k x k
-                                                     # nearest sub-pixels (labels also stored at k * image_size)
+    slices: Literal["all", "structures"] = "structures"  # all | structures: only slices holding a selected structure
+    margin: int = 2                                  # extra slices kept above and below the structures
+    #: k > 1: condition pixels are area fractions of k x k sub-pixels; 1: classes
+    partial_volume: int = 1
 
 
 @dataclass
 class SplitCfg:
-    train: float = 0.6
-    val: float = 0.2
-    test: float = 0.2
-    cases: dict | None = None                        # explicit {train: [...], val: [...], test: [...]}
+    """Patient-level train/val/test split: fractions, or explicit case lists."""
+    train: float = 0.6                               # share of the patients for training
+    val: float = 0.2                                 # share for validation: defaults and variants are chosen here
+    test: float = 0.2                                # share for the test: scored only to report
+    #: explicit lists instead, e.g. {train: [ct_train_1001, ...], val: [...], test: [...]}
+    cases: dict | None = None
 
 
 @dataclass
 class ModelCfg:
+    """Generator and discriminator (pix2pix); why each default: docs/experiments/defaults.md."""
+    #: onehot: one channel per structure | index: one channel of label indices (authors)
     encoding: Literal["onehot", "index"] = "onehot"
-    gen_depth: int = 6                               # stride-2 downsamplings (paper: 7)
+    gen_depth: int = 6                               # stride-2 conv down / transposed conv up (paper: 7 at 256²)
     ngf: int = 16                                    # generator first-layer filters (paper: 64)
     ndf: int = 16                                    # discriminator first-layer filters (paper: 64)
-    disc_layers: int = 3                             # stride-2 D blocks before the final conv (paper: 4)
-    skip_connections: bool = True
+    #: stride-2 discriminator blocks before the final stride-1 conv (paper: 4)
+    disc_layers: int = 3
+    skip_connections: bool = True                    # UNet skips (paper text: UNet; authors' config: off; README)
+    #: transpose (paper) | resize (upsample + conv, no checkerboard)
     upsample: Literal["transpose", "resize"] = "transpose"
-    dropout: float = 0.0
-    output: Literal["tanh", "sigmoid"] = "tanh"
-    context_slices: int = 0                          # 2.5-D: neighbouring mask slices on each side in the condition
-    contrast_control: bool = False                   # + a channel: the case's contrast level (data/contrast.py)
-    anatomy: bool = True                             # + 3 channels: body outline, lung, bone (data/anatomy.py)
-    noise: Literal["none", "nps"] = "none"           # nps: CT noise sampled from the training NPS (data/noise.py)
-    output_blur: float = 0.0                         # sigma px of a fixed Gaussian low-pass on the output; 0: off
-    head_layers: int = 1                             # 3x3 convs at full resolution reading the condition; 0: pix2pix
-    disc_slices: int = 1                             # > 1: D judges that many consecutive slices together (z-aware)
-    disc_scales: int = 1                             # > 1: pix2pixHD's multi-scale D (each scale 2x coarser)
+    dropout: float = 0.0                             # generator dropout (paper: none, deterministic)
+    output: Literal["tanh", "sigmoid"] = "tanh"      # tanh ([-1, 1]) | sigmoid
+    #: 2.5-D: the condition holds k stored neighbour slices each side; 0: one slice
+    context_slices: int = 0
+    #: + a channel: the case's contrast level, measured in training, set at generation
+    contrast_control: bool = False
+    #: + 3 channels: body outline, lungs, bone (data.anatomy); false: the heart only (paper)
+    anatomy: bool = True
+    #: none | nps: D judges the slice plus CT noise of the training noise power spectrum
+    noise: Literal["none", "nps"] = "none"
+    output_blur: float = 0.0                         # sigma (px) of a fixed Gaussian low-pass on the output; 0: off
+    #: 3x3 convs at full resolution reading the condition again; 0: pix2pix
+    head_layers: int = 1
+    #: > 1: D judges that many consecutive slices of a case together; 1: pix2pix
+    disc_slices: int = 1
+    #: > 1: pix2pixHD's multi-scale D (each scale 2x coarser); 1: pix2pix
+    disc_scales: int = 1
 
 
 @dataclass
 class TrainCfg:
     """What training computes: every key is a DVC param of the train stage. Keys declared with
     :func:`not_in_fingerprint` leave the checkpoint fingerprint alone; all others enter it."""
-    seed: int | None = None                          # generator init, data order, augmentation; null: top-level seed
-    nproc: int = not_in_fingerprint(1)               # processes per node (torchrun); fingerprint: world size
-    nnodes: int = not_in_fingerprint(1)              # nodes (torchrun c10d rendezvous when > 1); ditto
-    device: Literal["auto", "cpu", "cuda"] = not_in_fingerprint("auto")   # fingerprint: resolved device type
-    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 where native (CUDA, AMX CPUs)
-    channels_last: Literal["auto", True, False] = True     # auto: NHWC on CUDA, NCHW on CPU
-    compile: bool = False
-    iterations: int = 1250                           # generator steps (paper: 100000)
-    batch_size: int = 8
-    lr_g: float = 4e-4                               # Adam step size of G and D (generator-realism.md, grid 21)
-    lr_d: float = 4e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
+    #: generator init, batch order, augmentation; null: the top-level seed
+    seed: int | None = None
+    #: processes per node (GPUs, or CPU processes with gloo); > 1 runs torchrun
+    nproc: int = not_in_fingerprint(1)
+    #: nodes; > 1: run `dvc repro train` on every node (train_run.rdzv_endpoint)
+    nnodes: int = not_in_fingerprint(1)
+    device: Literal["auto", "cpu", "cuda"] = not_in_fingerprint("auto")  # auto | cpu | cuda
+    #: auto (bf16 autocast where native: CUDA, AMX CPUs; else fp32) | fp32 | bf16
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    #: true: NHWC | false: NCHW | auto: NHWC on CUDA only (docs/performance.md)
+    channels_last: Literal["auto", True, False] = True
+    compile: bool = False                            # torch.compile the models
+    #: generator steps (paper: 100000); the default fits the 15-minute run
+    iterations: int = 1250
+    batch_size: int = 8                              # slices per step, over all processes
+    lr_g: float = 4e-4                               # Adam step size of the generator (paper preset: 1.3e-4)
+    lr_d: float = 4e-4                               # Adam step size of the discriminator (paper preset: 1.5e-4)
+    beta1: float = 0.5                               # Adam beta1 (pix2pix: 0.5)
+    beta2: float = 0.999                             # Adam beta2
+    #: weight of the L1 reconstruction term against the LSGAN term (pix2pix: 100)
     lambda_l1: float = 100.0
-    lambda_fm: float = 10.0                          # feature matching (pix2pixHD) weight; 0: off (paper)
-    lambda_spectral: float = 0.0                     # radial log power spectrum term (Durall 2020); 0: off
-    anatomy_drop: float = 0.25                       # model.anatomy: share of slices trained with blank anatomy
-    ema: float = 0.0                                 # decay of the generator weights' moving average, saved; 0: off
-    augment: Literal["none", "affine", "affine+intensity"] = "affine"  # paired batch augmentation (ctsynth.augment)
-    lr_decay_start: float | None = None              # fraction of iterations where linear decay to 0 starts
-    sync_bn: bool = False
+    #: weight of pix2pixHD feature matching on D's block features; 0: off (paper)
+    lambda_fm: float = 10.0
+    #: weight of the log radial power spectrum term (Durall et al. 2020); 0: off
+    lambda_spectral: float = 0.0
+    #: model.anatomy: share of slices trained with blank anatomy (heart-only too); 0: none
+    anatomy_drop: float = 0.25
+    #: > 0: save the moving average of the generator's weights, this decay; 0: the last step's
+    ema: float = 0.0
+    #: none | affine (same warp of image and mask) | affine+intensity
+    augment: Literal["none", "affine", "affine+intensity"] = "affine"
+    #: fraction of training after which the lr decays linearly to 0; null: constant
+    lr_decay_start: float | None = None
+    sync_bn: bool = False                            # SyncBatchNorm across processes
+    #: fractions of training for evolution snapshots (paper Fig. 5)
     snapshot_at: list = not_in_fingerprint(default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
-    snapshot_count: int = not_in_fingerprint(4)      # validation masks in the evolution grid
+    snapshot_count: int = not_in_fingerprint(4)      # validation masks shown in each snapshot
 
 
 @dataclass
 class TrainRunCfg:
-    """How a training run is steered: never changes the trained model (weights, losses.csv,
-    snapshots), so not a DVC param of train -- editing these never retrains."""
-    checkpoint_every: int = 500                      # steps between checkpoints
-    log_every: int = 25                              # steps between console/MLflow loss logs
-    resume: Literal["auto", "never"] = "auto"
-    num_workers: int = 0                             # DataLoader workers (memmap reads are cheap)
-    rdzv_endpoint: str | None = None                 # host:port of the rendezvous (train.nnodes > 1)
+    """How a training run is steered: never changes the model, so no DVC param of train."""
+    #: steps between checkpoints (models/checkpoints/<fingerprint>/, resumable)
+    checkpoint_every: int = 500
+    #: steps between console/MLflow loss logs (losses.csv: <= 200 rows, always)
+    log_every: int = 25
+    resume: Literal["auto", "never"] = "auto"        # auto: continue from the newest compatible checkpoint | never
+    num_workers: int = 0                             # DataLoader workers (memory-mapped reads; 0 is enough on CPU)
+    rdzv_endpoint: str | None = None                 # host:port of torchrun's c10d rendezvous (train.nnodes > 1)
 
 
 @dataclass
 class SegmenterCfg:
-    seed: int | None = None                          # init and batches (stage and utility); null: top-level seed
-    iterations: int = 300
-    batch_size: int = 16
+    """Small UNet on real training slices: FD/KID features, Dice, the utility stage's arms."""
+    #: init and batches of the segmenter and utility stages' UNets; null: the top-level seed
+    seed: int | None = None
+    iterations: int = 300                            # Adam steps
+    batch_size: int = 16                             # slices per step
+    #: Adam step size (lower left the smallest structure unlearnt in 300 steps)
     lr: float = 3e-3
-    width: int = 16
-    ema: float = 0.95                                # decay of the weight average kept as the model (0: last step)
-    augment: Literal["none", "affine", "affine+intensity", "classic"] = "none"   # batch augmentation (classic:
-                                                     # nnU-Net-style affine, elastic, intensity, blur, noise)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"   # training steps; auto: bf16 autocast where native
+    width: int = 16                                  # channels of the first level
+    #: the model is the moving average of the weights, this decay; 0: the last step's
+    ema: float = 0.95
+    #: none | affine | affine+intensity | classic (nnU-Net-style: the baseline to beat)
+    augment: Literal["none", "affine", "affine+intensity", "classic"] = "none"
+    #: auto (bf16 autocast where native: AMX CPUs; else fp32) | fp32 | bf16
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass
 class GenerateCfg:
-    batch_size: int = 32
-    seed: int = 0                                    # noise of a model.noise nps model, per slice (seed, case, z)
-    grid_slices: int = 6                             # slices per case PNG grid
+    """The generate stage: every selected slice of every test case."""
+    batch_size: int = 32                             # slices per generator forward pass
+    #: model.noise nps: slice z of case c gets the noise of (seed, c, z), in any batching
+    seed: int = 0
+    grid_slices: int = 6                             # slices per case in data/generated/grids/<case>.png
 
 
 @dataclass
 class SynthesizeCfg:
-    cases: int = 24                                  # new labelled cases (image/label pairs) in data/synthetic
-    seed: int = 1                                    # case i draws from numpy default_rng([seed, i])
-    rotation_deg: list = field(default_factory=lambda: [5.0, 5.0, 12.0])  # max |rotation| about x, y, z
-    scale: list = field(default_factory=lambda: [0.9, 1.1])   # per-axis scale factor range (anisotropic)
-    shift_mm: list = field(default_factory=lambda: [10.0, 10.0, 8.0])   # max |translation| per axis
-    deform_mm: float = 6.0                           # max displacement of the smooth deformation (0: affine only)
-    deform_grid_mm: float = 50.0                     # control-point spacing of the deformation (larger: smoother)
-    max_attempts: int = 20                           # redraws per case when a structure vanishes or splits
-    contrast: float | None = None                    # contrast level, HU (model.contrast_control); null: drawn
+    """New labelled cases: training masks warped in 3-D, CT drawn by the generator."""
+    #: image/label pairs written to data/synthetic (ingestible as data.raw_dir)
+    cases: int = 24
+    #: case i draws from numpy default_rng([seed, i]); the internal manifest records it
+    seed: int = 1
+    #: max |rotation| about x, y, z (canonical RAS axes), degrees
+    rotation_deg: list = field(default_factory=lambda: [5.0, 5.0, 12.0])
+    scale: list = field(default_factory=lambda: [0.9, 1.1])  # per-axis scale factor range (anisotropic)
+    shift_mm: list = field(default_factory=lambda: [10.0, 10.0, 8.0])  # max |translation| per axis, mm
+    deform_mm: float = 6.0                           # max displacement of the smooth deformation, mm; 0: affine only
+    deform_grid_mm: float = 50.0                     # control-point spacing of the deformation, mm (larger: smoother)
+    #: redraws per case when a structure vanishes or splits into new pieces
+    max_attempts: int = 20
+    #: model.contrast_control: contrast level in HU of every case; null: drawn per case
+    contrast: float | None = None
 
 
 @dataclass
 class EvaluateCfg:
-    inception_weights: str | None = "auto"           # auto: standard FID weights (hub cache/download) | file | null
-    batch_size: int = 32
-    kid_subset_size: int = 50
-    interval_method: Literal["jackknife", "bootstrap"] = "jackknife"   # patient-level 95 % intervals: few-patient
-                                                     # jackknife-t | cluster-bootstrap percentiles
-    bootstrap: int = 1000                            # bootstrap resamples (method bootstrap, per-case); 0: no intervals
+    """The evaluate stage: feature distances and patient-level intervals."""
+    #: auto: standard FID Inception weights (hub cache, else download) | a file | null
+    inception_weights: str | None = "auto"
+    batch_size: int = 32                             # feature-extraction batch
+    kid_subset_size: int = 50                        # KID subset size (capped at the number of slices)
+    #: 95 % intervals over patients: jackknife (t, valid for few) | bootstrap
+    interval_method: Literal["jackknife", "bootstrap"] = "jackknife"
+    #: resamples of the bootstrap and of per-case intervals; 0: no intervals
+    bootstrap: int = 1000
 
 
 @dataclass
 class PrivacyCfg:
-    quantile: float | None = 0.99                    # threshold = this quantile of unseen (validation) real slices'
-                                                     # nearest-training similarity; null: the cap alone
-    max_similarity: float | None = 0.95              # hard cap on that threshold; null: none
-    case_rule: Literal["reference", "any"] = "reference"   # privacy stage: a case is withheld when more of its slices
-                                                     # are above the threshold than any validation patient has
-                                                     # (reference) | when any slice is (any)
-    max_mask_dice: float | None = 0.9                # privacy stage: a synthetic case whose mask overlaps its source
-                                                     # mask more (whole-heart Dice) is withheld; null: not checked
-    exhaustive_budget: int = 10_000_000_000          # exhaustive while query x training slices x pixels <= this
-    downsample: int = 32                             # above the budget: low-res L2 pre-filter resolution
-    candidates: int = 50                             # above the budget: pre-filter candidates re-ranked by SSIM
+    """A slice is withheld when its in-body SSIM to the nearest training slice is too high."""
+    #: threshold: this quantile of unseen (validation) real slices' own similarity; null: cap
+    quantile: float | None = 0.99
+    max_similarity: float | None = 0.95              # ... or this hard cap, whichever is smaller; null: no cap
+    #: reference: a case is withheld above any validation patient's share | any: one slice
+    case_rule: Literal["reference", "any"] = "reference"
+    #: a case whose heart mask overlaps its source mask more is withheld; null: off
+    max_mask_dice: float | None = 0.9
+    #: exhaustive search while queries x training slices x pixels <= this
+    exhaustive_budget: int = 10_000_000_000
+    #: above the budget: resolution of the L2 nearest-neighbour pre-filter
+    downsample: int = 32
+    #: above the budget: pre-filter candidates re-scored with in-body SSIM
+    candidates: int = 50
 
 
 @dataclass
 class RealismCfg:
-    c2st_steps: int = 300                            # classifier two-sample test: Adam steps of the small CNN
+    """The classifier two-sample test: can a small CNN tell generated from real slices?"""
+    c2st_steps: int = 300                            # Adam steps of each classifier (seeded by the top-level seed)
     c2st_batch_size: int = 32                        # slices per step, half real, half generated
-    c2st_lr: float = 0.001
+    c2st_lr: float = 0.001                           # Adam step size
     c2st_width: int = 16                             # channels of its first conv (then 2x, 4x)
     c2st_repeats: int = 3                            # classifiers (seeds seed, seed + 1, ...) whose AUCs are averaged
 
 
 @dataclass
 class ShareCfg:
+    """data/share: the cases that passed privacy (and review), with a dataset card."""
     name: str = "ctsynth-synthetic-cardiac-ct"       # the dataset's name (card, nnU-Net dataset.json)
-    require_review: bool = False                     # true: a case is shared only once reviewers accepted it
-    min_accepts: int = 1                             # ... this many of them (a rejection always withholds)
-    license: str | None = None                       # the license you share under (the card says UNSET until set)
+    #: true: only cases reviewers accepted (`ctsynth review`); a rejection always withholds
+    require_review: bool = False
+    min_accepts: int = 1                             # with require_review: how many reviewers must accept a case
+    #: the license you share under; the card says UNSET until you fill it in
+    license: str | None = None
 
 
 @dataclass
 class TrackingCfg:
-    uri: str | None = None                           # default: sqlite:///<repo>/mlflow.db
-    experiment: str = "ctsynth"
-    log_model: bool = True
-    registered_model: str | None = None              # register each trained generator under this name
-    enabled: bool = True                             # false: no MLflow at all (offline, fast tests)
+    """MLflow."""
+    #: MLflow tracking URI; null: $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db
+    uri: str | None = None
+    experiment: str = "ctsynth"                      # MLflow experiment of the training runs
+    log_model: bool = True                           # log the generator with mlflow.pytorch.log_model
+    #: e.g. ctsynth-generator: each trained generator becomes a new version
+    registered_model: str | None = None
+    enabled: bool = True                             # false: no MLflow at all
 
 
 @dataclass
 class Params:
+    #: phantom, split, evaluation resamples; the default of train.seed and segmenter.seed
     seed: int = 42
     data: DataCfg = field(default_factory=DataCfg)
     phantom: PhantomCfg = field(default_factory=PhantomCfg)

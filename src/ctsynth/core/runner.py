@@ -3,7 +3,7 @@
 
 A stage script is::
 
-    def main(args, params):            # params: validated ctsynth.config.Params
+    def main(args, params):            # params: validated ctsynth.core.config.Params
         ingest.run(params, out=args.out)
 
     if __name__ == "__main__":

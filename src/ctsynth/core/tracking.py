@@ -41,6 +41,8 @@ from ctsynth.core.paths import pipeline_path
 log = logging.getLogger(__name__)
 
 _QUIET = ("mlflow", "alembic", "sqlalchemy", "urllib3", "git", "databricks")
+# MLflow 3's UI opens an experiment in its GenAI view unless it is marked as model development
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def _quiet_mlflow() -> None:
@@ -224,6 +226,8 @@ def _connect(uri: str, experiment: str):
             client = mlflow.tracking.MlflowClient(uri)
             exp = client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifacts)
+            if exp is None or exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+                client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
     except (MlflowException, OSError, ValueError) as e:
         raise TrainingError(f"MLflow store {uri} cannot be opened: {str(e).splitlines()[0]}") from None
     except Exception as e:  # sqlalchemy / requests errors surface as many types

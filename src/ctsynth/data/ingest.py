@@ -7,7 +7,7 @@ collected; with ``data.on_error: fail`` any problem aborts before anything is wr
 
 Output (``data/interim``, written atomically): ``<case>_image.nii`` (int16 HU; MR: normalised
 units, :mod:`ctsynth.data.modality`), ``<case>_label.nii`` (uint8 structure indices, see
-:mod:`ctsynth.labels`) and, unless
+:mod:`ctsynth.core.labels`) and, unless
 ``data.anatomy.source`` is none, ``<case>_anatomy.nii`` (uint8 body / lung / bone classes, derived
 from the image or read from ``<case><data.anatomy.label_suffix>``: :mod:`ctsynth.data.anatomy`),
 all in canonical RAS+ orientation on the image grid and uncompressed so later stages can

@@ -1,6 +1,6 @@
 """Slices for training and evaluation, read from the memory-mapped processed store.
 
-The store (written by :mod:`ctsynth.preprocess`) is two ``.npy`` arrays opened with
+The store (written by :mod:`ctsynth.data.preprocess`) is two ``.npy`` arrays opened with
 ``mmap_mode="r"``: nothing is decoded per step, the OS page cache does the work.
 
     store = ProcessedStore("data/processed")
@@ -246,7 +246,7 @@ def train_batches(ds, sampler: DistributedSampler, batch: int, start_step: int,
     ``batch`` · k slices, each slab's slices consecutive.
 
     Each epoch's loader gets its own generator: a DataLoader iterator otherwise draws its worker
-    base seed from torch's global RNG, which would shift the augmentation draws (ctsynth.augment)
+    base seed from torch's global RNG, which would shift the augmentation draws (ctsynth.data.augment)
     of a resumed run against an uninterrupted one."""
     per_epoch = len(sampler) // batch
     epoch, skip = divmod(start_step, per_epoch)

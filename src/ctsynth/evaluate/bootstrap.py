@@ -11,7 +11,7 @@ nothing is re-run through a network B times:
 * pooled ratios (mae_hu, mae_hu_<S> = Σ|err| / Σpixels; Dice = 2Σ|P∩T| / (Σ|P| + Σ|T|)):
   ratios of W-weighted sums of per-slice counts;
 * Fréchet distances: the exact FD of the feature rows with frequency weights
-  (:func:`frechet_replicates`; the same estimator as :func:`ctsynth.metrics.frechet_distance`,
+  (:func:`frechet_replicates`; the same estimator as :func:`ctsynth.evaluate.metrics.frechet_distance`,
   on the rows drawn at least once, its trace term through a symmetric eigen-solver: equal to
   ~1e-8 of the trace);
 * KID: the point estimate's estimator (unbiased MMD² averaged over random subsets) on the
@@ -164,7 +164,7 @@ def _subset_mean(K: torch.Tensor, rows: np.ndarray, cols: np.ndarray, skip_same:
 
 def kid_replicates(x, y, Wx: np.ndarray, Wy: np.ndarray, paired: bool, subset_size: int = 50,
                    *, n_subsets: int = 50, seed: int = 0) -> np.ndarray:
-    """KID of every resample with the point estimate's estimator (:func:`ctsynth.metrics.kernel_distance`):
+    """KID of every resample with the point estimate's estimator (:func:`ctsynth.evaluate.metrics.kernel_distance`):
     unbiased MMD² (piq's kernel) averaged over ``n_subsets`` random subsets of the resampled slices.
 
     features x (Nx, D), y (Ny, D); weights (B, Nx), (B, Ny). ``paired``: row i of x and y belong

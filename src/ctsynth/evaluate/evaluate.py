@@ -7,7 +7,7 @@ Inputs (docs/contracts.md): the processed store, ``data/split.json``, ``data/gen
 ``evaluate.batch_size``; per batch:
 
 * paired metrics (MSE, PSNR, SSIM, MAE in HU, per-structure MAE) → running sums
-  (:class:`~ctsynth.metrics.PairedAccumulator`), per-slice values streamed to
+  (:class:`~ctsynth.evaluate.metrics.PairedAccumulator`), per-slice values streamed to
   ``reports/plots/per_slice.csv``;
 * segmenter on generated and on real slices → Dice running counts and encoder features
   (N × D floats kept for FD/KID); InceptionV3 features when weights could be had;
@@ -17,9 +17,9 @@ Inputs (docs/contracts.md): the processed store, ``data/split.json``, ``data/gen
 Then one pass over the real *validation* slices gives the noise floors: FD/KID between real
 validation and real test slices (``<key>_floor``, "as good as real") and between real
 validation and generated test slices (``<key>_vs_val``, the same comparison). Then the test
-slices are reassembled into one volume per case (:mod:`ctsynth.throughplane`): adjacent-slice
+slices are reassembled into one volume per case (:mod:`ctsynth.evaluate.throughplane`): adjacent-slice
 consistency, through-plane gradient and the tri-planar Fréchet distances. Finally the
-patient-level bootstrap (:mod:`ctsynth.intervals`) turns the per-slice statistics kept on the
+patient-level bootstrap (:mod:`ctsynth.evaluate.intervals`) turns the per-slice statistics kept on the
 way (O(N × 44) numbers) into 95 % intervals: ``reports/metrics_ci.json`` and per-case columns.
 
 So memory is flat in the number of test slices except the N × D feature matrices, a few

@@ -3,7 +3,7 @@
 Conventions
 -----------
 * Images are model-space tensors in [-1, 1] (the HU window mapped linearly, see
-  :func:`ctsynth.preprocess.unit_to_hu`). **MSE** is computed in that [-1, 1] space.
+  :func:`ctsynth.data.preprocess.unit_to_hu`). **MSE** is computed in that [-1, 1] space.
 * **PSNR and SSIM** use piq on images mapped to [0, 1] (``(x + 1) / 2``), i.e.
   ``data_range = 1.0`` = the full HU window (e.g. 2000 HU for [-1000, 1000]). piq's PSNR adds
   ε = 1e-8 to the MSE, so identical images give 80 dB, not infinity.

@@ -360,9 +360,9 @@ def docs_markdown() -> str:
            "`python -m ctsynth.evaluate.registry > docs/metrics.md`; do not edit by hand.", "",
            f"`<S>` is a structure ({', '.join(STRUCTURES)}). **Headline** metrics are in "
            "`reports/headline.json` (what `dvc exp show` shows) and in the first section of the MLflow "
-           "run page; every metric is in `reports/metrics.json`, its 95 % patient-level interval (where "
-           f"it has one) in `reports/metrics_ci.json` as `<key>{SUFFIX}`, and in MLflow as `<group>/<key>` "
-           f"and `ci{round(100 * LEVEL)}/<key>_lo|_hi`.", ""]
+           "run page (`Headline/<key>`); every metric is in `reports/metrics.json`, its 95 % patient-level "
+           f"interval (where it has one) in `reports/metrics_ci.json` as `<key>{SUFFIX}`; in MLflow every "
+           "other metric is `<group>/<key>`, and both files are artifacts of the run (`metrics/`).", ""]
     for group, what in GROUPS.items():
         out += [f"## {group}: {what}", "", "| key | headline | definition |", "|---|---|---|"]
         out += [f"| `{m.key}` | {'yes' if m.headline else ''} | {m.definition.replace('|', '/')} |"

@@ -16,7 +16,6 @@ import numpy as np
 
 from ctsynth.core.errors import InputError
 from ctsynth.core.io import write_json
-from ctsynth.evaluate.bootstrap import LEVEL
 from ctsynth.evaluate.registry import SUFFIX, definition, lookup, short, table_rows
 
 
@@ -168,16 +167,16 @@ class Results:
 
     # ------------------------------------------------------------------ MLflow and the log
     def mlflow(self) -> dict[str, float]:
-        """Every number under an MLflow name: headline metrics plain (the run page's first
-        section), the others as ``<group>/<key>``, intervals as ``ci95/<key>_lo|_hi``."""
+        """Every value under an MLflow name, grouped by prefix (the run page's sections):
+        ``Headline/<key>`` for the headline, ``<group>/<key>`` for the rest. MLflow orders sections by
+        code unit, so the capital H puts the headline first, above the lower-case registry groups.
+        Intervals are no charts: the report stage logs ``metrics_ci.json`` as an artifact."""
         out = {}
         for key, res in self.results.items():
             spec = lookup(key)
             if isinstance(res.value, (int, float)):
-                out[key if spec and spec.headline else f"{spec.group if spec else 'other'}/{key}"] = res.value
-            if res.interval is not None:
-                out[f"ci{round(100 * LEVEL)}/{key}_lo"] = res.interval.lo
-                out[f"ci{round(100 * LEVEL)}/{key}_hi"] = res.interval.hi
+                out[f"{HEADLINE_SECTION}/{key}" if spec and spec.headline else
+                    f"{spec.group if spec else 'other'}/{key}"] = res.value
         return out
 
     def headline_text(self) -> str:
@@ -195,6 +194,9 @@ class Results:
             iv = str(res.interval) if res.interval else ""
             lines.append(f"{spec.key:<21} {fmt(res.value):>9}  {iv:<22} {ref}".rstrip())
         return "\n".join(lines)
+
+
+HEADLINE_SECTION = "Headline"      # MLflow's first section (see Results.mlflow)
 
 
 def _read(path: Path):

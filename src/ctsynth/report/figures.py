@@ -2,7 +2,7 @@
 D-accuracy curves, the privacy histogram, the condition-subset grid, the per-case test grids
 (mask | real | generated | |difference|). Rendering only: the images come in as arrays.
 
-The training's evolution snapshots are drawn in :mod:`ctsynth.snapshots` on purpose: they are an
+The training's evolution snapshots are drawn in :mod:`ctsynth.train.snapshots` on purpose: they are an
 output of the train stage, whose code deps are its import closure, so drawing them here would
 retrain the GAN whenever a report figure changes."""
 from __future__ import annotations
@@ -79,7 +79,7 @@ def fig_privacy(generated: np.ndarray, real: np.ndarray | None, threshold: float
 
 
 def fig_condition_subsets(panels, titles, out_png) -> Path:
-    """PNG of :func:`ctsynth.generate.condition_subset_panels`: rows = condition subset (first
+    """PNG of :func:`ctsynth.synth.generate.condition_subset_panels`: rows = condition subset (first
     row: the real slice), columns = mask | image per slice."""
     plt = _plt()
     k_slices = len(titles)
@@ -101,7 +101,7 @@ def fig_condition_subsets(panels, titles, out_png) -> Path:
 # ------------------------------------------------------------------------------ test-case grids
 
 # Background black, then Myo, LA, LV, RA, RV, Ao, PA: the colour-blind-safe Okabe-Ito palette,
-# the same colours as the training snapshots (ctsynth.snapshots).
+# the same colours as the training snapshots (ctsynth.train.snapshots).
 STRUCTURE_RGB = STRUCTURE_COLOURS.astype(np.float32) / 255.0      # (8, 3) in [0, 1]
 
 

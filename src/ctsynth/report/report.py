@@ -529,7 +529,7 @@ def section_study(study: dict | None) -> str:
 
 
 def _summary(res: Results | None, generated_dir: Path, study: dict | None = None) -> str:
-    """The first screen (:mod:`ctsynth.summary`): the utility study's sentence, then evaluate's
+    """The first screen (:mod:`ctsynth.report.summary`): the utility study's sentence, then evaluate's
     reading and headline, and the first sample grid."""
     grid = first_grid(generated_dir)
     grid_html = (img_tag(grid, f"test case {grid.stem}: mask | real | generated | |difference| (HU)")

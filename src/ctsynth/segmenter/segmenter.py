@@ -168,7 +168,7 @@ def _load_batch(store: ProcessedStore, rows: np.ndarray) -> tuple[torch.Tensor, 
 def dice_accumulator(model: Segmenter | nn.Module, store: ProcessedStore, rows: np.ndarray,
                      batch: int = 64):
     """The model's predictions on the store's ``rows`` (in that order) scored against their masks:
-    a :class:`ctsynth.metrics.DiceAccumulator` (pooled ``summary()``, ``per_slice()`` counts)."""
+    a :class:`ctsynth.evaluate.metrics.DiceAccumulator` (pooled ``summary()``, ``per_slice()`` counts)."""
     from ctsynth.evaluate.metrics import DiceAccumulator, reported_structures
 
     seg = model if isinstance(model, Segmenter) else Segmenter(model)

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def load_model(model_path: str | Path, device: str = "auto") -> tuple[torch.nn.Module, dict]:
     """``(generator in eval mode, preprocessing meta)`` from a file written by
-    :func:`ctsynth.models.save_generator`; ModelFileError for a missing/corrupt file.
+    :func:`ctsynth.train.networks.save_generator`; ModelFileError for a missing/corrupt file.
 
     The meta is flat: image_size, hu_window, structures, label_map, encoding (as the model was
     trained) plus in_channels, model_cfg and extra (the training's step, seed, runtime, ...)."""

@@ -1,6 +1,6 @@
 """Evolution snapshots: the generator's output on fixed validation masks at fractions of training,
 rendered as PNG grids (mask | real | generated) for the report and MLflow. (Drawn here, not in
-:mod:`ctsynth.figures`, so that editing a report figure never retrains: see figures.py.)
+:mod:`ctsynth.report.figures`, so that editing a report figure never retrains: see figures.py.)
 
 The snapshot folder holds only what the run writing it produced: each run replaces it whole when
 it starts (a resumed run redraws its own earlier snapshots from the checkpoint), so a shorter

@@ -184,7 +184,7 @@ def _open_tracking(job: _Job, run_file: Path, split_path: Path, state: dict, his
 def run(params: Params, processed_dir: str | Path, split_path: str | Path, out_model: str | Path,
         ckpt_dir: str | Path, reports_dir: str | Path, *, run_file: str | Path,
         stop_after: int | None = None) -> TrainResult:
-    """Train and write ``out_model`` (see :func:`ctsynth.models.save_generator`),
+    """Train and write ``out_model`` (see :func:`ctsynth.train.networks.save_generator`),
     ``reports_dir/losses.csv``, ``reports_dir/snapshots/step_XXXXXXX.png`` and ``run_file``;
     checkpoints go to ``ckpt_dir/<fingerprint>/``.
 

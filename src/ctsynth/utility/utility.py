@@ -1,6 +1,6 @@
 """utility: does the synthetic labelled data help segmentation?
 
-The evaluate stage's segmenter (:class:`ctsynth.segmenter.SegUNet`, same ``segmenter.*``
+The evaluate stage's segmenter (:class:`ctsynth.segmenter.segmenter.SegUNet`, same ``segmenter.*``
 architecture and budget, same seed) trained three ways and scored on the *real* test slices:
 
 * ``real``: real training slices only — the segmenter stage's model, reused;

@@ -6,13 +6,13 @@
 
 Model: the paper preset's architecture, read from ``params/paper.yaml`` (7 down / 7 up without
 skips as in the authors' config, ngf 64; PatchGAN 4+1, ndf 64; LSGAN + λ·L1, index condition,
-paper learning rates). Training runs the real :func:`ctsynth.train.gan_step` on a
+paper learning rates). Training runs the real :func:`ctsynth.train.gan.gan_step` on a
 fixed synthetic batch (the loader is measured on its own):
 
 * ``baseline``: fp32, NCHW, eager, single-tensor Adam (``foreach=False, fused=False``), losses
   read on the host every step;
 * ``default``: what the train stage does with ``params.yaml``'s TrainCfg: its precision,
-  channels_last and compile, :func:`ctsynth.gan.make_optimizer`, no per-step host sync, and
+  channels_last and compile, :func:`ctsynth.train.gan.make_optimizer`, no per-step host sync, and
   deterministic algorithms (``stage_main`` enables them).
 
 Paths are timed interleaved (A B B A ...) so load from other processes biases none of them; the

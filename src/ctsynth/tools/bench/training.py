@@ -1,4 +1,4 @@
-"""The training side of ``ctsynth bench``, shared with its memory child (:mod:`ctsynth.bench_memory`):
+"""The training side of ``ctsynth bench``, shared with its memory child (:mod:`ctsynth.tools.bench.memory`):
 the paper preset, the timed training paths, synthetic slices and stores, and a trainer closure
 that runs one real :func:`ctsynth.train.gan.gan_step`."""
 from __future__ import annotations
