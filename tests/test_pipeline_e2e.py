@@ -372,12 +372,12 @@ def test_experiment_loop_compare_switch_back_queue(repo, tmp_path):
     runs = _mlflow_runs(other)
     baseline_run = json.loads((other / "models" / "mlflow_run.json").read_text())["run_id"]
     assert runs["q-eval"].data.tags["ctsynth.train_run_id"] == baseline_run    # cached training,
-    assert "ssim" in runs["q-eval"].data.metrics and "g_l1" not in runs["q-eval"].data.metrics  # own run
+    assert "Headline/ssim" in runs["q-eval"].data.metrics and "g_l1" not in runs["q-eval"].data.metrics  # own run
     for name in ("l1-50", "q-long", "q-l1"):
         run = runs[name]
         assert run.info.status == "FINISHED" and run.data.tags["dvc.exp_name"] == name
         assert run.data.tags["dvc.baseline_rev"] == sh(other, "git", "rev-parse", "HEAD").stdout.strip()
-        assert "ssim" in run.data.metrics and "g_l1" in run.data.metrics       # train, evaluate, report
+        assert "Headline/ssim" in run.data.metrics and "g_l1" in run.data.metrics       # train, evaluate, report
     assert runs["q-long"].data.params["train.iterations"] == "8"
 
 
