@@ -1,9 +1,11 @@
 """Hardware facts the fast paths depend on: device choice, CPU features, which precision pays.
 
 ``precision: auto`` (the default) trains in bf16 autocast only where the hardware multiplies bf16
-natively and faster than fp32: CUDA devices that support bf16, and CPUs with AMX (``amx_bf16``).
-Everywhere else (e.g. AVX2-only CPUs, where bf16 convolutions are emulated and run 5-50x slower
-than fp32) it resolves to fp32. ``ctsynth bench`` measures both GEMM rates on the machine at hand.
+natively and faster than fp32: CUDA devices that support bf16, CPUs with AMX (``amx_bf16``) and
+CPUs with AVX512_BF16 dot products (``avx512_bf16``: the default training step 1.20-1.27x faster,
+validation unmoved over 3 seeds, docs/experiments/precision.md). Everywhere else (e.g. AVX2-only
+CPUs, where bf16 convolutions are emulated and run 5-50x slower than fp32) it resolves to fp32.
+``ctsynth bench`` measures both GEMM rates on the machine at hand.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-BF16_CPU_FLAGS = {"amx_bf16"}          # native bf16 matrix units; avx512_bf16 alone is not enough
+BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}   # native bf16 matrix units or dot products
 
 
 @lru_cache(maxsize=1)

@@ -149,7 +149,7 @@ class TrainCfg:
     #: nodes; > 1: run `dvc repro train` on every node (train_run.rdzv_endpoint)
     nnodes: int = not_in_fingerprint(1)
     device: Literal["auto", "cpu", "cuda"] = not_in_fingerprint("auto")  # auto | cpu | cuda
-    #: auto (bf16 autocast where native: CUDA, AMX CPUs; else fp32) | fp32 | bf16
+    #: auto (bf16 autocast where native: CUDA, CPUs with AMX or AVX512_BF16) | fp32 | bf16
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     #: true: NHWC | false: NCHW | auto: NHWC on CUDA only (docs/performance.md)
     channels_last: Literal["auto", True, False] = True
@@ -207,7 +207,7 @@ class SegmenterCfg:
     ema: float = 0.95
     #: none | affine | affine+intensity | classic (nnU-Net-style: the baseline to beat)
     augment: Literal["none", "affine", "affine+intensity", "classic"] = "none"
-    #: auto (bf16 autocast where native: AMX CPUs; else fp32) | fp32 | bf16
+    #: auto (bf16 autocast where native: CPUs with AMX or AVX512_BF16) | fp32 | bf16
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
