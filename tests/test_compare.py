@@ -188,20 +188,59 @@ def test_no_experiments_and_a_seed_key_that_does_not_vary_are_clear_errors():
 
 def test_show_prints_the_table_and_writes_csv_and_markdown(tmp_path, capsys):
     run_dvc, _ = fake_dvc(doc())
-    rows = compare.show(name="ctx", metrics="ssim,mae_hu", out=str(tmp_path / "cmp.csv"), run_dvc=run_dvc)
+    rows = compare.show(name="ctx", metrics="ssim,mae_hu", out=str(tmp_path / "cmp.csv"), run_dvc=run_dvc,
+                        test=True)
     assert [(r.metric, r.config) for r in rows][:2] == [("ssim", f"{K}=0"), ("ssim", f"{K}=1")]
     printed = capsys.readouterr().out
     assert f"baseline: {K}=0" in printed and "0.09667" in printed and "[0.06798, 0.1254]" in printed
     table = pd.read_csv(tmp_path / "cmp.csv")
     assert list(table.columns) == list(compare.COLUMNS) and len(table) == 4
     assert table.loc[1, "diff_lo"] == pytest.approx(0.067981, abs=1e-5)
-    compare.show(name="ctx", baseline=[f"{K}=1"], out=str(tmp_path / "cmp.md"), run_dvc=run_dvc)
+    compare.show(name="ctx", baseline=[f"{K}=1"], out=str(tmp_path / "cmp.md"), run_dvc=run_dvc, test=True)
     md = (tmp_path / "cmp.md").read_text()
     assert "| metric | config |" in md and f"baseline: {K}=1" in md
     with pytest.raises(InputError, match="bogus not among the experiments' numeric metrics"):
-        compare.show(name="ctx", metrics="ssim,bogus", run_dvc=run_dvc)
+        compare.show(name="ctx", metrics="ssim,bogus", run_dvc=run_dvc, test=True)
     with pytest.raises(InputError, match="write .csv or .md"):
         compare.show(name="ctx", out=str(tmp_path / "cmp.txt"), run_dvc=run_dvc)
+
+
+def with_validation(document: list) -> list:
+    """The fixture with a validation metric beside each experiment's headline: val_ssim = ssim - 0.01."""
+    document = copy.deepcopy(document)
+
+    def add(data):
+        metrics = (data or {}).get("metrics") or {}
+        head = metrics.get("reports/headline.json", {}).get("data")
+        if head and "ssim" in head:
+            metrics["reports/validation.json"] = {"data": {"val_ssim": round(head["ssim"] - 0.01, 6)}}
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "metrics" in node:
+                add(node)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(document)
+    return document
+
+
+def test_show_hides_the_test_metrics_unless_asked(capsys):
+    """Defaults are chosen on validation: `show` lists val_* metrics only; a test metric needs --test."""
+    run_dvc, _ = fake_dvc(with_validation(doc()))
+    rows = compare.show(name="ctx", run_dvc=run_dvc)
+    assert {r.metric for r in rows} == {"val_ssim"}
+    assert "ssim " not in capsys.readouterr().out.replace("val_ssim", "")
+    assert {r.metric for r in compare.show(name="ctx", run_dvc=run_dvc, test=True)} == {"val_ssim", "ssim", "mae_hu",
+                                                                                      "n_test_cases"}
+    with pytest.raises(InputError, match=r"--metrics: ssim: test-patient metric\(s\), shown only with --test"):
+        compare.show(name="ctx", metrics="val_ssim,ssim", run_dvc=run_dvc)
+    run_plain, _ = fake_dvc(doc())                                  # no validation metric at all
+    with pytest.raises(InputError, match="not among the experiments' numeric metrics .*test metrics: --test"):
+        compare.show(name="ctx", run_dvc=run_plain)
 
 
 def test_run_dry_run_queues_only_the_missing_points(capsys):

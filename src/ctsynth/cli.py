@@ -9,7 +9,7 @@
     ctsynth preset paper [--params params.yaml] [--out params.yaml]
     ctsynth bench [--quick] [--paths fp32_cl,compile]
     ctsynth compare run --set model.context_slices=0,1 --seeds 1,2,3 [--name ctx] [--jobs 2] [--dry-run]
-    ctsynth compare show [--name ctx ...] [--metrics ssim,mae_hu] [--baseline model.context_slices=0] [--out cmp.md]
+    ctsynth compare show [--name ctx ...] [--metrics val_ssim] [--baseline model.context_slices=0] [--out F] [--test]
 
 Pipeline stages are run by DVC (`dvc repro`), not from here; see README.
 """
@@ -178,7 +178,7 @@ def _compare_show(args) -> int:
     from ctsynth.tools.compare import show
 
     show(name=args.name, metrics=args.metrics, baseline=args.baseline, out=args.out, seed_key=args.seed_key,
-         rev=args.rev)
+         rev=args.rev, test=args.test)
     return 0
 
 
@@ -212,7 +212,10 @@ def _compare_parser(sub) -> None:
     s.add_argument("--name", action="append", default=None,
                    help="study name (experiments <name>-<i>; repeatable: a grid that reused another study's runs; "
                         "default: every experiment)")
-    s.add_argument("--metrics", default=None, metavar="A,B,...", help="metrics (default: every numeric one)")
+    s.add_argument("--metrics", default=None, metavar="A,B,...",
+                   help="metrics (default: every validation metric, val_*; with --test every numeric one)")
+    s.add_argument("--test", action="store_true",
+                   help="also show the test-patient metrics (to report: defaults are chosen on validation)")
     s.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE",
                    help="the baseline configuration (repeatable; default: the workspace's params)")
     s.add_argument("--seed-key", default=DEFAULT_SEED_KEY, help=seed_help)

@@ -481,21 +481,33 @@ def describe(study: Study, baseline: str, n_experiments: int) -> str:
     return "\n".join(lines)
 
 
+def is_validation(metric: str) -> bool:
+    """Validation metrics (``reports/validation.json``) choose; every other metric of an experiment
+    (``reports/headline.json``) is scored on the test patients and only reported."""
+    return metric.startswith("val_")
+
+
 def show(name: str | list[str] | None = None, metrics: str | None = None, baseline: list[str] | None = None,
          out: str | None = None, seed_key: str = DEFAULT_SEED_KEY,
-         run_dvc: Callable[[list[str]], str] = dvc, *, rev: str | None = None) -> list[Row]:
+         run_dvc: Callable[[list[str]], str] = dvc, *, rev: str | None = None, test: bool = False) -> list[Row]:
     """``ctsynth compare show``: print the table (and write ``out``); the rows. ``rev``: the
-    experiments of that commit (default HEAD's)."""
+    experiments of that commit (default HEAD's). Only validation metrics (``val_*``) are shown
+    unless ``test``: choices are made on validation patients, test patients only report."""
     if out and Path(out).suffix not in (".csv", ".md"):
         raise InputError(f"--out {out}: write .csv or .md")
     workspace, experiments = read_show(run_dvc, rev)
     study = build_study(experiments, seed_keys_of(seed_key), name)
     known = metric_names(study)
-    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else known
+    shown = known if test else [m for m in known if is_validation(m)]
+    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else shown
     unknown = [m for m in chosen if m not in known]
     if unknown or not chosen:
         raise InputError(f"--metrics: {', '.join(unknown) or 'none'} not among the experiments' numeric "
-                         f"metrics ({', '.join(known) or 'none'})")
+                         f"metrics ({', '.join(shown) or 'none'}{'' if test else '; test metrics: --test'})")
+    hidden = [m for m in chosen if m not in shown]
+    if hidden:
+        raise InputError(f"--metrics: {', '.join(hidden)}: test-patient metric(s), shown only with --test "
+                         "(choose on the validation metrics val_*; the test patients only report)")
     base = pick_baseline(study, baseline or [], workspace)
     rows = summarise(study, chosen, base)
     header = describe(study, base, sum(len(r) for r in study.runs.values()))
