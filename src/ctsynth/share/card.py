@@ -22,6 +22,7 @@ import pandas as pd
 
 from ctsynth.core.config import Params
 from ctsynth.core.labels import STRUCTURES
+from ctsynth.share import decisions
 
 INTENDED_USE = ("Research on segmentation of cardiac structures in {modality}: extra labelled training data, method "
                 "development and teaching. Not for diagnosis, not for clinical decisions, not as a substitute for "
@@ -92,10 +93,9 @@ def _privacy(privacy_dir: Path, shared: list[str]) -> dict:
 def _reviews(reviews: dict) -> dict:
     """Per reviewer: counts, first and last decision, reasons; stale decisions without their case (an
     internal name: reports/share.json lists them)."""
-    people, stale = [], []
+    people = []
     for name, per_case in sorted(reviews.items()):
         current = [d for d, is_stale in per_case.values() if not is_stale]
-        stale += [{"reviewer": name, "time": d.time} for d, s in per_case.values() if s]
         times = sorted(d.time for d, _ in per_case.values())
         people.append({"reviewer": name, "accepted": sum(d.decision == "accept" for d in current),
                        "rejected": sum(d.decision == "reject" for d in current),
@@ -104,6 +104,7 @@ def _reviews(reviews: dict) -> dict:
                        "reasons": dict(pd.Series([d.reason for d in current if d.reason]).value_counts())})
     for p in people:
         p["reasons"] = {k: int(v) for k, v in p["reasons"].items()}
+    stale = [{k: v for k, v in d.items() if k != "case"} for d in decisions.stale_decisions(reviews)]
     return {"reviewers": people, "stale_decisions": stale}
 
 

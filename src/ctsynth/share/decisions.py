@@ -152,6 +152,12 @@ def append(reviews_dir: str | Path, decision: Decision) -> Path:
     return path
 
 
+def stale_decisions(reviews: dict[str, dict[str, tuple[Decision, bool]]]) -> list[dict]:
+    """``[{reviewer, case, time}]`` of every stale decision (made on files that have changed since)."""
+    return [{"reviewer": who, "case": d.case, "time": d.time}
+            for who, per_case in sorted(reviews.items()) for d, stale in per_case.values() if stale]
+
+
 def verdicts(reviews: dict[str, dict[str, tuple[Decision, bool]]], case: str) -> dict:
     """What the reviewers said about ``case``: counts of current accepts and rejects, stale ones."""
     acc = rej = stale = 0

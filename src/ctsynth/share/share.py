@@ -44,6 +44,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -53,7 +54,7 @@ import pandas as pd
 
 from ctsynth.core.config import Params
 from ctsynth.core.errors import InputError
-from ctsynth.core.io import atomic_dir, write_csv, write_json, write_text
+from ctsynth.core.io import atomic_dir, save_nifti, write_csv, write_json, write_text
 from ctsynth.core.labels import STRUCTURES
 from ctsynth.data.masks import map_labels
 from ctsynth.share import card as card_mod
@@ -161,15 +162,11 @@ def centred_affine(affine: np.ndarray, shape) -> np.ndarray:
 
 def write_shared_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype) -> None:
     """A NIfTI with a fresh header (nothing carried over from the source file: no description, aux
-    file or intent name), units mm, and a gzip stream without file name or time stamp, so the same
-    volume always gives the same bytes and no internal name rides along."""
-    img = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
-    img.set_data_dtype(dtype)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    with open(path, "wb") as fh, gzip.GzipFile(filename="", mode="wb", fileobj=fh, mtime=0) as gz:
-        gz.write(img.to_bytes())
+    file or intent name) in units of mm, written by :func:`ctsynth.core.io.save_nifti` (nibabel's
+    gzip stream holds neither a file name nor a time stamp: the same volume gives the same bytes)."""
+    header = nib.Nifti1Header()
+    header.set_xyzt_units("mm")
+    save_nifti(path, data, affine, dtype=dtype, header=header)
 
 
 def export_case(src_dir: Path, row, name: str, out: Path, suffixes: tuple[str, str], label_map: dict[int, str],
@@ -189,7 +186,7 @@ def export_case(src_dir: Path, row, name: str, out: Path, suffixes: tuple[str, s
     hu = np.asarray(image.dataobj)
     write_shared_nifti(out / "pairs" / f"{name}{suffixes[0]}", hu, affine, np.int16)
     write_shared_nifti(out / "pairs" / f"{name}{suffixes[1]}", raw, affine, np.int16)
-    write_shared_nifti(out / "nnunet" / "imagesTr" / f"{name}_0000.nii.gz", hu, affine, np.int16)
+    shutil.copyfile(out / "pairs" / f"{name}{suffixes[0]}", out / "nnunet" / "imagesTr" / f"{name}_0000.nii.gz")
     to_nnunet = np.zeros(len(STRUCTURES) + 1, np.int16)
     for idx, k in nn_values.items():
         to_nnunet[idx] = k
@@ -333,9 +330,7 @@ def run(params: Params, synthetic_dir, privacy_dir, reviews_dir, metrics_path, m
     write_json(out_json, {"counts": counts, "require_review": cfg.require_review, "min_accepts": cfg.min_accepts,
                           "shared": shared.case.tolist(), "shared_as": names,
                           "not_shared": {c: w for c, w in zip(table.case, table.why) if w},
-                          "stale": [{"reviewer": who, "case": d.case, "time": d.time}
-                                    for who, per_case in sorted(reviews.items()) for d, stale in per_case.values()
-                                    if stale]})
+                          "stale": decisions.stale_decisions(reviews)})
     log.info("share: %d of %d synthetic cases shared -> %s (%d passed privacy, %d accepted, %d rejected by a "
              "reviewer, review %s); card: %s", counts["shared"], counts["made"], out_dir, counts["passed_privacy"],
              counts["accepted"], counts["rejected"], "required" if cfg.require_review else "not required",

@@ -52,10 +52,14 @@ def code_deps(script: Path) -> list[str]:
     return compact(script_closure(script))
 
 
+def study_prefix(dvc_file: str) -> str:
+    """How a study pipeline's file names the package: relative to the study's folder."""
+    return "../" * (len(Path(dvc_file).parts) - 1) + PREFIX
+
+
 def study_deps(dvc_file: str) -> list[str]:
     """The code deps of every stage of an on-demand study pipeline (paths relative to its folder)."""
-    prefix = "../" * (len(Path(dvc_file).parts) - 1) + PREFIX
-    return compact(closure(STUDIES[dvc_file]) | {CLI_FILE, "__init__.py"}, prefix)
+    return compact(closure(STUDIES[dvc_file]) | {CLI_FILE, "__init__.py"}, study_prefix(dvc_file))
 
 
 def stage_scripts(repo: Path = REPO) -> dict[str, Path]:
@@ -94,8 +98,7 @@ def expected() -> dict[Path, str]:
         path = REPO / dvc_file
         stages = yaml.safe_load(path.read_text())["stages"]
         deps = study_deps(dvc_file)
-        prefix = "../" * (len(Path(dvc_file).parts) - 1) + PREFIX
-        files[path] = rewrite(path.read_text(), {n: deps for n in stages}, prefix)
+        files[path] = rewrite(path.read_text(), {n: deps for n in stages}, study_prefix(dvc_file))
     return files
 
 
