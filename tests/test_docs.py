@@ -312,3 +312,16 @@ def test_the_docs_index_links_every_page():
     missing = [p.relative_to(REPO).as_posix() for p in pages
                if p.resolve() not in linked and not any(folder in p.resolve().parents for folder in linked)]
     assert not missing, f"docs/README.md does not index {missing}"
+
+
+def test_readme_results_table_is_the_committed_run_for_both_conditions():
+    """The README's first results table (both conditions, test patients) is written from the
+    committed result files: a number that disagrees with reports/metrics.json fails here."""
+    from ctsynth.evaluate.results import Results
+    from ctsynth.tools.reference import conditions_table
+    res = Results.read(REPO / "reports")
+    table = conditions_table(res)
+    readme = (REPO / "README.md").read_text()
+    assert table in readme, "README results table is stale: paste python -m ctsynth.tools.reference --readme"
+    assert readme.index(table) < readme.index("## The pipeline")           # the first table a reader meets
+    assert "heart masks alone" in table and res.value("heart_only_ssim") is not None

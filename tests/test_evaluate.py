@@ -83,7 +83,8 @@ def test_stage_writes_every_output_without_nan(setup, tmp_path):
                 "privacy_generated_share_above", "privacy_real_share_above", "privacy_n_shareable",
                 "n_test_slices", "fid_inception", "kid_inception", "zcons_ssim_ratio", "zgrad_ratio",
                 "zcons_ssim_ratio_LV", "fd_tri_rand_axial", "fd_tri_rand_coronal", "fd_tri_rand_sagittal",
-                "fd_tri_rand_mean", "fid_tri_inception_mean", "flicker_ratio", "c2st_auc", "c2st_auc_control",
+                "fd_tri_rand_mean", "fid_tri_inception_mean", "flicker_ratio", "c2st_auc", "c2st_p",
+                "c2st_auc_blur", "c2st_p_blur", "c2st_p_min",
                 "texture_std_ratio", "texture_nps_ratio_band4", "contrast_bias_hu_LV", "contrast_spread_ratio"):
         assert key in metrics, key
     assert metrics["n_test_slices"] == 12 and metrics["n_test_cases"] == 2
@@ -96,8 +97,8 @@ def test_stage_writes_every_output_without_nan(setup, tmp_path):
             assert "absent from every scored slice" in notes["null_metrics"][key]
         elif value is None and key.startswith("contrast_spread_ratio"):  # fixture: every case alike, Myo in 1
             assert "fewer than 2 patients" in notes["null_metrics"][key]
-        elif value is None and key == "c2st_auc_control":               # one validation patient: no two halves
-            assert "control needs >= 2 patients" in notes["null_metrics"][key]
+        elif value is None and key.startswith("heart_only_"):           # fixture generator: no heart-only draws
+            assert "heart-only" in notes["null_metrics"][key]
         else:
             assert isinstance(value, (int, float)) and math.isfinite(value), key
         assert notes["definitions"][key], key

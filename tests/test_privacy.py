@@ -104,6 +104,10 @@ def test_stage_withholds_a_copied_training_case_and_names_its_source(screened):
     assert summary["privacy_threshold"] == min(summary["privacy_threshold_calibrated"], params.privacy.max_similarity)
     saved = json.loads((root / "out" / "privacy_synthetic.json").read_text())
     assert saved["privacy_synthetic_n_cases"] == 3 and "quantile" in saved["rule"]
+    assert saved["privacy_control_warped_withheld"] == pytest.approx((cases.verdict == "withheld").mean())
+    held = pd.read_csv(root / "out" / "privacy_calibration.csv")
+    assert held.case.tolist() == ["p1"] and held.held_out.tolist() == ["test"]    # one val patient: no LOO rows
+    assert saved["privacy_heldout_test_n_patients"] == 1 and saved["privacy_heldout_val_loo_case_withhold"] is None
 
 
 def test_stage_reports_every_manifest_problem_at_once_and_writes_nothing(screened):
@@ -150,3 +154,28 @@ def test_case_rule_known_answers():
     assert near_copy.verdict == "withheld" and "above the cap privacy.max_similarity 0.95" in near_copy.reason
     assert "any of its slices" in privacy.describe_case_rule("any", 0.0)
     assert "more than 5.0% of its slices" in privacy.describe_case_rule("reference", 0.05)
+
+
+def test_held_out_rates_calibrate_without_the_patient_they_judge():
+    """Each validation patient is judged by the threshold and allowance of the others only: a
+    patient far closer to training than the rest is withheld, the others are not; the rates are
+    the share of patients withheld and the mean share of their slices above."""
+    rng = np.random.default_rng(0)
+    cases = np.repeat([f"v{i}" for i in range(6)], 20)
+    sims = rng.uniform(0.3, 0.6, len(cases))
+    sims[cases == "v5"] = 0.9                                                 # one patient close to training
+    loo = privacy.held_out_rates(sims, cases, 0.99, None, "reference").set_index("case")
+    assert list(loo.index) == [f"v{i}" for i in range(6)]
+    others = sims[cases != "v0"]
+    assert loo.loc["v0", "threshold"] == pytest.approx(np.quantile(others, 0.99), abs=1e-5)   # v0 not in it
+    assert loo.loc["v5", "withheld"] and loo.loc["v5", "share_above"] == 1.0
+    assert not loo.drop(index="v5").withheld.any()
+    test = pd.DataFrame([{"case": "t0", **privacy.judge(np.full(5, 0.95), 0.7, 0.1, None)},
+                         {"case": "t1", **privacy.judge(np.full(5, 0.5), 0.7, 0.1, 0.95)},
+                         {"case": "t2", **privacy.judge(np.r_[np.full(4, 0.5), 0.97], 0.99, 0.5, 0.95)}])
+    assert test.withheld.tolist() == [True, False, True]                     # t2: one slice above the hard cap
+    summary = privacy.calibration_summary(loo.reset_index(), test)
+    assert summary["privacy_heldout_val_loo_case_withhold"] == pytest.approx(1 / 6)
+    assert summary["privacy_heldout_test_case_withhold"] == pytest.approx(2 / 3)
+    assert summary["privacy_heldout_test_slice_withhold"] == pytest.approx((1.0 + 0 + 0) / 3)
+    assert privacy.held_out_rates(sims[:20], cases[:20], 0.99, None, "reference").empty    # one patient: nothing

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import tiny_params
 from ctsynth.core.errors import InputError
@@ -335,3 +336,36 @@ def test_loss_figure_draws_feature_matching_only_when_it_was_on(tmp_path):
     off = fig_losses(base.assign(g_fm=0.0), tmp_path / "off.png").read_bytes()
     on = fig_losses(base.assign(g_fm=np.linspace(0.3, 0.1, 10)), tmp_path / "on.png").read_bytes()
     assert off == plain and on != plain
+
+
+def test_lead_sentence_reads_every_n_by_its_interval_and_carries_the_own_generator_caveat():
+    from ctsynth.report.report import lead_sentence
+    contrasts = [
+        {"n": 1, "arm": "synthetic@0.5", "minus": "classic", "gain": 0.038, "lo": 0.005, "hi": 0.091},
+        {"n": 1, "arm": "own-G@0.5", "minus": "classic", "gain": 0.003, "lo": -0.025, "hi": 0.034},
+        {"n": 1, "arm": "own-G@0.5", "minus": "synthetic@0.5", "gain": -0.035, "lo": -0.07, "hi": -0.01},
+        {"n": 2, "arm": "synthetic@0.25", "minus": "classic", "gain": 0.009, "lo": -0.006, "hi": 0.033},
+        {"n": 12, "arm": "synthetic@0.25", "minus": "classic", "gain": -0.007, "lo": -0.011, "hi": -0.002}]
+    text = lead_sentence(contrasts)
+    assert "helps at 1 real patient(s) (+0.038" in text and "costs Dice at 12 real patient(s) (-0.007" in text
+    assert "is not resolved at 2" in text and "Caveat" in text and "+0.003 [-0.025, +0.034]" in text
+    assert lead_sentence([]) is None and lead_sentence(None) is None
+
+
+def test_study_staleness_compares_the_generator_the_study_used(tmp_path):
+    import hashlib
+
+    from ctsynth.report.report import study_staleness
+    generator = tmp_path / "generator.pt"
+    generator.write_bytes(b"weights")
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "published.json").write_text("{}")
+    lock = {"schema": "2.0", "stages": {"cell": {"deps": [{"path": "../../models/generator.pt",
+                                                           "md5": hashlib.md5(b"weights").hexdigest()}]}}}
+    (study / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert study_staleness(study / "published.json", generator) is None
+    generator.write_bytes(b"retrained")
+    assert "Stale" in study_staleness(study / "published.json", generator)
+    (study / "dvc.lock").unlink()
+    assert study_staleness(study / "published.json", generator) is None         # nothing to compare

@@ -72,8 +72,8 @@ def test_the_summary_writes_the_curve_contrast_figure_and_sentence(world, tmp_pa
     own = contrasts[contrasts.arm == "own-G@0.5"]
     assert list(own.n) == [1, 1] and set(own.minus) == {"classic", "synthetic@0.5"}
     assert own[own.minus != "classic"].worth_patients.isna().all()       # worth: against classic only
-    assert summary["sentence"].startswith("At 1 real patient(s), synthetic data (")
-    assert "over classic augmentation" in summary["sentence"]
+    assert summary["sentence"].startswith("Against classic augmentation, synthetic data (")
+    assert "real patient(s) (" in summary["sentence"] and "Dice, 95 %" in summary["sentence"]
     saved = json.loads((tmp_path / "results" / "summary.json").read_text())
     assert saved["chosen_on_validation"]["1"]["share_arm"] == "synthetic@0.5"
     assert saved["sentence"] == summary["sentence"]

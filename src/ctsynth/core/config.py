@@ -78,7 +78,8 @@ class DataCfg:
 @dataclass
 class PhantomCfg:
     """The embedded procedural phantom (data.source: phantom)."""
-    cases: int = 20                                  # synthetic patients, split by split.* (12 / 4 / 4 by default)
+    #: synthetic patients, split by split.* (12 / 10 / 10 by default: enough to decide on)
+    cases: int = 32
     shape: list = field(default_factory=lambda: [128, 128, 40])  # voxels x, y, z
     spacing: list = field(default_factory=lambda: [2.6, 2.6, 4.0])  # mm; anisotropic like clinical CT
 
@@ -99,9 +100,10 @@ class PreprocessCfg:
 @dataclass
 class SplitCfg:
     """Patient-level train/val/test split: fractions, or explicit case lists."""
-    train: float = 0.6                               # share of the patients for training
-    val: float = 0.2                                 # share for validation: defaults and variants are chosen here
-    test: float = 0.2                                # share for the test: scored only to report
+    #: share of the patients for training (12 of the phantom's 32; MM-WHS's 20 CT: 8 / 6 / 6)
+    train: float = 0.375
+    val: float = 0.3125                                 # share for validation: defaults and variants are chosen here
+    test: float = 0.3125                                # share for the test: scored only to report
     #: explicit lists instead, e.g. {train: [ct_train_1001, ...], val: [...], test: [...]}
     cases: dict | None = None
 
@@ -278,6 +280,17 @@ class RealismCfg:
     c2st_lr: float = 0.001                           # Adam step size
     c2st_width: int = 16                             # channels of its first conv (then 2x, 4x)
     c2st_repeats: int = 3                            # classifiers (seeds seed, seed + 1, ...) whose AUCs are averaged
+    #: positive control: real slices vs themselves blurred by this Gaussian sigma (px)
+    control_blur_px: float = 0.5
+
+
+@dataclass
+class VerdictCfg:
+    """The realism verdict: a check passes when its 95 % interval lies inside its margin."""
+    #: ratios (texture, flicker, contrast spread; each structure too): inside [1/m, m]
+    margin_ratio: float = 1.25
+    margin_bias_hu: float = 20.0                     # contrast bias of each structure's mean HU: inside [-m, +m]
+    margin_auc: float = 0.6                          # classifier test: the interval of its ROC area below this
 
 
 @dataclass
@@ -320,6 +333,7 @@ class Params:
     evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
     privacy: PrivacyCfg = field(default_factory=PrivacyCfg)
     realism: RealismCfg = field(default_factory=RealismCfg)
+    verdict: VerdictCfg = field(default_factory=VerdictCfg)
     share: ShareCfg = field(default_factory=ShareCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)
 
@@ -566,6 +580,10 @@ def _check_evaluation_and_paths(p: Params, need) -> None:
          "realism.c2st_steps/c2st_width: must be >= 1, realism.c2st_batch_size: >= 2")
     need(p.realism.c2st_lr > 0, "realism.c2st_lr: must be > 0")
     need(1 <= p.realism.c2st_repeats <= 20, "realism.c2st_repeats: must be in 1..20")
+    need(p.realism.control_blur_px > 0, "realism.control_blur_px: must be > 0")
+    v = p.verdict
+    need(v.margin_ratio > 1 and v.margin_bias_hu > 0 and 0.5 < v.margin_auc <= 1,
+         "verdict: margin_ratio must be > 1, margin_bias_hu > 0, margin_auc in (0.5, 1]")
     need(p.share.min_accepts >= 1, f"share.min_accepts: must be >= 1, got {p.share.min_accepts}")
     need(bool(p.share.name.strip()), "share.name: must not be empty")
     need(p.privacy.exhaustive_budget >= 0, "privacy.exhaustive_budget: must be >= 0 (0: always pre-filter)")

@@ -200,7 +200,7 @@ def kid_replicates(x, y, Wx: np.ndarray, Wy: np.ndarray, paired: bool, subset_si
 # With G = 4 test patients the percentile bootstrap above undercovers: a resample of G clusters has
 # about (G−1)/G of the variance, and its percentiles behave like normal rather than t_{G−1}
 # quantiles, so its interval is about half as wide as a t-interval for a mean (measured in
-# tests/test_bootstrap.py::test_coverage_*). The jackknife over patients is the standard remedy for
+# tests/test_intervals.py::test_coverage_*). The jackknife over patients is the standard remedy for
 # few clusters: each replicate leaves one patient out, SE² = (G−1)/G · Σ(θ₋ᵢ − θ̄)², and the interval
 # is θ̂ ± t_{G−1} · SE. For a mean of equal-size patients it *is* the t-interval; for pooled ratios,
 # Dice and distances it is its linearised form. The replicates are the same weighted functions as the

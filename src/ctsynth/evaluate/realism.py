@@ -12,10 +12,14 @@ each with a known answer in ``tests/test_realism.py``. (Flicker along z needs vo
   *test* patients' slices; ROC AUC (0.5 = it cannot tell them apart, 1 = always right). The
   generator saw neither set, and the classifier never sees a test patient. The interval leaves
   one test patient out at a time (both their real and generated slices), the classifier fixed:
-  it covers the test patients, not the classifier's training. Control ``c2st_auc_control``: the
-  same classifier, budget and seed trained on real slices of two disjoint halves of the
-  validation patients and scored on two disjoint halves of the test patients (real vs real; any
-  AUC away from 0.5 is what patient differences alone give with this many patients).
+  it covers the test patients, not the classifier's training. ``c2st_p``: the one-sided p-value of
+  the AUC under the null that, within each test patient, real and generated slices are
+  exchangeable (:func:`permutation_p`: every patient's labels swapped or not, all 2^G patterns
+  enumerated up to :data:`EXACT_PATIENTS` patients, so the smallest possible p is 2^-G: 0.0625 with
+  4 patients, 0.001 with 10). Positive control ``c2st_auc_blur`` / ``c2st_p_blur``: the same
+  classifiers trained on the validation patients' real slices against the same slices blurred by
+  ``realism.control_blur_px`` (Gaussian σ), scored on the test patients' likewise: a test that
+  misses this control (p ≥ 0.01) has no power to call generated slices real.
   ``val_c2st_auc`` (validation.json, for choosing): two folds over the validation patients, each
   fold's classifier trained on one half and scored on the other, the AUCs averaged.
   Every AUC is the mean over ``realism.c2st_repeats`` classifiers, trained with seeds ``seed``,
@@ -338,32 +342,93 @@ def _scored(fit_neg, fit_pos, score_neg, score_pos, cfg, seed: int) -> tuple[lis
     return negs, poss, float(np.mean([roc_auc(n, p) for n, p in zip(negs, poss)]))
 
 
-def c2st(train: dict, test: dict, cfg, seed: int) -> tuple[dict, dict, dict]:
-    """The test and its control. ``train``/``test``: {"real", "fake": (N, S, S) arrays,
-    "real_cases", "fake_cases": (N,) case ids}. → (metrics, intervals, null reasons):
-    ``c2st_auc`` (generated vs real, trained on ``train``, scored on ``test``) and
-    ``c2st_auc_control`` (real vs real: two halves of the train patients, scored on two halves
-    of the test patients); each the mean over the classifiers of :func:`classifier_seeds`."""
+EXACT_PATIENTS = 16          # up to this many patients every swap pattern of permutation_p is enumerated
+N_PERMUTATIONS = 20000       # above it, this many random patterns (seeded)
+
+
+def permutation_p(neg, pos, neg_cases, pos_cases, seed: int = 0) -> tuple[float, float]:
+    """(p, smallest possible p) of the (mean) AUC of fixed scores, one-sided (AUC above chance).
+
+    The null: within each patient the two classes are exchangeable (generated slices drawn as the
+    real ones are), so swapping the labels of all of one patient's slices leaves the AUC's
+    distribution unchanged. Swapping patients whole, not slices, keeps the correlation between one
+    patient's slices. Every one of the 2^G patterns (G patients) is enumerated while G <=
+    :data:`EXACT_PATIENTS` (p = share of patterns with an AUC at least the observed, identity
+    included: exact, never below 2^-G), else :data:`N_PERMUTATIONS` random patterns seeded with
+    ``seed`` ((1 + count) / (1 + n)). ``neg``/``pos``: one classifier's scores or a list of several
+    classifiers' scores of the same slices (their mean AUC is the statistic). The scores must not
+    have been fitted on these slices (here: classifiers trained on other patients)."""
+    negs, poss = (neg, pos) if isinstance(neg, list) else ([neg], [pos])
+    neg_cases, pos_cases = np.asarray(neg_cases), np.asarray(pos_cases)
+    patients = sorted(set(neg_cases.tolist()) | set(pos_cases.tolist()))
+    g = len(patients)
+    if g == 0 or not len(neg_cases) or not len(pos_cases):
+        raise MetricUnavailable("permutation test: a class has no slices")
+    if g <= EXACT_PATIENTS:
+        swap = ((np.arange(2 ** g)[:, None] >> np.arange(g)) & 1).astype(bool)      # row 0: identity
+    else:
+        rng = np.random.default_rng(seed)
+        swap = np.vstack([np.zeros((1, g), bool), rng.random((N_PERMUTATIONS, g)) < 0.5])
+    n_neg = np.array([(neg_cases == c).sum() for c in patients], np.float64)
+    n_pos = np.array([(pos_cases == c).sum() for c in patients], np.float64)
+    n1 = np.where(swap, n_neg, n_pos).sum(1)                                   # positives per pattern
+    n0 = n_neg.sum() + n_pos.sum() - n1
+    aucs = []
+    for sn, sp in zip(negs, poss):
+        ranks = stats.rankdata(np.concatenate([np.asarray(sn, np.float64), np.asarray(sp, np.float64)]))
+        r_neg, r_pos = ranks[:len(sn)], ranks[len(sn):]
+        rank_neg = np.array([r_neg[neg_cases == c].sum() for c in patients])
+        rank_pos = np.array([r_pos[pos_cases == c].sum() for c in patients])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            aucs.append((np.where(swap, rank_neg, rank_pos).sum(1) - n1 * (n1 + 1) / 2) / (n0 * n1))
+    auc = np.mean(aucs, axis=0)
+    hits = np.count_nonzero(auc[1:] >= auc[0] - 1e-12)       # the identity (row 0) counts once, in both cases
+    return float((1 + hits) / len(auc)), smallest_p(g)
+
+
+def smallest_p(n_patients: int) -> float:
+    """The smallest p-value :func:`permutation_p` can give with ``n_patients`` patients."""
+    return 1.0 / 2 ** n_patients if n_patients <= EXACT_PATIENTS else 1.0 / (N_PERMUTATIONS + 1)
+
+
+def blurred(images: np.ndarray, sigma: float) -> np.ndarray:
+    """(N, S, S) slices blurred by a Gaussian of ``sigma`` px (kornia, reflect at the border)."""
+    x = torch.as_tensor(np.asarray(images, np.float32))[:, None]
+    k = max(3, 2 * int(np.ceil(3 * sigma)) + 1)
+    return gaussian_blur2d(x, (k, k), (float(sigma), float(sigma)), border_type="reflect")[:, 0].numpy() \
+        if len(x) else np.asarray(images, np.float32)
+
+
+def c2st(train: dict, test: dict, cfg, seed: int, prefix: str = "") -> tuple[dict, dict, dict]:
+    """The classifier test of ``test`` (generated vs real) with classifiers fitted on ``train``.
+    ``train``/``test``: :func:`slice_set`. → (metrics, intervals, null reasons): ``<prefix>c2st_auc``
+    (the mean AUC of the classifiers of :func:`classifier_seeds`, with its patient interval) and
+    ``<prefix>c2st_p`` (:func:`permutation_p`)."""
+    key = prefix + "c2st_auc"
     metrics, intervals, nulls = {}, {}, {}
     try:
-        neg, pos, metrics["c2st_auc"] = _scored(train["real"], train["fake"], test["real"], test["fake"], cfg, seed)
-        intervals["c2st_auc"] = auc_interval(neg, pos, test["real_cases"], test["fake_cases"])
+        neg, pos, metrics[key] = _scored(train["real"], train["fake"], test["real"], test["fake"], cfg, seed)
+        intervals[key] = auc_interval(neg, pos, test["real_cases"], test["fake_cases"])
+        metrics[prefix + "c2st_p"] = permutation_p(neg, pos, test["real_cases"], test["fake_cases"], seed)[0]
     except MetricUnavailable as e:
-        metrics["c2st_auc"], nulls["c2st_auc"] = None, str(e)
-    a, b = halves(train["real_cases"])
-    c, d = halves(test["real_cases"])
-    if min(len(a), len(b), len(c), len(d)) == 0:
-        metrics["c2st_auc_control"] = None
-        nulls["c2st_auc_control"] = ("real-vs-real control needs >= 2 patients in both the classifier's and the "
-                                     "scored set")
-    else:
-        rc_tr, rc_te = np.asarray(train["real_cases"]), np.asarray(test["real_cases"])
-        neg_sel, pos_sel = np.isin(rc_te, c), np.isin(rc_te, d)
-        neg, pos, metrics["c2st_auc_control"] = _scored(
-            train["real"][np.isin(rc_tr, a)], train["real"][np.isin(rc_tr, b)],
-            test["real"][neg_sel], test["real"][pos_sel], cfg, seed)
-        intervals["c2st_auc_control"] = auc_interval(neg, pos, rc_te[neg_sel], rc_te[pos_sel])
+        metrics[key], nulls[key] = None, str(e)
+        metrics[prefix + "c2st_p"], nulls[prefix + "c2st_p"] = None, str(e)
     return metrics, {k: v for k, v in intervals.items() if v is not None}, nulls
+
+
+def blur_control(train: dict, test: dict, cfg, seed: int) -> tuple[dict, dict, dict]:
+    """The positive control of the classifier test: real slices against themselves blurred by
+    ``cfg.control_blur_px``, fitted on ``train``'s real slices and scored on ``test``'s, as
+    :func:`c2st` (``c2st_auc_blur``, ``c2st_p_blur``), plus ``c2st_p_min``: the smallest p-value
+    the test patients allow (2^-G)."""
+    sigma = float(cfg.control_blur_px)
+    made = {name: {"real": d["real"], "fake": blurred(d["real"], sigma), "real_cases": d["real_cases"],
+                   "fake_cases": d["real_cases"]} for name, d in (("train", train), ("test", test))}
+    metrics, intervals, nulls = c2st(made["train"], made["test"], cfg, seed)
+    rename = {"c2st_auc": "c2st_auc_blur", "c2st_p": "c2st_p_blur"}
+    out = {rename[k]: v for k, v in metrics.items()}
+    out["c2st_p_min"] = smallest_p(len(set(np.asarray(test["real_cases"]).tolist())))
+    return out, {rename[k]: v for k, v in intervals.items()}, {rename[k]: v for k, v in nulls.items()}
 
 
 def c2st_crossfit(data: dict, cfg, seed: int) -> float | None:
@@ -395,6 +460,8 @@ def table_intervals(table: pd.DataFrame, metrics_of, n_boot: int, seed: int, met
 
 # ------------------------------------------------------------------------------ one evaluation
 
+C2ST_KEYS = ("c2st_auc", "c2st_p", "c2st_auc_blur", "c2st_p_blur", "c2st_p_min")
+HEART_ONLY_C2ST = ("heart_only_c2st_auc", "heart_only_c2st_p")
 NO_CONTROL_VAL = "no validation cases (split.val is empty): the classifier has nothing to learn from"
 
 
@@ -413,25 +480,30 @@ def point_metrics(texture: TextureAccumulator, pixel_sums: dict, labels: dict[in
 
 
 def evaluate(texture: TextureAccumulator, pixel_sums: dict, labels: dict[int, str], test: dict,
-             val: dict | None, cfg, *, seed: int, n_boot: int, method: str) -> tuple[dict, dict, dict]:
+             val: dict | None, cfg, *, seed: int, n_boot: int, method: str,
+             heart_only: tuple[dict, dict] | None = None) -> tuple[dict, dict, dict]:
     """Every realism metric of one evaluation: (metrics, null reasons, intervals). ``texture``: the
     test pass's accumulator; ``pixel_sums``: the paired accumulator's per-case pixel sums;
     ``test``/``val``: :func:`slice_set` of the test and the validation patients (None: no
-    validation cases)."""
+    validation cases); ``heart_only``: the (validation, test) slice sets drawn from the heart masks
+    alone, for ``heart_only_c2st_*`` (None: a generator without anatomy, whose ``c2st_*`` already is)."""
     metrics, contrast = point_metrics(texture, pixel_sums, labels)
     names = list(labels.values())
     intervals = table_intervals(texture.table(), texture.metrics, n_boot, seed, method)
     intervals.update(table_intervals(contrast, lambda t: contrast_metrics(t, names), n_boot, seed, method))
     nulls = {}
     if val is None:
-        metrics.update({"c2st_auc": None, "c2st_auc_control": None})
-        nulls.update({"c2st_auc": NO_CONTROL_VAL, "c2st_auc_control": NO_CONTROL_VAL})
+        for key in C2ST_KEYS + (HEART_ONLY_C2ST if heart_only is not None else ()):
+            metrics[key], nulls[key] = None, NO_CONTROL_VAL
     else:
-        c_metrics, c_intervals, c_nulls = c2st(val, test, cfg, seed)
-        metrics.update(c_metrics)
-        nulls.update(c_nulls)
-        if n_boot >= 1:
-            intervals.update(c_intervals)
+        found = [c2st(val, test, cfg, seed), blur_control(val, test, cfg, seed)]
+        if heart_only is not None:                      # the paper's condition: the heart masks alone
+            found.append(c2st(heart_only[0], heart_only[1], cfg, seed, prefix="heart_only_"))
+        for c_metrics, c_intervals, c_nulls in found:
+            metrics.update(c_metrics)
+            nulls.update(c_nulls)
+            if n_boot >= 1:
+                intervals.update(c_intervals)
     for key, value in metrics.items():
         if value is not None and not np.isfinite(value) and key not in nulls:
             nulls[key] = undefined_reason(key)

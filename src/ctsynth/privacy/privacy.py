@@ -18,10 +18,19 @@ it is what users share. Every case is checked twice:
 A case passes when no larger share of its slices is above the threshold than any validation
 patient has (``privacy.case_rule: reference``; ``any``: when none is), none is above the hard cap
 ``privacy.max_similarity``, and its mask overlap is at most ``privacy.max_mask_dice``.
+The rule is calibrated in sample (on every validation patient); how often it withholds a real
+patient it was *not* calibrated on is measured twice (:func:`held_out_rates`): each validation
+patient left out of the calibration in turn, and the test patients (never used to calibrate)
+under the full rule. Target: at most 5 % of such patients withheld. The synthetic cases are
+themselves the positive controls of warped copies (each a training patient's label warped with
+the synthesize ranges and drawn by the generator): ``privacy_control_warped_withheld``, the share
+withheld (target: at least 95 %).
 Outputs (atomic): ``reports/privacy_synthetic.csv`` (one row per slice: case, z, similarity, nearest
 training case and slice, above), ``reports/privacy_cases.csv`` (one row per case: the scores,
-the nearest training case and slice of its closest slice, the verdict and why) and
-``reports/privacy_synthetic.json`` (the rules, counts; git-tracked).
+the nearest training case and slice of its closest slice, the verdict and why),
+``reports/privacy_calibration.csv`` (one row per held-out real patient: the threshold and allowance
+it was judged by, its share of slices above, withheld) and ``reports/privacy_synthetic.json`` (the
+rules, counts, held-out rates; git-tracked).
 """
 from __future__ import annotations
 
@@ -140,6 +149,44 @@ def case_allowance(case_rule: str, reference: np.ndarray, reference_cases: np.nd
     return 0.0 if ref is None else ref
 
 
+def held_out_rates(sims: np.ndarray, cases: np.ndarray, quantile: float | None, cap: float | None,
+                   case_rule: str) -> pd.DataFrame:
+    """The rule's false withholding on patients it was not calibrated on: each validation patient
+    left out in turn, the slice threshold (:func:`ctsynth.evaluate.nearest.privacy_rule`) and the
+    case allowance (:func:`case_allowance`) calibrated on the others and applied to the one left
+    out, a real unseen patient that should pass. One row per patient: case, threshold, allowed,
+    share_above, withheld. Empty with fewer than 2 patients."""
+    sims, cases = np.asarray(sims, np.float64), np.asarray(cases)
+    rows = []
+    patients = sorted(set(cases.tolist()))
+    for case in patients if len(patients) >= 2 else []:
+        own, rest = cases == case, cases != case
+        rule = privacy_rule(sims[rest], quantile, cap)
+        allowed = case_allowance(case_rule, sims[rest], cases[rest], rule.threshold)
+        rows.append({"case": case, **judge(sims[own], rule.threshold, allowed, cap)})
+    return pd.DataFrame(rows, columns=["case", "threshold", "allowed", "share_above", "withheld"])
+
+
+def judge(sims: np.ndarray, threshold: float, allowed: float, cap: float | None) -> dict:
+    """The image rule's verdict on one real patient's slices (as :func:`case_table` judges a case)."""
+    share = float(np.mean(sims > threshold)) if len(sims) else 0.0
+    withheld = share > allowed or (cap is not None and len(sims) > 0 and float(np.max(sims)) > cap)
+    return {"threshold": round(float(threshold), 5), "allowed": round(float(allowed), 4),
+            "share_above": round(share, 4), "withheld": bool(withheld)}
+
+
+def calibration_summary(loo: pd.DataFrame, test: pd.DataFrame) -> dict:
+    """``privacy_heldout_*``: the false-withhold rates (cases and slices) of real patients the rule was
+    not calibrated on: validation patients left out in turn, and the test patients under the rule
+    calibrated on every validation patient."""
+    out = {}
+    for name, frame in (("val_loo", loo), ("test", test)):
+        out[f"privacy_heldout_{name}_n_patients"] = len(frame)
+        out[f"privacy_heldout_{name}_case_withhold"] = float(frame.withheld.mean()) if len(frame) else None
+        out[f"privacy_heldout_{name}_slice_withhold"] = float(frame.share_above.mean()) if len(frame) else None
+    return out
+
+
 def describe_case_rule(case_rule: str, allowed: float) -> str:
     if case_rule == "any" or allowed == 0:
         return "a case is withheld when any of its slices is above the threshold" + (
@@ -167,11 +214,20 @@ def run(params: Params, synthetic_dir, processed_dir, split_path, interim_dir, o
         n = len(synth.slices)
         search = NearestTrainingSearch(store.images, store.rows_for_cases(split["train"]), pv.downsample,
                                        pv.candidates, hu_window=store.meta["hu_window"],
-                                       budget=pv.exhaustive_budget, n_queries=n + val_rows.size,
+                                       budget=pv.exhaustive_budget,
+                                       n_queries=n + val_rows.size + store.rows_for_cases(split.get("test") or []).size,
                                        body_hu=modality.body_level(store.meta))
         reference = reference_similarities(search, store.images, val_rows)
         rule = privacy_rule(reference, pv.quantile, pv.max_similarity)
-        allowed = case_allowance(pv.case_rule, reference, store.slices.case.to_numpy()[val_rows], rule.threshold)
+        val_cases = store.slices.case.to_numpy()[val_rows]
+        allowed = case_allowance(pv.case_rule, reference, val_cases, rule.threshold)
+        loo = held_out_rates(reference, val_cases, pv.quantile, pv.max_similarity, pv.case_rule)
+        test_rows = store.rows_for_cases(split.get("test") or [])           # never calibrated on
+        test_sims = reference_similarities(search, store.images, test_rows)
+        test_cases = store.slices.case.to_numpy()[test_rows]
+        held_test = pd.DataFrame([{"case": c, **judge(test_sims[test_cases == c], rule.threshold, allowed,
+                                                      pv.max_similarity)} for c in sorted(set(test_cases.tolist()))],
+                                 columns=["case", "threshold", "allowed", "share_above", "withheld"])
         case_of, z_of = store.slices.case.to_numpy(), store.slices.z.to_numpy()
         parts, bs = [], params.evaluate.batch_size
         for s in tqdm(range(0, n, bs), desc="privacy (synthetic)", disable=quiet(), unit="batch"):
@@ -191,9 +247,15 @@ def run(params: Params, synthetic_dir, processed_dir, split_path, interim_dir, o
                "privacy_synthetic_share_above": float(slices.above.mean()) if len(slices) else None,
                "privacy_synthetic_similarity_mean": float(slices.similarity.mean()) if len(slices) else None,
                "privacy_synthetic_similarity_max": float(slices.similarity.max()) if len(slices) else None,
-               "privacy_synthetic_mask_dice_max": max(overlaps.values()) if overlaps else None}
+               "privacy_synthetic_mask_dice_max": max(overlaps.values()) if overlaps else None,
+               # positive controls: every case here is a training patient's label warped with the synthesize
+               # ranges and drawn by the generator, so the share withheld is the rule's hit rate on warped copies
+               "privacy_control_warped_withheld": float((cases.verdict == WITHHELD).mean()) if len(cases) else None,
+               **calibration_summary(loo, held_test)}
     write_csv(out / "privacy_synthetic.csv", slices)
     write_csv(out / "privacy_cases.csv", cases)
+    write_csv(out / "privacy_calibration.csv", pd.concat([loo.assign(held_out="val_loo"),
+                                                         held_test.assign(held_out="test")], ignore_index=True))
     write_json(out / "privacy_synthetic.json", {**summary, "rule": rule.describe(), "distance": search.distance,
                                                 "case_rule": describe_case_rule(pv.case_rule, allowed),
                                                 "max_mask_dice": pv.max_mask_dice})

@@ -10,6 +10,7 @@ a missing file turns its section into a short "not available" note instead of an
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from ctsynth.core.accel import runtime_summary
 from ctsynth.core.config import flatten, to_dict
@@ -498,12 +500,68 @@ def for_modality(page: str, meta: dict) -> str:
     return page.replace("</h1>", "</h1>" + note, 1)
 
 
-def study_lead(study: dict | None) -> str:
-    """The sentence the report leads with: the utility study's answer (``studies/utility/published.json``)."""
-    if not study or not study.get("sentence"):
+def lead_sentence(contrasts: list[dict]) -> str | None:
+    """The study's answer by one stated rule, not its best cell: the chosen synthetic arm against
+    classic augmentation at *every* number of real patients, grouped by what the interval says
+    (helps: above 0; costs: below 0; not resolved), then the strongest caveat: what a generator
+    trained only on those real patients (own-G) adds at the smallest n it was run at. None without
+    contrasts."""
+    frame = pd.DataFrame(contrasts or [])
+    if frame.empty or "minus" not in frame:
+        return None
+    main = frame[(frame.minus == "classic") & ~frame.arm.str.startswith("own-G@")].sort_values("n")
+    if main.empty:
+        return None
+
+    def cell(r) -> str:
+        return f"{r.gain:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}] at {int(r.n)}"
+
+    groups = [("helps", main[main.lo > 0]), ("costs Dice", main[main.hi < 0]),
+              ("is not resolved", main[(main.lo <= 0) & (main.hi >= 0)])]
+    parts = [f"{what} at {'/'.join(str(int(n)) for n in g.n)} real patient(s) "
+             f"({'; '.join(cell(r) for r in g.itertuples())})" for what, g in groups if not g.empty]
+    text = ("Against classic augmentation, synthetic data (the arm chosen on validation at each n) "
+            + ", ".join(parts) + " (Dice, 95 % over draws, seeds and test patients).")
+    own = frame[frame.arm.str.startswith("own-G@") & (frame.minus == "classic")].sort_values("n")
+    if not own.empty:
+        r = own.iloc[0]
+        text += (f" Caveat: with a generator trained only on the user's own {int(r.n)} patient(s), the gain is "
+                 f"{r.gain:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}]: the gain above needs a generator trained on more "
+                 f"patients than the user has.")
+    return text
+
+
+def study_staleness(study_path: Path | None, generator_path: Path | None) -> str | None:
+    """Why the study no longer describes this run, or None: its cells (``dvc.lock`` beside the
+    published file) used a generator whose md5 differs from this run's ``models/generator.pt``.
+    None too when either cannot be read (nothing to compare)."""
+    if study_path is None or generator_path is None or not Path(generator_path).is_file():
+        return None
+    try:
+        lock = yaml.safe_load((Path(study_path).parent / "dvc.lock").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    used = {str(d.get("md5")) for stage in (lock.get("stages") or {}).values() for d in stage.get("deps") or []
+            if str(d.get("path", "")).endswith("models/generator.pt") and d.get("md5")}
+    if not used:
+        return None
+    now = hashlib.md5(Path(generator_path).read_bytes()).hexdigest()
+    if used == {now}:
+        return None
+    return (f"Stale: the study's cells used another generator (md5 {', '.join(sorted(u[:8] for u in used))}) than "
+            f"this run's ({now[:8]}); its numbers describe that generator. Rerun it: ./run repro "
+            f"studies/utility/dvc.yaml.")
+
+
+def study_lead(study: dict | None, stale: str | None = None) -> str:
+    """The sentence the report leads with: the utility study's answer (``studies/utility/published.json``)
+    by the rule of :func:`lead_sentence`, with its caveat and, when it is, the warning that it is stale."""
+    sentence = lead_sentence((study or {}).get("contrasts")) or (study or {}).get("sentence")
+    if not sentence:
         return ("<p class='study muted'>Utility study: not run in this checkout (<code>./run repro "
                 "studies/utility/dvc.yaml</code>, docs/experiments/utility-study.md).</p>")
-    return (f"<p class='study'><b>Does synthetic data save real patients?</b> {esc(study['sentence'])} "
+    warn = f" <b class='warn'>{esc(stale)}</b>" if stale else ""
+    return (f"<p class='study'><b>Does synthetic data save real patients?</b> {esc(sentence)}{warn} "
             f"<span class='muted'>(utility study, {esc(study.get('measured_on', ''))}; "
             f"<a href='#utility'>curve below</a>, {esc(study.get('details', ''))})</span></p>")
 
@@ -520,7 +578,8 @@ def section_study(study: dict | None) -> str:
     if not contrasts.empty:
         contrasts["difference [95 %]"] = [f"{r.gain:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}]" for r in contrasts.itertuples()]
         contrasts = contrasts[["n", "arm", "minus", "difference [95 %]"]].rename(columns={"n": "real patients"})
-    return (f"<h3>The utility study: over the number of real patients</h3><p>{esc(study['sentence'])}</p>"
+    sentence = lead_sentence(study.get("contrasts")) or study.get("sentence", "")
+    return (f"<h3>The utility study: over the number of real patients</h3><p>{esc(sentence)}</p>"
             f"<p class='muted'>Run on demand (<code>./run repro studies/utility/dvc.yaml</code>); "
             f"{esc(study.get('measured_on', ''))}; mean Dice over structures, 95 % two-way bootstrap over "
             f"replicates (patient draws × seeds) and test patients; {esc(study.get('details', ''))}.</p>"
@@ -528,19 +587,21 @@ def section_study(study: dict | None) -> str:
                                 if not contrasts.empty else ""))
 
 
-def _summary(res: Results | None, generated_dir: Path, study: dict | None = None) -> str:
+def _summary(res: Results | None, generated_dir: Path, study: dict | None = None, margins=None,
+             stale: str | None = None) -> str:
     """The first screen (:mod:`ctsynth.report.summary`): the utility study's sentence, then evaluate's
     reading and headline, and the first sample grid."""
     grid = first_grid(generated_dir)
     grid_html = (img_tag(grid, f"test case {grid.stem}: mask | real | generated | |difference| (HU)")
                  if grid else missing("Sample grid", generated_dir / "grids"))
-    return study_lead(study) + section_summary(res, grid_html)
+    return study_lead(study, stale) + section_summary(res, grid_html, margins)
 
 
 # ------------------------------------------------------------------------------ the report
 
 def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, out_html,
-        *, figures_dir, split_path, manifest_path, synthetic_dir=None, study_path=None) -> list[Path]:
+        *, figures_dir, split_path, manifest_path, synthetic_dir=None, study_path=None,
+        generator_path=None) -> list[Path]:
     """Write ``out_html`` and ``figures_dir``; return the files written (for MLflow logging)."""
     reports_dir, generated_dir, processed_dir = Path(reports_dir), Path(generated_dir), Path(processed_dir)
     train_dir, out_html, figures_dir = Path(train_reports_dir), Path(out_html), Path(figures_dir)
@@ -552,7 +613,8 @@ def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, ou
     unit = modality.unit(meta)
     with atomic_dir(figures_dir) as figs:
         sections = [
-            ("summary", "Summary", _summary(res, generated_dir, study)),
+            ("summary", "Summary", _summary(res, generated_dir, study, params.verdict,
+                                            study_staleness(study_path and Path(study_path), generator_path))),
             ("metrics", "Metrics (test set)", section_metrics(reports_dir, res)),
             ("structures", "Per structure", section_per_structure(reports_dir, known)),
             ("cases", "Per case", section_per_case(reports_dir)),

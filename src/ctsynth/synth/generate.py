@@ -3,8 +3,8 @@
 Writes ``fake.npy`` (float16 (N, S, S) in [-1, 1]) + ``index.npy`` (rows of the processed store),
 the same two files for the *validation* cases in ``val/`` (what every choice of a default or a
 variant is scored on: the test patients are scored only to report; for a model with anatomy
-trained with ``train.anatomy_drop`` > 0 also ``val/heart_only/``: the same slices drawn without
-the anatomy, what a user with heart labels only gets),
+trained with ``train.anatomy_drop`` > 0 also ``heart_only/`` and ``val/heart_only/``: the same
+slices drawn without the anatomy, the paper's condition and what a user with heart labels only gets),
 a PNG grid per case (mask | real | generated | |difference|), the whole case re-assembled as a
 synthetic CT volume in HU on the *original* grid and affine (``<case>_synth.nii.gz``), and
 ``condition_subsets.npz``: a few test slices drawn from the full condition set and from each single
@@ -177,6 +177,11 @@ def run(params, model_path, processed_dir, split_path, interim_dir, out_dir) -> 
         start = time.perf_counter()
         fake = generate_slices(synth, store, rows, tmp, "test", levels)
         slices_rate, wall_rate = synth.throughput(), len(rows) / (time.perf_counter() - start)
+        if synth.draws_heart_only:                                                   # the paper's condition
+            (tmp / HEART_ONLY).mkdir()
+            alone = generate_slices(synth, store, rows, tmp / HEART_ONLY, "test (heart only)", levels,
+                                    heart_only=True)
+            del alone                                                                # close the memory map
         if val:
             (tmp / "val").mkdir()
             val_fake = generate_slices(synth, store, store.rows_for_cases(val), tmp / "val", "validation", levels)

@@ -353,17 +353,9 @@ def mlflow_name(arm: str) -> str:
 
 
 def _sentence(contrasts: pd.DataFrame, ns) -> str:
-    main = contrasts[(contrasts.minus == "classic") & ~contrasts.arm.str.startswith("own-G@")] \
-        if not contrasts.empty else contrasts
-    if main.empty:
-        return "no synthetic arm was run"
-    row = main.sort_values("n").iloc[0]
-    k = row.worth_patients
-    worth_text = ("it is worth fewer real patients than the grid resolves" if k is None or not np.isfinite(k)
-                  else f"i.e. it is worth {k:+.1f} real patients")
-    return (f"At {int(row.n)} real patient(s), synthetic data ({row.arm}, chosen on validation) adds "
-            f"{row.gain:+.3f} Dice [{row.lo:+.3f}, {row.hi:+.3f}] (95 %, over draws, seeds and test patients) "
-            f"over classic augmentation; {worth_text}.")
+    """The study's answer by the report's stated rule (:func:`ctsynth.report.report.lead_sentence`)."""
+    from ctsynth.report.report import lead_sentence
+    return lead_sentence(contrasts.to_dict("records")) or "no synthetic arm was run"
 
 
 def _markdown(curve, contrasts, chosen, sentence, summary) -> str:
