@@ -27,7 +27,8 @@ def main(args, params):
                        processed_dir=args.processed, train_reports_dir=args.train_reports,
                        out_html=args.out, figures_dir=args.figures, split_path=args.split,
                        manifest_path=args.manifest,
-                       synthetic_dir=args.synthetic, study_path=args.study_utility, generator_path=args.model)
+                       synthetic_dir=args.synthetic, study_path=args.study_utility,
+                       generator_path=args.model, study_lock=args.study_lock)
     if args.run_file is None or not Path(args.run_file).exists():
         log.info("no MLflow run file (%s): report not logged to MLflow", args.run_file)
         return 0
@@ -57,7 +58,7 @@ def share_counts(path) -> dict:
 
 def add_args(p):
     add_inputs(p, "reports", "generated", "processed", "split", "synthetic", "manifest", "train_reports", "share",
-               "share_counts", "study_utility", "model")
+               "share_counts", "study_utility", "study_lock", "model")
     add_output(p, "report")
     add_output(p, "figures", "--figures")
     add_path(p, "run_file", optional=True, help="MLflow run file written by train: log the report there")

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.slow
 
 TINY = {
     "phantom": {"cases": 5, "shape": [48, 48, 16], "spacing": [6.0, 6.0, 7.0]},
+    "split": {"train": 0.6, "val": 0.2, "test": 0.2},            # 3 / 1 / 1 of the 5 cases
     "preprocess": {"image_size": 32, "margin": 1},
     "model": {"gen_depth": 5, "ngf": 8, "ndf": 8, "disc_layers": 2},
     "train": {"iterations": 6, "batch_size": 4, "snapshot_count": 2},
@@ -116,7 +117,8 @@ def make_repo(dest: Path) -> Path:
     for rel in files:
         src = REPO / rel
         if src.is_file() and (not rel.startswith(("dvc.lock", "reports/", "studies/"))   # results of this checkout;
-                              or rel == "studies/utility/published.json"):   # (the report's one study input)
+                              or rel in ("studies/utility/published.json",    # the report's study inputs:
+                                         "studies/utility/dvc.lock")):        # its answer, its generator
             # the on-demand studies have pipelines of their own (their test copies them in)
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)

@@ -36,6 +36,7 @@ def dvc_workspace(root: Path, params_text: str) -> Path:
     shutil.copytree(REPO / "reviews", root / "reviews")                  # git-tracked input of the share stage
     (root / "studies" / "utility").mkdir(parents=True)                   # git-tracked input of the report stage
     shutil.copy2(REPO / "studies" / "utility" / "published.json", root / "studies" / "utility" / "published.json")
+    shutil.copy2(REPO / "studies" / "utility" / "dvc.lock", root / "studies" / "utility" / "dvc.lock")
     (root / "params.yaml").write_text(params_text)
     params = yaml.safe_load(params_text)
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]

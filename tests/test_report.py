@@ -1,6 +1,7 @@
 """report: a self-contained HTML page from small fake inputs, and from almost nothing."""
 from __future__ import annotations
 
+import html
 import json
 import re
 import runpy
@@ -17,7 +18,7 @@ from ctsynth.core.errors import InputError
 from ctsynth.core.labels import STRUCTURES
 from ctsynth.evaluate.results import Interval, Results, fmt
 from ctsynth.report.figures import fig_condition_subsets, fig_losses
-from ctsynth.report.report import read_condition_subsets
+from ctsynth.report.report import lead_sentence, read_condition_subsets
 from ctsynth.report.report import run as build_report
 from ctsynth.synth import synthesize
 from ctsynth.synth.generate import run as generate_test_set
@@ -219,7 +220,9 @@ def test_the_summary_leads_with_the_utility_studys_sentence(tmp_path):
     (tmp_path / "published.json").write_text(json.dumps(study))
     _, page = build(inp, tmp_path, study_path=tmp_path / "published.json")
     summary = page[page.index("id='summary'"):page.index("id='metrics'")]
-    assert summary.index(sentence) < summary.index("class='summary'")          # before evaluate's reading
+    sentence = lead_sentence(study["contrasts"])                               # the stated rule, not the stored text
+    assert "is not resolved at 1 real patient(s) (+0.047 [-0.002, +0.109] at 1)" in sentence
+    assert summary.index(html.escape(sentence)) < summary.index("class='summary'")   # before evaluate's reading
     assert "validation patients" in summary
     utility = page[page.index("id='utility'"):page.index("id='training'")]
     assert "0.783 [0.733, 0.833]" in utility and "+0.047 [-0.002, +0.109]" in utility

@@ -22,9 +22,9 @@ def test_fractions_partition_cases_and_seeded(tmp_path):
     c = split.run(params_from_dict({"seed": 2}), store, tmp_path / "c.json")
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     assert a["test"] != c["test"] or a["val"] != c["val"]
-    assert (len(a["train"]), len(a["val"]), len(a["test"])) == (6, 2, 2)
+    assert (len(a["train"]), len(a["val"]), len(a["test"])) == (4, 3, 3)      # 0.375 / 0.3125 / 0.3125 of 10
     assert sorted(a["train"] + a["val"] + a["test"]) == sorted(CASES)
-    assert a["slices"] == {"train": 12, "val": 4, "test": 4}
+    assert a["slices"] == {"train": 8, "val": 6, "test": 6}
     assert json.loads((tmp_path / "a.json").read_text())["seed"] == 1
 
 

@@ -29,6 +29,7 @@ PATHS: dict[str, tuple[str, str]] = {
     "utility_table": ("reports/utility.csv", "Dice per training set and structure (utility)"),
     "study_utility": ("studies/utility/published.json", "the utility study's sentence, curve and contrasts "
                       "(written by `./run repro studies/utility/dvc.yaml`; git-tracked, no stage's output)"),
+    "study_lock": ("studies/utility/dvc.lock", "which generator the utility study's cells used (its DVC lock)"),
     "reports": ("reports", "metrics, intervals, notes, per-case tables and plots (evaluate)"),
     "report": ("reports/report.html", "the HTML report (report)"),
     "figures": ("reports/figures", "the report's figures as PNG files (report)"),

@@ -531,14 +531,14 @@ def lead_sentence(contrasts: list[dict]) -> str | None:
     return text
 
 
-def study_staleness(study_path: Path | None, generator_path: Path | None) -> str | None:
-    """Why the study no longer describes this run, or None: its cells (``dvc.lock`` beside the
-    published file) used a generator whose md5 differs from this run's ``models/generator.pt``.
-    None too when either cannot be read (nothing to compare)."""
+def study_staleness(study_path: Path | None, generator_path: Path | None, study_lock: Path | None = None) -> str | None:
+    """Why the study no longer describes this run, or None: its cells (``study_lock``, default the
+    ``dvc.lock`` beside the published file) used a generator whose md5 differs from this run's
+    ``models/generator.pt``. None too when either cannot be read (nothing to compare)."""
     if study_path is None or generator_path is None or not Path(generator_path).is_file():
         return None
     try:
-        lock = yaml.safe_load((Path(study_path).parent / "dvc.lock").read_text()) or {}
+        lock = yaml.safe_load(Path(study_lock or Path(study_path).parent / "dvc.lock").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return None
     used = {str(d.get("md5")) for stage in (lock.get("stages") or {}).values() for d in stage.get("deps") or []
@@ -601,7 +601,7 @@ def _summary(res: Results | None, generated_dir: Path, study: dict | None = None
 
 def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, out_html,
         *, figures_dir, split_path, manifest_path, synthetic_dir=None, study_path=None,
-        generator_path=None) -> list[Path]:
+        generator_path=None, study_lock=None) -> list[Path]:
     """Write ``out_html`` and ``figures_dir``; return the files written (for MLflow logging)."""
     reports_dir, generated_dir, processed_dir = Path(reports_dir), Path(generated_dir), Path(processed_dir)
     train_dir, out_html, figures_dir = Path(train_reports_dir), Path(out_html), Path(figures_dir)
@@ -614,7 +614,8 @@ def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, ou
     with atomic_dir(figures_dir) as figs:
         sections = [
             ("summary", "Summary", _summary(res, generated_dir, study, params.verdict,
-                                            study_staleness(study_path and Path(study_path), generator_path))),
+                                            study_staleness(study_path and Path(study_path), generator_path,
+                                                            study_lock))),
             ("metrics", "Metrics (test set)", section_metrics(reports_dir, res)),
             ("structures", "Per structure", section_per_structure(reports_dir, known)),
             ("cases", "Per case", section_per_case(reports_dir)),
