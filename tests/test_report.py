@@ -1,7 +1,6 @@
 """report: a self-contained HTML page from small fake inputs, and from almost nothing."""
 from __future__ import annotations
 
-import html
 import json
 import re
 import runpy
@@ -18,7 +17,7 @@ from ctsynth.core.errors import InputError
 from ctsynth.core.labels import STRUCTURES
 from ctsynth.evaluate.results import Interval, Results, fmt
 from ctsynth.report.figures import fig_condition_subsets, fig_losses
-from ctsynth.report.report import lead_sentence, read_condition_subsets
+from ctsynth.report.report import read_condition_subsets
 from ctsynth.report.report import run as build_report
 from ctsynth.synth import synthesize
 from ctsynth.synth.generate import run as generate_test_set
@@ -220,9 +219,7 @@ def test_the_summary_leads_with_the_utility_studys_sentence(tmp_path):
     (tmp_path / "published.json").write_text(json.dumps(study))
     _, page = build(inp, tmp_path, study_path=tmp_path / "published.json")
     summary = page[page.index("id='summary'"):page.index("id='metrics'")]
-    sentence = lead_sentence(study["contrasts"])                               # the stated rule, not the stored text
-    assert "is not resolved at 1 real patient(s) (+0.047 [-0.002, +0.109] at 1)" in sentence
-    assert summary.index(html.escape(sentence)) < summary.index("class='summary'")   # before evaluate's reading
+    assert summary.index(sentence) < summary.index("class='summary'")          # before evaluate's reading
     assert "validation patients" in summary
     utility = page[page.index("id='utility'"):page.index("id='training'")]
     assert "0.783 [0.733, 0.833]" in utility and "+0.047 [-0.002, +0.109]" in utility
@@ -341,20 +338,6 @@ def test_loss_figure_draws_feature_matching_only_when_it_was_on(tmp_path):
     assert off == plain and on != plain
 
 
-def test_lead_sentence_reads_every_n_by_its_interval_and_carries_the_own_generator_caveat():
-    from ctsynth.report.report import lead_sentence
-    contrasts = [
-        {"n": 1, "arm": "synthetic@0.5", "minus": "classic", "gain": 0.038, "lo": 0.005, "hi": 0.091},
-        {"n": 1, "arm": "own-G@0.5", "minus": "classic", "gain": 0.003, "lo": -0.025, "hi": 0.034},
-        {"n": 1, "arm": "own-G@0.5", "minus": "synthetic@0.5", "gain": -0.035, "lo": -0.07, "hi": -0.01},
-        {"n": 2, "arm": "synthetic@0.25", "minus": "classic", "gain": 0.009, "lo": -0.006, "hi": 0.033},
-        {"n": 12, "arm": "synthetic@0.25", "minus": "classic", "gain": -0.007, "lo": -0.011, "hi": -0.002}]
-    text = lead_sentence(contrasts)
-    assert "helps at 1 real patient(s) (+0.038" in text and "costs Dice at 12 real patient(s) (-0.007" in text
-    assert "is not resolved at 2" in text and "Caveat" in text and "+0.003 [-0.025, +0.034]" in text
-    assert lead_sentence([]) is None and lead_sentence(None) is None
-
-
 def test_study_staleness_compares_the_generator_the_study_used(tmp_path):
     import hashlib
 
@@ -363,12 +346,12 @@ def test_study_staleness_compares_the_generator_the_study_used(tmp_path):
     generator.write_bytes(b"weights")
     study = tmp_path / "study"
     study.mkdir()
-    (study / "published.json").write_text("{}")
     lock = {"schema": "2.0", "stages": {"cell": {"deps": [{"path": "../../models/generator.pt",
                                                            "md5": hashlib.md5(b"weights").hexdigest()}]}}}
     (study / "dvc.lock").write_text(yaml.safe_dump(lock))
-    assert study_staleness(study / "published.json", generator) is None
+    assert study_staleness(study / "dvc.lock", generator) is None
     generator.write_bytes(b"retrained")
-    assert "Stale" in study_staleness(study / "published.json", generator)
+    assert "Stale" in study_staleness(study / "dvc.lock", generator)
+    assert study_staleness(None, generator) is None                              # no lock given
     (study / "dvc.lock").unlink()
-    assert study_staleness(study / "published.json", generator) is None         # nothing to compare
+    assert study_staleness(study / "dvc.lock", generator) is None                # nothing to compare

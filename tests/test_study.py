@@ -117,3 +117,16 @@ def test_a_bad_cell_writes_nothing(world, tmp_path):
         study.run_cell(tiny_params(), spec, 1, 1, world["processed"], world["split"], interim_dir=world["interim"],
                        model_path=world["model"], out_json=tmp_path / "cells" / "n1-d1.json")
     assert not (tmp_path / "cells").exists()
+
+
+def test_lead_sentence_reads_every_n_by_its_interval_and_carries_the_own_generator_caveat():
+    contrasts = [
+        {"n": 1, "arm": "synthetic@0.5", "minus": "classic", "gain": 0.038, "lo": 0.005, "hi": 0.091},
+        {"n": 1, "arm": "own-G@0.5", "minus": "classic", "gain": 0.003, "lo": -0.025, "hi": 0.034},
+        {"n": 1, "arm": "own-G@0.5", "minus": "synthetic@0.5", "gain": -0.035, "lo": -0.07, "hi": -0.01},
+        {"n": 2, "arm": "synthetic@0.25", "minus": "classic", "gain": 0.009, "lo": -0.006, "hi": 0.033},
+        {"n": 12, "arm": "synthetic@0.25", "minus": "classic", "gain": -0.007, "lo": -0.011, "hi": -0.002}]
+    text = study.lead_sentence(contrasts)
+    assert "helps at 1 real patient(s) (+0.038" in text and "costs Dice at 12 real patient(s) (-0.007" in text
+    assert "is not resolved at 2" in text and "Caveat" in text and "+0.003 [-0.025, +0.034]" in text
+    assert study.lead_sentence([]) is None and study.lead_sentence(None) is None

@@ -85,6 +85,17 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def sync_text(path: str | os.PathLike, text: str, write: bool) -> str:
+    """A generated file against what it should hold: "current", "rewritten" (``write``: replaced
+    atomically with ``text``) or "differs"."""
+    if Path(path).read_text() == text:
+        return "current"
+    if write:
+        write_text(path, text)
+        return "rewritten"
+    return "differs"
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 

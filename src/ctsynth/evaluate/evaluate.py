@@ -225,24 +225,15 @@ def _test_pass(params: Params, store: ProcessedStore, split: dict, fake, index, 
     return acc
 
 
-HEART_ONLY_KEYS = ("mse", "psnr", "ssim", "mae_hu", "dice_generated_mean")
+HEART_ONLY_KEYS = ("mse", "psnr", "ssim", "mae_hu", "dice_generated_mean")   # heart_only_<key> of the test
 
 
 def heart_only_pass(params: Params, store: ProcessedStore, fake, index, seg) -> tuple[dict, dict]:
     """The generated test slices drawn from the heart masks alone (the paper's condition):
     ``heart_only_<key>`` for the paired metrics and the segmenter's mean Dice, and their patient
     intervals (the same resampling as the headline's). → (metrics, intervals)."""
-    labels = reported_structures(store.structures)
-    paired, dice = PairedAccumulator(store.meta["hu_window"], store.structures), DiceAccumulator(labels)
-    case_of, z_of = store.slices["case"].to_numpy(), store.slices["z"].to_numpy()
-    bs = params.evaluate.batch_size
-    for s in tqdm(range(0, len(index), bs), desc="evaluate (heart only)", disable=quiet(), unit="batch"):
-        rows = index[s:s + bs]
-        gen = torch.from_numpy(np.asarray(fake[s:s + bs], dtype=np.float32))
-        masks = torch.from_numpy(np.asarray(store.masks[rows]).astype(np.int64))
-        paired.update(gen, torch.from_numpy(np.asarray(store.images[rows], dtype=np.float32)), masks,
-                      case_of[rows].tolist(), z_of[rows].tolist())
-        dice.update(seg.run(gen)[0], masks, case_of[rows].tolist())
+    paired, dice = validation.paired_pass(store, fake, index, params.evaluate.batch_size, seg=seg,
+                                          desc="evaluate (heart only)")
     values = {**paired.summary(), "dice_generated_mean": dice.mean()}
     found = metric_intervals(values, paired.per_slice(), {"generated": dice.per_slice()}, paired.labels, [], None,
                              n_boot=params.evaluate.bootstrap, seed=params.seed, method=params.evaluate.interval_method)
@@ -283,22 +274,9 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
     out = Path(out_dir)
     acc = _test_pass(params, store, split, fake, index, generated_dir, seg=seg, inception=inception, out=out)
     val_feats, val_cases = _validation_features(store, split, seg, inception, params.evaluate.batch_size)
-    val_split = list(split.get("val") or [])
-    val_set, alone_sets = None, None
     test_alone = Path(generated_dir) / HEART_ONLY
     test_alone = load_generated(test_alone, store, split["test"]) if test_alone.is_dir() else None
-    if val_split:                        # the validation patients' generated slices: what defaults are chosen on
-        val_fake, val_index = load_generated(Path(generated_dir) / "val", store, val_split, "validation", exact=True)
-        alone = Path(generated_dir) / "val" / HEART_ONLY
-        alone = load_generated(alone, store, val_split, "validation", exact=True) if alone.is_dir() else None
-        val_scores, val_nulls = validation.score(store, val_fake, val_index, seg, params.evaluate.batch_size,
-                                                 params.evaluate.kid_subset_size, seed=params.seed,
-                                                 realism_cfg=params.realism, heart_only=alone)
-        val_set = realism.slice_set(store, val_fake, val_index)
-        if alone is not None and test_alone is not None:
-            alone_sets = realism.slice_set(store, *alone), realism.slice_set(store, *test_alone)
-    else:
-        val_scores, val_nulls = validation.empty()
+    val_scores, val_nulls, val_set, alone_sets = _validation(params, store, split, generated_dir, seg, test_alone)
 
     res, spaces = _metrics(params, store, index, acc, inception, val_feats, val_cases=val_cases, notes=notes)
     n_boot = params.evaluate.bootstrap
@@ -313,14 +291,14 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
         params.realism, seed=params.seed, n_boot=n_boot, method=params.evaluate.interval_method,
         heart_only=alone_sets)
     res.update(r_metrics, r_nulls)
+    res.add_intervals(r_intervals)
     if test_alone is not None:                           # the paper's condition: heart masks alone
         h_metrics, h_intervals = heart_only_pass(params, store, *test_alone, seg)
         res.update(h_metrics)
         res.add_intervals(h_intervals)
     else:
-        res.update({f"heart_only_{k}": None for k in HEART_ONLY_KEYS + ("c2st_auc", "c2st_p")},
-                   {f"heart_only_{k}": validation.NO_HEART_ONLY for k in HEART_ONLY_KEYS + ("c2st_auc", "c2st_p")})
-    res.add_intervals(r_intervals)
+        alone_keys = [f"heart_only_{k}" for k in HEART_ONLY_KEYS] + list(realism.HEART_ONLY_C2ST)
+        res.update(dict.fromkeys(alone_keys), dict.fromkeys(alone_keys, validation.NO_HEART_ONLY))
     notes["realism"] = realism.__doc__.split("\n\n")[0].replace("\n", " ")
     slices = acc.paired.per_slice()
     method = params.evaluate.interval_method
@@ -348,6 +326,25 @@ def run(params: Params, processed_dir, split_path, generated_dir, segmenter_path
              "floor = real validation vs real test slices):\n%s", len(index), res.value("n_test_cases"),
              time.time() - t0, res.headline_text())
     return res.metrics()
+
+
+def _validation(params: Params, store: ProcessedStore, split: dict, generated_dir, seg, test_alone):
+    """The validation patients' scores (``val_*``: what defaults are chosen on) and the slice sets the
+    classifier tests learn from: (scores, null reasons, validation set, (validation, test) heart-only
+    sets or None). ``test_alone``: the test slices drawn from the heart masks alone, or None."""
+    val_split = list(split.get("val") or [])
+    if not val_split:
+        return (*validation.empty(), None, None)
+    val_fake, val_index = load_generated(Path(generated_dir) / "val", store, val_split, "validation", exact=True)
+    alone = Path(generated_dir) / "val" / HEART_ONLY
+    alone = load_generated(alone, store, val_split, "validation", exact=True) if alone.is_dir() else None
+    scores, nulls = validation.score(store, val_fake, val_index, seg, params.evaluate.batch_size,
+                                     params.evaluate.kid_subset_size, seed=params.seed,
+                                     realism_cfg=params.realism, heart_only=alone)
+    alone_sets = None
+    if alone is not None and test_alone is not None:
+        alone_sets = realism.slice_set(store, *alone), realism.slice_set(store, *test_alone)
+    return scores, nulls, realism.slice_set(store, val_fake, val_index), alone_sets
 
 
 def runtime_note(generated_dir, seg) -> dict:

@@ -60,17 +60,28 @@ def empty() -> tuple[dict, dict]:
             {PREFIX + k: NO_VAL for k in KEYS if not k.startswith("n_")})
 
 
+def paired_pass(store: ProcessedStore, fake, index: np.ndarray, batch: int, *, seg=None,
+                desc: str | None = None) -> tuple[PairedAccumulator, DiceAccumulator | None]:
+    """Generated slices ``fake`` of the store rows ``index`` against their real slices, in batches:
+    the paired accumulator and, with a segmenter ``seg``, the Dice of its masks on the generated
+    slices (None without). ``desc``: a progress bar's label (None: no bar)."""
+    paired = PairedAccumulator(store.meta["hu_window"], store.structures)
+    dice = DiceAccumulator(reported_structures(store.structures)) if seg is not None else None
+    case_of, z_of = store.slices["case"].to_numpy(), store.slices["z"].to_numpy()
+    for s in tqdm(range(0, len(index), batch), desc=desc, disable=desc is None or quiet(), unit="batch"):
+        rows = index[s:s + batch]
+        gen = torch.from_numpy(np.asarray(fake[s:s + batch], dtype=np.float32))
+        masks = torch.from_numpy(np.asarray(store.masks[rows]).astype(np.int64))
+        paired.update(gen, torch.from_numpy(np.asarray(store.images[rows], dtype=np.float32)), masks,
+                      case_of[rows].tolist(), z_of[rows].tolist())
+        if dice is not None:
+            dice.update(seg.run(gen)[0], masks, case_of[rows].tolist())
+    return paired, dice
+
+
 def paired_only(store: ProcessedStore, fake, index: np.ndarray, batch: int) -> dict:
     """The paired summary (ssim, mae_hu, mae_hu_<label>, ...) of generated slices ``fake`` of rows ``index``."""
-    paired = PairedAccumulator(store.meta["hu_window"], store.structures)
-    case_of, z_of = store.slices["case"].to_numpy(), store.slices["z"].to_numpy()
-    for s in range(0, len(index), batch):
-        rows = index[s:s + batch]
-        paired.update(torch.from_numpy(np.asarray(fake[s:s + batch], dtype=np.float32)),
-                      torch.from_numpy(np.asarray(store.images[rows], dtype=np.float32)),
-                      torch.from_numpy(np.asarray(store.masks[rows]).astype(np.int64)),
-                      case_of[rows].tolist(), z_of[rows].tolist())
-    return paired.summary()
+    return paired_pass(store, fake, index, batch)[0].summary()
 
 
 def score(store: ProcessedStore, fake, index: np.ndarray, seg, batch: int, kid_subset: int,

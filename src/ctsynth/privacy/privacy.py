@@ -57,6 +57,7 @@ from ctsynth.utility.utility import synthetic_store
 log = logging.getLogger("ctsynth.privacy.privacy")
 
 PASS, WITHHELD = "pass", "withheld"
+CALIBRATION_COLUMNS = ["case", "threshold", "allowed", "share_above", "withheld"]   # privacy_calibration.csv
 
 
 def mask_overlap(case_label: Path, source_label: Path) -> float:
@@ -117,11 +118,13 @@ def case_table(slices: pd.DataFrame, manifest: pd.DataFrame, overlaps: dict[str,
         dice = overlaps.get(case)
         reasons = []
         share = float(mine.above.mean()) if len(mine) else 0.0
-        if len(mine) and share > max_share_above:
+        too_many, capped = image_rule(mine.above.to_numpy(), mine.similarity.max() if len(mine) else 0.0,
+                                      max_share_above, hard_cap)
+        if too_many:
             reasons.append(f"{int(mine.above.sum())} slice(s) above {threshold:.4f}"
                            + (f" ({share:.0%} of its slices; no validation patient has more than "
                               f"{max_share_above:.0%})" if max_share_above > 0 else ""))
-        if len(mine) and hard_cap is not None and mine.similarity.max() > hard_cap:
+        if capped:
             reasons.append(f"a slice at {mine.similarity.max():.4f} is above the cap privacy.max_similarity "
                            f"{hard_cap:g}")
         if max_mask_dice is not None and dice is not None and dice > max_mask_dice:
@@ -138,6 +141,15 @@ def case_table(slices: pd.DataFrame, manifest: pd.DataFrame, overlaps: dict[str,
                      "mask_dice_source": None if dice is None else round(dice, 4),
                      "verdict": WITHHELD if reasons else PASS, "reason": "; ".join(reasons)})
     return pd.DataFrame(rows)
+
+
+def image_rule(above: np.ndarray, top: float, allowed: float, cap: float | None) -> tuple[bool, bool]:
+    """The image rule on one case's (or patient's) slices, ``above``: each above the slice threshold;
+    ``top``: the highest similarity. → (a larger share above than ``allowed``, a slice above the
+    hard ``cap``); either withholds. Nothing to judge without slices: (False, False)."""
+    if not len(above):
+        return False, False
+    return float(np.mean(above)) > allowed, cap is not None and top > cap
 
 
 def case_allowance(case_rule: str, reference: np.ndarray, reference_cases: np.ndarray, threshold: float) -> float:
@@ -164,13 +176,15 @@ def held_out_rates(sims: np.ndarray, cases: np.ndarray, quantile: float | None, 
         rule = privacy_rule(sims[rest], quantile, cap)
         allowed = case_allowance(case_rule, sims[rest], cases[rest], rule.threshold)
         rows.append({"case": case, **judge(sims[own], rule.threshold, allowed, cap)})
-    return pd.DataFrame(rows, columns=["case", "threshold", "allowed", "share_above", "withheld"])
+    return pd.DataFrame(rows, columns=CALIBRATION_COLUMNS)
 
 
 def judge(sims: np.ndarray, threshold: float, allowed: float, cap: float | None) -> dict:
-    """The image rule's verdict on one real patient's slices (as :func:`case_table` judges a case)."""
+    """The image rule's verdict (:func:`image_rule`, as :func:`case_table` judges a case) on one
+    real patient's slice similarities ``sims``."""
+    sims = np.asarray(sims, np.float64)
     share = float(np.mean(sims > threshold)) if len(sims) else 0.0
-    withheld = share > allowed or (cap is not None and len(sims) > 0 and float(np.max(sims)) > cap)
+    withheld = any(image_rule(sims > threshold, float(sims.max(initial=0.0)), allowed, cap))
     return {"threshold": round(float(threshold), 5), "allowed": round(float(allowed), 4),
             "share_above": round(share, 4), "withheld": bool(withheld)}
 
@@ -211,23 +225,23 @@ def run(params: Params, synthetic_dir, processed_dir, split_path, interim_dir, o
             raise InputError(f"{synthetic_dir}: preprocessed to {synth.image_size}², the real store is "
                              f"{store.image_size}²")
         val_rows = store.rows_for_cases(split.get("val") or [])
+        test_rows = store.rows_for_cases(split.get("test") or [])          # never calibrated on
         n = len(synth.slices)
         search = NearestTrainingSearch(store.images, store.rows_for_cases(split["train"]), pv.downsample,
                                        pv.candidates, hu_window=store.meta["hu_window"],
                                        budget=pv.exhaustive_budget,
-                                       n_queries=n + val_rows.size + store.rows_for_cases(split.get("test") or []).size,
+                                       n_queries=n + val_rows.size + test_rows.size,
                                        body_hu=modality.body_level(store.meta))
         reference = reference_similarities(search, store.images, val_rows)
         rule = privacy_rule(reference, pv.quantile, pv.max_similarity)
         val_cases = store.slices.case.to_numpy()[val_rows]
         allowed = case_allowance(pv.case_rule, reference, val_cases, rule.threshold)
         loo = held_out_rates(reference, val_cases, pv.quantile, pv.max_similarity, pv.case_rule)
-        test_rows = store.rows_for_cases(split.get("test") or [])           # never calibrated on
         test_sims = reference_similarities(search, store.images, test_rows)
         test_cases = store.slices.case.to_numpy()[test_rows]
         held_test = pd.DataFrame([{"case": c, **judge(test_sims[test_cases == c], rule.threshold, allowed,
                                                       pv.max_similarity)} for c in sorted(set(test_cases.tolist()))],
-                                 columns=["case", "threshold", "allowed", "share_above", "withheld"])
+                                 columns=CALIBRATION_COLUMNS)
         case_of, z_of = store.slices.case.to_numpy(), store.slices.z.to_numpy()
         parts, bs = [], params.evaluate.batch_size
         for s in tqdm(range(0, n, bs), desc="privacy (synthetic)", disable=quiet(), unit="batch"):

@@ -500,45 +500,14 @@ def for_modality(page: str, meta: dict) -> str:
     return page.replace("</h1>", "</h1>" + note, 1)
 
 
-def lead_sentence(contrasts: list[dict]) -> str | None:
-    """The study's answer by one stated rule, not its best cell: the chosen synthetic arm against
-    classic augmentation at *every* number of real patients, grouped by what the interval says
-    (helps: above 0; costs: below 0; not resolved), then the strongest caveat: what a generator
-    trained only on those real patients (own-G) adds at the smallest n it was run at. None without
-    contrasts."""
-    frame = pd.DataFrame(contrasts or [])
-    if frame.empty or "minus" not in frame:
-        return None
-    main = frame[(frame.minus == "classic") & ~frame.arm.str.startswith("own-G@")].sort_values("n")
-    if main.empty:
-        return None
-
-    def cell(r) -> str:
-        return f"{r.gain:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}] at {int(r.n)}"
-
-    groups = [("helps", main[main.lo > 0]), ("costs Dice", main[main.hi < 0]),
-              ("is not resolved", main[(main.lo <= 0) & (main.hi >= 0)])]
-    parts = [f"{what} at {'/'.join(str(int(n)) for n in g.n)} real patient(s) "
-             f"({'; '.join(cell(r) for r in g.itertuples())})" for what, g in groups if not g.empty]
-    text = ("Against classic augmentation, synthetic data (the arm chosen on validation at each n) "
-            + ", ".join(parts) + " (Dice, 95 % over draws, seeds and test patients).")
-    own = frame[frame.arm.str.startswith("own-G@") & (frame.minus == "classic")].sort_values("n")
-    if not own.empty:
-        r = own.iloc[0]
-        text += (f" Caveat: with a generator trained only on the user's own {int(r.n)} patient(s), the gain is "
-                 f"{r.gain:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}]: the gain above needs a generator trained on more "
-                 f"patients than the user has.")
-    return text
-
-
-def study_staleness(study_path: Path | None, generator_path: Path | None, study_lock: Path | None = None) -> str | None:
-    """Why the study no longer describes this run, or None: its cells (``study_lock``, default the
-    ``dvc.lock`` beside the published file) used a generator whose md5 differs from this run's
-    ``models/generator.pt``. None too when either cannot be read (nothing to compare)."""
-    if study_path is None or generator_path is None or not Path(generator_path).is_file():
+def study_staleness(study_lock: Path | None, generator_path: Path | None) -> str | None:
+    """Why the study no longer describes this run, or None: its cells (``study_lock``, the study's
+    ``dvc.lock``) used a generator whose md5 differs from this run's ``models/generator.pt``. None
+    too when either is not given or cannot be read (nothing to compare)."""
+    if study_lock is None or generator_path is None or not Path(generator_path).is_file():
         return None
     try:
-        lock = yaml.safe_load(Path(study_lock or Path(study_path).parent / "dvc.lock").read_text()) or {}
+        lock = yaml.safe_load(Path(study_lock).read_text()) or {}
     except (OSError, yaml.YAMLError):
         return None
     used = {str(d.get("md5")) for stage in (lock.get("stages") or {}).values() for d in stage.get("deps") or []
@@ -554,9 +523,10 @@ def study_staleness(study_path: Path | None, generator_path: Path | None, study_
 
 
 def study_lead(study: dict | None, stale: str | None = None) -> str:
-    """The sentence the report leads with: the utility study's answer (``studies/utility/published.json``)
-    by the rule of :func:`lead_sentence`, with its caveat and, when it is, the warning that it is stale."""
-    sentence = lead_sentence((study or {}).get("contrasts")) or (study or {}).get("sentence")
+    """The sentence the report leads with: the utility study's answer (``studies/utility/published.json``,
+    written by the rule of :func:`ctsynth.tools.utility_study.lead_sentence`, its caveat included) and,
+    when it is, the warning that it is stale."""
+    sentence = (study or {}).get("sentence")
     if not sentence:
         return ("<p class='study muted'>Utility study: not run in this checkout (<code>./run repro "
                 "studies/utility/dvc.yaml</code>, docs/experiments/utility-study.md).</p>")
@@ -578,8 +548,7 @@ def section_study(study: dict | None) -> str:
     if not contrasts.empty:
         contrasts["difference [95 %]"] = [f"{r.gain:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}]" for r in contrasts.itertuples()]
         contrasts = contrasts[["n", "arm", "minus", "difference [95 %]"]].rename(columns={"n": "real patients"})
-    sentence = lead_sentence(study.get("contrasts")) or study.get("sentence", "")
-    return (f"<h3>The utility study: over the number of real patients</h3><p>{esc(sentence)}</p>"
+    return (f"<h3>The utility study: over the number of real patients</h3><p>{esc(study['sentence'])}</p>"
             f"<p class='muted'>Run on demand (<code>./run repro studies/utility/dvc.yaml</code>); "
             f"{esc(study.get('measured_on', ''))}; mean Dice over structures, 95 % two-way bootstrap over "
             f"replicates (patient draws × seeds) and test patients; {esc(study.get('details', ''))}.</p>"
@@ -614,8 +583,7 @@ def run(params, reports_dir, generated_dir, processed_dir, train_reports_dir, ou
     with atomic_dir(figures_dir) as figs:
         sections = [
             ("summary", "Summary", _summary(res, generated_dir, study, params.verdict,
-                                            study_staleness(study_path and Path(study_path), generator_path,
-                                                            study_lock))),
+                                            study_staleness(study_lock, generator_path))),
             ("metrics", "Metrics (test set)", section_metrics(reports_dir, res)),
             ("structures", "Per structure", section_per_structure(reports_dir, known)),
             ("cases", "Per case", section_per_case(reports_dir)),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from ctsynth.core.config import VerdictCfg
 from ctsynth.core.labels import STRUCTURES
 from ctsynth.evaluate.registry import short, table_rows
 from ctsynth.evaluate.results import Results
@@ -83,9 +84,7 @@ def realism_checks(res: Results, margins=None) -> list[tuple[str, bool | None, s
     (``margins``; None: the defaults): ratios inside [1/m, m], biases inside ±m HU, the classifier
     AUC's interval below its margin, for the pooled value and every structure. The classifier's
     check is undecided when the test missed its positive control (blurred real slices)."""
-    if margins is None:
-        from ctsynth.core.config import VerdictCfg
-        margins = VerdictCfg()
+    margins = margins or VerdictCfg()
     m, out = float(margins.margin_ratio), []
     if res.value("c2st_auc") is not None:
         ok = _inside(res, "c2st_auc", 0.0, float(margins.margin_auc))
@@ -135,9 +134,7 @@ def realism_reading(res: Results, margins=None) -> str:
         head = "<b>Realism: as good as real</b> on every check (each 95 % interval inside its margin)."
     tail = (f" Inside the margins with {res.value('n_test_cases', '?')} test patients: " + "; ".join(passed)
             + ".") if passed and (missed or unknown) else ""
-    if margins is None:
-        from ctsynth.core.config import VerdictCfg
-        margins = VerdictCfg()
+    margins = margins or VerdictCfg()
     return (head + tail + f" Margins (params.verdict): ratios inside [1/{margins.margin_ratio:g}, "
             f"{margins.margin_ratio:g}] (80–125 % is equivalence testing's usual margin), biases within "
             f"±{margins.margin_bias_hu:g} HU, AUC below {margins.margin_auc:g}; intervals: the test patients of "

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from ctsynth.core.imports import PKG, closure, script_closure
+from ctsynth.core.io import sync_text
 
 REPO = PKG.parents[1]
 PREFIX = "src/ctsynth/"
@@ -107,15 +108,10 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="rewrite the code deps in dvc.yaml")
     args = parser.parse_args(argv)
+    said = {"current": "code deps exact", "rewritten": "code deps rewritten",
+            "differs": "code deps differ (--write rewrites them)"}
     for path, text in expected().items():
-        rel = path.relative_to(REPO)
-        if path.read_text() == text:
-            print(f"{rel}: code deps exact")
-        elif args.write:
-            path.write_text(text)
-            print(f"{rel}: code deps rewritten")
-        else:
-            print(f"{rel}: code deps differ (--write rewrites them)")
+        print(f"{path.relative_to(REPO)}: {said[sync_text(path, text, args.write)]}")
     return 0
 
 

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from ctsynth.core.imports import PKG
+from ctsynth.core.io import sync_text
 
 CONFIG = PKG / "core" / "config.py"
 PARAMS = PKG.parents[1] / "params.yaml"
@@ -111,15 +112,10 @@ def main(argv=None) -> int:
     parser.add_argument("--write", action="store_true", help="rewrite its comments")
     args = parser.parse_args(argv)
     path, docs = Path(args.params), descriptions()
-    text = path.read_text()
-    new = render(text, docs)
-    if new == text:
-        print(f"{path}: comments current")
-    elif args.write:
-        path.write_text(new)
-        print(f"{path}: comments rewritten from {CONFIG}")
-    else:
-        print(f"{path}: comments differ from {CONFIG} (--write rewrites them)")
+    new = render(path.read_text(), docs)
+    said = {"current": "comments current", "rewritten": f"comments rewritten from {CONFIG}",
+            "differs": f"comments differ from {CONFIG} (--write rewrites them)"}
+    print(f"{path}: {said[sync_text(path, new, args.write)]}")
     for p in problems(new, docs):
         print(f"{path}: {p}")
     return 0

@@ -310,7 +310,7 @@ def summarize(cells_dir, out_dir, study_path, params: Params | None = None, publ
             continue
         best_dice = curve[(curve.n == row.n) & (curve.arm == row.arm)].dice.iloc[0]
         contrasts.loc[i, "worth_patients"] = worth(classic, row.n, best_dice)
-    sentence = _sentence(contrasts, ns)
+    sentence = lead_sentence(contrasts.to_dict("records")) or "no synthetic arm was run"
     out = Path(out_dir)
     write_csv(out / "curve.csv", curve.round(5))
     write_csv(out / "contrasts.csv", contrasts.round(5))
@@ -352,10 +352,35 @@ def mlflow_name(arm: str) -> str:
     return arm.replace("@", "_share")
 
 
-def _sentence(contrasts: pd.DataFrame, ns) -> str:
-    """The study's answer by the report's stated rule (:func:`ctsynth.report.report.lead_sentence`)."""
-    from ctsynth.report.report import lead_sentence
-    return lead_sentence(contrasts.to_dict("records")) or "no synthetic arm was run"
+def lead_sentence(contrasts: list[dict]) -> str | None:
+    """The study's answer by one stated rule, not its best cell: the chosen synthetic arm against
+    classic augmentation at *every* number of real patients, grouped by what the interval says
+    (helps: above 0; costs: below 0; not resolved), then the strongest caveat: what a generator
+    trained only on those real patients (own-G) adds at the smallest n it was run at. None without
+    contrasts."""
+    frame = pd.DataFrame(contrasts or [])
+    if frame.empty or "minus" not in frame:
+        return None
+    main = frame[(frame.minus == "classic") & ~frame.arm.str.startswith("own-G@")].sort_values("n")
+    if main.empty:
+        return None
+
+    def cell(r) -> str:
+        return f"{r.gain:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}] at {int(r.n)}"
+
+    groups = [("helps", main[main.lo > 0]), ("costs Dice", main[main.hi < 0]),
+              ("is not resolved", main[(main.lo <= 0) & (main.hi >= 0)])]
+    parts = [f"{what} at {'/'.join(str(int(n)) for n in g.n)} real patient(s) "
+             f"({'; '.join(cell(r) for r in g.itertuples())})" for what, g in groups if not g.empty]
+    text = ("Against classic augmentation, synthetic data (the arm chosen on validation at each n) "
+            + ", ".join(parts) + " (Dice, 95 % over draws, seeds and test patients).")
+    own = frame[frame.arm.str.startswith("own-G@") & (frame.minus == "classic")].sort_values("n")
+    if not own.empty:
+        r = own.iloc[0]
+        text += (f" Caveat: with a generator trained only on the user's own {int(r.n)} patient(s), the gain is "
+                 f"{r.gain:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}]: the gain above needs a generator trained on more "
+                 f"patients than the user has.")
+    return text
 
 
 def _markdown(curve, contrasts, chosen, sentence, summary) -> str:
