@@ -325,3 +325,44 @@ def test_readme_results_table_is_the_committed_run_for_both_conditions():
     assert table in readme, "README results table is stale: paste python -m ctsynth.tools.reference --readme"
     assert readme.index(table) < readme.index("## The pipeline")           # the first table a reader meets
     assert "heart masks alone" in table and res.value("heart_only_ssim") is not None
+
+
+def _minus(text: str) -> str:
+    return text.replace("-", "−")
+
+
+def _held_out(d: dict, which: str) -> str:
+    n = d[f"privacy_heldout_{which}_n_patients"]
+    rate = d[f"privacy_heldout_{which}_case_withhold"]
+    return (f"{round(rate * n)} of {n} ({rate:.0%}); slices above: "
+            f"{100 * d[f'privacy_heldout_{which}_slice_withhold']:.1f} %").replace("%)", " %)")
+
+
+# Numbers docs/ quotes from a committed result file: (doc, file under reports/, how the doc writes it).
+# docs/results.md and the README's table are written from the files (tests above); these are prose.
+QUOTES = [
+    ("docs/sharing.md", "privacy_synthetic.json",
+     lambda d: f"{d['privacy_synthetic_n_pass']} of {d['privacy_synthetic_n_cases']} synthetic cases pass"),
+    ("docs/sharing.md", "privacy_synthetic.json", lambda d: _held_out(d, "val_loo")),
+    ("docs/sharing.md", "privacy_synthetic.json", lambda d: _held_out(d, "test")),
+    ("docs/sharing.md", "privacy_synthetic.json",
+     lambda d: (f"{round(d['privacy_control_warped_withheld'] * d['privacy_synthetic_n_cases'])} of "
+                f"{d['privacy_synthetic_n_cases']} ({100 * d['privacy_control_warped_withheld']:.1f} %)")),
+    ("docs/sharing.md", "privacy_synthetic.json",
+     lambda d: f"on the default run {d['privacy_synthetic_case_share_allowed']:.0%}".replace("%", " %")),
+    ("docs/experiments/utility.md", "metrics_ci.json",
+     lambda d: _minus(f"[{d['utility_gain_mixed_ci95']['lo']:.4f}, {d['utility_gain_mixed_ci95']['hi']:.4f}] in")),
+    ("docs/experiments/utility.md", "metrics.json", lambda d: _minus(f"{d['utility_gain_mixed']:.4f} [")),
+]
+
+
+def test_docs_quote_the_committed_result_files():
+    """A number docs/ quotes from a committed file (QUOTES) is written as the file has it now: rerun
+    the pipeline, and a doc that still says the old figure fails here."""
+    import json
+    stale = []
+    for doc, name, written in QUOTES:
+        text = written(json.loads((REPO / "reports" / name).read_text()))
+        if text not in (REPO / doc).read_text():
+            stale.append(f"{doc}: expected {text!r} (from reports/{name})")
+    assert not stale, stale
