@@ -392,3 +392,32 @@ def test_parallel_jobs_share_the_cores_unless_the_user_chose(monkeypatch):
     assert compare.share_cores(3, cores=2) is None                  # already set: the user's (here, ours) stays
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert compare.share_cores(3, cores=2) == 1                     # never below one thread
+
+
+def test_show_pools_the_experiments_of_commits_that_run_the_same_pipeline(monkeypatch):
+    """A grid queued in two parts, with a docs-only commit between them: `--rev A --rev B` shows them as
+    one study, exactly as if one commit held them all; commits whose pipeline differs are refused."""
+    whole = doc()
+    first, second = json.loads(json.dumps(whole)), json.loads(json.dumps(whole))
+    first[1]["experiments"] = [e for e in whole[1]["experiments"] if e["name"] in ("ctx-1", "ctx-2", "ctx-3")]
+    second[1]["experiments"] = [e for e in whole[1]["experiments"] if e["name"] in ("ctx-4", "ctx-5", "ctx-6")]
+    calls = []
+    run_dvc, _ = fake_dvc(first, second, calls=calls)
+    checked = []
+    monkeypatch.setattr(compare, "same_pipeline", checked.append)    # the git check: its own test, below
+    pooled = compare.show(name="ctx", metrics="ssim", run_dvc=run_dvc, rev=["a1", "b2"], test=True)
+    assert checked == [["a1", "b2"]]
+    assert [c for c in calls if c[:2] == ["exp", "show"]] == [["exp", "show", "--json", "--rev", "a1"],
+                                                            ["exp", "show", "--json", "--rev", "b2"]]
+    one, _ = fake_dvc(whole)
+    assert pooled == compare.show(name="ctx", metrics="ssim", run_dvc=one, test=True)
+
+
+def test_same_pipeline_compares_the_lock_the_pipeline_and_the_params():
+    files = {"a:dvc.lock": b"L", "a:dvc.yaml": b"Y", "a:params.yaml": b"P",
+             "b:dvc.lock": b"L", "b:dvc.yaml": b"Y", "b:params.yaml": b"P",
+             "c:dvc.lock": b"L2", "c:dvc.yaml": b"Y", "c:params.yaml": b"P2"}
+    compare.same_pipeline(["a", "b"], show=files.__getitem__)
+    with pytest.raises(InputError) as err:
+        compare.same_pipeline(["a", "b", "c"], show=files.__getitem__)
+    assert "c and a differ in dvc.lock" in str(err.value) and "c and a differ in params.yaml" in str(err.value)

@@ -220,8 +220,9 @@ def _compare_parser(sub) -> None:
                    help="the baseline configuration (repeatable; default: the workspace's params)")
     s.add_argument("--seed-key", default=DEFAULT_SEED_KEY, help=seed_help)
     s.add_argument("--out", default=None, help="also write the table: .csv (every field) or .md")
-    s.add_argument("--rev", default=None, metavar="COMMIT",
-                   help="the experiments of that commit (default: HEAD's; `dvc exp show` lists only those)")
+    s.add_argument("--rev", action="append", default=None, metavar="COMMIT",
+                   help="the experiments of that commit (default: HEAD's; `dvc exp show` lists only those); "
+                        "repeatable for commits with the same dvc.lock, dvc.yaml and params.yaml")
     s.set_defaults(func=_compare_show)
 
 

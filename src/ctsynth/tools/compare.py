@@ -158,6 +158,28 @@ def read_show(run_dvc: Callable[[list[str]], str] = dvc,
     return parse_show(read_doc(run_dvc, rev))
 
 
+PIPELINE_FILES = ("dvc.lock", "dvc.yaml", "params.yaml")
+
+
+def same_pipeline(revs: list[str], show: Callable[[str], bytes] | None = None) -> None:
+    """InputError unless every commit of ``revs`` holds the same ``dvc.lock``, ``dvc.yaml`` and
+    ``params.yaml`` (so the same code, data and params made their baselines: experiments queued on
+    them are one study). ``show``: ``git show <rev>:<file>``'s bytes (tests pass a fake)."""
+    def git_show(spec: str) -> bytes:
+        done = subprocess.run(["git", "show", spec], capture_output=True)
+        if done.returncode:
+            raise InputError(f"`git show {spec}`: {done.stderr.decode(errors='replace').strip()[-300:]}")
+        return done.stdout
+
+    show = show or git_show
+    first, *rest = revs
+    differ = [f"{r} and {first} differ in {name}" for r in rest for name in PIPELINE_FILES
+              if show(f"{r}:{name}") != show(f"{first}:{name}")]
+    if differ:
+        raise InputError([f"--rev: the commits do not run the same pipeline, their experiments are not one study: "
+                          f"{d}" for d in differ])
+
+
 def baseline_rev(doc: Any) -> str | None:
     """The commit a ``dvc exp show --json`` document lists experiments of (HEAD's, at the time)."""
     revs = [c.get("rev") for c in doc if isinstance(c, dict)] if isinstance(doc, list) else []
@@ -489,13 +511,21 @@ def is_validation(metric: str) -> bool:
 
 def show(name: str | list[str] | None = None, metrics: str | None = None, baseline: list[str] | None = None,
          out: str | None = None, seed_key: str = DEFAULT_SEED_KEY,
-         run_dvc: Callable[[list[str]], str] = dvc, *, rev: str | None = None, test: bool = False) -> list[Row]:
+         run_dvc: Callable[[list[str]], str] = dvc, *, rev: str | list[str] | None = None,
+         test: bool = False) -> list[Row]:
     """``ctsynth compare show``: print the table (and write ``out``); the rows. ``rev``: the
-    experiments of that commit (default HEAD's). Only validation metrics (``val_*``) are shown
-    unless ``test``: choices are made on validation patients, test patients only report."""
+    experiments of that commit (default HEAD's), or of several commits that run the same pipeline
+    (:func:`same_pipeline`: a grid queued in parts while only docs or tests were committed). Only
+    validation metrics (``val_*``) are shown unless ``test``: choices are made on validation
+    patients, test patients only report."""
     if out and Path(out).suffix not in (".csv", ".md"):
         raise InputError(f"--out {out}: write .csv or .md")
-    workspace, experiments = read_show(run_dvc, rev)
+    revs = rev if isinstance(rev, list) else [rev]
+    if len(revs) > 1:
+        same_pipeline(revs)
+    workspace, experiments = read_show(run_dvc, revs[0])
+    for other in revs[1:]:
+        experiments = experiments + read_show(run_dvc, other)[1]
     study = build_study(experiments, seed_keys_of(seed_key), name)
     known = metric_names(study)
     shown = known if test else [m for m in known if is_validation(m)]
