@@ -67,7 +67,7 @@ def test_training_run_has_params_metrics_tags_images_and_a_loadable_model(ws):
     client = MlflowClient(info["tracking_uri"])
     run = client.get_run(info["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.lr_g"] == "0.0004" and run.data.params["model.gen_depth"] == "5"
+    assert run.data.params["train.lr_g"] == "0.0002" and run.data.params["model.gen_depth"] == "5"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "g_l1")] == [2, 4]
     assert {"d_acc_real", "d_acc_fake", "g_adv", "d_real", "d_fake"} <= set(run.data.metrics)
     assert run.data.tags["data.processed_md5"] == "0123.dir" and "data.split_sha256" in run.data.tags

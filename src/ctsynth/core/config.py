@@ -159,8 +159,8 @@ class TrainCfg:
     #: generator steps (paper: 100000); the default fits the 15-minute run
     iterations: int = 1250
     batch_size: int = 8                              # slices per step, over all processes
-    lr_g: float = 4e-4                               # Adam step size of the generator (paper preset: 1.3e-4)
-    lr_d: float = 4e-4                               # Adam step size of the discriminator (paper preset: 1.5e-4)
+    lr_g: float = 2e-4                               # Adam step size of the generator (paper preset: 1.3e-4)
+    lr_d: float = 2e-4                               # Adam step size of the discriminator (paper preset: 1.5e-4)
     beta1: float = 0.5                               # Adam beta1 (pix2pix: 0.5)
     beta2: float = 0.999                             # Adam beta2
     #: weight of the L1 reconstruction term against the LSGAN term (pix2pix: 100)
