@@ -75,7 +75,7 @@ METRICS: tuple[Metric, ...] = (
     Metric('psnr', 'paired',
            'peak signal-to-noise ratio in dB, piq, data_range 1.0 = the HU window mapped to [0, 1], mean over slices'
            ' (higher is better)',
-           label='PSNR (dB)', better='higher'),
+           label='PSNR (dB)', better='higher', heart_only='heart_only_psnr'),
     Metric('mae_hu', 'paired',
            'mean absolute error in Hounsfield units over all pixels of all slices (lower is better)',
            headline=True, label='MAE (HU)', better='lower', heart_only='heart_only_mae_hu'),
